@@ -1,0 +1,402 @@
+//! The gateway's typed, validated configuration. No file format lives here: the `tether` binary
+//! turns TOML into these types, tests build them directly.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Everything the gateway runs from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Worker threads, each with its own runtime and upstream pools. Default: one per core.
+    pub workers: Option<NonZeroUsize>,
+    /// Downstream listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Named upstreams that routes point at.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`); none by default.
+    pub admin: Option<AdminConfig>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Address to bind.
+    pub address: SocketAddr,
+}
+
+/// One downstream listener.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Address to bind; port 0 picks a free port.
+    pub address: SocketAddr,
+    /// Which HTTP versions are served.
+    pub protocols: Protocols,
+    /// TLS termination; cleartext when `None`.
+    pub tls: Option<ServerTls>,
+    /// Routes, first match wins.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// HTTP versions a listener serves. Cleartext: `http1` and/or `h2` (h2c with prior knowledge;
+/// both together are told apart by the connection preface). With TLS, ALPN chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Protocols {
+    /// HTTP/1.1 (and 1.0).
+    pub http1: bool,
+    /// HTTP/2 (h2c on cleartext, h2 over TLS).
+    pub h2: bool,
+}
+
+impl Protocols {
+    /// Both versions.
+    pub const BOTH: Protocols = Protocols {
+        http1: true,
+        h2: true,
+    };
+}
+
+/// A certificate chain and private key for TLS termination.
+#[derive(Debug)]
+pub struct ServerTls {
+    /// Leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for ServerTls {
+    fn clone(&self) -> Self {
+        ServerTls {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+/// What to do when an HTTP/1 client half-closes (FIN) with its request in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HalfClose {
+    /// Treat it as the client leaving: cancel the upstream work (nginx, HAProxy `abortonclose`).
+    #[default]
+    Abort,
+    /// Keep going and send the answer (RFC 9112 §9.6 lets a half-closed client still read). A reset
+    /// still aborts.
+    Continue,
+}
+
+/// One route: which requests go to which upstream, and under which limits.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// A name for logs and metrics; defaults to the upstream name with the route index.
+    pub name: String,
+    /// Exact host (the port, if any, is ignored); `None` matches any.
+    pub host: Option<String>,
+    /// Path prefix, matched on whole segments (`/api` matches `/api` and `/api/x`, not `/apix`).
+    pub path_prefix: String,
+    /// Name of an entry in [`Config::upstreams`].
+    pub upstream: String,
+    /// Timeouts for requests on this route.
+    pub timeouts: RouteTimeouts,
+    /// HTTP/1 half-close policy.
+    pub client_half_close: HalfClose,
+}
+
+/// Per-route timeouts; `None` disables one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteTimeouts {
+    /// Total deadline from the request head's arrival to the end of the response body.
+    pub total: Option<Duration>,
+    /// TCP connect (and TLS handshake) to the upstream. Default 5 s.
+    pub connect: Duration,
+    /// From the request being sent to the response head. Default: none (the total deadline bounds it).
+    pub first_byte: Option<Duration>,
+    /// Longest gap between body chunks, either direction. Default: none.
+    pub idle: Option<Duration>,
+}
+
+impl Default for RouteTimeouts {
+    fn default() -> Self {
+        RouteTimeouts {
+            total: None,
+            connect: Duration::from_secs(5),
+            first_byte: None,
+            idle: None,
+        }
+    }
+}
+
+/// The protocol spoken to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over cleartext, or over TLS when [`UpstreamConfig::tls`] is set.
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge.
+    H2c,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
+}
+
+impl UpstreamProtocol {
+    /// The label used in logs: `http1`, `h2c` or `h2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::H2 => "h2",
+        }
+    }
+
+    /// True for the multiplexed protocols.
+    pub fn is_h2(self) -> bool {
+        !matches!(self, UpstreamProtocol::Http1)
+    }
+}
+
+/// A `host:port` an upstream is reached at; the host may be a name or an IP literal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UpstreamAddress {
+    /// Name or IP literal (without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl fmt::Display for UpstreamAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl From<SocketAddr> for UpstreamAddress {
+    fn from(a: SocketAddr) -> Self {
+        UpstreamAddress {
+            host: a.ip().to_string(),
+            port: a.port(),
+        }
+    }
+}
+
+/// TLS towards an upstream.
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamTls {
+    /// SNI and the name the certificate must match; default: the address's host.
+    pub server_name: Option<String>,
+    /// Extra trust anchors (a private CA). When empty, the built-in web PKI roots are used.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// Skip certificate verification. Off by default; for test setups only.
+    pub insecure_skip_verify: bool,
+}
+
+/// A named group of upstream endpoints.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Name routes refer to.
+    pub name: String,
+    /// One or more endpoints; requests are spread over them.
+    pub addresses: Vec<UpstreamAddress>,
+    /// Protocol to speak.
+    pub protocol: UpstreamProtocol,
+    /// TLS settings; required for [`UpstreamProtocol::H2`], optional (enables TLS) for HTTP/1.
+    pub tls: Option<UpstreamTls>,
+    /// Idle keep-alive connections kept per endpoint and worker. Default 64.
+    pub max_idle_per_endpoint: usize,
+    /// How long an idle HTTP/1 connection is kept. Default 4 s, below Node's 5 s keep-alive.
+    pub idle_timeout: Duration,
+}
+
+impl UpstreamConfig {
+    /// An upstream with default pool settings.
+    pub fn new(
+        name: impl Into<String>,
+        addresses: Vec<UpstreamAddress>,
+        protocol: UpstreamProtocol,
+    ) -> Self {
+        UpstreamConfig {
+            name: name.into(),
+            addresses,
+            protocol,
+            tls: None,
+            max_idle_per_endpoint: 64,
+            idle_timeout: Duration::from_secs(4),
+        }
+    }
+}
+
+impl RouteConfig {
+    /// A route matching every host under `path_prefix`, with default timeouts and policy.
+    pub fn new(path_prefix: impl Into<String>, upstream: impl Into<String>) -> Self {
+        let upstream = upstream.into();
+        RouteConfig {
+            name: upstream.clone(),
+            host: None,
+            path_prefix: path_prefix.into(),
+            upstream,
+            timeouts: RouteTimeouts::default(),
+            client_half_close: HalfClose::Abort,
+        }
+    }
+}
+
+/// A configuration that cannot run. `key` is the dotted path of the offending setting, in the
+/// TOML file's terms (`listeners[0].routes[1].upstream`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the setting at fault.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks the cross-references and values the types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(ConfigError::new(
+                "listeners",
+                "at least one listener is required",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = format!("upstreams[{i}]");
+            if u.name.is_empty() {
+                return Err(ConfigError::new(format!("{key}.name"), "must not be empty"));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{key}.name"),
+                    format!("duplicate upstream name {:?}", u.name),
+                ));
+            }
+            if u.addresses.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{key}.addresses"),
+                    "at least one address is required",
+                ));
+            }
+            for (j, a) in u.addresses.iter().enumerate() {
+                if a.host.is_empty() || a.port == 0 {
+                    return Err(ConfigError::new(
+                        format!("{key}.addresses[{j}]"),
+                        format!("{a} is not a usable host:port"),
+                    ));
+                }
+            }
+            if u.protocol == UpstreamProtocol::H2 && u.tls.is_none() {
+                return Err(ConfigError::new(
+                    format!("{key}.protocol"),
+                    "\"h2\" is HTTP/2 over TLS and needs a tls table (use \"h2c\" for cleartext)",
+                ));
+            }
+            if u.protocol == UpstreamProtocol::H2c && u.tls.is_some() {
+                return Err(ConfigError::new(
+                    format!("{key}.tls"),
+                    "\"h2c\" is cleartext; use protocol = \"h2\" for HTTP/2 over TLS",
+                ));
+            }
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            if !l.protocols.http1 && !l.protocols.h2 {
+                return Err(ConfigError::new(
+                    format!("{key}.protocols"),
+                    "at least one protocol is required",
+                ));
+            }
+            if l.routes.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{key}.routes"),
+                    "at least one route is required",
+                ));
+            }
+            for (j, r) in l.routes.iter().enumerate() {
+                let rkey = format!("{key}.routes[{j}]");
+                if !r.path_prefix.starts_with('/') {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.path_prefix"),
+                        format!("{:?} must start with '/'", r.path_prefix),
+                    ));
+                }
+                if !names.contains(r.upstream.as_str()) {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.upstream"),
+                        format!("no upstream named {:?}", r.upstream),
+                    ));
+                }
+                if r.timeouts.connect.is_zero() {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.connect_timeout"),
+                        "must be greater than zero",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shared, immutable configuration handed to every worker.
+pub type SharedConfig = Arc<Config>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Config {
+        Config {
+            workers: None,
+            admin: None,
+            listeners: vec![ListenerConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+                protocols: Protocols::BOTH,
+                tls: None,
+                routes: vec![RouteConfig::new("/", "app")],
+            }],
+            upstreams: vec![UpstreamConfig::new(
+                "app",
+                vec!["127.0.0.1:9000".parse::<SocketAddr>().unwrap().into()],
+                UpstreamProtocol::Http1,
+            )],
+        }
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        base().validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_upstream_names_the_key() {
+        let mut c = base();
+        c.listeners[0].routes[0].upstream = "nope".into();
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "listeners[0].routes[0].upstream");
+    }
+
+    #[test]
+    fn h2_without_tls_is_rejected() {
+        let mut c = base();
+        c.upstreams[0].protocol = UpstreamProtocol::H2;
+        assert_eq!(c.validate().unwrap_err().key, "upstreams[0].protocol");
+    }
+}

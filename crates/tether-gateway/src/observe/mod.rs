@@ -1,0 +1,3 @@
+//! What the gateway tells operators: the per-request record and where it goes.
+
+pub mod access;
