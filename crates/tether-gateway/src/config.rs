@@ -105,6 +105,8 @@ pub struct RouteConfig {
     pub timeouts: RouteTimeouts,
     /// HTTP/1 half-close policy.
     pub client_half_close: HalfClose,
+    /// Extra attempts after a failure that is provably safe to retry. Default 2; 0 disables.
+    pub max_retries: u32,
 }
 
 /// Per-route timeouts; `None` disables one.
@@ -243,6 +245,7 @@ impl RouteConfig {
             upstream,
             timeouts: RouteTimeouts::default(),
             client_half_close: HalfClose::Abort,
+            max_retries: 2,
         }
     }
 }

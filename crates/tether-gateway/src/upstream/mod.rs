@@ -88,9 +88,9 @@ impl Upstream {
     }
 
     /// Returns an HTTP/1 connection whose exchange ended cleanly to endpoint `idx`'s pool.
-    pub fn release(&self, idx: usize, conn: H1Conn) {
+    pub fn release(&self, idx: usize, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
         if let Some(ep) = self.endpoints.get(idx) {
-            ep.pool.put_h1(conn);
+            ep.pool.put_h1(conn, upstream_keep_alive);
         }
     }
 
@@ -99,11 +99,12 @@ impl Upstream {
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
+        reuse: bool,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         if self.protocol.is_h2() {
-            return self.checkout_h2(ep, connect_timeout).await;
+            return self.checkout_h2(ep, connect_timeout, reuse).await;
         }
-        if let Some(mut c) = ep.pool.take_h1() {
+        if reuse && let Some(mut c) = ep.pool.take_h1() {
             // A returned connection may still be finishing the previous exchange.
             if c.sender.ready().await.is_ok() {
                 return Ok((
@@ -150,9 +151,11 @@ impl Upstream {
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
+        reuse: bool,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         let mut slot = ep.pool.h2_slot().lock().await;
         if let Some(c) = slot.as_ref()
+            && reuse
             && !c.sender.is_closed()
         {
             return Ok((

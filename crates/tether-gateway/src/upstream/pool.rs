@@ -41,7 +41,8 @@ pub struct H1Conn {
 
 struct IdleH1 {
     conn: H1Conn,
-    since: Instant,
+    /// Past this, the upstream may close it at any moment: never reused.
+    expires: Instant,
 }
 
 /// The shared HTTP/2 connection of an endpoint.
@@ -89,7 +90,7 @@ impl EndpointPool {
         };
         while let Some(c) = idle.pop() {
             // Closed: the upstream hung up while idle. Old: it may be about to (stale keep-alive race).
-            if c.conn.sender.is_closed() || c.since.elapsed() >= self.idle_timeout {
+            if c.conn.sender.is_closed() || Instant::now() >= c.expires {
                 continue;
             }
             return Some(c.conn);
@@ -97,8 +98,10 @@ impl EndpointPool {
         None
     }
 
-    /// Returns a connection whose response ended cleanly.
-    pub fn put_h1(&self, conn: H1Conn) {
+    /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
+    /// timeout the upstream announced (`Keep-Alive: timeout=N`); the connection is kept for less
+    /// than that, so tether never sends on a connection the upstream is about to close.
+    pub fn put_h1(&self, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
         if conn.sender.is_closed() || self.max_idle == 0 {
             return;
         }
@@ -110,9 +113,17 @@ impl EndpointPool {
             // Drop the oldest; its task closes the socket.
             idle.remove(0);
         }
+        let mut keep = self.idle_timeout;
+        if let Some(theirs) = upstream_keep_alive {
+            // A second of margin covers clock granularity on both sides and the request's flight.
+            keep = keep.min(theirs.saturating_sub(Duration::from_secs(1)));
+        }
+        if keep.is_zero() {
+            return;
+        }
         idle.push(IdleH1 {
             conn,
-            since: Instant::now(),
+            expires: Instant::now() + keep,
         });
     }
 
@@ -120,5 +131,36 @@ impl EndpointPool {
     /// requests share one new connection instead of racing to open many.
     pub fn h2_slot(&self) -> &tokio::sync::Mutex<Option<H2Conn>> {
         &self.h2
+    }
+}
+
+/// Parses the `timeout=N` parameter of a `Keep-Alive` response header (seconds).
+pub fn keep_alive_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("keep-alive")?.to_str().ok()?;
+    v.split(',').find_map(|p| {
+        let (k, val) = p.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("timeout") {
+            val.trim().parse::<u64>().ok().map(Duration::from_secs)
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keep_alive_timeout() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(keep_alive_timeout(&h), None);
+        h.insert(
+            "keep-alive",
+            http::HeaderValue::from_static("max=100, timeout=5"),
+        );
+        assert_eq!(keep_alive_timeout(&h), Some(Duration::from_secs(5)));
+        h.insert("keep-alive", http::HeaderValue::from_static("timeout=abc"));
+        assert_eq!(keep_alive_timeout(&h), None);
     }
 }
