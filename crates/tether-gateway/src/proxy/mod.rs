@@ -90,7 +90,7 @@ pub async fn handle(
         retries: 0,
     };
     let ctx = conn.cancel.request_context(id);
-    let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.log.clone());
+    let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
     Ok(proxy(&worker, &listener, &conn, req, tracker).await)
 }
 
@@ -159,6 +159,7 @@ async fn proxy(
             Err(e) => {
                 // Nothing was sent: any request may go to the next endpoint.
                 if retry::may_retry(&e, attempt, route.max_retries, true) {
+                    worker.observer.metrics.upstream_error(&upstream.name, &e);
                     tracing::debug!(stage = %e.stage, side = %e.side, error = %e, attempt, "upstream attempt failed, retrying");
                     next_req = Some(up_req);
                     attempt += 1;
@@ -209,6 +210,7 @@ async fn proxy(
                     && retry::may_retry(&err, attempt, route.max_retries, unsent_retry || stale)
                 {
                     tracing::debug!(stage = %err.stage, error = %err, attempt, reused = info.reused, "upstream attempt failed before the response, retrying on a fresh connection");
+                    worker.observer.metrics.upstream_error(&upstream.name, &err);
                     next_req = unsent;
                     fresh_only = true;
                     attempt += 1;

@@ -8,13 +8,15 @@
 //! instant the socket was closed (the end of cancellation propagation).
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::observe::metrics::ConnCounts;
 use crate::proxy::request_body::RequestBody;
 
 /// When the connection behind `closed` was closed, waiting at most `limit` for it.
@@ -60,6 +62,7 @@ pub struct EndpointPool {
     h2: tokio::sync::Mutex<Option<H2Conn>>,
     max_idle: usize,
     idle_timeout: Duration,
+    counts: Arc<ConnCounts>,
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -73,12 +76,13 @@ impl std::fmt::Debug for EndpointPool {
 
 impl EndpointPool {
     /// An empty pool.
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> EndpointPool {
+    pub fn new(max_idle: usize, idle_timeout: Duration, counts: Arc<ConnCounts>) -> EndpointPool {
         EndpointPool {
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             max_idle,
             idle_timeout,
+            counts,
         }
     }
 
@@ -89,6 +93,7 @@ impl EndpointPool {
             Err(p) => p.into_inner(),
         };
         while let Some(c) = idle.pop() {
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
             // Closed: the upstream hung up while idle. Old: it may be about to (stale keep-alive race).
             if c.conn.sender.is_closed() || Instant::now() >= c.expires {
                 continue;
@@ -112,6 +117,7 @@ impl EndpointPool {
         if idle.len() >= self.max_idle {
             // Drop the oldest; its task closes the socket.
             idle.remove(0);
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
         }
         let mut keep = self.idle_timeout;
         if let Some(theirs) = upstream_keep_alive {
@@ -121,6 +127,7 @@ impl EndpointPool {
         if keep.is_zero() {
             return;
         }
+        self.counts.idle.fetch_add(1, Ordering::Relaxed);
         idle.push(IdleH1 {
             conn,
             expires: Instant::now() + keep,
