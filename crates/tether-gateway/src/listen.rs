@@ -78,6 +78,15 @@ pub struct ListenerShared {
     pub tls: Option<TlsAcceptor>,
     /// Protocols served.
     pub protocols: Protocols,
+    /// Peers whose forwarding, request-id and budget headers are believed.
+    pub trusted_peers: Vec<crate::config::IpNet>,
+}
+
+impl ListenerShared {
+    /// Whether `ip` is a trusted peer.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_peers.iter().any(|n| n.contains(ip))
+    }
 }
 
 impl std::fmt::Debug for ListenerShared {
@@ -189,6 +198,7 @@ impl Gateway {
                 }),
                 tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
                 protocols: l.protocols,
+                trusted_peers: l.trusted_peers.clone(),
             }));
         }
         let workers = config

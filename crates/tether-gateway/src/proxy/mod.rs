@@ -50,7 +50,11 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let id = RequestId::generate();
+    let trusted = listener.trusts(conn.client.ip());
+    let id = trusted
+        .then(|| incoming_request_id(req.headers()))
+        .flatten()
+        .unwrap_or_else(RequestId::generate);
     let authority = req
         .uri()
         .authority()
@@ -118,7 +122,8 @@ async fn proxy(
     t.rec.upstream = Some(upstream.name.to_string());
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
-    let up_req = match build_upstream_request(req, conn, upstream, &mut t) {
+    let trusted = listener.trusts(conn.client.ip());
+    let up_req = match build_upstream_request(req, conn, upstream, trusted, &mut t) {
         Ok(r) => r,
         Err(e) => return fail(t, e),
     };
@@ -348,11 +353,17 @@ fn build_upstream_request(
     req: Request<Incoming>,
     conn: &Conn,
     upstream: &Upstream,
+    trusted: bool,
     t: &mut Tracker,
 ) -> Result<Request<RequestBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let host = t.rec.authority.clone();
     headers::strip_hop_by_hop(&mut parts.headers, true);
+    if !trusted {
+        // Anyone can claim to be a proxy: forwarding headers from an untrusted peer are lies
+        // until proven otherwise.
+        headers::strip_forwarding(&mut parts.headers);
+    }
     headers::add_forwarding(
         &mut parts.headers,
         conn.client.ip(),
@@ -399,6 +410,13 @@ fn build_upstream_request(
     t.expects_body = !http_body::Body::is_end_stream(&body);
     let body = RequestBody::new(body, t.ctx.clone(), conn.cancel.clone(), t.upload.clone());
     Ok(Request::from_parts(parts, body))
+}
+
+/// A client-supplied request id, if it is short and printable.
+fn incoming_request_id(headers: &http::HeaderMap) -> Option<RequestId> {
+    let v = headers.get(REQUEST_ID)?.to_str().ok()?;
+    let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
+    ok.then(|| RequestId::new(v))
 }
 
 fn fail(t: Tracker, err: ProxyError) -> Response<ProxyBody> {
