@@ -21,6 +21,21 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Admin listener (`/metrics`, `/healthz`, `/readyz`); none by default.
     pub admin: Option<AdminConfig>,
+    /// Name resolution for upstream addresses.
+    pub dns: crate::upstream::dns::DnsConfig,
+}
+
+impl Config {
+    /// A configuration with default settings around the given listeners and upstreams.
+    pub fn new(listeners: Vec<ListenerConfig>, upstreams: Vec<UpstreamConfig>) -> Config {
+        Config {
+            workers: None,
+            listeners,
+            upstreams,
+            admin: None,
+            dns: Default::default(),
+        }
+    }
 }
 
 /// The admin listener.
@@ -442,6 +457,7 @@ mod tests {
         Config {
             workers: None,
             admin: None,
+            dns: Default::default(),
             listeners: vec![ListenerConfig::new(
                 "127.0.0.1:0".parse().unwrap(),
                 vec![RouteConfig::new("/", "app")],

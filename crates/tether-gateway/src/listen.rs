@@ -29,6 +29,7 @@ use crate::observe::metrics::Metrics;
 use crate::route::Router;
 use crate::upstream::Upstream;
 use crate::upstream::connect::TlsSetupError;
+use crate::upstream::dns::{DnsError, Resolver};
 
 /// Listen backlog.
 const BACKLOG: i32 = 1024;
@@ -65,6 +66,9 @@ pub enum StartError {
         /// Cause.
         source: TlsSetupError,
     },
+    /// The DNS settings are unusable.
+    #[error("dns: {0}")]
+    Dns(DnsError),
     /// A worker thread could not be started.
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
@@ -172,8 +176,9 @@ impl Gateway {
         // Fail on bad upstream TLS settings now, not on the first request.
         let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&names));
+        let resolver = Resolver::new(&config.dns).map_err(StartError::Dns)?;
         for (index, u) in config.upstreams.iter().enumerate() {
-            Upstream::new(u, metrics.conn_counts(index))
+            Upstream::new(u, resolver.clone(), metrics.conn_counts(index))
                 .map_err(|source| StartError::UpstreamTls { index, source })?;
         }
         let observer = Observer { log, metrics };
@@ -338,9 +343,13 @@ fn run_worker(
         }
     };
     rt.block_on(async move {
+        let resolver = match Resolver::new(&config.dns) {
+            Ok(r) => r,
+            Err(e) => return tracing::error!(error = %e, "cannot build resolver"),
+        };
         let mut upstreams = Vec::new();
         for (i, u) in config.upstreams.iter().enumerate() {
-            match Upstream::new(u, observer.metrics.conn_counts(i)) {
+            match Upstream::new(u, resolver.clone(), observer.metrics.conn_counts(i)) {
                 Ok(u) => upstreams.push(Arc::new(u)),
                 // Checked in Gateway::start; unreachable in practice.
                 Err(e) => {

@@ -49,6 +49,7 @@ fn config(up: SocketAddr) -> Config {
     Config {
         workers: NonZeroUsize::new(1),
         admin: None,
+        dns: Default::default(),
         listeners: vec![ListenerConfig::new(
             "127.0.0.1:0".parse().unwrap(),
             vec![RouteConfig::new("/", "up")],

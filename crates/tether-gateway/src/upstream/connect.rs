@@ -2,7 +2,7 @@
 //! [`Stage`], naming the target.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -19,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::config::{UpstreamAddress, UpstreamProtocol, UpstreamTls};
 use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::upstream::dns::{DnsError, Resolver};
 
 /// A connected upstream transport: plain TCP or TLS over TCP.
 #[derive(Debug)]
@@ -102,6 +103,7 @@ pub struct Connected {
 #[derive(Clone)]
 pub struct Connector {
     tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
+    resolver: Resolver,
 }
 
 impl std::fmt::Debug for Connector {
@@ -131,9 +133,13 @@ impl Connector {
     pub fn new(
         protocol: UpstreamProtocol,
         tls: Option<&UpstreamTls>,
+        resolver: Resolver,
     ) -> Result<Connector, TlsSetupError> {
         let Some(tls) = tls else {
-            return Ok(Connector { tls: None });
+            return Ok(Connector {
+                tls: None,
+                resolver,
+            });
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
@@ -168,6 +174,7 @@ impl Connector {
         };
         Ok(Connector {
             tls: Some((TlsConnector::from(Arc::new(config)), name)),
+            resolver,
         })
     }
 
@@ -192,7 +199,7 @@ impl Connector {
         addr: &UpstreamAddress,
         start: Instant,
     ) -> Result<Connected, ProxyError> {
-        let candidates = resolve(addr).await?;
+        let candidates = self.resolve(addr).await?;
         let (tcp, peer) = race(candidates, HAPPY_EYEBALLS_STAGGER)
             .await
             .map_err(|failures| {
@@ -257,25 +264,22 @@ fn server_name_for(addr: &UpstreamAddress) -> Result<ServerName<'static>, ProxyE
 /// RFC 8305's recommended delay between connection attempts.
 pub const HAPPY_EYEBALLS_STAGGER: Duration = Duration::from_millis(250);
 
-/// How long a name may take to resolve.
-const DNS_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Candidate socket addresses for `addr`, address families interleaved (RFC 8305 §4).
-async fn resolve(addr: &UpstreamAddress) -> Result<Vec<SocketAddr>, ProxyError> {
-    if let Ok(ip) = addr.host.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, addr.port)]);
+impl Connector {
+    /// Candidate socket addresses for `addr`, address families interleaved (RFC 8305 §4).
+    pub async fn resolve(&self, addr: &UpstreamAddress) -> Result<Vec<SocketAddr>, ProxyError> {
+        match self.resolver.lookup(&addr.host, addr.port).await {
+            Ok(found) => Ok(interleave(found)),
+            Err(e) => {
+                let kind = match e {
+                    DnsError::Timeout => ErrorKind::Timeout,
+                    _ => ErrorKind::DnsFailed,
+                };
+                Err(ProxyError::upstream(Stage::Dns, kind)
+                    .with_target(addr)
+                    .with_source(e))
+            }
+        }
     }
-    let dns_err = |kind| ProxyError::upstream(Stage::Dns, kind).with_target(addr);
-    let lookup = tokio::net::lookup_host((addr.host.as_str(), addr.port));
-    let found = match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
-        Ok(Ok(found)) => found.collect::<Vec<_>>(),
-        Ok(Err(e)) => return Err(dns_err(ErrorKind::DnsFailed).with_source(e)),
-        Err(_) => return Err(dns_err(ErrorKind::Timeout)),
-    };
-    if found.is_empty() {
-        return Err(dns_err(ErrorKind::DnsFailed));
-    }
-    Ok(interleave(found))
 }
 
 /// Alternates address families, starting with the resolver's first choice.

@@ -1,6 +1,7 @@
 //! The upstream side: endpoints, their connector and pools, and handing a request a connection.
 
 pub mod connect;
+pub mod dns;
 pub mod pool;
 
 use std::sync::Arc;
@@ -62,9 +63,10 @@ impl Upstream {
     /// Builds the worker-local view of `config`.
     pub fn new(
         config: &UpstreamConfig,
+        resolver: dns::Resolver,
         counts: Arc<ConnCounts>,
     ) -> Result<Upstream, TlsSetupError> {
-        let connector = Connector::new(config.protocol, config.tls.as_ref())?;
+        let connector = Connector::new(config.protocol, config.tls.as_ref(), resolver)?;
         Ok(Upstream {
             name: Arc::from(config.name.as_str()),
             protocol: config.protocol,
