@@ -1,1 +1,6 @@
+//! The `tether` binary.
+
+mod duration;
+mod file_config;
+
 fn main() {}
