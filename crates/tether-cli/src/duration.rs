@@ -79,9 +79,18 @@ mod tests {
     fn rejects_garbage() {
         assert_eq!(parse_duration(""), Err(DurationError::Empty));
         assert_eq!(parse_duration("   "), Err(DurationError::Empty));
-        assert!(matches!(parse_duration("s"), Err(DurationError::NoNumber(_))));
-        assert!(matches!(parse_duration("-1s"), Err(DurationError::NoNumber(_))));
-        assert!(matches!(parse_duration("30"), Err(DurationError::NoUnit(_))));
+        assert!(matches!(
+            parse_duration("s"),
+            Err(DurationError::NoNumber(_))
+        ));
+        assert!(matches!(
+            parse_duration("-1s"),
+            Err(DurationError::NoNumber(_))
+        ));
+        assert!(matches!(
+            parse_duration("30"),
+            Err(DurationError::NoUnit(_))
+        ));
         assert!(matches!(
             parse_duration("1.5s"),
             Err(DurationError::UnknownUnit { .. })

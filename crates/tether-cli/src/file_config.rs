@@ -171,6 +171,8 @@ pub struct Loaded {
     pub config: Config,
     /// How long `serve` waits for in-flight requests on shutdown.
     pub shutdown_grace: Duration,
+    /// The file's text, to locate errors found later (when the gateway starts).
+    pub source: String,
 }
 
 /// Reads, parses, converts and validates a config file.
@@ -183,12 +185,24 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         message: format!("cannot read: {e}"),
     })?;
     let base = path.parent().unwrap_or_else(|| Path::new("."));
-    parse(&src, base).map_err(|e| LoadError {
+    let mut loaded = parse(&src, base).map_err(|e| LoadError {
         file,
         line: e.line,
         key: e.key,
         message: e.message,
-    })
+    })?;
+    loaded.source = src;
+    Ok(loaded)
+}
+
+/// Locates an error found after loading (the gateway refusing a certificate, say) in the file.
+pub fn locate(path: &Path, source: &str, key: String, message: String) -> LoadError {
+    LoadError {
+        file: path.display().to_string(),
+        line: SpanIndex::build(source).line_of_key(&key),
+        key,
+        message,
+    }
 }
 
 /// An error located by line, before the file name is attached.
@@ -270,6 +284,7 @@ fn convert(f: FileConfig, base: &Path) -> Result<Loaded, KeyError> {
             admin,
         },
         shutdown_grace,
+        source: String::new(),
     })
 }
 
@@ -351,7 +366,11 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
     }
 }
 
-fn load_certs(key: &str, base: &Path, file: &str) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+fn load_certs(
+    key: &str,
+    base: &Path,
+    file: &str,
+) -> Result<Vec<CertificateDer<'static>>, KeyError> {
     let path = resolve(base, file);
     let bad = |e: &dyn fmt::Display| {
         KeyError::new(
@@ -410,7 +429,9 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     let defaults = RouteTimeouts::default();
     let connect = match &r.connect_timeout {
         None => defaults.connect,
-        Some(s) => parse_duration(s).map_err(|e| KeyError::new(format!("{key}.connect_timeout"), e))?,
+        Some(s) => {
+            parse_duration(s).map_err(|e| KeyError::new(format!("{key}.connect_timeout"), e))?
+        }
     };
     let timeouts = RouteTimeouts {
         total: opt_timeout(&format!("{key}.timeout"), &r.timeout, defaults.total)?,
@@ -420,7 +441,11 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             &r.first_byte_timeout,
             defaults.first_byte,
         )?,
-        idle: opt_timeout(&format!("{key}.idle_timeout"), &r.idle_timeout, defaults.idle)?,
+        idle: opt_timeout(
+            &format!("{key}.idle_timeout"),
+            &r.idle_timeout,
+            defaults.idle,
+        )?,
     };
     let client_half_close = match r.client_half_close {
         None => HalfClose::default(),
@@ -450,11 +475,15 @@ fn upstream_address(key: &str, s: &str) -> Result<UpstreamAddress, KeyError> {
     let bad = |why: &str| {
         KeyError::new(
             key,
-            format!("{s:?} {why}; write host:port, e.g. \"127.0.0.1:9000\", \"app.internal:80\" or \"[::1]:9000\""),
+            format!(
+                "{s:?} {why}; write host:port, e.g. \"127.0.0.1:9000\", \"app.internal:80\" or \"[::1]:9000\""
+            ),
         )
     };
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(|| bad("has no closing ']'"))?;
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| bad("has no closing ']'"))?;
         let port = after.strip_prefix(':').ok_or_else(|| bad("has no port"))?;
         if host.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(bad("has a bracketed host that is not an IPv6 address"));
@@ -538,8 +567,7 @@ fn render(path: &[Seg]) -> String {
                     out.push('.');
                 }
                 let bare = !k.is_empty()
-                    && k
-                        .chars()
+                    && k.chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                 if bare {
                     out.push_str(k);

@@ -60,7 +60,10 @@ fn good_config_converts() {
 
 #[test]
 fn unknown_key_names_key_and_line() {
-    let src = GOOD.replace("  name = \"fallback\"", "  name = \"fallback\"\n  retries = 3");
+    let src = GOOD.replace(
+        "  name = \"fallback\"",
+        "  name = \"fallback\"\n  retries = 3",
+    );
     let e = err(&src);
     assert_eq!(e.key, "listeners[0].routes[1].retries", "{e:?}");
     assert_eq!(e.line, 22, "{e:?}");
@@ -108,7 +111,10 @@ fn missing_field_names_key() {
 
 #[test]
 fn validation_error_maps_to_line() {
-    let src = GOOD.replace("  upstream = \"app\"\n  name", "  upstream = \"nope\"\n  name");
+    let src = GOOD.replace(
+        "  upstream = \"app\"\n  name",
+        "  upstream = \"nope\"\n  name",
+    );
     let e = err(&src);
     assert_eq!(e.key, "listeners[0].routes[1].upstream", "{e:?}");
     assert_eq!(e.line, 20, "{e:?}");
@@ -134,7 +140,10 @@ fn syntax_error_has_line() {
 
 #[test]
 fn protocol_mismatch_with_cleartext() {
-    let src = GOOD.replace("protocols = [\"http1\", \"h2c\"]", "protocols = [\"http1\", \"h2\"]");
+    let src = GOOD.replace(
+        "protocols = [\"http1\", \"h2c\"]",
+        "protocols = [\"http1\", \"h2\"]",
+    );
     let e = err(&src);
     assert_eq!(e.key, "listeners[0].protocols[1]", "{e:?}");
     assert_eq!(e.line, 9, "{e:?}");
@@ -170,7 +179,11 @@ fn zero_timeout_suggests_off() {
 
 #[test]
 fn split_and_render_round_trip() {
-    for k in ["listeners[0].routes[1].upstream", "admin.address", "upstreams[3]"] {
+    for k in [
+        "listeners[0].routes[1].upstream",
+        "admin.address",
+        "upstreams[3]",
+    ] {
         assert_eq!(render(&split_key(k)), k);
     }
 }
