@@ -323,10 +323,15 @@ impl Body for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         if !self.guard.done {
+            // One line with the event count instead of the guard's generic one.
+            self.guard.done = true;
+            let ms = self.guard.elapsed_ms();
             tracing::info!(
+                endpoint = "/stream",
+                elapsed_ms = ms as u64,
                 sent = self.sent,
                 total = self.total,
-                "demo: /stream dropped after {} of {} events",
+                "demo: /stream cancelled after {ms} ms ({} of {} events sent)",
                 self.sent,
                 self.total
             );

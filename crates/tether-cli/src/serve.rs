@@ -1,6 +1,7 @@
 //! `tether serve`: load the config (or build the embedded demo one), start the gateway, print
 //! where it listens, and run until SIGINT or SIGTERM.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -132,6 +133,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
