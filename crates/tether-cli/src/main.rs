@@ -17,7 +17,7 @@ pub const EXIT_CONFIG: u8 = 64;
 
 /// tether: a reverse proxy that stops upstream work the moment a client gives up.
 #[derive(Debug, Parser)]
-#[command(name = "tether", version, about)]
+#[command(name = "tether", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

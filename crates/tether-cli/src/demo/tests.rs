@@ -111,3 +111,50 @@ async fn reset_mid_body_resets() {
     .await
     .unwrap();
 }
+
+/// Collects formatted log output.
+#[derive(Clone, Default)]
+struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropped_work_is_logged() {
+    let logs = Capture::default();
+    let w = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || w.clone())
+        .with_ansi(false)
+        .finish();
+    // Current-thread runtime: every demo task runs on this thread, under this subscriber.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    tokio::time::timeout(LIMIT, async {
+        let demo = Demo::start("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let mut s = TcpStream::connect(demo.addr()).await.unwrap();
+        s.write_all(b"GET /work?ms=60000 HTTP/1.1\r\nhost: demo\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+        while !logs.text().contains("demo: /work cancelled after") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no cancel log; logs: {}", logs.text()));
+}
