@@ -22,7 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, ListenerConfig, Protocols};
 use crate::downstream;
+use crate::observe::Observer;
 use crate::observe::access::AccessLog;
+use crate::observe::admin::{self, AdminState};
+use crate::observe::metrics::Metrics;
 use crate::route::Router;
 use crate::upstream::Upstream;
 use crate::upstream::connect::TlsSetupError;
@@ -75,6 +78,15 @@ pub struct ListenerShared {
     pub tls: Option<TlsAcceptor>,
     /// Protocols served.
     pub protocols: Protocols,
+    /// Peers whose forwarding, request-id and budget headers are believed.
+    pub trusted_peers: Vec<crate::config::IpNet>,
+}
+
+impl ListenerShared {
+    /// Whether `ip` is a trusted peer.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_peers.iter().any(|n| n.contains(ip))
+    }
 }
 
 impl std::fmt::Debug for ListenerShared {
@@ -92,8 +104,8 @@ impl std::fmt::Debug for ListenerShared {
 pub struct Worker {
     /// Upstreams in configuration order.
     pub upstreams: Vec<Arc<Upstream>>,
-    /// Access log sink.
-    pub log: Arc<dyn AccessLog>,
+    /// Access log and metrics.
+    pub observer: Observer,
     /// Cancelled with [`CancelReason::Shutdown`] when the drain period ends.
     pub root: RequestContext,
     conns: Arc<ConnCount>,
@@ -145,6 +157,8 @@ pub struct Gateway;
 #[derive(Debug)]
 pub struct RunningGateway {
     addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    admin: Option<Arc<AdminState>>,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
     threads: Vec<JoinHandle<()>>,
@@ -156,9 +170,13 @@ impl Gateway {
     pub fn start(config: Config, log: Arc<dyn AccessLog>) -> Result<RunningGateway, StartError> {
         config.validate()?;
         // Fail on bad upstream TLS settings now, not on the first request.
+        let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let metrics = Arc::new(Metrics::new(&names));
         for (index, u) in config.upstreams.iter().enumerate() {
-            Upstream::new(u).map_err(|source| StartError::UpstreamTls { index, source })?;
+            Upstream::new(u, metrics.conn_counts(index))
+                .map_err(|source| StartError::UpstreamTls { index, source })?;
         }
+        let observer = Observer { log, metrics };
         let mut std_listeners = Vec::new();
         let mut addrs = Vec::new();
         let mut shared = Vec::new();
@@ -180,6 +198,7 @@ impl Gateway {
                 }),
                 tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
                 protocols: l.protocols,
+                trusted_peers: l.trusted_peers.clone(),
             }));
         }
         let workers = config
@@ -187,8 +206,15 @@ impl Gateway {
             .or_else(|| std::thread::available_parallelism().ok())
             .unwrap_or(NonZeroUsize::MIN)
             .get();
-        let config = Arc::new(config);
         let stop = CancellationToken::new();
+        let (admin_addr, admin) = match &config.admin {
+            Some(a) => {
+                let (addr, state) = start_admin(a.address, observer.metrics.clone(), stop.clone())?;
+                (Some(addr), Some(state))
+            }
+            None => (None, None),
+        };
+        let config = Arc::new(config);
         let grace = Arc::new(Mutex::new(Duration::from_secs(10)));
         let mut threads = Vec::new();
         for n in 0..workers {
@@ -196,21 +222,23 @@ impl Gateway {
             for l in &std_listeners {
                 listeners.push(l.try_clone().map_err(StartError::Thread)?);
             }
-            let (config, shared, log, stop, grace) = (
+            let (config, shared, observer, stop, grace) = (
                 config.clone(),
                 shared.clone(),
-                log.clone(),
+                observer.clone(),
                 stop.clone(),
                 grace.clone(),
             );
             let t = std::thread::Builder::new()
                 .name(format!("tether-worker-{n}"))
-                .spawn(move || run_worker(&config, listeners, shared, log, stop, grace))
+                .spawn(move || run_worker(&config, listeners, shared, observer, stop, grace))
                 .map_err(StartError::Thread)?;
             threads.push(t);
         }
         Ok(RunningGateway {
             addrs,
+            admin_addr,
+            admin,
             stop,
             grace,
             threads,
@@ -224,6 +252,16 @@ impl RunningGateway {
         &self.addrs
     }
 
+    /// The bound admin address, when an admin listener is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The Prometheus text exposition of the metrics (what `/metrics` serves).
+    pub fn metrics_text(&self) -> Option<String> {
+        self.admin.as_ref().map(|a| a.metrics.encode())
+    }
+
     /// A token that, when cancelled, starts the shutdown (as [`shutdown`](Self::shutdown) does,
     /// without waiting).
     pub fn stop_token(&self) -> CancellationToken {
@@ -235,6 +273,9 @@ impl RunningGateway {
     pub fn shutdown(mut self, grace: Duration) {
         if let Ok(mut g) = self.grace.lock() {
             *g = grace;
+        }
+        if let Some(a) = &self.admin {
+            a.draining.store(true, Ordering::Release);
         }
         self.stop.cancel();
         for t in self.threads.drain(..) {
@@ -282,7 +323,7 @@ fn run_worker(
     config: &Config,
     listeners: Vec<std::net::TcpListener>,
     shared: Vec<Arc<ListenerShared>>,
-    log: Arc<dyn AccessLog>,
+    observer: Observer,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
 ) {
@@ -298,8 +339,8 @@ fn run_worker(
     };
     rt.block_on(async move {
         let mut upstreams = Vec::new();
-        for u in &config.upstreams {
-            match Upstream::new(u) {
+        for (i, u) in config.upstreams.iter().enumerate() {
+            match Upstream::new(u, observer.metrics.conn_counts(i)) {
                 Ok(u) => upstreams.push(Arc::new(u)),
                 // Checked in Gateway::start; unreachable in practice.
                 Err(e) => {
@@ -310,7 +351,7 @@ fn run_worker(
         }
         let worker = Arc::new(Worker {
             upstreams,
-            log,
+            observer,
             root: RequestContext::new(),
             conns: Arc::default(),
         });
@@ -365,4 +406,42 @@ async fn accept_loop(
             }
         }
     }
+}
+
+fn start_admin(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<(SocketAddr, Arc<AdminState>), StartError> {
+    let bind_err = |source| StartError::Bind {
+        index: usize::MAX,
+        address,
+        source,
+    };
+    let sock = bind(address).map_err(bind_err)?;
+    let addr = sock.local_addr().map_err(bind_err)?;
+    let state = Arc::new(AdminState {
+        metrics,
+        draining: Default::default(),
+    });
+    let st = state.clone();
+    std::thread::Builder::new()
+        .name("tether-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "cannot build admin runtime"),
+            };
+            rt.block_on(async move {
+                match TcpListener::from_std(sock) {
+                    Ok(l) => admin::serve(l, st, stop).await,
+                    Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+                }
+            });
+        })
+        .map_err(StartError::Thread)?;
+    Ok((addr, state))
 }

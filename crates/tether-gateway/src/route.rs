@@ -17,6 +17,8 @@ pub struct Route {
     pub timeouts: RouteTimeouts,
     /// HTTP/1 half-close policy.
     pub half_close: HalfClose,
+    /// Retry limit.
+    pub max_retries: u32,
 }
 
 /// The routes of one listener.
@@ -39,6 +41,7 @@ impl Router {
                     upstream: upstream_index(&r.upstream)?,
                     timeouts: r.timeouts,
                     half_close: r.client_half_close,
+                    max_retries: r.max_retries,
                 })
             })
             .collect();

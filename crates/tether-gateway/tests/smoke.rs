@@ -49,12 +49,10 @@ fn config(up: SocketAddr) -> Config {
     Config {
         workers: NonZeroUsize::new(1),
         admin: None,
-        listeners: vec![ListenerConfig {
-            address: "127.0.0.1:0".parse().unwrap(),
-            protocols: Protocols::BOTH,
-            tls: None,
-            routes: vec![RouteConfig::new("/", "up")],
-        }],
+        listeners: vec![ListenerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![RouteConfig::new("/", "up")],
+        )],
         upstreams: vec![UpstreamConfig::new(
             "up",
             vec![up.into()],

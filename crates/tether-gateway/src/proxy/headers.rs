@@ -46,6 +46,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// Removes forwarding headers (from a peer that is not trusted to set them).
+pub fn strip_forwarding(headers: &mut HeaderMap) {
+    headers.remove("x-forwarded-for");
+    headers.remove(header::FORWARDED);
+    headers.remove("x-forwarded-proto");
+    headers.remove("x-forwarded-host");
+}
+
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&str>) {
     let proto = if tls { "https" } else { "http" };

@@ -49,6 +49,8 @@ pub struct PoolReturn {
     pub endpoint: usize,
     /// The connection.
     pub conn: H1Conn,
+    /// The upstream's announced keep-alive timeout.
+    pub keep_alive: Option<Duration>,
 }
 
 /// See [`ProxyBody::Stream`].
@@ -90,7 +92,7 @@ impl Streaming {
     fn complete(&mut self) {
         self.inner = None;
         if let Some(p) = self.pool.take() {
-            p.upstream.release(p.endpoint, p.conn);
+            p.upstream.release(p.endpoint, p.conn, p.keep_alive);
         }
         if let Some(t) = self.tracker.take() {
             t.finish_ok();

@@ -12,7 +12,8 @@ use tokio::time::Instant;
 
 use crate::cancel::ConnCancel;
 use crate::error::{ProxyError, Stage};
-use crate::observe::access::{AccessLog, Outcome, RequestRecord};
+use crate::observe::Observer;
+use crate::observe::access::{Outcome, RequestRecord};
 use crate::proxy::request_body::UploadProgress;
 use crate::upstream::pool::closed_at;
 
@@ -36,7 +37,7 @@ pub struct Tracker {
     /// The request's context.
     pub ctx: RequestContext,
     conn: Arc<ConnCancel>,
-    log: Arc<dyn AccessLog>,
+    observer: Observer,
     /// Where the request is now; an abort is attributed to it.
     pub stage: Stage,
     /// Upload progress, shared with the upstream request body.
@@ -56,14 +57,14 @@ impl Tracker {
         rec: RequestRecord,
         ctx: RequestContext,
         conn: Arc<ConnCancel>,
-        log: Arc<dyn AccessLog>,
+        observer: Observer,
     ) -> Tracker {
         Tracker {
             rec,
             start: Instant::now(),
             ctx,
             conn,
-            log,
+            observer,
             stage: Stage::RequestHead,
             upload: Arc::default(),
             upstream_started: None,
@@ -95,6 +96,11 @@ impl Tracker {
             (_, Stage::Route | Stage::Admission | Stage::RequestHead) => Outcome::Rejected,
             _ => Outcome::UpstreamError,
         };
+        if err.side == crate::error::Side::Upstream
+            && let Some(u) = &self.rec.upstream
+        {
+            self.observer.metrics.upstream_error(u, err);
+        }
         tracing::debug!(request_id = %self.rec.request_id, stage = %err.stage, side = %err.side, error = %err, "request failed");
         self.close(None);
     }
@@ -153,7 +159,7 @@ impl Tracker {
         }
         let teardown = std::mem::replace(&mut self.teardown, Teardown::None);
         let rec = self.rec.clone();
-        let log = self.log.clone();
+        let observer = self.observer.clone();
         match (cancelled_at, teardown) {
             (Some(at), Teardown::H1(rx)) => {
                 // The socket closes a moment later, in the connection's task: wait for it off the
@@ -164,18 +170,18 @@ impl Tracker {
                         if let Some(closed) = closed_at(rx, Duration::from_secs(2)).await {
                             rec.propagation = Some(closed.saturating_duration_since(at));
                         }
-                        log.record(&rec);
+                        observer.finished(&rec);
                     })
                 });
                 if spawned.is_err() {
-                    self.log.record(&self.rec);
+                    self.observer.finished(&self.rec);
                 }
             }
             (Some(at), Teardown::H2 | Teardown::None) if self.upstream_started.is_some() => {
                 self.rec.propagation = Some(now.saturating_duration_since(at));
-                self.log.record(&self.rec);
+                self.observer.finished(&self.rec);
             }
-            _ => self.log.record(&rec),
+            _ => self.observer.finished(&rec),
         }
     }
 }

@@ -193,35 +193,29 @@ impl Connector {
         start: Instant,
     ) -> Result<Connected, ProxyError> {
         let candidates = resolve(addr).await?;
-        let mut last: Option<(SocketAddr, io::Error)> = None;
-        let mut tcp = None;
-        for cand in candidates {
-            match TcpStream::connect(cand).await {
-                Ok(s) => {
-                    tcp = Some((s, cand));
-                    break;
-                }
-                Err(e) => last = Some((cand, e)),
-            }
-        }
-        let (tcp, peer) = match (tcp, last) {
-            (Some(t), _) => t,
-            (None, Some((cand, e))) => {
-                let kind = if e.kind() == io::ErrorKind::TimedOut {
+        let (tcp, peer) = race(candidates, HAPPY_EYEBALLS_STAGGER)
+            .await
+            .map_err(|failures| {
+                let all_timed_out = failures
+                    .iter()
+                    .all(|(_, e)| e.kind() == io::ErrorKind::TimedOut);
+                let kind = if all_timed_out {
                     ErrorKind::Timeout
                 } else {
                     ErrorKind::Refused
                 };
-                return Err(ProxyError::upstream(Stage::Connect, kind)
-                    .with_target(cand)
-                    .with_source(e));
-            }
-            (None, None) => {
-                return Err(
-                    ProxyError::upstream(Stage::Dns, ErrorKind::DnsFailed).with_target(addr)
-                );
-            }
-        };
+                let listed = failures
+                    .iter()
+                    .map(|(a, e)| format!("{a}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let mut err = ProxyError::upstream(Stage::Connect, kind)
+                    .with_target(format!("{addr} [{listed}]"));
+                if let Some((_, e)) = failures.into_iter().last() {
+                    err = err.with_source(e);
+                }
+                err
+            })?;
         // Nagle would delay small request heads behind the previous segment's ACK.
         let _ = tcp.set_nodelay(true);
         let io = match &self.tls {
@@ -260,19 +254,87 @@ fn server_name_for(addr: &UpstreamAddress) -> Result<ServerName<'static>, ProxyE
     })
 }
 
-/// Candidate socket addresses for `addr`, in resolver order.
+/// RFC 8305's recommended delay between connection attempts.
+pub const HAPPY_EYEBALLS_STAGGER: Duration = Duration::from_millis(250);
+
+/// How long a name may take to resolve.
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Candidate socket addresses for `addr`, address families interleaved (RFC 8305 §4).
 async fn resolve(addr: &UpstreamAddress) -> Result<Vec<SocketAddr>, ProxyError> {
     if let Ok(ip) = addr.host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, addr.port)]);
     }
-    let found = tokio::net::lookup_host((addr.host.as_str(), addr.port))
-        .await
-        .map_err(|e| {
-            ProxyError::upstream(Stage::Dns, ErrorKind::DnsFailed)
-                .with_target(addr)
-                .with_source(e)
-        })?;
-    Ok(found.collect())
+    let dns_err = |kind| ProxyError::upstream(Stage::Dns, kind).with_target(addr);
+    let lookup = tokio::net::lookup_host((addr.host.as_str(), addr.port));
+    let found = match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
+        Ok(Ok(found)) => found.collect::<Vec<_>>(),
+        Ok(Err(e)) => return Err(dns_err(ErrorKind::DnsFailed).with_source(e)),
+        Err(_) => return Err(dns_err(ErrorKind::Timeout)),
+    };
+    if found.is_empty() {
+        return Err(dns_err(ErrorKind::DnsFailed));
+    }
+    Ok(interleave(found))
+}
+
+/// Alternates address families, starting with the resolver's first choice.
+fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+    let (mut a, mut b): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|x| x.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    a.reverse();
+    b.reverse();
+    loop {
+        match (a.pop(), b.pop()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+type Attempt = (SocketAddr, io::Result<TcpStream>);
+
+/// Happy Eyeballs (RFC 8305): start a connection attempt, start the next one if it has not
+/// succeeded after `stagger` (or at once if it failed), first to connect wins. The losers are
+/// aborted, which closes their sockets. When every candidate fails, each one's error is returned.
+pub async fn race(
+    candidates: Vec<SocketAddr>,
+    stagger: Duration,
+) -> Result<(TcpStream, SocketAddr), Vec<(SocketAddr, io::Error)>> {
+    let mut pending = candidates.into_iter();
+    let mut attempts: tokio::task::JoinSet<Attempt> = tokio::task::JoinSet::new();
+    let mut failures = Vec::new();
+    let start = |set: &mut tokio::task::JoinSet<Attempt>, a: SocketAddr| {
+        set.spawn(async move { (a, TcpStream::connect(a).await) });
+    };
+    match pending.next() {
+        Some(a) => start(&mut attempts, a),
+        None => return Err(failures),
+    }
+    loop {
+        tokio::select! {
+            // Results first: a connection that is ready wins over starting another attempt.
+            biased;
+            done = attempts.join_next() => match done {
+                Some(Ok((a, Ok(s)))) => return Ok((s, a)),
+                Some(Ok((a, Err(e)))) => {
+                    failures.push((a, e));
+                    if let Some(next) = pending.next() {
+                        start(&mut attempts, next);
+                    }
+                }
+                // A connect task cannot panic; treat it as a lost attempt all the same.
+                Some(Err(_)) => {}
+                None => return Err(failures),
+            },
+            _ = tokio::time::sleep(stagger), if pending.len() > 0 => {
+                if let Some(next) = pending.next() {
+                    start(&mut attempts, next);
+                }
+            }
+        }
+    }
 }
 
 /// Accepts any certificate: only for upstreams configured with `insecure_skip_verify`.
@@ -321,5 +383,43 @@ impl ServerCertVerifier for NoVerify {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_alternate() {
+        let v: Vec<SocketAddr> = ["[::1]:1", "[::2]:1", "127.0.0.1:1", "127.0.0.2:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let out: Vec<String> = interleave(v).iter().map(|a| a.to_string()).collect();
+        assert_eq!(out, ["[::1]:1", "127.0.0.1:1", "[::2]:1", "127.0.0.2:1"]);
+    }
+
+    #[tokio::test]
+    async fn race_skips_a_refused_candidate_and_lists_failures() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (_, peer) = race(vec![dead, live_addr], HAPPY_EYEBALLS_STAGGER)
+            .await
+            .unwrap();
+        assert_eq!(peer, live_addr);
+        let failures = race(vec![dead, dead], HAPPY_EYEBALLS_STAGGER)
+            .await
+            .unwrap_err();
+        assert_eq!(failures.len(), 2);
+        assert!(
+            failures
+                .iter()
+                .all(|(_, e)| e.kind() == io::ErrorKind::ConnectionRefused)
+        );
     }
 }

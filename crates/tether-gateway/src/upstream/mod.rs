@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use crate::config::{UpstreamAddress, UpstreamConfig, UpstreamProtocol};
 use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::observe::metrics::ConnCounts;
 use connect::{Connector, TlsSetupError};
 use pool::{EndpointPool, H1Conn, H2Conn};
 use tokio::sync::watch;
@@ -27,6 +28,7 @@ pub struct Upstream {
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
     connector: Connector,
+    counts: Arc<ConnCounts>,
 }
 
 /// One address of an upstream, with its pool.
@@ -58,7 +60,10 @@ pub struct CheckoutInfo {
 
 impl Upstream {
     /// Builds the worker-local view of `config`.
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, TlsSetupError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        counts: Arc<ConnCounts>,
+    ) -> Result<Upstream, TlsSetupError> {
         let connector = Connector::new(config.protocol, config.tls.as_ref())?;
         Ok(Upstream {
             name: Arc::from(config.name.as_str()),
@@ -68,11 +73,16 @@ impl Upstream {
                 .iter()
                 .map(|a| Endpoint {
                     address: a.clone(),
-                    pool: EndpointPool::new(config.max_idle_per_endpoint, config.idle_timeout),
+                    pool: EndpointPool::new(
+                        config.max_idle_per_endpoint,
+                        config.idle_timeout,
+                        counts.clone(),
+                    ),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
             connector,
+            counts,
         })
     }
 
@@ -88,9 +98,9 @@ impl Upstream {
     }
 
     /// Returns an HTTP/1 connection whose exchange ended cleanly to endpoint `idx`'s pool.
-    pub fn release(&self, idx: usize, conn: H1Conn) {
+    pub fn release(&self, idx: usize, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
         if let Some(ep) = self.endpoints.get(idx) {
-            ep.pool.put_h1(conn);
+            ep.pool.put_h1(conn, upstream_keep_alive);
         }
     }
 
@@ -99,11 +109,12 @@ impl Upstream {
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
+        reuse: bool,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         if self.protocol.is_h2() {
-            return self.checkout_h2(ep, connect_timeout).await;
+            return self.checkout_h2(ep, connect_timeout, reuse).await;
         }
-        if let Some(mut c) = ep.pool.take_h1() {
+        if reuse && let Some(mut c) = ep.pool.take_h1() {
             // A returned connection may still be finishing the previous exchange.
             if c.sender.ready().await.is_ok() {
                 return Ok((
@@ -116,7 +127,7 @@ impl Upstream {
             }
         }
         let started = Instant::now();
-        let connected = self.connector.connect(&ep.address, connect_timeout).await?;
+        let connected = self.connect(ep, connect_timeout).await?;
         let peer = connected.peer;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(connected.io))
@@ -127,7 +138,9 @@ impl Upstream {
                     .with_source(e)
             })?;
         let (tx, closed) = watch::channel(None);
+        let open = OpenConn::new(self.counts.clone());
         tokio::spawn(async move {
+            let _open = open;
             // hyper ends the connection after an abandoned exchange; the socket is closed when
             // `conn` is dropped at the end of this await.
             let _ = conn.await;
@@ -146,13 +159,26 @@ impl Upstream {
         ))
     }
 
+    async fn connect(
+        &self,
+        ep: &Endpoint,
+        timeout: Duration,
+    ) -> Result<connect::Connected, ProxyError> {
+        self.counts.connecting.fetch_add(1, Ordering::Relaxed);
+        let r = self.connector.connect(&ep.address, timeout).await;
+        self.counts.connecting.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
     async fn checkout_h2(
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
+        reuse: bool,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         let mut slot = ep.pool.h2_slot().lock().await;
         if let Some(c) = slot.as_ref()
+            && reuse
             && !c.sender.is_closed()
         {
             return Ok((
@@ -164,7 +190,7 @@ impl Upstream {
             ));
         }
         let started = Instant::now();
-        let connected = self.connector.connect(&ep.address, connect_timeout).await?;
+        let connected = self.connect(ep, connect_timeout).await?;
         let peer = connected.peer;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -177,7 +203,9 @@ impl Upstream {
                     .with_target(peer)
                     .with_source(e)
             })?;
+        let open = OpenConn::new(self.counts.clone());
         tokio::spawn(async move {
+            let _open = open;
             let _ = conn.await;
         });
         let c = H2Conn { sender, peer };
@@ -189,5 +217,21 @@ impl Upstream {
                 connect: started.elapsed(),
             },
         ))
+    }
+}
+
+/// Counts an upstream connection as open for as long as its task runs.
+struct OpenConn(Arc<ConnCounts>);
+
+impl OpenConn {
+    fn new(counts: Arc<ConnCounts>) -> OpenConn {
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        OpenConn(counts)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -8,13 +8,15 @@
 //! instant the socket was closed (the end of cancellation propagation).
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::observe::metrics::ConnCounts;
 use crate::proxy::request_body::RequestBody;
 
 /// When the connection behind `closed` was closed, waiting at most `limit` for it.
@@ -41,7 +43,8 @@ pub struct H1Conn {
 
 struct IdleH1 {
     conn: H1Conn,
-    since: Instant,
+    /// Past this, the upstream may close it at any moment: never reused.
+    expires: Instant,
 }
 
 /// The shared HTTP/2 connection of an endpoint.
@@ -59,6 +62,7 @@ pub struct EndpointPool {
     h2: tokio::sync::Mutex<Option<H2Conn>>,
     max_idle: usize,
     idle_timeout: Duration,
+    counts: Arc<ConnCounts>,
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -72,12 +76,13 @@ impl std::fmt::Debug for EndpointPool {
 
 impl EndpointPool {
     /// An empty pool.
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> EndpointPool {
+    pub fn new(max_idle: usize, idle_timeout: Duration, counts: Arc<ConnCounts>) -> EndpointPool {
         EndpointPool {
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             max_idle,
             idle_timeout,
+            counts,
         }
     }
 
@@ -88,8 +93,9 @@ impl EndpointPool {
             Err(p) => p.into_inner(),
         };
         while let Some(c) = idle.pop() {
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
             // Closed: the upstream hung up while idle. Old: it may be about to (stale keep-alive race).
-            if c.conn.sender.is_closed() || c.since.elapsed() >= self.idle_timeout {
+            if c.conn.sender.is_closed() || Instant::now() >= c.expires {
                 continue;
             }
             return Some(c.conn);
@@ -97,8 +103,10 @@ impl EndpointPool {
         None
     }
 
-    /// Returns a connection whose response ended cleanly.
-    pub fn put_h1(&self, conn: H1Conn) {
+    /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
+    /// timeout the upstream announced (`Keep-Alive: timeout=N`); the connection is kept for less
+    /// than that, so tether never sends on a connection the upstream is about to close.
+    pub fn put_h1(&self, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
         if conn.sender.is_closed() || self.max_idle == 0 {
             return;
         }
@@ -109,10 +117,20 @@ impl EndpointPool {
         if idle.len() >= self.max_idle {
             // Drop the oldest; its task closes the socket.
             idle.remove(0);
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
         }
+        let mut keep = self.idle_timeout;
+        if let Some(theirs) = upstream_keep_alive {
+            // A second of margin covers clock granularity on both sides and the request's flight.
+            keep = keep.min(theirs.saturating_sub(Duration::from_secs(1)));
+        }
+        if keep.is_zero() {
+            return;
+        }
+        self.counts.idle.fetch_add(1, Ordering::Relaxed);
         idle.push(IdleH1 {
             conn,
-            since: Instant::now(),
+            expires: Instant::now() + keep,
         });
     }
 
@@ -120,5 +138,36 @@ impl EndpointPool {
     /// requests share one new connection instead of racing to open many.
     pub fn h2_slot(&self) -> &tokio::sync::Mutex<Option<H2Conn>> {
         &self.h2
+    }
+}
+
+/// Parses the `timeout=N` parameter of a `Keep-Alive` response header (seconds).
+pub fn keep_alive_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("keep-alive")?.to_str().ok()?;
+    v.split(',').find_map(|p| {
+        let (k, val) = p.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("timeout") {
+            val.trim().parse::<u64>().ok().map(Duration::from_secs)
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keep_alive_timeout() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(keep_alive_timeout(&h), None);
+        h.insert(
+            "keep-alive",
+            http::HeaderValue::from_static("max=100, timeout=5"),
+        );
+        assert_eq!(keep_alive_timeout(&h), Some(Duration::from_secs(5)));
+        h.insert("keep-alive", http::HeaderValue::from_static("timeout=abc"));
+        assert_eq!(keep_alive_timeout(&h), None);
     }
 }
