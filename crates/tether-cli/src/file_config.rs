@@ -13,7 +13,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Config, HalfClose, ListenerConfig, Protocols, RouteConfig, RouteTimeouts,
+    AdminConfig, Config, HalfClose, IpNet, ListenerConfig, Protocols, RouteConfig, RouteTimeouts,
     ServerTls, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
@@ -58,6 +58,9 @@ pub struct FileListener {
     pub protocols: Option<Vec<String>>,
     /// TLS termination.
     pub tls: Option<FileServerTls>,
+    /// Peers whose request id, forwarding and budget headers are believed.
+    #[serde(default)]
+    pub trusted_peers: Vec<String>,
     /// `[[listeners.routes]]`, first match wins.
     #[serde(default)]
     pub routes: Vec<FileRoute>,
@@ -95,6 +98,8 @@ pub struct FileRoute {
     pub idle_timeout: Option<String>,
     /// `abort` or `continue`.
     pub client_half_close: Option<FileHalfClose>,
+    /// Extra attempts after a failure that is safe to retry; 0 disables.
+    pub max_retries: Option<u32>,
 }
 
 /// `client_half_close` values.
@@ -349,12 +354,20 @@ fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, 
         .enumerate()
         .map(|(j, r)| route(&format!("{key}.routes[{j}]"), r))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(ListenerConfig {
-        address,
-        protocols,
-        tls,
-        routes,
-    })
+    let trusted_peers = l
+        .trusted_peers
+        .iter()
+        .enumerate()
+        .map(|(j, p)| {
+            p.parse::<IpNet>()
+                .map_err(|e| KeyError::new(format!("{key}.trusted_peers[{j}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cfg = ListenerConfig::new(address, routes);
+    cfg.protocols = protocols;
+    cfg.tls = tls;
+    cfg.trusted_peers = trusted_peers;
+    Ok(cfg)
 }
 
 fn resolve(base: &Path, p: &str) -> PathBuf {
@@ -460,14 +473,20 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             "must not be empty; omit it to match any host",
         ));
     }
-    Ok(RouteConfig {
-        name: r.name.clone().unwrap_or_else(|| r.upstream.clone()),
-        host: r.host.clone(),
-        path_prefix: r.path_prefix.clone().unwrap_or_else(|| "/".into()),
-        upstream: r.upstream.clone(),
-        timeouts,
-        client_half_close,
-    })
+    let mut cfg = RouteConfig::new(
+        r.path_prefix.clone().unwrap_or_else(|| "/".into()),
+        r.upstream.clone(),
+    );
+    if let Some(n) = &r.name {
+        cfg.name = n.clone();
+    }
+    cfg.host = r.host.clone();
+    cfg.timeouts = timeouts;
+    cfg.client_half_close = client_half_close;
+    if let Some(n) = r.max_retries {
+        cfg.max_retries = n;
+    }
+    Ok(cfg)
 }
 
 /// Parses `host:port` or `[v6]:port`.

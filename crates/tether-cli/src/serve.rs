@@ -108,6 +108,9 @@ pub fn run(args: ServeArgs) -> ExitCode {
     for (addr, (tls, p)) in running.listener_addrs().iter().zip(&described) {
         eprintln!("{}", listening_line(*addr, *tls, *p));
     }
+    if let Some(addr) = running.admin_addr() {
+        eprintln!("admin on http://{addr} (/metrics, /healthz, /readyz)");
+    }
     if let (Some(_), Some(addr)) = (&demo, running.listener_addrs().first()) {
         eprintln!("try: curl -m 1 'http://{addr}/work?ms=5000'   (endpoints: curl http://{addr}/)");
     }
@@ -142,12 +145,10 @@ fn demo_config(listen: SocketAddr, demo: SocketAddr) -> Config {
     Config {
         workers: None,
         admin: None,
-        listeners: vec![ListenerConfig {
-            address: listen,
-            protocols: Protocols::BOTH,
-            tls: None,
-            routes: vec![RouteConfig::new("/", "demo")],
-        }],
+        listeners: vec![ListenerConfig::new(
+            listen,
+            vec![RouteConfig::new("/", "demo")],
+        )],
         upstreams: vec![UpstreamConfig::new(
             "demo",
             vec![demo.into()],

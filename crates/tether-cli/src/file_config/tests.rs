@@ -23,6 +23,7 @@ protocols = ["http1", "h2c"]
   [[listeners.routes]]
   upstream = "app"
   name = "fallback"
+  max_retries = 0
 
 [[upstreams]]
 name = "app"
@@ -51,6 +52,9 @@ fn good_config_converts() {
     assert_eq!(r[0].name, "app");
     assert_eq!(r[1].name, "fallback");
     assert_eq!(r[1].path_prefix, "/");
+    assert_eq!(r[0].max_retries, 2);
+    assert_eq!(r[1].max_retries, 0);
+    assert!(c.listeners[0].trusted_peers.is_empty());
     let u = &c.upstreams[0];
     assert_eq!(u.protocol, UpstreamProtocol::H2c);
     assert_eq!(u.addresses[1].host, "::1");
@@ -98,7 +102,7 @@ fn bad_enum_value_names_key_and_line() {
     let src = GOOD.replace("protocol = \"h2c\"", "protocol = \"spdy\"");
     let e = err(&src);
     assert_eq!(e.key, "upstreams[0].protocol", "{e:?}");
-    assert_eq!(e.line, 26, "{e:?}");
+    assert_eq!(e.line, 27, "{e:?}");
 }
 
 #[test]
@@ -155,7 +159,7 @@ fn bad_upstream_address() {
         let src = GOOD.replace("\"app.internal:80\"", &format!("{bad:?}"));
         let e = err(&src);
         assert_eq!(e.key, "upstreams[0].addresses[2]", "{bad}: {e:?}");
-        assert_eq!(e.line, 25, "{bad}: {e:?}");
+        assert_eq!(e.line, 26, "{bad}: {e:?}");
     }
 }
 
@@ -196,4 +200,19 @@ fn line_of_offsets() {
     assert_eq!(idx.line_of(6), 2);
     assert_eq!(idx.line_of_key("b"), 2);
     assert_eq!(idx.line_of_key("missing.x"), 1);
+}
+
+#[test]
+fn trusted_peers_parse_and_name_bad_entries() {
+    let src = GOOD.replace(
+        "protocols = [\"http1\", \"h2c\"]",
+        "protocols = [\"http1\", \"h2c\"]\ntrusted_peers = [\"10.0.0.0/8\", \"::1\"]",
+    );
+    let l = parse(&src, Path::new(".")).unwrap();
+    let peers = &l.config.listeners[0].trusted_peers;
+    assert_eq!(peers.len(), 2);
+    assert!(peers[0].contains("10.9.8.7".parse().unwrap()));
+    let e = err(&src.replace("\"::1\"", "\"10.0.0.0/40\""));
+    assert_eq!(e.key, "listeners[0].trusted_peers[1]", "{e:?}");
+    assert_eq!(e.line, 10, "{e:?}");
 }
