@@ -1,3 +1,53 @@
-//! The `tether` binary.
+//! The `tether` binary: `serve` runs the gateway from a config file (or, without one, in front of an
+//! in-process demo upstream); `check-config` validates a config file.
 
-fn main() {}
+mod access_pretty;
+mod demo;
+mod duration;
+mod file_config;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status for an unusable config file (BSD `EX_USAGE`).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// tether: a reverse proxy that stops upstream work the moment a client gives up.
+#[derive(Debug, Parser)]
+#[command(name = "tether", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway. Without --config, runs an embedded demo: a listener on 127.0.0.1:8080 in
+    /// front of an in-process demo upstream with slow, streaming and failing endpoints.
+    Serve(serve::ServeArgs),
+    /// Validate a config file: prints `ok`, or `FILE:LINE: KEY: message` and exits with 64.
+    CheckConfig {
+        /// The TOML config file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => match file_config::load(&file) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Serve(args) => serve::run(args),
+    }
+}

@@ -1,0 +1,750 @@
+//! The TOML config file: [`FileConfig`] (serde, unknown keys refused) → typed
+//! [`tether_gateway::Config`], validated. Every error names the dotted key
+//! (`listeners[0].routes[1].upstream`) and its line; `docs/config.md` documents each key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
+use tether_gateway::config::{
+    AdminConfig, Config, HalfClose, IpNet, ListenerConfig, Protocols, RouteConfig, RouteTimeouts,
+    ServerTls, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+};
+
+use crate::duration::parse_duration;
+
+/// Default grace period for draining in-flight requests on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// The file as written. Field names are the file's keys.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Worker threads; default one per core.
+    pub workers: Option<usize>,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Option<String>,
+    /// The admin listener.
+    pub admin: Option<FileAdmin>,
+    /// Downstream listeners.
+    #[serde(default)]
+    pub listeners: Vec<FileListener>,
+    /// Named upstreams.
+    #[serde(default)]
+    pub upstreams: Vec<FileUpstream>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    /// `ip:port` to bind.
+    pub address: String,
+}
+
+/// `[[listeners]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    /// `ip:port` to bind.
+    pub address: String,
+    /// `http1`, `h2c` (cleartext) or `h2` (TLS).
+    pub protocols: Option<Vec<String>>,
+    /// TLS termination.
+    pub tls: Option<FileServerTls>,
+    /// Peers whose request id, forwarding and budget headers are believed.
+    #[serde(default)]
+    pub trusted_peers: Vec<String>,
+    /// `[[listeners.routes]]`, first match wins.
+    #[serde(default)]
+    pub routes: Vec<FileRoute>,
+}
+
+/// `tls = { cert, key }` on a listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+}
+
+/// `[[listeners.routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    /// Name for logs and metrics; default: the upstream name.
+    pub name: Option<String>,
+    /// Exact host; absent matches any.
+    pub host: Option<String>,
+    /// Path prefix on whole segments; default `/`.
+    pub path_prefix: Option<String>,
+    /// Upstream name.
+    pub upstream: String,
+    /// Total deadline, or `"off"`.
+    pub timeout: Option<String>,
+    /// Upstream connect (and TLS handshake) timeout.
+    pub connect_timeout: Option<String>,
+    /// Request sent → response head, or `"off"`.
+    pub first_byte_timeout: Option<String>,
+    /// Longest gap between body chunks, or `"off"`.
+    pub idle_timeout: Option<String>,
+    /// `abort` or `continue`.
+    pub client_half_close: Option<FileHalfClose>,
+    /// Extra attempts after a failure that is safe to retry; 0 disables.
+    pub max_retries: Option<u32>,
+}
+
+/// `client_half_close` values.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileHalfClose {
+    /// Cancel the upstream work.
+    Abort,
+    /// Keep going.
+    Continue,
+}
+
+/// `[[upstreams]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    /// Name routes refer to.
+    pub name: String,
+    /// `host:port` or `[v6]:port` entries.
+    pub addresses: Vec<String>,
+    /// `http1` (default), `h2c` or `h2`.
+    pub protocol: Option<FileUpstreamProtocol>,
+    /// TLS towards the upstream.
+    pub tls: Option<FileUpstreamTls>,
+    /// Idle pooled connections per endpoint and worker; 0 disables pooling.
+    pub max_idle_per_endpoint: Option<usize>,
+    /// How long an idle pooled connection is kept.
+    pub idle_timeout: Option<String>,
+}
+
+/// `protocol` values of an upstream.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileUpstreamProtocol {
+    /// HTTP/1.1.
+    Http1,
+    /// HTTP/2 cleartext, prior knowledge.
+    H2c,
+    /// HTTP/2 over TLS.
+    H2,
+}
+
+/// `tls = { server_name, ca, insecure_skip_verify }` on an upstream.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstreamTls {
+    /// SNI and verified name; default the address's host.
+    pub server_name: Option<String>,
+    /// PEM file of extra trust anchors.
+    pub ca: Option<String>,
+    /// Skip certificate verification (test setups only).
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// A config file that cannot be used, located in the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}: {key}: {message}")]
+pub struct LoadError {
+    /// The file as given on the command line.
+    pub file: String,
+    /// 1-based line; 0 when the file could not be read at all.
+    pub line: usize,
+    /// Dotted key at fault (`listeners[0].routes[1].upstream`), or `file` / `toml`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The result of loading: the gateway's config and the settings the binary keeps for itself.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// Validated gateway configuration.
+    pub config: Config,
+    /// How long `serve` waits for in-flight requests on shutdown.
+    pub shutdown_grace: Duration,
+    /// The file's text, to locate errors found later (when the gateway starts).
+    pub source: String,
+}
+
+/// Reads, parses, converts and validates a config file.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| LoadError {
+        file: file.clone(),
+        line: 0,
+        key: "file".into(),
+        message: format!("cannot read: {e}"),
+    })?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let mut loaded = parse(&src, base).map_err(|e| LoadError {
+        file,
+        line: e.line,
+        key: e.key,
+        message: e.message,
+    })?;
+    loaded.source = src;
+    Ok(loaded)
+}
+
+/// Locates an error found after loading (the gateway refusing a certificate, say) in the file.
+pub fn locate(path: &Path, source: &str, key: String, message: String) -> LoadError {
+    LoadError {
+        file: path.display().to_string(),
+        line: SpanIndex::build(source).line_of_key(&key),
+        key,
+        message,
+    }
+}
+
+/// An error located by line, before the file name is attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    /// 1-based line.
+    pub line: usize,
+    /// Dotted key.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// An error from conversion, located by key only; the [`SpanIndex`] finds its line.
+#[derive(Debug)]
+struct KeyError {
+    key: String,
+    message: String,
+}
+
+impl KeyError {
+    fn new(key: impl Into<String>, message: impl fmt::Display) -> Self {
+        KeyError {
+            key: key.into(),
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Parses config text; relative file paths (certificates, keys, CAs) are resolved against `base`.
+pub fn parse(src: &str, base: &Path) -> Result<Loaded, Located> {
+    let index = SpanIndex::build(src);
+    let file: FileConfig = toml::from_str(src).map_err(|e| index.locate_toml_error(&e))?;
+    let loaded = convert(file, base).map_err(|e| index.locate_key(e.key, e.message))?;
+    loaded
+        .config
+        .validate()
+        .map_err(|e| index.locate_key(e.key, e.message))?;
+    Ok(loaded)
+}
+
+fn convert(f: FileConfig, base: &Path) -> Result<Loaded, KeyError> {
+    let workers = match f.workers {
+        None => None,
+        Some(n) => Some(NonZeroUsize::new(n).ok_or_else(|| {
+            KeyError::new(
+                "workers",
+                "must be at least 1; omit it for one worker per core",
+            )
+        })?),
+    };
+    let shutdown_grace = match &f.shutdown_grace {
+        None => DEFAULT_SHUTDOWN_GRACE,
+        Some(s) => parse_duration(s).map_err(|e| KeyError::new("shutdown_grace", e))?,
+    };
+    let admin = match &f.admin {
+        None => None,
+        Some(a) => Some(AdminConfig {
+            address: socket_addr("admin.address", &a.address)?,
+        }),
+    };
+    let listeners = f
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| listener(&format!("listeners[{i}]"), l, base))
+        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams = f
+        .upstreams
+        .iter()
+        .enumerate()
+        .map(|(i, u)| upstream(&format!("upstreams[{i}]"), u, base))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded {
+        config: Config {
+            workers,
+            listeners,
+            upstreams,
+            admin,
+        },
+        shutdown_grace,
+        source: String::new(),
+    })
+}
+
+fn socket_addr(key: &str, s: &str) -> Result<SocketAddr, KeyError> {
+    s.parse().map_err(|_| {
+        KeyError::new(
+            key,
+            format!("{s:?} is not an ip:port address (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")"),
+        )
+    })
+}
+
+fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, KeyError> {
+    let address = socket_addr(&format!("{key}.address"), &l.address)?;
+    let tls = match &l.tls {
+        None => None,
+        Some(t) => Some(server_tls(&format!("{key}.tls"), t, base)?),
+    };
+    let protocols = match &l.protocols {
+        None => Protocols::BOTH,
+        Some(list) => {
+            let mut p = Protocols {
+                http1: false,
+                h2: false,
+            };
+            for (j, name) in list.iter().enumerate() {
+                let pkey = format!("{key}.protocols[{j}]");
+                match (name.as_str(), tls.is_some()) {
+                    ("http1", _) => p.http1 = true,
+                    ("h2c", false) | ("h2", true) => p.h2 = true,
+                    ("h2", false) => {
+                        return Err(KeyError::new(
+                            pkey,
+                            "\"h2\" needs tls on the listener; use \"h2c\" for cleartext HTTP/2",
+                        ));
+                    }
+                    ("h2c", true) => {
+                        return Err(KeyError::new(
+                            pkey,
+                            "\"h2c\" is cleartext; with tls write \"h2\"",
+                        ));
+                    }
+                    (other, has_tls) => {
+                        let allowed = if has_tls {
+                            "\"http1\", \"h2\""
+                        } else {
+                            "\"http1\", \"h2c\""
+                        };
+                        return Err(KeyError::new(
+                            pkey,
+                            format!("unknown protocol {other:?}, expected one of {allowed}"),
+                        ));
+                    }
+                }
+            }
+            p
+        }
+    };
+    let routes = l
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(j, r)| route(&format!("{key}.routes[{j}]"), r))
+        .collect::<Result<Vec<_>, _>>()?;
+    let trusted_peers = l
+        .trusted_peers
+        .iter()
+        .enumerate()
+        .map(|(j, p)| {
+            p.parse::<IpNet>()
+                .map_err(|e| KeyError::new(format!("{key}.trusted_peers[{j}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cfg = ListenerConfig::new(address, routes);
+    cfg.protocols = protocols;
+    cfg.tls = tls;
+    cfg.trusted_peers = trusted_peers;
+    Ok(cfg)
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn load_certs(
+    key: &str,
+    base: &Path,
+    file: &str,
+) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+    let path = resolve(base, file);
+    let bad = |e: &dyn fmt::Display| {
+        KeyError::new(
+            key,
+            format!("cannot load certificates from {}: {e}", path.display()),
+        )
+    };
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"no PEM certificate found"));
+    }
+    Ok(certs)
+}
+
+fn server_tls(key: &str, t: &FileServerTls, base: &Path) -> Result<ServerTls, KeyError> {
+    let cert_chain = load_certs(&format!("{key}.cert"), base, &t.cert)?;
+    let key_path = resolve(base, &t.key);
+    let private = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| {
+        KeyError::new(
+            format!("{key}.key"),
+            format!("cannot load a private key from {}: {e}", key_path.display()),
+        )
+    })?;
+    Ok(ServerTls {
+        cert_chain,
+        key: private,
+    })
+}
+
+/// An optional timeout: absent → `default`, `"off"` → none, else a non-zero duration.
+fn opt_timeout(
+    key: &str,
+    v: &Option<String>,
+    default: Option<Duration>,
+) -> Result<Option<Duration>, KeyError> {
+    match v.as_deref() {
+        None => Ok(default),
+        Some("off") => Ok(None),
+        Some(s) => {
+            let d = parse_duration(s).map_err(|e| KeyError::new(key, e))?;
+            if d.is_zero() {
+                return Err(KeyError::new(
+                    key,
+                    "must be greater than zero; write \"off\" to disable",
+                ));
+            }
+            Ok(Some(d))
+        }
+    }
+}
+
+fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
+    let defaults = RouteTimeouts::default();
+    let connect = match &r.connect_timeout {
+        None => defaults.connect,
+        Some(s) => {
+            parse_duration(s).map_err(|e| KeyError::new(format!("{key}.connect_timeout"), e))?
+        }
+    };
+    let timeouts = RouteTimeouts {
+        total: opt_timeout(&format!("{key}.timeout"), &r.timeout, defaults.total)?,
+        connect,
+        first_byte: opt_timeout(
+            &format!("{key}.first_byte_timeout"),
+            &r.first_byte_timeout,
+            defaults.first_byte,
+        )?,
+        idle: opt_timeout(
+            &format!("{key}.idle_timeout"),
+            &r.idle_timeout,
+            defaults.idle,
+        )?,
+    };
+    let client_half_close = match r.client_half_close {
+        None => HalfClose::default(),
+        Some(FileHalfClose::Abort) => HalfClose::Abort,
+        Some(FileHalfClose::Continue) => HalfClose::Continue,
+    };
+    if let Some(h) = &r.host
+        && h.is_empty()
+    {
+        return Err(KeyError::new(
+            format!("{key}.host"),
+            "must not be empty; omit it to match any host",
+        ));
+    }
+    let mut cfg = RouteConfig::new(
+        r.path_prefix.clone().unwrap_or_else(|| "/".into()),
+        r.upstream.clone(),
+    );
+    if let Some(n) = &r.name {
+        cfg.name = n.clone();
+    }
+    cfg.host = r.host.clone();
+    cfg.timeouts = timeouts;
+    cfg.client_half_close = client_half_close;
+    if let Some(n) = r.max_retries {
+        cfg.max_retries = n;
+    }
+    Ok(cfg)
+}
+
+/// Parses `host:port` or `[v6]:port`.
+fn upstream_address(key: &str, s: &str) -> Result<UpstreamAddress, KeyError> {
+    let bad = |why: &str| {
+        KeyError::new(
+            key,
+            format!(
+                "{s:?} {why}; write host:port, e.g. \"127.0.0.1:9000\", \"app.internal:80\" or \"[::1]:9000\""
+            ),
+        )
+    };
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| bad("has no closing ']'"))?;
+        let port = after.strip_prefix(':').ok_or_else(|| bad("has no port"))?;
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(bad("has a bracketed host that is not an IPv6 address"));
+        }
+        (host, port)
+    } else {
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("has no port"))?;
+        if host.contains(':') {
+            return Err(bad("looks like an IPv6 address without brackets"));
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    let port: u16 = port.parse().map_err(|_| bad("has an invalid port"))?;
+    if port == 0 {
+        return Err(bad("has port 0"));
+    }
+    Ok(UpstreamAddress {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, KeyError> {
+    let addresses = u
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(j, a)| upstream_address(&format!("{key}.addresses[{j}]"), a))
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = match u.protocol {
+        None | Some(FileUpstreamProtocol::Http1) => UpstreamProtocol::Http1,
+        Some(FileUpstreamProtocol::H2c) => UpstreamProtocol::H2c,
+        Some(FileUpstreamProtocol::H2) => UpstreamProtocol::H2,
+    };
+    let tls = match &u.tls {
+        None => None,
+        Some(t) => Some(UpstreamTls {
+            server_name: t.server_name.clone(),
+            ca: match &t.ca {
+                None => Vec::new(),
+                Some(ca) => load_certs(&format!("{key}.tls.ca"), base, ca)?,
+            },
+            insecure_skip_verify: t.insecure_skip_verify,
+        }),
+    };
+    let mut cfg = UpstreamConfig::new(u.name.clone(), addresses, protocol);
+    cfg.tls = tls;
+    if let Some(n) = u.max_idle_per_endpoint {
+        cfg.max_idle_per_endpoint = n;
+    }
+    if let Some(s) = &u.idle_timeout {
+        let ikey = format!("{key}.idle_timeout");
+        let d = parse_duration(s).map_err(|e| KeyError::new(&ikey, e))?;
+        if d.is_zero() {
+            return Err(KeyError::new(
+                ikey,
+                "must be greater than zero; set max_idle_per_endpoint = 0 to disable pooling",
+            ));
+        }
+        cfg.idle_timeout = d;
+    }
+    Ok(cfg)
+}
+
+/// One step of a dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn render(path: &[Seg]) -> String {
+    let mut out = String::new();
+    for s in path {
+        match s {
+            Seg::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                let bare = !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if bare {
+                    out.push_str(k);
+                } else {
+                    out.push_str(&format!("{k:?}"));
+                }
+            }
+            Seg::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Splits `a[0].b` into segments; quoted keys are not produced by the gateway, so not parsed.
+fn split_key(key: &str) -> Vec<Seg> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        let (name, mut rest) = match part.find('[') {
+            Some(i) => part.split_at(i),
+            None => (part, ""),
+        };
+        if !name.is_empty() {
+            out.push(Seg::Key(name.to_owned()));
+        }
+        while let Some(r) = rest.strip_prefix('[') {
+            let Some((n, after)) = r.split_once(']') else {
+                break;
+            };
+            if let Ok(i) = n.parse() {
+                out.push(Seg::Index(i));
+            }
+            rest = after;
+        }
+    }
+    out
+}
+
+/// Where each key and value of the file sits, by dotted path. Built from a tolerant parse, so it
+/// also helps to locate syntax errors.
+#[derive(Debug, Default)]
+pub struct SpanIndex {
+    line_starts: Vec<usize>,
+    /// Rendered path → span of its key (tables) or of the element (arrays).
+    keys: Vec<(String, Range<usize>)>,
+    /// Rendered path → span of its value, for containment queries.
+    values: Vec<(String, Range<usize>)>,
+}
+
+impl SpanIndex {
+    /// Indexes `src`.
+    pub fn build(src: &str) -> Self {
+        let mut idx = SpanIndex {
+            line_starts: std::iter::once(0)
+                .chain(src.match_indices('\n').map(|(i, _)| i + 1))
+                .collect(),
+            ..SpanIndex::default()
+        };
+        let (root, _errors) = toml::de::DeTable::parse_recoverable(src);
+        idx.walk_table(&mut Vec::new(), root.get_ref());
+        idx
+    }
+
+    fn walk_table(&mut self, path: &mut Vec<Seg>, t: &toml::de::DeTable<'_>) {
+        for (k, v) in t.iter() {
+            path.push(Seg::Key(k.get_ref().to_string()));
+            let p = render(path);
+            self.keys.push((p.clone(), k.span()));
+            self.values.push((p, v.span()));
+            self.walk_value(path, v.get_ref());
+            path.pop();
+        }
+    }
+
+    fn walk_value(&mut self, path: &mut Vec<Seg>, v: &toml::de::DeValue<'_>) {
+        match v {
+            toml::de::DeValue::Table(t) => self.walk_table(path, t),
+            toml::de::DeValue::Array(a) => {
+                for (i, e) in a.iter().enumerate() {
+                    path.push(Seg::Index(i));
+                    let p = render(path);
+                    self.keys.push((p.clone(), e.span()));
+                    self.values.push((p, e.span()));
+                    self.walk_value(path, e.get_ref());
+                    path.pop();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// 1-based line of a byte offset.
+    pub fn line_of(&self, offset: usize) -> usize {
+        self.line_starts.partition_point(|&s| s <= offset).max(1)
+    }
+
+    /// The line of `key`, or of its nearest ancestor present in the file (line 1 for none).
+    pub fn line_of_key(&self, key: &str) -> usize {
+        let mut segs = split_key(key);
+        while !segs.is_empty() {
+            let p = render(&segs);
+            if let Some((_, span)) = self.keys.iter().find(|(k, _)| *k == p) {
+                return self.line_of(span.start);
+            }
+            segs.pop();
+        }
+        1
+    }
+
+    /// The most specific key whose key or value span contains `offset`.
+    pub fn key_at(&self, offset: usize) -> Option<&str> {
+        self.keys
+            .iter()
+            .chain(self.values.iter())
+            .filter(|(_, s)| s.start <= offset && offset < s.end.max(s.start + 1))
+            .min_by_key(|(p, s)| (s.end - s.start, usize::MAX - p.len()))
+            .map(|(p, _)| p.as_str())
+    }
+
+    fn locate_key(&self, key: String, message: String) -> Located {
+        Located {
+            line: self.line_of_key(&key),
+            key,
+            message,
+        }
+    }
+
+    /// Locates a parse or deserialisation error: the key from its span, refined with the field
+    /// that serde names for unknown and missing fields.
+    fn locate_toml_error(&self, e: &toml::de::Error) -> Located {
+        let message = e.message().trim().replace('\n', " ");
+        let Some(span) = e.span() else {
+            return Located {
+                line: 1,
+                key: "toml".into(),
+                message,
+            };
+        };
+        let line = self.line_of(span.start);
+        let mut key = self.key_at(span.start).unwrap_or("").to_owned();
+        for prefix in ["unknown field `", "missing field `"] {
+            if let Some(field) = message
+                .strip_prefix(prefix)
+                .and_then(|r| r.split_once('`'))
+                .map(|(f, _)| f)
+                && split_key(&key).last() != Some(&Seg::Key(field.to_owned()))
+            {
+                if !key.is_empty() {
+                    key.push('.');
+                }
+                key.push_str(field);
+            }
+        }
+        if key.is_empty() {
+            key = "toml".into();
+        }
+        Located { line, key, message }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+use std::path::Path;
+
+use super::*;
+
+const GOOD: &str = r#"
+workers = 2
+
+[admin]
+address = "127.0.0.1:9901"
+
+[[listeners]]
+address = "127.0.0.1:8080"
+protocols = ["http1", "h2c"]
+
+  [[listeners.routes]]
+  host = "api.example.com"
+  path_prefix = "/api"
+  upstream = "app"
+  timeout = "30s"
+  first_byte_timeout = "off"
+  client_half_close = "continue"
+
+  [[listeners.routes]]
+  upstream = "app"
+  name = "fallback"
+  max_retries = 0
+
+[[upstreams]]
+name = "app"
+addresses = ["127.0.0.1:9000", "[::1]:9000", "app.internal:80"]
+protocol = "h2c"
+idle_timeout = "2s"
+"#;
+
+fn err(src: &str) -> Located {
+    match parse(src, Path::new(".")) {
+        Ok(_) => panic!("config was accepted"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn good_config_converts() {
+    let l = parse(GOOD, Path::new(".")).unwrap();
+    let c = &l.config;
+    assert_eq!(c.workers.map(|w| w.get()), Some(2));
+    assert_eq!(l.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
+    let r = &c.listeners[0].routes;
+    assert_eq!(r[0].timeouts.total, Some(Duration::from_secs(30)));
+    assert_eq!(r[0].timeouts.first_byte, None);
+    assert_eq!(r[0].client_half_close, HalfClose::Continue);
+    assert_eq!(r[0].name, "app");
+    assert_eq!(r[1].name, "fallback");
+    assert_eq!(r[1].path_prefix, "/");
+    assert_eq!(r[0].max_retries, 2);
+    assert_eq!(r[1].max_retries, 0);
+    assert!(c.listeners[0].trusted_peers.is_empty());
+    let u = &c.upstreams[0];
+    assert_eq!(u.protocol, UpstreamProtocol::H2c);
+    assert_eq!(u.addresses[1].host, "::1");
+    assert_eq!(u.addresses[2].to_string(), "app.internal:80");
+    assert_eq!(u.idle_timeout, Duration::from_secs(2));
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let src = GOOD.replace(
+        "  name = \"fallback\"",
+        "  name = \"fallback\"\n  retries = 3",
+    );
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].routes[1].retries", "{e:?}");
+    assert_eq!(e.line, 22, "{e:?}");
+    assert!(e.message.contains("unknown field"), "{e:?}");
+}
+
+#[test]
+fn unknown_top_level_table() {
+    let e = err("[metrics]\nport = 1\n");
+    assert_eq!(e.key, "metrics", "{e:?}");
+    assert_eq!(e.line, 1, "{e:?}");
+}
+
+#[test]
+fn bad_duration_names_key_and_line() {
+    let src = GOOD.replace("timeout = \"30s\"", "timeout = \"30 seconds\"");
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].routes[0].timeout", "{e:?}");
+    assert_eq!(e.line, 15, "{e:?}");
+}
+
+#[test]
+fn wrong_type_names_key_and_line() {
+    let src = GOOD.replace("timeout = \"30s\"", "timeout = 30");
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].routes[0].timeout", "{e:?}");
+    assert_eq!(e.line, 15, "{e:?}");
+}
+
+#[test]
+fn bad_enum_value_names_key_and_line() {
+    let src = GOOD.replace("protocol = \"h2c\"", "protocol = \"spdy\"");
+    let e = err(&src);
+    assert_eq!(e.key, "upstreams[0].protocol", "{e:?}");
+    assert_eq!(e.line, 27, "{e:?}");
+}
+
+#[test]
+fn missing_field_names_key() {
+    let src = GOOD.replace("  upstream = \"app\"\n  name", "  name");
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].routes[1].upstream", "{e:?}");
+    assert!(e.message.contains("missing field"), "{e:?}");
+}
+
+#[test]
+fn validation_error_maps_to_line() {
+    let src = GOOD.replace(
+        "  upstream = \"app\"\n  name",
+        "  upstream = \"nope\"\n  name",
+    );
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].routes[1].upstream", "{e:?}");
+    assert_eq!(e.line, 20, "{e:?}");
+    assert!(e.message.contains("nope"), "{e:?}");
+}
+
+#[test]
+fn validation_error_without_key_in_file_uses_ancestor() {
+    let e = err("[[listeners]]\naddress = \"127.0.0.1:0\"\n");
+    assert_eq!(e.key, "listeners[0].routes", "{e:?}");
+    assert_eq!(e.line, 1, "{e:?}");
+    let e = err("workers = 1\n");
+    assert_eq!(e.key, "listeners", "{e:?}");
+    assert_eq!(e.line, 1, "{e:?}");
+}
+
+#[test]
+fn syntax_error_has_line() {
+    let e = err("workers = 1\n\n[[listeners]\naddress = 1\n");
+    assert_eq!(e.line, 3, "{e:?}");
+    assert!(!e.message.contains('\n'));
+}
+
+#[test]
+fn protocol_mismatch_with_cleartext() {
+    let src = GOOD.replace(
+        "protocols = [\"http1\", \"h2c\"]",
+        "protocols = [\"http1\", \"h2\"]",
+    );
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].protocols[1]", "{e:?}");
+    assert_eq!(e.line, 9, "{e:?}");
+}
+
+#[test]
+fn bad_upstream_address() {
+    for bad in ["127.0.0.1", "::1:80", "[::1]80", "host:0", ":80", "h:99999"] {
+        let src = GOOD.replace("\"app.internal:80\"", &format!("{bad:?}"));
+        let e = err(&src);
+        assert_eq!(e.key, "upstreams[0].addresses[2]", "{bad}: {e:?}");
+        assert_eq!(e.line, 26, "{bad}: {e:?}");
+    }
+}
+
+#[test]
+fn missing_cert_file_names_key() {
+    let src = GOOD.replace(
+        "protocols = [\"http1\", \"h2c\"]",
+        "tls = { cert = \"/nonexistent/cert.pem\", key = \"/nonexistent/key.pem\" }",
+    );
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].tls.cert", "{e:?}");
+    assert_eq!(e.line, 9, "{e:?}");
+}
+
+#[test]
+fn zero_timeout_suggests_off() {
+    let src = GOOD.replace("timeout = \"30s\"", "timeout = \"0s\"");
+    let e = err(&src);
+    assert!(e.message.contains("\"off\""), "{e:?}");
+}
+
+#[test]
+fn split_and_render_round_trip() {
+    for k in [
+        "listeners[0].routes[1].upstream",
+        "admin.address",
+        "upstreams[3]",
+    ] {
+        assert_eq!(render(&split_key(k)), k);
+    }
+}
+
+#[test]
+fn line_of_offsets() {
+    let idx = SpanIndex::build("a = 1\nb = 2\n");
+    assert_eq!(idx.line_of(0), 1);
+    assert_eq!(idx.line_of(5), 1);
+    assert_eq!(idx.line_of(6), 2);
+    assert_eq!(idx.line_of_key("b"), 2);
+    assert_eq!(idx.line_of_key("missing.x"), 1);
+}
+
+#[test]
+fn trusted_peers_parse_and_name_bad_entries() {
+    let src = GOOD.replace(
+        "protocols = [\"http1\", \"h2c\"]",
+        "protocols = [\"http1\", \"h2c\"]\ntrusted_peers = [\"10.0.0.0/8\", \"::1\"]",
+    );
+    let l = parse(&src, Path::new(".")).unwrap();
+    let peers = &l.config.listeners[0].trusted_peers;
+    assert_eq!(peers.len(), 2);
+    assert!(peers[0].contains("10.9.8.7".parse().unwrap()));
+    let e = err(&src.replace("\"::1\"", "\"10.0.0.0/40\""));
+    assert_eq!(e.key, "listeners[0].trusted_peers[1]", "{e:?}");
+    assert_eq!(e.line, 10, "{e:?}");
+}

@@ -1,0 +1,256 @@
+//! `tether serve`: load the config (or build the embedded demo one), start the gateway, print
+//! where it listens, and run until SIGINT or SIGTERM.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use tether_gateway::config::{
+    Config, ListenerConfig, Protocols, RouteConfig, UpstreamConfig, UpstreamProtocol,
+};
+use tether_gateway::observe::access::{AccessLog, JsonLinesStdout};
+use tether_gateway::{Gateway, StartError};
+use tracing_subscriber::EnvFilter;
+
+use crate::EXIT_CONFIG;
+use crate::access_pretty::PrettyStdout;
+use crate::demo::Demo;
+use crate::file_config::{self, DEFAULT_SHUTDOWN_GRACE};
+
+/// Listener address of the embedded default.
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8080);
+
+/// Options of `tether serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The TOML config file; without it, the embedded demo setup runs.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Access log format on stdout.
+    #[arg(long, value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
+    /// Listener address of the embedded demo setup (default 127.0.0.1:8080; port 0 picks one).
+    #[arg(long, value_name = "ADDR", conflicts_with = "config", hide = true)]
+    listen: Option<SocketAddr>,
+}
+
+/// Access log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// One human-readable line per request.
+    Pretty,
+}
+
+/// Runs `serve` to completion and returns the process exit status.
+pub fn run(args: ServeArgs) -> ExitCode {
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tether-main")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let log: Arc<dyn AccessLog> = match args.log_format {
+        LogFormat::Json => Arc::new(JsonLinesStdout),
+        LogFormat::Pretty => Arc::new(PrettyStdout),
+    };
+
+    // With a file: its config. Without: the demo upstream first, then a config pointing at it.
+    let (config, grace, demo, source) = match &args.config {
+        Some(path) => match file_config::load(path) {
+            Ok(l) => (l.config, l.shutdown_grace, None, Some((path, l.source))),
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => {
+            let demo = match rt.block_on(Demo::start(SocketAddr::from(([127, 0, 0, 1], 0)))) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the demo upstream");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let listen = args.listen.unwrap_or(DEFAULT_LISTEN);
+            eprintln!("demo upstream on http://{} (http1, h2c)", demo.addr());
+            (
+                demo_config(listen, demo.addr()),
+                DEFAULT_SHUTDOWN_GRACE,
+                Some(demo),
+                None,
+            )
+        }
+    };
+
+    let described: Vec<(bool, Protocols)> = config
+        .listeners
+        .iter()
+        .map(|l| (l.tls.is_some(), l.protocols))
+        .collect();
+    let running = match Gateway::start(config, log) {
+        Ok(r) => r,
+        Err(e) => return start_failed(e, source.as_ref().map(|(p, s)| (p.as_path(), s.as_str()))),
+    };
+    for (addr, (tls, p)) in running.listener_addrs().iter().zip(&described) {
+        eprintln!("{}", listening_line(*addr, *tls, *p));
+    }
+    if let Some(addr) = running.admin_addr() {
+        eprintln!("admin on http://{addr} (/metrics, /healthz, /readyz)");
+    }
+    if let (Some(_), Some(addr)) = (&demo, running.listener_addrs().first()) {
+        eprintln!("try: curl -m 1 'http://{addr}/work?ms=5000'   (endpoints: curl http://{addr}/)");
+    }
+
+    let signal = rt.block_on(shutdown_signal());
+    tracing::info!(signal, grace_ms = grace.as_millis() as u64, "shutting down");
+    // A second signal during the drain ends the process at once.
+    rt.spawn(async {
+        shutdown_signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(130);
+    });
+    running.shutdown(grace);
+    if let Some(d) = demo {
+        rt.block_on(d.stop());
+    }
+    rt.shutdown_timeout(Duration::from_secs(1));
+    ExitCode::SUCCESS
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// The embedded default: every path on `listen` goes to the demo upstream over HTTP/1.1.
+fn demo_config(listen: SocketAddr, demo: SocketAddr) -> Config {
+    Config {
+        workers: None,
+        admin: None,
+        listeners: vec![ListenerConfig::new(
+            listen,
+            vec![RouteConfig::new("/", "demo")],
+        )],
+        upstreams: vec![UpstreamConfig::new(
+            "demo",
+            vec![demo.into()],
+            UpstreamProtocol::Http1,
+        )],
+    }
+}
+
+/// `listening on http://127.0.0.1:8080 (http1, h2c)`; tests read the port from it.
+fn listening_line(addr: SocketAddr, tls: bool, p: Protocols) -> String {
+    let mut names = Vec::new();
+    if p.http1 {
+        names.push("http1");
+    }
+    if p.h2 {
+        names.push(if tls { "h2" } else { "h2c" });
+    }
+    let scheme = if tls { "https" } else { "http" };
+    format!("listening on {scheme}://{addr} ({})", names.join(", "))
+}
+
+/// Reports a start failure. Errors that name a config key are reported like `check-config`
+/// (with the line, exit 64); the rest (a port in use) exit with 1.
+fn start_failed(e: StartError, file: Option<(&std::path::Path, &str)>) -> ExitCode {
+    let keyed = match &e {
+        StartError::Config(c) => Some((c.key.clone(), c.message.clone())),
+        StartError::ListenerTls { index, source } => {
+            Some((format!("listeners[{index}].tls"), source.to_string()))
+        }
+        StartError::UpstreamTls { index, source } => {
+            Some((format!("upstreams[{index}].tls"), source.to_string()))
+        }
+        _ => None,
+    };
+    match (keyed, file) {
+        (Some((key, message)), Some((path, src))) => {
+            eprintln!("{}", file_config::locate(path, src, key, message));
+            ExitCode::from(EXIT_CONFIG)
+        }
+        _ => {
+            tracing::error!(error = %e, "cannot start");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM and names it.
+async fn shutdown_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                // Ctrl-C in a terminal.
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                // Service managers and `kill`.
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops tether");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_lines() {
+        let a: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(
+            listening_line(a, false, Protocols::BOTH),
+            "listening on http://127.0.0.1:8080 (http1, h2c)"
+        );
+        assert_eq!(
+            listening_line(
+                a,
+                true,
+                Protocols {
+                    http1: false,
+                    h2: true
+                }
+            ),
+            "listening on https://127.0.0.1:8080 (h2)"
+        );
+    }
+
+    #[test]
+    fn demo_config_is_valid() {
+        let c = demo_config(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:9".parse().unwrap(),
+        );
+        c.validate().unwrap();
+    }
+}

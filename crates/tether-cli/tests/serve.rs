@@ -1,0 +1,195 @@
+//! `tether serve` as a process: the embedded demo on port 0, a config file with an upstream the
+//! test runs, and a bad config. Every child is killed when its test ends, pass or fail.
+// Test helpers panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A running `tether serve`; killed and reaped on drop.
+struct Tether {
+    child: Child,
+    stderr: Receiver<String>,
+    stdout: Receiver<String>,
+}
+
+impl Tether {
+    fn spawn(args: &[&str]) -> Tether {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = lines(child.stderr.take().unwrap());
+        let stdout = lines(child.stdout.take().unwrap());
+        Tether {
+            child,
+            stderr,
+            stdout,
+        }
+    }
+
+    /// Waits for the first `listening on http://ADDR` line on stderr.
+    fn listening(&self) -> SocketAddr {
+        let line = wait_line(&self.stderr, |l| l.starts_with("listening on http://"));
+        let rest = line.trim_start_matches("listening on http://");
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for Tether {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Forwards a pipe's lines to a channel, so reads can be bounded in time.
+fn lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(rx: &Receiver<String>, want: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + LIMIT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if want(&l) => return l,
+            Ok(l) => seen.push(l),
+            Err(e) => panic!("no matching line ({e}); got: {seen:#?}"),
+        }
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the whole response.
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, LIMIT).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    s.set_write_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn embedded_demo_answers() {
+    let t = Tether::spawn(&["serve", "--listen", "127.0.0.1:0", "--log-format", "json"]);
+    let addr = t.listening();
+    assert_ne!(addr.port(), 0);
+    let resp = get(addr, "/work?ms=10");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("worked for"), "{resp}");
+    let log = wait_line(&t.stdout, |l| l.contains("\"path\":\"/work\""));
+    assert!(log.contains("\"status\":200"), "{log}");
+    assert!(log.contains("\"outcome\":\"ok\""), "{log}");
+}
+
+/// A one-shot upstream: answers every connection with a fixed response.
+fn fixed_upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let _ = c.set_read_timeout(Some(LIMIT));
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match c.read(&mut b) {
+                    Ok(1) => head.push(b[0]),
+                    _ => break,
+                }
+            }
+            let _ = c.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\nfrom-cfg",
+            );
+        }
+    });
+    addr
+}
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let p = std::env::temp_dir().join(format!("tether-serve-{}-{name}", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        TempFile(p)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn config_file_listener_on_port_zero() {
+    let up = fixed_upstream();
+    let cfg = TempFile::new(
+        "good.toml",
+        &format!(
+            r#"workers = 1
+[[listeners]]
+address = "127.0.0.1:0"
+  [[listeners.routes]]
+  upstream = "fixed"
+[[upstreams]]
+name = "fixed"
+addresses = ["{up}"]
+"#
+        ),
+    );
+    let path = cfg.0.to_str().unwrap();
+    let t = Tether::spawn(&["serve", "--config", path, "--log-format", "pretty"]);
+    let addr = t.listening();
+    assert_ne!(addr.port(), 0);
+    let resp = get(addr, "/anything");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with("from-cfg"), "{resp}");
+    let log = wait_line(&t.stdout, |l| l.contains("/anything"));
+    assert!(log.starts_with("200 GET /anything"), "{log}");
+}
+
+#[test]
+fn bad_config_exits_64() {
+    let cfg = TempFile::new("bad.toml", "[[listeners]]\naddress = \"nowhere\"\n");
+    let path = cfg.0.to_str().unwrap();
+    let mut t = Tether::spawn(&["serve", "--config", path]);
+    let line = wait_line(&t.stderr, |l| l.contains("listeners[0].address"));
+    assert!(line.starts_with(&format!("{path}:2: ")), "{line}");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = t.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < LIMIT, "serve did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(64));
+}
