@@ -32,6 +32,8 @@ pub struct FileConfig {
     pub shutdown_grace: Option<String>,
     /// The admin listener.
     pub admin: Option<FileAdmin>,
+    /// Name resolution for upstream addresses.
+    pub dns: Option<FileDns>,
     /// Downstream listeners.
     #[serde(default)]
     pub listeners: Vec<FileListener>,
@@ -46,6 +48,17 @@ pub struct FileConfig {
 pub struct FileAdmin {
     /// `ip:port` to bind.
     pub address: String,
+}
+
+/// `[dns]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDns {
+    /// `ip:port` nameservers queried directly; absent or empty: the system resolver.
+    #[serde(default)]
+    pub nameservers: Vec<String>,
+    /// Longest a lookup may take.
+    pub timeout: Option<String>,
 }
 
 /// `[[listeners]]`.
@@ -269,6 +282,19 @@ fn convert(f: FileConfig, base: &Path) -> Result<Loaded, KeyError> {
             address: socket_addr("admin.address", &a.address)?,
         }),
     };
+    let mut dns = tether_gateway::upstream::dns::DnsConfig::default();
+    if let Some(d) = &f.dns {
+        for (i, ns) in d.nameservers.iter().enumerate() {
+            dns.nameservers
+                .push(socket_addr(&format!("dns.nameservers[{i}]"), ns)?);
+        }
+        if let Some(t) = &d.timeout {
+            dns.timeout = parse_duration(t).map_err(|e| KeyError::new("dns.timeout", e))?;
+            if dns.timeout.is_zero() {
+                return Err(KeyError::new("dns.timeout", "must be greater than zero"));
+            }
+        }
+    }
     let listeners = f
         .listeners
         .iter()
@@ -287,6 +313,7 @@ fn convert(f: FileConfig, base: &Path) -> Result<Loaded, KeyError> {
             listeners,
             upstreams,
             admin,
+            dns,
         },
         shutdown_grace,
         source: String::new(),

@@ -142,19 +142,17 @@ fn init_tracing() {
 
 /// The embedded default: every path on `listen` goes to the demo upstream over HTTP/1.1.
 fn demo_config(listen: SocketAddr, demo: SocketAddr) -> Config {
-    Config {
-        workers: None,
-        admin: None,
-        listeners: vec![ListenerConfig::new(
+    Config::new(
+        vec![ListenerConfig::new(
             listen,
             vec![RouteConfig::new("/", "demo")],
         )],
-        upstreams: vec![UpstreamConfig::new(
+        vec![UpstreamConfig::new(
             "demo",
             vec![demo.into()],
             UpstreamProtocol::Http1,
         )],
-    }
+    )
 }
 
 /// `listening on http://127.0.0.1:8080 (http1, h2c)`; tests read the port from it.
