@@ -1,1 +1,3 @@
+//! The `tether` binary.
+
 fn main() {}

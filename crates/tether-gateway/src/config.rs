@@ -41,6 +41,79 @@ pub struct ListenerConfig {
     pub tls: Option<ServerTls>,
     /// Routes, first match wins.
     pub routes: Vec<RouteConfig>,
+    /// Peers (proxies, load balancers) whose `X-Request-Id`, `X-Forwarded-For`, `Forwarded` and
+    /// deadline budget headers are believed. From anyone else they are replaced. Default: none.
+    pub trusted_peers: Vec<IpNet>,
+}
+
+impl ListenerConfig {
+    /// A listener on `address` serving HTTP/1 and HTTP/2 in cleartext, trusting no peer.
+    pub fn new(address: SocketAddr, routes: Vec<RouteConfig>) -> ListenerConfig {
+        ListenerConfig {
+            address,
+            protocols: Protocols::BOTH,
+            tls: None,
+            routes,
+            trusted_peers: Vec::new(),
+        }
+    }
+}
+
+/// An IP network (`10.0.0.0/8`, `::1/128`, or a bare address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+/// A string that is not an IP network.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not an IP address or network (like 10.0.0.0/8 or ::1)")]
+pub struct IpNetError(String);
+
+impl IpNet {
+    /// Whether `ip` is inside the network. IPv4-mapped IPv6 addresses match IPv4 networks.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpNet {
+    type Err = IpNetError;
+
+    fn from_str(s: &str) -> Result<IpNet, IpNetError> {
+        let err = || IpNetError(s.to_owned());
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().map_err(|_| err())?)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| err())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        if prefix > max {
+            return Err(err());
+        }
+        Ok(IpNet { addr, prefix })
+    }
 }
 
 /// HTTP versions a listener serves. Cleartext: `http1` and/or `h2` (h2c with prior knowledge;
@@ -105,6 +178,8 @@ pub struct RouteConfig {
     pub timeouts: RouteTimeouts,
     /// HTTP/1 half-close policy.
     pub client_half_close: HalfClose,
+    /// Extra attempts after a failure that is provably safe to retry. Default 2; 0 disables.
+    pub max_retries: u32,
 }
 
 /// Per-route timeouts; `None` disables one.
@@ -243,6 +318,7 @@ impl RouteConfig {
             upstream,
             timeouts: RouteTimeouts::default(),
             client_half_close: HalfClose::Abort,
+            max_retries: 2,
         }
     }
 }
@@ -366,12 +442,10 @@ mod tests {
         Config {
             workers: None,
             admin: None,
-            listeners: vec![ListenerConfig {
-                address: "127.0.0.1:0".parse().unwrap(),
-                protocols: Protocols::BOTH,
-                tls: None,
-                routes: vec![RouteConfig::new("/", "app")],
-            }],
+            listeners: vec![ListenerConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                vec![RouteConfig::new("/", "app")],
+            )],
             upstreams: vec![UpstreamConfig::new(
                 "app",
                 vec!["127.0.0.1:9000".parse::<SocketAddr>().unwrap().into()],
@@ -391,6 +465,21 @@ mod tests {
         c.listeners[0].routes[0].upstream = "nope".into();
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "listeners[0].routes[0].upstream");
+    }
+
+    #[test]
+    fn ip_networks() {
+        let n: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        let one: IpNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("::2".parse().unwrap()));
+        let all: IpNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<IpNet>().is_err());
+        assert!("nope".parse::<IpNet>().is_err());
     }
 
     #[test]

@@ -1,0 +1,82 @@
+//! HTTP/1 downstream: hyper's server with `half_close(true)` so that tether, not hyper, decides
+//! what a client FIN means (per route), and the disconnect watcher so that a client leaving is
+//! seen even while hyper is not reading (unread request body, pipelined bytes).
+
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioTimer;
+use tether::DisconnectWatcher;
+use tokio_util::sync::CancellationToken;
+
+use super::Peer;
+use crate::cancel::{ConnCancel, DownstreamProtocol};
+use crate::listen::{ListenerShared, Worker};
+use crate::proxy::{self, Conn};
+
+/// Serves an HTTP/1 connection.
+pub async fn serve<I>(
+    worker: Arc<Worker>,
+    listener: Arc<ListenerShared>,
+    io: I,
+    peer: Peer,
+    watcher: Option<DisconnectWatcher>,
+    stop: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let cancel = Arc::new(ConnCancel::new(
+        worker.root.child(),
+        DownstreamProtocol::Http1,
+        watcher,
+    ));
+    let conn = Arc::new(Conn {
+        client: peer.client,
+        local: peer.local,
+        tls: peer.tls,
+        cancel: cancel.clone(),
+    });
+    let svc = {
+        let worker = worker.clone();
+        service_fn(move |req| proxy::handle(worker.clone(), listener.clone(), conn.clone(), req))
+    };
+    let connection = http1::Builder::new()
+        .half_close(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(io, svc);
+    let mut connection = pin!(connection);
+    let mut watching = cancel.watcher().is_some();
+    let mut stopping = false;
+    let result = loop {
+        tokio::select! {
+            biased;
+            r = connection.as_mut() => break r,
+            // The client left: cancel what is in flight (per the route's half-close policy). hyper
+            // is still driven afterwards so it can finish or fail the exchange cleanly.
+            gone = watch(&cancel), if watching => {
+                watching = false;
+                cancel.on_peer_gone(gone);
+            }
+            // Shutdown: finish the response in flight, then close.
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    };
+    if let Err(e) = &result {
+        tracing::trace!(client = %peer.client, error = %e, "downstream connection ended with an error");
+    }
+    cancel.on_connection_end(result.as_ref().err());
+}
+
+async fn watch(cancel: &ConnCancel) -> tether::PeerGone {
+    match cancel.watcher() {
+        Some(w) => w.gone().await,
+        None => std::future::pending().await,
+    }
+}

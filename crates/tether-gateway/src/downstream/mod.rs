@@ -1,0 +1,118 @@
+//! The downstream side: a client connection, from TLS and protocol choice to hyper's HTTP/1 or
+//! HTTP/2 server with tether's cancellation hooks.
+//!
+//! LIFECYCLE: accepted → (TLS handshake, ALPN picks the protocol | cleartext: the HTTP/2
+//! preface is sniffed when both protocols are on) → served by [`h1`] or [`h2`] → on shutdown:
+//! graceful close (HTTP/1: after the response in flight; HTTP/2: GOAWAY) → connection context
+//! cancelled with the reason the connection ended, which cancels whatever was still in flight.
+
+pub mod h1;
+pub mod h2;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tether::DisconnectWatcher;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::listen::{ConnGuard, ListenerShared, Worker};
+
+/// How long a client may take to finish the TLS handshake or send the first bytes.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Where a connection came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Client address.
+    pub client: SocketAddr,
+    /// Local address.
+    pub local: SocketAddr,
+    /// TLS or cleartext.
+    pub tls: bool,
+}
+
+/// Serves one accepted connection to the end.
+pub async fn serve(
+    worker: Arc<Worker>,
+    listener: Arc<ListenerShared>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    stop: CancellationToken,
+    _guard: ConnGuard,
+) {
+    // Small responses must not wait for Nagle.
+    let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().unwrap_or(client);
+    if let Some(acceptor) = &listener.tls {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(client = %client, stage = "tls_handshake", error = %e, "downstream handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(client = %client, stage = "tls_handshake", "downstream handshake timed out");
+                return;
+            }
+        };
+        let peer = Peer {
+            client,
+            local,
+            tls: true,
+        };
+        let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
+            || (listener.protocols.h2 && !listener.protocols.http1);
+        if is_h2 {
+            h2::serve(worker, listener, TokioIo::new(tls), peer, stop).await;
+        } else {
+            let watcher = DisconnectWatcher::new(tls.get_ref().0).ok();
+            h1::serve(worker, listener, TokioIo::new(tls), peer, watcher, stop).await;
+        }
+        return;
+    }
+    let peer = Peer {
+        client,
+        local,
+        tls: false,
+    };
+    let is_h2 = match (listener.protocols.http1, listener.protocols.h2) {
+        (true, true) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, sniff_h2(&tcp)).await {
+            Ok(Some(h2)) => h2,
+            _ => return,
+        },
+        (false, true) => true,
+        _ => false,
+    };
+    if is_h2 {
+        h2::serve(worker, listener, TokioIo::new(tcp), peer, stop).await;
+    } else {
+        let watcher = DisconnectWatcher::new(&tcp).ok();
+        h1::serve(worker, listener, TokioIo::new(tcp), peer, watcher, stop).await;
+    }
+}
+
+/// Tells an HTTP/2 prior-knowledge client from an HTTP/1 one by peeking at the first bytes.
+/// `None` if the client closed before saying enough.
+async fn sniff_h2(tcp: &TcpStream) -> Option<bool> {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tcp.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Some(false);
+        }
+        if n == PREFACE.len() {
+            return Some(true);
+        }
+        // A partial preface: peek again once more bytes can have arrived.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -1,0 +1,447 @@
+//! Binding, worker threads, the accept loop and draining.
+//!
+//! tether runs one single-threaded Tokio runtime per worker thread (one per core by default).
+//! Each worker accepts from every listener, and a connection, its requests and the upstream
+//! connections they use stay on that worker: no work stealing, no cross-thread wake-ups, and
+//! per-worker upstream pools whose locks are never contended.
+
+use std::io;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+use tether::{CancelReason, RequestContext};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, ListenerConfig, Protocols};
+use crate::downstream;
+use crate::observe::Observer;
+use crate::observe::access::AccessLog;
+use crate::observe::admin::{self, AdminState};
+use crate::observe::metrics::Metrics;
+use crate::route::Router;
+use crate::upstream::Upstream;
+use crate::upstream::connect::TlsSetupError;
+
+/// Listen backlog.
+const BACKLOG: i32 = 1024;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("listeners[{index}]: cannot listen on {address}: {source}")]
+    Bind {
+        /// Listener index.
+        index: usize,
+        /// Address.
+        address: SocketAddr,
+        /// Cause.
+        source: io::Error,
+    },
+    /// A listener's certificate or key was rejected.
+    #[error("listeners[{index}].tls: {source}")]
+    ListenerTls {
+        /// Listener index.
+        index: usize,
+        /// Cause.
+        source: rustls::Error,
+    },
+    /// An upstream's TLS settings were rejected.
+    #[error("upstreams[{index}].tls: {source}")]
+    UpstreamTls {
+        /// Upstream index.
+        index: usize,
+        /// Cause.
+        source: TlsSetupError,
+    },
+    /// A worker thread could not be started.
+    #[error("cannot start worker thread: {0}")]
+    Thread(io::Error),
+}
+
+/// What every worker shares about a listener.
+pub struct ListenerShared {
+    /// Routes.
+    pub router: Router,
+    /// TLS termination, if any.
+    pub tls: Option<TlsAcceptor>,
+    /// Protocols served.
+    pub protocols: Protocols,
+    /// Peers whose forwarding, request-id and budget headers are believed.
+    pub trusted_peers: Vec<crate::config::IpNet>,
+}
+
+impl ListenerShared {
+    /// Whether `ip` is a trusted peer.
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_peers.iter().any(|n| n.contains(ip))
+    }
+}
+
+impl std::fmt::Debug for ListenerShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerShared")
+            .field("router", &self.router)
+            .field("tls", &self.tls.is_some())
+            .field("protocols", &self.protocols)
+            .finish()
+    }
+}
+
+/// A worker's state: its upstream pools and the root of its request contexts.
+#[derive(Debug)]
+pub struct Worker {
+    /// Upstreams in configuration order.
+    pub upstreams: Vec<Arc<Upstream>>,
+    /// Access log and metrics.
+    pub observer: Observer,
+    /// Cancelled with [`CancelReason::Shutdown`] when the drain period ends.
+    pub root: RequestContext,
+    conns: Arc<ConnCount>,
+}
+
+#[derive(Debug, Default)]
+struct ConnCount {
+    open: AtomicUsize,
+    zero: Notify,
+}
+
+/// Counts a connection as open until dropped.
+#[derive(Debug)]
+pub struct ConnGuard(Arc<ConnCount>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
+        }
+    }
+}
+
+impl Worker {
+    fn conn_guard(&self) -> ConnGuard {
+        self.conns.open.fetch_add(1, Ordering::AcqRel);
+        ConnGuard(self.conns.clone())
+    }
+
+    async fn drained(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.conns.zero.notified();
+                if self.conns.open.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+}
+
+/// Starts gateways.
+#[derive(Debug)]
+pub struct Gateway;
+
+/// A started gateway. Dropping it stops the workers without waiting for them.
+#[derive(Debug)]
+pub struct RunningGateway {
+    addrs: Vec<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    admin: Option<Arc<AdminState>>,
+    stop: CancellationToken,
+    grace: Arc<Mutex<Duration>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Validates `config`, binds every listener and starts the worker threads. Returns once the
+    /// listeners are bound, so their addresses can be used at once.
+    pub fn start(config: Config, log: Arc<dyn AccessLog>) -> Result<RunningGateway, StartError> {
+        config.validate()?;
+        // Fail on bad upstream TLS settings now, not on the first request.
+        let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let metrics = Arc::new(Metrics::new(&names));
+        for (index, u) in config.upstreams.iter().enumerate() {
+            Upstream::new(u, metrics.conn_counts(index))
+                .map_err(|source| StartError::UpstreamTls { index, source })?;
+        }
+        let observer = Observer { log, metrics };
+        let mut std_listeners = Vec::new();
+        let mut addrs = Vec::new();
+        let mut shared = Vec::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            let sock = bind(l.address).map_err(|source| StartError::Bind {
+                index,
+                address: l.address,
+                source,
+            })?;
+            addrs.push(sock.local_addr().map_err(|source| StartError::Bind {
+                index,
+                address: l.address,
+                source,
+            })?);
+            std_listeners.push(sock);
+            shared.push(Arc::new(ListenerShared {
+                router: Router::new(&l.routes, |name| {
+                    config.upstreams.iter().position(|u| u.name == name)
+                }),
+                tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
+                protocols: l.protocols,
+                trusted_peers: l.trusted_peers.clone(),
+            }));
+        }
+        let workers = config
+            .workers
+            .or_else(|| std::thread::available_parallelism().ok())
+            .unwrap_or(NonZeroUsize::MIN)
+            .get();
+        let stop = CancellationToken::new();
+        let (admin_addr, admin) = match &config.admin {
+            Some(a) => {
+                let (addr, state) = start_admin(a.address, observer.metrics.clone(), stop.clone())?;
+                (Some(addr), Some(state))
+            }
+            None => (None, None),
+        };
+        let config = Arc::new(config);
+        let grace = Arc::new(Mutex::new(Duration::from_secs(10)));
+        let mut threads = Vec::new();
+        for n in 0..workers {
+            let mut listeners = Vec::new();
+            for l in &std_listeners {
+                listeners.push(l.try_clone().map_err(StartError::Thread)?);
+            }
+            let (config, shared, observer, stop, grace) = (
+                config.clone(),
+                shared.clone(),
+                observer.clone(),
+                stop.clone(),
+                grace.clone(),
+            );
+            let t = std::thread::Builder::new()
+                .name(format!("tether-worker-{n}"))
+                .spawn(move || run_worker(&config, listeners, shared, observer, stop, grace))
+                .map_err(StartError::Thread)?;
+            threads.push(t);
+        }
+        Ok(RunningGateway {
+            addrs,
+            admin_addr,
+            admin,
+            stop,
+            grace,
+            threads,
+        })
+    }
+}
+
+impl RunningGateway {
+    /// The bound address of each listener, in configuration order.
+    pub fn listener_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The bound admin address, when an admin listener is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The Prometheus text exposition of the metrics (what `/metrics` serves).
+    pub fn metrics_text(&self) -> Option<String> {
+        self.admin.as_ref().map(|a| a.metrics.encode())
+    }
+
+    /// A token that, when cancelled, starts the shutdown (as [`shutdown`](Self::shutdown) does,
+    /// without waiting).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Stops accepting, lets requests in flight finish for up to `grace`, cancels the rest with
+    /// reason `shutdown`, and waits for the worker threads to end. Blocking.
+    pub fn shutdown(mut self, grace: Duration) {
+        if let Ok(mut g) = self.grace.lock() {
+            *g = grace;
+        }
+        if let Some(a) = &self.admin {
+            a.draining.store(true, Ordering::Release);
+        }
+        self.stop.cancel();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+fn tls_acceptor(l: &ListenerConfig) -> Result<Option<TlsAcceptor>, rustls::Error> {
+    let Some(tls) = &l.tls else {
+        return Ok(None);
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
+    sc.alpn_protocols = match (l.protocols.h2, l.protocols.http1) {
+        (true, true) => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        (true, false) => vec![b"h2".to_vec()],
+        _ => vec![b"http/1.1".to_vec()],
+    };
+    Ok(Some(TlsAcceptor::from(Arc::new(sc))))
+}
+
+fn run_worker(
+    config: &Config,
+    listeners: Vec<std::net::TcpListener>,
+    shared: Vec<Arc<ListenerShared>>,
+    observer: Observer,
+    stop: CancellationToken,
+    grace: Arc<Mutex<Duration>>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build worker runtime");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let mut upstreams = Vec::new();
+        for (i, u) in config.upstreams.iter().enumerate() {
+            match Upstream::new(u, observer.metrics.conn_counts(i)) {
+                Ok(u) => upstreams.push(Arc::new(u)),
+                // Checked in Gateway::start; unreachable in practice.
+                Err(e) => {
+                    tracing::error!(upstream = %u.name, error = %e, "cannot build upstream");
+                    return;
+                }
+            }
+        }
+        let worker = Arc::new(Worker {
+            upstreams,
+            observer,
+            root: RequestContext::new(),
+            conns: Arc::default(),
+        });
+        for (l, shared) in listeners.into_iter().zip(shared) {
+            match TcpListener::from_std(l) {
+                Ok(l) => {
+                    tokio::spawn(accept_loop(l, worker.clone(), shared, stop.clone()));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot register listener"),
+            }
+        }
+        stop.cancelled().await;
+        let grace = grace.lock().map(|g| *g).unwrap_or(Duration::from_secs(10));
+        if !worker.drained(grace).await {
+            worker.root.cancel(CancelReason::Shutdown);
+            worker.drained(Duration::from_secs(1)).await;
+        }
+    });
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    worker: Arc<Worker>,
+    shared: Arc<ListenerShared>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((tcp, client)) => {
+                backoff = Duration::from_millis(5);
+                let guard = worker.conn_guard();
+                tokio::spawn(downstream::serve(
+                    worker.clone(),
+                    shared.clone(),
+                    tcp,
+                    client,
+                    stop.clone(),
+                    guard,
+                ));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning on a full fd table.
+                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn start_admin(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> Result<(SocketAddr, Arc<AdminState>), StartError> {
+    let bind_err = |source| StartError::Bind {
+        index: usize::MAX,
+        address,
+        source,
+    };
+    let sock = bind(address).map_err(bind_err)?;
+    let addr = sock.local_addr().map_err(bind_err)?;
+    let state = Arc::new(AdminState {
+        metrics,
+        draining: Default::default(),
+    });
+    let st = state.clone();
+    std::thread::Builder::new()
+        .name("tether-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "cannot build admin runtime"),
+            };
+            rt.block_on(async move {
+                match TcpListener::from_std(sock) {
+                    Ok(l) => admin::serve(l, st, stop).await,
+                    Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+                }
+            });
+        })
+        .map_err(StartError::Thread)?;
+    Ok((addr, state))
+}

@@ -1,0 +1,317 @@
+//! Prometheus metrics. Every label comes from a closed set (outcomes, reasons, stages, status
+//! classes) or from the configuration (route and upstream names), never from request data.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::error::ProxyError;
+use crate::observe::access::{Outcome, RequestRecord};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    status_class: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AbortLabels {
+    route: String,
+    reason: &'static str,
+    stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamErrorLabels {
+    upstream: String,
+    stage: &'static str,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PropagationLabels {
+    upstream_protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnLabels {
+    upstream: String,
+    state: &'static str,
+}
+
+/// Live counts of one upstream's connections on all workers, updated on the hot path with plain
+/// atomics and copied into gauges at scrape time.
+#[derive(Debug, Default)]
+pub struct ConnCounts {
+    /// Connections open (active or idle).
+    pub open: AtomicI64,
+    /// Connections idle in a pool.
+    pub idle: AtomicI64,
+    /// Connection attempts under way.
+    pub connecting: AtomicI64,
+}
+
+/// The gateway's metrics and their registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    aborts: Family<AbortLabels, Counter>,
+    upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    retries: Family<RouteLabels, Counter>,
+    in_flight: Gauge,
+    request_duration: Family<RouteLabels, Histogram>,
+    upstream_duration: Family<RouteLabels, Histogram>,
+    propagation: Family<PropagationLabels, Histogram>,
+    wasted: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    conns: Family<ConnLabels, Gauge>,
+    conn_counts: Vec<(String, Arc<ConnCounts>)>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+    .into_iter()
+}
+
+fn propagation_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01,
+        0.1, 1.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    /// Registers every metric; `upstreams` names the upstreams whose connections are counted.
+    pub fn new(upstreams: &[String]) -> Metrics {
+        let mut registry = Registry::with_prefix("tether");
+        let requests = Family::default();
+        registry.register(
+            "requests",
+            "Requests by route, status class and outcome",
+            requests.clone(),
+        );
+        let aborts = Family::default();
+        registry.register(
+            "aborts",
+            "Requests cancelled before completion, by reason and the stage they were in",
+            aborts.clone(),
+        );
+        let upstream_errors = Family::default();
+        registry.register(
+            "upstream_errors",
+            "Upstream failures by stage and kind",
+            upstream_errors.clone(),
+        );
+        let retries = Family::default();
+        registry.register("retries", "Upstream attempts retried", retries.clone());
+        let in_flight = Gauge::default();
+        registry.register(
+            "in_flight_requests",
+            "Requests being served",
+            in_flight.clone(),
+        );
+        let request_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register(
+            "request_duration_seconds",
+            "From the request head to the end of the response",
+            request_duration.clone(),
+        );
+        let upstream_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(latency_buckets())
+        });
+        registry.register(
+            "upstream_duration_seconds",
+            "Time the upstream spent on a request",
+            upstream_duration.clone(),
+        );
+        let propagation = Family::<PropagationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(propagation_buckets())
+        });
+        registry.register(
+            "cancel_propagation_seconds",
+            "From tether learning a request was cancelled to the upstream teardown being written",
+            propagation.clone(),
+        );
+        let wasted = Family::default();
+        registry.register(
+            "upstream_wasted_seconds",
+            "Upstream time spent on requests whose client left",
+            wasted.clone(),
+        );
+        let conns = Family::default();
+        registry.register(
+            "upstream_connections",
+            "Upstream connections by state",
+            conns.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            aborts,
+            upstream_errors,
+            retries,
+            in_flight,
+            request_duration,
+            upstream_duration,
+            propagation,
+            wasted,
+            conns,
+            conn_counts: upstreams
+                .iter()
+                .map(|u| (u.clone(), Arc::default()))
+                .collect(),
+        }
+    }
+
+    /// The connection counters of upstream `index`.
+    pub fn conn_counts(&self, index: usize) -> Arc<ConnCounts> {
+        self.conn_counts
+            .get(index)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// A request started.
+    pub fn request_started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// A request ended; `rec` is its access-log record.
+    pub fn request_finished(&self, rec: &RequestRecord) {
+        self.in_flight.dec();
+        let route = rec.route.clone().unwrap_or_default();
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                status_class: status_class(rec.status),
+                outcome: rec.outcome.as_str(),
+            })
+            .inc();
+        let rl = RouteLabels { route };
+        self.request_duration
+            .get_or_create(&rl)
+            .observe(rec.duration.as_secs_f64());
+        if let Some(u) = rec.upstream_time {
+            self.upstream_duration
+                .get_or_create(&rl)
+                .observe(u.as_secs_f64());
+        }
+        if rec.retries > 0 {
+            self.retries
+                .get_or_create(&rl)
+                .inc_by(u64::from(rec.retries));
+        }
+        if let Some(reason) = rec.abort_reason {
+            self.aborts
+                .get_or_create(&AbortLabels {
+                    route: rl.route.clone(),
+                    reason: reason.as_str(),
+                    stage: rec.stage.unwrap_or("unknown"),
+                })
+                .inc();
+            if rec.outcome == Outcome::ClientAbort
+                && let Some(u) = rec.upstream_time
+            {
+                self.wasted.get_or_create(&rl).inc_by(u.as_secs_f64());
+            }
+        }
+        if let Some(p) = rec.propagation {
+            self.propagation
+                .get_or_create(&PropagationLabels {
+                    upstream_protocol: rec.upstream_protocol.unwrap_or("none"),
+                })
+                .observe(p.as_secs_f64());
+        }
+    }
+
+    /// An upstream attempt failed.
+    pub fn upstream_error(&self, upstream: &str, err: &ProxyError) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                upstream: upstream.to_owned(),
+                stage: err.stage.as_str(),
+                kind: err.kind.as_str(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        for (name, c) in &self.conn_counts {
+            let open = c.open.load(Ordering::Relaxed);
+            let idle = c.idle.load(Ordering::Relaxed);
+            let states = [
+                ("idle", idle),
+                ("active", (open - idle).max(0)),
+                ("connecting", c.connecting.load(Ordering::Relaxed)),
+            ];
+            for (state, v) in states {
+                self.conns
+                    .get_or_create(&ConnLabels {
+                        upstream: name.clone(),
+                        state,
+                    })
+                    .set(v);
+            }
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=498 => "4xx",
+        499 => "499",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(status_class(200), "2xx");
+        assert_eq!(status_class(499), "499");
+        assert_eq!(status_class(404), "4xx");
+        assert_eq!(status_class(504), "5xx");
+    }
+
+    #[test]
+    fn encodes_registered_metrics() {
+        let m = Metrics::new(&["app".to_owned()]);
+        m.request_started();
+        let text = m.encode();
+        assert!(text.contains("tether_in_flight_requests 1"), "{text}");
+        assert!(
+            text.contains("tether_upstream_connections{upstream=\"app\",state=\"idle\"} 0"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,441 @@
+//! One request through the gateway: route, rewrite, obtain an upstream connection, send, wait
+//! for the head, stream the body back. Every wait is raced against the request's context, so a
+//! client that leaves (or a deadline that passes) stops the upstream work at once.
+
+pub mod headers;
+pub mod request_body;
+pub mod response_body;
+pub mod retry;
+pub mod tracker;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::{HOST, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::TrySendError;
+use tether::{Deadline, RequestId};
+use tokio::time::Instant;
+
+use crate::cancel::ConnCancel;
+use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::listen::{ListenerShared, Worker};
+use crate::observe::access::{Outcome, RequestRecord};
+use crate::respond::{self, REQUEST_ID};
+use crate::upstream::{Checkout, Upstream};
+use request_body::RequestBody;
+use response_body::{PoolReturn, ProxyBody, Streaming};
+use tracker::{Teardown, Tracker};
+
+/// What a request knows about the connection it arrived on.
+#[derive(Debug)]
+pub struct Conn {
+    /// Client address.
+    pub client: SocketAddr,
+    /// Local address.
+    pub local: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// Its cancellation state.
+    pub cancel: Arc<ConnCancel>,
+}
+
+/// hyper's service function for every downstream request.
+pub async fn handle(
+    worker: Arc<Worker>,
+    listener: Arc<ListenerShared>,
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let trusted = listener.trusts(conn.client.ip());
+    let id = trusted
+        .then(|| incoming_request_id(req.headers()))
+        .flatten()
+        .unwrap_or_else(RequestId::generate);
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let rec = RequestRecord {
+        time: SystemTime::now(),
+        request_id: id.as_str().to_owned(),
+        client: conn.client,
+        local: conn.local,
+        protocol: conn.cancel.protocol().as_str(),
+        method: req.method().as_str().to_owned(),
+        authority,
+        path: req.uri().path().to_owned(),
+        status: 0,
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration: Default::default(),
+        route: None,
+        upstream: None,
+        upstream_addr: None,
+        upstream_protocol: None,
+        outcome: Outcome::Ok,
+        abort_reason: None,
+        stage: None,
+        upstream_connect: None,
+        upstream_first_byte: None,
+        upstream_time: None,
+        propagation: None,
+        upstream_reused: None,
+        retries: 0,
+    };
+    let ctx = conn.cancel.request_context(id);
+    let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
+    Ok(proxy(&worker, &listener, &conn, req, tracker).await)
+}
+
+async fn proxy(
+    worker: &Worker,
+    listener: &ListenerShared,
+    conn: &Conn,
+    req: Request<Incoming>,
+    mut t: Tracker,
+) -> Response<ProxyBody> {
+    let host = (!t.rec.authority.is_empty()).then_some(t.rec.authority.as_str());
+    let Some(route) = listener.router.select(host, req.uri().path()) else {
+        t.stage = Stage::Route;
+        return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
+    };
+    t.rec.route = Some(route.name.to_string());
+    conn.cancel.begin_h1_request(&t.ctx, route.half_close);
+    if let Some(total) = route.timeouts.total {
+        // The deadline runs from the arrival of the request head.
+        t.ctx = t
+            .ctx
+            .child_with_deadline(Deadline::starting_at(t.started(), total));
+    }
+    let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
+    t.rec.upstream = Some(upstream.name.to_string());
+    t.rec.upstream_protocol = Some(upstream.protocol.as_str());
+
+    let trusted = listener.trusts(conn.client.ip());
+    let up_req = match build_upstream_request(req, conn, upstream, trusted, &mut t) {
+        Ok(r) => r,
+        Err(e) => return fail(t, e),
+    };
+
+    let replay = Replay::of(&up_req);
+    let mut next_req = Some(up_req);
+    let mut attempt: u32 = 0;
+    let mut fresh_only = false;
+    t.upstream_started = Some(Instant::now());
+    let (resp, pool, ep_idx) = loop {
+        let Some(up_req) = next_req
+            .take()
+            .or_else(|| replay.as_ref().map(Replay::build))
+        else {
+            // Unreachable: a retry is only chosen when the request can be sent again.
+            return fail(t, ProxyError::upstream(Stage::Send, ErrorKind::Reset));
+        };
+        if attempt > 0 {
+            t.rec.retries = attempt;
+            let pause = retry::backoff(attempt, fresh_only);
+            tokio::select! {
+                biased;
+                reason = t.ctx.cancelled() => return cancelled(t, reason),
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        // Connect (or take a pooled connection).
+        t.stage = Stage::Connect;
+        let (ep_idx, ep) = upstream.pick();
+        let checkout = tokio::select! {
+            // The client leaving or the deadline passing wins over a connection becoming ready.
+            biased;
+            reason = t.ctx.cancelled() => return cancelled(t, reason),
+            r = upstream.checkout(ep, route.timeouts.connect, !fresh_only) => r,
+        };
+        let (checkout, info) = match checkout {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing was sent: any request may go to the next endpoint.
+                if retry::may_retry(&e, attempt, route.max_retries, true) {
+                    worker.observer.metrics.upstream_error(&upstream.name, &e);
+                    tracing::debug!(stage = %e.stage, side = %e.side, error = %e, attempt, "upstream attempt failed, retrying");
+                    next_req = Some(up_req);
+                    attempt += 1;
+                    continue;
+                }
+                return fail(t, e);
+            }
+        };
+        t.rec.upstream_reused = Some(info.reused);
+        t.rec.upstream_connect = Some(info.connect);
+
+        // Send and wait for the response head.
+        t.stage = Stage::FirstByte;
+        let sent_at = Instant::now();
+        let first_byte = route.timeouts.first_byte;
+        let (head, pool) = match checkout {
+            Checkout::H1(mut c) => {
+                t.rec.upstream_addr = Some(c.peer);
+                t.teardown = Teardown::H1(c.closed.clone());
+                let head = await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await;
+                (head, Some(c))
+            }
+            Checkout::H2(mut c) => {
+                t.rec.upstream_addr = Some(c.peer);
+                t.teardown = Teardown::H2;
+                (
+                    await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await,
+                    None,
+                )
+            }
+        };
+        match head {
+            Head::Response(r) => {
+                t.rec.upstream_first_byte = Some(sent_at.elapsed());
+                break (r, pool, ep_idx);
+            }
+            Head::Cancelled(reason) => return cancelled(t, reason),
+            Head::Failed(err, unsent) => {
+                drop(pool);
+                let idempotent = retry::is_idempotent(&t.rec.method);
+                // Not written at all: safe to send again, on a fresh connection.
+                let unsent_retry = unsent.is_some();
+                // A reused connection the upstream closed before answering: the stale keep-alive
+                // race. Replayed for idempotent requests without a body.
+                let stale =
+                    info.reused && replay.is_some() && idempotent && err.kind == ErrorKind::Reset;
+                if (unsent_retry || stale)
+                    && retry::may_retry(&err, attempt, route.max_retries, unsent_retry || stale)
+                {
+                    tracing::debug!(stage = %err.stage, error = %err, attempt, reused = info.reused, "upstream attempt failed before the response, retrying on a fresh connection");
+                    worker.observer.metrics.upstream_error(&upstream.name, &err);
+                    next_req = unsent;
+                    fresh_only = true;
+                    attempt += 1;
+                    t.teardown = Teardown::None;
+                    continue;
+                }
+                if err.kind == ErrorKind::Timeout {
+                    t.ctx.cancel(tether::CancelReason::Deadline);
+                }
+                return fail(t, err);
+            }
+        }
+    };
+
+    // Stream the response back.
+    t.stage = Stage::Body;
+    let (mut parts, body) = resp.into_parts();
+    t.rec.status = parts.status.as_u16();
+    let keep_alive = crate::upstream::pool::keep_alive_timeout(&parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers, false);
+    parts.version = Version::HTTP_11;
+    if let Ok(v) = HeaderValue::from_str(&t.rec.request_id) {
+        parts.headers.insert(REQUEST_ID, v);
+    }
+    let pool = pool.map(|conn| PoolReturn {
+        upstream: upstream.clone(),
+        endpoint: ep_idx,
+        conn,
+        keep_alive,
+    });
+    let body = Streaming::new(body, t, route.timeouts.idle, pool);
+    Response::from_parts(parts, ProxyBody::Stream(Box::new(body)))
+}
+
+/// The outcome of waiting for a response head.
+enum Head {
+    Response(Response<Incoming>),
+    Cancelled(tether::CancelReason),
+    /// The attempt failed; the request comes back if it was never written.
+    Failed(ProxyError, Option<Request<RequestBody>>),
+}
+
+/// Waits for the upstream's response head, racing the request context and the first-byte timeout.
+async fn await_head<F>(
+    ctx: &tether::RequestContext,
+    fut: F,
+    first_byte: Option<std::time::Duration>,
+) -> Head
+where
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+{
+    let timer = async {
+        match first_byte {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        // Cancellation first: dropping `fut` here is what closes the HTTP/1 upstream connection
+        // or resets the HTTP/2 stream with CANCEL.
+        biased;
+        reason = ctx.cancelled() => Head::Cancelled(reason),
+        _ = timer => Head::Failed(ProxyError::upstream(Stage::FirstByte, ErrorKind::Timeout), None),
+        r = fut => match r {
+            Ok(resp) => Head::Response(resp),
+            // The send failed because the client's body failed: that is a cancellation.
+            Err(_) if ctx.is_cancelled() => Head::Cancelled(ctx.reason().unwrap_or(tether::CancelReason::ClientClosed)),
+            Err(mut e) => {
+                let unsent = e.take_message();
+                Head::Failed(classify_send_error(e.into_error(), unsent.is_some()), unsent)
+            }
+        },
+    }
+}
+
+fn classify_send_error(e: hyper::Error, unsent: bool) -> ProxyError {
+    let kind = if e.is_parse() || e.is_parse_status() {
+        ErrorKind::Protocol
+    } else if e.is_timeout() {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Reset
+    };
+    // Nothing written (the connection closed first, or HTTP/2 REFUSED_STREAM) is a send failure.
+    let refused = h2_reason(&e) == Some(h2::Reason::REFUSED_STREAM);
+    let stage = if unsent || e.is_canceled() || refused {
+        Stage::Send
+    } else {
+        Stage::FirstByte
+    };
+    ProxyError::upstream(stage, kind).with_source(e)
+}
+
+fn h2_reason(e: &hyper::Error) -> Option<h2::Reason> {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(h) = s.downcast_ref::<h2::Error>() {
+            return h.reason();
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// What is needed to send a bodiless request again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    /// `Some` when the request has no body, so it can be rebuilt exactly.
+    fn of(req: &Request<RequestBody>) -> Option<Replay> {
+        http_body::Body::is_end_stream(req.body()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn build(&self) -> Request<RequestBody> {
+        let mut r = Request::new(RequestBody::empty());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+fn build_upstream_request(
+    req: Request<Incoming>,
+    conn: &Conn,
+    upstream: &Upstream,
+    trusted: bool,
+    t: &mut Tracker,
+) -> Result<Request<RequestBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let host = t.rec.authority.clone();
+    headers::strip_hop_by_hop(&mut parts.headers, true);
+    if !trusted {
+        // Anyone can claim to be a proxy: forwarding headers from an untrusted peer are lies
+        // until proven otherwise.
+        headers::strip_forwarding(&mut parts.headers);
+    }
+    headers::add_forwarding(
+        &mut parts.headers,
+        conn.client.ip(),
+        conn.tls,
+        (!host.is_empty()).then_some(host.as_str()),
+    );
+    if let Ok(v) = HeaderValue::from_str(&t.rec.request_id) {
+        parts.headers.insert(REQUEST_ID, v);
+    }
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
+    let bad = |e: http::Error| {
+        ProxyError::downstream(Stage::RequestHead, ErrorKind::BadRequest).with_source(e)
+    };
+    if upstream.protocol.is_h2() {
+        let scheme = if upstream.is_tls() { "https" } else { "http" };
+        let authority = if host.is_empty() {
+            "localhost"
+        } else {
+            host.as_str()
+        };
+        parts.uri = Uri::builder()
+            .scheme(scheme)
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(bad)?;
+        parts.headers.remove(HOST);
+        parts.version = Version::HTTP_2;
+    } else {
+        parts.uri = Uri::builder().path_and_query(path).build().map_err(bad)?;
+        if !parts.headers.contains_key(HOST)
+            && !host.is_empty()
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
+            parts.headers.insert(HOST, v);
+        }
+        parts.version = Version::HTTP_11;
+    }
+    t.expects_body = !http_body::Body::is_end_stream(&body);
+    let body = RequestBody::new(body, t.ctx.clone(), conn.cancel.clone(), t.upload.clone());
+    Ok(Request::from_parts(parts, body))
+}
+
+/// A client-supplied request id, if it is short and printable.
+fn incoming_request_id(headers: &http::HeaderMap) -> Option<RequestId> {
+    let v = headers.get(REQUEST_ID)?.to_str().ok()?;
+    let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
+    ok.then(|| RequestId::new(v))
+}
+
+fn fail(t: Tracker, err: ProxyError) -> Response<ProxyBody> {
+    let resp = respond::error_response(&err, &t.rec.request_id);
+    let status = resp.status().as_u16();
+    t.finish_error(&err, Some(status));
+    resp
+}
+
+fn cancelled(t: Tracker, reason: tether::CancelReason) -> Response<ProxyBody> {
+    if reason.is_client_gone() {
+        t.finish_cancelled(reason);
+        return respond::client_gone();
+    }
+    // A deadline: answer 504 at the stage the request was in.
+    let err = ProxyError::upstream(t.stage, ErrorKind::Timeout);
+    let resp = respond::error_response(&err, &t.rec.request_id);
+    let mut t = t;
+    t.rec.status = resp.status().as_u16();
+    t.finish_cancelled(reason);
+    resp
+}

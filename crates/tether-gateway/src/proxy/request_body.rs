@@ -1,0 +1,112 @@
+//! The request body sent upstream: the client's body, streamed, with a failure turned into
+//! cancellation.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::cancel::ConnCancel;
+use crate::error::BoxError;
+use tether::RequestContext;
+
+/// Progress of the upload, shared with the request's tracker.
+#[derive(Debug, Default)]
+pub struct UploadProgress {
+    /// Bytes received from the client so far.
+    pub bytes: AtomicU64,
+    /// The body ended cleanly.
+    pub complete: AtomicBool,
+}
+
+/// The body of an upstream request.
+///
+/// A client that leaves mid-upload makes hyper's body yield an error. That error is treated as
+/// cancellation of the request, and the upstream is told with an HTTP/2 `CANCEL` (an error carrying
+/// `h2::Reason::CANCEL` makes hyper's h2 client reset with CANCEL instead of INTERNAL_ERROR; an
+/// HTTP/1 upstream connection is closed mid-body), so the upstream never sees a silently
+/// truncated body.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    ctx: Option<(RequestContext, Arc<ConnCancel>)>,
+    progress: Arc<UploadProgress>,
+}
+
+impl RequestBody {
+    /// Wraps the client's body.
+    pub fn new(
+        inner: Incoming,
+        ctx: RequestContext,
+        conn: Arc<ConnCancel>,
+        progress: Arc<UploadProgress>,
+    ) -> Self {
+        RequestBody {
+            inner: Some(inner),
+            ctx: Some((ctx, conn)),
+            progress,
+        }
+    }
+
+    /// A body with no bytes.
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            ctx: None,
+            progress: Arc::default(),
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.progress
+                        .bytes
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.inner = None;
+                if let Some((ctx, conn)) = this.ctx.take() {
+                    ctx.cancel(conn.fallback_reason());
+                }
+                Poll::Ready(Some(Err(Box::new(h2::Error::from(h2::Reason::CANCEL)))))
+            }
+            Poll::Ready(None) => {
+                this.progress.complete.store(true, Ordering::Relaxed);
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}

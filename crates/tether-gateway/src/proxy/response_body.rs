@@ -1,0 +1,238 @@
+//! The response body sent downstream: the upstream's body streamed frame by frame (never
+//! buffered whole), cut at once when the request is cancelled, and ended abnormally when the
+//! upstream fails mid-body.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tether::{CancelReason, Cancelled};
+use tokio::time::{Instant, Sleep};
+
+use crate::error::{BoxError, ErrorKind, ProxyError, Stage};
+use crate::proxy::tracker::Tracker;
+use crate::upstream::Upstream;
+use crate::upstream::pool::H1Conn;
+
+/// Body type of every response tether sends.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// A complete body (tether's own responses).
+    Full(Option<Bytes>),
+    /// An upstream body being streamed.
+    Stream(Box<Streaming>),
+}
+
+impl ProxyBody {
+    /// An empty body.
+    pub fn empty() -> ProxyBody {
+        ProxyBody::Full(None)
+    }
+
+    /// A complete body.
+    pub fn full(b: impl Into<Bytes>) -> ProxyBody {
+        ProxyBody::Full(Some(b.into()))
+    }
+}
+
+/// Where an HTTP/1 connection goes back to when the body ends cleanly.
+#[derive(Debug)]
+pub struct PoolReturn {
+    /// The upstream.
+    pub upstream: Arc<Upstream>,
+    /// Endpoint index within it.
+    pub endpoint: usize,
+    /// The connection.
+    pub conn: H1Conn,
+    /// The upstream's announced keep-alive timeout.
+    pub keep_alive: Option<Duration>,
+}
+
+/// See [`ProxyBody::Stream`].
+pub struct Streaming {
+    inner: Option<Incoming>,
+    tracker: Option<Tracker>,
+    cancelled: Pin<Box<dyn Future<Output = CancelReason> + Send>>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    pool: Option<PoolReturn>,
+}
+
+impl std::fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streaming")
+            .field("done", &self.inner.is_none())
+            .finish()
+    }
+}
+
+impl Streaming {
+    /// Streams `inner` for the request tracked by `tracker`.
+    pub fn new(
+        inner: Incoming,
+        tracker: Tracker,
+        idle_timeout: Option<Duration>,
+        pool: Option<PoolReturn>,
+    ) -> Streaming {
+        let ctx = tracker.ctx.clone();
+        Streaming {
+            inner: Some(inner),
+            tracker: Some(tracker),
+            cancelled: Box::pin(async move { ctx.cancelled().await }),
+            idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            pool,
+        }
+    }
+
+    /// The upstream body ended cleanly: the connection goes back to the pool, the request is done.
+    fn complete(&mut self) {
+        self.inner = None;
+        if let Some(p) = self.pool.take() {
+            p.upstream.release(p.endpoint, p.conn, p.keep_alive);
+        }
+        if let Some(t) = self.tracker.take() {
+            t.finish_ok();
+        }
+    }
+
+    /// Drops the upstream side first (closing an HTTP/1 connection, resetting an HTTP/2 stream),
+    /// then records the end.
+    fn teardown(&mut self) {
+        self.inner = None;
+        self.pool = None;
+    }
+}
+
+impl Body for Streaming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.inner.is_none() {
+            return Poll::Ready(None);
+        }
+        // Cancellation is checked first so that a cancelled request never forwards another byte.
+        if let Poll::Ready(reason) = this.cancelled.as_mut().poll(cx) {
+            this.teardown();
+            if let Some(t) = this.tracker.take() {
+                t.finish_cancelled(reason);
+            }
+            return Poll::Ready(Some(Err(Box::new(Cancelled { reason }))));
+        }
+        if let Some((_, sleep)) = this.idle.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            this.teardown();
+            let err = ProxyError::upstream(Stage::Body, ErrorKind::Timeout);
+            if let Some(t) = this.tracker.take() {
+                t.ctx.cancel(CancelReason::Deadline);
+                t.finish_error(&err, None);
+            }
+            return Poll::Ready(Some(Err(Box::new(err))));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(t) = this.tracker.as_mut()
+                    && let Some(d) = frame.data_ref()
+                {
+                    t.rec.bytes_sent += d.len() as u64;
+                }
+                if let Some((d, sleep)) = this.idle.as_mut() {
+                    sleep.as_mut().reset(Instant::now() + *d);
+                }
+                // hyper stops polling a body once it has sent as many bytes as Content-Length
+                // says; finish now rather than wait for an end that is never asked for.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.complete();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.teardown();
+                let err = ProxyError::upstream(Stage::Body, ErrorKind::Reset).with_source(e);
+                let msg = err.to_string();
+                if let Some(t) = this.tracker.take() {
+                    t.finish_error(&err, None);
+                }
+                // Returning an error makes hyper end the downstream response abnormally (HTTP/1:
+                // connection closed without the final chunk; HTTP/2: RST_STREAM), never a clean
+                // short response.
+                Poll::Ready(Some(Err(msg.into())))
+            }
+            Poll::Ready(None) => {
+                this.complete();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if self.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+            self.complete();
+        }
+        // Dropped before the end: the downstream is gone (or hyper gave up on it).
+        if self.tracker.is_some() {
+            self.teardown();
+            if let Some(mut t) = self.tracker.take() {
+                t.stage = Stage::Body;
+                drop(t);
+            }
+        } else if self.inner.is_some() {
+            self.teardown();
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Stream(s) => Pin::new(s.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Stream(s) => s.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! One request's record, from head to the last byte or the abort, and the access-log line it
+//! becomes. Dropping an unfinished tracker is how an abort is noticed when hyper drops the
+//! handler or the response body: the drop cancels the request context and logs the abort.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tether::{CancelReason, RequestContext};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::cancel::ConnCancel;
+use crate::error::{ProxyError, Stage};
+use crate::observe::Observer;
+use crate::observe::access::{Outcome, RequestRecord};
+use crate::proxy::request_body::UploadProgress;
+use crate::upstream::pool::closed_at;
+
+/// How the upstream side was torn down, to measure propagation.
+#[derive(Debug)]
+pub enum Teardown {
+    /// Nothing upstream in flight.
+    None,
+    /// An HTTP/1 connection: propagation ends when its task closed the socket.
+    H1(watch::Receiver<Option<Instant>>),
+    /// An HTTP/2 stream: propagation ends when its handles were dropped (RST_STREAM queued).
+    H2,
+}
+
+/// See the [module docs](self).
+#[derive(Debug)]
+pub struct Tracker {
+    /// The record being filled in.
+    pub rec: RequestRecord,
+    start: Instant,
+    /// The request's context.
+    pub ctx: RequestContext,
+    conn: Arc<ConnCancel>,
+    observer: Observer,
+    /// Where the request is now; an abort is attributed to it.
+    pub stage: Stage,
+    /// Upload progress, shared with the upstream request body.
+    pub upload: Arc<UploadProgress>,
+    /// When upstream work began (first connect or send).
+    pub upstream_started: Option<Instant>,
+    /// How to observe upstream teardown.
+    pub teardown: Teardown,
+    /// The request has a body (an abort before it was fully received is an upload abort).
+    pub expects_body: bool,
+    done: bool,
+}
+
+impl Tracker {
+    /// Starts tracking a request.
+    pub fn new(
+        rec: RequestRecord,
+        ctx: RequestContext,
+        conn: Arc<ConnCancel>,
+        observer: Observer,
+    ) -> Tracker {
+        Tracker {
+            rec,
+            start: Instant::now(),
+            ctx,
+            conn,
+            observer,
+            stage: Stage::RequestHead,
+            upload: Arc::default(),
+            upstream_started: None,
+            teardown: Teardown::None,
+            expects_body: false,
+            done: false,
+        }
+    }
+
+    /// When the request head arrived.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
+    /// The response was delivered in full.
+    pub fn finish_ok(mut self) {
+        self.rec.outcome = Outcome::Ok;
+        self.close(None);
+    }
+
+    /// The request failed with `err`, answered with `status` (or cut mid-body).
+    pub fn finish_error(mut self, err: &ProxyError, status: Option<u16>) {
+        if let Some(s) = status {
+            self.rec.status = s;
+        }
+        self.rec.stage = Some(err.stage.as_str());
+        self.rec.outcome = match (err.kind, err.stage) {
+            (crate::error::ErrorKind::Timeout, _) => Outcome::Timeout,
+            (_, Stage::Route | Stage::Admission | Stage::RequestHead) => Outcome::Rejected,
+            _ => Outcome::UpstreamError,
+        };
+        if err.side == crate::error::Side::Upstream
+            && let Some(u) = &self.rec.upstream
+        {
+            self.observer.metrics.upstream_error(u, err);
+        }
+        tracing::debug!(request_id = %self.rec.request_id, stage = %err.stage, side = %err.side, error = %err, "request failed");
+        self.close(None);
+    }
+
+    /// The request was cancelled with `reason` (or hyper dropped it: the reason is inferred).
+    pub fn finish_cancelled(mut self, reason: CancelReason) {
+        self.ctx.cancel(reason);
+        self.abort();
+    }
+
+    fn abort(&mut self) {
+        let cause = match self.ctx.cause() {
+            Some(c) => c,
+            None => {
+                self.ctx.cancel(self.conn.fallback_reason());
+                match self.ctx.cause() {
+                    Some(c) => c,
+                    None => return self.close(None),
+                }
+            }
+        };
+        let reason = cause.reason;
+        self.rec.abort_reason = Some(reason);
+        let stage = if self.stage != Stage::Body
+            && !self.upload.complete.load(Ordering::Relaxed)
+            && self.expects_body
+        {
+            Stage::RequestBody
+        } else {
+            self.stage
+        };
+        self.rec.stage = Some(stage.as_str());
+        if reason.is_client_gone() {
+            self.rec.status = 499;
+            self.rec.outcome = Outcome::ClientAbort;
+        } else {
+            if self.rec.status == 0 {
+                self.rec.status = 504;
+            }
+            self.rec.outcome = Outcome::Timeout;
+        }
+        self.close(Some(cause.at));
+    }
+
+    fn close(&mut self, cancelled_at: Option<Instant>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.conn.end_h1_request();
+        let now = Instant::now();
+        self.rec.duration = now - self.start;
+        self.rec.bytes_received = self.upload.bytes.load(Ordering::Relaxed);
+        if let Some(s) = self.upstream_started {
+            self.rec.upstream_time = Some(now - s);
+        }
+        let teardown = std::mem::replace(&mut self.teardown, Teardown::None);
+        let rec = self.rec.clone();
+        let observer = self.observer.clone();
+        match (cancelled_at, teardown) {
+            (Some(at), Teardown::H1(rx)) => {
+                // The socket closes a moment later, in the connection's task: wait for it off the
+                // request path (bounded) and log then.
+                let spawned = tokio::runtime::Handle::try_current().map(|h| {
+                    h.spawn(async move {
+                        let mut rec = rec;
+                        if let Some(closed) = closed_at(rx, Duration::from_secs(2)).await {
+                            rec.propagation = Some(closed.saturating_duration_since(at));
+                        }
+                        observer.finished(&rec);
+                    })
+                });
+                if spawned.is_err() {
+                    self.observer.finished(&self.rec);
+                }
+            }
+            (Some(at), Teardown::H2 | Teardown::None) if self.upstream_started.is_some() => {
+                self.rec.propagation = Some(now.saturating_duration_since(at));
+                self.observer.finished(&self.rec);
+            }
+            _ => self.observer.finished(&rec),
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.done {
+            self.abort();
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Host + path → route. First match wins, in configuration order.
+
+use std::sync::Arc;
+
+use crate::config::{HalfClose, RouteConfig, RouteTimeouts};
+
+/// A route ready for matching.
+#[derive(Debug)]
+pub struct Route {
+    /// Name for logs and metrics.
+    pub name: Arc<str>,
+    host: Option<String>,
+    prefix: String,
+    /// Index into the worker's upstream list.
+    pub upstream: usize,
+    /// Timeouts.
+    pub timeouts: RouteTimeouts,
+    /// HTTP/1 half-close policy.
+    pub half_close: HalfClose,
+    /// Retry limit.
+    pub max_retries: u32,
+}
+
+/// The routes of one listener.
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+}
+
+impl Router {
+    /// Builds a router; `upstream_index` maps an upstream name to its index (validated config
+    /// guarantees it exists).
+    pub fn new(routes: &[RouteConfig], upstream_index: impl Fn(&str) -> Option<usize>) -> Router {
+        let routes = routes
+            .iter()
+            .filter_map(|r| {
+                Some(Route {
+                    name: Arc::from(r.name.as_str()),
+                    host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
+                    prefix: r.path_prefix.trim_end_matches('/').to_owned(),
+                    upstream: upstream_index(&r.upstream)?,
+                    timeouts: r.timeouts,
+                    half_close: r.client_half_close,
+                    max_retries: r.max_retries,
+                })
+            })
+            .collect();
+        Router { routes }
+    }
+
+    /// The first route matching `host` (port ignored, case-insensitive) and `path`.
+    pub fn select(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes.iter().find(|r| {
+            let host_ok = match (&r.host, host) {
+                (None, _) => true,
+                (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+                (Some(_), None) => false,
+            };
+            host_ok && prefix_matches(&r.prefix, path)
+        })
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// `prefix` has no trailing slash ("" is the root); matches whole segments.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix.is_empty() {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || rest.starts_with('?'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        let mut api = RouteConfig::new("/api", "api");
+        api.host = Some("API.example.com".into());
+        let rest = RouteConfig::new("/", "web");
+        Router::new(&[api, rest], |n| match n {
+            "api" => Some(0),
+            "web" => Some(1),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn host_and_prefix_select_first_match() {
+        let r = router();
+        assert_eq!(
+            r.select(Some("api.example.com:8080"), "/api/x")
+                .map(|r| r.upstream),
+            Some(0)
+        );
+        assert_eq!(
+            r.select(Some("api.example.com"), "/api")
+                .map(|r| r.upstream),
+            Some(0)
+        );
+        assert_eq!(
+            r.select(Some("api.example.com"), "/apix")
+                .map(|r| r.upstream),
+            Some(1)
+        );
+        assert_eq!(
+            r.select(Some("other"), "/api/x").map(|r| r.upstream),
+            Some(1)
+        );
+        assert_eq!(r.select(None, "/api/x").map(|r| r.upstream), Some(1));
+    }
+
+    #[test]
+    fn no_match_is_none() {
+        let mut only = RouteConfig::new("/only", "web");
+        only.host = Some("a".into());
+        let r = Router::new(&[only], |_| Some(0));
+        assert!(r.select(Some("a"), "/other").is_none());
+        assert!(r.select(Some("[::1]:80"), "/only").is_none());
+    }
+}

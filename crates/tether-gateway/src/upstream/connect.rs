@@ -1,0 +1,425 @@
+//! Reaching an upstream endpoint: resolve, connect, TLS. Each step fails with its own
+//! [`Stage`], naming the target.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::{UpstreamAddress, UpstreamProtocol, UpstreamTls};
+use crate::error::{ErrorKind, ProxyError, Stage};
+
+/// A connected upstream transport: plain TCP or TLS over TCP.
+#[derive(Debug)]
+pub enum UpstreamIo {
+    /// Cleartext.
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// A fresh connection and what it cost.
+#[derive(Debug)]
+pub struct Connected {
+    /// The transport.
+    pub io: UpstreamIo,
+    /// The address actually connected to.
+    pub peer: SocketAddr,
+    /// Resolve + connect + TLS.
+    pub elapsed: Duration,
+}
+
+/// Connects to the endpoints of one upstream.
+#[derive(Clone)]
+pub struct Connector {
+    tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// A TLS setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The server name is not a valid DNS name or IP address.
+    #[error("invalid server name {0:?}")]
+    ServerName(String),
+    /// A CA certificate was rejected.
+    #[error("unusable CA certificate: {0}")]
+    Ca(rustls::Error),
+    /// rustls refused the configuration.
+    #[error("tls configuration: {0}")]
+    Rustls(rustls::Error),
+}
+
+impl Connector {
+    /// A connector for `protocol` with optional TLS settings.
+    pub fn new(
+        protocol: UpstreamProtocol,
+        tls: Option<&UpstreamTls>,
+    ) -> Result<Connector, TlsSetupError> {
+        let Some(tls) = tls else {
+            return Ok(Connector { tls: None });
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(TlsSetupError::Rustls)?;
+        let mut config = if tls.insecure_skip_verify {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+                .with_no_client_auth()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            if tls.ca.is_empty() {
+                roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+            } else {
+                for ca in &tls.ca {
+                    roots.add(ca.clone()).map_err(TlsSetupError::Ca)?;
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
+        config.alpn_protocols = match protocol {
+            UpstreamProtocol::H2 => vec![b"h2".to_vec()],
+            _ => vec![b"http/1.1".to_vec()],
+        };
+        let name = match &tls.server_name {
+            Some(n) => Some(
+                ServerName::try_from(n.clone())
+                    .map_err(|_| TlsSetupError::ServerName(n.clone()))?,
+            ),
+            None => None,
+        };
+        Ok(Connector {
+            tls: Some((TlsConnector::from(Arc::new(config)), name)),
+        })
+    }
+
+    /// Resolves `addr`, connects to the first candidate that answers, and handshakes TLS when
+    /// configured. The whole attempt is bounded by `timeout`.
+    pub async fn connect(
+        &self,
+        addr: &UpstreamAddress,
+        timeout: Duration,
+    ) -> Result<Connected, ProxyError> {
+        let start = Instant::now();
+        match tokio::time::timeout(timeout, self.connect_inner(addr, start)).await {
+            Ok(r) => r,
+            Err(_) => {
+                Err(ProxyError::upstream(Stage::Connect, ErrorKind::Timeout).with_target(addr))
+            }
+        }
+    }
+
+    async fn connect_inner(
+        &self,
+        addr: &UpstreamAddress,
+        start: Instant,
+    ) -> Result<Connected, ProxyError> {
+        let candidates = resolve(addr).await?;
+        let (tcp, peer) = race(candidates, HAPPY_EYEBALLS_STAGGER)
+            .await
+            .map_err(|failures| {
+                let all_timed_out = failures
+                    .iter()
+                    .all(|(_, e)| e.kind() == io::ErrorKind::TimedOut);
+                let kind = if all_timed_out {
+                    ErrorKind::Timeout
+                } else {
+                    ErrorKind::Refused
+                };
+                let listed = failures
+                    .iter()
+                    .map(|(a, e)| format!("{a}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                let mut err = ProxyError::upstream(Stage::Connect, kind)
+                    .with_target(format!("{addr} [{listed}]"));
+                if let Some((_, e)) = failures.into_iter().last() {
+                    err = err.with_source(e);
+                }
+                err
+            })?;
+        // Nagle would delay small request heads behind the previous segment's ACK.
+        let _ = tcp.set_nodelay(true);
+        let io = match &self.tls {
+            None => UpstreamIo::Plain(tcp),
+            Some((connector, name)) => {
+                let name = match name {
+                    Some(n) => n.clone(),
+                    None => server_name_for(addr)?,
+                };
+                let tls = connector.connect(name, tcp).await.map_err(|e| {
+                    ProxyError::upstream(Stage::Tls, ErrorKind::TlsFailed)
+                        .with_target(peer)
+                        .with_source(e)
+                })?;
+                UpstreamIo::Tls(Box::new(tls))
+            }
+        };
+        Ok(Connected {
+            io,
+            peer,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// Whether this connector wraps connections in TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+fn server_name_for(addr: &UpstreamAddress) -> Result<ServerName<'static>, ProxyError> {
+    ServerName::try_from(addr.host.clone()).map_err(|e| {
+        ProxyError::upstream(Stage::Tls, ErrorKind::TlsFailed)
+            .with_target(addr)
+            .with_source(e)
+    })
+}
+
+/// RFC 8305's recommended delay between connection attempts.
+pub const HAPPY_EYEBALLS_STAGGER: Duration = Duration::from_millis(250);
+
+/// How long a name may take to resolve.
+const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Candidate socket addresses for `addr`, address families interleaved (RFC 8305 §4).
+async fn resolve(addr: &UpstreamAddress) -> Result<Vec<SocketAddr>, ProxyError> {
+    if let Ok(ip) = addr.host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, addr.port)]);
+    }
+    let dns_err = |kind| ProxyError::upstream(Stage::Dns, kind).with_target(addr);
+    let lookup = tokio::net::lookup_host((addr.host.as_str(), addr.port));
+    let found = match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
+        Ok(Ok(found)) => found.collect::<Vec<_>>(),
+        Ok(Err(e)) => return Err(dns_err(ErrorKind::DnsFailed).with_source(e)),
+        Err(_) => return Err(dns_err(ErrorKind::Timeout)),
+    };
+    if found.is_empty() {
+        return Err(dns_err(ErrorKind::DnsFailed));
+    }
+    Ok(interleave(found))
+}
+
+/// Alternates address families, starting with the resolver's first choice.
+fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
+    let (mut a, mut b): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|x| x.is_ipv6() == first_v6);
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    a.reverse();
+    b.reverse();
+    loop {
+        match (a.pop(), b.pop()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+type Attempt = (SocketAddr, io::Result<TcpStream>);
+
+/// Happy Eyeballs (RFC 8305): start a connection attempt, start the next one if it has not
+/// succeeded after `stagger` (or at once if it failed), first to connect wins. The losers are
+/// aborted, which closes their sockets. When every candidate fails, each one's error is returned.
+pub async fn race(
+    candidates: Vec<SocketAddr>,
+    stagger: Duration,
+) -> Result<(TcpStream, SocketAddr), Vec<(SocketAddr, io::Error)>> {
+    let mut pending = candidates.into_iter();
+    let mut attempts: tokio::task::JoinSet<Attempt> = tokio::task::JoinSet::new();
+    let mut failures = Vec::new();
+    let start = |set: &mut tokio::task::JoinSet<Attempt>, a: SocketAddr| {
+        set.spawn(async move { (a, TcpStream::connect(a).await) });
+    };
+    match pending.next() {
+        Some(a) => start(&mut attempts, a),
+        None => return Err(failures),
+    }
+    loop {
+        tokio::select! {
+            // Results first: a connection that is ready wins over starting another attempt.
+            biased;
+            done = attempts.join_next() => match done {
+                Some(Ok((a, Ok(s)))) => return Ok((s, a)),
+                Some(Ok((a, Err(e)))) => {
+                    failures.push((a, e));
+                    if let Some(next) = pending.next() {
+                        start(&mut attempts, next);
+                    }
+                }
+                // A connect task cannot panic; treat it as a lost attempt all the same.
+                Some(Err(_)) => {}
+                None => return Err(failures),
+            },
+            _ = tokio::time::sleep(stagger), if pending.len() > 0 => {
+                if let Some(next) = pending.next() {
+                    start(&mut attempts, next);
+                }
+            }
+        }
+    }
+}
+
+/// Accepts any certificate: only for upstreams configured with `insecure_skip_verify`.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_alternate() {
+        let v: Vec<SocketAddr> = ["[::1]:1", "[::2]:1", "127.0.0.1:1", "127.0.0.2:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let out: Vec<String> = interleave(v).iter().map(|a| a.to_string()).collect();
+        assert_eq!(out, ["[::1]:1", "127.0.0.1:1", "[::2]:1", "127.0.0.2:1"]);
+    }
+
+    #[tokio::test]
+    async fn race_skips_a_refused_candidate_and_lists_failures() {
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_addr = live.local_addr().unwrap();
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let (_, peer) = race(vec![dead, live_addr], HAPPY_EYEBALLS_STAGGER)
+            .await
+            .unwrap();
+        assert_eq!(peer, live_addr);
+        let failures = race(vec![dead, dead], HAPPY_EYEBALLS_STAGGER)
+            .await
+            .unwrap_err();
+        assert_eq!(failures.len(), 2);
+        assert!(
+            failures
+                .iter()
+                .all(|(_, e)| e.kind() == io::ErrorKind::ConnectionRefused)
+        );
+    }
+}

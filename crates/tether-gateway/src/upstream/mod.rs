@@ -1,0 +1,237 @@
+//! The upstream side: endpoints, their connector and pools, and handing a request a connection.
+
+pub mod connect;
+pub mod pool;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::time::Instant;
+
+use crate::config::{UpstreamAddress, UpstreamConfig, UpstreamProtocol};
+use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::observe::metrics::ConnCounts;
+use connect::{Connector, TlsSetupError};
+use pool::{EndpointPool, H1Conn, H2Conn};
+use tokio::sync::watch;
+
+/// One named upstream as seen by one worker.
+#[derive(Debug)]
+pub struct Upstream {
+    /// Name from the configuration.
+    pub name: Arc<str>,
+    /// Protocol spoken.
+    pub protocol: UpstreamProtocol,
+    endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+    connector: Connector,
+    counts: Arc<ConnCounts>,
+}
+
+/// One address of an upstream, with its pool.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Where.
+    pub address: UpstreamAddress,
+    /// Its connections.
+    pub pool: EndpointPool,
+}
+
+/// A connection handed to one request.
+#[derive(Debug)]
+pub enum Checkout {
+    /// An HTTP/1 connection owned by the request until its response ends.
+    H1(H1Conn),
+    /// A handle on the shared HTTP/2 connection.
+    H2(H2Conn),
+}
+
+/// How a connection was obtained.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckoutInfo {
+    /// Whether it came from the pool.
+    pub reused: bool,
+    /// Time spent connecting (zero when reused).
+    pub connect: Duration,
+}
+
+impl Upstream {
+    /// Builds the worker-local view of `config`.
+    pub fn new(
+        config: &UpstreamConfig,
+        counts: Arc<ConnCounts>,
+    ) -> Result<Upstream, TlsSetupError> {
+        let connector = Connector::new(config.protocol, config.tls.as_ref())?;
+        Ok(Upstream {
+            name: Arc::from(config.name.as_str()),
+            protocol: config.protocol,
+            endpoints: config
+                .addresses
+                .iter()
+                .map(|a| Endpoint {
+                    address: a.clone(),
+                    pool: EndpointPool::new(
+                        config.max_idle_per_endpoint,
+                        config.idle_timeout,
+                        counts.clone(),
+                    ),
+                })
+                .collect(),
+            next: AtomicUsize::new(0),
+            connector,
+            counts,
+        })
+    }
+
+    /// Whether connections are TLS.
+    pub fn is_tls(&self) -> bool {
+        self.connector.is_tls()
+    }
+
+    /// The next endpoint, round robin, with its index.
+    pub fn pick(&self) -> (usize, &Endpoint) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
+        (n, &self.endpoints[n])
+    }
+
+    /// Returns an HTTP/1 connection whose exchange ended cleanly to endpoint `idx`'s pool.
+    pub fn release(&self, idx: usize, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
+        if let Some(ep) = self.endpoints.get(idx) {
+            ep.pool.put_h1(conn, upstream_keep_alive);
+        }
+    }
+
+    /// A connection to `ep`: pooled if one is usable, otherwise new.
+    pub async fn checkout(
+        &self,
+        ep: &Endpoint,
+        connect_timeout: Duration,
+        reuse: bool,
+    ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
+        if self.protocol.is_h2() {
+            return self.checkout_h2(ep, connect_timeout, reuse).await;
+        }
+        if reuse && let Some(mut c) = ep.pool.take_h1() {
+            // A returned connection may still be finishing the previous exchange.
+            if c.sender.ready().await.is_ok() {
+                return Ok((
+                    Checkout::H1(c),
+                    CheckoutInfo {
+                        reused: true,
+                        connect: Duration::ZERO,
+                    },
+                ));
+            }
+        }
+        let started = Instant::now();
+        let connected = self.connect(ep, connect_timeout).await?;
+        let peer = connected.peer;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(connected.io))
+            .await
+            .map_err(|e| {
+                ProxyError::upstream(Stage::Connect, ErrorKind::Protocol)
+                    .with_target(peer)
+                    .with_source(e)
+            })?;
+        let (tx, closed) = watch::channel(None);
+        let open = OpenConn::new(self.counts.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            // hyper ends the connection after an abandoned exchange; the socket is closed when
+            // `conn` is dropped at the end of this await.
+            let _ = conn.await;
+            let _ = tx.send(Some(Instant::now()));
+        });
+        Ok((
+            Checkout::H1(H1Conn {
+                sender,
+                closed,
+                peer,
+            }),
+            CheckoutInfo {
+                reused: false,
+                connect: started.elapsed(),
+            },
+        ))
+    }
+
+    async fn connect(
+        &self,
+        ep: &Endpoint,
+        timeout: Duration,
+    ) -> Result<connect::Connected, ProxyError> {
+        self.counts.connecting.fetch_add(1, Ordering::Relaxed);
+        let r = self.connector.connect(&ep.address, timeout).await;
+        self.counts.connecting.fetch_sub(1, Ordering::Relaxed);
+        r
+    }
+
+    async fn checkout_h2(
+        &self,
+        ep: &Endpoint,
+        connect_timeout: Duration,
+        reuse: bool,
+    ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
+        let mut slot = ep.pool.h2_slot().lock().await;
+        if let Some(c) = slot.as_ref()
+            && reuse
+            && !c.sender.is_closed()
+        {
+            return Ok((
+                Checkout::H2(c.clone()),
+                CheckoutInfo {
+                    reused: true,
+                    connect: Duration::ZERO,
+                },
+            ));
+        }
+        let started = Instant::now();
+        let connected = self.connect(ep, connect_timeout).await?;
+        let peer = connected.peer;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(20)))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(connected.io))
+            .await
+            .map_err(|e| {
+                ProxyError::upstream(Stage::Connect, ErrorKind::Protocol)
+                    .with_target(peer)
+                    .with_source(e)
+            })?;
+        let open = OpenConn::new(self.counts.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            let _ = conn.await;
+        });
+        let c = H2Conn { sender, peer };
+        *slot = Some(c.clone());
+        Ok((
+            Checkout::H2(c),
+            CheckoutInfo {
+                reused: false,
+                connect: started.elapsed(),
+            },
+        ))
+    }
+}
+
+/// Counts an upstream connection as open for as long as its task runs.
+struct OpenConn(Arc<ConnCounts>);
+
+impl OpenConn {
+    fn new(counts: Arc<ConnCounts>) -> OpenConn {
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        OpenConn(counts)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,173 @@
+//! Upstream connections kept for reuse: an idle list of HTTP/1 connections and one shared
+//! multiplexed HTTP/2 connection per endpoint. Pools are per worker thread, so their locks are
+//! never contended.
+//!
+//! LIFECYCLE (HTTP/1): connect → handshake → a task drives the connection → checked out for one
+//! request → returned when the response body ended cleanly → ... A connection whose request was
+//! abandoned is never returned: hyper closes it, the upstream sees EOF, and the task records the
+//! instant the socket was closed (the end of cancellation propagation).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::{http1, http2};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::observe::metrics::ConnCounts;
+use crate::proxy::request_body::RequestBody;
+
+/// When the connection behind `closed` was closed, waiting at most `limit` for it.
+pub async fn closed_at(
+    mut closed: watch::Receiver<Option<Instant>>,
+    limit: Duration,
+) -> Option<Instant> {
+    match tokio::time::timeout(limit, closed.wait_for(|v| v.is_some())).await {
+        Ok(Ok(v)) => *v,
+        _ => None,
+    }
+}
+
+/// An HTTP/1 connection ready for one request.
+#[derive(Debug)]
+pub struct H1Conn {
+    /// hyper's request sender for this connection.
+    pub sender: http1::SendRequest<RequestBody>,
+    /// Resolves when the connection task closed the socket.
+    pub closed: watch::Receiver<Option<Instant>>,
+    /// Remote address.
+    pub peer: SocketAddr,
+}
+
+struct IdleH1 {
+    conn: H1Conn,
+    /// Past this, the upstream may close it at any moment: never reused.
+    expires: Instant,
+}
+
+/// The shared HTTP/2 connection of an endpoint.
+#[derive(Debug, Clone)]
+pub struct H2Conn {
+    /// hyper's request sender (clones share the connection).
+    pub sender: http2::SendRequest<RequestBody>,
+    /// Remote address.
+    pub peer: SocketAddr,
+}
+
+/// Connections of one endpoint on one worker.
+pub struct EndpointPool {
+    idle: Mutex<Vec<IdleH1>>,
+    h2: tokio::sync::Mutex<Option<H2Conn>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+    counts: Arc<ConnCounts>,
+}
+
+impl std::fmt::Debug for EndpointPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPool")
+            .field("max_idle", &self.max_idle)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
+}
+
+impl EndpointPool {
+    /// An empty pool.
+    pub fn new(max_idle: usize, idle_timeout: Duration, counts: Arc<ConnCounts>) -> EndpointPool {
+        EndpointPool {
+            idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+            max_idle,
+            idle_timeout,
+            counts,
+        }
+    }
+
+    /// Takes the most recently used idle HTTP/1 connection that is still open and fresh.
+    pub fn take_h1(&self) -> Option<H1Conn> {
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while let Some(c) = idle.pop() {
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+            // Closed: the upstream hung up while idle. Old: it may be about to (stale keep-alive race).
+            if c.conn.sender.is_closed() || Instant::now() >= c.expires {
+                continue;
+            }
+            return Some(c.conn);
+        }
+        None
+    }
+
+    /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
+    /// timeout the upstream announced (`Keep-Alive: timeout=N`); the connection is kept for less
+    /// than that, so tether never sends on a connection the upstream is about to close.
+    pub fn put_h1(&self, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
+        if conn.sender.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if idle.len() >= self.max_idle {
+            // Drop the oldest; its task closes the socket.
+            idle.remove(0);
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut keep = self.idle_timeout;
+        if let Some(theirs) = upstream_keep_alive {
+            // A second of margin covers clock granularity on both sides and the request's flight.
+            keep = keep.min(theirs.saturating_sub(Duration::from_secs(1)));
+        }
+        if keep.is_zero() {
+            return;
+        }
+        self.counts.idle.fetch_add(1, Ordering::Relaxed);
+        idle.push(IdleH1 {
+            conn,
+            expires: Instant::now() + keep,
+        });
+    }
+
+    /// The shared HTTP/2 connection slot; hold the guard while (re)connecting so that concurrent
+    /// requests share one new connection instead of racing to open many.
+    pub fn h2_slot(&self) -> &tokio::sync::Mutex<Option<H2Conn>> {
+        &self.h2
+    }
+}
+
+/// Parses the `timeout=N` parameter of a `Keep-Alive` response header (seconds).
+pub fn keep_alive_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get("keep-alive")?.to_str().ok()?;
+    v.split(',').find_map(|p| {
+        let (k, val) = p.split_once('=')?;
+        if k.trim().eq_ignore_ascii_case("timeout") {
+            val.trim().parse::<u64>().ok().map(Duration::from_secs)
+        } else {
+            None
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keep_alive_timeout() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(keep_alive_timeout(&h), None);
+        h.insert(
+            "keep-alive",
+            http::HeaderValue::from_static("max=100, timeout=5"),
+        );
+        assert_eq!(keep_alive_timeout(&h), Some(Duration::from_secs(5)));
+        h.insert("keep-alive", http::HeaderValue::from_static("timeout=abc"));
+        assert_eq!(keep_alive_timeout(&h), None);
+    }
+}
