@@ -536,3 +536,47 @@ impl HttpClient {
         Ok((p, b))
     }
 }
+
+/// A request body of `len` [`crate::pattern`] bytes, produced in 64 KiB frames as the connection
+/// takes them (nothing is buffered up front).
+pub fn pattern_body(len: u64) -> ReqBody {
+    PatternBody {
+        left: len,
+        block: crate::pattern(251 * 256),
+    }
+    .boxed()
+}
+
+#[derive(Debug)]
+struct PatternBody {
+    left: u64,
+    block: Bytes,
+}
+
+impl hyper::body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(self.block.len());
+        self.left -= n as u64;
+        let data = self.block.slice(..n);
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
+}
