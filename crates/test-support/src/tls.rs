@@ -1,0 +1,140 @@
+//! A throwaway PKI generated at test time: one CA and one leaf for `localhost`, `127.0.0.1` and
+//! `::1`, with rustls configs for both ends. No key material lives in the repository.
+
+use std::sync::Arc;
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::BoxError;
+
+/// ALPN id of HTTP/2.
+pub const ALPN_H2: &[u8] = b"h2";
+/// ALPN id of HTTP/1.1.
+pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+
+/// A CA and a `localhost` leaf signed by it.
+#[derive(Debug)]
+pub struct TestPki {
+    ca: CertificateDer<'static>,
+    leaf: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+}
+
+impl Clone for TestPki {
+    fn clone(&self) -> Self {
+        TestPki {
+            ca: self.ca.clone(),
+            leaf: self.leaf.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TestPki {
+    /// Generates a fresh CA and leaf.
+    pub fn generate() -> Result<TestPki, BoxError> {
+        let ca_key = KeyPair::generate()?;
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tether test CA");
+        ca_params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::CrlSign,
+        ];
+        let ca_cert = ca_params.self_signed(&ca_key)?;
+        let issuer = Issuer::new(ca_params, ca_key);
+
+        let leaf_key = KeyPair::generate()?;
+        let mut leaf_params = CertificateParams::new(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ])?;
+        leaf_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        leaf_params.use_authority_key_identifier_extension = true;
+        leaf_params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer)?;
+
+        Ok(TestPki {
+            ca: ca_cert.der().clone(),
+            leaf: leaf.der().clone(),
+            key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        })
+    }
+
+    /// The CA certificate (a trust anchor for clients).
+    pub fn ca_der(&self) -> CertificateDer<'static> {
+        self.ca.clone()
+    }
+
+    /// The server's chain, leaf first.
+    pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.leaf.clone()]
+    }
+
+    /// The leaf's private key.
+    pub fn key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
+    }
+
+    /// A server config presenting the leaf, offering `alpn` in preference order.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, BoxError> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(self.cert_chain(), self.key())?;
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+
+    /// A client config trusting only the test CA, offering `alpn`.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, BoxError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der())?;
+        let mut cfg = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn handshake_with_alpn() {
+        let pki = TestPki::generate().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config(&[ALPN_H2]).unwrap());
+        let connector =
+            tokio_rustls::TlsConnector::from(pki.client_config(&[ALPN_H2, ALPN_HTTP1]).unwrap());
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let tls = acceptor.accept(s).await.unwrap();
+            tls.get_ref().1.alpn_protocol().map(|p| p.to_vec())
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, s).await.unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(ALPN_H2));
+        assert_eq!(server.await.unwrap().as_deref(), Some(ALPN_H2));
+    }
+}

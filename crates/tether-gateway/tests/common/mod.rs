@@ -1,0 +1,245 @@
+//! The harness shared by the integration tests: a gateway between a test upstream and a test
+//! client, for any pair of downstream and upstream protocols.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use test_support::behavior::Script;
+use test_support::client::{H1Client, H2Client, HttpClient, Proto};
+use test_support::tls::{ALPN_H2, ALPN_HTTP1};
+use test_support::{EventLog, TestPki, UpstreamH1, UpstreamH2};
+use tether_gateway::config::*;
+use tether_gateway::observe::access::{MemoryAccessLog, RequestRecord};
+use tether_gateway::{Gateway, RunningGateway};
+
+/// The bound for anything that should be quick (a loaded 2-core machine: generous).
+pub const BOUND: Duration = Duration::from_secs(2);
+
+/// The client side of the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// HTTP/1.1 cleartext.
+    H1,
+    /// HTTP/2 cleartext, prior knowledge.
+    H2c,
+    /// HTTP/2 over TLS (ALPN h2).
+    H2Tls,
+}
+
+/// The origin side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Up {
+    /// HTTP/1.1 cleartext.
+    H1,
+    /// HTTP/2 cleartext, prior knowledge.
+    H2c,
+    /// HTTP/2 over TLS.
+    H2Tls,
+}
+
+pub const ALL_DOWN: [Down; 3] = [Down::H1, Down::H2c, Down::H2Tls];
+pub const ALL_UP: [Up; 3] = [Up::H1, Up::H2c, Up::H2Tls];
+
+pub enum Upstream {
+    H1(UpstreamH1),
+    H2(UpstreamH2),
+}
+
+impl Upstream {
+    pub fn log(&self) -> &EventLog {
+        match self {
+            Upstream::H1(u) => u.log(),
+            Upstream::H2(u) => u.log(),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Upstream::H1(u) => u.addr(),
+            Upstream::H2(u) => u.addr(),
+        }
+    }
+}
+
+/// One gateway with one upstream behind it.
+pub struct Env {
+    pub down: Down,
+    pub up_kind: Up,
+    pub pki: TestPki,
+    pub up: Upstream,
+    pub access: MemoryAccessLog,
+    pub addr: SocketAddr,
+    gw: Option<RunningGateway>,
+}
+
+impl Env {
+    pub async fn new(down: Down, up: Up, script: Script) -> Env {
+        Env::with(down, up, script, |_| {}).await
+    }
+
+    /// Like [`Env::new`], letting the test adjust the config (routes, timeouts) first.
+    pub async fn with(
+        down: Down,
+        up_kind: Up,
+        script: Script,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Env {
+        let pki = TestPki::generate().unwrap();
+        let up = match up_kind {
+            Up::H1 => Upstream::H1(UpstreamH1::start(script).await.unwrap()),
+            Up::H2c => Upstream::H2(UpstreamH2::start(script).await.unwrap()),
+            Up::H2Tls => Upstream::H2(
+                UpstreamH2::start_tls(script, pki.server_config(&[ALPN_H2]).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+        };
+        let mut upstream = UpstreamConfig::new(
+            "up",
+            vec![up.addr().into()],
+            match up_kind {
+                Up::H1 => UpstreamProtocol::Http1,
+                Up::H2c => UpstreamProtocol::H2c,
+                Up::H2Tls => UpstreamProtocol::H2,
+            },
+        );
+        if up_kind == Up::H2Tls {
+            upstream.tls = Some(UpstreamTls {
+                server_name: Some("localhost".into()),
+                ca: vec![pki.ca_der()],
+                insecure_skip_verify: false,
+            });
+        }
+        let mut listener = ListenerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![RouteConfig::new("/", "up")],
+        );
+        if down == Down::H2Tls {
+            listener.tls = Some(ServerTls {
+                cert_chain: pki.cert_chain(),
+                key: pki.key(),
+            });
+        }
+        let mut config = Config::new(vec![listener], vec![upstream]);
+        config.workers = NonZeroUsize::new(1);
+        tweak(&mut config);
+        let access = MemoryAccessLog::new();
+        let gw = Gateway::start(config, Arc::new(access.clone())).unwrap();
+        let addr = gw.listener_addrs()[0];
+        Env {
+            down,
+            up_kind,
+            pki,
+            up,
+            access,
+            addr,
+            gw: Some(gw),
+        }
+    }
+
+    pub fn log(&self) -> &EventLog {
+        self.up.log()
+    }
+
+    pub fn up_is_h2(&self) -> bool {
+        self.up_kind != Up::H1
+    }
+
+    /// A raw HTTP/1.1 client (cleartext, or TLS with ALPN http/1.1 on a TLS listener).
+    pub async fn h1(&self) -> H1Client {
+        match self.down {
+            Down::H2Tls => {
+                H1Client::connect_tls(self.addr, self.pki.client_config(&[ALPN_HTTP1]).unwrap())
+                    .await
+                    .unwrap()
+            }
+            _ => H1Client::connect(self.addr).await.unwrap(),
+        }
+    }
+
+    /// A raw HTTP/2 client of this env's downstream kind (h2c for `H1`).
+    pub async fn h2(&self) -> H2Client {
+        match self.down {
+            Down::H2Tls => {
+                H2Client::connect_tls(self.addr, self.pki.client_config(&[ALPN_H2]).unwrap())
+                    .await
+                    .unwrap()
+            }
+            _ => H2Client::connect(self.addr).await.unwrap(),
+        }
+    }
+
+    /// A hyper client speaking this env's downstream protocol.
+    pub async fn http(&self) -> HttpClient {
+        match self.down {
+            Down::H1 => HttpClient::connect(self.addr, Proto::Http1, None)
+                .await
+                .unwrap(),
+            Down::H2c => HttpClient::connect(self.addr, Proto::H2, None)
+                .await
+                .unwrap(),
+            Down::H2Tls => HttpClient::connect(
+                self.addr,
+                Proto::H2,
+                Some(self.pki.client_config(&[ALPN_H2]).unwrap()),
+            )
+            .await
+            .unwrap(),
+        }
+    }
+
+    /// Waits for the access-log record of `path` (records land a little after the response).
+    pub async fn record(&self, path: &str) -> RequestRecord {
+        let deadline = tokio::time::Instant::now() + BOUND;
+        loop {
+            let recs: Vec<_> = self
+                .access
+                .records()
+                .into_iter()
+                .filter(|r| r.path == path)
+                .collect();
+            if let Some(r) = recs.into_iter().next() {
+                return r;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "no access record for {path}; have: {:?}",
+                    self.access
+                        .records()
+                        .iter()
+                        .map(|r| r.path.clone())
+                        .collect::<Vec<_>>()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Every access-log record of `path`.
+    pub fn records(&self, path: &str) -> Vec<RequestRecord> {
+        self.access
+            .records()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// Stops the gateway (short grace) off the async threads.
+    pub async fn stop(mut self) {
+        if let Some(gw) = self.gw.take() {
+            let _ =
+                tokio::task::spawn_blocking(move || gw.shutdown(Duration::from_millis(200))).await;
+        }
+    }
+}
+
+/// Runs `f` bounded by `limit`; a hang is a test failure with a clear message.
+pub async fn bounded<F: std::future::Future>(limit: Duration, f: F) -> F::Output {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}

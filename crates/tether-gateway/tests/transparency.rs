@@ -1,0 +1,422 @@
+//! The proxy changes nothing it should not: methods, statuses, repeated headers, trailers, HEAD,
+//! 100-continue, chunk timing; and it does what a proxy must: removes hop-by-hop headers, adds
+//! `X-Forwarded-For` / `Forwarded`, and makes an upstream's death mid-body visible downstream.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use h2::Reason;
+use http::Method;
+use http_body_util::BodyExt;
+use test_support::behavior::{Behavior, Ending, Reply, routes, script};
+use test_support::client::{empty, full};
+use test_support::{Checksum, EventKind};
+use tether_gateway::observe::access::Outcome;
+use tokio::time::Instant;
+
+fn pairs() -> impl Iterator<Item = (Down, Up)> {
+    ALL_DOWN
+        .into_iter()
+        .flat_map(|d| ALL_UP.into_iter().map(move |u| (d, u)))
+}
+
+#[tokio::test]
+async fn methods_and_head() {
+    bounded(Duration::from_secs(30), async {
+        for (down, up) in pairs() {
+            let s = script(|r| {
+                Behavior::Respond(Reply::ok(r.method.clone()).header("x-method", &r.method))
+            });
+            let env = Env::new(down, up, s).await;
+            let mut c = env.http().await;
+            for m in ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"] {
+                let method = Method::from_bytes(m.as_bytes()).unwrap();
+                let body = if matches!(m, "POST" | "PUT") {
+                    full("data")
+                } else {
+                    empty()
+                };
+                let req = c.request(method, "/m").body(body).unwrap();
+                let (p, b, _) = c.fetch(req).await.unwrap();
+                assert_eq!(p.status, 200, "{down:?}->{up:?} {m}");
+                assert_eq!(p.headers["x-method"], m, "{down:?}->{up:?}");
+                if m == "HEAD" {
+                    assert!(b.is_empty(), "{down:?}->{up:?}: HEAD response with a body");
+                } else {
+                    assert_eq!(&b[..], m.as_bytes(), "{down:?}->{up:?}");
+                }
+            }
+            let seen: Vec<String> = env
+                .log()
+                .requests("/m")
+                .into_iter()
+                .map(|(m, _)| m)
+                .collect();
+            assert_eq!(
+                seen,
+                ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"],
+                "{down:?}->{up:?}"
+            );
+            let bodies: Vec<u64> = env
+                .log()
+                .events()
+                .into_iter()
+                .filter_map(|e| match e.kind {
+                    EventKind::BodyComplete { len, .. } => Some(len),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(bodies, [0, 4, 4, 0, 0, 0], "{down:?}->{up:?}");
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn statuses_pass_through() {
+    bounded(Duration::from_secs(30), async {
+        for (down, up) in pairs() {
+            let s = script(|r| {
+                let status: u16 = r.path.trim_start_matches("/s/").parse().unwrap_or(400);
+                let body = if matches!(status, 204 | 304) {
+                    ""
+                } else {
+                    "status body"
+                };
+                Behavior::Respond(Reply::new(status, body).header("x-status", &status.to_string()))
+            });
+            let env = Env::new(down, up, s).await;
+            let mut c = env.http().await;
+            for status in [204u16, 304, 404, 500] {
+                let (p, b) = c.get(&format!("/s/{status}")).await.unwrap();
+                assert_eq!(p.status.as_u16(), status, "{down:?}->{up:?}");
+                assert_eq!(p.headers["x-status"], status.to_string().as_str());
+                if matches!(status, 204 | 304) {
+                    assert!(b.is_empty());
+                } else {
+                    assert_eq!(&b[..], b"status body");
+                }
+            }
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn repeated_headers_keep_every_value_in_order() {
+    bounded(Duration::from_secs(30), async {
+        for (down, up) in pairs() {
+            let s = routes(vec![(
+                "/h",
+                Behavior::Respond(
+                    Reply::ok("h")
+                        .header("set-cookie", "a=1")
+                        .header("set-cookie", "b=2")
+                        .header("x-multi", "one")
+                        .header("x-multi", "two"),
+                ),
+            )]);
+            let env = Env::new(down, up, s).await;
+            let mut c = env.http().await;
+            let req = c
+                .request(Method::GET, "/h")
+                .header("x-req", "first")
+                .header("x-req", "second")
+                .body(empty())
+                .unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            let cookies: Vec<_> = p.headers.get_all("set-cookie").iter().collect();
+            assert_eq!(cookies, ["a=1", "b=2"], "{down:?}->{up:?}");
+            let multi: Vec<_> = p.headers.get_all("x-multi").iter().collect();
+            assert_eq!(multi, ["one", "two"], "{down:?}->{up:?}");
+            let (_, headers) = env.log().requests("/h").remove(0);
+            let sent: Vec<_> = headers
+                .iter()
+                .filter(|(n, _)| n == "x-req")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            assert_eq!(sent, ["first", "second"], "{down:?}->{up:?}");
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn trailers_from_h2_upstream_reach_h2_client() {
+    bounded(Duration::from_secs(20), async {
+        for down in [Down::H2c, Down::H2Tls] {
+            for up in [Up::H2c, Up::H2Tls] {
+                let s = routes(vec![(
+                    "/t",
+                    Behavior::Respond(
+                        Reply::ok("payload")
+                            .trailer("grpc-status", "0")
+                            .trailer("x-digest", "abc"),
+                    ),
+                )]);
+                let env = Env::new(down, up, s).await;
+                let mut c = env.http().await;
+                let req = c
+                    .request(Method::POST, "/t")
+                    .header("te", "trailers")
+                    .body(full("x"))
+                    .unwrap();
+                let (p, b, trailers) = c.fetch(req).await.unwrap();
+                assert_eq!(p.status, 200);
+                assert_eq!(&b[..], b"payload");
+                let t = trailers.unwrap_or_else(|| panic!("{down:?}->{up:?}: trailers lost"));
+                assert_eq!(t["grpc-status"], "0");
+                assert_eq!(t["x-digest"], "abc");
+                env.stop().await;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn expect_100_continue() {
+    bounded(Duration::from_secs(20), async {
+        for up in ALL_UP {
+            let env = Env::new(Down::H1, up, routes(vec![("/up", Behavior::Summary)])).await;
+            let mut c = env.h1().await;
+            let body = test_support::pattern(50_000);
+            c.send_request(
+                "POST",
+                "/up",
+                &[("expect", "100-continue")],
+                Some(50_000),
+                b"",
+            )
+            .await
+            .unwrap();
+            let h = tokio::time::timeout(BOUND, c.read_head())
+                .await
+                .unwrap_or_else(|_| panic!("{up:?}: no 100 Continue"))
+                .unwrap();
+            assert_eq!(h.status, 100, "{up:?}");
+            c.send_raw(&body).await.unwrap();
+            let h = c.read_final_head().await.unwrap();
+            assert_eq!(h.status, 200);
+            let b = c.read_body("POST", &h).await.unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&b),
+                format!("50000 {}", Checksum::of(&body))
+            );
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+/// Server-sent events: chunks 200 ms apart upstream arrive about 200 ms apart downstream (no
+/// buffering in between).
+async fn sse_timing(down: Down, up: Up) {
+    bounded(Duration::from_secs(10), async {
+        let s = routes(vec![(
+            "/events",
+            Behavior::stream(Bytes::from_static(b"data: tick\n\n"), 5, 200),
+        )]);
+        let env = Env::new(down, up, s).await;
+        let mut c = env.http().await;
+        let req = c.request(Method::GET, "/events").body(empty()).unwrap();
+        let resp = c.send(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        let mut arrivals: Vec<Instant> = Vec::new();
+        let mut total = 0;
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f.unwrap().into_data() {
+                total += d.len();
+                let now = Instant::now();
+                // Pieces of one chunk arriving together count once.
+                if arrivals
+                    .last()
+                    .is_none_or(|l| now - *l > Duration::from_millis(50))
+                {
+                    arrivals.push(now);
+                }
+            }
+        }
+        assert_eq!(total, 5 * 12);
+        assert_eq!(arrivals.len(), 5, "{down:?}->{up:?}: chunks were batched");
+        for w in arrivals.windows(2) {
+            let gap = w[1] - w[0];
+            assert!(
+                gap >= Duration::from_millis(100) && gap <= Duration::from_millis(700),
+                "{down:?}->{up:?}: gap {gap:?}"
+            );
+        }
+        env.stop().await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn sse_timing_h1_h1() {
+    sse_timing(Down::H1, Up::H1).await
+}
+#[tokio::test]
+async fn sse_timing_h1_h2c() {
+    sse_timing(Down::H1, Up::H2c).await
+}
+#[tokio::test]
+async fn sse_timing_h2c_h1() {
+    sse_timing(Down::H2c, Up::H1).await
+}
+#[tokio::test]
+async fn sse_timing_h2tls_h2tls() {
+    sse_timing(Down::H2Tls, Up::H2Tls).await
+}
+
+/// An upstream that dies mid-body must not look like a complete response: HTTP/1 clients see the
+/// connection end without the final chunk (or short of the content-length), HTTP/2 clients see
+/// RST_STREAM.
+#[tokio::test]
+async fn upstream_death_mid_body_is_visible_downstream() {
+    bounded(Duration::from_secs(30), async {
+        let endings: [(Up, Option<u64>, Ending); 4] = [
+            (Up::H1, Some(1000), Ending::Rst),
+            (Up::H1, None, Ending::Fin),
+            (
+                Up::H2c,
+                Some(1000),
+                Ending::StreamReset(Reason::INTERNAL_ERROR),
+            ),
+            (Up::H2Tls, None, Ending::StreamReset(Reason::INTERNAL_ERROR)),
+        ];
+        for down in ALL_DOWN {
+            for (up, content_length, ending) in endings {
+                let s = routes(vec![(
+                    "/die",
+                    Behavior::Truncate {
+                        content_length,
+                        sent: Bytes::from_static(b"0123456789"),
+                        ending,
+                    },
+                )]);
+                let env = Env::new(down, up, s).await;
+                let what = format!("{down:?}->{up:?} {content_length:?} {ending:?}");
+                match down {
+                    Down::H1 => {
+                        let mut c = env.h1().await;
+                        c.send_request("GET", "/die", &[], None, b"").await.unwrap();
+                        let h = c.read_final_head().await.unwrap();
+                        assert_eq!(h.status, 200, "{what}");
+                        let r = tokio::time::timeout(BOUND, c.read_body("GET", &h)).await;
+                        assert!(
+                            matches!(r, Ok(Err(_))),
+                            "{what}: the client did not see an incomplete body: {r:?}"
+                        );
+                    }
+                    Down::H2c | Down::H2Tls => {
+                        let mut c = env.h2().await;
+                        let mut st = c.start("GET", "/die", &[], true).await.unwrap();
+                        assert_eq!(st.response().await.unwrap().status, 200, "{what}");
+                        let r = tokio::time::timeout(BOUND, st.read_to_end()).await;
+                        match r {
+                            Ok(Err(e)) => {
+                                assert!(e.is_reset(), "{what}: not a stream reset: {e}");
+                                assert_eq!(e.reason(), Some(Reason::INTERNAL_ERROR), "{what}");
+                            }
+                            other => panic!("{what}: the client did not see a reset: {other:?}"),
+                        }
+                    }
+                }
+                let rec = env.record("/die").await;
+                assert_eq!(rec.outcome, Outcome::UpstreamError, "{what}: {rec:?}");
+                assert_eq!(rec.stage, Some("body"), "{what}: {rec:?}");
+                env.stop().await;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn hop_by_hop_removed_and_forwarding_headers_added() {
+    bounded(Duration::from_secs(20), async {
+        for up in ALL_UP {
+            let reply = if up == Up::H1 {
+                // Connection-specific response headers only exist in HTTP/1.
+                Reply::ok("ok")
+                    .header("connection", "x-resp-hop")
+                    .header("x-resp-hop", "1")
+                    .header("keep-alive", "timeout=5")
+                    .header("x-resp-end", "kept")
+            } else {
+                Reply::ok("ok").header("x-resp-end", "kept")
+            };
+            let env = Env::new(Down::H1, up, routes(vec![("/f", Behavior::Respond(reply))])).await;
+            let mut c = env.h1().await;
+            c.send_request(
+                "GET",
+                "/f",
+                &[
+                    ("connection", "keep-alive, x-hop"),
+                    ("x-hop", "1"),
+                    ("keep-alive", "timeout=5"),
+                    ("proxy-connection", "keep-alive"),
+                    ("te", "gzip"),
+                    ("x-forwarded-for", "10.9.9.9"),
+                    ("x-end", "kept"),
+                ],
+                None,
+                b"",
+            )
+            .await
+            .unwrap();
+            let h = c.read_final_head().await.unwrap();
+            assert_eq!(h.status, 200);
+            assert_eq!(h.header("x-resp-end"), Some("kept"));
+            assert_eq!(
+                h.header("x-resp-hop"),
+                None,
+                "{up:?}: response hop-by-hop header forwarded"
+            );
+            assert_eq!(h.header("keep-alive"), None, "{up:?}");
+
+            let (_, headers) = env.log().requests("/f").remove(0);
+            let get = |n: &str| -> Vec<&str> {
+                headers
+                    .iter()
+                    .filter(|(k, _)| k == n)
+                    .map(|(_, v)| v.as_str())
+                    .collect()
+            };
+            for hop in [
+                "connection",
+                "x-hop",
+                "keep-alive",
+                "proxy-connection",
+                "te",
+            ] {
+                assert!(
+                    get(hop).is_empty(),
+                    "{up:?}: {hop} reached the upstream: {headers:?}"
+                );
+            }
+            assert_eq!(get("x-end"), ["kept"]);
+            let xff = get("x-forwarded-for").join(",");
+            assert!(xff.contains("127.0.0.1"), "{up:?}: x-forwarded-for {xff:?}");
+            assert!(
+                !xff.contains("10.9.9.9"),
+                "{up:?}: untrusted x-forwarded-for kept: {xff:?}"
+            );
+            let fwd = get("forwarded").join(",");
+            assert!(
+                fwd.contains("for=") && fwd.contains("127.0.0.1"),
+                "{up:?}: forwarded {fwd:?}"
+            );
+            env.stop().await;
+        }
+    })
+    .await
+}
