@@ -250,10 +250,10 @@ impl RequestContext {
     /// `Err(Cancelled)` if the context was cancelled or its deadline has passed (which cancels it
     /// with [`CancelReason::Deadline`]). Cheap enough for a tight loop of blocking work.
     pub fn check(&self) -> Result<(), Cancelled> {
-        if let Some(d) = self.inner.deadline {
-            if d.is_expired() {
-                self.cancel(CancelReason::Deadline);
-            }
+        if let Some(d) = self.inner.deadline
+            && d.is_expired()
+        {
+            self.cancel(CancelReason::Deadline);
         }
         match self.cause() {
             Some(c) => Err(Cancelled { reason: c.reason }),

@@ -90,6 +90,10 @@ impl DisconnectWatcher {
         match self.dup.take_error() {
             Ok(Some(e)) if e.kind() == io::ErrorKind::TimedOut => PeerGone::Dead,
             Ok(Some(_)) | Err(_) => PeerGone::Reset,
+            // The pending error is consumed by whoever reads first: when the HTTP stack read the
+            // ECONNRESET, the socket is still in state CLOSE, where getpeername fails, while after
+            // a FIN (CLOSE_WAIT) it succeeds.
+            Ok(None) if self.dup.peer_addr().is_err() => PeerGone::Reset,
             Ok(None) => PeerGone::Closed,
         }
     }
