@@ -38,7 +38,11 @@ impl CancelWatch {
     }
 
     /// Ready with the reason once `ctx` was cancelled or its deadline passed (which cancels it).
-    pub(crate) fn poll(&mut self, ctx: &RequestContext, cx: &mut Context<'_>) -> Poll<CancelReason> {
+    pub(crate) fn poll(
+        &mut self,
+        ctx: &RequestContext,
+        cx: &mut Context<'_>,
+    ) -> Poll<CancelReason> {
         if let Some(r) = self.done {
             return Poll::Ready(r);
         }

@@ -184,7 +184,10 @@ mod tests {
         assert_eq!(format_budget_ms(Duration::from_millis(1500)), "1500");
         assert_eq!(format_budget_ms(Duration::from_micros(1999)), "1");
         assert_eq!(format_budget_ms(Duration::from_micros(999)), "0");
-        assert_eq!(format_budget_ms(Duration::MAX), u64::MAX.to_string().as_str());
+        assert_eq!(
+            format_budget_ms(Duration::MAX),
+            u64::MAX.to_string().as_str()
+        );
     }
 
     #[test]
@@ -225,7 +228,10 @@ mod tests {
     #[test]
     fn grpc_timeout_formats_in_finest_fitting_unit() {
         assert_eq!(format_grpc_timeout(Duration::ZERO), "0n");
-        assert_eq!(format_grpc_timeout(Duration::from_nanos(99_999_999)), "99999999n");
+        assert_eq!(
+            format_grpc_timeout(Duration::from_nanos(99_999_999)),
+            "99999999n"
+        );
         assert_eq!(format_grpc_timeout(Duration::from_millis(1500)), "1500000u");
         assert_eq!(format_grpc_timeout(Duration::from_secs(200)), "200000m");
         assert_eq!(format_grpc_timeout(Duration::from_secs(200_000)), "200000S");

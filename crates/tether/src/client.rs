@@ -21,8 +21,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderName, Request, Response};
-use http_body_util::Full;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::{self, connect::Connect, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;

@@ -28,6 +28,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -49,6 +50,7 @@ pub struct Downstream {
     ctx: RequestContext,
     watcher: Option<Weak<DisconnectWatcher>>,
     remote: Option<SocketAddr>,
+    ended: Arc<AtomicBool>,
 }
 
 impl Downstream {
@@ -58,6 +60,7 @@ impl Downstream {
             ctx,
             watcher: None,
             remote: None,
+            ended: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -84,12 +87,26 @@ impl Downstream {
         self.remote
     }
 
-    /// `Some` if the connection's watcher has already seen the client go.
+    /// Records that the connection has ended. Call it when the connection task finishes, before
+    /// dropping the watcher: HTTP/2 streams run on their own tasks and may be dropped after it,
+    /// and are then attributed to the connection loss.
+    pub fn mark_ended(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    /// `Some` if the client is known to be gone: the connection's watcher saw it, or the
+    /// connection has [ended](Self::mark_ended) (then reported as [`PeerGone::Closed`]).
     pub fn peer_gone(&self) -> Option<PeerGone> {
-        self.watcher
+        let seen = self
+            .watcher
             .as_ref()
             .and_then(Weak::upgrade)
-            .and_then(|w| w.poll_gone_now())
+            .and_then(|w| w.check_now());
+        seen.or_else(|| {
+            self.ended
+                .load(Ordering::Acquire)
+                .then_some(PeerGone::Closed)
+        })
     }
 }
 
@@ -171,11 +188,10 @@ impl Config {
             .and_then(|v| v.to_str().ok())
             .filter(|s| !s.is_empty() && s.len() <= 128)
             .map(RequestId::new);
-        let parent = req.extensions().get::<RequestContext>().or_else(|| {
-            req.extensions()
-                .get::<Downstream>()
-                .map(|d| &d.ctx)
-        });
+        let parent = req
+            .extensions()
+            .get::<RequestContext>()
+            .or_else(|| req.extensions().get::<Downstream>().map(|d| &d.ctx));
         let ctx = match (parent, id) {
             (Some(p), Some(id)) => p.child_with_id(id),
             (Some(p), None) => p.child_with_id(RequestId::generate()),
@@ -470,7 +486,10 @@ mod tests {
         }
         let slot = Arc::new(std::sync::Mutex::new(None));
         let mut svc = ContextLayer::new().layer(Keep(slot.clone()));
-        let mut r = Request::builder().version(Version::HTTP_2).body(()).unwrap();
+        let mut r = Request::builder()
+            .version(Version::HTTP_2)
+            .body(())
+            .unwrap();
         r.extensions_mut().insert(Downstream::new(conn.clone()));
         drop(svc.call(r));
         let ctx = slot.lock().unwrap().clone().unwrap();
@@ -487,8 +506,7 @@ mod tests {
         impl Service<Request<()>> for Wait {
             type Response = Response<http_body_util::Empty<bytes::Bytes>>;
             type Error = Infallible;
-            type Future =
-                Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+            type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
             fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
                 Poll::Ready(Ok(()))
             }

@@ -112,10 +112,7 @@ impl ServeOptions {
 /// `with_state`) fits as is.
 pub async fn serve<S, B>(listener: TcpListener, service: S, options: ServeOptions)
 where
-    S: tower_service::Service<Request<Incoming>, Response = Response<B>>
-        + Clone
-        + Send
-        + 'static,
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
     B: Body + Send + 'static,
@@ -159,7 +156,10 @@ where
     drain.cancel();
     let drained = tokio::time::timeout(options.grace, join_all(&mut conns)).await;
     if drained.is_err() {
-        tracing::info!(connections = conns.len(), "grace period over, cancelling requests");
+        tracing::info!(
+            connections = conns.len(),
+            "grace period over, cancelling requests"
+        );
         server_ctx.cancel(CancelReason::Shutdown);
         let _ = tokio::time::timeout(options.cleanup_window, join_all(&mut conns)).await;
         conns.abort_all();
@@ -205,7 +205,7 @@ impl Conn {
         let http2 = Arc::new(AtomicBool::new(false));
         let svc = HyperService {
             inner: service,
-            downstream,
+            downstream: downstream.clone(),
             http2: http2.clone(),
         };
         let conn = self.builder.serve_connection(TokioIo::new(tcp), svc);
@@ -227,6 +227,7 @@ impl Conn {
                     if self.ctx.cancel(reason) {
                         tracing::debug!(remote = %remote, reason = %reason, "client gone");
                     }
+                    downstream.mark_ended();
                     return;
                 }
                 // Shutdown: finish what is in flight, take nothing new.
@@ -236,13 +237,14 @@ impl Conn {
                 }
             }
         };
+        downstream.mark_ended();
         if let Err(e) = result {
             let reason = if http2.load(Ordering::Relaxed) {
                 CancelReason::ConnectionLost
             } else {
                 watcher
                     .as_ref()
-                    .and_then(|w| w.poll_gone_now())
+                    .and_then(|w| w.check_now())
                     .map_or(CancelReason::ClientClosed, |g| g.reason())
             };
             if self.ctx.cancel(reason) {
