@@ -4,6 +4,9 @@
 //! `/usr/lib/postgresql/*/bin` (Debian/Ubuntu: `apt-get install postgresql`). When run as root the
 //! server runs as user `postgres` through `runuser`.
 
+// Helpers outside #[test] functions panic on purpose too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;

@@ -2,6 +2,9 @@
 //! hyper and the watcher can see, and the handler, its spawned task and its blocking work must
 //! all stop with the matching reason.
 
+// Helpers outside #[test] functions panic on purpose too.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
