@@ -293,3 +293,44 @@ fn cut<D: Buf>(
     finish(done, guard);
     Poll::Ready(Some(Err(Box::new(BodyCancelled::new(reason)))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    /// A body that fails at once with `kind`.
+    struct Failing(std::io::ErrorKind);
+
+    impl Body for Failing {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(Some(Err(self.0.into())))
+        }
+    }
+
+    #[tokio::test]
+    async fn request_body_error_cancels_with_its_reason() {
+        let ctx = RequestContext::new();
+        let body = CancelOnError::new(Failing(std::io::ErrorKind::ConnectionReset), ctx.clone());
+        assert!(body.collect().await.is_err());
+        assert_eq!(ctx.reason(), Some(CancelReason::ClientReset));
+
+        let ctx = RequestContext::new();
+        let body = CancelOnError::new(Failing(std::io::ErrorKind::UnexpectedEof), ctx.clone());
+        assert!(body.collect().await.is_err());
+        assert_eq!(ctx.reason(), Some(CancelReason::ClientClosed));
+    }
+
+    #[test]
+    fn body_cancelled_carries_h2_cancel_in_its_source() {
+        let e = BodyCancelled::new(CancelReason::Deadline);
+        let src = StdError::source(&e).and_then(|s| s.downcast_ref::<h2::Error>());
+        assert_eq!(src.and_then(h2::Error::reason), Some(h2::Reason::CANCEL));
+    }
+}

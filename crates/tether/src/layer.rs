@@ -14,7 +14,7 @@
 //! 4. cancels it when the response future or the response body is dropped before its end, which
 //!    is how hyper says the client left: HTTP/1 [`ClientClosed`](CancelReason::ClientClosed) or
 //!    [`ClientReset`](CancelReason::ClientReset) (from the connection's
-//!    [`DisconnectWatcher`](crate::DisconnectWatcher) when present), HTTP/2
+//!    [`DisconnectWatcher`] when present), HTTP/2
 //!    [`StreamReset`](CancelReason::StreamReset), or
 //!    [`ConnectionLost`](CancelReason::ConnectionLost) when the whole HTTP/2 connection went.
 //!

@@ -372,3 +372,116 @@ impl Drop for CleanupGuard {
         let _ = self.start();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn spawned_task_is_dropped_when_the_context_fires() {
+        let ctx = RequestContext::new();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let handle = spawn(&ctx, async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            flag.store(true, Ordering::SeqCst);
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        ctx.cancel(CancelReason::ClientReset);
+        assert_eq!(
+            handle.await,
+            Err(Cancelled {
+                reason: CancelReason::ClientReset
+            })
+        );
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!done.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn blocking_handle_returns_early_and_the_closure_stops() {
+        let ctx = RequestContext::new();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = spawn_blocking(&ctx, move |check| {
+            tx.send(()).unwrap();
+            loop {
+                check.check()?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        tokio::task::spawn_blocking(move || rx.recv().unwrap())
+            .await
+            .unwrap();
+        ctx.cancel(CancelReason::Deadline);
+        let out: Result<(), Cancelled> = handle.await;
+        assert_eq!(out.unwrap_err().reason, CancelReason::Deadline);
+    }
+
+    #[tokio::test]
+    async fn blocking_stopped_waits_for_the_closure() {
+        let ctx = RequestContext::new();
+        let handle = spawn_blocking(&ctx, |check| {
+            loop {
+                check.check()?;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        ctx.cancel(CancelReason::Shutdown);
+        let out: Result<(), Cancelled> =
+            tokio::time::timeout(Duration::from_secs(5), handle.stopped())
+                .await
+                .unwrap();
+        assert_eq!(out.unwrap_err().reason, CancelReason::Shutdown);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cleanup_runs_when_the_future_is_dropped_and_is_bounded() {
+        let ctx = RequestContext::new();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let fut = ctx.run_with_cleanup(
+            std::future::pending::<()>(),
+            Duration::from_millis(100),
+            move |cleanup| async move {
+                tx.send(cleanup.reason).unwrap();
+                // Longer than the window: must be cut.
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                tx.send(None).unwrap();
+            },
+        );
+        let mut fut = Box::pin(fut);
+        assert!(futures_poll_once(fut.as_mut()).await.is_none());
+        // The owner (hyper) cancels, then drops the handler.
+        ctx.cancel(CancelReason::StreamReset);
+        drop(fut);
+        assert_eq!(rx.recv().await, Some(Some(CancelReason::StreamReset)));
+        // The channel closes when the cleanup task is dropped at the end of its window.
+        assert_eq!(rx.recv().await, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cleanup_is_skipped_when_the_work_completes() {
+        let ctx = RequestContext::new();
+        let ran = Arc::new(AtomicBool::new(false));
+        let flag = ran.clone();
+        let out = ctx
+            .run_with_cleanup(async { 5 }, Duration::from_secs(1), move |_| async move {
+                flag.store(true, Ordering::SeqCst);
+            })
+            .await;
+        assert_eq!(out, Ok(5));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+
+    async fn futures_poll_once<F: Future + Unpin>(mut fut: F) -> Option<F::Output> {
+        std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut fut).poll(cx) {
+                Poll::Ready(v) => Some(v),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+}
