@@ -86,10 +86,36 @@ impl DisconnectWatcher {
         }
     }
 
+    /// Non-blocking check that does not wait for the reactor: [`poll_gone_now`](Self::poll_gone_now),
+    /// else a `MSG_PEEK` of one byte on the socket (which consumes nothing).
+    ///
+    /// The HTTP stack may read a FIN or RST from the socket before the reactor has reported it
+    /// on the watcher's registration (both happen between two reactor turns); this sees it
+    /// anyway. With unread data in the socket a FIN behind it is invisible here, but the reactor
+    /// path reports it.
+    pub fn check_now(&self) -> Option<PeerGone> {
+        if let Some(gone) = self.poll_gone_now() {
+            return Some(gone);
+        }
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        match socket2::SockRef::from(&self.dup).peek(&mut byte) {
+            Ok(0) => Some(self.classify()),
+            Ok(_) => None,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => None,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Some(PeerGone::Dead),
+            Err(_) => Some(PeerGone::Reset),
+        }
+    }
+
     fn classify(&self) -> PeerGone {
         match self.dup.take_error() {
             Ok(Some(e)) if e.kind() == io::ErrorKind::TimedOut => PeerGone::Dead,
             Ok(Some(_)) | Err(_) => PeerGone::Reset,
+            // The pending error is consumed by whoever reads first: when the HTTP stack read the
+            // ECONNRESET, the socket is still in state CLOSE, where getpeername fails, while after
+            // a FIN (CLOSE_WAIT) it succeeds.
+            Ok(None) if self.dup.peer_addr().is_err() => PeerGone::Reset,
             Ok(None) => PeerGone::Closed,
         }
     }
@@ -137,6 +163,28 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(gone, PeerGone::Reset);
+    }
+
+    #[tokio::test]
+    async fn check_now_sees_fin_and_rst_without_the_reactor() {
+        let (client, server) = pair().await;
+        let w = DisconnectWatcher::new(&server).unwrap();
+        assert_eq!(w.check_now(), None);
+        drop(client);
+        // No await in between: the reactor has not run, the socket already knows.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(w.check_now(), Some(PeerGone::Closed));
+
+        let (client, server) = pair().await;
+        let w = DisconnectWatcher::new(&server).unwrap();
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(w.check_now(), Some(PeerGone::Reset));
+        // The pending error was consumed by that peek; the state still says reset.
+        assert_eq!(w.check_now(), Some(PeerGone::Reset));
     }
 
     #[tokio::test]

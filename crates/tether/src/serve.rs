@@ -1,0 +1,300 @@
+//! A server entry point that wires connection events into request contexts.
+//!
+//! [`serve`] accepts TCP connections and runs hyper-util's `auto` connection (HTTP/1.1 and
+//! cleartext HTTP/2 with prior knowledge) for each, wrapping the service in [`ContextLayer`].
+//!
+//! LIFECYCLE of one connection:
+//! 1. accepted: a connection context is made as a child of the server's context, and a
+//!    [`DisconnectWatcher`] is registered on a duplicate of the socket;
+//! 2. each request gets a [`Downstream`] in its extensions and a request context, a child of the
+//!    connection's (see [`layer`](crate::layer));
+//! 3. the client leaves:
+//!    - the watcher sees FIN/RST (it sees them even when hyper does not read: unread request
+//!      body, pipelined bytes): the connection context is cancelled with
+//!      [`ClientClosed`](CancelReason::ClientClosed) / [`ClientReset`](CancelReason::ClientReset)
+//!      on HTTP/1, [`ConnectionLost`](CancelReason::ConnectionLost) on HTTP/2, and the connection
+//!      is dropped, which drops every handler still running on it;
+//!    - an HTTP/2 stream reset: hyper drops that handler only, and the layer cancels its context
+//!      with [`StreamReset`](CancelReason::StreamReset);
+//!    - the connection fails otherwise (protocol error, h2 connection error): like the watcher;
+//! 4. shutdown: accepting stops, every connection is asked to finish gracefully (HTTP/1 closes
+//!    after the response in flight, HTTP/2 sends GOAWAY) for [`ServeOptions::grace`]; then every
+//!    remaining context is cancelled with [`Shutdown`](CancelReason::Shutdown), handlers get
+//!    [`ServeOptions::cleanup_window`] to answer, and the connections are dropped.
+//!
+//! The request body reaches the service as hyper's `Incoming`. With `serve`, a client leaving
+//! mid-upload is caught by the watcher (HTTP/1) or by hyper (HTTP/2 reset). Handlers that read
+//! the body can also wrap it in [`CancelOnError`](crate::body::CancelOnError) so that a read error
+//! cancels the context at once, whatever the server.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response, Version};
+use http_body::Body;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::body::{BoxError, ContextBody};
+use crate::context::{RequestContext, RequestId};
+use crate::layer::{ContextLayer, ContextService, Downstream};
+use crate::reason::CancelReason;
+use crate::watch::DisconnectWatcher;
+
+/// Settings for [`serve`].
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    layer: ContextLayer,
+    shutdown: CancellationToken,
+    grace: Duration,
+    cleanup_window: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions::new()
+    }
+}
+
+impl ServeOptions {
+    /// Default options: a [`ContextLayer::new`] layer, no shutdown signal, 30 s grace, 1 s
+    /// cleanup window.
+    pub fn new() -> ServeOptions {
+        ServeOptions {
+            layer: ContextLayer::new(),
+            shutdown: CancellationToken::new(),
+            grace: Duration::from_secs(30),
+            cleanup_window: Duration::from_secs(1),
+        }
+    }
+
+    /// The context layer applied to every request (deadline, trusted headers). Do not add another
+    /// `ContextLayer` inside the service: it would only nest a child context. Default:
+    /// [`ContextLayer::new`].
+    pub fn layer(mut self, layer: ContextLayer) -> ServeOptions {
+        self.layer = layer;
+        self
+    }
+
+    /// Starts a graceful shutdown when `token` is cancelled. Default: never.
+    pub fn shutdown(mut self, token: CancellationToken) -> ServeOptions {
+        self.shutdown = token;
+        self
+    }
+
+    /// How long in-flight requests may run after shutdown starts before their contexts are
+    /// cancelled with [`CancelReason::Shutdown`]. Default: 30 s.
+    pub fn grace(mut self, grace: Duration) -> ServeOptions {
+        self.grace = grace;
+        self
+    }
+
+    /// After the grace period, how long handlers get to answer (or clean up) once their contexts
+    /// were cancelled, before their connections are dropped. Default: 1 s.
+    pub fn cleanup_window(mut self, window: Duration) -> ServeOptions {
+        self.cleanup_window = window;
+        self
+    }
+}
+
+/// Serves `service` on `listener` until the shutdown token of `options` is cancelled and the
+/// connections are drained; see the [module docs](self).
+///
+/// The service is wrapped in the options' [`ContextLayer`], so handlers find a
+/// [`RequestContext`] and a [`Downstream`] in the request extensions. An axum `Router` (after
+/// `with_state`) fits as is.
+pub async fn serve<S, B>(listener: TcpListener, service: S, options: ServeOptions)
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let server_ctx = RequestContext::with_id(RequestId::new("server"));
+    let drain = CancellationToken::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let service = ContextService::new(service, &options.layer);
+    let mut conns = JoinSet::new();
+
+    loop {
+        tokio::select! {
+            biased;
+            // Shutdown first: stop accepting even if connections keep arriving.
+            _ = options.shutdown.cancelled() => break,
+            // Reap finished connections so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, remote)) => {
+                    let conn = Conn {
+                        ctx: server_ctx.child(),
+                        builder: builder.clone(),
+                        drain: drain.clone(),
+                    };
+                    conns.spawn(conn.run(tcp, remote, service.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    drain.cancel();
+    let drained = tokio::time::timeout(options.grace, join_all(&mut conns)).await;
+    if drained.is_err() {
+        tracing::info!(
+            connections = conns.len(),
+            "grace period over, cancelling requests"
+        );
+        server_ctx.cancel(CancelReason::Shutdown);
+        let _ = tokio::time::timeout(options.cleanup_window, join_all(&mut conns)).await;
+        conns.abort_all();
+        join_all(&mut conns).await;
+    }
+}
+
+async fn join_all(set: &mut JoinSet<()>) {
+    while set.join_next().await.is_some() {}
+}
+
+struct Conn {
+    ctx: RequestContext,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    drain: CancellationToken,
+}
+
+impl Conn {
+    async fn run<S, B>(self, tcp: TcpStream, remote: SocketAddr, service: ContextService<S>)
+    where
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let _ = tcp.set_nodelay(true);
+        let watcher = match DisconnectWatcher::new(&tcp) {
+            Ok(w) => Some(Arc::new(w)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no disconnect watcher for this connection");
+                None
+            }
+        };
+        let mut downstream = Downstream::new(self.ctx.clone()).with_remote_addr(remote);
+        if let Some(w) = &watcher {
+            downstream = downstream.with_watcher(w);
+        }
+        let http2 = Arc::new(AtomicBool::new(false));
+        let svc = HyperService {
+            inner: service,
+            downstream: downstream.clone(),
+            http2: http2.clone(),
+        };
+        let conn = self.builder.serve_connection(TokioIo::new(tcp), svc);
+        let mut conn = std::pin::pin!(conn);
+        let mut draining = false;
+        let result = loop {
+            tokio::select! {
+                biased;
+                // The connection ended: the normal exit.
+                res = conn.as_mut() => break res,
+                // The client left, whether or not hyper is reading: stop its work now and drop
+                // the connection (and with it any handler still running).
+                gone = gone(watcher.as_deref()) => {
+                    let reason = if http2.load(Ordering::Relaxed) {
+                        CancelReason::ConnectionLost
+                    } else {
+                        gone.reason()
+                    };
+                    if self.ctx.cancel(reason) {
+                        tracing::debug!(remote = %remote, reason = %reason, "client gone");
+                    }
+                    downstream.mark_ended();
+                    return;
+                }
+                // Shutdown: finish what is in flight, take nothing new.
+                _ = self.drain.cancelled(), if !draining => {
+                    draining = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        };
+        downstream.mark_ended();
+        if let Err(e) = result {
+            let reason = if http2.load(Ordering::Relaxed) {
+                CancelReason::ConnectionLost
+            } else {
+                watcher
+                    .as_ref()
+                    .and_then(|w| w.check_now())
+                    .map_or(CancelReason::ClientClosed, |g| g.reason())
+            };
+            if self.ctx.cancel(reason) {
+                tracing::debug!(remote = %remote, reason = %reason, error = %e, "connection failed");
+            }
+        }
+    }
+}
+
+async fn gone(watcher: Option<&DisconnectWatcher>) -> crate::watch::PeerGone {
+    match watcher {
+        Some(w) => w.gone().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Adapts the tower service to hyper, adding the connection's [`Downstream`] to each request.
+#[derive(Clone)]
+struct HyperService<S> {
+    inner: ContextService<S>,
+    downstream: Downstream,
+    http2: Arc<AtomicBool>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for HyperService<S>
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+{
+    type Response = Response<ContextBody<B>>;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<Self::Response, BoxError>>;
+
+    fn call(&self, mut req: Request<Incoming>) -> Self::Future {
+        if req.version() == Version::HTTP_2 {
+            self.http2.store(true, Ordering::Relaxed);
+        }
+        req.extensions_mut().insert(self.downstream.clone());
+        let mut svc = self.inner.clone();
+        Box::pin(async move {
+            std::future::poll_fn(|cx| tower_service::Service::poll_ready(&mut svc, cx))
+                .await
+                .map_err(Into::into)?;
+            tower_service::Service::call(&mut svc, req)
+                .await
+                .map_err(Into::into)
+        })
+    }
+}
