@@ -113,6 +113,8 @@ pub struct FileRoute {
     pub client_half_close: Option<FileHalfClose>,
     /// Extra attempts after a failure that is safe to retry; 0 disables.
     pub max_retries: Option<u32>,
+    /// Header carrying the remaining budget in milliseconds, or `"off"`.
+    pub budget_header: Option<String>,
 }
 
 /// `client_half_close` values.
@@ -510,6 +512,11 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     cfg.host = r.host.clone();
     cfg.timeouts = timeouts;
     cfg.client_half_close = client_half_close;
+    match r.budget_header.as_deref() {
+        None => {}
+        Some("off") => cfg.budget_header = None,
+        Some(h) => cfg.budget_header = Some(h.to_ascii_lowercase()),
+    }
     if let Some(n) = r.max_retries {
         cfg.max_retries = n;
     }

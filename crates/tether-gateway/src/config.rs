@@ -195,6 +195,10 @@ pub struct RouteConfig {
     pub client_half_close: HalfClose,
     /// Extra attempts after a failure that is provably safe to retry. Default 2; 0 disables.
     pub max_retries: u32,
+    /// Header carrying the remaining budget in milliseconds: stamped on upstream requests, and
+    /// read from trusted peers to shorten the deadline. Default `x-request-timeout-ms`; `None`
+    /// disables both.
+    pub budget_header: Option<String>,
 }
 
 /// Per-route timeouts; `None` disables one.
@@ -334,6 +338,7 @@ impl RouteConfig {
             timeouts: RouteTimeouts::default(),
             client_half_close: HalfClose::Abort,
             max_retries: 2,
+            budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
         }
     }
 }
@@ -432,6 +437,14 @@ impl Config {
                     return Err(ConfigError::new(
                         format!("{rkey}.upstream"),
                         format!("no upstream named {:?}", r.upstream),
+                    ));
+                }
+                if let Some(h) = &r.budget_header
+                    && http::header::HeaderName::from_bytes(h.as_bytes()).is_err()
+                {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.budget_header"),
+                        format!("{h:?} is not a valid header name"),
                     ));
                 }
                 if r.timeouts.connect.is_zero() {

@@ -11,6 +11,7 @@
 
 pub mod cancel;
 pub mod config;
+pub mod deadline;
 pub mod downstream;
 pub mod error;
 pub mod listen;

@@ -19,6 +19,8 @@ pub struct Route {
     pub half_close: HalfClose,
     /// Retry limit.
     pub max_retries: u32,
+    /// Budget header name, if enabled.
+    pub budget_header: Option<http::header::HeaderName>,
 }
 
 /// The routes of one listener.
@@ -42,6 +44,10 @@ impl Router {
                     timeouts: r.timeouts,
                     half_close: r.client_half_close,
                     max_retries: r.max_retries,
+                    budget_header: r
+                        .budget_header
+                        .as_ref()
+                        .and_then(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok()),
                 })
             })
             .collect();

@@ -17,10 +17,11 @@ use http::header::{HOST, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
-use tether::{Deadline, RequestId};
+use tether::RequestId;
 use tokio::time::Instant;
 
 use crate::cancel::ConnCancel;
+use crate::deadline;
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::listen::{ListenerShared, Worker};
 use crate::observe::access::{Outcome, RequestRecord};
@@ -112,17 +113,16 @@ async fn proxy(
     };
     t.rec.route = Some(route.name.to_string());
     conn.cancel.begin_h1_request(&t.ctx, route.half_close);
-    if let Some(total) = route.timeouts.total {
-        // The deadline runs from the arrival of the request head.
-        t.ctx = t
-            .ctx
-            .child_with_deadline(Deadline::starting_at(t.started(), total));
+    let trusted = listener.trusts(conn.client.ip());
+    // The deadline runs from the arrival of the request head, not from the end of its body.
+    if let Some(d) = deadline::request_deadline(route, t.started(), req.headers(), trusted) {
+        t.ctx = t.ctx.child_with_deadline(d);
     }
+    let grpc = deadline::is_grpc(req.headers());
     let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
     t.rec.upstream = Some(upstream.name.to_string());
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
-    let trusted = listener.trusts(conn.client.ip());
     let up_req = match build_upstream_request(req, conn, upstream, trusted, &mut t) {
         Ok(r) => r,
         Err(e) => return fail(t, e),
@@ -134,13 +134,19 @@ async fn proxy(
     let mut fresh_only = false;
     t.upstream_started = Some(Instant::now());
     let (resp, pool, ep_idx) = loop {
-        let Some(up_req) = next_req
+        let Some(mut up_req) = next_req
             .take()
             .or_else(|| replay.as_ref().map(Replay::build))
         else {
             // Unreachable: a retry is only chosen when the request can be sent again.
             return fail(t, ProxyError::upstream(Stage::Send, ErrorKind::Reset));
         };
+        deadline::stamp(
+            up_req.headers_mut(),
+            route.budget_header.as_ref(),
+            &t.ctx,
+            grpc,
+        );
         if attempt > 0 {
             t.rec.retries = attempt;
             let pause = retry::backoff(attempt, fresh_only);
