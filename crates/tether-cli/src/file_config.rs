@@ -115,6 +115,12 @@ pub struct FileRoute {
     pub max_retries: Option<u32>,
     /// Header carrying the remaining budget in milliseconds, or `"off"`.
     pub budget_header: Option<String>,
+    /// 5xx statuses on which idempotent bodiless requests are retried.
+    pub retry_statuses: Option<Vec<u16>>,
+    /// Retries as a fraction of requests.
+    pub retry_budget: Option<f64>,
+    /// Retries always allowed per second.
+    pub retry_budget_min_per_second: Option<u32>,
 }
 
 /// `client_half_close` values.
@@ -516,6 +522,15 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
         None => {}
         Some("off") => cfg.budget_header = None,
         Some(h) => cfg.budget_header = Some(h.to_ascii_lowercase()),
+    }
+    if let Some(v) = &r.retry_statuses {
+        cfg.retry_statuses = v.clone();
+    }
+    if let Some(v) = r.retry_budget {
+        cfg.retry_budget_ratio = v;
+    }
+    if let Some(v) = r.retry_budget_min_per_second {
+        cfg.retry_budget_min_per_second = v;
     }
     if let Some(n) = r.max_retries {
         cfg.max_retries = n;

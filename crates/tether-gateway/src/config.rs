@@ -195,6 +195,12 @@ pub struct RouteConfig {
     pub client_half_close: HalfClose,
     /// Extra attempts after a failure that is provably safe to retry. Default 2; 0 disables.
     pub max_retries: u32,
+    /// Response statuses on which idempotent, bodiless requests are retried. Default none.
+    pub retry_statuses: Vec<u16>,
+    /// Retries allowed as a fraction of requests (the retry budget). Default 0.2.
+    pub retry_budget_ratio: f64,
+    /// Retries always allowed per second, whatever the ratio says. Default 10.
+    pub retry_budget_min_per_second: u32,
     /// Header carrying the remaining budget in milliseconds: stamped on upstream requests, and
     /// read from trusted peers to shorten the deadline. Default `x-request-timeout-ms`; `None`
     /// disables both.
@@ -338,6 +344,9 @@ impl RouteConfig {
             timeouts: RouteTimeouts::default(),
             client_half_close: HalfClose::Abort,
             max_retries: 2,
+            retry_statuses: Vec::new(),
+            retry_budget_ratio: 0.2,
+            retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
         }
     }
@@ -445,6 +454,18 @@ impl Config {
                     return Err(ConfigError::new(
                         format!("{rkey}.budget_header"),
                         format!("{h:?} is not a valid header name"),
+                    ));
+                }
+                if !(0.0..=1000.0).contains(&r.retry_budget_ratio) {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.retry_budget"),
+                        "must be a fraction between 0 and 1000",
+                    ));
+                }
+                if let Some(s) = r.retry_statuses.iter().find(|s| !(500..=599).contains(*s)) {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.retry_statuses"),
+                        format!("{s} is not a 5xx status"),
                     ));
                 }
                 if r.timeouts.connect.is_zero() {

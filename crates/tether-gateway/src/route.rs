@@ -17,8 +17,8 @@ pub struct Route {
     pub timeouts: RouteTimeouts,
     /// HTTP/1 half-close policy.
     pub half_close: HalfClose,
-    /// Retry limit.
-    pub max_retries: u32,
+    /// Retry policy and budget.
+    pub retry: crate::proxy::retry::RetryPolicy,
     /// Budget header name, if enabled.
     pub budget_header: Option<http::header::HeaderName>,
 }
@@ -43,7 +43,12 @@ impl Router {
                     upstream: upstream_index(&r.upstream)?,
                     timeouts: r.timeouts,
                     half_close: r.client_half_close,
-                    max_retries: r.max_retries,
+                    retry: crate::proxy::retry::RetryPolicy::new(
+                        r.max_retries,
+                        r.retry_statuses.clone(),
+                        r.retry_budget_ratio,
+                        r.retry_budget_min_per_second,
+                    ),
                     budget_header: r
                         .budget_header
                         .as_ref()

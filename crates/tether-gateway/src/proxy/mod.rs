@@ -128,6 +128,7 @@ async fn proxy(
         Err(e) => return fail(t, e),
     };
 
+    route.retry.on_request();
     let replay = Replay::of(&up_req);
     let mut next_req = Some(up_req);
     let mut attempt: u32 = 0;
@@ -169,7 +170,7 @@ async fn proxy(
             Ok(c) => c,
             Err(e) => {
                 // Nothing was sent: any request may go to the next endpoint.
-                if retry::may_retry(&e, attempt, route.max_retries, true) {
+                if route.retry.may_retry(&e, attempt, true) {
                     worker.observer.metrics.upstream_error(&upstream.name, &e);
                     tracing::debug!(stage = %e.stage, side = %e.side, error = %e, attempt, "upstream attempt failed, retrying");
                     next_req = Some(up_req);
@@ -204,6 +205,25 @@ async fn proxy(
         };
         match head {
             Head::Response(r) => {
+                let status = r.status().as_u16();
+                if route.retry.retries_status(
+                    status,
+                    attempt,
+                    retry::is_idempotent(&t.rec.method),
+                    replay.is_some(),
+                ) {
+                    tracing::debug!(
+                        status,
+                        attempt,
+                        "upstream answered a retryable status, retrying"
+                    );
+                    // Dropping the response closes an HTTP/1 connection (its body is unread) or
+                    // resets an HTTP/2 stream.
+                    drop((r, pool));
+                    t.teardown = Teardown::None;
+                    attempt += 1;
+                    continue;
+                }
                 t.rec.upstream_first_byte = Some(sent_at.elapsed());
                 break (r, pool, ep_idx);
             }
@@ -218,7 +238,7 @@ async fn proxy(
                 let stale =
                     info.reused && replay.is_some() && idempotent && err.kind == ErrorKind::Reset;
                 if (unsent_retry || stale)
-                    && retry::may_retry(&err, attempt, route.max_retries, unsent_retry || stale)
+                    && route.retry.may_retry(&err, attempt, unsent_retry || stale)
                 {
                     tracing::debug!(stage = %err.stage, error = %err, attempt, reused = info.reused, "upstream attempt failed before the response, retrying on a fresh connection");
                     worker.observer.metrics.upstream_error(&upstream.name, &err);
