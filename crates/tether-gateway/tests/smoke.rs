@@ -120,3 +120,34 @@ async fn proxies_and_aborts() {
     assert_eq!(ok.status, 200);
     assert_eq!(ok.outcome, Outcome::Ok);
 }
+
+#[tokio::test]
+async fn quiet_upload_is_cut_with_408() {
+    let (up, mut events) = upstream().await;
+    let log = MemoryAccessLog::new();
+    let mut cfg = config(up);
+    cfg.listeners[0].routes[0].timeouts.idle = Some(Duration::from_millis(300));
+    let gw = Gateway::start(cfg, Arc::new(log.clone())).unwrap();
+    let mut c = TcpStream::connect(gw.listener_addrs()[0]).await.unwrap();
+    c.write_all(b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap();
+    assert_eq!(ev, Some("slow-started"));
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"error\":\"request_timeout\""), "{text}");
+    assert!(text.contains("\"stage\":\"request_body\""), "{text}");
+    // The upstream saw the request end abnormally, never a short body.
+    let ev = tokio::time::timeout(Duration::from_secs(2), events.recv())
+        .await
+        .unwrap();
+    assert_eq!(ev, Some("eof"));
+}

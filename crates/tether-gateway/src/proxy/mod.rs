@@ -123,10 +123,11 @@ async fn proxy(
     t.rec.upstream = Some(upstream.name.to_string());
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
-    let up_req = match build_upstream_request(req, conn, upstream, trusted, &mut t) {
-        Ok(r) => r,
-        Err(e) => return fail(t, e),
-    };
+    let up_req =
+        match build_upstream_request(req, conn, upstream, trusted, route.timeouts.idle, &mut t) {
+            Ok(r) => r,
+            Err(e) => return fail(t, e),
+        };
 
     route.retry.on_request();
     let replay = Replay::of(&up_req);
@@ -277,6 +278,8 @@ async fn proxy(
 }
 
 /// The outcome of waiting for a response head.
+// One value per attempt, moved once: boxing the large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Head {
     Response(Response<Incoming>),
     Cancelled(tether::CancelReason),
@@ -380,6 +383,7 @@ fn build_upstream_request(
     conn: &Conn,
     upstream: &Upstream,
     trusted: bool,
+    idle: Option<std::time::Duration>,
     t: &mut Tracker,
 ) -> Result<Request<RequestBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
@@ -434,7 +438,13 @@ fn build_upstream_request(
         parts.version = Version::HTTP_11;
     }
     t.expects_body = !http_body::Body::is_end_stream(&body);
-    let body = RequestBody::new(body, t.ctx.clone(), conn.cancel.clone(), t.upload.clone());
+    let body = RequestBody::new(
+        body,
+        t.ctx.clone(),
+        conn.cancel.clone(),
+        t.upload.clone(),
+        idle,
+    );
     Ok(Request::from_parts(parts, body))
 }
 
@@ -457,8 +467,17 @@ fn cancelled(t: Tracker, reason: tether::CancelReason) -> Response<ProxyBody> {
         t.finish_cancelled(reason);
         return respond::client_gone();
     }
-    // A deadline: answer 504 at the stage the request was in.
-    let err = ProxyError::upstream(t.stage, ErrorKind::Timeout);
+    // A client that went quiet mid-upload is answered 408; any other deadline 504 at the stage
+    // the request was in.
+    let err = if t
+        .upload
+        .idle_expired
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        ProxyError::downstream(Stage::RequestBody, ErrorKind::Timeout)
+    } else {
+        ProxyError::upstream(t.stage, ErrorKind::Timeout)
+    };
     let resp = respond::error_response(&err, &t.rec.request_id);
     let mut t = t;
     t.rec.status = resp.status().as_u16();

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -12,7 +13,8 @@ use hyper::body::Incoming;
 
 use crate::cancel::ConnCancel;
 use crate::error::BoxError;
-use tether::RequestContext;
+use tether::{CancelReason, RequestContext};
+use tokio::time::{Instant, Sleep};
 
 /// Progress of the upload, shared with the request's tracker.
 #[derive(Debug, Default)]
@@ -21,6 +23,8 @@ pub struct UploadProgress {
     pub bytes: AtomicU64,
     /// The body ended cleanly.
     pub complete: AtomicBool,
+    /// The client went quiet mid-body for longer than the idle timeout.
+    pub idle_expired: AtomicBool,
 }
 
 /// The body of an upstream request.
@@ -35,20 +39,24 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     ctx: Option<(RequestContext, Arc<ConnCancel>)>,
     progress: Arc<UploadProgress>,
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
 }
 
 impl RequestBody {
     /// Wraps the client's body.
+    /// `idle` bounds the gap between two chunks from the client.
     pub fn new(
         inner: Incoming,
         ctx: RequestContext,
         conn: Arc<ConnCancel>,
         progress: Arc<UploadProgress>,
+        idle: Option<Duration>,
     ) -> Self {
         RequestBody {
             inner: Some(inner),
             ctx: Some((ctx, conn)),
             progress,
+            idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
         }
     }
 
@@ -58,6 +66,7 @@ impl RequestBody {
             inner: None,
             ctx: None,
             progress: Arc::default(),
+            idle: None,
         }
     }
 }
@@ -74,12 +83,29 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if polled.is_pending()
+            && let Some((_, sleep)) = this.idle.as_mut()
+            && sleep.as_mut().poll(cx).is_ready()
+        {
+            // The client stopped sending mid-body: end the request (408) and tell the upstream
+            // the body will never complete.
+            this.inner = None;
+            this.progress.idle_expired.store(true, Ordering::Relaxed);
+            if let Some((ctx, _)) = this.ctx.take() {
+                ctx.cancel(CancelReason::Deadline);
+            }
+            return Poll::Ready(Some(Err(Box::new(h2::Error::from(h2::Reason::CANCEL)))));
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.progress
                         .bytes
                         .fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                if let Some((d, sleep)) = this.idle.as_mut() {
+                    sleep.as_mut().reset(Instant::now() + *d);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
