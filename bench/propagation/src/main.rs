@@ -131,10 +131,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut machine = Machine::detect();
     match rt.block_on(run(&opts)) {
         Ok(results) => {
+            machine.finish();
             print!("{}", report::table(&results));
-            let machine = Machine::detect();
             if let Some(path) = &opts.output {
                 let md = report::markdown(&results, &opts, &machine);
                 if let Err(e) = std::fs::write(path, md) {

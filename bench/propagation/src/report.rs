@@ -134,10 +134,12 @@ pub struct Machine {
     cores: usize,
     cpu: String,
     kernel: String,
+    load_before: String,
+    load_after: String,
 }
 
 impl Machine {
-    /// Reads `/proc`; unknown fields stay "unknown".
+    /// Reads `/proc`; unknown fields stay "unknown". Call before the run; see [`Self::finish`].
     pub fn detect() -> Machine {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -154,8 +156,27 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "unknown".to_string());
-        Machine { cores, cpu, kernel }
+        Machine {
+            cores,
+            cpu,
+            kernel,
+            load_before: load_average(),
+            load_after: String::new(),
+        }
     }
+
+    /// Notes the load average once the run is over.
+    pub fn finish(&mut self) {
+        self.load_after = load_average();
+    }
+}
+
+/// The 1-minute load average: other work on the machine shows in p99 and max.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// Today's date (UTC) as `YYYY-MM-DD`.
@@ -195,6 +216,11 @@ pub fn markdown(results: &[PairResult], opts: &Options, machine: &Machine) -> St
         out,
         "- Machine: {} cores, {}, Linux {}",
         machine.cores, machine.cpu, machine.kernel
+    );
+    let _ = writeln!(
+        out,
+        "- Load average (1 min) before / after the run: {} / {}",
+        machine.load_before, machine.load_after
     );
     let _ = writeln!(out, "- Build: {profile}");
     let _ = writeln!(
