@@ -165,6 +165,14 @@ impl Machine {
         }
     }
 
+    /// Whether the load average exceeded the core count before or after the run.
+    fn busy(&self) -> bool {
+        let cores = self.cores as f64;
+        [&self.load_before, &self.load_after]
+            .iter()
+            .any(|l| l.parse::<f64>().is_ok_and(|l| l > cores))
+    }
+
     /// Notes the load average once the run is over.
     pub fn finish(&mut self) {
         self.load_after = load_average();
@@ -258,6 +266,15 @@ pub fn markdown(results: &[PairResult], opts: &Options, machine: &Machine) -> St
         results.iter().map(|r| r.completed).sum::<u64>(),
         results.iter().map(PairResult::problems).sum::<u64>(),
     );
+    if machine.busy() {
+        let _ = writeln!(
+            out,
+            "The machine was busy during the run (load average above its {} cores): outliers of a \
+             few milliseconds in p99 and max are then likely scheduling delays of the gateway or \
+             bench threads, not protocol behaviour. Rerun on a quiet machine before comparing.\n",
+            machine.cores
+        );
+    }
     if !all_ok {
         let _ = writeln!(
             out,
