@@ -193,6 +193,11 @@ fn today() -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() / 86_400)
         .unwrap_or(0) as i64;
+    civil(days)
+}
+
+/// Days since 1970-01-01 to `YYYY-MM-DD`.
+fn civil(days: i64) -> String {
     // Howard Hinnant's days-to-civil algorithm.
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -316,4 +321,56 @@ pub fn markdown(results: &[PairResult], opts: &Options, machine: &Machine) -> St
          and the connection survive."
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(latencies_us: &[u64]) -> PairResult {
+        PairResult {
+            down: downstream::Kind::H2c,
+            up: upstream::Kind::H1,
+            latencies: latencies_us
+                .iter()
+                .map(|&u| Duration::from_micros(u))
+                .collect(),
+            seen: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            completed: 0,
+            upstream_conns: 0,
+            downstream_conns: 0,
+        }
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let r = result(&(1..=100).rev().collect::<Vec<_>>());
+        assert_eq!(r.percentile(50.0), Some(Duration::from_micros(50)));
+        assert_eq!(r.percentile(99.0), Some(Duration::from_micros(99)));
+        assert_eq!(r.percentile(100.0), Some(Duration::from_micros(100)));
+        assert_eq!(result(&[7]).percentile(1.0), Some(Duration::from_micros(7)));
+        assert_eq!(result(&[]).percentile(50.0), None);
+    }
+
+    #[test]
+    fn completions_and_wrong_reasons_are_problems() {
+        let mut r = result(&[10]);
+        r.seen.insert(Seen::Reset(h2::Reason::CANCEL.into()), 3);
+        r.seen.insert(Seen::Eof, 2);
+        assert_eq!(r.problems(), 0);
+        r.seen
+            .insert(Seen::Reset(h2::Reason::INTERNAL_ERROR.into()), 1);
+        r.seen.insert(Seen::Completed, 2);
+        r.completed = 2;
+        r.failures.insert(Failure::NotObserved, 1);
+        assert_eq!(r.problems(), 4);
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil(0), "1970-01-01");
+        assert_eq!(civil(11_016), "2000-02-29");
+        assert_eq!(civil(20_454), "2026-01-01");
+    }
 }
