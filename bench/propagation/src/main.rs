@@ -214,17 +214,15 @@ fn gateway_config(
     };
     let mut upstream = UpstreamConfig::new("origin", vec![upstream_addr.into()], protocol);
     upstream.tls = upstream_tls;
-    Config {
-        workers: NonZeroUsize::new(workers),
-        listeners: vec![ListenerConfig {
-            address: SocketAddr::from(([127, 0, 0, 1], 0)),
-            protocols,
-            tls,
-            routes: vec![RouteConfig::new("/", "origin")],
-        }],
-        upstreams: vec![upstream],
-        admin: None,
-    }
+    let mut listener = ListenerConfig::new(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        vec![RouteConfig::new("/", "origin")],
+    );
+    listener.protocols = protocols;
+    listener.tls = tls;
+    let mut config = Config::new(vec![listener], vec![upstream]);
+    config.workers = NonZeroUsize::new(workers);
+    config
 }
 
 async fn run_pair(
