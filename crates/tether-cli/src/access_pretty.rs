@@ -71,6 +71,12 @@ pub fn format_record(rec: &RequestRecord) -> String {
         " sent={}B client={} id={}",
         rec.bytes_sent, rec.client, rec.request_id
     );
+    if let Some(t) = &rec.trace_id {
+        let _ = write!(s, " trace={t}");
+    }
+    if let Some(sp) = &rec.span_id {
+        let _ = write!(s, " span={sp}");
+    }
     s
 }
 

@@ -436,7 +436,7 @@ async fn run_stages(
     };
     t.candidates = candidates.clone();
     let how = match t.resolved_by {
-        "literal" => "an IP literal".to_owned(),
+        "literal" => "is an IP literal".to_owned(),
         "--resolve" => "from --resolve".to_owned(),
         "system" => "via the system resolver".to_owned(),
         _ => format!(
@@ -1080,6 +1080,9 @@ fn hint(stage: Stage, code: &str) -> &'static str {
         }
         (Stage::Tls, "CERT_NAME_MISMATCH") => {
             "the certificate does not cover this name: check its names, or connect with a name it lists"
+        }
+        (Stage::Tls, "CERT_INVALID" | "CERT_BAD_SIGNATURE" | "CERT_REVOKED") => {
+            "the certificate was rejected for the reason shown: check how it was issued (a self-signed CA certificate cannot serve as a leaf), or use -k to look past it"
         }
         (Stage::Tls, "NO_ALPN_H2" | "TLS_NO_ALPN") => {
             "the server does not offer HTTP/2 here: drop --http2, or enable h2 on the server"
