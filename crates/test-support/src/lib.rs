@@ -5,6 +5,7 @@
 //! - [`upstream_h1`]: a raw-TCP HTTP/1.1 upstream that records EOF / ECONNRESET per connection.
 //! - [`upstream_h2`]: a raw `h2` upstream that records RST_STREAM reasons per stream.
 //! - [`behavior`]: what an upstream does with a request (respond, stall, stream, break).
+//! - [`dns`]: a stub DNS server answering chosen names on loopback, NXDOMAIN for the rest.
 //! - [`events`]: the event log both upstreams write, with [`events::EventLog::wait_for`].
 //! - [`client`]: raw HTTP/1.1 and HTTP/2 clients that can FIN, RST or RST_STREAM, and a hyper
 //!   client for ordinary requests.
@@ -14,6 +15,7 @@
 
 pub mod behavior;
 pub mod client;
+pub mod dns;
 pub mod events;
 mod h1wire;
 mod net;
@@ -22,6 +24,7 @@ pub mod upstream_h1;
 pub mod upstream_h2;
 
 pub use behavior::{Behavior, Ending, Reply, RequestInfo};
+pub use dns::DnsStub;
 pub use events::{Event, EventKind, EventLog};
 pub use tls::TestPki;
 pub use upstream_h1::UpstreamH1;

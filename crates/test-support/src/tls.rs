@@ -19,6 +19,7 @@ pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 #[derive(Debug)]
 pub struct TestPki {
     ca: CertificateDer<'static>,
+    ca_pem: String,
     leaf: CertificateDer<'static>,
     key: PrivatePkcs8KeyDer<'static>,
 }
@@ -27,6 +28,7 @@ impl Clone for TestPki {
     fn clone(&self) -> Self {
         TestPki {
             ca: self.ca.clone(),
+            ca_pem: self.ca_pem.clone(),
             leaf: self.leaf.clone(),
             key: self.key.clone_key(),
         }
@@ -71,6 +73,7 @@ impl TestPki {
 
         Ok(TestPki {
             ca: ca_cert.der().clone(),
+            ca_pem: ca_cert.pem(),
             leaf: leaf.der().clone(),
             key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
         })
@@ -79,6 +82,11 @@ impl TestPki {
     /// The CA certificate (a trust anchor for clients).
     pub fn ca_der(&self) -> CertificateDer<'static> {
         self.ca.clone()
+    }
+
+    /// The CA certificate in PEM, for tools that read a CA file.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
     }
 
     /// The server's chain, leaf first.

@@ -1,22 +1,27 @@
 //! `--log-format pretty`: one human-readable access log line per request, for a terminal.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::time::Duration;
 
-use tether_gateway::observe::access::{AccessLog, Outcome, RequestRecord};
+use tether_gateway::observe::access::{AccessLog, LineSink, Outcome, RequestRecord};
 
-/// Writes one line per request to standard output, e.g.
+/// Writes one line per request, e.g.
 /// `499 GET /work client_abort reason=client_closed stage=first_byte 1002ms prop=0.2ms id=…`.
-#[derive(Debug, Default)]
-pub struct PrettyStdout;
+#[derive(Debug)]
+pub struct Pretty {
+    out: LineSink,
+}
 
-impl AccessLog for PrettyStdout {
+impl Pretty {
+    /// Pretty lines to `out`.
+    pub fn new(out: LineSink) -> Pretty {
+        Pretty { out }
+    }
+}
+
+impl AccessLog for Pretty {
     fn record(&self, rec: &RequestRecord) {
-        let mut line = format_record(rec);
-        line.push('\n');
-        // A closed stdout must not take the proxy down: drop the line.
-        let _ = std::io::stdout().lock().write_all(line.as_bytes());
+        self.out.write_line(&format_record(rec));
     }
 }
 
@@ -44,6 +49,20 @@ pub fn format_record(rec: &RequestRecord) -> String {
             let _ = write!(s, "@{a}");
         }
     }
+    // Where the time went upstream, only for the stages that took any.
+    let t = &rec.timings;
+    for (name, d) in [
+        ("dns", t.dns),
+        ("connect", t.connect),
+        ("tls", t.tls),
+        ("send", t.send),
+        ("ttfb", t.first_byte),
+        ("body", t.body),
+    ] {
+        if let Some(d) = d.filter(|d| *d >= Duration::from_micros(100)) {
+            let _ = write!(s, " {name}={}", human(d));
+        }
+    }
     if rec.retries > 0 {
         let _ = write!(s, " retries={}", rec.retries);
     }
@@ -52,6 +71,12 @@ pub fn format_record(rec: &RequestRecord) -> String {
         " sent={}B client={} id={}",
         rec.bytes_sent, rec.client, rec.request_id
     );
+    if let Some(t) = &rec.trace_id {
+        let _ = write!(s, " trace={t}");
+    }
+    if let Some(sp) = &rec.span_id {
+        let _ = write!(s, " span={sp}");
+    }
     s
 }
 
@@ -74,6 +99,7 @@ mod tests {
     use std::time::SystemTime;
 
     use tether::CancelReason;
+    use tether_gateway::observe::access::StageTimings;
 
     use super::*;
 
@@ -95,6 +121,7 @@ mod tests {
             route: Some("demo".into()),
             upstream: Some("demo".into()),
             upstream_addr: None,
+            upstream_local: None,
             upstream_protocol: Some("http1"),
             outcome: Outcome::ClientAbort,
             abort_reason: Some(CancelReason::ClientClosed),
@@ -105,11 +132,18 @@ mod tests {
             propagation: Some(Duration::from_micros(200)),
             upstream_reused: None,
             retries: 0,
+            timings: StageTimings {
+                connect: Some(Duration::from_micros(50)),
+                first_byte: Some(Duration::from_millis(1001)),
+                ..Default::default()
+            },
+            trace_id: None,
+            span_id: None,
         };
         assert_eq!(
             format_record(&rec),
             "499 GET /work HTTP/1.1 client_abort reason=client_closed stage=first_byte 1002ms \
-             prop=200us upstream=demo sent=0B client=127.0.0.1:5000 id=r1"
+             prop=200us upstream=demo ttfb=1001ms sent=0B client=127.0.0.1:5000 id=r1"
         );
     }
 

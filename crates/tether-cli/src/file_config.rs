@@ -14,7 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
     AdminConfig, Config, HalfClose, IpNet, ListenerConfig, Protocols, RouteConfig, RouteTimeouts,
-    ServerTls, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    ServerTls, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -121,6 +121,18 @@ pub struct FileRoute {
     pub retry_budget: Option<f64>,
     /// Retries always allowed per second.
     pub retry_budget_min_per_second: Option<u32>,
+    /// `passthrough` or `span`.
+    pub trace_context: Option<FileTraceContext>,
+}
+
+/// `trace_context` values.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileTraceContext {
+    /// Forward `traceparent` untouched.
+    Passthrough,
+    /// Add tether's span.
+    Span,
 }
 
 /// `client_half_close` values.
@@ -518,6 +530,10 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     cfg.host = r.host.clone();
     cfg.timeouts = timeouts;
     cfg.client_half_close = client_half_close;
+    cfg.trace_context = match r.trace_context {
+        None | Some(FileTraceContext::Passthrough) => TraceContext::Passthrough,
+        Some(FileTraceContext::Span) => TraceContext::Span,
+    };
     match r.budget_header.as_deref() {
         None => {}
         Some("off") => cfg.budget_header = None,

@@ -1,11 +1,13 @@
 //! The `tether` binary: `serve` runs the gateway from a config file (or, without one, in front of an
-//! in-process demo upstream); `check-config` validates a config file.
+//! in-process demo upstream); `check-config` validates a config file; `trace` follows one request
+//! stage by stage.
 
 mod access_pretty;
 mod demo;
 mod duration;
 mod file_config;
 mod serve;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +35,10 @@ enum Command {
         /// The TOML config file.
         file: PathBuf,
     },
+    /// Follow one request stage by stage (dns, connect, tls, send, first byte, body) and show
+    /// where time goes or where it fails. Exit codes: 0 ok, 10 dns, 11 connect, 12 tls, 13 send,
+    /// 14 first byte, 15 body, 64 bad arguments.
+    Trace(trace::TraceArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,5 +55,6 @@ fn main() -> ExitCode {
             }
         },
         Command::Serve(args) => serve::run(args),
+        Command::Trace(args) => trace::run(args),
     }
 }

@@ -12,12 +12,12 @@ use clap::{Args, ValueEnum};
 use tether_gateway::config::{
     Config, ListenerConfig, Protocols, RouteConfig, UpstreamConfig, UpstreamProtocol,
 };
-use tether_gateway::observe::access::{AccessLog, JsonLinesStdout};
+use tether_gateway::observe::access::{AccessLog, JsonLines, LineSink};
 use tether_gateway::{Gateway, StartError};
 use tracing_subscriber::EnvFilter;
 
 use crate::EXIT_CONFIG;
-use crate::access_pretty::PrettyStdout;
+use crate::access_pretty::Pretty;
 use crate::demo::Demo;
 use crate::file_config::{self, DEFAULT_SHUTDOWN_GRACE};
 
@@ -31,9 +31,12 @@ pub struct ServeArgs {
     /// The TOML config file; without it, the embedded demo setup runs.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Access log format on stdout.
+    /// Access log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
+    /// Append the access log to FILE instead of writing it to stdout.
+    #[arg(long, value_name = "FILE")]
+    access_log: Option<PathBuf>,
     /// Listener address of the embedded demo setup (default 127.0.0.1:8080; port 0 picks one).
     #[arg(long, value_name = "ADDR", conflicts_with = "config", hide = true)]
     listen: Option<SocketAddr>,
@@ -63,9 +66,19 @@ pub fn run(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let sink = match &args.access_log {
+        None => LineSink::Stdout,
+        Some(path) => match LineSink::append(path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("--access-log {}: {e}", path.display());
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+    };
     let log: Arc<dyn AccessLog> = match args.log_format {
-        LogFormat::Json => Arc::new(JsonLinesStdout),
-        LogFormat::Pretty => Arc::new(PrettyStdout),
+        LogFormat::Json => Arc::new(JsonLines::new(sink)),
+        LogFormat::Pretty => Arc::new(Pretty::new(sink)),
     };
 
     // With a file: its config. Without: the demo upstream first, then a config pointing at it.

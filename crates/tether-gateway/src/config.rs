@@ -178,6 +178,17 @@ pub enum HalfClose {
     Continue,
 }
 
+/// What tether does with W3C trace context (`traceparent`) on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TraceContext {
+    /// Forward `traceparent` and `tracestate` untouched (the trace id is logged).
+    #[default]
+    Passthrough,
+    /// Add tether's own span: the upstream request carries a `traceparent` whose parent id is
+    /// tether's span id (logged as `span_id`); a trace is started when the request has none.
+    Span,
+}
+
 /// One route: which requests go to which upstream, and under which limits.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -205,6 +216,8 @@ pub struct RouteConfig {
     /// read from trusted peers to shorten the deadline. Default `x-request-timeout-ms`; `None`
     /// disables both.
     pub budget_header: Option<String>,
+    /// W3C trace context handling. Default [`TraceContext::Passthrough`].
+    pub trace_context: TraceContext,
 }
 
 /// Per-route timeouts; `None` disables one.
@@ -348,6 +361,7 @@ impl RouteConfig {
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
+            trace_context: TraceContext::Passthrough,
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::config::{HalfClose, RouteConfig, RouteTimeouts};
+use crate::config::{HalfClose, RouteConfig, RouteTimeouts, TraceContext};
 
 /// A route ready for matching.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub struct Route {
     pub retry: crate::proxy::retry::RetryPolicy,
     /// Budget header name, if enabled.
     pub budget_header: Option<http::header::HeaderName>,
+    /// W3C trace context handling.
+    pub trace_context: TraceContext,
 }
 
 /// The routes of one listener.
@@ -53,6 +55,7 @@ impl Router {
                         .budget_header
                         .as_ref()
                         .and_then(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok()),
+                    trace_context: r.trace_context,
                 })
             })
             .collect();

@@ -76,6 +76,8 @@ pub struct RequestRecord {
     pub upstream: Option<String>,
     /// Upstream endpoint actually used.
     pub upstream_addr: Option<SocketAddr>,
+    /// tether's end of the upstream connection (its local address and port).
+    pub upstream_local: Option<SocketAddr>,
     /// Upstream protocol label.
     pub upstream_protocol: Option<&'static str>,
     /// How the request ended.
@@ -96,6 +98,32 @@ pub struct RequestRecord {
     pub upstream_reused: Option<bool>,
     /// Extra attempts made (retries).
     pub retries: u32,
+    /// Time spent in each stage of the upstream exchange (the last attempt).
+    pub timings: StageTimings,
+    /// W3C trace id of the request (from its `traceparent`, or started by tether).
+    pub trace_id: Option<String>,
+    /// tether's own span id, sent upstream as the `traceparent` parent id (route setting
+    /// `trace_context = "span"`).
+    pub span_id: Option<String>,
+}
+
+/// Time spent in each stage of the upstream exchange. A stage not reached, or skipped (DNS,
+/// connect and TLS on a reused connection), is `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageTimings {
+    /// Resolving the upstream name.
+    pub dns: Option<Duration>,
+    /// The TCP connect (the Happy Eyeballs race).
+    pub connect: Option<Duration>,
+    /// The TLS handshake.
+    pub tls: Option<Duration>,
+    /// From handing the request to the connection until its body was fully handed over (zero
+    /// for a request without a body: its head is written at once).
+    pub send: Option<Duration>,
+    /// From the end of sending to the response head.
+    pub first_byte: Option<Duration>,
+    /// From the response head to the end of the response body (or the abort).
+    pub body: Option<Duration>,
 }
 
 impl RequestRecord {
@@ -128,6 +156,12 @@ impl RequestRecord {
                 .unwrap_or(Value::Null),
         );
         m.insert(
+            "upstream_local".into(),
+            self.upstream_local
+                .map(|a| Value::from(a.to_string()))
+                .unwrap_or(Value::Null),
+        );
+        m.insert(
             "upstream_protocol".into(),
             self.upstream_protocol
                 .map(Value::from)
@@ -149,6 +183,12 @@ impl RequestRecord {
             ("upstream_first_byte_us", self.upstream_first_byte),
             ("upstream_time_us", self.upstream_time),
             ("propagation_us", self.propagation),
+            ("dns_us", self.timings.dns),
+            ("connect_us", self.timings.connect),
+            ("tls_us", self.timings.tls),
+            ("send_us", self.timings.send),
+            ("first_byte_us", self.timings.first_byte),
+            ("body_us", self.timings.body),
         ] {
             m.insert(
                 k.into(),
@@ -160,6 +200,8 @@ impl RequestRecord {
             self.upstream_reused.map(Value::from).unwrap_or(Value::Null),
         );
         m.insert("retries".into(), self.retries.into());
+        m.insert("trace_id".into(), opt_str(&self.trace_id));
+        m.insert("span_id".into(), opt_str(&self.span_id));
         Value::Object(m)
     }
 }
@@ -190,6 +232,62 @@ impl AccessLog for JsonLinesStdout {
         line.push('\n');
         // A closed stdout must not take the proxy down: drop the line.
         let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    }
+}
+
+/// Where access-log lines go: standard output or a file opened for appending. Each line is one
+/// `write` call, so lines from several workers never interleave.
+#[derive(Debug)]
+pub enum LineSink {
+    /// Standard output.
+    Stdout,
+    /// A file, opened with `O_APPEND` (log rotation by rename + reopen is not supported: use
+    /// copytruncate, or let the service manager collect stdout).
+    File(Mutex<std::fs::File>),
+}
+
+impl LineSink {
+    /// Appends to `path`, creating it if needed.
+    pub fn append(path: &std::path::Path) -> std::io::Result<LineSink> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(LineSink::File(Mutex::new(f)))
+    }
+
+    /// Writes `line` and a newline. A failing write (closed stdout, full disk) drops the line:
+    /// the access log must not take the proxy down.
+    pub fn write_line(&self, line: &str) {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        let _ = match self {
+            LineSink::Stdout => std::io::stdout().lock().write_all(&buf),
+            LineSink::File(f) => match f.lock() {
+                Ok(mut f) => f.write_all(&buf),
+                Err(p) => p.into_inner().write_all(&buf),
+            },
+        };
+    }
+}
+
+/// Writes one JSON object per line to a [`LineSink`].
+#[derive(Debug)]
+pub struct JsonLines {
+    out: LineSink,
+}
+
+impl JsonLines {
+    /// JSON lines to `out`.
+    pub fn new(out: LineSink) -> JsonLines {
+        JsonLines { out }
+    }
+}
+
+impl AccessLog for JsonLines {
+    fn record(&self, rec: &RequestRecord) {
+        self.out.write_line(&rec.to_json().to_string());
     }
 }
 

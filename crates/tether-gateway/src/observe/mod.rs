@@ -4,6 +4,7 @@
 pub mod access;
 pub mod admin;
 pub mod metrics;
+pub mod trace_context;
 
 use std::sync::Arc;
 

@@ -25,6 +25,7 @@ use crate::deadline;
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::listen::{ListenerShared, Worker};
 use crate::observe::access::{Outcome, RequestRecord};
+use crate::observe::trace_context;
 use crate::respond::{self, REQUEST_ID};
 use crate::upstream::{Checkout, Upstream};
 use request_body::RequestBody;
@@ -83,6 +84,7 @@ pub async fn handle(
         route: None,
         upstream: None,
         upstream_addr: None,
+        upstream_local: None,
         upstream_protocol: None,
         outcome: Outcome::Ok,
         abort_reason: None,
@@ -93,6 +95,9 @@ pub async fn handle(
         propagation: None,
         upstream_reused: None,
         retries: 0,
+        timings: Default::default(),
+        trace_id: None,
+        span_id: None,
     };
     let ctx = conn.cancel.request_context(id);
     let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
@@ -123,11 +128,14 @@ async fn proxy(
     t.rec.upstream = Some(upstream.name.to_string());
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
-    let up_req =
+    let mut up_req =
         match build_upstream_request(req, conn, upstream, trusted, route.timeouts.idle, &mut t) {
             Ok(r) => r,
             Err(e) => return fail(t, e),
         };
+    let ids = trace_context::apply(up_req.headers_mut(), route.trace_context);
+    t.rec.trace_id = ids.trace_id;
+    t.rec.span_id = ids.span_id;
 
     route.retry.on_request();
     let replay = Replay::of(&up_req);
@@ -183,10 +191,15 @@ async fn proxy(
         };
         t.rec.upstream_reused = Some(info.reused);
         t.rec.upstream_connect = Some(info.connect);
+        t.rec.upstream_local = info.local;
+        t.rec.timings.dns = info.timings.map(|c| c.dns);
+        t.rec.timings.connect = info.timings.map(|c| c.connect);
+        t.rec.timings.tls = info.timings.and_then(|c| c.tls);
 
         // Send and wait for the response head.
         t.stage = Stage::FirstByte;
         let sent_at = Instant::now();
+        t.sent_at = Some(sent_at);
         let first_byte = route.timeouts.first_byte;
         let (head, pool) = match checkout {
             Checkout::H1(mut c) => {
@@ -226,6 +239,7 @@ async fn proxy(
                     continue;
                 }
                 t.rec.upstream_first_byte = Some(sent_at.elapsed());
+                t.head_at = Some(Instant::now());
                 break (r, pool, ep_idx);
             }
             Head::Cancelled(reason) => return cancelled(t, reason),

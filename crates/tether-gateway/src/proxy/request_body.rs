@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +26,15 @@ pub struct UploadProgress {
     pub complete: AtomicBool,
     /// The client went quiet mid-body for longer than the idle timeout.
     pub idle_expired: AtomicBool,
+    /// When the last of it was handed to the upstream connection.
+    pub completed_at: OnceLock<tokio::time::Instant>,
+}
+
+impl UploadProgress {
+    fn mark_complete(&self) {
+        self.complete.store(true, Ordering::Relaxed);
+        let _ = self.completed_at.set(tokio::time::Instant::now());
+    }
 }
 
 /// The body of an upstream request.
@@ -107,6 +117,10 @@ impl Body for RequestBody {
                 if let Some((d, sleep)) = this.idle.as_mut() {
                     sleep.as_mut().reset(Instant::now() + *d);
                 }
+                // hyper does not poll again once a body with a known length says it has ended.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.progress.mark_complete();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(_))) => {
@@ -117,7 +131,7 @@ impl Body for RequestBody {
                 Poll::Ready(Some(Err(Box::new(h2::Error::from(h2::Reason::CANCEL)))))
             }
             Poll::Ready(None) => {
-                this.progress.complete.store(true, Ordering::Relaxed);
+                this.progress.mark_complete();
                 this.inner = None;
                 Poll::Ready(None)
             }

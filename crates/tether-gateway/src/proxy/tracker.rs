@@ -48,6 +48,10 @@ pub struct Tracker {
     pub teardown: Teardown,
     /// The request has a body (an abort before it was fully received is an upload abort).
     pub expects_body: bool,
+    /// When the last attempt's request was handed to the upstream connection.
+    pub sent_at: Option<Instant>,
+    /// When the response head arrived.
+    pub head_at: Option<Instant>,
     done: bool,
 }
 
@@ -59,6 +63,7 @@ impl Tracker {
         conn: Arc<ConnCancel>,
         observer: Observer,
     ) -> Tracker {
+        observer.metrics.request_started();
         Tracker {
             rec,
             start: Instant::now(),
@@ -70,6 +75,8 @@ impl Tracker {
             upstream_started: None,
             teardown: Teardown::None,
             expects_body: false,
+            sent_at: None,
+            head_at: None,
             done: false,
         }
     }
@@ -157,6 +164,7 @@ impl Tracker {
         if let Some(s) = self.upstream_started {
             self.rec.upstream_time = Some(now - s);
         }
+        self.fill_exchange_timings(now);
         let teardown = std::mem::replace(&mut self.teardown, Teardown::None);
         let rec = self.rec.clone();
         let observer = self.observer.clone();
@@ -182,6 +190,37 @@ impl Tracker {
                 self.observer.finished(&self.rec);
             }
             _ => self.observer.finished(&rec),
+        }
+    }
+}
+
+impl Tracker {
+    /// Splits the last attempt's exchange into send, first byte and body, ending the stage the
+    /// request was in at `now`.
+    fn fill_exchange_timings(&mut self, now: Instant) {
+        let Some(sent) = self.sent_at else { return };
+        let head = self.head_at.unwrap_or(now);
+        let sent_end = if self.expects_body {
+            self.upload
+                .completed_at
+                .get()
+                .copied()
+                .filter(|&c| c <= head)
+        } else {
+            Some(sent)
+        };
+        let t = &mut self.rec.timings;
+        match sent_end {
+            Some(end) => {
+                t.send = Some(end.saturating_duration_since(sent));
+                t.first_byte = Some(head.saturating_duration_since(end));
+            }
+            // Still uploading when the answer came (or the request ended): it was all sending.
+            None if self.head_at.is_none() => t.send = Some(head.saturating_duration_since(sent)),
+            None => t.first_byte = Some(head.saturating_duration_since(sent)),
+        }
+        if let Some(h) = self.head_at {
+            t.body = Some(now.saturating_duration_since(h));
         }
     }
 }

@@ -95,8 +95,23 @@ pub struct Connected {
     pub io: UpstreamIo,
     /// The address actually connected to.
     pub peer: SocketAddr,
+    /// tether's end of the connection.
+    pub local: Option<SocketAddr>,
     /// Resolve + connect + TLS.
     pub elapsed: Duration,
+    /// The same time, step by step.
+    pub timings: ConnectTimings,
+}
+
+/// Time spent in each step of opening a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectTimings {
+    /// Name resolution (near zero for an IP literal).
+    pub dns: Duration,
+    /// The TCP connect race, first attempt to the winner's handshake.
+    pub connect: Duration,
+    /// The TLS handshake; `None` for cleartext.
+    pub tls: Option<Duration>,
 }
 
 /// Connects to the endpoints of one upstream.
@@ -200,33 +215,37 @@ impl Connector {
         start: Instant,
     ) -> Result<Connected, ProxyError> {
         let candidates = self.resolve(addr).await?;
+        let dns = start.elapsed();
+        let racing = Instant::now();
         let (tcp, peer) = race(candidates, HAPPY_EYEBALLS_STAGGER)
             .await
-            .map_err(|failures| {
-                let all_timed_out = failures
-                    .iter()
-                    .all(|(_, e)| e.kind() == io::ErrorKind::TimedOut);
-                let kind = if all_timed_out {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::Refused
-                };
-                let listed = failures
-                    .iter()
-                    .map(|(a, e)| format!("{a}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                let mut err = ProxyError::upstream(Stage::Connect, kind)
-                    .with_target(format!("{addr} [{listed}]"));
-                if let Some((_, e)) = failures.into_iter().last() {
-                    err = err.with_source(e);
-                }
-                err
-            })?;
+            .map_err(|failures| race_error(addr, failures))?;
+        let connect = racing.elapsed();
+        let local = tcp.local_addr().ok();
+        let handshaking = Instant::now();
+        let io = self.handshake(tcp, peer, addr).await?;
+        let tls = self.is_tls().then(|| handshaking.elapsed());
+        Ok(Connected {
+            io,
+            peer,
+            local,
+            elapsed: start.elapsed(),
+            timings: ConnectTimings { dns, connect, tls },
+        })
+    }
+
+    /// Wraps a connected socket in TLS when this connector is configured for it (the server name
+    /// is the configured one, else `addr`'s host); returns it as it is otherwise.
+    pub async fn handshake(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        addr: &UpstreamAddress,
+    ) -> Result<UpstreamIo, ProxyError> {
         // Nagle would delay small request heads behind the previous segment's ACK.
         let _ = tcp.set_nodelay(true);
-        let io = match &self.tls {
-            None => UpstreamIo::Plain(tcp),
+        match &self.tls {
+            None => Ok(UpstreamIo::Plain(tcp)),
             Some((connector, name)) => {
                 let name = match name {
                     Some(n) => n.clone(),
@@ -237,14 +256,9 @@ impl Connector {
                         .with_target(peer)
                         .with_source(e)
                 })?;
-                UpstreamIo::Tls(Box::new(tls))
+                Ok(UpstreamIo::Tls(Box::new(tls)))
             }
-        };
-        Ok(Connected {
-            io,
-            peer,
-            elapsed: start.elapsed(),
-        })
+        }
     }
 
     /// Whether this connector wraps connections in TLS.
@@ -259,6 +273,30 @@ fn server_name_for(addr: &UpstreamAddress) -> Result<ServerName<'static>, ProxyE
             .with_target(addr)
             .with_source(e)
     })
+}
+
+/// The error for a race every candidate lost: a timeout only if every attempt timed out, each
+/// candidate's failure listed.
+fn race_error(addr: &UpstreamAddress, failures: Vec<(SocketAddr, io::Error)>) -> ProxyError {
+    let all_timed_out = failures
+        .iter()
+        .all(|(_, e)| e.kind() == io::ErrorKind::TimedOut);
+    let kind = if all_timed_out {
+        ErrorKind::Timeout
+    } else {
+        ErrorKind::Refused
+    };
+    let listed = failures
+        .iter()
+        .map(|(a, e)| format!("{a}: {e}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut err =
+        ProxyError::upstream(Stage::Connect, kind).with_target(format!("{addr} [{listed}]"));
+    if let Some((_, e)) = failures.into_iter().last() {
+        err = err.with_source(e);
+    }
+    err
 }
 
 /// RFC 8305's recommended delay between connection attempts.
@@ -283,7 +321,7 @@ impl Connector {
 }
 
 /// Alternates address families, starting with the resolver's first choice.
-fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+pub fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     let first_v6 = addrs.first().is_some_and(SocketAddr::is_ipv6);
     let (mut a, mut b): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|x| x.is_ipv6() == first_v6);
     let mut out = Vec::with_capacity(a.len() + b.len());
@@ -306,34 +344,72 @@ pub async fn race(
     candidates: Vec<SocketAddr>,
     stagger: Duration,
 ) -> Result<(TcpStream, SocketAddr), Vec<(SocketAddr, io::Error)>> {
+    let r = race_reporting(candidates, stagger).await;
+    r.winner.ok_or(r.failures)
+}
+
+/// What a race did: the winner, if any, and every candidate that failed before the end.
+#[derive(Debug)]
+pub struct RaceReport {
+    /// The connected socket and its address.
+    pub winner: Option<(TcpStream, SocketAddr)>,
+    /// Candidates that failed, in the order they failed.
+    pub failures: Vec<(SocketAddr, io::Error)>,
+    /// Candidates whose attempt was still under way when another won (closed unanswered).
+    pub abandoned: Vec<SocketAddr>,
+}
+
+/// [`race`], also reporting the candidates that lost (for `tether trace`).
+pub async fn race_reporting(candidates: Vec<SocketAddr>, stagger: Duration) -> RaceReport {
     let mut pending = candidates.into_iter();
     let mut attempts: tokio::task::JoinSet<Attempt> = tokio::task::JoinSet::new();
+    let mut started = Vec::new();
     let mut failures = Vec::new();
     let start = |set: &mut tokio::task::JoinSet<Attempt>, a: SocketAddr| {
         set.spawn(async move { (a, TcpStream::connect(a).await) });
     };
+    let report = |winner: Option<(TcpStream, SocketAddr)>,
+                  started: Vec<SocketAddr>,
+                  failures: Vec<(SocketAddr, io::Error)>| {
+        let abandoned = started
+            .into_iter()
+            .filter(|a| {
+                winner.as_ref().is_none_or(|(_, w)| w != a) && !failures.iter().any(|(f, _)| f == a)
+            })
+            .collect();
+        RaceReport {
+            winner,
+            failures,
+            abandoned,
+        }
+    };
     match pending.next() {
-        Some(a) => start(&mut attempts, a),
-        None => return Err(failures),
+        Some(a) => {
+            started.push(a);
+            start(&mut attempts, a);
+        }
+        None => return report(None, started, failures),
     }
     loop {
         tokio::select! {
             // Results first: a connection that is ready wins over starting another attempt.
             biased;
             done = attempts.join_next() => match done {
-                Some(Ok((a, Ok(s)))) => return Ok((s, a)),
+                Some(Ok((a, Ok(s)))) => return report(Some((s, a)), started, failures),
                 Some(Ok((a, Err(e)))) => {
                     failures.push((a, e));
                     if let Some(next) = pending.next() {
+                        started.push(next);
                         start(&mut attempts, next);
                     }
                 }
                 // A connect task cannot panic; treat it as a lost attempt all the same.
                 Some(Err(_)) => {}
-                None => return Err(failures),
+                None => return report(None, started, failures),
             },
             _ = tokio::time::sleep(stagger), if pending.len() > 0 => {
                 if let Some(next) = pending.next() {
+                    started.push(next);
                     start(&mut attempts, next);
                 }
             }

@@ -57,6 +57,10 @@ pub struct CheckoutInfo {
     pub reused: bool,
     /// Time spent connecting (zero when reused).
     pub connect: Duration,
+    /// The steps of a fresh connection; `None` when reused.
+    pub timings: Option<connect::ConnectTimings>,
+    /// tether's end of the connection.
+    pub local: Option<std::net::SocketAddr>,
 }
 
 impl Upstream {
@@ -119,18 +123,21 @@ impl Upstream {
         if reuse && let Some(mut c) = ep.pool.take_h1() {
             // A returned connection may still be finishing the previous exchange.
             if c.sender.ready().await.is_ok() {
+                let local = c.local;
                 return Ok((
                     Checkout::H1(c),
                     CheckoutInfo {
                         reused: true,
                         connect: Duration::ZERO,
+                        timings: None,
+                        local,
                     },
                 ));
             }
         }
         let started = Instant::now();
         let connected = self.connect(ep, connect_timeout).await?;
-        let peer = connected.peer;
+        let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(connected.io))
             .await
@@ -153,10 +160,13 @@ impl Upstream {
                 sender,
                 closed,
                 peer,
+                local,
             }),
             CheckoutInfo {
                 reused: false,
                 connect: started.elapsed(),
+                timings: Some(timings),
+                local,
             },
         ))
     }
@@ -188,12 +198,14 @@ impl Upstream {
                 CheckoutInfo {
                     reused: true,
                     connect: Duration::ZERO,
+                    timings: None,
+                    local: c.local,
                 },
             ));
         }
         let started = Instant::now();
         let connected = self.connect(ep, connect_timeout).await?;
-        let peer = connected.peer;
+        let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(20)))
@@ -210,13 +222,19 @@ impl Upstream {
             let _open = open;
             let _ = conn.await;
         });
-        let c = H2Conn { sender, peer };
+        let c = H2Conn {
+            sender,
+            peer,
+            local,
+        };
         *slot = Some(c.clone());
         Ok((
             Checkout::H2(c),
             CheckoutInfo {
                 reused: false,
                 connect: started.elapsed(),
+                timings: Some(timings),
+                local,
             },
         ))
     }

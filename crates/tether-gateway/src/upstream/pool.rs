@@ -39,6 +39,8 @@ pub struct H1Conn {
     pub closed: watch::Receiver<Option<Instant>>,
     /// Remote address.
     pub peer: SocketAddr,
+    /// tether's end of the connection.
+    pub local: Option<SocketAddr>,
 }
 
 struct IdleH1 {
@@ -54,6 +56,8 @@ pub struct H2Conn {
     pub sender: http2::SendRequest<RequestBody>,
     /// Remote address.
     pub peer: SocketAddr,
+    /// tether's end of the connection.
+    pub local: Option<SocketAddr>,
 }
 
 /// Connections of one endpoint on one worker.
