@@ -5,7 +5,8 @@
 //! - [`upstream_h1`]: a raw-TCP HTTP/1.1 upstream that records EOF / ECONNRESET per connection.
 //! - [`upstream_h2`]: a raw `h2` upstream that records RST_STREAM reasons per stream.
 //! - [`behavior`]: what an upstream does with a request (respond, stall, stream, break).
-//! - [`dns`]: a stub DNS server answering chosen names on loopback, NXDOMAIN for the rest.
+//! - [`blackhole`]: a loopback address whose SYNs are dropped (a full accept queue).
+//! - [`dns_stub`]: a stub DNS server answering from a table.
 //! - [`events`]: the event log both upstreams write, with [`events::EventLog::wait_for`].
 //! - [`client`]: raw HTTP/1.1 and HTTP/2 clients that can FIN, RST or RST_STREAM, and a hyper
 //!   client for ordinary requests.
@@ -14,8 +15,9 @@
 //! client stops its tasks.
 
 pub mod behavior;
+pub mod blackhole;
 pub mod client;
-pub mod dns;
+pub mod dns_stub;
 pub mod events;
 mod h1wire;
 mod net;
@@ -24,10 +26,11 @@ pub mod upstream_h1;
 pub mod upstream_h2;
 
 pub use behavior::{Behavior, Ending, Reply, RequestInfo};
-pub use dns::DnsStub;
+pub use blackhole::BlackHole;
+pub use dns_stub::DnsStub;
 pub use events::{Event, EventKind, EventLog};
 pub use tls::TestPki;
-pub use upstream_h1::UpstreamH1;
+pub use upstream_h1::{H1Options, UpstreamH1};
 pub use upstream_h2::UpstreamH2;
 
 /// The error type of the peers: test code, so any error will do, but it must carry its cause.

@@ -6,6 +6,10 @@
 //! then the [`Behavior`] plays while the read side is watched: a read returning 0 is logged as
 //! [`EventKind::Eof`], ECONNRESET as [`EventKind::Reset`], and the handler is stopped
 //! ([`EventKind::HandlerCancelled`]) like a real server's request context would be.
+//!
+//! With [`H1Options::idle_timeout`], a connection that waits that long for its next request head
+//! is closed (FIN), as Node's `server.keepAliveTimeout` does, without announcing it in a
+//! `Keep-Alive` header: the stale keep-alive race, on demand.
 
 use std::io;
 use std::net::SocketAddr;
@@ -22,6 +26,13 @@ use crate::events::{EventKind, EventLog};
 use crate::h1wire::{self, Framing};
 use crate::net::{self, Accepted, BoxIo, SocketHandle};
 use crate::{BoxError, Checksum};
+
+/// Connection-level settings of an [`UpstreamH1`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct H1Options {
+    /// Close a connection that has waited this long for a request head (none: wait forever).
+    pub idle_timeout: Option<Duration>,
+}
 
 /// A running HTTP/1.1 upstream; stops when dropped.
 #[derive(Debug)]
@@ -40,7 +51,12 @@ impl Drop for UpstreamH1 {
 impl UpstreamH1 {
     /// Starts a cleartext upstream on `127.0.0.1:0`.
     pub async fn start(script: Script) -> Result<UpstreamH1, BoxError> {
-        Self::start_inner(script, None).await
+        Self::start_inner(script, None, H1Options::default()).await
+    }
+
+    /// Starts a cleartext upstream on `127.0.0.1:0` with connection settings.
+    pub async fn start_with(script: Script, options: H1Options) -> Result<UpstreamH1, BoxError> {
+        Self::start_inner(script, None, options).await
     }
 
     /// Starts a TLS upstream (use a server config with ALPN `http/1.1` or none).
@@ -48,12 +64,13 @@ impl UpstreamH1 {
         script: Script,
         tls: Arc<rustls::ServerConfig>,
     ) -> Result<UpstreamH1, BoxError> {
-        Self::start_inner(script, Some(tls)).await
+        Self::start_inner(script, Some(tls), H1Options::default()).await
     }
 
     async fn start_inner(
         script: Script,
         tls: Option<Arc<rustls::ServerConfig>>,
+        options: H1Options,
     ) -> Result<UpstreamH1, BoxError> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -64,7 +81,7 @@ impl UpstreamH1 {
                 listener,
                 tls,
                 move || l1.accept(),
-                move |a, conn| serve(a, conn, l2.clone(), script.clone()),
+                move |a, conn| serve(a, conn, l2.clone(), script.clone(), options),
             )
             .await;
         });
@@ -91,13 +108,22 @@ fn classify(e: &io::Error) -> EventKind {
     }
 }
 
-async fn serve(a: Accepted, conn: u64, log: EventLog, script: Script) {
+async fn serve(a: Accepted, conn: u64, log: EventLog, script: Script, options: H1Options) {
     let Accepted { io, handle } = a;
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::new();
     let mut n: u32 = 0;
     loop {
-        let head = match h1wire::read_head(&mut rd, &mut buf).await {
+        let next = h1wire::read_head(&mut rd, &mut buf);
+        let next = match options.idle_timeout {
+            Some(idle) => match tokio::time::timeout(idle, next).await {
+                Ok(r) => r,
+                // Idle too long: close, as a keep-alive timeout does.
+                Err(_) => break,
+            },
+            None => next.await,
+        };
+        let head = match next {
             Ok(Some(h)) => h,
             Ok(None) => {
                 log.push(conn, 0, "", EventKind::Eof);

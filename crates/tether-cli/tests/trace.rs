@@ -4,16 +4,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use socket2::{Domain, Socket, Type};
 use test_support::behavior::routes;
 use test_support::tls::{ALPN_H2, ALPN_HTTP1};
-use test_support::{Behavior, DnsStub, TestPki, UpstreamH1, UpstreamH2};
+use test_support::{Behavior, BlackHole, DnsStub, TestPki, UpstreamH1, UpstreamH2};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -246,47 +245,17 @@ async fn refused_port_fails_at_connect() {
     );
 }
 
-/// A listener that never accepts, bound with backlog 0 and its accept queue filled first: Linux
-/// drops further SYNs (the queue is full), so a connect gets no answer at all, exactly like a
-/// black-holed address. Checks that it really does before returning.
-struct FullQueue {
-    addr: SocketAddr,
-    _listener: Socket,
-    _fillers: Vec<TcpStream>,
-}
-
-fn full_queue() -> FullQueue {
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    listener
-        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    listener.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap().as_socket().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
-            Ok(s) => fillers.push(s),
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                return FullQueue {
-                    addr,
-                    _listener: listener,
-                    _fillers: fillers,
-                };
-            }
-            Err(e) => panic!("{e}"),
-        }
-    }
-    panic!("connects to a full accept queue still complete: SYNs are not dropped on this kernel");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_accept_queue_times_out_at_connect() {
-    let hole = tokio::task::spawn_blocking(full_queue).await.unwrap();
+    let hole = tokio::task::spawn_blocking(|| BlackHole::bind("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
     let t0 = Instant::now();
     let (code, v) = trace_json(&[
         "--connect-timeout",
         "500ms",
-        &format!("http://{}/", hole.addr),
+        &format!("http://{}/", hole.addr()),
     ])
     .await;
     assert_eq!(code, 11, "{v}");

@@ -141,6 +141,8 @@ async fn proxy(
     let replay = Replay::of(&up_req);
     let mut next_req = Some(up_req);
     let mut attempt: u32 = 0;
+    // Resends after a dead pooled connection (at most one), logged as retries all the same.
+    let mut resent: u32 = 0;
     let mut fresh_only = false;
     t.upstream_started = Some(Instant::now());
     let (resp, pool, ep_idx) = loop {
@@ -151,14 +153,8 @@ async fn proxy(
             // Unreachable: a retry is only chosen when the request can be sent again.
             return fail(t, ProxyError::upstream(Stage::Send, ErrorKind::Reset));
         };
-        deadline::stamp(
-            up_req.headers_mut(),
-            route.budget_header.as_ref(),
-            &t.ctx,
-            grpc,
-        );
+        t.rec.retries = attempt + resent;
         if attempt > 0 {
-            t.rec.retries = attempt;
             let pause = retry::backoff(attempt, fresh_only);
             tokio::select! {
                 biased;
@@ -195,6 +191,15 @@ async fn proxy(
         t.rec.timings.dns = info.timings.map(|c| c.dns);
         t.rec.timings.connect = info.timings.map(|c| c.connect);
         t.rec.timings.tls = info.timings.and_then(|c| c.tls);
+
+        // The budget is what is left now, after any backoff and connect time, so the upstream
+        // never believes it has more time than the request really has.
+        deadline::stamp(
+            up_req.headers_mut(),
+            route.budget_header.as_ref(),
+            &t.ctx,
+            grpc,
+        );
 
         // Send and wait for the response head.
         t.stage = Stage::FirstByte;
@@ -252,14 +257,23 @@ async fn proxy(
                 // race. Replayed for idempotent requests without a body.
                 let stale =
                     info.reused && replay.is_some() && idempotent && err.kind == ErrorKind::Reset;
-                if (unsent_retry || stale)
-                    && route.retry.may_retry(&err, attempt, unsent_retry || stale)
+                // A pooled connection found dead is the pool's miss, not an upstream failure: one
+                // resend on a fresh connection, outside the attempt limit and the retry budget.
+                // Only one: from then on every attempt connects afresh.
+                let pool_miss = info.reused && (unsent_retry || stale);
+                if pool_miss
+                    || ((unsent_retry || stale)
+                        && route.retry.may_retry(&err, attempt, unsent_retry || stale))
                 {
                     tracing::debug!(stage = %err.stage, error = %err, attempt, reused = info.reused, "upstream attempt failed before the response, retrying on a fresh connection");
-                    worker.observer.metrics.upstream_error(&upstream.name, &err);
+                    if pool_miss {
+                        resent += 1;
+                    } else {
+                        worker.observer.metrics.upstream_error(&upstream.name, &err);
+                        attempt += 1;
+                    }
                     next_req = unsent;
                     fresh_only = true;
-                    attempt += 1;
                     t.teardown = Teardown::None;
                     continue;
                 }

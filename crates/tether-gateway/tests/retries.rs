@@ -1,0 +1,188 @@
+//! Retries on real sockets: what may be sent again (never a POST that reached the upstream; a GET
+//! answered with a configured status), how many (the retry budget holds retries to a fraction of
+//! requests under total failure), and when (backoff grows between attempts).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use http::Method;
+use test_support::DnsStub;
+use test_support::behavior::{Behavior, Ending, Reply, routes, script};
+use test_support::client::full;
+use tether_gateway::config::UpstreamAddress;
+use tether_gateway::observe::access::Outcome;
+
+/// A POST that reached the upstream is never sent twice, even when the upstream resets before
+/// answering on a reused keep-alive connection (the case that looks like a stale connection).
+#[tokio::test]
+async fn post_is_not_retried_once_sent() {
+    bounded(Duration::from_secs(10), async {
+        let env = Env::new(
+            Down::H1,
+            Up::H1,
+            routes(vec![
+                ("/warm", Behavior::ok("warm")),
+                ("/post", Behavior::CloseBeforeHeaders(Ending::Rst)),
+            ]),
+        )
+        .await;
+        let mut client = env.http().await;
+        // Fills the pool, so the POST goes out on a reused connection.
+        let (p, _) = client.get("/warm").await.unwrap();
+        assert_eq!(p.status, 200);
+        for body in ["", "payload"] {
+            let req = client
+                .request(Method::POST, "/post")
+                .body(full(body))
+                .unwrap();
+            let (parts, _, _) = client.fetch(req).await.unwrap();
+            assert_eq!(parts.status, 502, "body {body:?}");
+            assert!(parts.headers.contains_key("proxy-status"));
+        }
+        let recs = env.records("/post");
+        assert_eq!(recs.len(), 2);
+        assert!(recs.iter().all(|r| r.retries == 0), "{recs:?}");
+        assert_eq!(recs[0].upstream_reused, Some(true), "{:?}", recs[0]);
+        // Exactly one upstream request per POST.
+        assert_eq!(env.log().requests("/post").len(), 2);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// A GET answered 503 is sent again when the route lists 503; a POST answered 503 is not, and
+/// the origin's 503 reaches the client unmarked.
+#[tokio::test]
+async fn get_is_retried_on_a_configured_status_post_is_not() {
+    bounded(Duration::from_secs(10), async {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            script(move |req| {
+                if req.path == "/flaky" && counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                    Behavior::Respond(Reply::new(503, "busy"))
+                } else if req.path == "/flaky" {
+                    Behavior::ok("second time lucky")
+                } else {
+                    Behavior::Respond(Reply::new(503, "busy"))
+                }
+            }),
+            |c| c.listeners[0].routes[0].retry_statuses = vec![503],
+        )
+        .await;
+        let mut client = env.http().await;
+        let (parts, body) = client.get("/flaky").await.unwrap();
+        assert_eq!(parts.status, 200);
+        assert_eq!(&body[..], b"second time lucky");
+        assert_eq!(env.log().requests("/flaky").len(), 2);
+        let rec = env.record("/flaky").await;
+        assert_eq!((rec.retries, rec.outcome), (1, Outcome::Ok), "{rec:?}");
+
+        let req = client
+            .request(Method::POST, "/busy")
+            .body(full(""))
+            .unwrap();
+        let (parts, body, _) = client.fetch(req).await.unwrap();
+        assert_eq!(parts.status, 503);
+        assert_eq!(&body[..], b"busy");
+        assert!(!parts.headers.contains_key("proxy-status"));
+        assert_eq!(env.log().requests("/busy").len(), 1);
+        assert_eq!(env.record("/busy").await.retries, 0);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// Under 100 % failure, a budget of 10 % (and no per-second floor) holds retries to a tenth of
+/// the requests, however many attempts each request would be allowed.
+#[tokio::test]
+async fn retry_budget_holds_retries_to_the_ratio() {
+    bounded(Duration::from_secs(20), async {
+        const N: usize = 200;
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            routes(vec![("/down", Behavior::Respond(Reply::new(503, "down")))]),
+            |c| {
+                let r = &mut c.listeners[0].routes[0];
+                r.retry_statuses = vec![503];
+                r.max_retries = 2;
+                r.retry_budget_ratio = 0.1;
+                r.retry_budget_min_per_second = 0;
+            },
+        )
+        .await;
+        let mut client = env.http().await;
+        for _ in 0..N {
+            let (parts, _) = client.get("/down").await.unwrap();
+            assert_eq!(parts.status, 503);
+        }
+        let sent = env.log().requests("/down").len();
+        let retries = sent - N;
+        let logged: u32 = env.records("/down").iter().map(|r| r.retries).sum();
+        eprintln!("retry budget: {N} requests, {retries} retries");
+        assert_eq!(logged as usize, retries);
+        assert!(
+            (N / 10 - 2..=N / 10).contains(&retries),
+            "{retries} retries for {N} requests with a 10 % budget"
+        );
+        env.stop().await;
+    })
+    .await;
+}
+
+/// The pause before each retry grows (exponential backoff). Connect failures are retried; each
+/// attempt resolves the name afresh (the stub answers with TTL 0), so the stub's query times are
+/// the attempt times.
+#[tokio::test]
+async fn backoff_grows_between_connect_attempts() {
+    bounded(Duration::from_secs(10), async {
+        let refused = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let stub = DnsStub::start(&[("refused.test", vec![refused.ip()])])
+            .await
+            .unwrap();
+        let env = Env::with(Down::H1, Up::H1, routes(vec![]), |c| {
+            c.dns.nameservers = vec![stub.addr()];
+            c.upstreams[0].addresses = vec![UpstreamAddress {
+                host: "refused.test".into(),
+                port: refused.port(),
+            }];
+            let r = &mut c.listeners[0].routes[0];
+            r.max_retries = 3;
+            r.retry_budget_min_per_second = 100;
+        })
+        .await;
+        let mut client = env.http().await;
+        let (parts, _) = client.get("/backoff").await.unwrap();
+        assert_eq!(parts.status, 502);
+        assert_eq!(env.record("/backoff").await.retries, 3);
+        let times: Vec<_> = stub
+            .queries()
+            .iter()
+            .filter(|q| q.name == "refused.test" && q.qtype == 1)
+            .map(|q| q.at)
+            .collect();
+        assert_eq!(
+            times.len(),
+            4,
+            "one lookup per attempt: {:?}",
+            stub.queries()
+        );
+        let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        eprintln!("backoff gaps: {gaps:?}");
+        assert!(gaps[0] >= Duration::from_millis(20), "{gaps:?}");
+        assert!(gaps[0] < gaps[1] && gaps[1] < gaps[2], "{gaps:?}");
+        env.stop().await;
+    })
+    .await;
+}
