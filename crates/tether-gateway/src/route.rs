@@ -21,6 +21,8 @@ pub struct Route {
     pub retry: crate::proxy::retry::RetryPolicy,
     /// Budget header name, if enabled.
     pub budget_header: Option<http::header::HeaderName>,
+    /// Requests in flight at once, when limited (shared by every worker).
+    pub in_flight: Option<Arc<crate::admission::Limit>>,
 }
 
 /// The routes of one listener.
@@ -53,6 +55,9 @@ impl Router {
                         .budget_header
                         .as_ref()
                         .and_then(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok()),
+                    in_flight: r
+                        .max_in_flight
+                        .map(|n| crate::admission::Limit::new(n.get())),
                 })
             })
             .collect();

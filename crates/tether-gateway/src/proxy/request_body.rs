@@ -21,6 +21,8 @@ pub struct UploadProgress {
     pub bytes: AtomicU64,
     /// The body ended cleanly.
     pub complete: AtomicBool,
+    /// The body went past the listener's size limit and was cut.
+    pub too_large: AtomicBool,
 }
 
 /// The body of an upstream request.
@@ -35,6 +37,7 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     ctx: Option<(RequestContext, Arc<ConnCancel>)>,
     progress: Arc<UploadProgress>,
+    limit: Option<u64>,
 }
 
 impl RequestBody {
@@ -44,11 +47,13 @@ impl RequestBody {
         ctx: RequestContext,
         conn: Arc<ConnCancel>,
         progress: Arc<UploadProgress>,
+        limit: Option<u64>,
     ) -> Self {
         RequestBody {
             inner: Some(inner),
             ctx: Some((ctx, conn)),
             progress,
+            limit,
         }
     }
 
@@ -58,6 +63,7 @@ impl RequestBody {
             inner: None,
             ctx: None,
             progress: Arc::default(),
+            limit: None,
         }
     }
 }
@@ -77,9 +83,20 @@ impl Body for RequestBody {
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    this.progress
+                    let total = this
+                        .progress
                         .bytes
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                        .fetch_add(d.len() as u64, Ordering::Relaxed)
+                        + d.len() as u64;
+                    if this.limit.is_some_and(|max| total > max) {
+                        // Too long a body (chunked or HTTP/2, no Content-Length to refuse up
+                        // front): the upstream sees the request abort, never a truncated body.
+                        this.inner = None;
+                        this.progress.too_large.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(h2::Error::from(
+                            h2::Reason::CANCEL,
+                        )))));
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

@@ -48,6 +48,8 @@ pub struct Tracker {
     pub teardown: Teardown,
     /// The request has a body (an abort before it was fully received is an upload abort).
     pub expects_body: bool,
+    /// The request's place in its route's in-flight limit, released with the tracker.
+    pub admission: Option<crate::admission::Permit>,
     done: bool,
 }
 
@@ -70,6 +72,7 @@ impl Tracker {
             upstream_started: None,
             teardown: Teardown::None,
             expects_body: false,
+            admission: None,
             done: false,
         }
     }
