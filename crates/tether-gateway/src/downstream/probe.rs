@@ -1,9 +1,11 @@
 //! Dead-peer probing of a downstream connection, armed only while a request is in flight.
 //!
 //! A client that vanishes without a FIN or RST (Wi-Fi off, NAT entry dropped) is invisible to
-//! the read side. The kernel finds it: TCP keepalive probes while tether waits for the upstream,
-//! and `TCP_USER_TIMEOUT` while a response is being written (unacknowledged bytes). When it
-//! gives up, reads fail with `ETIMEDOUT`, which [`crate::cancel`] maps to `peer_dead`.
+//! the read side. The kernel finds it: TCP keepalive probes while tether waits for the upstream
+//! (with `TCP_USER_TIMEOUT` set to the same bound, in case earlier bytes are still unacknowledged
+//! and the kernel retransmits instead of probing), and `TCP_USER_TIMEOUT` = `write_timeout` while
+//! a response is being written. When it gives up, reads fail with `ETIMEDOUT`, which
+//! [`crate::cancel`] maps to `peer_dead`.
 //!
 //! Probing an idle keep-alive connection would cost a packet per second per connection for
 //! nothing, so the options are switched on only once a request has been in flight for
@@ -17,6 +19,7 @@ use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -168,16 +171,23 @@ pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiv
                 tracing::debug!(error = %e, "cannot arm tcp keepalive");
             }
         }
-        let mut user_timeout = false;
+        let mut user_timeout: Option<Duration> = None;
         loop {
             let load = *rx.borrow_and_update();
             if load.in_flight == 0 {
                 break;
             }
-            let want = load.writing > 0 && cfg.write_timeout.is_some();
+            let want = if load.writing > 0 {
+                cfg.write_timeout
+            } else {
+                // Waiting for the upstream: bytes tether sent earlier (an HTTP/2 frame, say) may
+                // still be unacknowledged, and then the kernel retransmits instead of probing,
+                // for many minutes. The user timeout bounds that case to the keepalive bound.
+                cfg.tcp_keepalive
+                    .map(|k| k.idle + k.interval * k.probes)
+            };
             if want != user_timeout {
-                let v = if want { cfg.write_timeout } else { None };
-                if let Err(e) = sock.set_tcp_user_timeout(v) {
+                if let Err(e) = sock.set_tcp_user_timeout(want) {
                     tracing::debug!(error = %e, "cannot set tcp user timeout");
                 }
                 user_timeout = want;
@@ -189,7 +199,7 @@ pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiv
         if cfg.tcp_keepalive.is_some() {
             let _ = sock.set_keepalive(false);
         }
-        if user_timeout {
+        if user_timeout.is_some() {
             let _ = sock.set_tcp_user_timeout(None);
         }
     }
@@ -244,6 +254,10 @@ mod tests {
         assert!(!sock.keepalive().unwrap(), "armed before the delay");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert!(sock.keepalive().unwrap(), "not armed after the delay");
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(std::time::Duration::from_secs(2))
+        );
         let g = g.writing();
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert_eq!(
