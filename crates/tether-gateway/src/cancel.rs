@@ -272,6 +272,35 @@ mod tests {
         assert_eq!(r.reason(), Some(CancelReason::ClientClosed));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn h2_stream_resets_spend_the_budget() {
+        let c = ConnCancel::new(RequestContext::new(), DownstreamProtocol::H2, None)
+            .with_reset_budget(Some(ResetBudget {
+                burst: 2,
+                per_second: 1,
+            }));
+        assert_eq!(c.fallback_reason(), CancelReason::StreamReset);
+        assert_eq!(c.fallback_reason(), CancelReason::StreamReset);
+        let exhausted = c.reset_budget_exhausted();
+        tokio::pin!(exhausted);
+        assert!(futures_poll_once(exhausted.as_mut()).is_pending());
+        c.fallback_reason();
+        assert!(futures_poll_once(exhausted.as_mut()).is_ready());
+    }
+
+    fn futures_poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx)
+    }
+
+    #[test]
+    fn timed_out_and_unreachable_io_is_peer_dead() {
+        use std::io::{Error, ErrorKind};
+        assert!(is_peer_dead_io(&Error::from(ErrorKind::TimedOut)));
+        assert!(is_peer_dead_io(&Error::from(ErrorKind::HostUnreachable)));
+        assert!(!is_peer_dead_io(&Error::from(ErrorKind::ConnectionReset)));
+    }
+
     #[test]
     fn h2_connection_end_is_connection_lost() {
         let c = ConnCancel::new(RequestContext::new(), DownstreamProtocol::H2, None);

@@ -183,8 +183,7 @@ pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiv
                 // Waiting for the upstream: bytes tether sent earlier (an HTTP/2 frame, say) may
                 // still be unacknowledged, and then the kernel retransmits instead of probing,
                 // for many minutes. The user timeout bounds that case to the keepalive bound.
-                cfg.tcp_keepalive
-                    .map(|k| k.idle + k.interval * k.probes)
+                cfg.tcp_keepalive.map(|k| k.idle + k.interval * k.probes)
             };
             if want != user_timeout {
                 if let Err(e) = sock.set_tcp_user_timeout(want) {

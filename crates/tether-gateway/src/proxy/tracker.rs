@@ -61,6 +61,7 @@ impl Tracker {
         conn: Arc<ConnCancel>,
         observer: Observer,
     ) -> Tracker {
+        observer.metrics.request_started();
         Tracker {
             rec,
             start: Instant::now(),
