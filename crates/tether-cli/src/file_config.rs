@@ -13,8 +13,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Config, HalfClose, IpNet, ListenerConfig, Protocols, RouteConfig, RouteTimeouts,
-    ServerTls, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    AdminConfig, Config, DeadPeerConfig, HalfClose, IpNet, ListenerConfig, ListenerLimits,
+    Protocols, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive, TraceContext, UpstreamAddress,
+    UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -77,6 +78,56 @@ pub struct FileListener {
     /// `[[listeners.routes]]`, first match wins.
     #[serde(default)]
     pub routes: Vec<FileRoute>,
+    /// `[listeners.dead_peer]`.
+    pub dead_peer: Option<FileDeadPeer>,
+    /// `[listeners.limits]`.
+    pub limits: Option<FileLimits>,
+}
+
+/// `[listeners.dead_peer]`: detecting clients that vanished without closing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDeadPeer {
+    /// How long a request must be in flight before its connection is probed.
+    pub arm_after: Option<String>,
+    /// Silence before the first keepalive probe, or `"off"` (no keepalive).
+    pub keepalive_idle: Option<String>,
+    /// Between keepalive probes.
+    pub keepalive_interval: Option<String>,
+    /// Unanswered probes before the client is declared dead.
+    pub keepalive_probes: Option<u32>,
+    /// `TCP_USER_TIMEOUT` while a response is written, or `"off"`.
+    pub write_timeout: Option<String>,
+    /// HTTP/2 PING interval, or `"off"`.
+    pub h2_ping_interval: Option<String>,
+    /// HTTP/2 PING timeout.
+    pub h2_ping_timeout: Option<String>,
+}
+
+/// `[listeners.limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    /// Open connections at once.
+    pub max_connections: Option<usize>,
+    /// Listen backlog.
+    pub backlog: Option<u32>,
+    /// Largest request head in bytes.
+    pub max_header_bytes: Option<usize>,
+    /// Time allowed for an HTTP/1 request head.
+    pub header_read_timeout: Option<String>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: Option<u64>,
+    /// HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: Option<u32>,
+    /// HTTP/2 streams reset before being accepted, per connection.
+    pub h2_max_pending_reset_streams: Option<usize>,
+    /// HTTP/2 streams reset or refused for client errors, per connection.
+    pub h2_max_local_error_resets: Option<usize>,
+    /// Client resets of accepted HTTP/2 streams allowed at once; 0 disables the budget.
+    pub h2_reset_burst: Option<u32>,
+    /// Client resets of accepted HTTP/2 streams allowed per second after the burst.
+    pub h2_reset_per_second: Option<u32>,
 }
 
 /// `tls = { cert, key }` on a listener.
@@ -123,6 +174,8 @@ pub struct FileRoute {
     pub retry_budget_min_per_second: Option<u32>,
     /// `passthrough` or `span`.
     pub trace_context: Option<FileTraceContext>,
+    /// Requests in flight at once; beyond it 503 with `Retry-After`.
+    pub max_in_flight: Option<usize>,
 }
 
 /// `trace_context` values.
@@ -414,6 +467,119 @@ fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, 
     cfg.protocols = protocols;
     cfg.tls = tls;
     cfg.trusted_peers = trusted_peers;
+    if let Some(d) = &l.dead_peer {
+        cfg.dead_peer = dead_peer(&format!("{key}.dead_peer"), d)?;
+    }
+    if let Some(lim) = &l.limits {
+        cfg.limits = limits(&format!("{key}.limits"), lim)?;
+    }
+    Ok(cfg)
+}
+
+fn duration_key(key: &str, s: &str) -> Result<Duration, KeyError> {
+    parse_duration(s).map_err(|e| KeyError::new(key, e))
+}
+
+fn dead_peer(key: &str, d: &FileDeadPeer) -> Result<DeadPeerConfig, KeyError> {
+    let mut cfg = DeadPeerConfig::default();
+    if let Some(s) = &d.arm_after {
+        cfg.arm_after = duration_key(&format!("{key}.arm_after"), s)?;
+    }
+    let default_ka = cfg.tcp_keepalive.unwrap_or(TcpKeepalive {
+        idle: Duration::from_secs(1),
+        interval: Duration::from_secs(1),
+        probes: 1,
+    });
+    cfg.tcp_keepalive = match d.keepalive_idle.as_deref() {
+        Some("off") => None,
+        idle => {
+            let mut ka = default_ka;
+            if let Some(s) = idle {
+                ka.idle = duration_key(&format!("{key}.keepalive_idle"), s)?;
+            }
+            if let Some(s) = &d.keepalive_interval {
+                ka.interval = duration_key(&format!("{key}.keepalive_interval"), s)?;
+            }
+            if let Some(n) = d.keepalive_probes {
+                ka.probes = n;
+            }
+            for (name, v) in [
+                ("keepalive_idle", ka.idle),
+                ("keepalive_interval", ka.interval),
+            ] {
+                if v < Duration::from_secs(1) || v.subsec_nanos() != 0 {
+                    return Err(KeyError::new(
+                        format!("{key}.{name}"),
+                        "must be whole seconds, at least \"1s\" (the kernel counts seconds)",
+                    ));
+                }
+            }
+            if ka.probes == 0 {
+                return Err(KeyError::new(
+                    format!("{key}.keepalive_probes"),
+                    "must be at least 1; write keepalive_idle = \"off\" to disable keepalive",
+                ));
+            }
+            Some(ka)
+        }
+    };
+    cfg.write_timeout = opt_timeout(
+        &format!("{key}.write_timeout"),
+        &d.write_timeout,
+        cfg.write_timeout,
+    )?;
+    cfg.h2_ping_interval = opt_timeout(
+        &format!("{key}.h2_ping_interval"),
+        &d.h2_ping_interval,
+        cfg.h2_ping_interval,
+    )?;
+    if let Some(s) = &d.h2_ping_timeout {
+        cfg.h2_ping_timeout = duration_key(&format!("{key}.h2_ping_timeout"), s)?;
+    }
+    Ok(cfg)
+}
+
+fn limits(key: &str, l: &FileLimits) -> Result<ListenerLimits, KeyError> {
+    let mut cfg = ListenerLimits::default();
+    if let Some(n) = l.max_connections {
+        cfg.max_connections = Some(NonZeroUsize::new(n).ok_or_else(|| {
+            KeyError::new(
+                format!("{key}.max_connections"),
+                "must be at least 1; omit it for no limit",
+            )
+        })?);
+    }
+    if let Some(n) = l.backlog {
+        cfg.backlog = n;
+    }
+    if let Some(n) = l.max_header_bytes {
+        cfg.max_header_bytes = n;
+    }
+    if let Some(s) = &l.header_read_timeout {
+        cfg.header_read_timeout = duration_key(&format!("{key}.header_read_timeout"), s)?;
+    }
+    if let Some(n) = l.max_body_bytes {
+        cfg.max_body_bytes = Some(n);
+    }
+    if let Some(n) = l.h2_max_concurrent_streams {
+        cfg.h2_max_concurrent_streams = n;
+    }
+    if let Some(n) = l.h2_max_pending_reset_streams {
+        cfg.h2_max_pending_reset_streams = n;
+    }
+    if let Some(n) = l.h2_max_local_error_resets {
+        cfg.h2_max_local_error_resets = n;
+    }
+    if l.h2_reset_burst == Some(0) {
+        cfg.h2_reset_budget = None;
+    } else if let Some(b) = &mut cfg.h2_reset_budget {
+        if let Some(n) = l.h2_reset_burst {
+            b.burst = n;
+        }
+        if let Some(n) = l.h2_reset_per_second {
+            b.per_second = n;
+        }
+    }
     Ok(cfg)
 }
 
@@ -550,6 +716,14 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     }
     if let Some(n) = r.max_retries {
         cfg.max_retries = n;
+    }
+    if let Some(n) = r.max_in_flight {
+        cfg.max_in_flight = Some(NonZeroUsize::new(n).ok_or_else(|| {
+            KeyError::new(
+                format!("{key}.max_in_flight"),
+                "must be at least 1; omit it for no limit",
+            )
+        })?);
     }
     Ok(cfg)
 }

@@ -8,8 +8,10 @@
 use std::sync::Mutex;
 
 use tether::{CancelReason, DisconnectWatcher, PeerGone, RequestContext, RequestId};
+use tokio::sync::Notify;
 
-use crate::config::HalfClose;
+use crate::admission::ResetBucket;
+use crate::config::{HalfClose, ResetBudget};
 
 /// The downstream protocol of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +47,8 @@ pub struct ConnCancel {
     protocol: DownstreamProtocol,
     watcher: Option<DisconnectWatcher>,
     h1: Mutex<H1State>,
+    resets: Option<Mutex<ResetBucket>>,
+    over_budget: Notify,
 }
 
 impl ConnCancel {
@@ -59,6 +63,36 @@ impl ConnCancel {
             protocol,
             watcher,
             h1: Mutex::new(H1State::default()),
+            resets: None,
+            over_budget: Notify::new(),
+        }
+    }
+
+    /// Counts the client's HTTP/2 stream resets against `budget` (`None`: unlimited).
+    pub fn with_reset_budget(mut self, budget: Option<ResetBudget>) -> ConnCancel {
+        self.resets = budget.map(|b| Mutex::new(ResetBucket::new(b)));
+        self
+    }
+
+    /// Completes once the client has spent its stream-reset budget.
+    pub async fn reset_budget_exhausted(&self) {
+        if self.resets.is_none() {
+            return std::future::pending().await;
+        }
+        self.over_budget.notified().await;
+    }
+
+    fn count_reset(&self) {
+        let Some(bucket) = &self.resets else {
+            return;
+        };
+        let ok = match bucket.lock() {
+            Ok(mut b) => b.spend(),
+            Err(p) => p.into_inner().spend(),
+        };
+        if !ok {
+            // notify_one stores a permit, so a reset counted before the loop awaits is not lost.
+            self.over_budget.notify_one();
         }
     }
 
@@ -88,7 +122,12 @@ impl ConnCancel {
             return c;
         }
         match self.protocol {
-            DownstreamProtocol::H2 => CancelReason::StreamReset,
+            DownstreamProtocol::H2 => {
+                // hyper dropped a stream's handler or body on a live connection: the client reset
+                // the stream.
+                self.count_reset();
+                CancelReason::StreamReset
+            }
             DownstreamProtocol::Http1 => self
                 .watcher
                 .as_ref()
@@ -151,12 +190,12 @@ impl ConnCancel {
     pub fn on_connection_end(&self, error: Option<&hyper::Error>) {
         let reason = match self.protocol {
             DownstreamProtocol::H2 => match error {
-                Some(e) if e.is_timeout() || io_timed_out(e) => CancelReason::PeerDead,
+                Some(e) if e.is_timeout() || peer_unreachable(e) => CancelReason::PeerDead,
                 _ => CancelReason::ConnectionLost,
             },
             DownstreamProtocol::Http1 => match (self.lock().gone, error) {
                 (Some(g), _) => g.reason(),
-                (None, Some(e)) if io_timed_out(e) => CancelReason::PeerDead,
+                (None, Some(e)) if peer_unreachable(e) => CancelReason::PeerDead,
                 _ => CancelReason::ClientClosed,
             },
         };
@@ -168,15 +207,32 @@ fn aborts(gone: PeerGone, policy: HalfClose) -> bool {
     gone != PeerGone::Closed || policy == HalfClose::Abort
 }
 
-fn io_timed_out(e: &hyper::Error) -> bool {
+/// Whether the connection failed because the kernel gave up on the peer: keepalive probes or
+/// `TCP_USER_TIMEOUT` expired (`ETIMEDOUT`), or the peer's host became unreachable while
+/// retransmitting (`EHOSTUNREACH`, `ENETUNREACH`). hyper's own HTTP/2 PING timeout is
+/// `is_timeout()`, checked by the caller.
+pub fn peer_unreachable(e: &hyper::Error) -> bool {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return io.kind() == std::io::ErrorKind::TimedOut;
+            return is_peer_dead_io(io);
+        }
+        if let Some(h) = s.downcast_ref::<h2::Error>()
+            && let Some(io) = h.get_io()
+        {
+            return is_peer_dead_io(io);
         }
         src = s.source();
     }
     false
+}
+
+fn is_peer_dead_io(io: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        io.kind(),
+        K::TimedOut | K::HostUnreachable | K::NetworkUnreachable
+    )
 }
 
 #[cfg(test)]
@@ -214,6 +270,35 @@ mod tests {
         let r = c.request_context(RequestId::new("a"));
         c.begin_h1_request(&r, HalfClose::Abort);
         assert_eq!(r.reason(), Some(CancelReason::ClientClosed));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn h2_stream_resets_spend_the_budget() {
+        let c = ConnCancel::new(RequestContext::new(), DownstreamProtocol::H2, None)
+            .with_reset_budget(Some(ResetBudget {
+                burst: 2,
+                per_second: 1,
+            }));
+        assert_eq!(c.fallback_reason(), CancelReason::StreamReset);
+        assert_eq!(c.fallback_reason(), CancelReason::StreamReset);
+        let exhausted = c.reset_budget_exhausted();
+        tokio::pin!(exhausted);
+        assert!(futures_poll_once(exhausted.as_mut()).is_pending());
+        c.fallback_reason();
+        assert!(futures_poll_once(exhausted.as_mut()).is_ready());
+    }
+
+    fn futures_poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        f.poll(&mut cx)
+    }
+
+    #[test]
+    fn timed_out_and_unreachable_io_is_peer_dead() {
+        use std::io::{Error, ErrorKind};
+        assert!(is_peer_dead_io(&Error::from(ErrorKind::TimedOut)));
+        assert!(is_peer_dead_io(&Error::from(ErrorKind::HostUnreachable)));
+        assert!(!is_peer_dead_io(&Error::from(ErrorKind::ConnectionReset)));
     }
 
     #[test]

@@ -59,6 +59,119 @@ pub struct ListenerConfig {
     /// Peers (proxies, load balancers) whose `X-Request-Id`, `X-Forwarded-For`, `Forwarded` and
     /// deadline budget headers are believed. From anyone else they are replaced. Default: none.
     pub trusted_peers: Vec<IpNet>,
+    /// How clients that vanish without closing are detected.
+    pub dead_peer: DeadPeerConfig,
+    /// Connection, head, body and stream limits.
+    pub limits: ListenerLimits,
+}
+
+/// Detecting clients that vanished without a FIN or RST (Wi-Fi off, cable pulled, NAT entry
+/// dropped). Idle keep-alive connections are not probed at all: the socket options are switched
+/// on only once a request has been in flight for [`arm_after`](Self::arm_after), and off again
+/// when the connection is idle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadPeerConfig {
+    /// How long a request must be in flight before its connection is probed. Default 1 s.
+    pub arm_after: Duration,
+    /// TCP keepalive while armed; `None` disables. Default 1 s idle, 1 s interval, 1 probe: a
+    /// client that died while its request waits is dropped about 2 s after it was last heard
+    /// (idle + interval × probes). On lossy networks raise `probes`: one lost probe is enough
+    /// to drop a live client with the default.
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    /// `TCP_USER_TIMEOUT` while a response is being written and the connection is armed: how long
+    /// written bytes may stay unacknowledged (a dead peer, or one that stopped reading) before the
+    /// connection is dropped. Default 10 s; `None` disables.
+    pub write_timeout: Option<Duration>,
+    /// HTTP/2 PING interval (the whole connection, idle or not). Default 20 s; `None` disables.
+    pub h2_ping_interval: Option<Duration>,
+    /// How long an HTTP/2 PING may go unanswered before the connection is closed. Default 10 s.
+    pub h2_ping_timeout: Duration,
+}
+
+/// TCP keepalive parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Silence before the first probe.
+    pub idle: Duration,
+    /// Between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub probes: u32,
+}
+
+impl Default for DeadPeerConfig {
+    fn default() -> Self {
+        DeadPeerConfig {
+            arm_after: Duration::from_secs(1),
+            tcp_keepalive: Some(TcpKeepalive {
+                idle: Duration::from_secs(1),
+                interval: Duration::from_secs(1),
+                probes: 1,
+            }),
+            write_timeout: Some(Duration::from_secs(10)),
+            h2_ping_interval: Some(Duration::from_secs(20)),
+            h2_ping_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Limits of one listener. Each protects the gateway from one kind of abusive or broken client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Open connections at once, all workers together; beyond it tether stops accepting (clients
+    /// wait in the listen backlog). Default: none.
+    pub max_connections: Option<NonZeroUsize>,
+    /// Listen backlog. Default 1024.
+    pub backlog: u32,
+    /// Largest request head (HTTP/1: the read buffer while parsing the head; HTTP/2: the header
+    /// list size). Larger heads get 431. Default 64 KiB; at least 8 KiB.
+    pub max_header_bytes: usize,
+    /// How long an HTTP/1 client may take to send a request head (also bounds an idle
+    /// keep-alive connection). The connection is closed when it passes. Default 30 s.
+    pub header_read_timeout: Duration,
+    /// Largest request body: a larger `Content-Length` gets 413, a longer chunked or HTTP/2 body
+    /// is cut (the upstream sees the request abort). Default: none.
+    pub max_body_bytes: Option<u64>,
+    /// Concurrent HTTP/2 streams per connection (`SETTINGS_MAX_CONCURRENT_STREAMS`). Default 256.
+    pub h2_max_concurrent_streams: u32,
+    /// HTTP/2 streams the client may reset before tether accepted them; beyond it the
+    /// connection gets GOAWAY(ENHANCE_YOUR_CALM). Default 20.
+    pub h2_max_pending_reset_streams: usize,
+    /// HTTP/2 streams tether may reset or refuse because of client errors; beyond it the
+    /// connection gets GOAWAY(ENHANCE_YOUR_CALM). Default 1024.
+    pub h2_max_local_error_resets: usize,
+    /// Client stream resets of accepted HTTP/2 streams allowed per connection: a burst, refilled
+    /// at a rate per second. Beyond it the connection is told to go away (GOAWAY) and its
+    /// streams are cancelled. Default 200 and 50/s; `None` disables.
+    pub h2_reset_budget: Option<ResetBudget>,
+}
+
+/// A token bucket for client stream resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetBudget {
+    /// Resets allowed at once.
+    pub burst: u32,
+    /// Resets allowed per second after the burst.
+    pub per_second: u32,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: None,
+            backlog: 1024,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            max_body_bytes: None,
+            h2_max_concurrent_streams: 256,
+            h2_max_pending_reset_streams: 20,
+            h2_max_local_error_resets: 1024,
+            h2_reset_budget: Some(ResetBudget {
+                burst: 200,
+                per_second: 50,
+            }),
+        }
+    }
 }
 
 impl ListenerConfig {
@@ -70,6 +183,8 @@ impl ListenerConfig {
             tls: None,
             routes,
             trusted_peers: Vec::new(),
+            dead_peer: DeadPeerConfig::default(),
+            limits: ListenerLimits::default(),
         }
     }
 }
@@ -218,6 +333,9 @@ pub struct RouteConfig {
     pub budget_header: Option<String>,
     /// W3C trace context handling. Default [`TraceContext::Passthrough`].
     pub trace_context: TraceContext,
+    /// Requests in flight on this route at once, all workers together; beyond it requests are
+    /// shed with 503 and `Retry-After`. Default: none.
+    pub max_in_flight: Option<NonZeroUsize>,
 }
 
 /// Per-route timeouts; `None` disables one.
@@ -362,6 +480,7 @@ impl RouteConfig {
             retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
             trace_context: TraceContext::Passthrough,
+            max_in_flight: None,
         }
     }
 }
@@ -442,6 +561,7 @@ impl Config {
                     "at least one protocol is required",
                 ));
             }
+            validate_listener_limits(&key, l)?;
             if l.routes.is_empty() {
                 return Err(ConfigError::new(
                     format!("{key}.routes"),
@@ -492,6 +612,64 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_listener_limits(key: &str, l: &ListenerConfig) -> Result<(), ConfigError> {
+    let lim = &l.limits;
+    if lim.max_header_bytes < 8192 {
+        return Err(ConfigError::new(
+            format!("{key}.max_header_bytes"),
+            "must be at least 8192",
+        ));
+    }
+    if lim.max_header_bytes > u32::MAX as usize {
+        return Err(ConfigError::new(
+            format!("{key}.max_header_bytes"),
+            "must fit in 32 bits",
+        ));
+    }
+    if lim.backlog == 0 || lim.backlog > i32::MAX as u32 {
+        return Err(ConfigError::new(
+            format!("{key}.backlog"),
+            "must be between 1 and 2147483647",
+        ));
+    }
+    if lim.header_read_timeout.is_zero() {
+        return Err(ConfigError::new(
+            format!("{key}.header_read_timeout"),
+            "must be greater than zero",
+        ));
+    }
+    if lim.h2_max_concurrent_streams == 0 {
+        return Err(ConfigError::new(
+            format!("{key}.h2_max_concurrent_streams"),
+            "must be at least 1",
+        ));
+    }
+    if let Some(b) = lim.h2_reset_budget
+        && b.burst == 0
+    {
+        return Err(ConfigError::new(
+            format!("{key}.h2_reset_budget"),
+            "burst must be at least 1; write \"off\" to disable",
+        ));
+    }
+    let dp = &l.dead_peer;
+    if let Some(k) = dp.tcp_keepalive
+        && (k.idle < Duration::from_secs(1) || k.interval < Duration::from_secs(1) || k.probes == 0)
+    {
+        return Err(ConfigError::new(
+            format!("{key}.dead_peer"),
+            "keepalive idle and interval must be at least 1s (the kernel counts whole seconds), probes at least 1",
+        ));
+    }
+    if dp.h2_ping_timeout.is_zero() {
+        return Err(ConfigError::new(
+            format!("{key}.dead_peer.h2_ping_timeout"),
+            "must be greater than zero",
+        ));
+    }
+    Ok(())
 }
 
 /// Shared, immutable configuration handed to every worker.

@@ -100,6 +100,10 @@ pub enum ErrorKind {
     Protocol,
     /// The request was malformed.
     BadRequest,
+    /// The request (its body) is larger than allowed.
+    TooLarge,
+    /// The gateway is at a configured capacity limit.
+    Overloaded,
 }
 
 impl ErrorKind {
@@ -114,6 +118,8 @@ impl ErrorKind {
             ErrorKind::Reset => "reset",
             ErrorKind::Protocol => "protocol",
             ErrorKind::BadRequest => "bad_request",
+            ErrorKind::TooLarge => "too_large",
+            ErrorKind::Overloaded => "overloaded",
         }
     }
 }
@@ -230,6 +236,9 @@ impl ProxyError {
         match (self.stage, self.kind) {
             (S::Route, _) => c(404, "no_route", "destination_not_found", Retry::Never),
             (S::Admission, _) => c(503, "no_capacity", "connection_limit_reached", Retry::Never),
+            (S::RequestHead | S::RequestBody, K::TooLarge) => {
+                c(413, "request_too_large", "http_request_error", Retry::Never)
+            }
             (S::RequestHead | S::RequestBody, K::Timeout) => {
                 c(408, "request_timeout", "http_request_error", Retry::Never)
             }
@@ -346,8 +355,12 @@ mod tests {
             (404, "no_route", Retry::Never)
         );
         assert_eq!(
-            row(Stage::Admission, ErrorKind::Refused),
+            row(Stage::Admission, ErrorKind::Overloaded),
             (503, "no_capacity", Retry::Never)
+        );
+        assert_eq!(
+            row(Stage::RequestBody, ErrorKind::TooLarge),
+            (413, "request_too_large", Retry::Never)
         );
     }
 

@@ -9,6 +9,7 @@
 //!
 //! Configuration arrives typed and validated ([`config`]); file formats belong to the binary.
 
+pub mod admission;
 pub mod cancel;
 pub mod config;
 pub mod deadline;

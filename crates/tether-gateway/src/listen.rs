@@ -16,7 +16,7 @@ use std::time::Duration;
 use socket2::{Domain, Socket, Type};
 use tether::{CancelReason, RequestContext};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -31,8 +31,8 @@ use crate::upstream::Upstream;
 use crate::upstream::connect::TlsSetupError;
 use crate::upstream::dns::{DnsError, Resolver};
 
-/// Listen backlog.
-const BACKLOG: i32 = 1024;
+/// Listen backlog of the admin listener.
+const ADMIN_BACKLOG: i32 = 128;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,12 @@ pub struct ListenerShared {
     pub protocols: Protocols,
     /// Peers whose forwarding, request-id and budget headers are believed.
     pub trusted_peers: Vec<crate::config::IpNet>,
+    /// Dead-peer detection settings.
+    pub dead_peer: crate::config::DeadPeerConfig,
+    /// Limits.
+    pub limits: crate::config::ListenerLimits,
+    /// Open connections, when limited; shared by every worker.
+    pub conn_limit: Option<Arc<Semaphore>>,
 }
 
 impl ListenerShared {
@@ -119,6 +125,14 @@ pub struct Worker {
 struct ConnCount {
     open: AtomicUsize,
     zero: Notify,
+}
+
+/// What an accepted connection holds until it ends: its place in the worker's drain count and,
+/// when limited, in the listener's connection limit.
+#[derive(Debug)]
+pub struct ConnPermit {
+    _open: ConnGuard,
+    _limit: Option<OwnedSemaphorePermit>,
 }
 
 /// Counts a connection as open until dropped.
@@ -186,11 +200,12 @@ impl Gateway {
         let mut addrs = Vec::new();
         let mut shared = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
-            let sock = bind(l.address).map_err(|source| StartError::Bind {
-                index,
-                address: l.address,
-                source,
-            })?;
+            let sock =
+                bind(l.address, l.limits.backlog as i32).map_err(|source| StartError::Bind {
+                    index,
+                    address: l.address,
+                    source,
+                })?;
             addrs.push(sock.local_addr().map_err(|source| StartError::Bind {
                 index,
                 address: l.address,
@@ -204,6 +219,12 @@ impl Gateway {
                 tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
                 protocols: l.protocols,
                 trusted_peers: l.trusted_peers.clone(),
+                dead_peer: l.dead_peer,
+                limits: l.limits,
+                conn_limit: l
+                    .limits
+                    .max_connections
+                    .map(|n| Arc::new(Semaphore::new(n.get()))),
             }));
         }
         let workers = config
@@ -295,14 +316,14 @@ impl Drop for RunningGateway {
     }
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+fn bind(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.bind(&addr.into())?;
-    sock.listen(BACKLOG)?;
+    sock.listen(backlog)?;
     sock.set_nonblocking(true)?;
     Ok(sock.into())
 }
@@ -389,6 +410,19 @@ async fn accept_loop(
 ) {
     let mut backoff = Duration::from_millis(5);
     loop {
+        // At the connection limit, stop accepting: new clients wait in the listen backlog
+        // (and see their connect time out) rather than being accepted and dropped.
+        let permit = match &shared.conn_limit {
+            Some(limit) => tokio::select! {
+                biased;
+                _ = stop.cancelled() => return,
+                p = limit.clone().acquire_owned() => match p {
+                    Ok(p) => Some(p),
+                    Err(_) => return,
+                },
+            },
+            None => None,
+        };
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -404,7 +438,10 @@ async fn accept_loop(
                     tcp,
                     client,
                     stop.clone(),
-                    guard,
+                    ConnPermit {
+                        _open: guard,
+                        _limit: permit,
+                    },
                 ));
             }
             Err(e) => {
@@ -427,7 +464,7 @@ fn start_admin(
         address,
         source,
     };
-    let sock = bind(address).map_err(bind_err)?;
+    let sock = bind(address, ADMIN_BACKLOG).map_err(bind_err)?;
     let addr = sock.local_addr().map_err(bind_err)?;
     let state = Arc::new(AdminState {
         metrics,

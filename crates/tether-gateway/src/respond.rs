@@ -39,6 +39,13 @@ pub fn error_response(err: &ProxyError, request_id: &str) -> Response<ProxyBody>
     if let Ok(v) = HeaderValue::from_str(request_id) {
         h.insert(REQUEST_ID, v);
     }
+    if c.status == 503 {
+        // Shed load: tell the client when trying again makes sense.
+        h.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from(crate::admission::RETRY_AFTER_SECS),
+        );
+    }
     resp
 }
 

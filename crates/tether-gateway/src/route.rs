@@ -23,6 +23,8 @@ pub struct Route {
     pub budget_header: Option<http::header::HeaderName>,
     /// W3C trace context handling.
     pub trace_context: TraceContext,
+    /// Requests in flight at once, when limited (shared by every worker).
+    pub in_flight: Option<Arc<crate::admission::Limit>>,
 }
 
 /// The routes of one listener.
@@ -56,6 +58,9 @@ impl Router {
                         .as_ref()
                         .and_then(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok()),
                     trace_context: r.trace_context,
+                    in_flight: r
+                        .max_in_flight
+                        .map(|n| crate::admission::Limit::new(n.get())),
                 })
             })
             .collect();

@@ -216,3 +216,56 @@ fn trusted_peers_parse_and_name_bad_entries() {
     assert_eq!(e.key, "listeners[0].trusted_peers[1]", "{e:?}");
     assert_eq!(e.line, 10, "{e:?}");
 }
+
+const HARDENED: &str = r#"
+[[listeners]]
+address = "127.0.0.1:8080"
+
+  [listeners.dead_peer]
+  arm_after = "500ms"
+  keepalive_idle = "2s"
+  keepalive_probes = 3
+  write_timeout = "off"
+  h2_ping_interval = "5s"
+
+  [listeners.limits]
+  max_connections = 100
+  backlog = 64
+  max_body_bytes = 1048576
+  header_read_timeout = "5s"
+  h2_reset_burst = 0
+
+  [[listeners.routes]]
+  upstream = "app"
+  max_in_flight = 10
+
+[[upstreams]]
+name = "app"
+addresses = ["127.0.0.1:9000"]
+"#;
+
+#[test]
+fn dead_peer_and_limits_convert() {
+    let l = parse(HARDENED, Path::new(".")).unwrap();
+    let lc = &l.config.listeners[0];
+    assert_eq!(lc.dead_peer.arm_after, Duration::from_millis(500));
+    let ka = lc.dead_peer.tcp_keepalive.unwrap();
+    assert_eq!(ka.idle, Duration::from_secs(2));
+    assert_eq!(ka.interval, Duration::from_secs(1));
+    assert_eq!(ka.probes, 3);
+    assert_eq!(lc.dead_peer.write_timeout, None);
+    assert_eq!(lc.dead_peer.h2_ping_interval, Some(Duration::from_secs(5)));
+    assert_eq!(lc.limits.max_connections.map(|n| n.get()), Some(100));
+    assert_eq!(lc.limits.backlog, 64);
+    assert_eq!(lc.limits.max_body_bytes, Some(1 << 20));
+    assert_eq!(lc.limits.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(lc.limits.h2_reset_budget, None);
+    assert_eq!(lc.routes[0].max_in_flight.map(|n| n.get()), Some(10));
+}
+
+#[test]
+fn sub_second_keepalive_is_refused_with_its_key() {
+    let src = HARDENED.replace("keepalive_idle = \"2s\"", "keepalive_idle = \"500ms\"");
+    let e = err(&src);
+    assert_eq!(e.key, "listeners[0].dead_peer.keepalive_idle");
+}

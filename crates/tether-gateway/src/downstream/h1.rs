@@ -2,9 +2,9 @@
 //! what a client FIN means (per route), and the disconnect watcher so that a client leaving is
 //! seen even while hyper is not reading (unread request body, pipelined bytes).
 
+use std::os::fd::OwnedFd;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -13,6 +13,7 @@ use tether::DisconnectWatcher;
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
+use super::probe::{self, Activity, GuardedBody};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
 use crate::proxy::{self, Conn};
@@ -24,6 +25,7 @@ pub async fn serve<I>(
     io: I,
     peer: Peer,
     watcher: Option<DisconnectWatcher>,
+    fd: Option<OwnedFd>,
     stop: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -39,15 +41,30 @@ pub async fn serve<I>(
         tls: peer.tls,
         cancel: cancel.clone(),
     });
+    let (activity, load) = Activity::new();
+    let limits = listener.limits;
+    let dead_peer = listener.dead_peer;
     let svc = {
         let worker = worker.clone();
-        service_fn(move |req| proxy::handle(worker.clone(), listener.clone(), conn.clone(), req))
+        service_fn(move |req| {
+            let guard = activity.begin();
+            let handled = proxy::handle(worker.clone(), listener.clone(), conn.clone(), req);
+            async move {
+                let resp = handled.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
+            }
+        })
     };
     let connection = http1::Builder::new()
         .half_close(true)
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        // A head larger than the buffer is answered with 431 by hyper.
+        .max_buf_size(limits.max_header_bytes)
+        // A slow head (slowloris) or an idle keep-alive connection past this is closed.
+        .header_read_timeout(limits.header_read_timeout)
         .serve_connection(io, svc);
+    let probing = probe::run(fd, dead_peer, load);
+    let mut probing = pin!(probing);
     let mut connection = pin!(connection);
     let mut watching = cancel.watcher().is_some();
     let mut stopping = false;
@@ -61,6 +78,8 @@ pub async fn serve<I>(
                 watching = false;
                 cancel.on_peer_gone(gone);
             }
+            // Never completes: switches dead-peer probing on and off as requests come and go.
+            _ = probing.as_mut() => {}
             // Shutdown: finish the response in flight, then close.
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;

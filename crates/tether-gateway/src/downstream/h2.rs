@@ -3,9 +3,9 @@
 //! ends the connection future, which cancels every stream on it with `connection_lost` before
 //! the streams' own tasks run.
 
+use std::os::fd::OwnedFd;
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -13,6 +13,8 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
+use super::probe::{self, Activity, GuardedBody};
+use crate::admission::CALM_DOWN_GRACE;
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
 use crate::proxy::{self, Conn};
@@ -23,41 +25,82 @@ pub async fn serve<I>(
     listener: Arc<ListenerShared>,
     io: I,
     peer: Peer,
+    fd: Option<OwnedFd>,
     stop: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let cancel = Arc::new(ConnCancel::new(
-        worker.root.child(),
-        DownstreamProtocol::H2,
-        None,
-    ));
+    let limits = listener.limits;
+    let dead_peer = listener.dead_peer;
+    let cancel = Arc::new(
+        ConnCancel::new(worker.root.child(), DownstreamProtocol::H2, None)
+            .with_reset_budget(limits.h2_reset_budget),
+    );
     let conn = Arc::new(Conn {
         client: peer.client,
         local: peer.local,
         tls: peer.tls,
         cancel: cancel.clone(),
     });
+    let (activity, load) = Activity::new();
     let svc = {
         let worker = worker.clone();
-        service_fn(move |req| proxy::handle(worker.clone(), listener.clone(), conn.clone(), req))
+        service_fn(move |req| {
+            let guard = activity.begin();
+            let handled = proxy::handle(worker.clone(), listener.clone(), conn.clone(), req);
+            async move {
+                // hyper polls a new stream's handler before checking whether the client already
+                // reset it (HEADERS and RST_STREAM in one read: the rapid-reset pattern). Yield
+                // once so that check comes first: a stream reset on arrival is dropped before it
+                // takes a pooled connection or starts a connect.
+                tokio::task::yield_now().await;
+                let resp = handled.await?;
+                Ok::<_, std::convert::Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
+            }
+        })
     };
     let connection = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(20)))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Rapid reset (CVE-2023-44487): streams reset before they were accepted, and streams
+        // refused or reset for client errors, are bounded; beyond, GOAWAY(ENHANCE_YOUR_CALM).
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(limits.h2_max_local_error_resets)
+        .keep_alive_interval(dead_peer.h2_ping_interval)
+        .keep_alive_timeout(dead_peer.h2_ping_timeout)
         .serve_connection(io, svc);
     let mut connection = pin!(connection);
+    let probing = probe::run(fd, dead_peer, load);
+    let mut probing = pin!(probing);
     let mut stopping = false;
+    let mut calming = false;
+    let calm_deadline = tokio::time::sleep(CALM_DOWN_GRACE);
+    let mut calm_deadline = pin!(calm_deadline);
     let result = loop {
         tokio::select! {
             biased;
             r = connection.as_mut() => break r,
+            // Never completes: switches dead-peer probing on and off as streams come and go.
+            _ = probing.as_mut() => {}
             // Shutdown: GOAWAY, let the streams in flight finish.
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
                 connection.as_mut().graceful_shutdown();
+            }
+            // The client spent its stream-reset budget (accepted streams reset as fast as they
+            // are opened): GOAWAY so no new stream is accepted, and a short grace before close.
+            _ = cancel.reset_budget_exhausted(), if !calming => {
+                calming = true;
+                tracing::warn!(client = %peer.client, "http/2 client exceeded its stream reset budget, sending GOAWAY");
+                if !stopping {
+                    stopping = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                calm_deadline.as_mut().reset(tokio::time::Instant::now() + CALM_DOWN_GRACE);
+            }
+            _ = calm_deadline.as_mut(), if calming => {
+                break Ok(());
             }
         }
     };

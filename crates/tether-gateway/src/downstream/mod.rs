@@ -8,8 +8,10 @@
 
 pub mod h1;
 pub mod h2;
+pub mod probe;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ use tether::DisconnectWatcher;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::listen::{ConnGuard, ListenerShared, Worker};
+use crate::listen::{ConnPermit, ListenerShared, Worker};
 
 /// How long a client may take to finish the TLS handshake or send the first bytes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +39,16 @@ pub struct Peer {
     pub tls: bool,
 }
 
+/// The connection's socket as the dead-peer prober needs it: a duplicate descriptor (the
+/// original belongs to the TLS or HTTP stack), taken only when probing is configured.
+fn probe_fd(tcp: &TcpStream, listener: &ListenerShared) -> Option<OwnedFd> {
+    let dp = &listener.dead_peer;
+    if dp.tcp_keepalive.is_none() && dp.write_timeout.is_none() {
+        return None;
+    }
+    tcp.as_fd().try_clone_to_owned().ok()
+}
+
 /// Serves one accepted connection to the end.
 pub async fn serve(
     worker: Arc<Worker>,
@@ -44,11 +56,12 @@ pub async fn serve(
     tcp: TcpStream,
     client: SocketAddr,
     stop: CancellationToken,
-    _guard: ConnGuard,
+    _permit: ConnPermit,
 ) {
     // Small responses must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or(client);
+    let fd = probe_fd(&tcp, &listener);
     if let Some(acceptor) = &listener.tls {
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => s,
@@ -69,10 +82,10 @@ pub async fn serve(
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
             || (listener.protocols.h2 && !listener.protocols.http1);
         if is_h2 {
-            h2::serve(worker, listener, TokioIo::new(tls), peer, stop).await;
+            h2::serve(worker, listener, TokioIo::new(tls), peer, fd, stop).await;
         } else {
             let watcher = DisconnectWatcher::new(tls.get_ref().0).ok();
-            h1::serve(worker, listener, TokioIo::new(tls), peer, watcher, stop).await;
+            h1::serve(worker, listener, TokioIo::new(tls), peer, watcher, fd, stop).await;
         }
         return;
     }
@@ -90,10 +103,10 @@ pub async fn serve(
         _ => false,
     };
     if is_h2 {
-        h2::serve(worker, listener, TokioIo::new(tcp), peer, stop).await;
+        h2::serve(worker, listener, TokioIo::new(tcp), peer, fd, stop).await;
     } else {
         let watcher = DisconnectWatcher::new(&tcp).ok();
-        h1::serve(worker, listener, TokioIo::new(tcp), peer, watcher, stop).await;
+        h1::serve(worker, listener, TokioIo::new(tcp), peer, watcher, fd, stop).await;
     }
 }
 

@@ -117,6 +117,9 @@ async fn proxy(
         return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
     };
     t.rec.route = Some(route.name.to_string());
+    if let Some(e) = crate::admission::admit(route, listener, &req, &mut t) {
+        return fail(t, e);
+    }
     conn.cancel.begin_h1_request(&t.ctx, route.half_close);
     let trusted = listener.trusts(conn.client.ip());
     // The deadline runs from the arrival of the request head, not from the end of its body.
@@ -128,8 +131,9 @@ async fn proxy(
     t.rec.upstream = Some(upstream.name.to_string());
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
+    let idle = route.timeouts.idle;
     let mut up_req =
-        match build_upstream_request(req, conn, upstream, trusted, route.timeouts.idle, &mut t) {
+        match build_upstream_request(req, conn, listener, upstream, trusted, idle, &mut t) {
             Ok(r) => r,
             Err(e) => return fail(t, e),
         };
@@ -248,6 +252,17 @@ async fn proxy(
                 break (r, pool, ep_idx);
             }
             Head::Cancelled(reason) => return cancelled(t, reason),
+            Head::Failed(_, _)
+                if t.upload
+                    .too_large
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                drop(pool);
+                return fail(
+                    t,
+                    ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge),
+                );
+            }
             Head::Failed(err, unsent) => {
                 drop(pool);
                 let idempotent = retry::is_idempotent(&t.rec.method);
@@ -409,6 +424,7 @@ impl Replay {
 fn build_upstream_request(
     req: Request<Incoming>,
     conn: &Conn,
+    listener: &ListenerShared,
     upstream: &Upstream,
     trusted: bool,
     idle: Option<std::time::Duration>,
@@ -472,6 +488,7 @@ fn build_upstream_request(
         conn.cancel.clone(),
         t.upload.clone(),
         idle,
+        listener.limits.max_body_bytes,
     );
     Ok(Request::from_parts(parts, body))
 }

@@ -28,6 +28,8 @@ pub struct UploadProgress {
     pub idle_expired: AtomicBool,
     /// When the last of it was handed to the upstream connection.
     pub completed_at: OnceLock<tokio::time::Instant>,
+    /// The body went past the listener's size limit and was cut.
+    pub too_large: AtomicBool,
 }
 
 impl UploadProgress {
@@ -50,6 +52,7 @@ pub struct RequestBody {
     ctx: Option<(RequestContext, Arc<ConnCancel>)>,
     progress: Arc<UploadProgress>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    limit: Option<u64>,
 }
 
 impl RequestBody {
@@ -61,12 +64,14 @@ impl RequestBody {
         conn: Arc<ConnCancel>,
         progress: Arc<UploadProgress>,
         idle: Option<Duration>,
+        limit: Option<u64>,
     ) -> Self {
         RequestBody {
             inner: Some(inner),
             ctx: Some((ctx, conn)),
             progress,
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            limit,
         }
     }
 
@@ -77,6 +82,7 @@ impl RequestBody {
             ctx: None,
             progress: Arc::default(),
             idle: None,
+            limit: None,
         }
     }
 }
@@ -110,9 +116,20 @@ impl Body for RequestBody {
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
-                    this.progress
+                    let total = this
+                        .progress
                         .bytes
-                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                        .fetch_add(d.len() as u64, Ordering::Relaxed)
+                        + d.len() as u64;
+                    if this.limit.is_some_and(|max| total > max) {
+                        // Too long a body (chunked or HTTP/2, no Content-Length to refuse up
+                        // front): the upstream sees the request abort, never a truncated body.
+                        this.inner = None;
+                        this.progress.too_large.store(true, Ordering::Relaxed);
+                        return Poll::Ready(Some(Err(Box::new(h2::Error::from(
+                            h2::Reason::CANCEL,
+                        )))));
+                    }
                 }
                 if let Some((d, sleep)) = this.idle.as_mut() {
                     sleep.as_mut().reset(Instant::now() + *d);

@@ -52,6 +52,8 @@ pub struct Tracker {
     pub sent_at: Option<Instant>,
     /// When the response head arrived.
     pub head_at: Option<Instant>,
+    /// The request's place in its route's in-flight limit, released with the tracker.
+    pub admission: Option<crate::admission::Permit>,
     done: bool,
 }
 
@@ -77,6 +79,7 @@ impl Tracker {
             expects_body: false,
             sent_at: None,
             head_at: None,
+            admission: None,
             done: false,
         }
     }

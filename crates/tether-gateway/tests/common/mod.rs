@@ -227,6 +227,11 @@ impl Env {
             .collect()
     }
 
+    /// The metrics text, when the config has an admin listener.
+    pub fn metrics_text(&self) -> Option<String> {
+        self.gw.as_ref().and_then(|g| g.metrics_text())
+    }
+
     /// Stops the gateway (short grace) off the async threads.
     pub async fn stop(mut self) {
         if let Some(gw) = self.gw.take() {
@@ -242,4 +247,55 @@ pub async fn bounded<F: std::future::Future>(limit: Duration, f: F) -> F::Output
         Ok(v) => v,
         Err(_) => panic!("test did not finish within {limit:?}"),
     }
+}
+
+/// The value of the metric line starting with `prefix` (name and labels), if present.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// CPU time (user + system) of this process so far.
+pub fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the state field.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// CPU time (user + system) of this process's threads whose name starts with `prefix`
+/// (`tether-worker` for the gateway's workers).
+pub fn thread_cpu_time(prefix: &str) -> Duration {
+    let mut ticks = 0u64;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        ticks += f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    }
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident set size of this process in bytes.
+pub fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split(' ').nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }

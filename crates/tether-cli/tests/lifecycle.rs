@@ -1,0 +1,232 @@
+//! `tether serve` under real signals: SIGTERM stops accepting, lets requests in flight finish
+//! within the grace period and cancels the rest with reason `shutdown`.
+// Test helpers panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+struct Tether {
+    child: Child,
+    stderr: Receiver<String>,
+    stdout: Receiver<String>,
+}
+
+impl Tether {
+    fn spawn(args: &[&str]) -> Tether {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = lines(child.stderr.take().unwrap());
+        let stdout = lines(child.stdout.take().unwrap());
+        Tether {
+            child,
+            stderr,
+            stdout,
+        }
+    }
+
+    fn listening(&self) -> SocketAddr {
+        let line = wait_line(&self.stderr, |l| l.starts_with("listening on http://"));
+        let rest = line.trim_start_matches("listening on http://");
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "serve did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Tether {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(rx: &Receiver<String>, want: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + LIMIT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if want(&l) => return l,
+            Ok(l) => seen.push(l),
+            Err(e) => panic!("no matching line ({e}); got: {seen:#?}"),
+        }
+    }
+}
+
+/// An upstream that answers `/quick` after 300 ms and `/long` after 30 s, and reports on the
+/// channel when a `/long` connection was closed by tether.
+fn slow_upstream() -> (SocketAddr, Receiver<&'static str>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(LIMIT));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                if head.starts_with("GET /quick") {
+                    std::thread::sleep(Duration::from_millis(300));
+                    let _ = c.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nquick",
+                    );
+                } else {
+                    // Wait for tether to close the connection (the abort), up to 30 s.
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                    if let Ok(0) = c.read(&mut b) {
+                        let _ = tx.send("long closed");
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, text: &str) -> TempFile {
+        let p =
+            std::env::temp_dir().join(format!("tether-lifecycle-{}-{name}", std::process::id()));
+        std::fs::write(&p, text).unwrap();
+        TempFile(p)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn send_get(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect_timeout(&addr, LIMIT).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    s
+}
+
+#[test]
+fn sigterm_drains_then_cancels_with_reason_shutdown() {
+    let (up, closed) = slow_upstream();
+    let cfg = TempFile::new(
+        "drain.toml",
+        &format!(
+            r#"workers = 1
+shutdown_grace = "1s"
+[[listeners]]
+address = "127.0.0.1:0"
+  [[listeners.routes]]
+  upstream = "slow"
+[[upstreams]]
+name = "slow"
+addresses = ["{up}"]
+"#
+        ),
+    );
+    let mut t = Tether::spawn(&[
+        "serve",
+        "--config",
+        cfg.0.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]);
+    let addr = t.listening();
+    let mut long = send_get(addr, "/long");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut quick = send_get(addr, "/quick");
+    std::thread::sleep(Duration::from_millis(50));
+    let signalled = Instant::now();
+    t.signal("TERM");
+
+    // The request in flight finishes during the grace period.
+    let mut out = String::new();
+    quick.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.ends_with("quick"), "{out}");
+
+    // New connections are no longer accepted.
+    std::thread::sleep(Duration::from_millis(100));
+    let refused = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            let _ = s.write_all(b"GET /quick HTTP/1.1\r\nhost: l\r\n\r\n");
+            let mut b = [0u8; 64];
+            !matches!(s.read(&mut b), Ok(n) if n > 0)
+        }
+    };
+    assert!(refused, "a new connection was served after SIGTERM");
+
+    // The long one is cancelled when the grace period ends: the upstream sees the close.
+    let got = closed.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(got, "long closed");
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "aborted after {took:?}, grace 1s"
+    );
+    let line = wait_line(&t.stdout, |l| l.contains("\"/long\""));
+    assert!(line.contains("\"abort_reason\":\"shutdown\""), "{line}");
+    let mut b = Vec::new();
+    let _ = long.read_to_end(&mut b);
+    let status = t.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+}

@@ -1,0 +1,273 @@
+//! Dead-peer probing of a downstream connection, armed only while a request is in flight.
+//!
+//! A client that vanishes without a FIN or RST (Wi-Fi off, NAT entry dropped) is invisible to
+//! the read side. The kernel finds it: TCP keepalive probes while tether waits for the upstream
+//! (with `TCP_USER_TIMEOUT` set to the same bound, in case earlier bytes are still unacknowledged
+//! and the kernel retransmits instead of probing), and `TCP_USER_TIMEOUT` = `write_timeout` while
+//! a response is being written. When it gives up, reads fail with `ETIMEDOUT`, which
+//! [`crate::cancel`] maps to `peer_dead`.
+//!
+//! Probing an idle keep-alive connection would cost a packet per second per connection for
+//! nothing, so the options are switched on only once a request has been in flight for
+//! `arm_after`, and off again when the connection has nothing in flight. Requests shorter than
+//! `arm_after` cost no system call: only a counter update and a timer.
+//!
+//! LIFECYCLE: idle (no options) → request in flight → after `arm_after`: armed (keepalive;
+//! plus the user timeout while a response body is being written) → nothing in flight: idle.
+
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use socket2::SockRef;
+use tokio::sync::watch;
+
+use crate::config::DeadPeerConfig;
+
+/// What a connection has in flight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// Requests started and not finished (response body included).
+    pub in_flight: u32,
+    /// Of those, the ones whose response is being written.
+    pub writing: u32,
+}
+
+/// Per-connection activity, shared by the requests and the probing task.
+#[derive(Debug)]
+pub struct Activity {
+    tx: watch::Sender<Load>,
+}
+
+impl Activity {
+    /// New activity state and the receiver the probing task watches.
+    pub fn new() -> (Arc<Activity>, watch::Receiver<Load>) {
+        let (tx, rx) = watch::channel(Load::default());
+        (Arc::new(Activity { tx }), rx)
+    }
+
+    /// A request started; it is in flight until the guard is dropped.
+    pub fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.tx.send_modify(|l| l.in_flight += 1);
+        RequestGuard {
+            activity: self.clone(),
+            writing: false,
+        }
+    }
+}
+
+/// Counts one request as in flight until dropped.
+#[derive(Debug)]
+pub struct RequestGuard {
+    activity: Arc<Activity>,
+    writing: bool,
+}
+
+impl RequestGuard {
+    /// The response head is out: its body is being written.
+    pub fn writing(mut self) -> RequestGuard {
+        if !self.writing {
+            self.writing = true;
+            self.activity.tx.send_modify(|l| l.writing += 1);
+        }
+        self
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let writing = self.writing;
+        self.activity.tx.send_modify(|l| {
+            l.in_flight = l.in_flight.saturating_sub(1);
+            if writing {
+                l.writing = l.writing.saturating_sub(1);
+            }
+        });
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it ends or is dropped.
+#[derive(Debug)]
+pub struct GuardedBody<B> {
+    inner: B,
+    guard: Option<RequestGuard>,
+}
+
+impl<B> GuardedBody<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: B, guard: RequestGuard) -> Self {
+        GuardedBody {
+            inner,
+            guard: Some(guard.writing()),
+        }
+    }
+}
+
+impl<B> Body for GuardedBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.guard = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Switches the socket's probing on and off as requests come and go. Never returns; runs as a
+/// branch of the connection's loop, so it ends with the connection.
+pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiver<Load>) {
+    let Some(fd) = fd else {
+        return std::future::pending().await;
+    };
+    if cfg.tcp_keepalive.is_none() && cfg.write_timeout.is_none() {
+        return std::future::pending().await;
+    }
+    let sock = SockRef::from(&fd);
+    loop {
+        let busy = rx.wait_for(|l| l.in_flight > 0).await.is_ok();
+        if !busy {
+            return std::future::pending().await;
+        }
+        let finished_early = tokio::select! {
+            biased;
+            // Everything finished before the arming delay: nothing to do.
+            r = rx.wait_for(|l| l.in_flight == 0) => Some(r.is_ok()),
+            _ = tokio::time::sleep(cfg.arm_after) => None,
+        };
+        match finished_early {
+            Some(true) => continue,
+            Some(false) => return std::future::pending().await,
+            None => {}
+        }
+        if let Some(k) = cfg.tcp_keepalive {
+            // SO_KEEPALIVE is switched on before the idle time is set, so the kernel counts the
+            // silence that already passed: a peer quiet since the request arrived is probed now.
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(k.idle)
+                .with_interval(k.interval)
+                .with_retries(k.probes);
+            if let Err(e) = sock.set_tcp_keepalive(&ka) {
+                tracing::debug!(error = %e, "cannot arm tcp keepalive");
+            }
+        }
+        let mut user_timeout: Option<Duration> = None;
+        loop {
+            let load = *rx.borrow_and_update();
+            if load.in_flight == 0 {
+                break;
+            }
+            let want = if load.writing > 0 {
+                cfg.write_timeout
+            } else {
+                // Waiting for the upstream: bytes tether sent earlier (an HTTP/2 frame, say) may
+                // still be unacknowledged, and then the kernel retransmits instead of probing,
+                // for many minutes. The user timeout bounds that case to the keepalive bound.
+                cfg.tcp_keepalive.map(|k| k.idle + k.interval * k.probes)
+            };
+            if want != user_timeout {
+                if let Err(e) = sock.set_tcp_user_timeout(want) {
+                    tracing::debug!(error = %e, "cannot set tcp user timeout");
+                }
+                user_timeout = want;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        if cfg.tcp_keepalive.is_some() {
+            let _ = sock.set_keepalive(false);
+        }
+        if user_timeout.is_some() {
+            let _ = sock.set_tcp_user_timeout(None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_count_in_flight_and_writing() {
+        let (a, rx) = Activity::new();
+        let g1 = a.begin();
+        let g2 = a.begin().writing();
+        assert_eq!(
+            *rx.borrow(),
+            Load {
+                in_flight: 2,
+                writing: 1
+            }
+        );
+        drop(g2);
+        assert_eq!(
+            *rx.borrow(),
+            Load {
+                in_flight: 1,
+                writing: 0
+            }
+        );
+        drop(g1);
+        assert_eq!(*rx.borrow(), Load::default());
+    }
+
+    #[tokio::test]
+    async fn arms_only_after_the_delay_and_disarms_when_idle() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let dup = {
+            use std::os::fd::AsFd;
+            s.as_fd().try_clone_to_owned().unwrap()
+        };
+        let cfg = DeadPeerConfig {
+            arm_after: std::time::Duration::from_millis(50),
+            ..Default::default()
+        };
+        let (a, rx) = Activity::new();
+        let task = tokio::spawn(run(Some(dup), cfg, rx));
+        let sock = SockRef::from(&s);
+        let g = a.begin();
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(!sock.keepalive().unwrap(), "armed before the delay");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(sock.keepalive().unwrap(), "not armed after the delay");
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(std::time::Duration::from_secs(2))
+        );
+        let g = g.writing();
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(std::time::Duration::from_secs(10))
+        );
+        drop(g);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!sock.keepalive().unwrap(), "still armed when idle");
+        assert_eq!(sock.tcp_user_timeout().unwrap(), None);
+        task.abort();
+        drop(c);
+    }
+}

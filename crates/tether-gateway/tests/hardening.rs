@@ -1,0 +1,362 @@
+//! Limits and malformed input, through the proxy with raw sockets: what the client gets, and
+//! that nothing is forwarded when the request must not reach the upstream.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use common::{BOUND, Down, Env, Up, bounded};
+use test_support::behavior::{Behavior, routes, script};
+use test_support::client::{Closed, H1Client};
+use test_support::{EventKind, Reply};
+
+fn no_request_reached(env: &Env) {
+    let started = env
+        .log()
+        .events()
+        .into_iter()
+        .filter(|e| matches!(e.kind, EventKind::RequestStarted { .. }))
+        .count();
+    assert_eq!(
+        started,
+        0,
+        "a request reached the upstream: {:?}",
+        env.log().events()
+    );
+}
+
+#[tokio::test]
+async fn oversized_head_gets_431_and_nothing_is_forwarded() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("x"))]),
+        |c| {
+            c.listeners[0].limits.max_header_bytes = 8192;
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    let big = "a".repeat(16 * 1024);
+    c.send_request("GET", "/", &[("x-big", &big)], None, b"")
+        .await
+        .unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 431);
+    no_request_reached(&env);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn declared_body_over_limit_gets_413_json_and_nothing_is_forwarded() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/up", Behavior::Summary)]),
+        |c| {
+            c.listeners[0].limits.max_body_bytes = Some(1000);
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    c.send_request("POST", "/up", &[], Some(5000), &[b'x'; 100])
+        .await
+        .unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 413);
+    let body = bounded(BOUND, c.read_body("POST", &head)).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"], "request_too_large");
+    assert_eq!(v["stage"], "request_body");
+    no_request_reached(&env);
+    let rec = env.record("/up").await;
+    assert_eq!(rec.status, 413);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn chunked_body_over_limit_is_cut_and_never_completes_upstream() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/up", Behavior::Summary)]),
+        |c| {
+            c.listeners[0].limits.max_body_bytes = Some(1000);
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    c.send_raw(b"POST /up HTTP/1.1\r\nhost: l\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        c.send_raw(b"200\r\n").await.unwrap();
+        c.send_raw(&[b'y'; 0x200]).await.unwrap();
+        c.send_raw(b"\r\n").await.unwrap();
+    }
+    c.send_raw(b"0\r\n\r\n").await.unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 413);
+    // The upstream may have seen the start of the body, never its end.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !env.log()
+            .any(|e| matches!(e.kind, EventKind::BodyComplete { .. })),
+        "{:?}",
+        env.log().events()
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn route_in_flight_limit_sheds_with_503_and_retry_after() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/slow", Behavior::stall_ms(600, "done"))]),
+        |c| {
+            c.listeners[0].routes[0].max_in_flight = NonZeroUsize::new(1);
+        },
+    )
+    .await;
+    let mut first = H1Client::connect(env.addr).await.unwrap();
+    first
+        .send_request("GET", "/slow", &[], None, b"")
+        .await
+        .unwrap();
+    env.log().wait_request("/slow", BOUND).await.unwrap();
+    let mut second = H1Client::connect(env.addr).await.unwrap();
+    second
+        .send_request("GET", "/slow", &[], None, b"")
+        .await
+        .unwrap();
+    let head = bounded(BOUND, second.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 503);
+    assert_eq!(head.header("retry-after"), Some("1"));
+    assert!(head.header("proxy-status").unwrap().contains("admission"));
+    let body = bounded(BOUND, second.read_body("GET", &head))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["stage"], "admission");
+    // The first one completes, and then the route has room again.
+    let head = bounded(BOUND, first.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    bounded(BOUND, first.read_body("GET", &head)).await.unwrap();
+    let (head, _) = bounded(BOUND, second.get("/slow")).await.unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(env.log().requests("/slow").len(), 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn connection_limit_stops_accepting_until_one_closes() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            c.listeners[0].limits.max_connections = NonZeroUsize::new(1);
+        },
+    )
+    .await;
+    let mut a = H1Client::connect(env.addr).await.unwrap();
+    let (h, _) = bounded(BOUND, a.get("/")).await.unwrap();
+    assert_eq!(h.status, 200);
+    // Connects (the kernel's backlog) but is not served while `a` is open.
+    let mut b = H1Client::connect(env.addr).await.unwrap();
+    b.send_request("GET", "/", &[], None, b"").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.read_final_head())
+            .await
+            .is_err(),
+        "a second connection was served beyond max_connections = 1"
+    );
+    drop(a);
+    let head = bounded(BOUND, b.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn slow_head_is_closed_after_the_header_read_timeout() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            c.listeners[0].limits.header_read_timeout = Duration::from_millis(300);
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    c.send_raw(b"GET / HTTP/1.1\r\nhost: l\r\nx-slow: ")
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    // hyper closes the connection without a response (no 408).
+    let closed = c.wait_closed(Duration::from_secs(3)).await;
+    assert_ne!(closed, Closed::StillOpen);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    no_request_reached(&env);
+    env.stop().await;
+}
+
+/// Raw requests that must be refused (400, or the connection closed) without reaching the
+/// upstream.
+#[tokio::test]
+async fn smuggling_vectors_get_400_and_are_not_forwarded() {
+    let cases: &[(&str, &[u8])] = &[
+        (
+            "duplicate differing content-length",
+            b"POST / HTTP/1.1\r\nhost: l\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello!",
+        ),
+        (
+            "bad chunk size",
+            b"POST / HTTP/1.1\r\nhost: l\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "obs-fold",
+            b"GET / HTTP/1.1\r\nhost: l\r\nx-a: one\r\n two\r\n\r\n",
+        ),
+        (
+            "invalid header byte",
+            b"GET / HTTP/1.1\r\nhost: l\r\nx-a: a\x01b\r\n\r\n",
+        ),
+        (
+            "space before colon",
+            b"GET / HTTP/1.1\r\nhost: l\r\ncontent-length : 5\r\n\r\nhello",
+        ),
+        (
+            "non-chunked final transfer-encoding",
+            b"POST / HTTP/1.1\r\nhost: l\r\ntransfer-encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "transfer-encoding on HTTP/1.0",
+            b"POST / HTTP/1.0\r\nhost: l\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "negative content-length",
+            b"POST / HTTP/1.1\r\nhost: l\r\ncontent-length: -1\r\n\r\n",
+        ),
+    ];
+    let env = Env::new(
+        Down::H1,
+        Up::H1,
+        script(|_| Behavior::Respond(Reply::ok("forwarded"))),
+    )
+    .await;
+    for (name, raw) in cases {
+        let mut c = H1Client::connect(env.addr).await.unwrap();
+        c.send_raw(raw).await.unwrap();
+        match tokio::time::timeout(BOUND, c.read_final_head()).await {
+            Ok(Ok(h)) => {
+                // A chunk-size error is found only once the body is read, after the upstream
+                // request started: then the upstream must see the body abort, never complete.
+                if h.status != 400 {
+                    assert!(
+                        *name == "bad chunk size" && h.status >= 400,
+                        "{name}: got {}",
+                        h.status
+                    );
+                }
+            }
+            Ok(Err(_)) => {} // closed without a response
+            Err(_) => panic!("{name}: no answer and the connection stayed open"),
+        }
+        assert_ne!(
+            c.wait_closed(BOUND).await,
+            Closed::StillOpen,
+            "{name}: connection left open"
+        );
+        let forwarded_complete = env.log().any(|e| {
+            matches!(
+                e.kind,
+                EventKind::BodyComplete { .. } | EventKind::HandlerCompleted
+            )
+        });
+        assert!(
+            !forwarded_complete,
+            "{name}: forwarded: {:?}",
+            env.log().events()
+        );
+    }
+    env.stop().await;
+}
+
+/// Content-Length together with Transfer-Encoding: hyper decodes the body as chunked, drops the
+/// Content-Length and closes the connection after the response (RFC 9112 §6.1). The upstream
+/// must see one unambiguous framing: never both headers.
+#[tokio::test]
+async fn content_length_with_transfer_encoding_is_never_forwarded_ambiguously() {
+    let env = Env::new(Down::H1, Up::H1, routes(vec![("/up", Behavior::Summary)])).await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    c.send_raw(
+        b"POST /up HTTP/1.1\r\nhost: l\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    if head.status == 200 {
+        let body = bounded(BOUND, c.read_body("POST", &head)).await.unwrap();
+        assert!(body.starts_with(b"5 "), "upstream saw {body:?}");
+        for (_, headers) in env.log().requests("/up") {
+            let cl = headers.iter().any(|(n, _)| n == "content-length");
+            let te = headers.iter().any(|(n, _)| n == "transfer-encoding");
+            assert!(!(cl && te), "forwarded both framings: {headers:?}");
+        }
+    } else {
+        assert_eq!(head.status, 400);
+        no_request_reached(&env);
+    }
+    assert_ne!(c.wait_closed(BOUND).await, Closed::StillOpen);
+    env.stop().await;
+}
+
+/// HTTP/2 requests with broken pseudo-headers are refused by the h2 layer (stream reset or
+/// 400) and never forwarded.
+#[tokio::test]
+async fn h2_pseudo_header_abuse_is_not_forwarded() {
+    let env = Env::new(
+        Down::H2c,
+        Up::H1,
+        script(|_| Behavior::Respond(Reply::ok("forwarded"))),
+    )
+    .await;
+    // A connect-like request without :authority, and a request whose :path is empty, built with
+    // the raw h2 client (http's builder refuses most abuse itself, so use what it lets through).
+    let tcp = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::builder()
+        .method("CONNECT")
+        .uri("/nope")
+        .body(())
+        .unwrap();
+    if let Ok((resp, _)) = send.send_request(req, true) {
+        // A reset is fine too.
+        if let Ok(r) = bounded(BOUND, resp).await {
+            assert!(r.status().is_client_error(), "{:?}", r.status());
+        }
+    }
+    let req = http::Request::builder()
+        .method("GET")
+        .uri("http://l/ok")
+        .header("connection", "keep-alive")
+        .body(())
+        .unwrap();
+    // Connection-specific headers are forbidden in HTTP/2; the client library may refuse it.
+    if let Ok(mut s) = send.clone().ready().await
+        && let Ok((resp, _)) = s.send_request(req, true)
+        && let Ok(r) = bounded(BOUND, resp).await
+    {
+        assert!(r.status().is_client_error(), "{:?}", r.status());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    no_request_reached(&env);
+    conn.abort();
+    env.stop().await;
+}
