@@ -6,6 +6,7 @@
 #
 # Options: --proxies tether,nginx,haproxy,caddy   (subset; the direct baseline always runs)
 #          --no-install                             (do not apt-get missing tools)
+#          --no-build                               (use the binaries already in $CARGO_TARGET_DIR/release)
 #          --out DIR                                (where RESULTS.md and results.png go; default bench/)
 #
 # Installs missing tools from Debian packages, builds tether and the harness in release mode,
@@ -16,6 +17,7 @@ set -euo pipefail
 MODE=full
 PROXIES="tether,nginx,haproxy,caddy"
 INSTALL=1
+BUILD=1
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT="$ROOT/bench"
 while [ $# -gt 0 ]; do
@@ -23,19 +25,20 @@ while [ $# -gt 0 ]; do
     --quick) MODE=quick ;;
     --proxies) PROXIES="$2"; shift ;;
     --no-install) INSTALL=0 ;;
+    --no-build) BUILD=0 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 64 ;;
   esac
   shift
 done
 
 if [ "$MODE" = quick ]; then
-  ROUNDS=1; T_LOAD=3; T_STREAM=3; CANCEL_N=20; MIX_S=3; IDLE_N=2000; T_CPU=3
-  WASTE_CASES="h1-h1 h2-h1"
+  ROUNDS=1; T_LOAD=2; T_STREAM=2; CANCEL_N=20; MIX_S=2; IDLE_N=2000; T_CPU=2; T_PERF=2
+  WASTE_CASES="h1-h1 h2-h1"; CPU_CASES="h1"
 else
-  ROUNDS=2; T_LOAD=6; T_STREAM=5; CANCEL_N=100; MIX_S=6; IDLE_N=10000; T_CPU=5
-  WASTE_CASES="h1-h1 h2-h1 h2-h2"
+  ROUNDS=2; T_LOAD=6; T_STREAM=5; CANCEL_N=100; MIX_S=6; IDLE_N=10000; T_CPU=5; T_PERF=4
+  WASTE_CASES="h1-h1 h2-h1 h2-h2"; CPU_CASES="h1 h2"
 fi
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -109,8 +112,11 @@ if command -v perf >/dev/null && perf stat -e task-clock true >/dev/null 2>&1; t
 # ---------------------------------------------------------------------------------------------
 # Build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-log "building tether and the harness (release; the first build takes several minutes)"
-(cd "$ROOT" && cargo build --release --quiet -p tether-cli --bin tether -p compare-harness)
+if [ "$BUILD" = 1 ]; then
+  log "building tether and the harness (release; the first build takes several minutes)"
+  # Two builds, so the harness's dependencies cannot change the features tether is built with.
+  (cd "$ROOT" && cargo build --release --quiet --bin tether && cargo build --release --quiet -p compare-harness)
+fi
 BIN="$CARGO_TARGET_DIR/release"
 TETHER="$BIN/tether"
 CLIENT="$BIN/compare-client"
@@ -118,9 +124,12 @@ CLIENT="$BIN/compare-client"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
-if [ "$NOFILE" -lt $((IDLE_N * 2 + 1000)) ]; then
-  IDLE_N=$(( (NOFILE - 1000) / 2 ))
-  SKIPPED+=("idle connections: the descriptor limit ($NOFILE) allowed only $IDLE_N")
+# HAProxy reserves two descriptors per connection (downstream and upstream), so it admits at most
+# NOFILE / 2 connections; every proxy gets the same N.
+IDLE_MAX=$(( (NOFILE / 2 - 500) / 1000 * 1000 ))
+if [ "$IDLE_N" -gt "$IDLE_MAX" ]; then
+  SKIPPED+=("idle connections: $IDLE_MAX instead of $IDLE_N, because the descriptor limit here is $NOFILE (hard) and HAProxy needs two per connection")
+  IDLE_N=$IDLE_MAX
 fi
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -231,10 +240,10 @@ EOF
 daemon off;
 master_process on;
 worker_processes 2;
-worker_rlimit_nofile 131072;
+worker_rlimit_nofile $NOFILE;
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
-events { worker_connections 65536; }
+events { worker_connections $((NOFILE - 100)); }
 http {
   access_log /dev/null;
   client_body_temp_path $dir/tmp/body;
@@ -270,7 +279,7 @@ EOF
       cat >"$dir/haproxy.cfg" <<EOF
 global
   nbthread 2
-  maxconn 100000
+  maxconn $(( (NOFILE - 100) / 2 ))
   log stdout format raw local0
 defaults
   mode http
@@ -279,7 +288,7 @@ defaults
   # Abort the upstream request when the client closes, as nginx and tether do by default.
   option abortonclose
   http-reuse always
-  maxconn 100000
+  maxconn $(( (NOFILE - 100) / 2 ))
   timeout connect 5s
   timeout client 60s
   timeout server 60s
@@ -443,7 +452,8 @@ scenario_waste() {
 # 5. RSS per idle keep-alive connection.
 scenario_idle() {
   local proxy before after ready cpid open m
-  for proxy in "${LIST[@]}"; do
+  # direct: the backend itself (hyper), a reference for what a hyper server costs per connection.
+  for proxy in direct "${LIST[@]}"; do
     start_proxy "$proxy"
     # Touch every worker's lazily allocated state before the baseline.
     bounded 20 h2load --h1 -c8 -n 2000 "http://127.0.0.1:$H1/" >/dev/null
@@ -477,7 +487,7 @@ scenario_cpu() {
   shift
   for proxy in "$@"; do
     start_proxy "$proxy"
-    for case in h1 h2; do
+    for case in $CPU_CASES; do
       if [ "$case" = h1 ]; then args=(--h1 -t2 -c64 --rps 200); url="http://127.0.0.1:$H1/"
       else args=(-t2 -c8 -m8 --rps 1600); url="http://127.0.0.1:$H2/"; fi
       f="$RUN/cpu.$proxy.$case.$round"
@@ -507,10 +517,11 @@ scenario_cpu() {
         local hp=$!
         PIDS+=("$hp")
         sleep 0.5
-        bounded 30 perf record -F 499 -g -p "$PROXY_PID" -o "$RUN/perf.tether.data" -- sleep 3 >/dev/null 2>&1 || true
+        bounded 30 perf record -F 1999 -p "$PROXY_PID" -o "$RUN/perf.tether.data" -- sleep "$T_PERF" >/dev/null 2>&1 || true
         stop_pid "$hp"
-        perf report -i "$RUN/perf.tether.data" --no-children --sort dso,symbol --stdio -g none \
-          --percent-limit 1 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45 >"$RUN/profile.tether.txt" || true
+        perf report -i "$RUN/perf.tether.data" --no-children --sort dso,symbol --stdio \
+          --percent-limit 0.8 2>/dev/null | grep -v '^#' | grep -v '^$' | sed -E 's/ +$//; s/  +/  /g' \
+          | cut -c1-150 | head -45 >"$RUN/profile.tether.txt" || true
       fi
     done
     stop_proxy
@@ -565,7 +576,7 @@ for f in "$RUN"/perfstat.*.h1.txt "$RUN"/perfstat.*.h2.txt; do
   profiles_json+="${profiles_json:+,}[$(jstr "perf stat, ${n/./ }"),$(jstr "$f")]"
 done
 if [ -s "$RUN/profile.tether.txt" ]; then
-  profiles_json+="${profiles_json:+,}[$(jstr "tether, h1 at 12 800 req/s: perf record -F 499, top symbols (self)"),$(jstr "$RUN/profile.tether.txt")]"
+  profiles_json+="${profiles_json:+,}[$(jstr "tether, h1 at 12 800 req/s: perf record -F 1999 for $T_PERF s, symbols by self time"),$(jstr "$RUN/profile.tether.txt")]"
 fi
 mem=$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)
 cpu=$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)

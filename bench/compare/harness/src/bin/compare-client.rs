@@ -501,10 +501,14 @@ async fn mix_one(
     if conn.is_none() {
         *conn = Some(mix_connect(target, proto).await?);
     }
-    let uri = format!("http://{target}/work?ms={work_ms}&id={id}");
-    let req = Request::get(uri)
-        .header("host", "127.0.0.1")
-        .body(Empty::<Bytes>::new())?;
+    // h1: origin-form and a Host header (proxies refuse an absolute URI whose authority differs
+    // from Host); h2: the absolute URI gives :scheme and :authority.
+    let path = format!("/work?ms={work_ms}&id={id}");
+    let req = match proto {
+        Proto::H1 => Request::get(path).header("host", target.to_string()),
+        Proto::H2 => Request::get(format!("http://{target}{path}")),
+    }
+    .body(Empty::<Bytes>::new())?;
     let fut: std::pin::Pin<Box<dyn Future<Output = Result<_, hyper::Error>> + Send>> =
         match conn.as_mut() {
             Some(MixConn::H1(s)) => {
@@ -519,14 +523,23 @@ async fn mix_one(
         };
     let Some(after) = abort_after else {
         let resp = fut.await?;
+        let status = resp.status();
         resp.into_body().collect().await?;
+        if !status.is_success() {
+            return Err(format!("status {status}").into());
+        }
         return Ok(None);
     };
     tokio::select! {
         biased;
         r = fut => {
             // Finished before the client's patience ran out: not an abort after all.
-            r?.into_body().collect().await?;
+            let resp = r?;
+            let status = resp.status();
+            resp.into_body().collect().await?;
+            if !status.is_success() {
+                return Err(format!("status {status}").into());
+            }
             Ok(None)
         }
         _ = sleep(after) => {
@@ -561,6 +574,7 @@ async fn mix(
         tasks.push(tokio::spawn(async move {
             let mut out: Vec<(String, Option<u64>)> = Vec::new();
             let mut errors = 0u64;
+            let mut first_error: Option<String> = None;
             let mut conn = None;
             let mut i = 0u64;
             while Instant::now() < stop {
@@ -572,23 +586,28 @@ async fn mix(
                     .then(|| Duration::from_millis(rng.range(1, work)));
                 match mix_one(&mut conn, target, proto, &id, work, abort).await {
                     Ok(a) => out.push((id, a)),
-                    Err(_) => {
+                    Err(e) => {
                         errors += 1;
+                        first_error.get_or_insert(e.to_string());
                         conn = None;
                         out.push((id, None));
                         sleep(Duration::from_millis(10)).await;
                     }
                 }
             }
-            (out, errors)
+            (out, errors, first_error)
         }));
     }
     let mut sent = Vec::new();
     let mut errors = 0;
+    let mut first_error = None;
     for t in tasks {
-        let (o, e) = t.await?;
+        let (o, e, f) = t.await?;
         sent.extend(o);
         errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
     }
     let ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
     let recs = settle(
@@ -625,6 +644,7 @@ async fn mix(
         "aborted": aborts.len(),
         "aborted_completed": aborted_completed,
         "errors": errors,
+        "first_error": first_error,
         "total_work_s": total as f64 / 1e9,
         "wasted_work_s": wasted as f64 / 1e9,
         "wasted_pct": pct,

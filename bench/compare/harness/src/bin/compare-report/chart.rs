@@ -166,6 +166,7 @@ fn draw_panel(
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .max_light_lines(1)
             .x_labels(0)
             .y_label_formatter(&|v| num(*v))
             .draw()?;
@@ -200,6 +201,7 @@ fn draw_panel(
         chart
             .configure_mesh()
             .disable_x_mesh()
+            .max_light_lines(1)
             .x_labels(0)
             .y_label_formatter(&|v| num(*v))
             .draw()?;

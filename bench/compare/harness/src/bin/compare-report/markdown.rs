@@ -365,7 +365,8 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
     o.push_str("## 5. Memory with idle keep-alive connections\n\n");
     o.push_str(
         "N HTTP/1.1 connections, one `GET /` on each, then idle. RSS is summed over the proxy's \
-         processes; per connection = (RSS with N idle − RSS before) / N.\n\n",
+         processes; per connection = (RSS with N idle − RSS before) / N. `direct` is the backend, a \
+         plain hyper server: what hyper and tokio alone cost per connection.\n\n",
     );
     table(
         &mut o,
@@ -405,6 +406,15 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
             let _ = writeln!(o, "### {title}\n");
             match std::fs::read_to_string(file) {
                 Ok(text) => {
+                    let buckets = profile_buckets(&text);
+                    if !buckets.is_empty() {
+                        o.push_str("Samples by where they fall (self time, symbols above the cut-off):\n\n");
+                        o.push_str("| where | share |\n|---|---:|\n");
+                        for (name, pct) in buckets {
+                            let _ = writeln!(o, "| {name} | {pct:.1} % |");
+                        }
+                        o.push('\n');
+                    }
                     o.push_str("```text\n");
                     for line in text.lines().take(60) {
                         o.push_str(line.trim_end());
@@ -419,6 +429,58 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
         }
     }
     o
+}
+
+/// Groups `perf report --sort dso,symbol` lines (`  7.41%  libc.so.6  [.] _int_malloc`) into
+/// coarse buckets, largest first.
+pub fn profile_buckets(text: &str) -> Vec<(&'static str, f64)> {
+    let mut sums: Vec<(&'static str, f64)> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(pct), Some(dso)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Some(pct) = pct.strip_suffix('%').and_then(|p| p.parse::<f64>().ok()) else {
+            continue;
+        };
+        let sym: String = words.skip(1).collect::<Vec<_>>().join(" ");
+        let bucket = classify(dso, &sym);
+        match sums.iter_mut().find(|(b, _)| *b == bucket) {
+            Some(e) => e.1 += pct,
+            None => sums.push((bucket, pct)),
+        }
+    }
+    sums.sort_by(|a, b| b.1.total_cmp(&a.1));
+    sums
+}
+
+fn classify(dso: &str, sym: &str) -> &'static str {
+    if dso.contains("kernel") {
+        "kernel (network stack, syscalls, scheduling)"
+    } else if ["malloc", "free", "realloc", "calloc", "cfree"]
+        .iter()
+        .any(|m| sym.contains(m))
+    {
+        "allocator (glibc malloc/free)"
+    } else if sym.contains("serde_json")
+        || sym.contains("BTreeMap")
+        || sym.contains("btree")
+        || sym.contains("fmt::Write")
+        || sym.contains("core::fmt")
+        || sym.contains("access")
+    {
+        "access log record (serde_json Map, formatting)"
+    } else if sym.contains("hyper") || sym.contains("h2::") {
+        "hyper / h2"
+    } else if sym.contains("tokio") {
+        "tokio runtime"
+    } else if sym.contains("tether") {
+        "tether gateway code"
+    } else if dso.starts_with("libc") || dso.contains("vdso") {
+        "libc other (memcpy, clock_gettime, …)"
+    } else {
+        "other"
+    }
 }
 
 /// Per-round values of the throughput table, when there was more than one round.
@@ -446,6 +508,18 @@ fn rounds_line(t: &Table) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets() {
+        let text = "     7.41%  [kernel.kallsyms]  [k] _raw_spin_unlock_irqrestore\n     7.41%  libc.so.6  [.] _int_malloc\n     2.96%  tether  [.] <&mut serde_json::ser::Serializer<W,F> as serde_core::ser::Serializer>::serialize_str\n     1.00%  tether  [.] hyper::proto::h1::role::encode\n";
+        let b = profile_buckets(text);
+        assert_eq!(b[0].1, 7.41);
+        assert_eq!(b.len(), 4);
+        assert!(
+            b.iter()
+                .any(|(n, p)| n.starts_with("access log") && *p == 2.96)
+        );
+    }
 
     #[test]
     fn numbers() {
