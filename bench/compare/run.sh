@@ -520,8 +520,8 @@ scenario_cpu() {
         bounded 30 perf record -F 1999 -p "$PROXY_PID" -o "$RUN/perf.tether.data" -- sleep "$T_PERF" >/dev/null 2>&1 || true
         stop_pid "$hp"
         perf report -i "$RUN/perf.tether.data" --no-children --sort dso,symbol --stdio \
-          --percent-limit 0.8 2>/dev/null | grep -v '^#' | grep -v '^$' | sed -E 's/ +$//; s/  +/  /g' \
-          | cut -c1-150 | head -45 >"$RUN/profile.tether.txt" || true
+          --percent-limit 0.2 2>/dev/null | grep -v '^#' | grep -v '^$' | sed -E 's/( +-)+ *$//; s/  +/  /g' \
+          | cut -c1-150 >"$RUN/profile.tether.txt" || true
       fi
     done
     stop_proxy

@@ -855,6 +855,11 @@ fn parse_h2load(file: &std::path::Path, log: Option<&std::path::Path>) -> Result
             out.insert("non2xx".into(), json!(non2xx));
         }
     }
+    let errors: u64 = ["failed", "errored", "timeout", "non2xx"]
+        .iter()
+        .filter_map(|k| out.get(*k)?.as_u64())
+        .sum();
+    out.insert("errors".into(), json!(errors));
     if let Some(log) = log {
         // start-time(us) \t status \t duration(us)
         let text = std::fs::read_to_string(log)?;

@@ -408,7 +408,10 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
                 Ok(text) => {
                     let buckets = profile_buckets(&text);
                     if !buckets.is_empty() {
-                        o.push_str("Samples by where they fall (self time, symbols above the cut-off):\n\n");
+                        o.push_str(
+                            "Samples by where they fall (self time; symbols of at least 0.2 % of the \
+                             samples, the first 40 listed below):\n\n",
+                        );
                         o.push_str("| where | share |\n|---|---:|\n");
                         for (name, pct) in buckets {
                             let _ = writeln!(o, "| {name} | {pct:.1} % |");
@@ -416,7 +419,7 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
                         o.push('\n');
                     }
                     o.push_str("```text\n");
-                    for line in text.lines().take(60) {
+                    for line in text.lines().take(40) {
                         o.push_str(line.trim_end());
                         o.push('\n');
                     }
