@@ -267,10 +267,13 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
         let _ = writeln!(
             o,
             "\n**tether falls short of {} of {} measured targets in this run** (marked **no** above); \
-             the profiles at the end show where its CPU goes.",
+             what this run's figures say about why:\n",
             missed.len(),
             vs.iter().filter(|v| v.met.is_some()).count()
         );
+        for line in shortfall_evidence(t, meta) {
+            let _ = writeln!(o, "- {line}");
+        }
     }
 
     o.push_str("\n## 1. Throughput and latency, small responses\n\n");
@@ -432,6 +435,136 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
         }
     }
     o
+}
+
+/// One sentence per kind of shortfall, built from the run's own figures.
+fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
+    let mut out = Vec::new();
+    let g = |s: &str, c: &str, p: &str, m: &str| t.get(s, c, p, m);
+    let cpu: Vec<String> = t
+        .cases("cpu", &["h1", "h2"])
+        .iter()
+        .filter_map(|c| {
+            let (a, b) = (
+                g("cpu", c, "tether", "cpu_us_per_req")?,
+                g("cpu", c, "nginx", "cpu_us_per_req")?,
+            );
+            (a > b).then(|| format!("{c} {} µs vs {} µs ({:.2}×)", num(a), num(b), a / b))
+        })
+        .collect();
+    let slow_tp = ["h1", "h2"].iter().any(|c| {
+        matches!(
+            (g("throughput", c, "tether", "rps"), g("throughput", c, "nginx", "rps")),
+            (Some(a), Some(b)) if a < b
+        )
+    });
+    if !cpu.is_empty() {
+        let mut s = format!(
+            "**CPU per request** is above nginx's at the same offered load: {}. On 2 shared cores \
+             this decides throughput: under saturation every proxy gets about the same share of \
+             the CPUs, so req/s follows the inverse of CPU per request",
+            cpu.join(", ")
+        );
+        if slow_tp {
+            s.push_str(
+                " (section 1 shows the same gap in req/s, and the queueing it causes in p50/p99)",
+            );
+        }
+        s.push('.');
+        if let Some((_, file)) = meta
+            .profiles
+            .iter()
+            .find(|(title, _)| title.contains("perf record"))
+            && let Ok(text) = std::fs::read_to_string(file)
+        {
+            let b = profile_buckets(&text);
+            let share = |prefix: &str| {
+                b.iter()
+                    .find(|(n, _)| n.starts_with(prefix))
+                    .map_or(0.0, |(_, p)| *p)
+            };
+            let _ = write!(
+                s,
+                " The profile of tether at that load (end of this page) puts {:.0} % of its samples \
+                     in glibc's malloc/free, {:.0} % in building and serialising the access-log record \
+                     (a serde_json `Map`, i.e. a BTreeMap of owned strings, per request), {:.0} % in \
+                     other libc (mostly memmove), and {:.0} % in the kernel; hyper and tokio themselves \
+                     are small. Fewer allocations per request, above all writing the access-log line \
+                     straight into a reused buffer instead of through a `serde_json::Value`, is where \
+                     the gap is.",
+                share("allocator"),
+                share("access log"),
+                share("libc other"),
+                share("kernel"),
+            );
+        }
+        out.push(s);
+    } else if slow_tp {
+        out.push(
+            "**Throughput** is below nginx's although CPU per request is not: see the per-round \
+             values; this machine's noise is ±15–20 % between rounds."
+                .to_owned(),
+        );
+    }
+    if let (Some(a), Some(b)) = (
+        g("idle", "h1", "tether", "per_conn_kib"),
+        g("idle", "h1", "nginx", "per_conn_kib"),
+    ) && a > b
+    {
+        let mut s = format!(
+            "**Memory per idle connection**: tether {} KiB, nginx {} KiB",
+            num(a),
+            num(b)
+        );
+        if let Some(d) = g("idle", "h1", "direct", "per_conn_kib") {
+            let _ = write!(
+                s,
+                ". The backend, a plain hyper server on tokio, costs {} KiB per idle connection \
+                 itself, so most of tether's cost comes with hyper and tokio (per-connection buffers \
+                 kept while the connection idles, the connection task) and about {} KiB is added by \
+                 tether's own per-connection state. nginx frees a keep-alive \
+                 connection's request buffers while it idles; matching it needs buffers released or \
+                 shrunk on idle connections. A heap profile (e.g. heaptrack, not installed here) would \
+                 split the figure further",
+                num(d),
+                num((a - d).max(0.0))
+            );
+        }
+        s.push('.');
+        out.push(s);
+    }
+    let slow_cancel: Vec<String> = t
+        .cases("cancel", &["h1-h1", "h2-h1", "h2-h2"])
+        .iter()
+        .filter_map(|c| {
+            let p = g("cancel", c, "tether", "p99_ms")?;
+            (p >= 1.0).then(|| {
+                let base = if c.starts_with("h1") {
+                    "h1-h1"
+                } else {
+                    "h2-h2"
+                };
+                let p50 = g("cancel", c, "tether", "p50_ms").map_or("–".into(), num);
+                match g("cancel", base, "direct", "p99_ms") {
+                    Some(d) => format!(
+                        "{c} p50 {p50} ms, p99 {} ms (direct to the backend, no proxy: p99 {} ms)",
+                        num(p),
+                        num(d)
+                    ),
+                    None => format!("{c} p50 {p50} ms, p99 {} ms", num(p)),
+                }
+            })
+        })
+        .collect();
+    if !slow_cancel.is_empty() {
+        out.push(format!(
+            "**Cancellation p99 ≥ 1 ms**: {}. A tail of milliseconds shows in the direct baseline \
+             too, where no proxy is involved, so scheduling on the shared CPUs sets much of it; \
+             judge this target on an otherwise idle machine with more samples.",
+            slow_cancel.join("; ")
+        ));
+    }
+    out
 }
 
 /// Groups `perf report --sort dso,symbol` lines (`  7.41%  libc.so.6  [.] _int_malloc`) into
