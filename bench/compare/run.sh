@@ -560,7 +560,7 @@ settings=(
   "2 workers: tether \`workers = 2\`, nginx \`worker_processes 2\`, HAProxy \`nbthread 2\`, Caddy \`GOMAXPROCS=2\`."
   "Access logs on for all, one line per request, written to /dev/null (tether cannot turn its access log off)."
   "Keep-alive to the backend for all: nginx \`keepalive 64\`, HAProxy \`http-reuse always\`, Caddy \`keepalive_idle_conns_per_host 64\`, tether \`max_idle_per_endpoint = 64\`."
-  "Client aborts reach the upstream by default in nginx and tether; HAProxy gets \`option abortonclose\` for the same behaviour."
+  "Client aborts reach the upstream by default in nginx, Caddy and tether; HAProxy gets \`option abortonclose\` for the same behaviour."
   "Everything on 127.0.0.1; h2 is cleartext h2c with prior knowledge on every proxy (no TLS in this run)."
   "Descriptor limit $NOFILE; idle-connection scenario with $IDLE_N connections."
 )
