@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tether::CancelReason;
 
 /// How a request ended.
@@ -129,55 +129,40 @@ pub struct StageTimings {
 impl RequestRecord {
     /// The record as a JSON object. Durations are in microseconds (`*_us`).
     pub fn to_json(&self) -> Value {
-        let mut m = Map::new();
+        let mut line = String::new();
+        self.write_json(&mut line);
+        serde_json::from_str(&line).unwrap_or(Value::Null)
+    }
+
+    /// Appends the record as one JSON object (no newline) to `out`. Written field by field into
+    /// the caller's buffer: this runs once per request, so it builds no intermediate map.
+    pub fn write_json(&self, out: &mut String) {
         let unix_ms = self
             .time
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        m.insert("time_unix_ms".into(), unix_ms.into());
-        m.insert("request_id".into(), self.request_id.clone().into());
-        m.insert("client".into(), self.client.to_string().into());
-        m.insert("local".into(), self.local.to_string().into());
-        m.insert("protocol".into(), self.protocol.into());
-        m.insert("method".into(), self.method.clone().into());
-        m.insert("authority".into(), self.authority.clone().into());
-        m.insert("path".into(), self.path.clone().into());
-        m.insert("status".into(), self.status.into());
-        m.insert("bytes_sent".into(), self.bytes_sent.into());
-        m.insert("bytes_received".into(), self.bytes_received.into());
-        m.insert("duration_us".into(), micros(self.duration).into());
-        m.insert("route".into(), opt_str(&self.route));
-        m.insert("upstream".into(), opt_str(&self.upstream));
-        m.insert(
-            "upstream_addr".into(),
-            self.upstream_addr
-                .map(|a| Value::from(a.to_string()))
-                .unwrap_or(Value::Null),
-        );
-        m.insert(
-            "upstream_local".into(),
-            self.upstream_local
-                .map(|a| Value::from(a.to_string()))
-                .unwrap_or(Value::Null),
-        );
-        m.insert(
-            "upstream_protocol".into(),
-            self.upstream_protocol
-                .map(Value::from)
-                .unwrap_or(Value::Null),
-        );
-        m.insert("outcome".into(), self.outcome.as_str().into());
-        m.insert(
-            "abort_reason".into(),
-            self.abort_reason
-                .map(|r| Value::from(r.as_str()))
-                .unwrap_or(Value::Null),
-        );
-        m.insert(
-            "stage".into(),
-            self.stage.map(Value::from).unwrap_or(Value::Null),
-        );
+        let mut o = JsonObject::new(out);
+        o.num("time_unix_ms", Some(unix_ms));
+        o.str("request_id", Some(&self.request_id));
+        o.display("client", Some(&self.client));
+        o.display("local", Some(&self.local));
+        o.str("protocol", Some(self.protocol));
+        o.str("method", Some(&self.method));
+        o.str("authority", Some(&self.authority));
+        o.str("path", Some(&self.path));
+        o.num("status", Some(u64::from(self.status)));
+        o.num("bytes_sent", Some(self.bytes_sent));
+        o.num("bytes_received", Some(self.bytes_received));
+        o.num("duration_us", Some(micros(self.duration)));
+        o.str("route", self.route.as_deref());
+        o.str("upstream", self.upstream.as_deref());
+        o.display("upstream_addr", self.upstream_addr.as_ref());
+        o.display("upstream_local", self.upstream_local.as_ref());
+        o.str("upstream_protocol", self.upstream_protocol);
+        o.str("outcome", Some(self.outcome.as_str()));
+        o.str("abort_reason", self.abort_reason.map(|r| r.as_str()));
+        o.str("stage", self.stage);
         for (k, v) in [
             ("upstream_connect_us", self.upstream_connect),
             ("upstream_first_byte_us", self.upstream_first_byte),
@@ -190,30 +175,105 @@ impl RequestRecord {
             ("first_byte_us", self.timings.first_byte),
             ("body_us", self.timings.body),
         ] {
-            m.insert(
-                k.into(),
-                v.map(|d| Value::from(micros(d))).unwrap_or(Value::Null),
-            );
+            o.num(k, v.map(micros));
         }
-        m.insert(
-            "upstream_reused".into(),
-            self.upstream_reused.map(Value::from).unwrap_or(Value::Null),
-        );
-        m.insert("retries".into(), self.retries.into());
-        m.insert("trace_id".into(), opt_str(&self.trace_id));
-        m.insert("span_id".into(), opt_str(&self.span_id));
-        Value::Object(m)
+        o.bool("upstream_reused", self.upstream_reused);
+        o.num("retries", Some(u64::from(self.retries)));
+        o.str("trace_id", self.trace_id.as_deref());
+        o.str("span_id", self.span_id.as_deref());
+        o.end();
     }
+}
+
+/// A JSON object written straight into a `String`.
+struct JsonObject<'a> {
+    out: &'a mut String,
+    first: bool,
+}
+
+impl<'a> JsonObject<'a> {
+    fn new(out: &'a mut String) -> Self {
+        out.push('{');
+        JsonObject { out, first: true }
+    }
+
+    fn key(&mut self, k: &str) {
+        if !self.first {
+            self.out.push(',');
+        }
+        self.first = false;
+        self.out.push('"');
+        self.out.push_str(k);
+        self.out.push_str("\":");
+    }
+
+    fn str(&mut self, k: &str, v: Option<&str>) {
+        self.key(k);
+        match v {
+            Some(v) => escape_into(self.out, v),
+            None => self.out.push_str("null"),
+        }
+    }
+
+    fn display(&mut self, k: &str, v: Option<&impl fmt::Display>) {
+        use std::fmt::Write as _;
+        self.key(k);
+        match v {
+            // Addresses and the like: no character that needs escaping.
+            Some(v) => {
+                let _ = write!(self.out, "\"{v}\"");
+            }
+            None => self.out.push_str("null"),
+        }
+    }
+
+    fn num(&mut self, k: &str, v: Option<u64>) {
+        use std::fmt::Write as _;
+        self.key(k);
+        match v {
+            Some(v) => {
+                let _ = write!(self.out, "{v}");
+            }
+            None => self.out.push_str("null"),
+        }
+    }
+
+    fn bool(&mut self, k: &str, v: Option<bool>) {
+        self.key(k);
+        self.out.push_str(match v {
+            Some(true) => "true",
+            Some(false) => "false",
+            None => "null",
+        });
+    }
+
+    fn end(self) {
+        self.out.push('}');
+    }
+}
+
+/// Writes `s` as a JSON string literal (RFC 8259 §7).
+fn escape_into(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
-fn opt_str(s: &Option<String>) -> Value {
-    s.as_ref()
-        .map(|s| Value::from(s.as_str()))
-        .unwrap_or(Value::Null)
 }
 
 /// Where request records go. Called once per request, on a worker thread: keep it cheap.
@@ -228,7 +288,8 @@ pub struct JsonLinesStdout;
 
 impl AccessLog for JsonLinesStdout {
     fn record(&self, rec: &RequestRecord) {
-        let mut line = rec.to_json().to_string();
+        let mut line = String::with_capacity(768);
+        rec.write_json(&mut line);
         line.push('\n');
         // A closed stdout must not take the proxy down: drop the line.
         let _ = std::io::stdout().lock().write_all(line.as_bytes());
@@ -287,7 +348,9 @@ impl JsonLines {
 
 impl AccessLog for JsonLines {
     fn record(&self, rec: &RequestRecord) {
-        self.out.write_line(&rec.to_json().to_string());
+        let mut line = String::with_capacity(768);
+        rec.write_json(&mut line);
+        self.out.write_line(&line);
     }
 }
 
@@ -326,5 +389,64 @@ impl AccessLog for MemoryAccessLog {
             Ok(mut r) => r.push(rec.clone()),
             Err(p) => p.into_inner().push(rec.clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> RequestRecord {
+        RequestRecord {
+            time: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            request_id: "abc".into(),
+            client: "127.0.0.1:5000".parse().unwrap(),
+            local: "[::1]:8080".parse().unwrap(),
+            protocol: "HTTP/1.1",
+            method: "GET".into(),
+            authority: "example.test".into(),
+            path: "/a \"quoted\"\\path\n\u{1}é".into(),
+            status: 499,
+            bytes_sent: 10,
+            bytes_received: 0,
+            duration: Duration::from_micros(1500),
+            route: Some("r".into()),
+            upstream: None,
+            upstream_addr: Some("127.0.0.1:9000".parse().unwrap()),
+            upstream_local: None,
+            upstream_protocol: Some("h2c"),
+            outcome: Outcome::ClientAbort,
+            abort_reason: Some(CancelReason::StreamReset),
+            stage: Some("body"),
+            upstream_connect: None,
+            upstream_first_byte: Some(Duration::from_micros(42)),
+            upstream_time: None,
+            propagation: Some(Duration::from_micros(7)),
+            upstream_reused: Some(true),
+            retries: 1,
+            timings: StageTimings::default(),
+            trace_id: None,
+            span_id: None,
+        }
+    }
+
+    #[test]
+    fn json_line_is_valid_and_complete() {
+        let mut line = String::new();
+        record().write_json(&mut line);
+        let v: Value = serde_json::from_str(&line).expect("valid JSON");
+        assert_eq!(v["time_unix_ms"], 1_700_000_000_123u64);
+        assert_eq!(v["path"], "/a \"quoted\"\\path\n\u{1}é");
+        assert_eq!(v["local"], "[::1]:8080");
+        assert_eq!(v["status"], 499);
+        assert_eq!(v["outcome"], "client_abort");
+        assert_eq!(v["abort_reason"], "stream_reset");
+        assert_eq!(v["upstream"], Value::Null);
+        assert_eq!(v["upstream_first_byte_us"], 42);
+        assert_eq!(v["propagation_us"], 7);
+        assert_eq!(v["upstream_reused"], true);
+        assert_eq!(v["dns_us"], Value::Null);
+        assert_eq!(v.as_object().unwrap().len(), 34);
+        assert!(!line.contains('\n'), "one line per record");
     }
 }
