@@ -791,7 +791,7 @@ mod tests {
                 matches!(n.addr, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
             assert!(mapped || n.contains(n.addr), "{s:?}");
             assert_eq!(format!("{}/{}", n.addr, n.prefix).parse(), Ok(n), "{s:?}");
-            let probe = if next() % 2 == 0 {
+            let probe = if next().is_multiple_of(2) {
                 std::net::IpAddr::from((next() as u32).to_be_bytes())
             } else {
                 std::net::IpAddr::from(

@@ -272,7 +272,7 @@ mod tests {
         }
 
         fn string(&mut self, seeds: &[&str], pieces: &[&str]) -> String {
-            let mut s = if self.next() % 4 == 0 {
+            let mut s = if self.next().is_multiple_of(4) {
                 String::new()
             } else {
                 self.pick(seeds).to_owned()

@@ -169,14 +169,14 @@ mod tests {
             if let Ok(v) = HeaderValue::from_str(&prior) {
                 h.insert("x-forwarded-for", v);
             }
-            let client = if next() % 2 == 0 {
+            let client = if next().is_multiple_of(2) {
                 IpAddr::from([127, 0, 0, 1])
             } else {
                 IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
             };
-            let tls = next() % 2 == 0;
+            let tls = next().is_multiple_of(2);
             add_forwarding(&mut h, client, tls, Some(&host));
-            let fwd = h.get_all(header::FORWARDED).iter().last().unwrap();
+            let fwd = h.get_all(header::FORWARDED).iter().next_back().unwrap();
             let fwd = fwd.to_str().unwrap();
             assert!(fwd.starts_with("for="), "{fwd:?}");
             assert_eq!(fwd.matches('"').count() % 2, 0, "{fwd:?}");
