@@ -246,4 +246,137 @@ mod tests {
             assert!(back <= d && d - back < Duration::from_secs(1), "{d:?}");
         }
     }
+
+    /// Fixed-seed pseudo-random inputs (xorshift64*), biased towards what the parsers look at:
+    /// valid values mutated by inserting, replacing and truncating pieces.
+    struct Gen(u64);
+
+    impl Gen {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
+            from[(self.next() % from.len() as u64) as usize]
+        }
+
+        fn boundary(&mut self, s: &str) -> usize {
+            let mut i = (self.next() % (s.len() as u64 + 1)) as usize;
+            while !s.is_char_boundary(i) {
+                i -= 1;
+            }
+            i
+        }
+
+        fn string(&mut self, seeds: &[&str], pieces: &[&str]) -> String {
+            let mut s = if self.next().is_multiple_of(4) {
+                String::new()
+            } else {
+                self.pick(seeds).to_owned()
+            };
+            for _ in 0..self.next() % 5 {
+                let at = self.boundary(&s);
+                match self.next() % 4 {
+                    0 => s.truncate(at),
+                    1 => {
+                        let raw: Vec<u8> =
+                            (0..self.next() % 4).map(|_| self.next() as u8).collect();
+                        s.insert_str(at, &String::from_utf8_lossy(&raw));
+                    }
+                    _ => s.insert_str(at, self.pick(pieces)),
+                }
+            }
+            s
+        }
+    }
+
+    const PIECES: &[&str] = &[
+        "0",
+        "1",
+        "9",
+        "99999999",
+        "18446744073709551615",
+        "1844674407370955161",
+        " ",
+        "\t",
+        "+",
+        "-",
+        ".",
+        "e",
+        "H",
+        "M",
+        "S",
+        "m",
+        "u",
+        "n",
+        "\u{b5}",
+        "\u{e9}",
+        "\0",
+        "\r\n",
+        "x",
+    ];
+
+    #[test]
+    fn fuzz_smoke_budget_ms() {
+        let seeds = [
+            "1500",
+            "0",
+            " 42\t",
+            "18446744073709551615",
+            "18446744073709551616",
+        ];
+        let mut g = Gen(0x5EED_0001);
+        for _ in 0..20_000 {
+            let s = g.string(&seeds, PIECES);
+            let Ok(d) = parse_budget_ms(&s) else { continue };
+            let digits = s.trim_matches([' ', '\t']);
+            assert!(digits.len() <= MAX_MS_DIGITS, "{s:?}");
+            assert_eq!(Some(d.as_millis()), digits.parse::<u128>().ok(), "{s:?}");
+            assert_eq!(parse_budget_header(&format_budget_ms(d)), Ok(d), "{s:?}");
+            if let Ok(v) = HeaderValue::from_str(&s) {
+                assert_eq!(parse_budget_header(&v), Ok(d), "{s:?}");
+            }
+        }
+        // Header values need not be UTF-8.
+        for _ in 0..5_000 {
+            let raw: Vec<u8> = (0..g.next() % 12).map(|_| g.next() as u8).collect();
+            if let Ok(v) = HeaderValue::from_bytes(&raw) {
+                let _ = parse_budget_header(&v);
+                let _ = parse_grpc_timeout_header(&v);
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_smoke_grpc_timeout() {
+        let seeds = [
+            "1500m",
+            "2S",
+            "100u",
+            "99999999H",
+            "1n",
+            " 7M ",
+            "123456789m",
+        ];
+        let mut g = Gen(0x5EED_0002);
+        let max = Duration::from_secs(99_999_999 * 3600);
+        for _ in 0..20_000 {
+            let s = g.string(&seeds, PIECES);
+            let Ok(d) = parse_grpc_timeout(&s) else {
+                continue;
+            };
+            assert!(d <= max, "{s:?}");
+            // Formatting rounds down by less than one unit of the finest unit that fits, which
+            // is under a hundred-thousandth of the value.
+            let back = parse_grpc_timeout_header(&format_grpc_timeout(d)).unwrap();
+            assert!(back <= d, "{s:?}");
+            assert!((d - back).as_nanos() * 100_000 <= d.as_nanos(), "{s:?}");
+            if let Ok(v) = HeaderValue::from_str(&s) {
+                assert_eq!(parse_grpc_timeout_header(&v), Ok(d), "{s:?}");
+            }
+        }
+    }
 }

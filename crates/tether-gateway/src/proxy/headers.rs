@@ -124,4 +124,67 @@ mod tests {
         );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
     }
+
+    #[test]
+    fn fuzz_smoke_forwarding_never_emits_bad_values() {
+        // Fixed-seed xorshift64*: arbitrary prior X-Forwarded-For values and Host strings.
+        let mut x = 0x5EED_0004u64;
+        let mut next = move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        let pieces = [
+            "a",
+            "example.com",
+            ":",
+            "8080",
+            "\"",
+            ";",
+            ",",
+            "=",
+            " ",
+            "\t",
+            "[",
+            "]",
+            "::1",
+            "for=",
+            "\u{e9}",
+            "\r",
+            "\n",
+            "\0",
+            "\u{7f}",
+        ];
+        for _ in 0..10_000 {
+            let mut text = || {
+                let n = next() % 4;
+                (0..n)
+                    .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                    .collect::<String>()
+            };
+            let prior = text();
+            let host = text();
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&prior) {
+                h.insert("x-forwarded-for", v);
+            }
+            let client = if next().is_multiple_of(2) {
+                IpAddr::from([127, 0, 0, 1])
+            } else {
+                IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+            };
+            let tls = next().is_multiple_of(2);
+            add_forwarding(&mut h, client, tls, Some(&host));
+            let fwd = h.get_all(header::FORWARDED).iter().next_back().unwrap();
+            let fwd = fwd.to_str().unwrap();
+            assert!(fwd.starts_with("for="), "{fwd:?}");
+            assert_eq!(fwd.matches('"').count() % 2, 0, "{fwd:?}");
+            assert!(h.get("x-forwarded-for").is_some());
+            assert_eq!(
+                h.get("x-forwarded-proto").unwrap(),
+                if tls { "https" } else { "http" }
+            );
+        }
+    }
 }

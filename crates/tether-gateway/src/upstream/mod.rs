@@ -5,7 +5,7 @@ pub mod dns;
 pub mod pool;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
@@ -176,10 +176,16 @@ impl Upstream {
         ep: &Endpoint,
         timeout: Duration,
     ) -> Result<connect::Connected, ProxyError> {
+        // A guard, not a decrement after the await: a cancelled request drops this future mid-connect.
+        struct Connecting<'a>(&'a AtomicI64);
+        impl Drop for Connecting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         self.counts.connecting.fetch_add(1, Ordering::Relaxed);
-        let r = self.connector.connect(&ep.address, timeout).await;
-        self.counts.connecting.fetch_sub(1, Ordering::Relaxed);
-        r
+        let _connecting = Connecting(&self.counts.connecting);
+        self.connector.connect(&ep.address, timeout).await
     }
 
     async fn checkout_h2(
