@@ -205,24 +205,32 @@ impl IpNet {
     /// Whether `ip` is inside the network. IPv4-mapped IPv6 addresses match IPv4 networks.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         use std::net::IpAddr;
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(n), IpAddr::V4(a)) => {
+        // Compare in the network's own family: an IPv4 peer seen on a dual-stack socket arrives
+        // IPv4-mapped, and a network may be written either way.
+        match self.addr {
+            IpAddr::V4(n) => {
+                let a = match ip {
+                    IpAddr::V4(a) => a,
+                    IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                        Some(a) => a,
+                        None => return false,
+                    },
+                };
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
                     .unwrap_or(0);
                 u32::from(n) & mask == u32::from(a) & mask
             }
-            (IpAddr::V6(n), IpAddr::V6(a)) => {
+            IpAddr::V6(n) => {
+                let a = match ip {
+                    IpAddr::V6(a) => a,
+                    IpAddr::V4(a) => a.to_ipv6_mapped(),
+                };
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.prefix))
                     .unwrap_or(0);
                 u128::from(n) & mask == u128::from(a) & mask
             }
-            _ => false,
         }
     }
 }
@@ -718,6 +726,10 @@ mod tests {
         let one: IpNet = "::1".parse().unwrap();
         assert!(one.contains("::1".parse().unwrap()));
         assert!(!one.contains("::2".parse().unwrap()));
+        let mapped: IpNet = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()));
+        assert!(mapped.contains("::ffff:10.1.2.3".parse().unwrap()));
+        assert!(!mapped.contains("11.1.2.3".parse().unwrap()));
         let all: IpNet = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("8.8.8.8".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<IpNet>().is_err());
@@ -785,11 +797,7 @@ mod tests {
             let Ok(n) = s.parse::<IpNet>() else { continue };
             let max = if n.addr.is_ipv4() { 32 } else { 128 };
             assert!(n.prefix <= max, "{s:?}");
-            // An IPv4-mapped IPv6 network (`::ffff:a.b.c.d/n`) matches nothing today: `contains`
-            // maps the probe to IPv4 but not the network. Left out here; see `contains`.
-            let mapped =
-                matches!(n.addr, std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
-            assert!(mapped || n.contains(n.addr), "{s:?}");
+            assert!(n.contains(n.addr), "{s:?}");
             assert_eq!(format!("{}/{}", n.addr, n.prefix).parse(), Ok(n), "{s:?}");
             let probe = if next().is_multiple_of(2) {
                 std::net::IpAddr::from((next() as u32).to_be_bytes())
