@@ -1,9 +1,9 @@
 //! `tether serve`: load the config (or build the embedded demo one), start the gateway, print
-//! where it listens, and run until SIGINT or SIGTERM.
+//! where it listens, and run until SIGINT or SIGTERM. SIGHUP reloads the `--config` file.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +13,7 @@ use tether_gateway::config::{
     Config, ListenerConfig, Protocols, RouteConfig, UpstreamConfig, UpstreamProtocol,
 };
 use tether_gateway::observe::access::{AccessLog, JsonLines, LineSink};
-use tether_gateway::{Gateway, StartError};
+use tether_gateway::{Gateway, RunningGateway, StartError};
 use tracing_subscriber::EnvFilter;
 
 use crate::EXIT_CONFIG;
@@ -82,7 +82,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     };
 
     // With a file: its config. Without: the demo upstream first, then a config pointing at it.
-    let (config, grace, demo, source) = match &args.config {
+    let (config, mut grace, demo, source) = match &args.config {
         Some(path) => match file_config::load(path) {
             Ok(l) => (l.config, l.shutdown_grace, None, Some((path, l.source))),
             Err(e) => {
@@ -114,6 +114,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
         .iter()
         .map(|l| (l.tls.is_some(), l.protocols))
         .collect();
+    // Before the listening lines: a SIGHUP sent once they are printed must not kill the process.
+    let hangups = {
+        let _rt = rt.enter();
+        hangup_signals()
+    };
     let running = match Gateway::start(config, log) {
         Ok(r) => r,
         Err(e) => return start_failed(e, source.as_ref().map(|(p, s)| (p.as_path(), s.as_str()))),
@@ -128,7 +133,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
         eprintln!("try: curl -m 1 'http://{addr}/work?ms=5000'   (endpoints: curl http://{addr}/)");
     }
 
-    let signal = rt.block_on(shutdown_signal());
+    let signal = rt.block_on(serve_signals(
+        &running,
+        hangups,
+        args.config.as_deref(),
+        &mut grace,
+    ));
     tracing::info!(signal, grace_ms = grace.as_millis() as u64, "shutting down");
     // A second signal during the drain ends the process at once.
     rt.spawn(async {
@@ -184,7 +194,21 @@ fn listening_line(addr: SocketAddr, tls: bool, p: Protocols) -> String {
 /// Reports a start failure. Errors that name a config key are reported like `check-config`
 /// (with the line, exit 64); the rest (a port in use) exit with 1.
 fn start_failed(e: StartError, file: Option<(&std::path::Path, &str)>) -> ExitCode {
-    let keyed = match &e {
+    match (keyed(&e), file) {
+        (Some((key, message)), Some((path, src))) => {
+            eprintln!("{}", file_config::locate(path, src, key, message));
+            ExitCode::from(EXIT_CONFIG)
+        }
+        _ => {
+            tracing::error!(error = %e, "cannot start");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The config key and message of an error that names one.
+fn keyed(e: &StartError) -> Option<(String, String)> {
+    match e {
         StartError::Config(c) => Some((c.key.clone(), c.message.clone())),
         StartError::ListenerTls { index, source } => {
             Some((format!("listeners[{index}].tls"), source.to_string()))
@@ -193,15 +217,82 @@ fn start_failed(e: StartError, file: Option<(&std::path::Path, &str)>) -> ExitCo
             Some((format!("upstreams[{index}].tls"), source.to_string()))
         }
         _ => None,
-    };
-    match (keyed, file) {
-        (Some((key, message)), Some((path, src))) => {
-            eprintln!("{}", file_config::locate(path, src, key, message));
-            ExitCode::from(EXIT_CONFIG)
+    }
+}
+
+#[cfg(unix)]
+type Hangups = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangups = Option<std::convert::Infallible>;
+
+/// Subscribes to SIGHUP; needs a runtime context.
+fn hangup_signals() -> Hangups {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading is off");
+                None
+            }
         }
-        _ => {
-            tracing::error!(error = %e, "cannot start");
-            ExitCode::FAILURE
+    }
+    #[cfg(not(unix))]
+    None
+}
+
+/// Reloads on every SIGHUP until SIGINT or SIGTERM, and names the signal that stopped it.
+async fn serve_signals(
+    running: &RunningGateway,
+    hangups: Hangups,
+    config: Option<&Path>,
+    grace: &mut Duration,
+) -> &'static str {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    #[cfg(unix)]
+    if let Some(mut hup) = hangups {
+        loop {
+            tokio::select! {
+                s = &mut stop => return s,
+                got = hup.recv() => match got {
+                    Some(()) => reload(running, config, grace),
+                    None => break,
+                },
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (hangups, running, config, &grace);
+    stop.await
+}
+
+/// Re-reads the config file and switches to it; on any error the running config stays.
+fn reload(running: &RunningGateway, path: Option<&Path>, grace: &mut Duration) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP ignored: no --config file to reload");
+        return;
+    };
+    let loaded = match file_config::load(path) {
+        Ok(l) => l,
+        Err(e) => {
+            return tracing::error!(error = %e, "reload failed; the running config stays");
+        }
+    };
+    match running.reload(loaded.config) {
+        Ok(()) => {
+            *grace = loaded.shutdown_grace;
+            tracing::info!(file = %path.display(), "reloaded");
+        }
+        Err(e) => {
+            let error = match keyed(&e) {
+                Some((key, message)) => {
+                    file_config::locate(path, &loaded.source, key, message).to_string()
+                }
+                None => e.to_string(),
+            };
+            tracing::error!(%error, "reload failed; the running config stays");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `tether serve` under real signals: SIGTERM stops accepting, lets requests in flight finish
-//! within the grace period and cancels the rest with reason `shutdown`.
+//! within the grace period and cancels the rest with reason `shutdown`; SIGHUP reloads the config
+//! file for new connections while requests in flight finish on the old one.
 // Test helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -229,4 +230,118 @@ addresses = ["{up}"]
     let _ = long.read_to_end(&mut b);
     let status = t.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "{status:?}");
+}
+
+/// An upstream answering every request with `name` (connection: close); `/slow` after 1.5 s.
+fn named_upstream(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { return };
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(LIMIT));
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match c.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                if head.starts_with(b"GET /slow") {
+                    std::thread::sleep(Duration::from_millis(1500));
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
+                    name.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+fn reload_config(upstream: SocketAddr) -> String {
+    format!(
+        r#"workers = 2
+[[listeners]]
+address = "127.0.0.1:0"
+  [[listeners.routes]]
+  upstream = "backend"
+[[upstreams]]
+name = "backend"
+addresses = ["{upstream}"]
+"#
+    )
+}
+
+/// Opens a new connection, sends one request and reads the whole response.
+fn get_once(addr: SocketAddr, path: &str) -> TcpStream {
+    let mut s = TcpStream::connect_timeout(&addr, LIMIT).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    s
+}
+
+fn body_of(mut s: TcpStream) -> String {
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out.rsplit("\r\n\r\n").next().unwrap().to_string()
+}
+
+#[test]
+fn sighup_reloads_for_new_connections_and_keeps_serving_on_a_bad_file() {
+    let a = named_upstream("A");
+    let b = named_upstream("B");
+    let cfg = TempFile::new("reload.toml", &reload_config(a));
+    let t = Tether::spawn(&["serve", "--config", cfg.0.to_str().unwrap()]);
+    let addr = t.listening();
+    assert_eq!(body_of(get_once(addr, "/")), "A");
+
+    // A slow request in flight on A across the reload.
+    let slow = get_once(addr, "/slow");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    std::fs::write(&cfg.0, reload_config(b)).unwrap();
+    t.signal("HUP");
+    wait_line(&t.stderr, |l| l.contains("reloaded"));
+    // New connections, on either worker, get the new config.
+    for _ in 0..6 {
+        assert_eq!(body_of(get_once(addr, "/")), "B");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(1300),
+        "the slow request must still be in flight"
+    );
+    assert_eq!(body_of(slow), "A");
+
+    // A broken file is reported with its line, and B keeps serving.
+    std::fs::write(
+        &cfg.0,
+        reload_config(b).replace(r#"upstream = "backend""#, r#"upstream = "nope""#),
+    )
+    .unwrap();
+    t.signal("HUP");
+    let line = wait_line(&t.stderr, |l| l.contains("reload failed"));
+    let at = format!("{}:5: listeners[0].routes[0].upstream", cfg.0.display());
+    assert!(line.contains(&at), "{line}");
+    assert_eq!(body_of(get_once(addr, "/")), "B");
+
+    // Changing what needs a rebind is refused, and B keeps serving.
+    std::fs::write(
+        &cfg.0,
+        reload_config(b).replace("127.0.0.1:0", "127.0.0.1:1"),
+    )
+    .unwrap();
+    t.signal("HUP");
+    let line = wait_line(&t.stderr, |l| l.contains("reload failed"));
+    assert!(line.contains(":3: listeners[0].address"), "{line}");
+    assert_eq!(body_of(get_once(addr, "/")), "B");
 }

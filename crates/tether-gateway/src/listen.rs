@@ -4,19 +4,24 @@
 //! Each worker accepts from every listener, and a connection, its requests and the upstream
 //! connections they use stay on that worker: no work stealing, no cross-thread wake-ups, and
 //! per-worker upstream pools whose locks are never contended.
+//!
+//! Reloading publishes a new generation (routes, TLS, limits, upstreams with fresh pools) to every
+//! worker. A connection reads its worker's current generation once, when it is accepted, and keeps
+//! it to the end: its requests, including those in flight during the reload, finish on the
+//! configuration they started with. A generation is dropped when its last connection ends.
 
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tether::{CancelReason, RequestContext};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -72,6 +77,32 @@ pub enum StartError {
     /// A worker thread could not be started.
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
+}
+
+/// One configuration as every worker shares it: the config and each listener's routes, TLS and
+/// limits. Workers build their own upstreams (and pools) from `config`.
+#[derive(Debug)]
+struct Published {
+    config: Arc<Config>,
+    listeners: Vec<Arc<ListenerShared>>,
+}
+
+/// One worker's view of a configuration generation.
+#[derive(Debug)]
+struct Generation {
+    worker: Arc<Worker>,
+    listeners: Vec<Arc<ListenerShared>>,
+}
+
+/// A worker's current generation. A std lock is enough: it is read once per accepted connection
+/// and written once per reload, never held across an await.
+type Slot = Arc<RwLock<Arc<Generation>>>;
+
+fn current(slot: &Slot) -> Arc<Generation> {
+    match slot.read() {
+        Ok(g) => g.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
 }
 
 /// What every worker shares about a listener.
@@ -180,25 +211,21 @@ pub struct RunningGateway {
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
     threads: Vec<JoinHandle<()>>,
+    published: watch::Sender<Arc<Published>>,
+    /// Upstream names at start, which the connection gauges are registered under.
+    metric_names: Arc<[String]>,
 }
 
 impl Gateway {
     /// Validates `config`, binds every listener and starts the worker threads. Returns once the
     /// listeners are bound, so their addresses can be used at once.
     pub fn start(config: Config, log: Arc<dyn AccessLog>) -> Result<RunningGateway, StartError> {
-        config.validate()?;
-        // Fail on bad upstream TLS settings now, not on the first request.
         let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let metric_names: Arc<[String]> = names.clone().into();
         let metrics = Arc::new(Metrics::new(&names));
-        let resolver = Resolver::new(&config.dns).map_err(StartError::Dns)?;
-        for (index, u) in config.upstreams.iter().enumerate() {
-            Upstream::new(u, resolver.clone(), metrics.conn_counts(index))
-                .map_err(|source| StartError::UpstreamTls { index, source })?;
-        }
         let observer = Observer { log, metrics };
         let mut std_listeners = Vec::new();
         let mut addrs = Vec::new();
-        let mut shared = Vec::new();
         for (index, l) in config.listeners.iter().enumerate() {
             let sock =
                 bind(l.address, l.limits.backlog as i32).map_err(|source| StartError::Bind {
@@ -212,35 +239,23 @@ impl Gateway {
                 source,
             })?);
             std_listeners.push(sock);
-            shared.push(Arc::new(ListenerShared {
-                router: Router::new(&l.routes, |name| {
-                    config.upstreams.iter().position(|u| u.name == name)
-                }),
-                tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
-                protocols: l.protocols,
-                trusted_peers: l.trusted_peers.clone(),
-                dead_peer: l.dead_peer,
-                limits: l.limits,
-                conn_limit: l
-                    .limits
-                    .max_connections
-                    .map(|n| Arc::new(Semaphore::new(n.get()))),
-            }));
         }
         let workers = config
             .workers
             .or_else(|| std::thread::available_parallelism().ok())
             .unwrap_or(NonZeroUsize::MIN)
             .get();
+        let admin_config = config.admin.clone();
+        let published = Arc::new(prepare(config, None)?);
         let stop = CancellationToken::new();
-        let (admin_addr, admin) = match &config.admin {
+        let (admin_addr, admin) = match &admin_config {
             Some(a) => {
                 let (addr, state) = start_admin(a.address, observer.metrics.clone(), stop.clone())?;
                 (Some(addr), Some(state))
             }
             None => (None, None),
         };
-        let config = Arc::new(config);
+        let (published, updates) = watch::channel(published);
         let grace = Arc::new(Mutex::new(Duration::from_secs(10)));
         let mut threads = Vec::new();
         for n in 0..workers {
@@ -248,16 +263,16 @@ impl Gateway {
             for l in &std_listeners {
                 listeners.push(l.try_clone().map_err(StartError::Thread)?);
             }
-            let (config, shared, observer, stop, grace) = (
-                config.clone(),
-                shared.clone(),
+            let (updates, names, observer, stop, grace) = (
+                updates.clone(),
+                metric_names.clone(),
                 observer.clone(),
                 stop.clone(),
                 grace.clone(),
             );
             let t = std::thread::Builder::new()
                 .name(format!("tether-worker-{n}"))
-                .spawn(move || run_worker(&config, listeners, shared, observer, stop, grace))
+                .spawn(move || run_worker(updates, &names, listeners, observer, stop, grace))
                 .map_err(StartError::Thread)?;
             threads.push(t);
         }
@@ -268,8 +283,78 @@ impl Gateway {
             stop,
             grace,
             threads,
+            published,
+            metric_names,
         })
     }
+}
+
+/// Validates `config` and builds what the workers share. With `previous`, the listeners' connection
+/// limits are kept when unchanged, so connections of both generations count against one limit.
+fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, StartError> {
+    config.validate()?;
+    // Fail on bad DNS or upstream TLS settings now, not on the first request.
+    let resolver = Resolver::new(&config.dns).map_err(StartError::Dns)?;
+    for (index, u) in config.upstreams.iter().enumerate() {
+        Upstream::new(u, resolver.clone(), Arc::default())
+            .map_err(|source| StartError::UpstreamTls { index, source })?;
+    }
+    let mut listeners = Vec::new();
+    for (index, l) in config.listeners.iter().enumerate() {
+        let kept = previous
+            .and_then(|p| p.listeners.get(index))
+            .filter(|old| old.limits.max_connections == l.limits.max_connections)
+            .and_then(|old| old.conn_limit.clone());
+        let conn_limit = kept.or_else(|| {
+            l.limits
+                .max_connections
+                .map(|n| Arc::new(Semaphore::new(n.get())))
+        });
+        listeners.push(Arc::new(ListenerShared {
+            router: Router::new(&l.routes, |name| {
+                config.upstreams.iter().position(|u| u.name == name)
+            }),
+            tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
+            protocols: l.protocols,
+            trusted_peers: l.trusted_peers.clone(),
+            dead_peer: l.dead_peer,
+            limits: l.limits,
+            conn_limit,
+        }));
+    }
+    Ok(Published {
+        config: Arc::new(config),
+        listeners,
+    })
+}
+
+/// What a reload cannot change: the listening sockets are not rebound.
+fn check_reloadable(old: &Config, new: &Config) -> Result<(), ConfigError> {
+    let fixed = |key: String, what: &str| ConfigError {
+        key,
+        message: format!("{what} cannot change on reload (restart tether to change it)"),
+    };
+    if old.listeners.len() != new.listeners.len() {
+        return Err(fixed("listeners".into(), "the number of listeners"));
+    }
+    for (i, (o, n)) in old.listeners.iter().zip(&new.listeners).enumerate() {
+        if o.address != n.address {
+            return Err(fixed(format!("listeners[{i}].address"), "the address"));
+        }
+        if o.protocols != n.protocols {
+            return Err(fixed(format!("listeners[{i}].protocols"), "the protocols"));
+        }
+        if o.tls.is_some() != n.tls.is_some() {
+            return Err(fixed(format!("listeners[{i}].tls"), "whether TLS is on"));
+        }
+        if o.limits.backlog != n.limits.backlog {
+            return Err(fixed(
+                format!("listeners[{i}].limits.backlog"),
+                "the backlog",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl RunningGateway {
@@ -286,6 +371,30 @@ impl RunningGateway {
     /// The Prometheus text exposition of the metrics (what `/metrics` serves).
     pub fn metrics_text(&self) -> Option<String> {
         self.admin.as_ref().map(|a| a.metrics.encode())
+    }
+
+    /// Switches to `config` for new connections. Connections already open, and their requests,
+    /// keep the configuration they were accepted under. The new config is validated like at
+    /// start; listeners are not rebound, so changing their number, addresses, protocols, backlog
+    /// or whether they terminate TLS is refused. On error nothing changes. `workers` and `admin`
+    /// take effect only on restart.
+    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+        let previous = self.published.borrow().clone();
+        check_reloadable(&previous.config, &config)?;
+        if config.workers != previous.config.workers
+            || config.admin.as_ref().map(|a| a.address)
+                != previous.config.admin.as_ref().map(|a| a.address)
+        {
+            tracing::warn!("workers and admin settings take effect on restart only");
+        }
+        for u in &config.upstreams {
+            if !self.metric_names.contains(&u.name) {
+                tracing::warn!(upstream = %u.name, "new upstream: its connection gauges are exported after a restart");
+            }
+        }
+        let next = prepare(config, Some(&previous))?;
+        self.published.send_replace(Arc::new(next));
+        Ok(())
     }
 
     /// A token that, when cancelled, starts the shutdown (as [`shutdown`](Self::shutdown) does,
@@ -346,9 +455,9 @@ fn tls_acceptor(l: &ListenerConfig) -> Result<Option<TlsAcceptor>, rustls::Error
 }
 
 fn run_worker(
-    config: &Config,
+    mut updates: watch::Receiver<Arc<Published>>,
+    names: &[String],
     listeners: Vec<std::net::TcpListener>,
-    shared: Vec<Arc<ListenerShared>>,
     observer: Observer,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
@@ -364,36 +473,43 @@ fn run_worker(
         }
     };
     rt.block_on(async move {
-        let resolver = match Resolver::new(&config.dns) {
-            Ok(r) => r,
-            Err(e) => return tracing::error!(error = %e, "cannot build resolver"),
+        // Shared by every generation of this worker: the drain count and the shutdown root.
+        let root = RequestContext::new();
+        let conns: Arc<ConnCount> = Arc::default();
+        let first = updates.borrow_and_update().clone();
+        let generation = match build_generation(&first, names, &observer, &root, &conns) {
+            Ok(g) => g,
+            // Checked in Gateway::start; unreachable in practice.
+            Err(e) => return tracing::error!(error = %e, "cannot build worker"),
         };
-        let mut upstreams = Vec::new();
-        for (i, u) in config.upstreams.iter().enumerate() {
-            match Upstream::new(u, resolver.clone(), observer.metrics.conn_counts(i)) {
-                Ok(u) => upstreams.push(Arc::new(u)),
-                // Checked in Gateway::start; unreachable in practice.
-                Err(e) => {
-                    tracing::error!(upstream = %u.name, error = %e, "cannot build upstream");
-                    return;
-                }
-            }
-        }
-        let worker = Arc::new(Worker {
-            upstreams,
-            observer,
-            root: RequestContext::new(),
-            conns: Arc::default(),
-        });
-        for (l, shared) in listeners.into_iter().zip(shared) {
+        let slot: Slot = Arc::new(RwLock::new(Arc::new(generation)));
+        for (index, l) in listeners.into_iter().enumerate() {
             match TcpListener::from_std(l) {
                 Ok(l) => {
-                    tokio::spawn(accept_loop(l, worker.clone(), shared, stop.clone()));
+                    tokio::spawn(accept_loop(l, slot.clone(), index, stop.clone()));
                 }
                 Err(e) => tracing::error!(error = %e, "cannot register listener"),
             }
         }
-        stop.cancelled().await;
+        let reloads = async {
+            while updates.changed().await.is_ok() {
+                let next = updates.borrow_and_update().clone();
+                match build_generation(&next, names, &observer, &root, &conns) {
+                    Ok(g) => match slot.write() {
+                        Ok(mut s) => *s = Arc::new(g),
+                        Err(poisoned) => *poisoned.into_inner() = Arc::new(g),
+                    },
+                    // Validated by reload(); unreachable in practice.
+                    Err(e) => tracing::error!(error = %e, "cannot apply reloaded config"),
+                }
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = reloads => stop.cancelled().await,
+        }
+        let worker = current(&slot).worker.clone();
+        drop(slot);
         let grace = grace.lock().map(|g| *g).unwrap_or(Duration::from_secs(10));
         if !worker.drained(grace).await {
             worker.root.cancel(CancelReason::Shutdown);
@@ -402,21 +518,52 @@ fn run_worker(
     });
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    worker: Arc<Worker>,
-    shared: Arc<ListenerShared>,
-    stop: CancellationToken,
-) {
+/// Builds this worker's upstreams (with fresh pools) for a published configuration.
+fn build_generation(
+    p: &Published,
+    names: &[String],
+    observer: &Observer,
+    root: &RequestContext,
+    conns: &Arc<ConnCount>,
+) -> Result<Generation, StartError> {
+    let resolver = Resolver::new(&p.config.dns).map_err(StartError::Dns)?;
+    let mut upstreams = Vec::new();
+    for (index, u) in p.config.upstreams.iter().enumerate() {
+        // Gauges are registered under the names known at start; others get detached counters.
+        let counts = names
+            .iter()
+            .position(|n| *n == u.name)
+            .map(|i| observer.metrics.conn_counts(i))
+            .unwrap_or_default();
+        let up = Upstream::new(u, resolver.clone(), counts)
+            .map_err(|source| StartError::UpstreamTls { index, source })?;
+        upstreams.push(Arc::new(up));
+    }
+    Ok(Generation {
+        worker: Arc::new(Worker {
+            upstreams,
+            observer: observer.clone(),
+            root: root.clone(),
+            conns: conns.clone(),
+        }),
+        listeners: p.listeners.clone(),
+    })
+}
+
+async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(5);
     loop {
         // At the connection limit, stop accepting: new clients wait in the listen backlog
         // (and see their connect time out) rather than being accepted and dropped.
-        let permit = match &shared.conn_limit {
+        let limit = current(&slot)
+            .listeners
+            .get(index)
+            .and_then(|l| l.conn_limit.clone());
+        let permit = match limit {
             Some(limit) => tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                p = limit.clone().acquire_owned() => match p {
+                p = limit.acquire_owned() => match p {
                     Ok(p) => Some(p),
                     Err(_) => return,
                 },
@@ -431,10 +578,17 @@ async fn accept_loop(
         match accepted {
             Ok((tcp, client)) => {
                 backoff = Duration::from_millis(5);
+                // Read after accepting, so a connection that arrives after a reload gets the new
+                // generation even when this loop was already waiting.
+                let generation = current(&slot);
+                let Some(shared) = generation.listeners.get(index).cloned() else {
+                    return;
+                };
+                let worker = generation.worker.clone();
                 let guard = worker.conn_guard();
                 tokio::spawn(downstream::serve(
-                    worker.clone(),
-                    shared.clone(),
+                    worker,
+                    shared,
                     tcp,
                     client,
                     stop.clone(),
