@@ -4,102 +4,13 @@
 // Test helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-const LIMIT: Duration = Duration::from_secs(20);
-
-struct Tether {
-    child: Child,
-    stderr: Receiver<String>,
-    stdout: Receiver<String>,
-}
-
-impl Tether {
-    fn spawn(args: &[&str]) -> Tether {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = lines(child.stderr.take().unwrap());
-        let stdout = lines(child.stdout.take().unwrap());
-        Tether {
-            child,
-            stderr,
-            stdout,
-        }
-    }
-
-    fn listening(&self) -> SocketAddr {
-        let line = wait_line(&self.stderr, |l| l.starts_with("listening on http://"));
-        let rest = line.trim_start_matches("listening on http://");
-        rest.split_whitespace().next().unwrap().parse().unwrap()
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} failed");
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            assert!(
-                start.elapsed() < limit,
-                "serve did not exit within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Tether {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &Receiver<String>, want: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + LIMIT;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if want(&l) => return l,
-            Ok(l) => seen.push(l),
-            Err(e) => panic!("no matching line ({e}); got: {seen:#?}"),
-        }
-    }
-}
+mod common;
+use common::{LIMIT, TempFile, Tether, wait_line};
 
 /// An upstream that answers `/quick` after 300 ms and `/long` after 30 s, and reports on the
 /// channel when a `/long` connection was closed by tether.
@@ -138,23 +49,6 @@ fn slow_upstream() -> (SocketAddr, Receiver<&'static str>) {
         }
     });
     (addr, rx)
-}
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, text: &str) -> TempFile {
-        let p =
-            std::env::temp_dir().join(format!("tether-lifecycle-{}-{name}", std::process::id()));
-        std::fs::write(&p, text).unwrap();
-        TempFile(p)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 fn send_get(addr: SocketAddr, path: &str) -> TcpStream {

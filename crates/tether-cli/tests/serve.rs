@@ -3,84 +3,13 @@
 // Test helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
-const LIMIT: Duration = Duration::from_secs(20);
+mod common;
+use common::{LIMIT, TempFile, Tether, wait_line};
 
-/// A running `tether serve`; killed and reaped on drop.
-struct Tether {
-    child: Child,
-    stderr: Receiver<String>,
-    stdout: Receiver<String>,
-}
-
-impl Tether {
-    fn spawn(args: &[&str]) -> Tether {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = lines(child.stderr.take().unwrap());
-        let stdout = lines(child.stdout.take().unwrap());
-        Tether {
-            child,
-            stderr,
-            stdout,
-        }
-    }
-
-    /// Waits for the first `listening on http://ADDR` line on stderr.
-    fn listening(&self) -> SocketAddr {
-        let line = wait_line(&self.stderr, |l| l.starts_with("listening on http://"));
-        let rest = line.trim_start_matches("listening on http://");
-        rest.split_whitespace().next().unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Tether {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Forwards a pipe's lines to a channel, so reads can be bounded in time.
-fn lines(pipe: impl Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
-}
-
-fn wait_line(rx: &Receiver<String>, want: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + LIMIT;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(l) if want(&l) => return l,
-            Ok(l) => seen.push(l),
-            Err(e) => panic!("no matching line ({e}); got: {seen:#?}"),
-        }
-    }
-}
-
-/// One HTTP/1.1 request with `Connection: close`; returns the whole response.
 fn get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect_timeout(&addr, LIMIT).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
@@ -130,22 +59,6 @@ fn fixed_upstream() -> SocketAddr {
         }
     });
     addr
-}
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str, text: &str) -> TempFile {
-        let p = std::env::temp_dir().join(format!("tether-serve-{}-{name}", std::process::id()));
-        std::fs::write(&p, text).unwrap();
-        TempFile(p)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[test]
