@@ -16,7 +16,7 @@ use super::Peer;
 use super::probe::{self, Activity, GuardedBody};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
-use crate::proxy::{self, Conn};
+use crate::proxy;
 
 /// Serves an HTTP/1 connection.
 pub async fn serve<I>(
@@ -35,12 +35,7 @@ pub async fn serve<I>(
         DownstreamProtocol::Http1,
         watcher,
     ));
-    let conn = Arc::new(Conn {
-        client: peer.client,
-        local: peer.local,
-        tls: peer.tls,
-        cancel: cancel.clone(),
-    });
+    let conn = peer.conn(cancel.clone());
     let (activity, load) = Activity::new();
     let limits = listener.limits;
     let dead_peer = listener.dead_peer;

@@ -17,7 +17,7 @@ use super::probe::{self, Activity, GuardedBody};
 use crate::admission::CALM_DOWN_GRACE;
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
-use crate::proxy::{self, Conn};
+use crate::proxy;
 
 /// Serves an HTTP/2 connection.
 pub async fn serve<I>(
@@ -36,12 +36,7 @@ pub async fn serve<I>(
         ConnCancel::new(worker.root.child(), DownstreamProtocol::H2, None)
             .with_reset_budget(limits.h2_reset_budget),
     );
-    let conn = Arc::new(Conn {
-        client: peer.client,
-        local: peer.local,
-        tls: peer.tls,
-        cancel: cancel.clone(),
-    });
+    let conn = peer.conn(cancel.clone());
     let (activity, load) = Activity::new();
     let svc = {
         let worker = worker.clone();

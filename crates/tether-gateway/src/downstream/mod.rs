@@ -20,7 +20,9 @@ use tether::DisconnectWatcher;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::cancel::ConnCancel;
 use crate::listen::{ConnPermit, ListenerShared, Worker};
+use crate::proxy::Conn;
 
 /// How long a client may take to finish the TLS handshake or send the first bytes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +49,18 @@ fn probe_fd(tcp: &TcpStream, listener: &ListenerShared) -> Option<OwnedFd> {
         return None;
     }
     tcp.as_fd().try_clone_to_owned().ok()
+}
+
+impl Peer {
+    /// What the requests on this connection know about it.
+    pub fn conn(&self, cancel: Arc<ConnCancel>) -> Arc<Conn> {
+        Arc::new(Conn {
+            client: self.client,
+            local: self.local,
+            tls: self.tls,
+            cancel,
+        })
+    }
 }
 
 /// Serves one accepted connection to the end.
