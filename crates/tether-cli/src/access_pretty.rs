@@ -23,6 +23,10 @@ impl AccessLog for Pretty {
     fn record(&self, rec: &RequestRecord) {
         self.out.write_line(&format_record(rec));
     }
+
+    fn flush(&self) {
+        self.out.flush();
+    }
 }
 
 /// The line for one record, without the newline.
@@ -111,7 +115,7 @@ mod tests {
             client: "127.0.0.1:5000".parse().unwrap(),
             local: "127.0.0.1:8080".parse().unwrap(),
             protocol: "HTTP/1.1",
-            method: "GET".into(),
+            method: http::Method::GET,
             authority: "localhost".into(),
             path: "/work".into(),
             status: 499,

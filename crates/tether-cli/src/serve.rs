@@ -12,7 +12,9 @@ use clap::{Args, ValueEnum};
 use tether_gateway::config::{
     Config, ListenerConfig, Protocols, RouteConfig, UpstreamConfig, UpstreamProtocol,
 };
-use tether_gateway::observe::access::{AccessLog, JsonLines, LineSink};
+use tether_gateway::observe::access::{
+    AccessLog, DEFAULT_BUFFER_BYTES, JsonLines, LineSink, NoAccessLog,
+};
 use tether_gateway::{Gateway, RunningGateway, StartError};
 use tracing_subscriber::EnvFilter;
 
@@ -37,6 +39,10 @@ pub struct ServeArgs {
     /// Append the access log to FILE instead of writing it to stdout.
     #[arg(long, value_name = "FILE")]
     access_log: Option<PathBuf>,
+    /// Access-log bytes gathered before a write; lines are also written whenever a worker runs
+    /// out of work, so a quiet proxy logs at once. 0 writes every line as it comes.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_BUFFER_BYTES)]
+    access_log_buffer: usize,
     /// Listener address of the embedded demo setup (default 127.0.0.1:8080; port 0 picks one).
     #[arg(long, value_name = "ADDR", conflicts_with = "config", hide = true)]
     listen: Option<SocketAddr>,
@@ -49,6 +55,8 @@ enum LogFormat {
     Json,
     /// One human-readable line per request.
     Pretty,
+    /// No access log (metrics still count every request).
+    Off,
 }
 
 /// Runs `serve` to completion and returns the process exit status.
@@ -67,7 +75,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         }
     };
     let sink = match &args.access_log {
-        None => LineSink::Stdout,
+        None => LineSink::stdout(),
         Some(path) => match LineSink::append(path) {
             Ok(s) => s,
             Err(e) => {
@@ -76,9 +84,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
             }
         },
     };
+    let sink = sink.with_buffer_bytes(args.access_log_buffer);
     let log: Arc<dyn AccessLog> = match args.log_format {
         LogFormat::Json => Arc::new(JsonLines::new(sink)),
         LogFormat::Pretty => Arc::new(Pretty::new(sink)),
+        LogFormat::Off => Arc::new(NoAccessLog),
     };
 
     // With a file: its config. Without: the demo upstream first, then a config pointing at it.
@@ -119,6 +129,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         let _rt = rt.enter();
         hangup_signals()
     };
+    let flush_log = log.clone();
     let running = match Gateway::start(config, log) {
         Ok(r) => r,
         Err(e) => return start_failed(e, source.as_ref().map(|(p, s)| (p.as_path(), s.as_str()))),
@@ -141,12 +152,15 @@ pub fn run(args: ServeArgs) -> ExitCode {
     ));
     tracing::info!(signal, grace_ms = grace.as_millis() as u64, "shutting down");
     // A second signal during the drain ends the process at once.
-    rt.spawn(async {
+    let on_exit = flush_log.clone();
+    rt.spawn(async move {
         shutdown_signal().await;
         eprintln!("second signal: exiting now");
+        on_exit.flush();
         std::process::exit(130);
     });
     running.shutdown(grace);
+    flush_log.flush();
     if let Some(d) = demo {
         rt.block_on(d.stop());
     }

@@ -462,8 +462,11 @@ fn run_worker(
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
 ) {
+    let log = observer.log.clone();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Out of work: write the access-log lines gathered meanwhile.
+        .on_thread_park(move || log.flush())
         .build()
     {
         Ok(rt) => rt,
@@ -515,6 +518,7 @@ fn run_worker(
             worker.root.cancel(CancelReason::Shutdown);
             worker.drained(Duration::from_secs(1)).await;
         }
+        observer.log.flush();
     });
 }
 

@@ -1,8 +1,9 @@
 //! Host + path → route. First match wins, in configuration order.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::config::{HalfClose, RouteConfig, RouteTimeouts, TraceContext};
+use crate::observe::metrics::{Metrics, RouteMetrics};
 
 /// A route ready for matching.
 #[derive(Debug)]
@@ -25,6 +26,17 @@ pub struct Route {
     pub trace_context: TraceContext,
     /// Requests in flight at once, when limited (shared by every worker).
     pub in_flight: Option<Arc<crate::admission::Limit>>,
+    /// Its metric handles, made on its first request.
+    metrics: OnceLock<Arc<RouteMetrics>>,
+}
+
+impl Route {
+    /// This route's metric handles in `metrics`.
+    pub fn metrics(&self, metrics: &Metrics) -> Arc<RouteMetrics> {
+        self.metrics
+            .get_or_init(|| Arc::new(metrics.route(&self.name)))
+            .clone()
+    }
 }
 
 /// The routes of one listener.
@@ -61,6 +73,7 @@ impl Router {
                     in_flight: r
                         .max_in_flight
                         .map(|n| crate::admission::Limit::new(n.get())),
+                    metrics: OnceLock::new(),
                 })
             })
             .collect();

@@ -97,12 +97,23 @@ impl RequestId {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
-        RequestId(Arc::from(format!("{z:016x}")))
+        // Hex by hand: this runs once per request, and `format!` costs a formatter pass.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 16];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = HEX[((z >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId(Arc::from(std::str::from_utf8(&buf).unwrap_or_default()))
     }
 
     /// The identifier as text.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The identifier as a shared string (no copy).
+    pub fn as_arc(&self) -> Arc<str> {
+        self.0.clone()
     }
 }
 
@@ -421,5 +432,10 @@ mod tests {
         let b = RequestId::generate();
         assert_ne!(a, b);
         assert_eq!(a.as_str().len(), 16);
+        assert!(
+            a.as_str()
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
     }
 }

@@ -54,12 +54,7 @@ fn probe_fd(tcp: &TcpStream, listener: &ListenerShared) -> Option<OwnedFd> {
 impl Peer {
     /// What the requests on this connection know about it.
     pub fn conn(&self, cancel: Arc<ConnCancel>) -> Arc<Conn> {
-        Arc::new(Conn {
-            client: self.client,
-            local: self.local,
-            tls: self.tls,
-            cancel,
-        })
+        Arc::new(Conn::new(self.client, self.local, self.tls, cancel))
     }
 }
 

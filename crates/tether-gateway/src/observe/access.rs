@@ -25,6 +25,9 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// How many outcomes there are (`as usize` of each is below this).
+    pub const COUNT: usize = 5;
+
     /// Stable label: `ok`, `client_abort`, `timeout`, `upstream_error`, `rejected`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -49,7 +52,7 @@ pub struct RequestRecord {
     /// Wall-clock time the request head arrived.
     pub time: SystemTime,
     /// Request id (sent upstream and returned to the client as `x-request-id`).
-    pub request_id: String,
+    pub request_id: Arc<str>,
     /// Client address.
     pub client: SocketAddr,
     /// Local address the request arrived on.
@@ -57,7 +60,7 @@ pub struct RequestRecord {
     /// `HTTP/1.1` or `HTTP/2`.
     pub protocol: &'static str,
     /// Request method.
-    pub method: String,
+    pub method: http::Method,
     /// Host or :authority.
     pub authority: String,
     /// Path (without query).
@@ -71,9 +74,9 @@ pub struct RequestRecord {
     /// From the request head's arrival to the end of the request.
     pub duration: Duration,
     /// Route name, if one matched.
-    pub route: Option<String>,
+    pub route: Option<Arc<str>>,
     /// Upstream name, if routed.
-    pub upstream: Option<String>,
+    pub upstream: Option<Arc<str>>,
     /// Upstream endpoint actually used.
     pub upstream_addr: Option<SocketAddr>,
     /// tether's end of the upstream connection (its local address and port).
@@ -144,11 +147,11 @@ impl RequestRecord {
             .unwrap_or(0);
         let mut o = JsonObject::new(out);
         o.num("time_unix_ms", Some(unix_ms));
-        o.str("request_id", Some(&self.request_id));
-        o.display("client", Some(&self.client));
-        o.display("local", Some(&self.local));
+        o.str("request_id", Some(&*self.request_id));
+        o.addr("client", Some(&self.client));
+        o.addr("local", Some(&self.local));
         o.str("protocol", Some(self.protocol));
-        o.str("method", Some(&self.method));
+        o.str("method", Some(self.method.as_str()));
         o.str("authority", Some(&self.authority));
         o.str("path", Some(&self.path));
         o.num("status", Some(u64::from(self.status)));
@@ -157,8 +160,8 @@ impl RequestRecord {
         o.num("duration_us", Some(micros(self.duration)));
         o.str("route", self.route.as_deref());
         o.str("upstream", self.upstream.as_deref());
-        o.display("upstream_addr", self.upstream_addr.as_ref());
-        o.display("upstream_local", self.upstream_local.as_ref());
+        o.addr("upstream_addr", self.upstream_addr.as_ref());
+        o.addr("upstream_local", self.upstream_local.as_ref());
         o.str("upstream_protocol", self.upstream_protocol);
         o.str("outcome", Some(self.outcome.as_str()));
         o.str("abort_reason", self.abort_reason.map(|r| r.as_str()));
@@ -215,25 +218,22 @@ impl<'a> JsonObject<'a> {
         }
     }
 
-    fn display(&mut self, k: &str, v: Option<&impl fmt::Display>) {
-        use std::fmt::Write as _;
+    fn addr(&mut self, k: &str, v: Option<&SocketAddr>) {
         self.key(k);
         match v {
-            // Addresses and the like: no character that needs escaping.
             Some(v) => {
-                let _ = write!(self.out, "\"{v}\"");
+                self.out.push('"');
+                write_addr(self.out, v);
+                self.out.push('"');
             }
             None => self.out.push_str("null"),
         }
     }
 
     fn num(&mut self, k: &str, v: Option<u64>) {
-        use std::fmt::Write as _;
         self.key(k);
         match v {
-            Some(v) => {
-                let _ = write!(self.out, "{v}");
-            }
+            Some(v) => self.out.push_str(itoa::Buffer::new().format(v)),
             None => self.out.push_str("null"),
         }
     }
@@ -256,6 +256,12 @@ impl<'a> JsonObject<'a> {
 fn escape_into(out: &mut String, s: &str) {
     use std::fmt::Write as _;
     out.push('"');
+    // Most values (ids, paths, hosts) need no escaping: copy them in one go.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     for c in s.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -272,6 +278,28 @@ fn escape_into(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Writes `a` as `ip:port` (IPv6 in brackets), as `Display` does, without a formatter pass for
+/// the common IPv4 case.
+fn write_addr(out: &mut String, a: &SocketAddr) {
+    use std::fmt::Write as _;
+    match a {
+        SocketAddr::V4(v4) => {
+            let mut b = itoa::Buffer::new();
+            for (i, octet) in v4.ip().octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(b.format(*octet));
+            }
+            out.push(':');
+            out.push_str(b.format(v4.port()));
+        }
+        SocketAddr::V6(_) => {
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
@@ -280,56 +308,127 @@ fn micros(d: Duration) -> u64 {
 pub trait AccessLog: Send + Sync + fmt::Debug + 'static {
     /// Takes one finished request.
     fn record(&self, rec: &RequestRecord);
+
+    /// Writes out anything gathered. Called when a worker runs out of work and at shutdown.
+    fn flush(&self) {}
 }
 
-/// Writes one JSON object per line to standard output.
-#[derive(Debug, Default)]
-pub struct JsonLinesStdout;
-
-impl AccessLog for JsonLinesStdout {
-    fn record(&self, rec: &RequestRecord) {
-        let mut line = String::with_capacity(768);
-        rec.write_json(&mut line);
-        line.push('\n');
-        // A closed stdout must not take the proxy down: drop the line.
-        let _ = std::io::stdout().lock().write_all(line.as_bytes());
-    }
-}
-
-/// Where access-log lines go: standard output or a file opened for appending. Each line is one
-/// `write` call, so lines from several workers never interleave.
+/// Where access-log lines go: standard output or a file opened for appending.
+///
+/// Lines are gathered in memory and written in batches: when `buffer_bytes` have gathered, and
+/// whenever a worker runs out of work ([`AccessLog::flush`], called just before a worker thread
+/// goes idle), so a quiet proxy writes each line at once and a busy one makes one `write` per
+/// batch instead of one per request. Lines are never split or interleaved. `buffer_bytes = 0`
+/// writes every line as it comes.
 #[derive(Debug)]
-pub enum LineSink {
-    /// Standard output.
-    Stdout,
-    /// A file, opened with `O_APPEND` (log rotation by rename + reopen is not supported: use
-    /// copytruncate, or let the service manager collect stdout).
-    File(Mutex<std::fs::File>),
+pub struct LineSink {
+    pending: Mutex<String>,
+    out: Mutex<Output>,
+    buffer_bytes: usize,
 }
+
+#[derive(Debug)]
+struct Output {
+    target: Target,
+    /// The batch being written; swapped with `pending` so both keep their capacity.
+    batch: String,
+}
+
+#[derive(Debug)]
+enum Target {
+    Stdout,
+    /// Opened with `O_APPEND` (log rotation by rename + reopen is not supported: use
+    /// copytruncate, or let the service manager collect stdout).
+    File(std::fs::File),
+}
+
+/// The default batch size of a [`LineSink`].
+pub const DEFAULT_BUFFER_BYTES: usize = 64 * 1024;
 
 impl LineSink {
+    /// Standard output.
+    pub fn stdout() -> LineSink {
+        LineSink::new(Target::Stdout)
+    }
+
     /// Appends to `path`, creating it if needed.
     pub fn append(path: &std::path::Path) -> std::io::Result<LineSink> {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)?;
-        Ok(LineSink::File(Mutex::new(f)))
+        Ok(LineSink::new(Target::File(f)))
     }
 
-    /// Writes `line` and a newline. A failing write (closed stdout, full disk) drops the line:
-    /// the access log must not take the proxy down.
+    fn new(target: Target) -> LineSink {
+        LineSink {
+            pending: Mutex::new(String::new()),
+            out: Mutex::new(Output {
+                target,
+                batch: String::new(),
+            }),
+            buffer_bytes: DEFAULT_BUFFER_BYTES,
+        }
+    }
+
+    /// Sets how many bytes gather before a write (0: every line is written at once).
+    pub fn with_buffer_bytes(mut self, buffer_bytes: usize) -> LineSink {
+        self.buffer_bytes = buffer_bytes;
+        self
+    }
+
+    /// Appends a line and a newline.
     pub fn write_line(&self, line: &str) {
-        let mut buf = Vec::with_capacity(line.len() + 1);
-        buf.extend_from_slice(line.as_bytes());
-        buf.push(b'\n');
-        let _ = match self {
-            LineSink::Stdout => std::io::stdout().lock().write_all(&buf),
-            LineSink::File(f) => match f.lock() {
-                Ok(mut f) => f.write_all(&buf),
-                Err(p) => p.into_inner().write_all(&buf),
-            },
+        self.append_with(|out| out.push_str(line));
+    }
+
+    /// Appends the line `write` produces (it must not write a newline), then a newline.
+    pub fn append_with(&self, write: impl FnOnce(&mut String)) {
+        let full = {
+            let mut p = lock(&self.pending);
+            write(&mut p);
+            p.push('\n');
+            p.len() >= self.buffer_bytes
         };
+        if full {
+            self.flush();
+        }
+    }
+
+    /// Writes every gathered line. A failing write (closed stdout, full disk) drops the lines:
+    /// the access log must not take the proxy down.
+    pub fn flush(&self) {
+        // `out` first: flushes are serialised, and each takes everything gathered before it, so
+        // batches reach the target in order.
+        let mut out = lock(&self.out);
+        let out = &mut *out;
+        {
+            let mut p = lock(&self.pending);
+            if p.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut *p, &mut out.batch);
+        }
+        let bytes = out.batch.as_bytes();
+        let _ = match &mut out.target {
+            Target::Stdout => std::io::stdout().lock().write_all(bytes),
+            Target::File(f) => f.write_all(bytes),
+        };
+        out.batch.clear();
+    }
+}
+
+impl Drop for LineSink {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// Locks `m`, taking over a lock poisoned by a panicking writer (the buffer holds whole lines).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
     }
 }
 
@@ -348,9 +447,11 @@ impl JsonLines {
 
 impl AccessLog for JsonLines {
     fn record(&self, rec: &RequestRecord) {
-        let mut line = String::with_capacity(768);
-        rec.write_json(&mut line);
-        self.out.write_line(&line);
+        self.out.append_with(|line| rec.write_json(line));
+    }
+
+    fn flush(&self) {
+        self.out.flush();
     }
 }
 
@@ -403,7 +504,7 @@ mod tests {
             client: "127.0.0.1:5000".parse().unwrap(),
             local: "[::1]:8080".parse().unwrap(),
             protocol: "HTTP/1.1",
-            method: "GET".into(),
+            method: http::Method::GET,
             authority: "example.test".into(),
             path: "/a \"quoted\"\\path\n\u{1}é".into(),
             status: 499,

@@ -1,8 +1,8 @@
 //! Prometheus metrics. Every label comes from a closed set (outcomes, reasons, stages, status
 //! classes) or from the configuration (route and upstream names), never from request data.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -193,35 +193,62 @@ impl Metrics {
         self.in_flight.inc();
     }
 
-    /// A request ended; `rec` is its access-log record.
-    pub fn request_finished(&self, rec: &RequestRecord) {
+    /// The handles of route `name`'s metrics, for [`Metrics::request_finished`]. Made once per
+    /// route, so a request costs no label lookup.
+    pub fn route(&self, name: &str) -> RouteMetrics {
+        RouteMetrics {
+            name: name.to_owned(),
+            requests: Default::default(),
+            duration: OnceLock::new(),
+            upstream_duration: OnceLock::new(),
+            retries: OnceLock::new(),
+            wasted: OnceLock::new(),
+        }
+    }
+
+    /// A request ended; `rec` is its access-log record, `route` its route's handles (None when
+    /// no route matched).
+    pub fn request_finished(&self, rec: &RequestRecord, route: Option<&RouteMetrics>) {
         self.in_flight.dec();
-        let route = rec.route.clone().unwrap_or_default();
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                status_class: status_class(rec.status),
-                outcome: rec.outcome.as_str(),
+        let Some(route) = route else {
+            return self.unrouted_finished(rec);
+        };
+        let class = status_class_index(rec.status);
+        let outcome = rec.outcome as usize;
+        route.requests[class][outcome]
+            .get_or_init(|| {
+                self.requests
+                    .get_or_create(&RequestLabels {
+                        route: route.name.clone(),
+                        status_class: STATUS_CLASSES[class],
+                        outcome: rec.outcome.as_str(),
+                    })
+                    .clone()
             })
             .inc();
-        let rl = RouteLabels { route };
-        self.request_duration
-            .get_or_create(&rl)
+        let labels = || RouteLabels {
+            route: route.name.clone(),
+        };
+        route
+            .duration
+            .get_or_init(|| self.request_duration.get_or_create(&labels()).clone())
             .observe(rec.duration.as_secs_f64());
         if let Some(u) = rec.upstream_time {
-            self.upstream_duration
-                .get_or_create(&rl)
+            route
+                .upstream_duration
+                .get_or_init(|| self.upstream_duration.get_or_create(&labels()).clone())
                 .observe(u.as_secs_f64());
         }
         if rec.retries > 0 {
-            self.retries
-                .get_or_create(&rl)
+            route
+                .retries
+                .get_or_init(|| self.retries.get_or_create(&labels()).clone())
                 .inc_by(u64::from(rec.retries));
         }
         if let Some(reason) = rec.abort_reason {
             self.aborts
                 .get_or_create(&AbortLabels {
-                    route: rl.route.clone(),
+                    route: route.name.clone(),
                     reason: reason.as_str(),
                     stage: rec.stage.unwrap_or("unknown"),
                 })
@@ -229,9 +256,41 @@ impl Metrics {
             if rec.outcome == Outcome::ClientAbort
                 && let Some(u) = rec.upstream_time
             {
-                self.wasted.get_or_create(&rl).inc_by(u.as_secs_f64());
+                route
+                    .wasted
+                    .get_or_init(|| self.wasted.get_or_create(&labels()).clone())
+                    .inc_by(u.as_secs_f64());
             }
         }
+        self.propagation_finished(rec);
+    }
+
+    /// A request that matched no route: counted under the empty route name.
+    fn unrouted_finished(&self, rec: &RequestRecord) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: String::new(),
+                status_class: status_class(rec.status),
+                outcome: rec.outcome.as_str(),
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&RouteLabels {
+                route: String::new(),
+            })
+            .observe(rec.duration.as_secs_f64());
+        if let Some(reason) = rec.abort_reason {
+            self.aborts
+                .get_or_create(&AbortLabels {
+                    route: String::new(),
+                    reason: reason.as_str(),
+                    stage: rec.stage.unwrap_or("unknown"),
+                })
+                .inc();
+        }
+    }
+
+    fn propagation_finished(&self, rec: &RequestRecord) {
         if let Some(p) = rec.propagation {
             self.propagation
                 .get_or_create(&PropagationLabels {
@@ -279,16 +338,34 @@ impl Metrics {
     }
 }
 
-fn status_class(status: u16) -> &'static str {
+const STATUS_CLASSES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "499", "5xx", "other"];
+
+fn status_class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=498 => "4xx",
-        499 => "499",
-        500..=599 => "5xx",
-        _ => "other",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=498 => 3,
+        499 => 4,
+        500..=599 => 5,
+        _ => 6,
     }
+}
+
+fn status_class(status: u16) -> &'static str {
+    STATUS_CLASSES[status_class_index(status)]
+}
+
+/// One route's metric handles, taken from the families on first use (so a route that never saw
+/// a retry exports no retry counter), then updated without a label lookup.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    name: String,
+    requests: [[OnceLock<Counter>; Outcome::COUNT]; STATUS_CLASSES.len()],
+    duration: OnceLock<Histogram>,
+    upstream_duration: OnceLock<Histogram>,
+    retries: OnceLock<Counter>,
+    wasted: OnceLock<Counter<f64, std::sync::atomic::AtomicU64>>,
 }
 
 #[cfg(test)]
@@ -297,6 +374,13 @@ mod tests {
 
     #[test]
     fn status_classes() {
+        for s in [100, 199, 200, 302, 404, 499, 500, 599, 600, 0] {
+            assert_eq!(
+                status_class(s),
+                STATUS_CLASSES[status_class_index(s)],
+                "{s}"
+            );
+        }
         assert_eq!(status_class(200), "2xx");
         assert_eq!(status_class(499), "499");
         assert_eq!(status_class(404), "4xx");

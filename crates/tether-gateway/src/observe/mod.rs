@@ -9,7 +9,7 @@ pub mod trace_context;
 use std::sync::Arc;
 
 use access::{AccessLog, RequestRecord};
-use metrics::Metrics;
+use metrics::{Metrics, RouteMetrics};
 
 /// Where a finished request is reported: the access log and the metrics.
 #[derive(Debug, Clone)]
@@ -21,9 +21,9 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// Reports one finished request.
-    pub fn finished(&self, rec: &RequestRecord) {
-        self.metrics.request_finished(rec);
+    /// Reports one finished request; `route` holds its route's metric handles, if it was routed.
+    pub fn finished(&self, rec: &RequestRecord, route: Option<&RouteMetrics>) {
+        self.metrics.request_finished(rec, route);
         self.log.record(rec);
     }
 }

@@ -56,32 +56,69 @@ pub fn strip_forwarding(headers: &mut HeaderMap) {
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&str>) {
-    let proto = if tls { "https" } else { "http" };
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {client}"),
-        None => client.to_string(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    add_forwarding_for(headers, &ClientForwarding::new(client, tls), host);
+}
+
+/// The forwarding text of one client connection, made once and used for each of its requests.
+#[derive(Debug, Clone)]
+pub struct ClientForwarding {
+    /// The client address as an `X-Forwarded-For` element.
+    ip: HeaderValue,
+    /// `for=<node>;proto=<proto>`, the start of its `Forwarded` element.
+    node: String,
+    proto: &'static str,
+}
+
+impl ClientForwarding {
+    /// The forwarding text for `client` on a connection that is TLS or not.
+    pub fn new(client: IpAddr, tls: bool) -> ClientForwarding {
+        let proto = if tls { "https" } else { "http" };
+        let ip_text = client.to_string();
+        let node = match client {
+            IpAddr::V4(_) => format!("for={ip_text};proto={proto}"),
+            IpAddr::V6(_) => format!("for=\"[{ip_text}]\";proto={proto}"),
+        };
+        ClientForwarding {
+            // An address's text is always a valid header value.
+            ip: HeaderValue::from_maybe_shared(bytes::Bytes::from(ip_text))
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            node,
+            proto,
+        }
     }
-    let node = match client {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("\"[{ip}]\""),
+}
+
+/// [`add_forwarding`] with the connection's text made beforehand.
+pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, host: Option<&str>) {
+    let xff = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + client.ip.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(client.ip.as_bytes());
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+        }
+        None => Some(client.ip.clone()),
     };
-    let mut fwd = format!("for={node};proto={proto}");
-    if let Some(h) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"')) {
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    let host = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+    let mut fwd = String::with_capacity(client.node.len() + host.map_or(0, |h| h.len() + 8));
+    fwd.push_str(&client.node);
+    if let Some(h) = host {
         fwd.push_str(";host=\"");
         fwd.push_str(h);
         fwd.push('"');
     }
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
         headers.append(header::FORWARDED, v);
     }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
 }
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 #[cfg(test)]
 mod tests {

@@ -10,10 +10,11 @@ pub mod tracker;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use http::header::{HOST, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
@@ -43,6 +44,26 @@ pub struct Conn {
     pub tls: bool,
     /// Its cancellation state.
     pub cancel: Arc<ConnCancel>,
+    /// Its forwarding header text, made for its first request.
+    forwarding: OnceLock<headers::ClientForwarding>,
+}
+
+impl Conn {
+    /// A connection from `client` to `local`.
+    pub fn new(client: SocketAddr, local: SocketAddr, tls: bool, cancel: Arc<ConnCancel>) -> Conn {
+        Conn {
+            client,
+            local,
+            tls,
+            cancel,
+            forwarding: OnceLock::new(),
+        }
+    }
+
+    fn forwarding(&self) -> &headers::ClientForwarding {
+        self.forwarding
+            .get_or_init(|| headers::ClientForwarding::new(self.client.ip(), self.tls))
+    }
 }
 
 /// hyper's service function for every downstream request.
@@ -70,11 +91,11 @@ pub async fn handle(
         .unwrap_or_default();
     let rec = RequestRecord {
         time: SystemTime::now(),
-        request_id: id.as_str().to_owned(),
+        request_id: id.as_arc(),
         client: conn.client,
         local: conn.local,
         protocol: conn.cancel.protocol().as_str(),
-        method: req.method().as_str().to_owned(),
+        method: req.method().clone(),
         authority,
         path: req.uri().path().to_owned(),
         status: 0,
@@ -116,7 +137,8 @@ async fn proxy(
         t.stage = Stage::Route;
         return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
     };
-    t.rec.route = Some(route.name.to_string());
+    t.rec.route = Some(route.name.clone());
+    t.route_metrics = Some(route.metrics(&worker.observer.metrics));
     if let Some(e) = crate::admission::admit(route, listener, &req, &mut t) {
         return fail(t, e);
     }
@@ -128,7 +150,7 @@ async fn proxy(
     }
     let grpc = deadline::is_grpc(req.headers());
     let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
-    t.rec.upstream = Some(upstream.name.to_string());
+    t.rec.upstream = Some(upstream.name.clone());
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
     let idle = route.timeouts.idle;
@@ -232,7 +254,7 @@ async fn proxy(
                 if route.retry.retries_status(
                     status,
                     attempt,
-                    retry::is_idempotent(&t.rec.method),
+                    retry::is_idempotent(t.rec.method.as_str()),
                     replay.is_some(),
                 ) {
                     tracing::debug!(
@@ -265,7 +287,7 @@ async fn proxy(
             }
             Head::Failed(err, unsent) => {
                 drop(pool);
-                let idempotent = retry::is_idempotent(&t.rec.method);
+                let idempotent = retry::is_idempotent(t.rec.method.as_str());
                 // Not written at all: safe to send again, on a fresh connection.
                 let unsent_retry = unsent.is_some();
                 // A reused connection the upstream closed before answering: the stale keep-alive
@@ -431,38 +453,32 @@ fn build_upstream_request(
     t: &mut Tracker,
 ) -> Result<Request<RequestBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let host = t.rec.authority.clone();
+    let host = t.rec.authority.as_str();
     headers::strip_hop_by_hop(&mut parts.headers, true);
     if !trusted {
         // Anyone can claim to be a proxy: forwarding headers from an untrusted peer are lies
         // until proven otherwise.
         headers::strip_forwarding(&mut parts.headers);
     }
-    headers::add_forwarding(
+    headers::add_forwarding_for(
         &mut parts.headers,
-        conn.client.ip(),
-        conn.tls,
-        (!host.is_empty()).then_some(host.as_str()),
+        conn.forwarding(),
+        (!host.is_empty()).then_some(host),
     );
     if let Ok(v) = HeaderValue::from_str(&t.rec.request_id) {
         parts.headers.insert(REQUEST_ID, v);
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_owned();
+    // The path and query are passed on as they came (no copy).
+    let path = std::mem::take(&mut parts.uri)
+        .into_parts()
+        .path_and_query
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let bad = |e: http::Error| {
         ProxyError::downstream(Stage::RequestHead, ErrorKind::BadRequest).with_source(e)
     };
     if upstream.protocol.is_h2() {
         let scheme = if upstream.is_tls() { "https" } else { "http" };
-        let authority = if host.is_empty() {
-            "localhost"
-        } else {
-            host.as_str()
-        };
+        let authority = if host.is_empty() { "localhost" } else { host };
         parts.uri = Uri::builder()
             .scheme(scheme)
             .authority(authority)
@@ -472,10 +488,12 @@ fn build_upstream_request(
         parts.headers.remove(HOST);
         parts.version = Version::HTTP_2;
     } else {
-        parts.uri = Uri::builder().path_and_query(path).build().map_err(bad)?;
+        let mut uri = http::uri::Parts::default();
+        uri.path_and_query = Some(path);
+        parts.uri = Uri::from_parts(uri).map_err(|e| bad(e.into()))?;
         if !parts.headers.contains_key(HOST)
             && !host.is_empty()
-            && let Ok(v) = HeaderValue::from_str(&host)
+            && let Ok(v) = HeaderValue::from_str(host)
         {
             parts.headers.insert(HOST, v);
         }

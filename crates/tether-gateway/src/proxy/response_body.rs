@@ -54,11 +54,16 @@ pub struct PoolReturn {
 }
 
 /// See [`ProxyBody::Stream`].
+///
+/// The cancellation future and the idle timer are made only when the upstream body is not
+/// ready: a small response that arrived with its head is forwarded without either (its context
+/// is still checked before every frame).
 pub struct Streaming {
     inner: Option<Incoming>,
     tracker: Option<Tracker>,
-    cancelled: Pin<Box<dyn Future<Output = CancelReason> + Send>>,
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    cancelled: Option<Pin<Box<dyn Future<Output = CancelReason> + Send>>>,
+    idle_timeout: Option<Duration>,
+    idle: Option<Pin<Box<Sleep>>>,
     pool: Option<PoolReturn>,
 }
 
@@ -78,12 +83,12 @@ impl Streaming {
         idle_timeout: Option<Duration>,
         pool: Option<PoolReturn>,
     ) -> Streaming {
-        let ctx = tracker.ctx.clone();
         Streaming {
             inner: Some(inner),
             tracker: Some(tracker),
-            cancelled: Box::pin(async move { ctx.cancelled().await }),
-            idle: idle_timeout.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
+            cancelled: None,
+            idle_timeout,
+            idle: None,
             pool,
         }
     }
@@ -105,6 +110,26 @@ impl Streaming {
         self.inner = None;
         self.pool = None;
     }
+
+    /// Ends the body because the request was cancelled.
+    fn cancel(&mut self, reason: CancelReason) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.teardown();
+        if let Some(t) = self.tracker.take() {
+            t.finish_cancelled(reason);
+        }
+        Poll::Ready(Some(Err(Box::new(Cancelled { reason }))))
+    }
+
+    /// Ends the body because the upstream sent nothing for the idle timeout.
+    fn idle_expired(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.teardown();
+        let err = ProxyError::upstream(Stage::Body, ErrorKind::Timeout);
+        if let Some(t) = self.tracker.take() {
+            t.ctx.cancel(CancelReason::Deadline);
+            t.finish_error(&err, None);
+        }
+        Poll::Ready(Some(Err(Box::new(err))))
+    }
 }
 
 impl Body for Streaming {
@@ -120,23 +145,15 @@ impl Body for Streaming {
             return Poll::Ready(None);
         }
         // Cancellation is checked first so that a cancelled request never forwards another byte.
-        if let Poll::Ready(reason) = this.cancelled.as_mut().poll(cx) {
-            this.teardown();
-            if let Some(t) = this.tracker.take() {
-                t.finish_cancelled(reason);
-            }
-            return Poll::Ready(Some(Err(Box::new(Cancelled { reason }))));
+        if let Some(t) = &this.tracker
+            && let Err(c) = t.ctx.check()
+        {
+            return this.cancel(c.reason);
         }
-        if let Some((_, sleep)) = this.idle.as_mut()
+        if let Some(sleep) = this.idle.as_mut()
             && sleep.as_mut().poll(cx).is_ready()
         {
-            this.teardown();
-            let err = ProxyError::upstream(Stage::Body, ErrorKind::Timeout);
-            if let Some(t) = this.tracker.take() {
-                t.ctx.cancel(CancelReason::Deadline);
-                t.finish_error(&err, None);
-            }
-            return Poll::Ready(Some(Err(Box::new(err))));
+            return this.idle_expired();
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -148,8 +165,8 @@ impl Body for Streaming {
                 {
                     t.rec.bytes_sent += d.len() as u64;
                 }
-                if let Some((d, sleep)) = this.idle.as_mut() {
-                    sleep.as_mut().reset(Instant::now() + *d);
+                if let (Some(d), Some(sleep)) = (this.idle_timeout, this.idle.as_mut()) {
+                    sleep.as_mut().reset(Instant::now() + d);
                 }
                 // hyper stops polling a body once it has sent as many bytes as Content-Length
                 // says; finish now rather than wait for an end that is never asked for.
@@ -174,7 +191,31 @@ impl Body for Streaming {
                 this.complete();
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // Waiting on the upstream: now be woken by a cancellation or the idle timer too.
+                if this.cancelled.is_none()
+                    && let Some(t) = &this.tracker
+                {
+                    let ctx = t.ctx.clone();
+                    this.cancelled = Some(Box::pin(async move { ctx.cancelled().await }));
+                }
+                if let Some(c) = this.cancelled.as_mut()
+                    && let Poll::Ready(reason) = c.as_mut().poll(cx)
+                {
+                    return this.cancel(reason);
+                }
+                if this.idle.is_none()
+                    && let Some(d) = this.idle_timeout
+                {
+                    let mut sleep = Box::pin(tokio::time::sleep(d));
+                    // A fresh timer is not ready; polled once so it wakes this task.
+                    if sleep.as_mut().poll(cx).is_ready() {
+                        return this.idle_expired();
+                    }
+                    this.idle = Some(sleep);
+                }
+                Poll::Pending
+            }
         }
     }
 

@@ -14,6 +14,7 @@ use crate::cancel::ConnCancel;
 use crate::error::{ProxyError, Stage};
 use crate::observe::Observer;
 use crate::observe::access::{Outcome, RequestRecord};
+use crate::observe::metrics::RouteMetrics;
 use crate::proxy::request_body::UploadProgress;
 use crate::upstream::pool::closed_at;
 
@@ -54,6 +55,8 @@ pub struct Tracker {
     pub head_at: Option<Instant>,
     /// The request's place in its route's in-flight limit, released with the tracker.
     pub admission: Option<crate::admission::Permit>,
+    /// Its route's metric handles, once routed.
+    pub route_metrics: Option<Arc<RouteMetrics>>,
     done: bool,
 }
 
@@ -80,6 +83,7 @@ impl Tracker {
             sent_at: None,
             head_at: None,
             admission: None,
+            route_metrics: None,
             done: false,
         }
     }
@@ -169,35 +173,38 @@ impl Tracker {
         }
         self.fill_exchange_timings(now);
         let teardown = std::mem::replace(&mut self.teardown, Teardown::None);
-        let rec = self.rec.clone();
-        let observer = self.observer.clone();
         match (cancelled_at, teardown) {
-            (Some(at), Teardown::H1(rx)) => {
+            (Some(at), Teardown::H1(rx)) => match tokio::runtime::Handle::try_current() {
                 // The socket closes a moment later, in the connection's task: wait for it off the
                 // request path (bounded) and log then.
-                let spawned = tokio::runtime::Handle::try_current().map(|h| {
+                Ok(h) => {
+                    let mut rec = self.rec.clone();
+                    let observer = self.observer.clone();
+                    let route = self.route_metrics.take();
                     h.spawn(async move {
-                        let mut rec = rec;
                         if let Some(closed) = closed_at(rx, Duration::from_secs(2)).await {
                             rec.propagation = Some(closed.saturating_duration_since(at));
                         }
-                        observer.finished(&rec);
-                    })
-                });
-                if spawned.is_err() {
-                    self.observer.finished(&self.rec);
+                        observer.finished(&rec, route.as_deref());
+                    });
                 }
-            }
+                Err(_) => self.report(),
+            },
             (Some(at), Teardown::H2 | Teardown::None) if self.upstream_started.is_some() => {
                 self.rec.propagation = Some(now.saturating_duration_since(at));
-                self.observer.finished(&self.rec);
+                self.report();
             }
-            _ => self.observer.finished(&rec),
+            _ => self.report(),
         }
     }
 }
 
 impl Tracker {
+    fn report(&self) {
+        self.observer
+            .finished(&self.rec, self.route_metrics.as_deref());
+    }
+
     /// Splits the last attempt's exchange into send, first byte and body, ending the stage the
     /// request was in at `now`.
     fn fill_exchange_timings(&mut self, now: Instant) {
