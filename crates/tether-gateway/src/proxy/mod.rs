@@ -122,7 +122,9 @@ pub async fn handle(
     };
     let ctx = conn.cancel.request_context(id);
     let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
-    Ok(proxy(&worker, &listener, &conn, req, tracker).await)
+    // Boxed once here: the request's whole state machine is several KiB, and hyper moves the
+    // service future into its slot, so an unboxed one would be copied on every request.
+    Ok(Box::pin(proxy(&worker, &listener, &conn, req, tracker)).await)
 }
 
 async fn proxy(

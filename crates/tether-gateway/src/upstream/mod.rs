@@ -135,6 +135,17 @@ impl Upstream {
                 ));
             }
         }
+        // Boxed: the connect path (DNS, address racing, TLS) is a large future, and inline it would
+        // make every request's future as large, pooled or not.
+        Box::pin(self.connect_h1(ep, connect_timeout)).await
+    }
+
+    /// A new HTTP/1 connection to `ep`.
+    async fn connect_h1(
+        &self,
+        ep: &Endpoint,
+        connect_timeout: Duration,
+    ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         let started = Instant::now();
         let connected = self.connect(ep, connect_timeout).await?;
         let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
@@ -210,7 +221,7 @@ impl Upstream {
             ));
         }
         let started = Instant::now();
-        let connected = self.connect(ep, connect_timeout).await?;
+        let connected = Box::pin(self.connect(ep, connect_timeout)).await?;
         let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
