@@ -107,8 +107,9 @@ pub async fn serve_tcp(
             after: PARK_AFTER,
             head_by,
         };
-        // Boxed: only an active connection pays for hyper's connection and the session state.
-        let session = Box::pin(session(down, io, watcher, fd, activity, load, Some(park)));
+        // Boxed by a plain function, so the unboxed session never takes room in this future:
+        // only an active connection pays for hyper's connection and the session state.
+        let session = boxed_session(down, io, watcher, fd, activity, load, park);
         let Some(parked) = session.await else {
             return;
         };
@@ -133,6 +134,21 @@ pub async fn serve_tcp(
             return;
         }
     }
+}
+
+type SessionFuture<'a> =
+    Pin<Box<dyn Future<Output = Option<Parked<TokioIo<SessionIo>>>> + Send + 'a>>;
+
+fn boxed_session<'a>(
+    down: Downstream<'a>,
+    io: TokioIo<SessionIo>,
+    watcher: Option<DisconnectWatcher>,
+    fd: Option<OwnedFd>,
+    activity: Arc<Activity>,
+    load: watch::Receiver<Load>,
+    park: Park,
+) -> SessionFuture<'a> {
+    Box::pin(session(down, io, watcher, fd, activity, load, Some(park)))
 }
 
 /// Waits while a connection is parked. True when the client sent bytes (serve them), false

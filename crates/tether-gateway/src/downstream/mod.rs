@@ -12,6 +12,7 @@ pub mod probe;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +86,7 @@ pub async fn serve(
             local,
             tls: true,
         };
-        return Box::pin(serve_tls(worker, listener, tcp, peer, stop)).await;
+        return boxed(serve_tls(worker, listener, tcp, peer, stop)).await;
     }
     let peer = Peer {
         client,
@@ -102,7 +103,7 @@ pub async fn serve(
     };
     if is_h2 {
         let fd = probe_fd(&tcp, &listener);
-        Box::pin(h2::serve(
+        boxed(h2::serve(
             worker,
             listener,
             TokioIo::new(tcp),
@@ -114,6 +115,14 @@ pub async fn serve(
     } else {
         h1::serve_tcp(worker, listener, tcp, peer, stop).await;
     }
+}
+
+/// Boxes a future in a plain function, so that the unboxed future never takes room in the
+/// caller's state.
+fn boxed<F: Future<Output = ()> + Send + 'static>(
+    f: F,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(f)
 }
 
 /// Serves a TLS connection: handshake, then the protocol ALPN chose.
