@@ -150,6 +150,8 @@ pub struct Worker {
     /// Cancelled with [`CancelReason::Shutdown`] when the drain period ends.
     pub root: RequestContext,
     conns: Arc<ConnCount>,
+    /// Parked HTTP/1 connections, all workers together.
+    parked: Arc<AtomicUsize>,
 }
 
 #[derive(Debug, Default)]
@@ -178,7 +180,23 @@ impl Drop for ConnGuard {
     }
 }
 
+/// Counts a connection as parked until dropped.
+#[derive(Debug)]
+pub struct ParkedGuard(Arc<AtomicUsize>);
+
+impl Drop for ParkedGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Worker {
+    /// Counts a connection as parked (idle, holding no buffers) until the guard is dropped.
+    pub fn parked(&self) -> ParkedGuard {
+        self.parked.fetch_add(1, Ordering::Relaxed);
+        ParkedGuard(self.parked.clone())
+    }
+
     fn conn_guard(&self) -> ConnGuard {
         self.conns.open.fetch_add(1, Ordering::AcqRel);
         ConnGuard(self.conns.clone())
@@ -214,6 +232,7 @@ pub struct RunningGateway {
     published: watch::Sender<Arc<Published>>,
     /// Upstream names at start, which the connection gauges are registered under.
     metric_names: Arc<[String]>,
+    parked: Arc<AtomicUsize>,
 }
 
 impl Gateway {
@@ -257,22 +276,30 @@ impl Gateway {
         };
         let (published, updates) = watch::channel(published);
         let grace = Arc::new(Mutex::new(Duration::from_secs(10)));
+        let parked: Arc<AtomicUsize> = Arc::default();
         let mut threads = Vec::new();
         for n in 0..workers {
             let mut listeners = Vec::new();
             for l in &std_listeners {
                 listeners.push(l.try_clone().map_err(StartError::Thread)?);
             }
-            let (updates, names, observer, stop, grace) = (
+            let (updates, names, observer, stop, grace, parked) = (
                 updates.clone(),
                 metric_names.clone(),
                 observer.clone(),
                 stop.clone(),
                 grace.clone(),
+                parked.clone(),
             );
+            let shared = WorkerShared {
+                observer,
+                stop,
+                grace,
+                parked,
+            };
             let t = std::thread::Builder::new()
                 .name(format!("tether-worker-{n}"))
-                .spawn(move || run_worker(updates, &names, listeners, observer, stop, grace))
+                .spawn(move || run_worker(updates, &names, listeners, shared))
                 .map_err(StartError::Thread)?;
             threads.push(t);
         }
@@ -285,6 +312,7 @@ impl Gateway {
             threads,
             published,
             metric_names,
+            parked,
         })
     }
 }
@@ -366,6 +394,12 @@ impl RunningGateway {
     /// The bound admin address, when an admin listener is configured.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// HTTP/1 connections parked right now: idle keep-alive connections holding only their
+    /// socket until the client sends the next request.
+    pub fn parked_connections(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
     }
 
     /// The Prometheus text exposition of the metrics (what `/metrics` serves).
@@ -454,14 +488,26 @@ fn tls_acceptor(l: &ListenerConfig) -> Result<Option<TlsAcceptor>, rustls::Error
     Ok(Some(TlsAcceptor::from(Arc::new(sc))))
 }
 
+/// What every worker thread gets from the gateway.
+struct WorkerShared {
+    observer: Observer,
+    stop: CancellationToken,
+    grace: Arc<Mutex<Duration>>,
+    parked: Arc<AtomicUsize>,
+}
+
 fn run_worker(
     mut updates: watch::Receiver<Arc<Published>>,
     names: &[String],
     listeners: Vec<std::net::TcpListener>,
-    observer: Observer,
-    stop: CancellationToken,
-    grace: Arc<Mutex<Duration>>,
+    shared: WorkerShared,
 ) {
+    let WorkerShared {
+        observer,
+        stop,
+        grace,
+        parked,
+    } = shared;
     let log = observer.log.clone();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -480,7 +526,7 @@ fn run_worker(
         let root = RequestContext::new();
         let conns: Arc<ConnCount> = Arc::default();
         let first = updates.borrow_and_update().clone();
-        let generation = match build_generation(&first, names, &observer, &root, &conns) {
+        let generation = match build_generation(&first, names, &observer, &root, &conns, &parked) {
             Ok(g) => g,
             // Checked in Gateway::start; unreachable in practice.
             Err(e) => return tracing::error!(error = %e, "cannot build worker"),
@@ -497,7 +543,7 @@ fn run_worker(
         let reloads = async {
             while updates.changed().await.is_ok() {
                 let next = updates.borrow_and_update().clone();
-                match build_generation(&next, names, &observer, &root, &conns) {
+                match build_generation(&next, names, &observer, &root, &conns, &parked) {
                     Ok(g) => match slot.write() {
                         Ok(mut s) => *s = Arc::new(g),
                         Err(poisoned) => *poisoned.into_inner() = Arc::new(g),
@@ -529,6 +575,7 @@ fn build_generation(
     observer: &Observer,
     root: &RequestContext,
     conns: &Arc<ConnCount>,
+    parked: &Arc<AtomicUsize>,
 ) -> Result<Generation, StartError> {
     let resolver = Resolver::new(&p.config.dns).map_err(StartError::Dns)?;
     let mut upstreams = Vec::new();
@@ -549,6 +596,7 @@ fn build_generation(
             observer: observer.clone(),
             root: root.clone(),
             conns: conns.clone(),
+            parked: parked.clone(),
         }),
         listeners: p.listeners.clone(),
     })

@@ -1,24 +1,61 @@
 //! HTTP/1 downstream: hyper's server with `half_close(true)` so that tether, not hyper, decides
 //! what a client FIN means (per route), and the disconnect watcher so that a client leaving is
 //! seen even while hyper is not reading (unread request body, pipelined bytes).
+//!
+//! An idle plain-TCP keep-alive connection is *parked*: hyper's connection keeps an 8 KiB read
+//! and an 8 KiB write buffer, its service and tether's per-connection state for as long as the
+//! connection lives, so once nothing is in flight and the client has sent nothing for
+//! [`PARK_AFTER`], the hyper connection is closed without touching the socket
+//! (`graceful_shutdown` closes an idle hyper connection at once) and everything but the socket is
+//! dropped. The next bytes from the client bring up a fresh hyper connection; bytes hyper had
+//! read ahead are replayed to it first. The delay keeps a busy connection from being rebuilt per
+//! request. TLS connections are not parked (the TLS session state would have to be kept anyway).
+//!
+//! LIFECYCLE (plain TCP): active (hyper connection, cancellation state, disconnect watcher) →
+//! nothing in flight and nothing read for [`PARK_AFTER`] → parked (socket only) → client bytes:
+//! active again | FIN or RST, the idle timeout (`header_read_timeout`, counted from when the
+//! connection became idle) or shutdown: closed at once.
 
+use std::io;
+use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioTimer;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use socket2::SockRef;
 use tether::DisconnectWatcher;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
-use super::probe::{self, Activity, GuardedBody};
+use super::probe::{self, Activity, GuardedBody, Load};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
 use crate::proxy;
 
-/// Serves an HTTP/1 connection.
+/// How long a plain-TCP connection must be idle (nothing in flight, nothing read) before it is
+/// parked. Long enough that a connection under load is never parked between two requests.
+pub const PARK_AFTER: Duration = Duration::from_millis(200);
+
+/// What a connection's sessions share.
+#[derive(Clone, Copy)]
+struct Downstream<'a> {
+    worker: &'a Arc<Worker>,
+    listener: &'a Arc<ListenerShared>,
+    peer: Peer,
+    stop: &'a CancellationToken,
+}
+
+/// Serves an HTTP/1 connection over any transport (TLS), without parking.
 pub async fn serve<I>(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
@@ -30,17 +67,172 @@ pub async fn serve<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
+    let down = Downstream {
+        worker: &worker,
+        listener: &listener,
+        peer,
+        stop: &stop,
+    };
+    let (activity, load) = Activity::new();
+    let _ = session(down, io, watcher, fd, activity, load, None).await;
+}
+
+/// Serves a plain-TCP HTTP/1 connection, parking it while it is idle.
+pub async fn serve_tcp(
+    worker: Arc<Worker>,
+    listener: Arc<ListenerShared>,
+    tcp: TcpStream,
+    peer: Peer,
+    stop: CancellationToken,
+) {
+    let down = Downstream {
+        worker: &worker,
+        listener: &listener,
+        peer,
+        stop: &stop,
+    };
+    let mut tcp = tcp;
+    let mut replay = Bytes::new();
+    let mut head_by = None;
+    loop {
+        let watcher = DisconnectWatcher::new(&tcp).ok();
+        let fd = super::probe_fd(&tcp, &listener);
+        let (activity, load) = Activity::new();
+        let io = TokioIo::new(SessionIo {
+            tcp,
+            replay,
+            activity: activity.clone(),
+        });
+        let park = Park {
+            after: PARK_AFTER,
+            head_by,
+        };
+        // Boxed by a plain function, so the unboxed session never takes room in this future:
+        // only an active connection pays for hyper's connection and the session state.
+        let session = boxed_session(down, io, watcher, fd, activity, load, park);
+        let Some(parked) = session.await else {
+            return;
+        };
+        let io = parked.io.into_inner();
+        tcp = io.tcp;
+        // What hyper had read ahead, then what it had not yet taken of the previous replay.
+        replay = if io.replay.is_empty() {
+            parked.read_ahead
+        } else {
+            let mut b = BytesMut::from(parked.read_ahead);
+            b.extend_from_slice(&io.replay);
+            b.freeze()
+        };
+        let deadline = parked.idle_since + listener.limits.header_read_timeout;
+        head_by = Some(deadline);
+        // A partial request read ahead: serve it at once (hyper waits for the rest itself).
+        if !replay.is_empty() {
+            continue;
+        }
+        let _parked = worker.parked();
+        if !wait_parked(&tcp, deadline, &stop).await {
+            return;
+        }
+    }
+}
+
+type SessionFuture<'a> =
+    Pin<Box<dyn Future<Output = Option<Parked<TokioIo<SessionIo>>>> + Send + 'a>>;
+
+fn boxed_session<'a>(
+    down: Downstream<'a>,
+    io: TokioIo<SessionIo>,
+    watcher: Option<DisconnectWatcher>,
+    fd: Option<OwnedFd>,
+    activity: Arc<Activity>,
+    load: watch::Receiver<Load>,
+    park: Park,
+) -> SessionFuture<'a> {
+    Box::pin(session(down, io, watcher, fd, activity, load, Some(park)))
+}
+
+/// Waits while a connection is parked. True when the client sent bytes (serve them), false
+/// when the connection must close: FIN, RST, the idle timeout or shutdown.
+async fn wait_parked(tcp: &TcpStream, deadline: Instant, stop: &CancellationToken) -> bool {
+    let readable = async {
+        loop {
+            if tcp.readable().await.is_err() {
+                return false;
+            }
+            let mut byte = [MaybeUninit::<u8>::uninit()];
+            match tcp.try_io(Interest::READABLE, || SockRef::from(tcp).peek(&mut byte)) {
+                Ok(0) => return false,
+                Ok(_) => return true,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        // Shutdown: nothing is in flight on a parked connection, close it at once.
+        _ = stop.cancelled() => false,
+        // The keep-alive idle timeout, counted from when the connection became idle.
+        _ = tokio::time::sleep_until(deadline) => false,
+        // The next request, or the client leaving.
+        r = readable => r,
+    }
+}
+
+/// Parking settings of one session.
+struct Park {
+    after: Duration,
+    /// After a park: when the first request head must have arrived (the idle timeout).
+    head_by: Option<Instant>,
+}
+
+/// A session that ended by parking: the socket and what hyper had read ahead.
+struct Parked<I> {
+    io: I,
+    read_ahead: Bytes,
+    idle_since: Instant,
+}
+
+/// When the connection became idle, and how many reads had returned bytes by then.
+#[derive(Clone, Copy)]
+struct Idle {
+    since: Instant,
+    reads: u32,
+}
+
+/// One hyper connection over `io`, to the connection's end or, with `park`, until it is idle
+/// long enough to be parked.
+async fn session<I>(
+    down: Downstream<'_>,
+    io: I,
+    watcher: Option<DisconnectWatcher>,
+    fd: Option<OwnedFd>,
+    activity: Arc<Activity>,
+    mut load: watch::Receiver<Load>,
+    park: Option<Park>,
+) -> Option<Parked<I>>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let Downstream {
+        worker,
+        listener,
+        peer,
+        stop,
+    } = down;
     let cancel = Arc::new(ConnCancel::new(
         worker.root.child(),
         DownstreamProtocol::Http1,
         watcher,
     ));
-    let conn = peer.conn(cancel.clone());
-    let (activity, load) = Activity::new();
     let limits = listener.limits;
-    let dead_peer = listener.dead_peer;
     let svc = {
         let worker = worker.clone();
+        let listener = listener.clone();
+        let conn = peer.conn(cancel.clone());
+        let activity = activity.clone();
         service_fn(move |req| {
             let guard = activity.begin();
             let handled = proxy::handle(worker.clone(), listener.clone(), conn.clone(), req);
@@ -50,7 +242,7 @@ pub async fn serve<I>(
             }
         })
     };
-    let connection = http1::Builder::new()
+    let mut connection = http1::Builder::new()
         .half_close(true)
         .timer(TokioTimer::new())
         // A head larger than the buffer is answered with 431 by hyper.
@@ -58,15 +250,29 @@ pub async fn serve<I>(
         // A slow head (slowloris) or an idle keep-alive connection past this is closed.
         .header_read_timeout(limits.header_read_timeout)
         .serve_connection(io, svc);
-    let probing = probe::run(fd, dead_peer, load);
+    let probing = probe::run(fd, listener.dead_peer, load.clone());
     let mut probing = pin!(probing);
-    let mut connection = pin!(connection);
+    let (after, mut head_by) = match &park {
+        Some(p) => (p.after, p.head_by),
+        None => (Duration::MAX, None),
+    };
+    let parkable = park.is_some();
+    let park_timer = tokio::time::sleep(after);
+    let mut park_timer = pin!(park_timer);
+    let head_timer = tokio::time::sleep_until(head_by.unwrap_or_else(Instant::now));
+    let mut head_timer = pin!(head_timer);
+    // A new session is idle until its first request, and has read nothing yet.
+    let mut idle = parkable.then(|| Idle {
+        since: Instant::now(),
+        reads: activity.reads(),
+    });
+    let mut parking: Option<(Idle, u32)> = None;
     let mut watching = cancel.watcher().is_some();
     let mut stopping = false;
     let result = loop {
         tokio::select! {
             biased;
-            r = connection.as_mut() => break r,
+            r = &mut connection => break r,
             // The client left: cancel what is in flight (per the route's half-close policy). hyper
             // is still driven afterwards so it can finish or fail the exchange cleanly.
             gone = watch(&cancel), if watching => {
@@ -78,19 +284,150 @@ pub async fn serve<I>(
             // Shutdown: finish the response in flight, then close.
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
-                connection.as_mut().graceful_shutdown();
+                Pin::new(&mut connection).graceful_shutdown();
+            }
+            // Requests come and go: the connection is idle from when the last one ended.
+            changed = load.changed(), if parkable && parking.is_none() => {
+                if changed.is_err() {
+                    // The requests' side is gone with the service: nothing more to track.
+                    idle = None;
+                    continue;
+                }
+                let in_flight = load.borrow_and_update().in_flight;
+                idle = (in_flight == 0).then(|| Idle {
+                    since: Instant::now(),
+                    reads: activity.reads(),
+                });
+            }
+            // The timer is re-armed lazily, so a busy connection does not reset it per request.
+            _ = park_timer.as_mut(), if idle.is_some() && parking.is_none() && !stopping => {
+                let Some(i) = idle else { continue };
+                let now = Instant::now();
+                if activity.reads() != i.reads {
+                    // The client sent something: hyper is reading a request. Wait for its end.
+                    idle = None;
+                } else if now < i.since + after {
+                    park_timer.as_mut().reset(i.since + after);
+                } else if activity.write_stalled() {
+                    // A response is still leaving (a slow reader): not idle yet.
+                    park_timer.as_mut().reset(now + after);
+                } else {
+                    // hyper is idle: this closes its connection at once, and the socket is kept
+                    // (the session's socket skips the shutdown while parking).
+                    parking = Some((i, activity.started()));
+                    activity.set_parking();
+                    Pin::new(&mut connection).graceful_shutdown();
+                }
+            }
+            // After a park, the idle timeout still bounds the first head (hyper's own timer
+            // started over with this session).
+            _ = head_timer.as_mut(), if head_by.is_some() => {
+                head_by = None;
+                if activity.started() == 0 {
+                    tracing::trace!(client = %peer.client, "idle keep-alive connection timed out");
+                    cancel.on_connection_end(None);
+                    return None;
+                }
             }
         }
     };
+    if let Some((i, started)) = parking {
+        // Parked only if hyper was idle: nothing read and no request started since.
+        if result.is_ok() && activity.reads() == i.reads && activity.started() == started {
+            let parts = connection.into_parts();
+            return Some(Parked {
+                io: parts.io,
+                read_ahead: parts.read_buf,
+                idle_since: i.since,
+            });
+        }
+    }
     if let Err(e) = &result {
         tracing::trace!(client = %peer.client, error = %e, "downstream connection ended with an error");
     }
     cancel.on_connection_end(result.as_ref().err());
+    None
 }
 
 async fn watch(cancel: &ConnCancel) -> tether::PeerGone {
     match cancel.watcher() {
         Some(w) => w.gone().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The socket of a plain-TCP connection as one session's hyper connection sees it: bytes read
+/// ahead by the previous session first, reads and stalled writes noted for the parking
+/// decision, and no shutdown while parking (the socket outlives the session).
+#[derive(Debug)]
+struct SessionIo {
+    tcp: TcpStream,
+    replay: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for SessionIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay[..n]);
+            this.replay.advance(n);
+            this.activity.note_read();
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.note_read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for SessionIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_write(cx, buf);
+        this.activity.note_write(r.is_pending());
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        this.activity.note_write(r.is_pending());
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.tcp).poll_flush(cx);
+        this.activity.note_write(r.is_pending());
+        r
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.activity.parking() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }

@@ -18,6 +18,7 @@
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,21 +38,73 @@ pub struct Load {
     pub writing: u32,
 }
 
-/// Per-connection activity, shared by the requests and the probing task.
+/// Per-connection activity, shared by the requests, the socket wrapper and the connection's
+/// loop (dead-peer probing, and parking an idle HTTP/1 connection).
 #[derive(Debug)]
 pub struct Activity {
     tx: watch::Sender<Load>,
+    /// Requests started (wrapping).
+    started: AtomicU32,
+    /// Reads that returned bytes (wrapping): tells whether the client sent anything since.
+    reads: AtomicU32,
+    /// The last write could not complete: a response is still leaving.
+    write_stalled: AtomicBool,
+    /// The connection is being parked: its socket must not be shut down.
+    parking: AtomicBool,
 }
 
 impl Activity {
     /// New activity state and the receiver the probing task watches.
     pub fn new() -> (Arc<Activity>, watch::Receiver<Load>) {
         let (tx, rx) = watch::channel(Load::default());
-        (Arc::new(Activity { tx }), rx)
+        let a = Activity {
+            tx,
+            started: AtomicU32::new(0),
+            reads: AtomicU32::new(0),
+            write_stalled: AtomicBool::new(false),
+            parking: AtomicBool::new(false),
+        };
+        (Arc::new(a), rx)
+    }
+
+    /// Requests started so far (wrapping).
+    pub fn started(&self) -> u32 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// Reads that returned bytes so far (wrapping).
+    pub fn reads(&self) -> u32 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// A read returned bytes.
+    pub fn note_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A write or flush completed (`false`) or could not (`true`).
+    pub fn note_write(&self, stalled: bool) {
+        self.write_stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    /// Whether the last write or flush could not complete.
+    pub fn write_stalled(&self) -> bool {
+        self.write_stalled.load(Ordering::Relaxed)
+    }
+
+    /// Marks the connection as being parked.
+    pub fn set_parking(&self) {
+        self.parking.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the connection is being parked.
+    pub fn parking(&self) -> bool {
+        self.parking.load(Ordering::Relaxed)
     }
 
     /// A request started; it is in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.tx.send_modify(|l| l.in_flight += 1);
         RequestGuard {
             activity: self.clone(),

@@ -233,10 +233,30 @@ impl Env {
     }
 
     /// Stops the gateway (short grace) off the async threads.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_with_grace(Duration::from_millis(200)).await;
+    }
+
+    /// Stops the gateway with `grace` for the requests in flight, off the async threads.
+    pub async fn stop_with_grace(mut self, grace: Duration) {
         if let Some(gw) = self.gw.take() {
-            let _ =
-                tokio::task::spawn_blocking(move || gw.shutdown(Duration::from_millis(200))).await;
+            let _ = tokio::task::spawn_blocking(move || gw.shutdown(grace)).await;
+        }
+    }
+
+    /// HTTP/1 connections parked right now.
+    pub fn parked(&self) -> usize {
+        self.gw.as_ref().map_or(0, |g| g.parked_connections())
+    }
+
+    /// Waits until `n` connections are parked (bounded by [`BOUND`]).
+    pub async fn wait_parked(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + BOUND;
+        while self.parked() != n {
+            if tokio::time::Instant::now() > deadline {
+                panic!("{} connections parked, expected {n}", self.parked());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -1,0 +1,197 @@
+//! Idle HTTP/1 keep-alive connections are parked (only the socket is kept) and served again on
+//! the next request: keep-alive across a park, pipelining across park boundaries, the idle
+//! timeout, shutdown, and the client leaving while parked. Raw sockets through the proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{BOUND, Down, Env, Up, bounded};
+use test_support::behavior::{Behavior, script};
+use test_support::client::{Closed, H1Client};
+use tether_gateway::downstream::h1::PARK_AFTER;
+
+async fn env() -> Env {
+    Env::new(Down::H1, Up::H1, script(|_| Behavior::ok("hi"))).await
+}
+
+async fn get_ok(c: &mut H1Client, path: &str) {
+    let (head, body) = bounded(BOUND, c.get(path)).await.unwrap();
+    assert_eq!(head.status, 200, "{path}");
+    assert_eq!(&body[..], b"hi", "{path}");
+}
+
+#[tokio::test]
+async fn keep_alive_across_a_park() {
+    let env = env().await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    env.wait_parked(1).await;
+    get_ok(&mut c, "/b").await;
+    assert_eq!(env.parked(), 0, "served, so no longer parked");
+    env.wait_parked(1).await;
+    get_ok(&mut c, "/c").await;
+    // One connection: the same client address on every request.
+    let a = env.record("/a").await.client;
+    assert_eq!(env.record("/b").await.client, a);
+    assert_eq!(env.record("/c").await.client, a);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_connection_in_use_is_not_parked() {
+    let env = env().await;
+    let mut c = env.h1().await;
+    let until = tokio::time::Instant::now() + PARK_AFTER * 3;
+    while tokio::time::Instant::now() < until {
+        get_ok(&mut c, "/busy").await;
+        assert_eq!(env.parked(), 0);
+        tokio::time::sleep(PARK_AFTER / 4).await;
+    }
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_fresh_connection_that_sends_nothing_is_parked_and_served() {
+    // HTTP/1 only: with HTTP/2 on too, the first bytes are awaited to tell the protocols apart.
+    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].protocols.h2 = false;
+    })
+    .await;
+    let mut c = env.h1().await;
+    env.wait_parked(1).await;
+    get_ok(&mut c, "/late").await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_in_one_write_after_a_park() {
+    let env = env().await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/first").await;
+    env.wait_parked(1).await;
+    c.send_raw(b"GET /p1 HTTP/1.1\r\nhost: l\r\n\r\nGET /p2 HTTP/1.1\r\nhost: l\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+        assert_eq!(head.status, 200);
+        let body = bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+        assert_eq!(&body[..], b"hi");
+    }
+    assert_eq!(
+        env.record("/p1").await.client,
+        env.record("/p2").await.client
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn a_partial_request_read_ahead_survives_a_park() {
+    let env = env().await;
+    let mut c = env.h1().await;
+    // One write: a whole request and the start of the next, whose rest comes after the park.
+    c.send_raw(b"GET /q1 HTTP/1.1\r\nhost: l\r\n\r\nGET /q2 HTTP/1.1\r\nho")
+        .await
+        .unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+    tokio::time::sleep(PARK_AFTER * 2).await;
+    c.send_raw(b"st: l\r\n\r\n").await.unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    let body = bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+    assert_eq!(&body[..], b"hi");
+    assert_eq!(
+        env.record("/q2").await.client,
+        env.record("/q1").await.client
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_idle_timeout_closes_a_parked_connection_on_time() {
+    let timeout = Duration::from_millis(800);
+    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.header_read_timeout = timeout
+    })
+    .await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    let idle_since = tokio::time::Instant::now();
+    env.wait_parked(1).await;
+    let closed = c.wait_closed(Duration::from_secs(5)).await;
+    let waited = idle_since.elapsed();
+    assert_eq!(closed, Closed::Eof);
+    // The time already idle before the park counts: closed at the timeout, not park + timeout.
+    assert!(
+        waited >= timeout - Duration::from_millis(50) && waited < timeout + PARK_AFTER,
+        "closed after {waited:?}"
+    );
+    assert_eq!(env.parked(), 0);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn the_idle_timeout_still_bounds_a_slow_head_after_a_park() {
+    let timeout = Duration::from_millis(800);
+    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.header_read_timeout = timeout
+    })
+    .await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    let idle_since = tokio::time::Instant::now();
+    env.wait_parked(1).await;
+    // Wakes the connection, then stalls: the head must still come within the idle timeout.
+    c.send_raw(b"GET /slow HTTP/1.1\r\nx-slow: ").await.unwrap();
+    let closed = c.wait_closed(Duration::from_secs(5)).await;
+    let waited = idle_since.elapsed();
+    assert_ne!(closed, Closed::StillOpen);
+    assert!(waited < timeout + PARK_AFTER, "closed after {waited:?}");
+    assert!(env.records("/slow").is_empty());
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_parked_connections_at_once() {
+    let env = env().await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    env.wait_parked(1).await;
+    let started = tokio::time::Instant::now();
+    // A long grace: a parked connection has nothing in flight and must not wait for it.
+    let stopping = tokio::spawn(env.stop_with_grace(Duration::from_secs(30)));
+    assert_eq!(c.wait_closed(Duration::from_secs(5)).await, Closed::Eof);
+    bounded(Duration::from_secs(5), stopping).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_fin_while_parked_closes_the_connection() {
+    let env = env().await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    env.wait_parked(1).await;
+    c.fin().unwrap();
+    assert_eq!(c.wait_closed(BOUND).await, Closed::Eof);
+    env.wait_parked(0).await;
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn tls_connections_are_not_parked() {
+    let env = Env::new(Down::H2Tls, Up::H1, script(|_| Behavior::ok("hi"))).await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    tokio::time::sleep(PARK_AFTER * 2).await;
+    assert_eq!(env.parked(), 0);
+    get_ok(&mut c, "/b").await;
+    env.stop().await;
+}
