@@ -210,7 +210,7 @@ async fn session<I>(
     watcher: Option<DisconnectWatcher>,
     fd: Option<OwnedFd>,
     activity: Arc<Activity>,
-    mut load: watch::Receiver<Load>,
+    load: watch::Receiver<Load>,
     park: Option<Park>,
 ) -> Option<Parked<I>>
 where
@@ -261,60 +261,52 @@ where
     let mut park_timer = pin!(park_timer);
     let head_timer = tokio::time::sleep_until(head_by.unwrap_or_else(Instant::now));
     let mut head_timer = pin!(head_timer);
-    // A new session is idle until its first request, and has read nothing yet.
-    let mut idle = parkable.then(|| Idle {
-        since: Instant::now(),
-        reads: activity.reads(),
-    });
     let mut parking: Option<(Idle, u32)> = None;
     let mut watching = cancel.watcher().is_some();
     let mut stopping = false;
+    // Made once: the loop turns for every request (load changes), and a fresh waiter per turn
+    // would register with the watcher and the stop token each time.
+    let gone_fut = watch(&cancel);
+    let mut gone_fut = pin!(gone_fut);
+    let stop_fut = stop.cancelled();
+    let mut stop_fut = pin!(stop_fut);
     let result = loop {
         tokio::select! {
             biased;
             r = &mut connection => break r,
             // The client left: cancel what is in flight (per the route's half-close policy). hyper
             // is still driven afterwards so it can finish or fail the exchange cleanly.
-            gone = watch(&cancel), if watching => {
+            gone = gone_fut.as_mut(), if watching => {
                 watching = false;
                 cancel.on_peer_gone(gone);
             }
             // Never completes: switches dead-peer probing on and off as requests come and go.
             _ = probing.as_mut() => {}
             // Shutdown: finish the response in flight, then close.
-            _ = stop.cancelled(), if !stopping => {
+            _ = stop_fut.as_mut(), if !stopping => {
                 stopping = true;
                 Pin::new(&mut connection).graceful_shutdown();
             }
-            // Requests come and go: the connection is idle from when the last one ended.
-            changed = load.changed(), if parkable && parking.is_none() => {
-                if changed.is_err() {
-                    // The requests' side is gone with the service: nothing more to track.
-                    idle = None;
-                    continue;
-                }
-                let in_flight = load.borrow_and_update().in_flight;
-                idle = (in_flight == 0).then(|| Idle {
-                    since: Instant::now(),
-                    reads: activity.reads(),
-                });
-            }
-            // The timer is re-armed lazily, so a busy connection does not reset it per request.
-            _ = park_timer.as_mut(), if idle.is_some() && parking.is_none() && !stopping => {
-                let Some(i) = idle else { continue };
+            // Looked at every `after` rather than on every request, so that a busy connection's
+            // loop does not turn (and poll hyper again) per request.
+            _ = park_timer.as_mut(), if parkable && parking.is_none() && !stopping => {
                 let now = Instant::now();
-                if activity.reads() != i.reads {
-                    // The client sent something: hyper is reading a request. Wait for its end.
-                    idle = None;
-                } else if now < i.since + after {
-                    park_timer.as_mut().reset(i.since + after);
+                // Idle: nothing in flight, and nothing read since the last request ended.
+                let idle = Idle {
+                    since: activity.last_end(),
+                    reads: activity.reads_at_end(),
+                };
+                if activity.in_flight() > 0 || activity.reads() != idle.reads {
+                    park_timer.as_mut().reset(now + after);
+                } else if now < idle.since + after {
+                    park_timer.as_mut().reset(idle.since + after);
                 } else if activity.write_stalled() {
                     // A response is still leaving (a slow reader): not idle yet.
                     park_timer.as_mut().reset(now + after);
                 } else {
                     // hyper is idle: this closes its connection at once, and the socket is kept
                     // (the session's socket skips the shutdown while parking).
-                    parking = Some((i, activity.started()));
+                    parking = Some((idle, activity.started()));
                     activity.set_parking();
                     Pin::new(&mut connection).graceful_shutdown();
                 }

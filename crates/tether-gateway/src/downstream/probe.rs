@@ -18,7 +18,7 @@
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use socket2::SockRef;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::DeadPeerConfig;
 
@@ -43,6 +44,11 @@ pub struct Load {
 #[derive(Debug)]
 pub struct Activity {
     tx: watch::Sender<Load>,
+    created: Instant,
+    /// When the last request ended, in nanoseconds after `created` (0: none has).
+    last_end: AtomicU64,
+    /// `reads` when the last request ended.
+    reads_at_end: AtomicU32,
     /// Requests started (wrapping).
     started: AtomicU32,
     /// Reads that returned bytes (wrapping): tells whether the client sent anything since.
@@ -59,12 +65,39 @@ impl Activity {
         let (tx, rx) = watch::channel(Load::default());
         let a = Activity {
             tx,
+            created: Instant::now(),
+            last_end: AtomicU64::new(0),
+            reads_at_end: AtomicU32::new(0),
             started: AtomicU32::new(0),
             reads: AtomicU32::new(0),
             write_stalled: AtomicBool::new(false),
             parking: AtomicBool::new(false),
         };
         (Arc::new(a), rx)
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> u32 {
+        self.tx.borrow().in_flight
+    }
+
+    /// When the last request ended (when the activity began, if none has).
+    pub fn last_end(&self) -> Instant {
+        self.created + Duration::from_nanos(self.last_end.load(Ordering::Relaxed))
+    }
+
+    /// How many reads had returned bytes when the last request ended.
+    pub fn reads_at_end(&self) -> u32 {
+        self.reads_at_end.load(Ordering::Relaxed)
+    }
+
+    fn note_end(&self) {
+        let since = Instant::now().saturating_duration_since(self.created);
+        self.last_end.store(
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.reads_at_end.store(self.reads(), Ordering::Relaxed);
     }
 
     /// Requests started so far (wrapping).
@@ -134,6 +167,7 @@ impl RequestGuard {
 impl Drop for RequestGuard {
     fn drop(&mut self) {
         let writing = self.writing;
+        self.activity.note_end();
         self.activity.tx.send_modify(|l| {
             l.in_flight = l.in_flight.saturating_sub(1);
             if writing {
