@@ -1,6 +1,7 @@
-//! `tether serve` under real signals: SIGTERM stops accepting, lets requests in flight finish
-//! within the grace period and cancels the rest with reason `shutdown`; SIGHUP reloads the config
-//! file for new connections while requests in flight finish on the old one.
+//! `tether serve` under real signals: SIGTERM stops accepting (HTTP/2 clients get GOAWAY), lets
+//! requests in flight finish within the grace period and cancels the rest with reason `shutdown`;
+//! SIGHUP reloads the config file for new connections while requests in flight finish on the old
+//! one.
 // Test helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -239,3 +240,104 @@ fn sighup_reloads_for_new_connections_and_keeps_serving_on_a_bad_file() {
     assert!(line.contains(":3: listeners[0].address"), "{line}");
     assert_eq!(body_of(get_once(addr, "/")), "B");
 }
+
+#[test]
+fn sigterm_sends_h2_goaway_and_finishes_the_stream_in_flight() {
+    let up = named_upstream("drained");
+    let cfg = TempFile::new(
+        "goaway.toml",
+        &format!(
+            r#"workers = 1
+shutdown_grace = "10s"
+[[listeners]]
+address = "127.0.0.1:0"
+protocols = ["http1", "h2c"]
+  [[listeners.routes]]
+  upstream = "slow"
+[[upstreams]]
+name = "slow"
+addresses = ["{up}"]
+"#
+        ),
+    );
+    let mut t = Tether::spawn(&["serve", "--config", cfg.0.to_str().unwrap()]);
+    let addr = t.listening();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(LIMIT, async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+            let conn = tokio::spawn(conn);
+            let request = |path: &str| {
+                http::Request::get(format!("http://localhost{path}"))
+                    .body(())
+                    .unwrap()
+            };
+            // The upstream answers /slow after 1.5 s: in flight across the signal.
+            let mut send = send.ready().await.unwrap();
+            let (in_flight, _) = send.send_request(request("/slow"), true).unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let signalled = Instant::now();
+            t.signal("TERM");
+
+            // GOAWAY arrives: the connection refuses new streams, and says why.
+            let refused = loop {
+                let attempt = match send.clone().ready().await {
+                    Ok(mut s) => s.send_request(request("/"), true).map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match attempt {
+                    Err(e) => break e,
+                    Ok(()) => {
+                        assert!(
+                            signalled.elapsed() < Duration::from_secs(1),
+                            "no GOAWAY within 1s of SIGTERM"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            };
+            assert!(refused.is_go_away(), "{refused:?}");
+            assert!(refused.is_remote(), "{refused:?}");
+            assert_eq!(refused.reason(), Some(h2::Reason::NO_ERROR), "{refused:?}");
+
+            // New TCP connections are refused.
+            let connected = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            assert!(
+                !matches!(connected, Ok(Ok(_))),
+                "a new connection was accepted after SIGTERM"
+            );
+
+            // The stream in flight still completes, body and all.
+            let resp = in_flight.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.into_body();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, b"drained");
+            assert!(
+                signalled.elapsed() >= Duration::from_millis(1000),
+                "answered before the upstream did"
+            );
+            // Then tether closes the connection cleanly.
+            let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+        })
+        .await
+        .expect("test timed out");
+    });
+    let status = t.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+}
+
