@@ -551,7 +551,9 @@ fn build_generation(
 }
 
 async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = FIRST_BACKOFF;
+    // Failed accepts since the last success: one warning per burst, not one per error.
+    let mut failed = 0u64;
     loop {
         // At the connection limit, stop accepting: new clients wait in the listen backlog
         // (and see their connect time out) rather than being accepted and dropped.
@@ -577,7 +579,11 @@ async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: Canc
         };
         match accepted {
             Ok((tcp, client)) => {
-                backoff = Duration::from_millis(5);
+                if failed > 0 {
+                    tracing::info!(failed, "accepting again");
+                    failed = 0;
+                }
+                backoff = FIRST_BACKOFF;
                 // Read after accepting, so a connection that arrives after a reload gets the new
                 // generation even when this loop was already waiting.
                 let generation = current(&slot);
@@ -599,12 +605,43 @@ async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: Canc
                 ));
             }
             Err(e) => {
-                // EMFILE/ENFILE and friends: back off instead of spinning on a full fd table.
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                // EMFILE/ENFILE and friends: back off instead of spinning on a full fd table (the
+                // listener stays readable, so retrying at once would burn a core).
+                let kind = accept_error_kind(&e);
+                current(&slot).worker.observer.metrics.accept_error(kind);
+                if failed == 0 {
+                    tracing::warn!(error = %e, kind, "accept failed; backing off until it works again");
+                }
+                failed += 1;
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// First wait after a failed accept; doubled on each failure in a row up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Longest wait between accepts while they keep failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The `kind` label of an accept error.
+fn accept_error_kind(e: &io::Error) -> &'static str {
+    // Linux errno values (std has no ErrorKind for these).
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const ENOBUFS: i32 = 105;
+    match e.raw_os_error() {
+        Some(EMFILE) => "emfile",
+        Some(ENFILE) => "enfile",
+        Some(ENOMEM | ENOBUFS) => "enomem",
+        _ => "other",
     }
 }
 

@@ -46,6 +46,11 @@ struct PropagationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnLabels {
     upstream: String,
     state: &'static str,
@@ -78,6 +83,7 @@ pub struct Metrics {
     wasted: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     conns: Family<ConnLabels, Gauge>,
     conn_counts: Vec<(String, Arc<ConnCounts>)>,
+    accept_errors: Family<KindLabels, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -161,6 +167,12 @@ impl Metrics {
             "Upstream connections by state",
             conns.clone(),
         );
+        let accept_errors = Family::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the listeners, by kind (emfile, enfile, enomem, other)",
+            accept_errors.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -177,6 +189,7 @@ impl Metrics {
                 .iter()
                 .map(|u| (u.clone(), Arc::default()))
                 .collect(),
+            accept_errors,
         }
     }
 
@@ -186,6 +199,11 @@ impl Metrics {
             .get(index)
             .map(|(_, c)| c.clone())
             .unwrap_or_default()
+    }
+
+    /// A listener's accept failed; `kind` is from a closed set.
+    pub fn accept_error(&self, kind: &'static str) {
+        self.accept_errors.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// A request started.
