@@ -13,6 +13,7 @@ use tether::DisconnectWatcher;
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
+use super::head_timeout::HeadWatch;
 use super::probe::{self, Activity, GuardedBody};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
@@ -37,6 +38,7 @@ pub async fn serve<I>(
     ));
     let conn = peer.conn(cancel.clone());
     let (activity, load) = Activity::new();
+    let (io, head) = HeadWatch::new(io, load.clone());
     let limits = listener.limits;
     let dead_peer = listener.dead_peer;
     let svc = {
@@ -84,6 +86,12 @@ pub async fn serve<I>(
     };
     if let Err(e) = &result {
         tracing::trace!(client = %peer.client, error = %e, "downstream connection ended with an error");
+        // A request head that came too slowly (slowloris), not an idle keep-alive connection.
+        if e.is_timeout()
+            && let Some(took) = head.partial_head()
+        {
+            head.record(&worker, &peer, took);
+        }
     }
     cancel.on_connection_end(result.as_ref().err());
 }

@@ -8,6 +8,7 @@
 
 pub mod h1;
 pub mod h2;
+pub mod head_timeout;
 pub mod probe;
 
 use std::net::SocketAddr;

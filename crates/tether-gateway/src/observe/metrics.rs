@@ -84,6 +84,7 @@ pub struct Metrics {
     conns: Family<ConnLabels, Gauge>,
     conn_counts: Vec<(String, Arc<ConnCounts>)>,
     accept_errors: Family<KindLabels, Counter>,
+    header_timeouts: Counter,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -173,6 +174,12 @@ impl Metrics {
             "Failed accepts on the listeners, by kind (emfile, enfile, enomem, other)",
             accept_errors.clone(),
         );
+        let header_timeouts = Counter::default();
+        registry.register(
+            "header_read_timeouts",
+            "HTTP/1 connections closed because a request head arrived too slowly (logged as 408)",
+            header_timeouts.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -190,6 +197,7 @@ impl Metrics {
                 .map(|u| (u.clone(), Arc::default()))
                 .collect(),
             accept_errors,
+            header_timeouts,
         }
     }
 
@@ -204,6 +212,11 @@ impl Metrics {
     /// A listener's accept failed; `kind` is from a closed set.
     pub fn accept_error(&self, kind: &'static str) {
         self.accept_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// An HTTP/1 connection timed out in the middle of a request head.
+    pub fn header_read_timeout(&self) {
+        self.header_timeouts.inc();
     }
 
     /// A request started.
