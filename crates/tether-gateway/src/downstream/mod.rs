@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::ConnCancel;
-use crate::listen::{ConnPermit, ListenerShared, Worker};
+use crate::listen::{ConfigSource, ConnPermit, ListenerShared, Worker};
 use crate::proxy::Conn;
 
 /// How long a client may take to finish the TLS handshake or send the first bytes.
@@ -64,10 +64,12 @@ impl Peer {
     }
 }
 
-/// Serves one accepted connection to the end.
+/// Serves one accepted connection to the end. `worker` and `listener` are the generation it was
+/// accepted under; `source` gives HTTP/2 streams the current one.
 pub async fn serve(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
+    source: ConfigSource,
     tcp: TcpStream,
     client: SocketAddr,
     stop: CancellationToken,
@@ -97,7 +99,7 @@ pub async fn serve(
         let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
             || (listener.protocols.h2 && !listener.protocols.http1);
         if is_h2 {
-            h2::serve(worker, listener, TokioIo::new(tls), peer, fd, stop).await;
+            h2::serve(worker, listener, source, TokioIo::new(tls), peer, fd, stop).await;
         } else {
             let watcher = DisconnectWatcher::new(tls.get_ref().0).ok();
             h1::serve(worker, listener, TokioIo::new(tls), peer, watcher, fd, stop).await;
@@ -118,7 +120,7 @@ pub async fn serve(
         _ => false,
     };
     if is_h2 {
-        h2::serve(worker, listener, TokioIo::new(tcp), peer, fd, stop).await;
+        h2::serve(worker, listener, source, TokioIo::new(tcp), peer, fd, stop).await;
     } else {
         let watcher = DisconnectWatcher::new(&tcp).ok();
         h1::serve(worker, listener, TokioIo::new(tcp), peer, watcher, fd, stop).await;

@@ -1,8 +1,8 @@
 //! Prometheus metrics. Every label comes from a closed set (outcomes, reasons, stages, status
 //! classes) or from the configuration (route and upstream names), never from request data.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -82,7 +82,8 @@ pub struct Metrics {
     propagation: Family<PropagationLabels, Histogram>,
     wasted: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     conns: Family<ConnLabels, Gauge>,
-    conn_counts: Vec<(String, Arc<ConnCounts>)>,
+    /// By upstream name; upstreams added by a reload join on first use.
+    conn_counts: Mutex<Vec<(String, Arc<ConnCounts>)>>,
     accept_errors: Family<KindLabels, Counter>,
     header_timeouts: Counter,
 }
@@ -192,21 +193,30 @@ impl Metrics {
             propagation,
             wasted,
             conns,
-            conn_counts: upstreams
-                .iter()
-                .map(|u| (u.clone(), Arc::default()))
-                .collect(),
+            conn_counts: Mutex::new(
+                upstreams
+                    .iter()
+                    .map(|u| (u.clone(), Arc::default()))
+                    .collect(),
+            ),
             accept_errors,
             header_timeouts,
         }
     }
 
-    /// The connection counters of upstream `index`.
-    pub fn conn_counts(&self, index: usize) -> Arc<ConnCounts> {
-        self.conn_counts
-            .get(index)
-            .map(|(_, c)| c.clone())
-            .unwrap_or_default()
+    /// The connection counters of the upstream named `name`, registered on first use (an upstream
+    /// added by a reload). Every generation's pools of one upstream share them.
+    pub fn conn_counts(&self, name: &str) -> Arc<ConnCounts> {
+        let mut all = self
+            .conn_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, c)) = all.iter().find(|(n, _)| n == name) {
+            return c.clone();
+        }
+        let c = Arc::<ConnCounts>::default();
+        all.push((name.to_owned(), c.clone()));
+        c
     }
 
     /// A listener's accept failed; `kind` is from a closed set.
@@ -285,7 +295,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        for (name, c) in &self.conn_counts {
+        let counts = self
+            .conn_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for (name, c) in &counts {
             let open = c.open.load(Ordering::Relaxed);
             let idle = c.idle.load(Ordering::Relaxed);
             let states = [
