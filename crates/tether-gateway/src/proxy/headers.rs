@@ -69,7 +69,11 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: 
         IpAddr::V6(ip) => format!("\"[{ip}]\""),
     };
     let mut fwd = format!("for={node};proto={proto}");
-    if let Some(h) = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"')) {
+    // Only what fits a quoted-string unescaped: a `"` or `\` would end it or escape its end.
+    if let Some(h) = host.filter(|h| {
+        h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    }) {
         fwd.push_str(";host=\"");
         fwd.push_str(h);
         fwd.push('"');
@@ -123,6 +127,19 @@ mod tests {
             "for=\"[::1]\";proto=https;host=\"example.com\""
         );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn host_that_would_break_the_quoted_string_is_left_out() {
+        // `host="a\"` would escape its closing quote: the element would run on unterminated.
+        for host in ["a\\", "a\"b", "a\\\"b"] {
+            let mut h = HeaderMap::new();
+            add_forwarding(&mut h, "192.0.2.7".parse().unwrap(), false, Some(host));
+            assert_eq!(
+                h.get(header::FORWARDED).unwrap(),
+                "for=192.0.2.7;proto=http"
+            );
+        }
     }
 
     #[test]
