@@ -33,7 +33,11 @@ impl AccessLog for Pretty {
 pub fn format_record(rec: &RequestRecord) -> String {
     let mut s = format!(
         "{} {} {} {} {}",
-        rec.status, rec.method, rec.path, rec.protocol, rec.outcome
+        rec.status,
+        rec.method.as_ref().map_or("-", |m| m.as_str()),
+        rec.path,
+        rec.protocol,
+        rec.outcome
     );
     if let Some(r) = rec.abort_reason {
         let _ = write!(s, " reason={r}");
@@ -115,7 +119,7 @@ mod tests {
             client: "127.0.0.1:5000".parse().unwrap(),
             local: "127.0.0.1:8080".parse().unwrap(),
             protocol: "HTTP/1.1",
-            method: http::Method::GET,
+            method: Some(http::Method::GET),
             authority: "localhost".into(),
             path: "/work".into(),
             status: 499,

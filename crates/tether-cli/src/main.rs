@@ -4,8 +4,6 @@
 
 mod access_pretty;
 mod demo;
-mod duration;
-mod file_config;
 mod serve;
 mod trace;
 
@@ -13,6 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tether_cli::{duration, file_config};
 
 /// Exit status for an unusable config file (BSD `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;

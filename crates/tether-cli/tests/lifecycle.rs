@@ -1,6 +1,7 @@
-//! `tether serve` under real signals: SIGTERM stops accepting, lets requests in flight finish
-//! within the grace period and cancels the rest with reason `shutdown`; SIGHUP reloads the config
-//! file for new connections while requests in flight finish on the old one.
+//! `tether serve` under real signals: SIGTERM stops accepting (HTTP/2 clients get GOAWAY), lets
+//! requests in flight finish within the grace period and cancels the rest with reason `shutdown`;
+//! SIGHUP reloads the config file for new connections and new HTTP/2 streams while requests in
+//! flight finish on the old one.
 // Test helpers panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -238,4 +239,228 @@ fn sighup_reloads_for_new_connections_and_keeps_serving_on_a_bad_file() {
     let line = wait_line(&t.stderr, |l| l.contains("reload failed"));
     assert!(line.contains(":3: listeners[0].address"), "{line}");
     assert_eq!(body_of(get_once(addr, "/")), "B");
+}
+
+#[test]
+fn sigterm_sends_h2_goaway_and_finishes_the_stream_in_flight() {
+    let up = named_upstream("drained");
+    let cfg = TempFile::new(
+        "goaway.toml",
+        &format!(
+            r#"workers = 1
+shutdown_grace = "10s"
+[[listeners]]
+address = "127.0.0.1:0"
+protocols = ["http1", "h2c"]
+  [[listeners.routes]]
+  upstream = "slow"
+[[upstreams]]
+name = "slow"
+addresses = ["{up}"]
+"#
+        ),
+    );
+    let mut t = Tether::spawn(&["serve", "--config", cfg.0.to_str().unwrap()]);
+    let addr = t.listening();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(LIMIT, async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+            let conn = tokio::spawn(conn);
+            let request = |path: &str| {
+                http::Request::get(format!("http://localhost{path}"))
+                    .body(())
+                    .unwrap()
+            };
+            // The upstream answers /slow after 1.5 s: in flight across the signal.
+            let mut send = send.ready().await.unwrap();
+            let (in_flight, _) = send.send_request(request("/slow"), true).unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let signalled = Instant::now();
+            t.signal("TERM");
+
+            // GOAWAY arrives: the connection refuses new streams, and says why.
+            let refused = loop {
+                let attempt = match send.clone().ready().await {
+                    Ok(mut s) => s.send_request(request("/"), true).map(|_| ()),
+                    Err(e) => Err(e),
+                };
+                match attempt {
+                    Err(e) => break e,
+                    Ok(()) => {
+                        assert!(
+                            signalled.elapsed() < Duration::from_secs(1),
+                            "no GOAWAY within 1s of SIGTERM"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            };
+            assert!(refused.is_go_away(), "{refused:?}");
+            assert!(refused.is_remote(), "{refused:?}");
+            assert_eq!(refused.reason(), Some(h2::Reason::NO_ERROR), "{refused:?}");
+
+            // New TCP connections are refused.
+            let connected = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            assert!(
+                !matches!(connected, Ok(Ok(_))),
+                "a new connection was accepted after SIGTERM"
+            );
+
+            // The stream in flight still completes, body and all.
+            let resp = in_flight.await.unwrap();
+            assert_eq!(resp.status(), 200);
+            let mut body = resp.into_body();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                got.extend_from_slice(&chunk);
+            }
+            assert_eq!(got, b"drained");
+            assert!(
+                signalled.elapsed() >= Duration::from_millis(1000),
+                "answered before the upstream did"
+            );
+            // Then tether closes the connection cleanly.
+            let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            assert!(matches!(ended, Ok(Ok(Ok(())))), "{ended:?}");
+        })
+        .await
+        .expect("test timed out");
+    });
+    let status = t.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{status:?}");
+}
+
+/// A GET on an open HTTP/2 connection: the stream's response future.
+fn h2_start(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+) -> h2::client::ResponseFuture {
+    let req = http::Request::get(format!("http://localhost{path}"))
+        .body(())
+        .unwrap();
+    send.send_request(req, true).unwrap().0
+}
+
+/// Status and body of an HTTP/2 response.
+async fn h2_body(resp: h2::client::ResponseFuture) -> (u16, String) {
+    let resp = resp.await.unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8(got).unwrap())
+}
+
+fn admin_addr(t: &Tether) -> SocketAddr {
+    let line = wait_line(&t.stderr, |l| l.starts_with("admin on http://"));
+    let rest = line.trim_start_matches("admin on http://");
+    rest.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn metrics(admin: SocketAddr) -> String {
+    let mut s = TcpStream::connect_timeout(&admin, LIMIT).unwrap();
+    s.set_read_timeout(Some(LIMIT)).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn sighup_applies_to_new_h2_streams_on_open_connections_and_adds_gauges() {
+    let a = named_upstream("A");
+    let b = named_upstream("B");
+    let config = |upstream: &str, addr: SocketAddr| {
+        format!(
+            r#"workers = 1
+[admin]
+address = "127.0.0.1:0"
+[[listeners]]
+address = "127.0.0.1:0"
+protocols = ["http1", "h2c"]
+  [[listeners.routes]]
+  upstream = "{upstream}"
+[[upstreams]]
+name = "{upstream}"
+addresses = ["{addr}"]
+"#
+        )
+    };
+    let cfg = TempFile::new("reload-h2.toml", &config("first", a));
+    let t = Tether::spawn(&["serve", "--config", cfg.0.to_str().unwrap()]);
+    let addr = t.listening();
+    let admin = admin_addr(&t);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(LIMIT, async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+            let conn = tokio::spawn(conn);
+            let mut send = send.ready().await.unwrap();
+            assert_eq!(h2_body(h2_start(&mut send, "/")).await, (200, "A".into()));
+            // In flight across the reload (the upstream answers /slow after 1.5 s).
+            let slow = h2_start(&mut send, "/slow");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+
+            let started = Instant::now();
+            std::fs::write(&cfg.0, config("second", b)).unwrap();
+            t.signal("HUP");
+            wait_line(&t.stderr, |l| l.contains("reloaded"));
+            // New streams on the connection opened before the reload use the new config (the
+            // worker applies it a moment after the reload is logged).
+            loop {
+                let mut s = send.clone().ready().await.unwrap();
+                let (status, body) = h2_body(h2_start(&mut s, "/")).await;
+                assert_eq!(status, 200);
+                if body == "B" {
+                    break;
+                }
+                assert_eq!(body, "A");
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "new streams still use the old config"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(
+                started.elapsed() < Duration::from_millis(1300),
+                "the slow request must still be in flight"
+            );
+            // The stream in flight finishes on the config it started with.
+            assert_eq!(h2_body(slow).await, (200, "A".into()));
+            drop(send);
+            conn.abort();
+        })
+        .await
+        .expect("test timed out");
+    });
+
+    // The upstream added by the reload has its connection gauges.
+    let text = metrics(admin);
+    for state in ["idle", "active", "connecting"] {
+        let line = format!("tether_upstream_connections{{upstream=\"second\",state=\"{state}\"}}");
+        assert!(text.contains(&line), "no {line} in:\n{text}");
+    }
 }

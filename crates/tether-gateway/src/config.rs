@@ -202,6 +202,16 @@ pub struct IpNet {
 pub struct IpNetError(String);
 
 impl IpNet {
+    /// The address as written (host bits are kept: `10.1.2.3/8` stays `10.1.2.3`).
+    pub fn addr(&self) -> std::net::IpAddr {
+        self.addr
+    }
+
+    /// The prefix length: 0..=32 for IPv4, 0..=128 for IPv6.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     /// Whether `ip` is inside the network. IPv4-mapped IPv6 addresses match IPv4 networks.
     pub fn contains(&self, ip: std::net::IpAddr) -> bool {
         use std::net::IpAddr;
@@ -232,6 +242,13 @@ impl IpNet {
                 u128::from(n) & mask == u128::from(a) & mask
             }
         }
+    }
+}
+
+impl std::fmt::Display for IpNet {
+    /// `addr/prefix`, which parses back to the same network.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
     }
 }
 

@@ -6,9 +6,11 @@
 //! per-worker upstream pools whose locks are never contended.
 //!
 //! Reloading publishes a new generation (routes, TLS, limits, upstreams with fresh pools) to every
-//! worker. A connection reads its worker's current generation once, when it is accepted, and keeps
-//! it to the end: its requests, including those in flight during the reload, finish on the
-//! configuration they started with. A generation is dropped when its last connection ends.
+//! worker. A connection reads its worker's current generation when it is accepted (TLS, protocol
+//! and connection limits come from it). An HTTP/1 connection keeps it to the end; an HTTP/2
+//! connection reads the current one again for each new stream. A request keeps the generation it
+//! started with, so requests in flight during a reload finish on their configuration. A
+//! generation is dropped when the last connection or request holding it ends.
 
 use std::io;
 use std::net::SocketAddr;
@@ -230,8 +232,6 @@ pub struct RunningGateway {
     grace: Arc<Mutex<Duration>>,
     threads: Vec<JoinHandle<()>>,
     published: watch::Sender<Arc<Published>>,
-    /// Upstream names at start, which the connection gauges are registered under.
-    metric_names: Arc<[String]>,
     parked: Arc<AtomicUsize>,
 }
 
@@ -240,7 +240,6 @@ impl Gateway {
     /// listeners are bound, so their addresses can be used at once.
     pub fn start(config: Config, log: Arc<dyn AccessLog>) -> Result<RunningGateway, StartError> {
         let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
-        let metric_names: Arc<[String]> = names.clone().into();
         let metrics = Arc::new(Metrics::new(&names));
         let observer = Observer { log, metrics };
         let mut std_listeners = Vec::new();
@@ -283,9 +282,8 @@ impl Gateway {
             for l in &std_listeners {
                 listeners.push(l.try_clone().map_err(StartError::Thread)?);
             }
-            let (updates, names, observer, stop, grace, parked) = (
+            let (updates, observer, stop, grace, parked) = (
                 updates.clone(),
-                metric_names.clone(),
                 observer.clone(),
                 stop.clone(),
                 grace.clone(),
@@ -299,7 +297,7 @@ impl Gateway {
             };
             let t = std::thread::Builder::new()
                 .name(format!("tether-worker-{n}"))
-                .spawn(move || run_worker(updates, &names, listeners, shared))
+                .spawn(move || run_worker(updates, listeners, shared))
                 .map_err(StartError::Thread)?;
             threads.push(t);
         }
@@ -311,7 +309,6 @@ impl Gateway {
             grace,
             threads,
             published,
-            metric_names,
             parked,
         })
     }
@@ -407,11 +404,12 @@ impl RunningGateway {
         self.admin.as_ref().map(|a| a.metrics.encode())
     }
 
-    /// Switches to `config` for new connections. Connections already open, and their requests,
-    /// keep the configuration they were accepted under. The new config is validated like at
-    /// start; listeners are not rebound, so changing their number, addresses, protocols, backlog
-    /// or whether they terminate TLS is refused. On error nothing changes. `workers` and `admin`
-    /// take effect only on restart.
+    /// Switches to `config` for new connections and new HTTP/2 streams. Requests in flight, and
+    /// HTTP/1 connections already open, keep the configuration they started under. The new
+    /// config is validated like at start; listeners are not rebound, so changing their number,
+    /// addresses, protocols, backlog or whether they terminate TLS is refused. On error nothing
+    /// changes. `workers` and `admin` take effect only on restart. Upstreams it adds get their
+    /// connection gauges.
     pub fn reload(&self, config: Config) -> Result<(), StartError> {
         let previous = self.published.borrow().clone();
         check_reloadable(&previous.config, &config)?;
@@ -420,11 +418,6 @@ impl RunningGateway {
                 != previous.config.admin.as_ref().map(|a| a.address)
         {
             tracing::warn!("workers and admin settings take effect on restart only");
-        }
-        for u in &config.upstreams {
-            if !self.metric_names.contains(&u.name) {
-                tracing::warn!(upstream = %u.name, "new upstream: its connection gauges are exported after a restart");
-            }
         }
         let next = prepare(config, Some(&previous))?;
         self.published.send_replace(Arc::new(next));
@@ -498,7 +491,6 @@ struct WorkerShared {
 
 fn run_worker(
     mut updates: watch::Receiver<Arc<Published>>,
-    names: &[String],
     listeners: Vec<std::net::TcpListener>,
     shared: WorkerShared,
 ) {
@@ -526,7 +518,7 @@ fn run_worker(
         let root = RequestContext::new();
         let conns: Arc<ConnCount> = Arc::default();
         let first = updates.borrow_and_update().clone();
-        let generation = match build_generation(&first, names, &observer, &root, &conns, &parked) {
+        let generation = match build_generation(&first, &observer, &root, &conns, &parked) {
             Ok(g) => g,
             // Checked in Gateway::start; unreachable in practice.
             Err(e) => return tracing::error!(error = %e, "cannot build worker"),
@@ -543,7 +535,7 @@ fn run_worker(
         let reloads = async {
             while updates.changed().await.is_ok() {
                 let next = updates.borrow_and_update().clone();
-                match build_generation(&next, names, &observer, &root, &conns, &parked) {
+                match build_generation(&next, &observer, &root, &conns, &parked) {
                     Ok(g) => match slot.write() {
                         Ok(mut s) => *s = Arc::new(g),
                         Err(poisoned) => *poisoned.into_inner() = Arc::new(g),
@@ -571,7 +563,6 @@ fn run_worker(
 /// Builds this worker's upstreams (with fresh pools) for a published configuration.
 fn build_generation(
     p: &Published,
-    names: &[String],
     observer: &Observer,
     root: &RequestContext,
     conns: &Arc<ConnCount>,
@@ -580,12 +571,7 @@ fn build_generation(
     let resolver = Resolver::new(&p.config.dns).map_err(StartError::Dns)?;
     let mut upstreams = Vec::new();
     for (index, u) in p.config.upstreams.iter().enumerate() {
-        // Gauges are registered under the names known at start; others get detached counters.
-        let counts = names
-            .iter()
-            .position(|n| *n == u.name)
-            .map(|i| observer.metrics.conn_counts(i))
-            .unwrap_or_default();
+        let counts = observer.metrics.conn_counts(&u.name);
         let up = Upstream::new(u, resolver.clone(), counts)
             .map_err(|source| StartError::UpstreamTls { index, source })?;
         upstreams.push(Arc::new(up));
@@ -603,7 +589,9 @@ fn build_generation(
 }
 
 async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: CancellationToken) {
-    let mut backoff = Duration::from_millis(5);
+    let mut backoff = FIRST_BACKOFF;
+    // Failed accepts since the last success: one warning per burst, not one per error.
+    let mut failed = 0u64;
     loop {
         // At the connection limit, stop accepting: new clients wait in the listen backlog
         // (and see their connect time out) rather than being accepted and dropped.
@@ -629,7 +617,11 @@ async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: Canc
         };
         match accepted {
             Ok((tcp, client)) => {
-                backoff = Duration::from_millis(5);
+                if failed > 0 {
+                    tracing::info!(failed, "accepting again");
+                    failed = 0;
+                }
+                backoff = FIRST_BACKOFF;
                 // Read after accepting, so a connection that arrives after a reload gets the new
                 // generation even when this loop was already waiting.
                 let generation = current(&slot);
@@ -641,6 +633,10 @@ async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: Canc
                 tokio::spawn(downstream::serve(
                     worker,
                     shared,
+                    ConfigSource {
+                        slot: slot.clone(),
+                        index,
+                    },
                     tcp,
                     client,
                     stop.clone(),
@@ -651,12 +647,61 @@ async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: Canc
                 ));
             }
             Err(e) => {
-                // EMFILE/ENFILE and friends: back off instead of spinning on a full fd table.
-                tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                // EMFILE/ENFILE and friends: back off instead of spinning on a full fd table (the
+                // listener stays readable, so retrying at once would burn a core).
+                let kind = accept_error_kind(&e);
+                current(&slot).worker.observer.metrics.accept_error(kind);
+                if failed == 0 {
+                    tracing::warn!(error = %e, kind, "accept failed; backing off until it works again");
+                }
+                failed += 1;
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// First wait after a failed accept; doubled on each failure in a row up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+
+/// Longest wait between accepts while they keep failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The `kind` label of an accept error.
+fn accept_error_kind(e: &io::Error) -> &'static str {
+    // Linux errno values (std has no ErrorKind for these).
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    const ENOBUFS: i32 = 105;
+    match e.raw_os_error() {
+        Some(EMFILE) => "emfile",
+        Some(ENFILE) => "enfile",
+        Some(ENOMEM | ENOBUFS) => "enomem",
+        _ => "other",
+    }
+}
+
+/// Where a connection finds the configuration for each new request: its worker's current
+/// generation. HTTP/2 connections read it per stream, so streams opened after a reload use the
+/// new routes and upstreams while streams in flight keep theirs.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    slot: Slot,
+    index: usize,
+}
+
+impl ConfigSource {
+    /// The current worker and listener settings, or `None` if the listener is gone.
+    pub fn current(&self) -> Option<(Arc<Worker>, Arc<ListenerShared>)> {
+        let g = current(&self.slot);
+        let listener = g.listeners.get(self.index)?.clone();
+        Some((g.worker.clone(), listener))
     }
 }
 

@@ -11,6 +11,7 @@ use common::{BOUND, Down, Env, Up, bounded};
 use test_support::behavior::{Behavior, routes, script};
 use test_support::client::{Closed, H1Client};
 use test_support::{EventKind, Reply};
+use tether_gateway::config::{AdminConfig, Protocols};
 
 fn no_request_reached(env: &Env) {
     let started = env
@@ -201,6 +202,102 @@ async fn slow_head_is_closed_after_the_header_read_timeout() {
     assert_ne!(closed, Closed::StillOpen);
     assert!(started.elapsed() < Duration::from_secs(2));
     no_request_reached(&env);
+    env.stop().await;
+}
+
+/// Slowloris: a head trickled slower than the header read timeout is cut off within the bound
+/// while another client is served, and is recorded (access-log line with status 408, counter).
+/// Connections that are merely idle (before the first request, or kept alive after one) are
+/// closed by the same timer without a 408.
+#[tokio::test]
+async fn trickled_head_is_closed_and_logged_as_408_while_others_are_served() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            c.listeners[0].limits.header_read_timeout = Duration::from_millis(400);
+            // HTTP/1 only: hyper, not the protocol sniffer, sees the silent connection.
+            c.listeners[0].protocols = Protocols {
+                http1: true,
+                h2: false,
+            };
+            c.admin = Some(AdminConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+            });
+        },
+    )
+    .await;
+    // Idle connections: one that never sends, one kept alive after a request.
+    let mut silent = H1Client::connect(env.addr).await.unwrap();
+    let mut kept = H1Client::connect(env.addr).await.unwrap();
+    let (head, _) = bounded(BOUND, kept.get("/")).await.unwrap();
+    assert_eq!(head.status, 200);
+
+    let mut slow = H1Client::connect(env.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let head = b"GET /slow HTTP/1.1\r\nhost: l\r\nx-slow: 0123456789abcdef\r\n\r\n";
+    let trickle = async {
+        // A byte every 50 ms: the whole head would take about 2.5 s.
+        for b in head.chunks(1) {
+            if slow.send_raw(b).await.is_err() {
+                return started.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the whole trickled head was accepted");
+    };
+    let served = async {
+        // Others are served meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut c = env.http().await;
+        let (parts, body) = c.get("/").await.unwrap();
+        assert_eq!(parts.status, 200);
+        assert_eq!(&body[..], b"hi");
+        started.elapsed()
+    };
+    let (cut, other) = bounded(BOUND, async { tokio::join!(trickle, served) }).await;
+    assert!(
+        other < Duration::from_millis(400),
+        "other client took {other:?}"
+    );
+    let closed = slow.wait_closed(Duration::from_secs(2)).await;
+    assert_ne!(closed, Closed::StillOpen);
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= Duration::from_millis(350) && closed_after < Duration::from_millis(1500),
+        "closed after {closed_after:?} (writes failed after {cut:?}), header timeout 400ms"
+    );
+
+    // The idle ones are closed by the same timer.
+    assert_ne!(
+        silent.wait_closed(Duration::from_secs(2)).await,
+        Closed::StillOpen
+    );
+    assert_ne!(
+        kept.wait_closed(Duration::from_secs(2)).await,
+        Closed::StillOpen
+    );
+
+    // Exactly one 408: the slow head, at stage request_head.
+    let rec = env.record("").await;
+    assert_eq!(rec.status, 408);
+    assert_eq!(rec.stage, Some("request_head"));
+    assert_eq!(rec.outcome.as_str(), "timeout");
+    assert!(
+        rec.duration >= Duration::from_millis(300),
+        "{:?}",
+        rec.duration
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let all: Vec<u16> = env.access.records().iter().map(|r| r.status).collect();
+    assert_eq!(all.iter().filter(|&&s| s == 408).count(), 1, "{all:?}");
+    let text = env.metrics_text().unwrap();
+    assert_eq!(
+        common::metric(&text, "tether_header_read_timeouts_total "),
+        Some(1.0),
+        "{text}"
+    );
     env.stop().await;
 }
 

@@ -186,3 +186,47 @@ async fn backoff_grows_between_connect_attempts() {
     })
     .await;
 }
+
+/// An HTTP/2 upstream that stops taking streams on a pooled connection, by refusing the stream
+/// (RST_STREAM REFUSED_STREAM: not processed) or by going away (GOAWAY, then close): a GET sent
+/// there is resent and succeeds; the client never sees the failure.
+#[tokio::test]
+async fn h2_upstream_refusing_or_going_away_on_a_pooled_connection_is_resent() {
+    for ending in [
+        Ending::StreamReset(h2::Reason::REFUSED_STREAM),
+        Ending::GoAway(h2::Reason::NO_ERROR),
+    ] {
+        bounded(Duration::from_secs(10), async {
+            let first = Arc::new(AtomicUsize::new(0));
+            let seen = first.clone();
+            let env = Env::new(
+                Down::H1,
+                Up::H2c,
+                script(move |req| match req.path.as_str() {
+                    "/warm" => Behavior::ok("warm"),
+                    // Only the first attempt is turned away.
+                    "/stale" if seen.fetch_add(1, Ordering::SeqCst) == 0 => {
+                        Behavior::CloseBeforeHeaders(ending)
+                    }
+                    _ => Behavior::ok("fresh"),
+                }),
+            )
+            .await;
+            let mut client = env.http().await;
+            let (p, _) = client.get("/warm").await.unwrap();
+            assert_eq!(p.status, 200);
+            let (p, body) = client.get("/stale").await.unwrap();
+            assert_eq!(p.status, 200, "{ending:?}");
+            assert_eq!(&body[..], b"fresh", "{ending:?}");
+            let rec = env.record("/stale").await;
+            assert_eq!(rec.retries, 1, "{ending:?}: {rec:?}");
+            assert_eq!(first.load(Ordering::SeqCst), 2, "{ending:?}");
+            // After GOAWAY the resend needs a fresh connection.
+            if matches!(ending, Ending::GoAway(_)) {
+                assert_eq!(env.log().accepted(), 2, "{ending:?}");
+            }
+            env.stop().await;
+        })
+        .await;
+    }
+}

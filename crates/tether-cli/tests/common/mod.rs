@@ -20,7 +20,21 @@ pub struct Tether {
 
 impl Tether {
     pub fn spawn(args: &[&str]) -> Tether {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        Tether::spawn_command(Command::new(env!("CARGO_BIN_EXE_tether")), args)
+    }
+
+    /// Runs tether with at most `nofile` open file descriptors (util-linux `prlimit`, which execs
+    /// it: the child's pid is tether's).
+    pub fn spawn_with_nofile(nofile: u64, args: &[&str]) -> Tether {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_tether"));
+        Tether::spawn_command(cmd, args)
+    }
+
+    fn spawn_command(mut cmd: Command, args: &[&str]) -> Tether {
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -41,6 +55,16 @@ impl Tether {
         let line = wait_line(&self.stderr, |l| l.starts_with("listening on http://"));
         let rest = line.trim_start_matches("listening on http://");
         rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name, which is in parentheses.
+        let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        // utime and stime (fields 14 and 15) are in clock ticks of 10 ms.
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        Duration::from_millis(ticks * 10)
     }
 
     pub fn signal(&self, sig: &str) {

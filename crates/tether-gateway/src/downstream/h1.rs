@@ -37,6 +37,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
+use super::head_timeout::HeadWatch;
 use super::probe::{self, Activity, GuardedBody, Load};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
@@ -227,6 +228,7 @@ where
         DownstreamProtocol::Http1,
         watcher,
     ));
+    let (io, head) = HeadWatch::new(io, load.clone());
     let limits = listener.limits;
     let svc = {
         let worker = worker.clone();
@@ -328,7 +330,7 @@ where
         if result.is_ok() && activity.reads() == i.reads && activity.started() == started {
             let parts = connection.into_parts();
             return Some(Parked {
-                io: parts.io,
+                io: parts.io.into_inner(),
                 read_ahead: parts.read_buf,
                 idle_since: i.since,
             });
@@ -336,6 +338,12 @@ where
     }
     if let Err(e) = &result {
         tracing::trace!(client = %peer.client, error = %e, "downstream connection ended with an error");
+        // A request head that came too slowly (slowloris), not an idle keep-alive connection.
+        if e.is_timeout()
+            && let Some(took) = head.partial_head()
+        {
+            head.record(worker, &peer, took);
+        }
     }
     cancel.on_connection_end(result.as_ref().err());
     None

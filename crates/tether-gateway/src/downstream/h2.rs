@@ -16,13 +16,15 @@ use super::Peer;
 use super::probe::{self, Activity, GuardedBody};
 use crate::admission::CALM_DOWN_GRACE;
 use crate::cancel::{ConnCancel, DownstreamProtocol};
-use crate::listen::{ListenerShared, Worker};
+use crate::listen::{ConfigSource, ListenerShared, Worker};
 use crate::proxy;
 
-/// Serves an HTTP/2 connection.
+/// Serves an HTTP/2 connection. Its settings (limits, dead-peer probing) come from `listener`,
+/// the generation it was accepted under; each new stream is routed with `source`'s current one.
 pub async fn serve<I>(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
+    source: ConfigSource,
     io: I,
     peer: Peer,
     fd: Option<OwnedFd>,
@@ -39,10 +41,13 @@ pub async fn serve<I>(
     let conn = peer.conn(cancel.clone());
     let (activity, load) = Activity::new();
     let svc = {
-        let worker = worker.clone();
+        let accepted = (worker.clone(), listener.clone());
         service_fn(move |req| {
             let guard = activity.begin();
-            let handled = proxy::handle(worker.clone(), listener.clone(), conn.clone(), req);
+            // A reload since the connection opened applies to this stream; the stream keeps what
+            // it starts with.
+            let (worker, listener) = source.current().unwrap_or_else(|| accepted.clone());
+            let handled = proxy::handle(worker, listener, conn.clone(), req);
             async move {
                 // hyper polls a new stream's handler before checking whether the client already
                 // reset it (HEADERS and RST_STREAM in one read: the rapid-reset pattern). Yield

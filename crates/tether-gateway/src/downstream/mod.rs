@@ -8,6 +8,7 @@
 
 pub mod h1;
 pub mod h2;
+pub mod head_timeout;
 pub mod probe;
 
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::ConnCancel;
-use crate::listen::{ConnPermit, ListenerShared, Worker};
+use crate::listen::{ConfigSource, ConnPermit, ListenerShared, Worker};
 use crate::proxy::Conn;
 
 /// How long a client may take to finish the TLS handshake or send the first bytes.
@@ -59,7 +60,8 @@ impl Peer {
     }
 }
 
-/// Serves one accepted connection to the end.
+/// Serves one accepted connection to the end. `worker` and `listener` are the generation it was
+/// accepted under; `source` gives HTTP/2 streams the current one.
 ///
 /// The task's future is allocated for its largest state, so every protocol's state lives in
 /// its own box and the future itself stays small: an idle (parked) HTTP/1 connection then costs
@@ -67,6 +69,7 @@ impl Peer {
 pub async fn serve(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
+    source: ConfigSource,
     tcp: TcpStream,
     client: SocketAddr,
     stop: CancellationToken,
@@ -81,7 +84,7 @@ pub async fn serve(
             local,
             tls: true,
         };
-        return boxed(serve_tls(worker, listener, tcp, peer, stop)).await;
+        return boxed(serve_tls(worker, listener, source, tcp, peer, stop)).await;
     }
     let peer = Peer {
         client,
@@ -101,6 +104,7 @@ pub async fn serve(
         boxed(h2::serve(
             worker,
             listener,
+            source,
             TokioIo::new(tcp),
             peer,
             fd,
@@ -124,6 +128,7 @@ fn boxed<F: Future<Output = ()> + Send + 'static>(
 async fn serve_tls(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
+    source: ConfigSource,
     tcp: TcpStream,
     peer: Peer,
     stop: CancellationToken,
@@ -147,7 +152,7 @@ async fn serve_tls(
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
         || (listener.protocols.h2 && !listener.protocols.http1);
     if is_h2 {
-        h2::serve(worker, listener, TokioIo::new(tls), peer, fd, stop).await;
+        h2::serve(worker, listener, source, TokioIo::new(tls), peer, fd, stop).await;
     } else {
         let watcher = DisconnectWatcher::new(tls.get_ref().0).ok();
         h1::serve(worker, listener, TokioIo::new(tls), peer, watcher, fd, stop).await;

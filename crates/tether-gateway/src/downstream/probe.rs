@@ -37,6 +37,8 @@ pub struct Load {
     pub in_flight: u32,
     /// Of those, the ones whose response is being written.
     pub writing: u32,
+    /// Requests started on the connection so far.
+    pub started: u64,
 }
 
 /// Per-connection activity, shared by the requests, the socket wrapper and the connection's
@@ -138,7 +140,10 @@ impl Activity {
     /// A request started; it is in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> RequestGuard {
         self.started.fetch_add(1, Ordering::Relaxed);
-        self.tx.send_modify(|l| l.in_flight += 1);
+        self.tx.send_modify(|l| {
+            l.in_flight += 1;
+            l.started = l.started.wrapping_add(1);
+        });
         RequestGuard {
             activity: self.clone(),
             writing: false,
@@ -304,7 +309,8 @@ mod tests {
             *rx.borrow(),
             Load {
                 in_flight: 2,
-                writing: 1
+                writing: 1,
+                started: 2
             }
         );
         drop(g2);
@@ -312,11 +318,12 @@ mod tests {
             *rx.borrow(),
             Load {
                 in_flight: 1,
-                writing: 0
+                writing: 0,
+                started: 2
             }
         );
         drop(g1);
-        assert_eq!(*rx.borrow(), Load::default());
+        assert_eq!((rx.borrow().in_flight, rx.borrow().writing), (0, 0));
     }
 
     #[tokio::test]

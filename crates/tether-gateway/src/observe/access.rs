@@ -59,8 +59,8 @@ pub struct RequestRecord {
     pub local: SocketAddr,
     /// `HTTP/1.1` or `HTTP/2`.
     pub protocol: &'static str,
-    /// Request method.
-    pub method: http::Method,
+    /// Request method (`None` when no request head was complete, e.g. a slow head logged as 408).
+    pub method: Option<http::Method>,
     /// Host or :authority.
     pub authority: String,
     /// Path (without query).
@@ -151,7 +151,7 @@ impl RequestRecord {
         o.addr("client", Some(&self.client));
         o.addr("local", Some(&self.local));
         o.str("protocol", Some(self.protocol));
-        o.str("method", Some(self.method.as_str()));
+        o.str("method", self.method.as_ref().map(http::Method::as_str));
         o.str("authority", Some(&self.authority));
         o.str("path", Some(&self.path));
         o.num("status", Some(u64::from(self.status)));
@@ -504,7 +504,7 @@ mod tests {
             client: "127.0.0.1:5000".parse().unwrap(),
             local: "[::1]:8080".parse().unwrap(),
             protocol: "HTTP/1.1",
-            method: http::Method::GET,
+            method: Some(http::Method::GET),
             authority: "example.test".into(),
             path: "/a \"quoted\"\\path\n\u{1}é".into(),
             status: 499,

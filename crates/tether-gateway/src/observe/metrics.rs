@@ -2,7 +2,7 @@
 //! classes) or from the configuration (route and upstream names), never from request data.
 
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -46,6 +46,11 @@ struct PropagationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ConnLabels {
     upstream: String,
     state: &'static str,
@@ -77,7 +82,10 @@ pub struct Metrics {
     propagation: Family<PropagationLabels, Histogram>,
     wasted: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     conns: Family<ConnLabels, Gauge>,
-    conn_counts: Vec<(String, Arc<ConnCounts>)>,
+    /// By upstream name; upstreams added by a reload join on first use.
+    conn_counts: Mutex<Vec<(String, Arc<ConnCounts>)>>,
+    accept_errors: Family<KindLabels, Counter>,
+    header_timeouts: Counter,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -161,6 +169,18 @@ impl Metrics {
             "Upstream connections by state",
             conns.clone(),
         );
+        let accept_errors = Family::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts on the listeners, by kind (emfile, enfile, enomem, other)",
+            accept_errors.clone(),
+        );
+        let header_timeouts = Counter::default();
+        registry.register(
+            "header_read_timeouts",
+            "HTTP/1 connections closed because a request head arrived too slowly (logged as 408)",
+            header_timeouts.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -173,19 +193,40 @@ impl Metrics {
             propagation,
             wasted,
             conns,
-            conn_counts: upstreams
-                .iter()
-                .map(|u| (u.clone(), Arc::default()))
-                .collect(),
+            conn_counts: Mutex::new(
+                upstreams
+                    .iter()
+                    .map(|u| (u.clone(), Arc::default()))
+                    .collect(),
+            ),
+            accept_errors,
+            header_timeouts,
         }
     }
 
-    /// The connection counters of upstream `index`.
-    pub fn conn_counts(&self, index: usize) -> Arc<ConnCounts> {
-        self.conn_counts
-            .get(index)
-            .map(|(_, c)| c.clone())
-            .unwrap_or_default()
+    /// The connection counters of the upstream named `name`, registered on first use (an upstream
+    /// added by a reload). Every generation's pools of one upstream share them.
+    pub fn conn_counts(&self, name: &str) -> Arc<ConnCounts> {
+        let mut all = self
+            .conn_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, c)) = all.iter().find(|(n, _)| n == name) {
+            return c.clone();
+        }
+        let c = Arc::<ConnCounts>::default();
+        all.push((name.to_owned(), c.clone()));
+        c
+    }
+
+    /// A listener's accept failed; `kind` is from a closed set.
+    pub fn accept_error(&self, kind: &'static str) {
+        self.accept_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// An HTTP/1 connection timed out in the middle of a request head.
+    pub fn header_read_timeout(&self) {
+        self.header_timeouts.inc();
     }
 
     /// A request started.
@@ -313,7 +354,12 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
-        for (name, c) in &self.conn_counts {
+        let counts = self
+            .conn_counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for (name, c) in &counts {
             let open = c.open.load(Ordering::Relaxed);
             let idle = c.idle.load(Ordering::Relaxed);
             let states = [

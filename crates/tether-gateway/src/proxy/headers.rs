@@ -103,7 +103,11 @@ pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, ho
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    let host = host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'));
+    // Only what fits a quoted-string unescaped: a `"` or `\` would end it or escape its end.
+    let host = host.filter(|h| {
+        h.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    });
     let mut fwd = String::with_capacity(client.node.len() + host.map_or(0, |h| h.len() + 8));
     fwd.push_str(&client.node);
     if let Some(h) = host {
@@ -160,6 +164,19 @@ mod tests {
             "for=\"[::1]\";proto=https;host=\"example.com\""
         );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn host_that_would_break_the_quoted_string_is_left_out() {
+        // `host="a\"` would escape its closing quote: the element would run on unterminated.
+        for host in ["a\\", "a\"b", "a\\\"b"] {
+            let mut h = HeaderMap::new();
+            add_forwarding(&mut h, "192.0.2.7".parse().unwrap(), false, Some(host));
+            assert_eq!(
+                h.get(header::FORWARDED).unwrap(),
+                "for=192.0.2.7;proto=http"
+            );
+        }
     }
 
     #[test]

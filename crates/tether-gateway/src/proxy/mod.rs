@@ -95,7 +95,7 @@ pub async fn handle(
         client: conn.client,
         local: conn.local,
         protocol: conn.cancel.protocol().as_str(),
-        method: req.method().clone(),
+        method: Some(req.method().clone()),
         authority,
         path: req.uri().path().to_owned(),
         status: 0,
@@ -256,7 +256,7 @@ async fn proxy(
                 if route.retry.retries_status(
                     status,
                     attempt,
-                    retry::is_idempotent(t.rec.method.as_str()),
+                    retry::is_idempotent(method_of(&t)),
                     replay.is_some(),
                 ) {
                     tracing::debug!(
@@ -289,7 +289,7 @@ async fn proxy(
             }
             Head::Failed(err, unsent) => {
                 drop(pool);
-                let idempotent = retry::is_idempotent(t.rec.method.as_str());
+                let idempotent = retry::is_idempotent(method_of(&t));
                 // Not written at all: safe to send again, on a fresh connection.
                 let unsent_retry = unsent.is_some();
                 // A reused connection the upstream closed before answering: the stale keep-alive
@@ -518,6 +518,10 @@ fn incoming_request_id(headers: &http::HeaderMap) -> Option<RequestId> {
     let v = headers.get(REQUEST_ID)?.to_str().ok()?;
     let ok = !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic());
     ok.then(|| RequestId::new(v))
+}
+
+fn method_of(t: &Tracker) -> &str {
+    t.rec.method.as_ref().map_or("", http::Method::as_str)
 }
 
 fn fail(t: Tracker, err: ProxyError) -> Response<ProxyBody> {
