@@ -5,40 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{LIMIT, TempFile, Tether, wait_line};
+use common::{LIMIT, TempFile, Tether, named_upstream, wait_line};
 
 /// Descriptors tether may open: enough to start, few enough to fill quickly.
 const NOFILE: u64 = 64;
-
-/// An upstream answering `ok` to every request.
-fn ok_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            std::thread::spawn(move || {
-                let _ = c.set_read_timeout(Some(LIMIT));
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match c.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
-                let _ = c.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                );
-            });
-        }
-    });
-    addr
-}
 
 fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
@@ -54,7 +28,7 @@ fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 
 #[test]
 fn full_fd_table_backs_off_without_spinning_and_serves_again() {
-    let up = ok_upstream();
+    let up = named_upstream("ok");
     let cfg = TempFile::new(
         "emfile.toml",
         &format!(

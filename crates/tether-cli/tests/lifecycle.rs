@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{LIMIT, TempFile, Tether, wait_line};
+use common::{LIMIT, TempFile, Tether, named_upstream, wait_line};
 
 /// An upstream that answers `/quick` after 300 ms and `/long` after 30 s, and reports on the
 /// channel when a `/long` connection was closed by tether.
@@ -125,37 +125,6 @@ addresses = ["{up}"]
     let _ = long.read_to_end(&mut b);
     let status = t.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "{status:?}");
-}
-
-/// An upstream answering every request with `name` (connection: close); `/slow` after 1.5 s.
-fn named_upstream(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            std::thread::spawn(move || {
-                let _ = c.set_read_timeout(Some(LIMIT));
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match c.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
-                if head.starts_with(b"GET /slow") {
-                    std::thread::sleep(Duration::from_millis(1500));
-                }
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{name}",
-                    name.len()
-                );
-            });
-        }
-    });
-    addr
 }
 
 fn reload_config(upstream: SocketAddr) -> String {

@@ -4,11 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{LIMIT, TempFile, Tether, wait_line};
+use common::{LIMIT, TempFile, Tether, named_upstream, wait_line};
 
 fn get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect_timeout(&addr, LIMIT).unwrap();
@@ -37,33 +37,9 @@ fn embedded_demo_answers() {
     assert!(log.contains("\"outcome\":\"ok\""), "{log}");
 }
 
-/// A one-shot upstream: answers every connection with a fixed response.
-fn fixed_upstream() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut c) = conn else { return };
-            let _ = c.set_read_timeout(Some(LIMIT));
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match c.read(&mut b) {
-                    Ok(1) => head.push(b[0]),
-                    _ => break,
-                }
-            }
-            let _ = c.write_all(
-                b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\nfrom-cfg",
-            );
-        }
-    });
-    addr
-}
-
 #[test]
 fn config_file_listener_on_port_zero() {
-    let up = fixed_upstream();
+    let up = named_upstream("from-cfg");
     let cfg = TempFile::new(
         "good.toml",
         &format!(

@@ -57,37 +57,19 @@ impl HeadState {
         tracing::debug!(client = %peer.client, "request head timed out; connection closed, logged as 408");
         worker.observer.metrics.header_read_timeout();
         worker.observer.log.record(&RequestRecord {
-            time: SystemTime::now()
-                .checked_sub(took)
-                .unwrap_or_else(SystemTime::now),
-            request_id: RequestId::generate().as_arc(),
-            client: peer.client,
-            local: peer.local,
-            protocol: "HTTP/1.1",
-            method: None,
-            authority: String::new(),
-            path: String::new(),
             status: STATUS,
-            bytes_sent: 0,
-            bytes_received: 0,
             duration: took,
-            route: None,
-            upstream: None,
-            upstream_addr: None,
-            upstream_local: None,
-            upstream_protocol: None,
             outcome: Outcome::Timeout,
-            abort_reason: None,
             stage: Some(Stage::RequestHead.as_str()),
-            upstream_connect: None,
-            upstream_first_byte: None,
-            upstream_time: None,
-            propagation: None,
-            upstream_reused: None,
-            retries: 0,
-            timings: Default::default(),
-            trace_id: None,
-            span_id: None,
+            ..RequestRecord::new(
+                SystemTime::now()
+                    .checked_sub(took)
+                    .unwrap_or_else(SystemTime::now),
+                RequestId::generate().as_arc(),
+                peer.client,
+                peer.local,
+                "HTTP/1.1",
+            )
         });
     }
 }

@@ -130,6 +130,48 @@ pub struct StageTimings {
 }
 
 impl RequestRecord {
+    /// The record of a request that got no further than its arrival: no method or path yet, no
+    /// status, no route, nothing upstream. The caller fills in what it knows.
+    pub fn new(
+        time: SystemTime,
+        request_id: Arc<str>,
+        client: SocketAddr,
+        local: SocketAddr,
+        protocol: &'static str,
+    ) -> RequestRecord {
+        RequestRecord {
+            time,
+            request_id,
+            client,
+            local,
+            protocol,
+            method: None,
+            authority: String::new(),
+            path: String::new(),
+            status: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration: Default::default(),
+            route: None,
+            upstream: None,
+            upstream_addr: None,
+            upstream_local: None,
+            upstream_protocol: None,
+            outcome: Outcome::Ok,
+            abort_reason: None,
+            stage: None,
+            upstream_connect: None,
+            upstream_first_byte: None,
+            upstream_time: None,
+            propagation: None,
+            upstream_reused: None,
+            retries: 0,
+            timings: Default::default(),
+            trace_id: None,
+            span_id: None,
+        }
+    }
+
     /// The record as a JSON object. Durations are in microseconds (`*_us`).
     pub fn to_json(&self) -> Value {
         let mut line = String::new();

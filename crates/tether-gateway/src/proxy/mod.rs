@@ -25,7 +25,7 @@ use crate::cancel::ConnCancel;
 use crate::deadline;
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::listen::{ListenerShared, Worker};
-use crate::observe::access::{Outcome, RequestRecord};
+use crate::observe::access::RequestRecord;
 use crate::observe::trace_context;
 use crate::respond::{self, REQUEST_ID};
 use crate::upstream::{Checkout, Upstream};
@@ -90,35 +90,16 @@ pub async fn handle(
         })
         .unwrap_or_default();
     let rec = RequestRecord {
-        time: SystemTime::now(),
-        request_id: id.as_arc(),
-        client: conn.client,
-        local: conn.local,
-        protocol: conn.cancel.protocol().as_str(),
         method: Some(req.method().clone()),
         authority,
         path: req.uri().path().to_owned(),
-        status: 0,
-        bytes_sent: 0,
-        bytes_received: 0,
-        duration: Default::default(),
-        route: None,
-        upstream: None,
-        upstream_addr: None,
-        upstream_local: None,
-        upstream_protocol: None,
-        outcome: Outcome::Ok,
-        abort_reason: None,
-        stage: None,
-        upstream_connect: None,
-        upstream_first_byte: None,
-        upstream_time: None,
-        propagation: None,
-        upstream_reused: None,
-        retries: 0,
-        timings: Default::default(),
-        trace_id: None,
-        span_id: None,
+        ..RequestRecord::new(
+            SystemTime::now(),
+            id.as_arc(),
+            conn.client,
+            conn.local,
+            conn.cancel.protocol().as_str(),
+        )
     };
     let ctx = conn.cancel.request_context(id);
     let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
