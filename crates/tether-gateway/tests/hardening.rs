@@ -92,12 +92,16 @@ async fn chunked_body_over_limit_is_cut_and_never_completes_upstream() {
     c.send_raw(b"POST /up HTTP/1.1\r\nhost: l\r\ntransfer-encoding: chunked\r\n\r\n")
         .await
         .unwrap();
+    let mut body = Vec::new();
     for _ in 0..4 {
-        c.send_raw(b"200\r\n").await.unwrap();
-        c.send_raw(&[b'y'; 0x200]).await.unwrap();
-        c.send_raw(b"\r\n").await.unwrap();
+        body.extend_from_slice(b"200\r\n");
+        body.extend_from_slice(&[b'y'; 0x200]);
+        body.extend_from_slice(b"\r\n");
     }
-    c.send_raw(b"0\r\n\r\n").await.unwrap();
+    body.extend_from_slice(b"0\r\n\r\n");
+    // tether may answer 413 and close as soon as the limit is passed, while this is still being
+    // written: a failed write is part of the outcome, the answer is what is checked.
+    let _ = c.send_raw(&body).await;
     let head = bounded(BOUND, c.read_final_head()).await.unwrap();
     assert_eq!(head.status, 413);
     // The upstream may have seen the start of the body, never its end.
