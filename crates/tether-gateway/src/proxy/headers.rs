@@ -90,7 +90,12 @@ impl ClientForwarding {
 
 /// [`add_forwarding`] with the connection's text made beforehand.
 pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, host: Option<&str>) {
-    let xff = match headers.get(X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+    // A prior value that is not visible ASCII is not carried on: it is replaced.
+    let prior = headers
+        .get(X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+        .map(str::as_bytes);
+    let xff = match prior {
         Some(prev) => {
             let mut v = Vec::with_capacity(prev.len() + 2 + client.ip.len());
             v.extend_from_slice(prev);
@@ -151,6 +156,17 @@ mod tests {
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get_all("x-multi").iter().count(), 2);
+    }
+
+    #[test]
+    fn forwarding_replaces_a_prior_value_that_is_not_visible_ascii() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_bytes(b"10.0.0.1, \xe9").unwrap(),
+        );
+        add_forwarding(&mut h, "192.0.2.7".parse().unwrap(), false, None);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "192.0.2.7");
     }
 
     #[test]
