@@ -263,7 +263,7 @@ where
     let mut park_timer = pin!(park_timer);
     let head_timer = tokio::time::sleep_until(head_by.unwrap_or_else(Instant::now));
     let mut head_timer = pin!(head_timer);
-    let mut parking: Option<(Idle, u32)> = None;
+    let mut parking: Option<(Idle, u64)> = None;
     let mut watching = cancel.watcher().is_some();
     let mut stopping = false;
     // Made once: the loop turns for every request (load changes), and a fresh waiter per turn

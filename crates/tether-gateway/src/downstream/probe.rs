@@ -51,8 +51,6 @@ pub struct Activity {
     last_end: AtomicU64,
     /// `reads` when the last request ended.
     reads_at_end: AtomicU32,
-    /// Requests started (wrapping).
-    started: AtomicU32,
     /// Reads that returned bytes (wrapping): tells whether the client sent anything since.
     reads: AtomicU32,
     /// The last write could not complete: a response is still leaving.
@@ -70,7 +68,6 @@ impl Activity {
             created: Instant::now(),
             last_end: AtomicU64::new(0),
             reads_at_end: AtomicU32::new(0),
-            started: AtomicU32::new(0),
             reads: AtomicU32::new(0),
             write_stalled: AtomicBool::new(false),
             parking: AtomicBool::new(false),
@@ -103,8 +100,8 @@ impl Activity {
     }
 
     /// Requests started so far (wrapping).
-    pub fn started(&self) -> u32 {
-        self.started.load(Ordering::Relaxed)
+    pub fn started(&self) -> u64 {
+        self.tx.borrow().started
     }
 
     /// Reads that returned bytes so far (wrapping).
@@ -139,7 +136,6 @@ impl Activity {
 
     /// A request started; it is in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> RequestGuard {
-        self.started.fetch_add(1, Ordering::Relaxed);
         self.tx.send_modify(|l| {
             l.in_flight += 1;
             l.started = l.started.wrapping_add(1);
