@@ -32,13 +32,12 @@ use socket2::SockRef;
 use tether::DisconnectWatcher;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
 use super::head_timeout::HeadWatch;
-use super::probe::{self, Activity, GuardedBody, Load};
+use super::probe::{self, Activity, GuardedBody};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ListenerShared, Worker};
 use crate::proxy;
@@ -74,8 +73,7 @@ pub async fn serve<I>(
         peer,
         stop: &stop,
     };
-    let (activity, load) = Activity::new();
-    let _ = session(down, io, watcher, fd, activity, load, None).await;
+    let _ = session(down, io, watcher, fd, Activity::new(), None).await;
 }
 
 /// Serves a plain-TCP HTTP/1 connection, parking it while it is idle.
@@ -98,7 +96,7 @@ pub async fn serve_tcp(
     loop {
         let watcher = DisconnectWatcher::new(&tcp).ok();
         let fd = super::probe_fd(&tcp, &listener);
-        let (activity, load) = Activity::new();
+        let activity = Activity::new();
         let io = TokioIo::new(SessionIo {
             tcp,
             replay,
@@ -110,7 +108,7 @@ pub async fn serve_tcp(
         };
         // Boxed by a plain function, so the unboxed session never takes room in this future:
         // only an active connection pays for hyper's connection and the session state.
-        let session = boxed_session(down, io, watcher, fd, activity, load, park);
+        let session = boxed_session(down, io, watcher, fd, activity, park);
         let Some(parked) = session.await else {
             return;
         };
@@ -146,10 +144,9 @@ fn boxed_session<'a>(
     watcher: Option<DisconnectWatcher>,
     fd: Option<OwnedFd>,
     activity: Arc<Activity>,
-    load: watch::Receiver<Load>,
     park: Park,
 ) -> SessionFuture<'a> {
-    Box::pin(session(down, io, watcher, fd, activity, load, Some(park)))
+    Box::pin(session(down, io, watcher, fd, activity, Some(park)))
 }
 
 /// Waits while a connection is parked. True when the client sent bytes (serve them), false
@@ -211,7 +208,6 @@ async fn session<I>(
     watcher: Option<DisconnectWatcher>,
     fd: Option<OwnedFd>,
     activity: Arc<Activity>,
-    load: watch::Receiver<Load>,
     park: Option<Park>,
 ) -> Option<Parked<I>>
 where
@@ -228,7 +224,7 @@ where
         DownstreamProtocol::Http1,
         watcher,
     ));
-    let (io, head) = HeadWatch::new(io, load.clone());
+    let (io, head) = HeadWatch::new(io, activity.clone());
     let limits = listener.limits;
     let svc = {
         let worker = worker.clone();
@@ -252,7 +248,7 @@ where
         // A slow head (slowloris) or an idle keep-alive connection past this is closed.
         .header_read_timeout(limits.header_read_timeout)
         .serve_connection(io, svc);
-    let probing = probe::run(fd, listener.dead_peer, load.clone());
+    let probing = probe::run(fd, listener.dead_peer, activity.clone());
     let mut probing = pin!(probing);
     let (after, mut head_by) = match &park {
         Some(p) => (p.after, p.head_by),
@@ -266,8 +262,8 @@ where
     let mut parking: Option<(Idle, u64)> = None;
     let mut watching = cancel.watcher().is_some();
     let mut stopping = false;
-    // Made once: the loop turns for every request (load changes), and a fresh waiter per turn
-    // would register with the watcher and the stop token each time.
+    // Made once: a fresh waiter per turn of the loop would register with the watcher and the
+    // stop token each time.
     let gone_fut = watch(&cancel);
     let mut gone_fut = pin!(gone_fut);
     let stop_fut = stop.cancelled();

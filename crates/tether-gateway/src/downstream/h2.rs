@@ -39,7 +39,8 @@ pub async fn serve<I>(
             .with_reset_budget(limits.h2_reset_budget),
     );
     let conn = peer.conn(cancel.clone());
-    let (activity, load) = Activity::new();
+    let activity = Activity::new();
+    let probe_activity = activity.clone();
     let svc = {
         let accepted = (worker.clone(), listener.clone());
         service_fn(move |req| {
@@ -71,7 +72,7 @@ pub async fn serve<I>(
         .keep_alive_timeout(dead_peer.h2_ping_timeout)
         .serve_connection(io, svc);
     let mut connection = pin!(connection);
-    let probing = probe::run(fd, dead_peer, load);
+    let probing = probe::run(fd, dead_peer, probe_activity);
     let mut probing = pin!(probing);
     let mut stopping = false;
     let mut calming = false;

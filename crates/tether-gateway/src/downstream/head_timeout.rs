@@ -16,11 +16,10 @@ use std::time::SystemTime;
 
 use hyper::rt::{Read, ReadBuf, ReadBufCursor, Write};
 use tether::RequestId;
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::Peer;
-use super::probe::Load;
+use super::probe::Activity;
 use crate::error::Stage;
 use crate::listen::Worker;
 use crate::observe::access::{Outcome, RequestRecord};
@@ -31,8 +30,8 @@ const STATUS: u16 = 408;
 /// What [`HeadWatch`] saw, readable after hyper has dropped the connection.
 #[derive(Debug)]
 pub struct HeadState {
-    load: watch::Receiver<Load>,
-    /// `started + 1` of the [`Load`] when bytes last arrived with nothing in flight; 0 for never.
+    activity: Arc<Activity>,
+    /// `started + 1` of the [`Activity`] when bytes last arrived with nothing in flight; 0 for never.
     partial_after: AtomicU64,
     /// When that partial head began, in nanoseconds since `opened`.
     partial_since: AtomicU64,
@@ -43,7 +42,7 @@ impl HeadState {
     /// When the connection ended in the middle of a request head: how long that head took so far.
     /// `None` when it was idle between requests (or busy with one).
     pub fn partial_head(&self) -> Option<std::time::Duration> {
-        let load = *self.load.borrow();
+        let load = self.activity.load();
         let after = self.partial_after.load(Ordering::Acquire);
         if load.in_flight != 0 || after != load.started.wrapping_add(1) {
             return None;
@@ -82,10 +81,10 @@ pub struct HeadWatch<I> {
 }
 
 impl<I> HeadWatch<I> {
-    /// Wraps `inner`; `load` is the connection's request activity.
-    pub fn new(inner: I, load: watch::Receiver<Load>) -> (HeadWatch<I>, Arc<HeadState>) {
+    /// Wraps `inner`; `activity` is the connection's request activity.
+    pub fn new(inner: I, activity: Arc<Activity>) -> (HeadWatch<I>, Arc<HeadState>) {
         let state = Arc::new(HeadState {
-            load,
+            activity,
             partial_after: AtomicU64::new(0),
             partial_since: AtomicU64::new(0),
             opened: Instant::now(),
@@ -116,7 +115,7 @@ impl<I: Read + Unpin> Read for HeadWatch<I> {
         mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        let load = *this.state.load.borrow();
+        let load = this.state.activity.load();
         // Bodies and pipelined heads read during a request go straight through.
         if load.in_flight != 0 || buf.remaining() == 0 {
             return Pin::new(&mut this.inner).poll_read(cx, buf);

@@ -16,7 +16,7 @@
 //! plus the user timeout while a response body is being written) → nothing in flight: idle.
 
 use std::os::fd::OwnedFd;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use socket2::SockRef;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::DeadPeerConfig;
@@ -43,10 +43,18 @@ pub struct Load {
 
 /// Per-connection activity, shared by the requests, the socket wrapper and the connection's
 /// loop (dead-peer probing, and parking an idle HTTP/1 connection).
+///
+/// Plain counters: a request costs a few atomic updates and wakes nobody, unless the prober
+/// asked to hear of changes ([`run`] does so only while it has no timer running or while the
+/// socket is armed, which a busy connection reaches about once per `arm_after`).
 #[derive(Debug)]
 pub struct Activity {
-    tx: watch::Sender<Load>,
     created: Instant,
+    in_flight: AtomicU32,
+    writing: AtomicU32,
+    started: AtomicU64,
+    /// When `in_flight` last went from 0 to 1, in nanoseconds after `created`.
+    busy_since: AtomicU64,
     /// When the last request ended, in nanoseconds after `created` (0: none has).
     last_end: AtomicU64,
     /// `reads` when the last request ended.
@@ -57,27 +65,42 @@ pub struct Activity {
     write_stalled: AtomicBool,
     /// The connection is being parked: its socket must not be shut down.
     parking: AtomicBool,
+    /// The prober waits for changes: starts, ends and writes are signalled on `changed`.
+    listening: AtomicBool,
+    changed: Notify,
 }
 
 impl Activity {
-    /// New activity state and the receiver the probing task watches.
-    pub fn new() -> (Arc<Activity>, watch::Receiver<Load>) {
-        let (tx, rx) = watch::channel(Load::default());
-        let a = Activity {
-            tx,
+    /// New activity state.
+    pub fn new() -> Arc<Activity> {
+        Arc::new(Activity {
             created: Instant::now(),
+            in_flight: AtomicU32::new(0),
+            writing: AtomicU32::new(0),
+            started: AtomicU64::new(0),
+            busy_since: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
             reads_at_end: AtomicU32::new(0),
             reads: AtomicU32::new(0),
             write_stalled: AtomicBool::new(false),
             parking: AtomicBool::new(false),
-        };
-        (Arc::new(a), rx)
+            listening: AtomicBool::new(false),
+            changed: Notify::new(),
+        })
+    }
+
+    /// What is in flight now.
+    pub fn load(&self) -> Load {
+        Load {
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            writing: self.writing.load(Ordering::SeqCst),
+            started: self.started.load(Ordering::SeqCst),
+        }
     }
 
     /// Requests in flight now.
     pub fn in_flight(&self) -> u32 {
-        self.tx.borrow().in_flight
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// When the last request ended (when the activity began, if none has).
@@ -90,18 +113,24 @@ impl Activity {
         self.reads_at_end.load(Ordering::Relaxed)
     }
 
-    fn note_end(&self) {
+    fn nanos_now(&self) -> u64 {
         let since = Instant::now().saturating_duration_since(self.created);
-        self.last_end.store(
-            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Since when requests have been in flight without a pause.
+    fn busy_since(&self) -> Instant {
+        self.created + Duration::from_nanos(self.busy_since.load(Ordering::Relaxed))
+    }
+
+    fn note_end(&self) {
+        self.last_end.store(self.nanos_now(), Ordering::Relaxed);
         self.reads_at_end.store(self.reads(), Ordering::Relaxed);
     }
 
     /// Requests started so far (wrapping).
     pub fn started(&self) -> u64 {
-        self.tx.borrow().started
+        self.started.load(Ordering::SeqCst)
     }
 
     /// Reads that returned bytes so far (wrapping).
@@ -136,13 +165,22 @@ impl Activity {
 
     /// A request started; it is in flight until the guard is dropped.
     pub fn begin(self: &Arc<Self>) -> RequestGuard {
-        self.tx.send_modify(|l| {
-            l.in_flight += 1;
-            l.started = l.started.wrapping_add(1);
-        });
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.busy_since.store(self.nanos_now(), Ordering::Relaxed);
+        }
+        self.started.fetch_add(1, Ordering::SeqCst);
+        self.signal();
         RequestGuard {
             activity: self.clone(),
             writing: false,
+        }
+    }
+
+    fn signal(&self) {
+        // SeqCst pairs with the prober's store of `listening` and its load of the counters:
+        // either it sees this change, or this sees it listening.
+        if self.listening.load(Ordering::SeqCst) {
+            self.changed.notify_one();
         }
     }
 }
@@ -159,7 +197,8 @@ impl RequestGuard {
     pub fn writing(mut self) -> RequestGuard {
         if !self.writing {
             self.writing = true;
-            self.activity.tx.send_modify(|l| l.writing += 1);
+            self.activity.writing.fetch_add(1, Ordering::SeqCst);
+            self.activity.signal();
         }
         self
     }
@@ -167,14 +206,13 @@ impl RequestGuard {
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {
-        let writing = self.writing;
-        self.activity.note_end();
-        self.activity.tx.send_modify(|l| {
-            l.in_flight = l.in_flight.saturating_sub(1);
-            if writing {
-                l.writing = l.writing.saturating_sub(1);
-            }
-        });
+        let a = &self.activity;
+        a.note_end();
+        if self.writing {
+            a.writing.fetch_sub(1, Ordering::SeqCst);
+        }
+        a.in_flight.fetch_sub(1, Ordering::SeqCst);
+        a.signal();
     }
 }
 
@@ -224,7 +262,11 @@ where
 
 /// Switches the socket's probing on and off as requests come and go. Never returns; runs as a
 /// branch of the connection's loop, so it ends with the connection.
-pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiver<Load>) {
+///
+/// A busy connection costs one timer per `arm_after`, not one per request: the timer runs from
+/// the start of a busy period and, when it fires, is moved to the current period's end of
+/// `arm_after` if the connection paused in between.
+pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, activity: Arc<Activity>) {
     let Some(fd) = fd else {
         return std::future::pending().await;
     };
@@ -233,20 +275,16 @@ pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiv
     }
     let sock = SockRef::from(&fd);
     loop {
-        let busy = rx.wait_for(|l| l.in_flight > 0).await.is_ok();
-        if !busy {
-            return std::future::pending().await;
+        if activity.in_flight() == 0 {
+            // Nothing in flight: wait for a request to start.
+            changed(&activity, |l| l.in_flight > 0).await;
+            continue;
         }
-        let finished_early = tokio::select! {
-            biased;
-            // Everything finished before the arming delay: nothing to do.
-            r = rx.wait_for(|l| l.in_flight == 0) => Some(r.is_ok()),
-            _ = tokio::time::sleep(cfg.arm_after) => None,
-        };
-        match finished_early {
-            Some(true) => continue,
-            Some(false) => return std::future::pending().await,
-            None => {}
+        let due = activity.busy_since() + cfg.arm_after;
+        if Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+            // Looked at again: the connection may have paused (a new busy period) or be idle.
+            continue;
         }
         if let Some(k) = cfg.tcp_keepalive {
             // SO_KEEPALIVE is switched on before the idle time is set, so the kernel counts the
@@ -260,12 +298,9 @@ pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiv
             }
         }
         let mut user_timeout: Option<Duration> = None;
-        loop {
-            let load = *rx.borrow_and_update();
-            if load.in_flight == 0 {
-                break;
-            }
-            let want = if load.writing > 0 {
+        let mut seen = activity.load();
+        while seen.in_flight > 0 {
+            let want = if seen.writing > 0 {
                 cfg.write_timeout
             } else {
                 // Waiting for the upstream: bytes tether sent earlier (an HTTP/2 frame, say) may
@@ -279,9 +314,8 @@ pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiv
                 }
                 user_timeout = want;
             }
-            if rx.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+            let last = seen;
+            seen = changed(&activity, |l| l.in_flight == 0 || l.writing != last.writing).await;
         }
         if cfg.tcp_keepalive.is_some() {
             let _ = sock.set_keepalive(false);
@@ -292,17 +326,35 @@ pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, mut rx: watch::Receiv
     }
 }
 
+/// Waits, listening for signals, until the load satisfies `done`.
+async fn changed(activity: &Activity, done: impl Fn(&Load) -> bool) -> Load {
+    activity.listening.store(true, Ordering::SeqCst);
+    let load = loop {
+        let notified = activity.changed.notified();
+        let mut notified = pin!(notified);
+        // Registered before the counters are read, so a change in between is not missed.
+        notified.as_mut().enable();
+        let load = activity.load();
+        if done(&load) {
+            break load;
+        }
+        notified.await;
+    };
+    activity.listening.store(false, Ordering::SeqCst);
+    load
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn guards_count_in_flight_and_writing() {
-        let (a, rx) = Activity::new();
+        let a = Activity::new();
         let g1 = a.begin();
         let g2 = a.begin().writing();
         assert_eq!(
-            *rx.borrow(),
+            a.load(),
             Load {
                 in_flight: 2,
                 writing: 1,
@@ -311,7 +363,7 @@ mod tests {
         );
         drop(g2);
         assert_eq!(
-            *rx.borrow(),
+            a.load(),
             Load {
                 in_flight: 1,
                 writing: 0,
@@ -319,7 +371,7 @@ mod tests {
             }
         );
         drop(g1);
-        assert_eq!((rx.borrow().in_flight, rx.borrow().writing), (0, 0));
+        assert_eq!((a.load().in_flight, a.load().writing), (0, 0));
     }
 
     #[tokio::test]
@@ -335,8 +387,8 @@ mod tests {
             arm_after: std::time::Duration::from_millis(50),
             ..Default::default()
         };
-        let (a, rx) = Activity::new();
-        let task = tokio::spawn(run(Some(dup), cfg, rx));
+        let a = Activity::new();
+        let task = tokio::spawn(run(Some(dup), cfg, a.clone()));
         let sock = SockRef::from(&s);
         let g = a.begin();
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

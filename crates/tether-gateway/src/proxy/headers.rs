@@ -20,6 +20,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those named by `Connection`. `TE: trailers` survives on
 /// requests (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    // Most messages carry none: one pass over the names (no hashing) settles that.
+    if !headers
+        .keys()
+        .any(|n| HOP_BY_HOP.contains(n) || n == header::PROXY_AUTHENTICATE)
+    {
+        return;
+    }
     let te_trailers = keep_te_trailers
         && headers.get_all(header::TE).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
@@ -48,10 +55,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 
 /// Removes forwarding headers (from a peer that is not trusted to set them).
 pub fn strip_forwarding(headers: &mut HeaderMap) {
-    headers.remove("x-forwarded-for");
-    headers.remove(header::FORWARDED);
-    headers.remove("x-forwarded-proto");
-    headers.remove("x-forwarded-host");
+    const FORWARDING: [HeaderName; 4] = [
+        X_FORWARDED_FOR,
+        header::FORWARDED,
+        X_FORWARDED_PROTO,
+        HeaderName::from_static("x-forwarded-host"),
+    ];
+    if !headers.keys().any(|n| FORWARDING.contains(n)) {
+        return;
+    }
+    for n in &FORWARDING {
+        headers.remove(n);
+    }
 }
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
@@ -156,6 +171,45 @@ mod tests {
         assert!(h.get(header::TRANSFER_ENCODING).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get_all("x-multi").iter().count(), 2);
+    }
+
+    #[test]
+    fn strips_each_hop_by_hop_name_alone_and_leaves_others() {
+        for name in [
+            "proxy-authenticate",
+            "keep-alive",
+            "upgrade",
+            "proxy-connection",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_static("x"));
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            strip_hop_by_hop(&mut h, false);
+            assert!(h.get(name).is_none(), "{name} kept");
+            assert_eq!(h.len(), 1);
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn strips_every_forwarding_header() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-forwarded-for",
+            "forwarded",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+        ] {
+            h.insert(name, HeaderValue::from_static("spoofed"));
+        }
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_forwarding(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
     }
 
     #[test]

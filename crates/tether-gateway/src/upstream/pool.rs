@@ -147,7 +147,8 @@ impl EndpointPool {
 
 /// Parses the `timeout=N` parameter of a `Keep-Alive` response header (seconds).
 pub fn keep_alive_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let v = headers.get("keep-alive")?.to_str().ok()?;
+    const KEEP_ALIVE: http::HeaderName = http::HeaderName::from_static("keep-alive");
+    let v = headers.get(KEEP_ALIVE)?.to_str().ok()?;
     v.split(',').find_map(|p| {
         let (k, val) = p.split_once('=')?;
         if k.trim().eq_ignore_ascii_case("timeout") {
