@@ -62,9 +62,9 @@ pub struct RequestRecord {
     /// Request method (`None` when no request head was complete, e.g. a slow head logged as 408).
     pub method: Option<http::Method>,
     /// Host or :authority.
-    pub authority: String,
+    pub authority: RequestText,
     /// Path (without query).
-    pub path: String,
+    pub path: RequestText,
     /// Status sent, or 499 when the client left first.
     pub status: u16,
     /// Response body bytes sent downstream.
@@ -110,6 +110,85 @@ pub struct RequestRecord {
     pub span_id: Option<String>,
 }
 
+/// Text taken from a request (its host or path) and kept without a copy: it shares the
+/// request's buffer.
+#[derive(Clone, Default)]
+pub struct RequestText(TextRepr);
+
+#[derive(Clone, Default)]
+enum TextRepr {
+    #[default]
+    Empty,
+    /// A header value already checked to be visible ASCII.
+    Header(http::HeaderValue),
+    Authority(http::uri::Authority),
+    /// The path part of it.
+    Path(http::uri::PathAndQuery),
+    Owned(Box<str>),
+}
+
+impl RequestText {
+    /// A header value's text; `None` if it is not visible ASCII.
+    pub fn header(v: &http::HeaderValue) -> Option<RequestText> {
+        v.to_str().ok()?;
+        Some(RequestText(TextRepr::Header(v.clone())))
+    }
+
+    /// A URI's authority.
+    pub fn authority(a: &http::uri::Authority) -> RequestText {
+        RequestText(TextRepr::Authority(a.clone()))
+    }
+
+    /// A URI's path, without its query.
+    pub fn path(uri: &http::Uri) -> RequestText {
+        match uri.path_and_query() {
+            Some(p) => RequestText(TextRepr::Path(p.clone())),
+            None => RequestText::from(uri.path()),
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            TextRepr::Empty => "",
+            // Checked to be visible ASCII when made; this only re-reads it as UTF-8 (fast).
+            TextRepr::Header(v) => std::str::from_utf8(v.as_bytes()).unwrap_or(""),
+            TextRepr::Authority(a) => a.as_str(),
+            TextRepr::Path(p) => p.path(),
+            TextRepr::Owned(s) => s,
+        }
+    }
+
+    /// Whether the text is empty.
+    pub fn is_empty(&self) -> bool {
+        self.as_str().is_empty()
+    }
+}
+
+impl From<&str> for RequestText {
+    fn from(s: &str) -> RequestText {
+        RequestText(TextRepr::Owned(s.into()))
+    }
+}
+
+impl fmt::Debug for RequestText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for RequestText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for RequestText {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// Time spent in each stage of the upstream exchange. A stage not reached, or skipped (DNS,
 /// connect and TLS on a reused connection), is `None`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -146,8 +225,8 @@ impl RequestRecord {
             local,
             protocol,
             method: None,
-            authority: String::new(),
-            path: String::new(),
+            authority: RequestText::default(),
+            path: RequestText::default(),
             status: 0,
             bytes_sent: 0,
             bytes_received: 0,
@@ -194,8 +273,8 @@ impl RequestRecord {
         o.addr("local", Some(&self.local));
         o.str("protocol", Some(self.protocol));
         o.str("method", self.method.as_ref().map(http::Method::as_str));
-        o.str("authority", Some(&self.authority));
-        o.str("path", Some(&self.path));
+        o.str("authority", Some(self.authority.as_str()));
+        o.str("path", Some(self.path.as_str()));
         o.num("status", Some(u64::from(self.status)));
         o.num("bytes_sent", Some(self.bytes_sent));
         o.num("bytes_received", Some(self.bytes_received));

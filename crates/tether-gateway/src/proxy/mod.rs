@@ -25,7 +25,7 @@ use crate::cancel::ConnCancel;
 use crate::deadline;
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::listen::{ListenerShared, Worker};
-use crate::observe::access::RequestRecord;
+use crate::observe::access::{RequestRecord, RequestText};
 use crate::observe::trace_context;
 use crate::respond::{self, REQUEST_ID};
 use crate::upstream::{Checkout, Upstream};
@@ -78,21 +78,18 @@ pub async fn handle(
         .then(|| incoming_request_id(req.headers()))
         .flatten()
         .unwrap_or_else(RequestId::generate);
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let authority = match req.uri().authority() {
+        Some(a) => RequestText::authority(a),
+        None => req
+            .headers()
+            .get(HOST)
+            .and_then(RequestText::header)
+            .unwrap_or_default(),
+    };
     let rec = RequestRecord {
         method: Some(req.method().clone()),
         authority,
-        path: req.uri().path().to_owned(),
+        path: RequestText::path(req.uri()),
         ..RequestRecord::new(
             SystemTime::now(),
             id.as_arc(),
@@ -137,7 +134,7 @@ async fn proxy(
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
     let idle = route.timeouts.idle;
-    let mut up_req =
+    let (mut up_req, id_value) =
         match build_upstream_request(req, conn, listener, upstream, trusted, idle, &mut t) {
             Ok(r) => r,
             Err(e) => return fail(t, e),
@@ -174,11 +171,19 @@ async fn proxy(
         // Connect (or take a pooled connection).
         t.stage = Stage::Connect;
         let (ep_idx, ep) = upstream.pick();
-        let checkout = tokio::select! {
-            // The client leaving or the deadline passing wins over a connection becoming ready.
-            biased;
-            reason = t.ctx.cancelled() => return cancelled(t, reason),
-            r = upstream.checkout(ep, route.timeouts.connect, !fresh_only) => r,
+        // A pooled connection ready now needs no wait, so nothing to race.
+        let ready = (!fresh_only && !t.ctx.is_cancelled())
+            .then(|| upstream.take_ready(ep))
+            .flatten();
+        let checkout = match ready {
+            Some(c) => Ok(c),
+            None => tokio::select! {
+                // The client leaving or the deadline passing wins over a connection becoming
+                // ready.
+                biased;
+                reason = t.ctx.cancelled() => return cancelled(t, reason),
+                r = upstream.checkout(ep, route.timeouts.connect, !fresh_only) => r,
+            },
         };
         let (checkout, info) = match checkout {
             Ok(c) => c,
@@ -312,7 +317,7 @@ async fn proxy(
     let keep_alive = crate::upstream::pool::keep_alive_timeout(&parts.headers);
     headers::strip_hop_by_hop(&mut parts.headers, false);
     parts.version = Version::HTTP_11;
-    if let Ok(v) = HeaderValue::from_str(&t.rec.request_id) {
+    if let Some(v) = id_value {
         parts.headers.insert(REQUEST_ID, v);
     }
     let pool = pool.map(|conn| PoolReturn {
@@ -434,7 +439,7 @@ fn build_upstream_request(
     trusted: bool,
     idle: Option<std::time::Duration>,
     t: &mut Tracker,
-) -> Result<Request<RequestBody>, ProxyError> {
+) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
     let (mut parts, body) = req.into_parts();
     let host = t.rec.authority.as_str();
     headers::strip_hop_by_hop(&mut parts.headers, true);
@@ -448,8 +453,10 @@ fn build_upstream_request(
         conn.forwarding(),
         (!host.is_empty()).then_some(host),
     );
-    if let Ok(v) = HeaderValue::from_str(&t.rec.request_id) {
-        parts.headers.insert(REQUEST_ID, v);
+    // Also the response's: the second use is a reference count, not a copy.
+    let id_value = id_header(&t.rec.request_id);
+    if let Some(v) = &id_value {
+        parts.headers.insert(REQUEST_ID, v.clone());
     }
     // The path and query are passed on as they came (no copy).
     let path = std::mem::take(&mut parts.uri)
@@ -491,7 +498,18 @@ fn build_upstream_request(
         idle,
         listener.limits.max_body_bytes,
     );
-    Ok(Request::from_parts(parts, body))
+    Ok((Request::from_parts(parts, body), id_value))
+}
+
+/// The request id as a header value that shares the id's text.
+fn id_header(id: &Arc<str>) -> Option<HeaderValue> {
+    struct Text(Arc<str>);
+    impl AsRef<[u8]> for Text {
+        fn as_ref(&self) -> &[u8] {
+            self.0.as_bytes()
+        }
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(Text(id.clone()))).ok()
 }
 
 /// A client-supplied request id, if it is short and printable.

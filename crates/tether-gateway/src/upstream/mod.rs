@@ -110,6 +110,24 @@ impl Upstream {
         }
     }
 
+    /// A pooled HTTP/1 connection to `ep` that can take a request now, without waiting.
+    pub fn take_ready(&self, ep: &Endpoint) -> Option<(Checkout, CheckoutInfo)> {
+        if self.protocol.is_h2() {
+            return None;
+        }
+        let c = ep.pool.take_h1_ready()?;
+        let local = c.local;
+        Some((
+            Checkout::H1(c),
+            CheckoutInfo {
+                reused: true,
+                connect: Duration::ZERO,
+                timings: None,
+                local,
+            },
+        ))
+    }
+
     /// A connection to `ep`: pooled if one is usable, otherwise new.
     pub async fn checkout(
         &self,

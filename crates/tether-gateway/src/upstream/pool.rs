@@ -107,6 +107,28 @@ impl EndpointPool {
         None
     }
 
+    /// Like [`take_h1`](Self::take_h1), but only a connection that can take a request at once;
+    /// one still finishing its previous exchange is left in the pool.
+    pub fn take_h1_ready(&self) -> Option<H1Conn> {
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            let last = idle.last()?;
+            if !last.conn.sender.is_closed() && Instant::now() < last.expires {
+                if !last.conn.sender.is_ready() {
+                    return None;
+                }
+                let c = idle.pop()?;
+                self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+                return Some(c.conn);
+            }
+            idle.pop();
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
     /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
     /// timeout the upstream announced (`Keep-Alive: timeout=N`); the connection is kept for less
     /// than that, so tether never sends on a connection the upstream is about to close.
