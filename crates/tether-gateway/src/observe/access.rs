@@ -266,81 +266,73 @@ impl RequestRecord {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let mut o = JsonObject::new(out);
-        o.num("time_unix_ms", Some(unix_ms));
-        o.str("request_id", Some(&*self.request_id));
-        o.addr("client", Some(&self.client));
-        o.addr("local", Some(&self.local));
-        o.str("protocol", Some(self.protocol));
-        o.str("method", self.method.as_ref().map(http::Method::as_str));
-        o.str("authority", Some(self.authority.as_str()));
-        o.str("path", Some(self.path.as_str()));
-        o.num("status", Some(u64::from(self.status)));
-        o.num("bytes_sent", Some(self.bytes_sent));
-        o.num("bytes_received", Some(self.bytes_received));
-        o.num("duration_us", Some(micros(self.duration)));
-        o.str("route", self.route.as_deref());
-        o.str("upstream", self.upstream.as_deref());
-        o.addr("upstream_addr", self.upstream_addr.as_ref());
-        o.addr("upstream_local", self.upstream_local.as_ref());
-        o.str("upstream_protocol", self.upstream_protocol);
-        o.str("outcome", Some(self.outcome.as_str()));
-        o.str("abort_reason", self.abort_reason.map(|r| r.as_str()));
-        o.str("stage", self.stage);
+        // Each key comes with its separator and quotes as one literal: one copy per field.
+        macro_rules! k {
+            ($name:literal) => {
+                concat!(",\"", $name, "\":")
+            };
+        }
+        out.reserve(1024);
+        let mut o = JsonObject { out };
+        o.num("{\"time_unix_ms\":", Some(unix_ms));
+        o.str(k!("request_id"), Some(&*self.request_id));
+        o.addr(k!("client"), Some(&self.client));
+        o.addr(k!("local"), Some(&self.local));
+        o.str(k!("protocol"), Some(self.protocol));
+        o.str(k!("method"), self.method.as_ref().map(http::Method::as_str));
+        o.str(k!("authority"), Some(self.authority.as_str()));
+        o.str(k!("path"), Some(self.path.as_str()));
+        o.num(k!("status"), Some(u64::from(self.status)));
+        o.num(k!("bytes_sent"), Some(self.bytes_sent));
+        o.num(k!("bytes_received"), Some(self.bytes_received));
+        o.num(k!("duration_us"), Some(micros(self.duration)));
+        o.str(k!("route"), self.route.as_deref());
+        o.str(k!("upstream"), self.upstream.as_deref());
+        o.addr(k!("upstream_addr"), self.upstream_addr.as_ref());
+        o.addr(k!("upstream_local"), self.upstream_local.as_ref());
+        o.str(k!("upstream_protocol"), self.upstream_protocol);
+        o.str(k!("outcome"), Some(self.outcome.as_str()));
+        o.str(k!("abort_reason"), self.abort_reason.map(|r| r.as_str()));
+        o.str(k!("stage"), self.stage);
         for (k, v) in [
-            ("upstream_connect_us", self.upstream_connect),
-            ("upstream_first_byte_us", self.upstream_first_byte),
-            ("upstream_time_us", self.upstream_time),
-            ("propagation_us", self.propagation),
-            ("dns_us", self.timings.dns),
-            ("connect_us", self.timings.connect),
-            ("tls_us", self.timings.tls),
-            ("send_us", self.timings.send),
-            ("first_byte_us", self.timings.first_byte),
-            ("body_us", self.timings.body),
+            (k!("upstream_connect_us"), self.upstream_connect),
+            (k!("upstream_first_byte_us"), self.upstream_first_byte),
+            (k!("upstream_time_us"), self.upstream_time),
+            (k!("propagation_us"), self.propagation),
+            (k!("dns_us"), self.timings.dns),
+            (k!("connect_us"), self.timings.connect),
+            (k!("tls_us"), self.timings.tls),
+            (k!("send_us"), self.timings.send),
+            (k!("first_byte_us"), self.timings.first_byte),
+            (k!("body_us"), self.timings.body),
         ] {
             o.num(k, v.map(micros));
         }
-        o.bool("upstream_reused", self.upstream_reused);
-        o.num("retries", Some(u64::from(self.retries)));
-        o.str("trace_id", self.trace_id.as_deref());
-        o.str("span_id", self.span_id.as_deref());
+        o.bool(k!("upstream_reused"), self.upstream_reused);
+        o.num(k!("retries"), Some(u64::from(self.retries)));
+        o.str(k!("trace_id"), self.trace_id.as_deref());
+        o.str(k!("span_id"), self.span_id.as_deref());
         o.end();
     }
 }
 
-/// A JSON object written straight into a `String`.
+/// A JSON object written straight into a `String`. Each `key` is the whole text before the
+/// value: the separator, the quoted name and the colon.
 struct JsonObject<'a> {
     out: &'a mut String,
-    first: bool,
 }
 
-impl<'a> JsonObject<'a> {
-    fn new(out: &'a mut String) -> Self {
-        out.push('{');
-        JsonObject { out, first: true }
-    }
-
-    fn key(&mut self, k: &str) {
-        if !self.first {
-            self.out.push(',');
-        }
-        self.first = false;
-        self.out.push('"');
-        self.out.push_str(k);
-        self.out.push_str("\":");
-    }
-
-    fn str(&mut self, k: &str, v: Option<&str>) {
-        self.key(k);
+impl JsonObject<'_> {
+    fn str(&mut self, key: &str, v: Option<&str>) {
+        self.out.push_str(key);
         match v {
             Some(v) => escape_into(self.out, v),
             None => self.out.push_str("null"),
         }
     }
 
-    fn addr(&mut self, k: &str, v: Option<&SocketAddr>) {
-        self.key(k);
+    fn addr(&mut self, key: &str, v: Option<&SocketAddr>) {
+        self.out.push_str(key);
         match v {
             Some(v) => {
                 self.out.push('"');
@@ -351,16 +343,16 @@ impl<'a> JsonObject<'a> {
         }
     }
 
-    fn num(&mut self, k: &str, v: Option<u64>) {
-        self.key(k);
+    fn num(&mut self, key: &str, v: Option<u64>) {
+        self.out.push_str(key);
         match v {
             Some(v) => self.out.push_str(itoa::Buffer::new().format(v)),
             None => self.out.push_str("null"),
         }
     }
 
-    fn bool(&mut self, k: &str, v: Option<bool>) {
-        self.key(k);
+    fn bool(&mut self, key: &str, v: Option<bool>) {
+        self.out.push_str(key);
         self.out.push_str(match v {
             Some(true) => "true",
             Some(false) => "false",
@@ -405,20 +397,41 @@ fn write_addr(out: &mut String, a: &SocketAddr) {
     use std::fmt::Write as _;
     match a {
         SocketAddr::V4(v4) => {
-            let mut b = itoa::Buffer::new();
-            for (i, octet) in v4.ip().octets().iter().enumerate() {
+            // "255.255.255.255:65535" is 21 bytes: built on the stack digit by digit, copied once.
+            let mut buf = [0u8; 21];
+            let mut n = 0;
+            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
                 if i > 0 {
-                    out.push('.');
+                    buf[n] = b'.';
+                    n += 1;
                 }
-                out.push_str(b.format(*octet));
+                n = put_decimal(&mut buf, n, u32::from(octet));
             }
-            out.push(':');
-            out.push_str(b.format(v4.port()));
+            buf[n] = b':';
+            n = put_decimal(&mut buf, n + 1, u32::from(v4.port()));
+            out.push_str(std::str::from_utf8(&buf[..n]).unwrap_or_default());
         }
         SocketAddr::V6(_) => {
             let _ = write!(out, "{a}");
         }
     }
+}
+
+/// Writes `v` (at most 65535) in decimal at `buf[n..]`; returns the new end.
+fn put_decimal(buf: &mut [u8; 21], mut n: usize, v: u32) -> usize {
+    let mut div = 10_000;
+    let mut started = false;
+    while div > 0 {
+        let d = (v / div) % 10;
+        if d != 0 || started || div == 1 {
+            // `d` is one decimal digit.
+            buf[n] = b'0' + d as u8;
+            n += 1;
+            started = true;
+        }
+        div /= 10;
+    }
+    n
 }
 
 fn micros(d: Duration) -> u64 {
@@ -649,6 +662,23 @@ mod tests {
             timings: StageTimings::default(),
             trace_id: None,
             span_id: None,
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for a in [
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "127.0.0.1:8080",
+            "10.20.3.4:443",
+            "[::1]:8080",
+            "[2001:db8::7]:1",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            let mut out = String::new();
+            write_addr(&mut out, &a);
+            assert_eq!(out, a.to_string());
         }
     }
 

@@ -509,7 +509,11 @@ fn id_header(id: &Arc<str>) -> Option<HeaderValue> {
             self.0.as_bytes()
         }
     }
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(Text(id.clone()))).ok()
+    let mut v = HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(Text(id.clone()))).ok()?;
+    // Never indexed by HPACK: a value seen once would only push useful entries out of the
+    // table, and the encoder would compare every later id against every one kept.
+    v.set_sensitive(true);
+    Some(v)
 }
 
 /// A client-supplied request id, if it is short and printable.
