@@ -114,17 +114,9 @@ pub async fn serve_tcp(
         let Some(parked) = session.await else {
             return;
         };
-        let io = parked.io.into_inner();
-        tcp = io.tcp;
-        // What hyper had read ahead, then what it had not yet taken of the previous replay.
-        replay = if io.replay.is_empty() {
-            parked.read_ahead
-        } else {
-            let mut b = BytesMut::from(parked.read_ahead);
-            b.extend_from_slice(&io.replay);
-            b.freeze()
-        };
-        let deadline = parked.idle_since + listener.limits.header_read_timeout;
+        let idle_since = parked.idle_since;
+        (tcp, replay) = parked.take_back();
+        let deadline = idle_since + listener.limits.header_read_timeout;
         head_by = Some(deadline);
         // A partial request read ahead: serve it at once (hyper waits for the rest itself).
         if !replay.is_empty() {
@@ -194,6 +186,27 @@ struct Parked<I> {
     io: I,
     read_ahead: Bytes,
     idle_since: Instant,
+}
+
+impl Parked<TokioIo<SessionIo>> {
+    /// The socket and the bytes to replay to the next session: what hyper had read ahead, then
+    /// what it had not yet taken of the previous replay. Everything else is dropped here, and
+    /// the bytes are copied out: a slice of hyper's read buffer, even an empty one, would keep
+    /// the whole buffer allocated while the connection is parked.
+    fn take_back(self) -> (TcpStream, Bytes) {
+        let SessionIo {
+            tcp,
+            replay: unread,
+            activity: _,
+        } = self.io.into_inner();
+        if self.read_ahead.is_empty() && unread.is_empty() {
+            return (tcp, Bytes::new());
+        }
+        let mut b = BytesMut::with_capacity(self.read_ahead.len() + unread.len());
+        b.extend_from_slice(&self.read_ahead);
+        b.extend_from_slice(&unread);
+        (tcp, b.freeze())
+    }
 }
 
 /// When the connection became idle, and how many reads had returned bytes by then.
@@ -429,5 +442,31 @@ impl AsyncWrite for SessionIo {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size5<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+    fn size7<A, B, C, D, E, F, G, R>(_: fn(A, B, C, D, E, F, G) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    #[test]
+    fn future_sizes() {
+        let conn = size7(super::super::serve as fn(_, _, _, _, _, _, _) -> _);
+        let tcp = size5(serve_tcp as fn(_, _, _, _, _) -> _);
+        eprintln!("serve {conn} serve_tcp {tcp}");
+        eprintln!(
+            "sleep {} tcp {} cancelled {} bytes {}",
+            std::mem::size_of::<tokio::time::Sleep>(),
+            std::mem::size_of::<TcpStream>(),
+            std::mem::size_of::<tokio_util::sync::WaitForCancellationFuture<'_>>(),
+            std::mem::size_of::<Bytes>()
+        );
     }
 }
