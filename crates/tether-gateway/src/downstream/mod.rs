@@ -73,7 +73,7 @@ pub async fn serve(
     tcp: TcpStream,
     client: SocketAddr,
     stop: CancellationToken,
-    _permit: ConnPermit,
+    permit: ConnPermit,
 ) {
     // Small responses must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
@@ -112,7 +112,9 @@ pub async fn serve(
         ))
         .await;
     } else {
-        h1::serve_tcp(worker, listener, tcp, peer, stop).await;
+        // A task of its own: this one's state (the sniffing above) is not kept while the
+        // connection is parked.
+        tokio::spawn(h1::serve_tcp(worker, listener, tcp, peer, stop, permit));
     }
 }
 
