@@ -17,6 +17,7 @@ use tether_cli::{duration, file_config};
 /// few dozen), and its background thread gives freed pages back to the system a second after a
 /// burst (`.cargo/config.toml` sets the decay), so memory follows the connections open now,
 /// not the most ever open. Measured in bench/RESULTS.md and bench/idle-memory.sh.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
