@@ -201,7 +201,7 @@ async fn slow_head_is_closed_after_the_header_read_timeout() {
         .await
         .unwrap();
     let started = tokio::time::Instant::now();
-    // hyper closes the connection without a response (no 408).
+    // The connection is closed without a response (no 408).
     let closed = c.wait_closed(Duration::from_secs(3)).await;
     assert_ne!(closed, Closed::StillOpen);
     assert!(started.elapsed() < Duration::from_secs(2));

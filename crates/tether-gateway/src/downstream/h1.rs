@@ -27,7 +27,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use socket2::SockRef;
 use tether::DisconnectWatcher;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -281,24 +281,27 @@ where
             }
         })
     };
+    // No timer for hyper: its header read timeout would arm one per request. The loop below
+    // enforces `header_read_timeout` instead, looking at the connection once per timeout.
     let mut connection = http1::Builder::new()
         .half_close(true)
-        .timer(TokioTimer::new())
         // A head larger than the buffer is answered with 431 by hyper.
         .max_buf_size(limits.max_header_bytes)
-        // A slow head (slowloris) or an idle keep-alive connection past this is closed.
-        .header_read_timeout(limits.header_read_timeout)
         .serve_connection(io, svc);
     let probing = probe::run(fd, listener.dead_peer, activity.clone());
     let mut probing = pin!(probing);
-    let (after, mut head_by) = match &park {
+    let (after, head_by) = match &park {
         Some(p) => (p.after, p.head_by),
         None => (Duration::MAX, None),
     };
     let parkable = park.is_some();
     let park_timer = tokio::time::sleep(after);
     let mut park_timer = pin!(park_timer);
-    let head_timer = tokio::time::sleep_until(head_by.unwrap_or_else(Instant::now));
+    // The first head is due `header_read_timeout` after the connection opened (or, after a park,
+    // after it became idle); each later one that long after the previous request ended.
+    let head_timeout = limits.header_read_timeout;
+    let first_head_by = head_by.unwrap_or_else(|| Instant::now() + head_timeout);
+    let head_timer = tokio::time::sleep_until(first_head_by);
     let mut head_timer = pin!(head_timer);
     let mut parking: Option<(Idle, u64)> = None;
     let mut watching = cancel.watcher().is_some();
@@ -350,12 +353,26 @@ where
                     Pin::new(&mut connection).graceful_shutdown();
                 }
             }
-            // After a park, the idle timeout still bounds the first head (hyper's own timer
-            // started over with this session).
-            _ = head_timer.as_mut(), if head_by.is_some() => {
-                head_by = None;
-                if activity.started() == 0 {
-                    tracing::trace!(client = %peer.client, "idle keep-alive connection timed out");
+            // A slow head (slowloris) or an idle keep-alive connection past `header_read_timeout`
+            // is closed. Looked at once per timeout, not per request: the due time follows from
+            // when the last request ended.
+            _ = head_timer.as_mut(), if parking.is_none() => {
+                let now = Instant::now();
+                let due = if activity.in_flight() > 0 || activity.write_stalled() {
+                    // Busy (or a response still leaving): nothing is due yet.
+                    now + head_timeout
+                } else if activity.started() == 0 {
+                    first_head_by
+                } else {
+                    activity.last_end() + head_timeout
+                };
+                if now < due {
+                    head_timer.as_mut().reset(due);
+                } else {
+                    match head.partial_head() {
+                        Some(took) => head.record(worker, &peer, took),
+                        None => tracing::trace!(client = %peer.client, "idle keep-alive connection timed out"),
+                    }
                     cancel.on_connection_end(None);
                     return None;
                 }
@@ -375,12 +392,6 @@ where
     }
     if let Err(e) = &result {
         tracing::trace!(client = %peer.client, error = %e, "downstream connection ended with an error");
-        // A request head that came too slowly (slowloris), not an idle keep-alive connection.
-        if e.is_timeout()
-            && let Some(took) = head.partial_head()
-        {
-            head.record(worker, &peer, took);
-        }
     }
     cancel.on_connection_end(result.as_ref().err());
     None

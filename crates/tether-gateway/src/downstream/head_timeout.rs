@@ -1,10 +1,10 @@
-//! Slow request heads (slowloris). hyper closes an HTTP/1 connection whose request head does not
-//! arrive within `limits.header_read_timeout`, without a response. The same timer also ends idle
-//! keep-alive connections, which are normal and not worth a log line. [`HeadWatch`] tells the two
-//! apart: it notes when bytes arrive while no request is in flight (the start of a head), so a
-//! timeout after that is a head that came too slowly. Those are recorded like nginx does: an
-//! access-log line with status 408 (stage `request_head`, outcome `timeout`) and the counter
-//! `tether_header_read_timeouts_total`.
+//! Slow request heads (slowloris). An HTTP/1 connection whose request head does not arrive
+//! within `limits.header_read_timeout` is closed without a response (the connection's loop in
+//! [`super::h1`] enforces it). The same timeout also ends idle keep-alive connections, which are
+//! normal and not worth a log line. [`HeadWatch`] tells the two apart: it notes when bytes arrive
+//! while no request is in flight (the start of a head), so a timeout after that is a head that
+//! came too slowly. Those are recorded like nginx does: an access-log line with status 408
+//! (stage `request_head`, outcome `timeout`) and the counter `tether_header_read_timeouts_total`.
 
 use std::io;
 use std::mem::MaybeUninit;
