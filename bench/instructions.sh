@@ -6,8 +6,9 @@
 #   bench/instructions.sh [--no-build] [--requests N]
 #
 # Each proxy runs under callgrind in front of the same backend (bench/compare's compare-backend);
-# h2load sends 2000 warm-up requests over 8 HTTP/1.1 keep-alive connections, the counters are
-# zeroed, N more requests (default 5000) are sent and the counters dumped. Kernel work (the system
+# h2load sends 2000 warm-up requests over 8 HTTP/1.1 keep-alive connections (or 8 cleartext
+# HTTP/2 connections with 8 streams each), the counters are zeroed, N more requests (default
+# 5000) are sent and the counters dumped. Kernel work (the system
 # calls themselves) is not counted: compare CPU time in bench/RESULTS.md for that.
 # Writes bench/RESULTS-instructions.md.
 set -euo pipefail
@@ -55,9 +56,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mapfile -t ports < <("$BIN/compare-client" free-ports 2)
+mapfile -t ports < <("$BIN/compare-client" free-ports 3)
 BPORT=${ports[0]}
 PPORT=${ports[1]}
+P2PORT=${ports[2]}
 "$BIN/compare-backend" --listen "127.0.0.1:$BPORT" --threads 2 >"$RUN/backend.log" 2>&1 &
 PIDS+=($!)
 
@@ -67,6 +69,11 @@ shutdown_grace = "0s"
 [[listeners]]
 address = "127.0.0.1:$PPORT"
 protocols = ["http1"]
+  [[listeners.routes]]
+  upstream = "backend"
+[[listeners]]
+address = "127.0.0.1:$P2PORT"
+protocols = ["h2c"]
   [[listeners.routes]]
   upstream = "backend"
 [[upstreams]]
@@ -99,16 +106,20 @@ http {
   proxy_set_header Connection "";
   server {
     listen 127.0.0.1:$PPORT;
+    listen 127.0.0.1:$P2PORT http2;
     location / { proxy_pass http://backend; }
   }
 }
 EOF
 }
 
-# measure LABEL COMMAND...: instructions per request of COMMAND serving on $PPORT.
+# measure LABEL h1|h2 COMMAND...: instructions per request of COMMAND, HTTP/1.1 clients on
+# $PPORT or HTTP/2 (cleartext, 8 streams per connection) on $P2PORT.
 ROWS=()
 measure() {
-  local label=$1; shift
+  local label=$1 mode=$2; shift 2
+  local load=(--h1 -c 8 "http://127.0.0.1:$PPORT/")
+  [ "$mode" = h2 ] && load=(-c 8 -m 8 "http://127.0.0.1:$P2PORT/")
   local out="$RUN/callgrind.$label"
   valgrind --tool=callgrind --callgrind-out-file="$out" "$@" >"$RUN/$label.stdout" 2>"$RUN/$label.stderr" &
   local pid=$!
@@ -119,10 +130,10 @@ measure() {
     sleep 0.2
   done
   [ "$up" = 1 ] || { echo "instructions.sh: $label did not start (see $RUN/$label.stderr)" >&2; exit 1; }
-  h2load --h1 -n 2000 -c 8 "http://127.0.0.1:$PPORT/" >/dev/null
+  h2load -n 2000 "${load[@]}" >/dev/null
   callgrind_control -z "$pid" >/dev/null 2>&1
   local done_n
-  done_n=$(h2load --h1 -n "$N" -c 8 "http://127.0.0.1:$PPORT/" | awk '/^requests:/ {print $8}')
+  done_n=$(h2load -n "$N" "${load[@]}" | awk '/^requests:/ {print $8}')
   callgrind_control -d "$pid" >/dev/null 2>&1
   sleep 0.5
   kill -TERM "$pid" 2>/dev/null || true
@@ -135,16 +146,19 @@ measure() {
 }
 
 log "run directory $RUN"
-measure "tether" "$BIN/tether" serve --config "$RUN/tether.toml"
-measure "tether-log-off" "$BIN/tether" serve --config "$RUN/tether.toml" --log-format off
+measure "tether" h1 "$BIN/tether" serve --config "$RUN/tether.toml"
+measure "tether-log-off" h1 "$BIN/tether" serve --config "$RUN/tether.toml" --log-format off
+measure "tether-h2" h2 "$BIN/tether" serve --config "$RUN/tether.toml"
 nginx_conf /dev/null
-measure "nginx" nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
+measure "nginx" h1 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
+measure "nginx-h2" h2 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
 nginx_conf off
-measure "nginx-log-off" nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
+measure "nginx-log-off" h1 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 get() { local r; for r in "${ROWS[@]}"; do [ "${r%%|*}" = "$1" ] && { r=${r#*|}; echo "${r%%|*}"; return; }; done; }
 t=$(get tether); toff=$(get tether-log-off); n=$(get nginx); noff=$(get nginx-log-off)
+t2=$(get tether-h2); n2=$(get nginx-h2)
 {
   echo "# User-space instructions per request"
   echo
@@ -152,17 +166,20 @@ t=$(get tether); toff=$(get tether-log-off); n=$(get nginx); noff=$(get nginx-lo
   echo
   echo "Each proxy ran under valgrind's callgrind in front of the same backend, one worker each, with"
   echo "its access log written to /dev/null (\`on\`) or turned off (\`off\`). After 2000 warm-up requests,"
-  echo "$N \`GET /\` requests (100-byte body) over 8 HTTP/1.1 keep-alive connections were counted."
+  echo "$N \`GET /\` requests (100-byte body) were counted, over 8 HTTP/1.1 keep-alive connections"
+  echo "(\`h1\`) or 8 cleartext HTTP/2 connections with 8 streams each (\`h2\`); the backend is HTTP/1.1."
   echo "Instructions are counted, not timed, so the figures repeat on a busy machine; they leave out"
   echo "the kernel's work (the socket system calls, about the same for every proxy) and the cost of"
   echo "cache misses. A copy done by one \`rep movsb\` counts as one instruction."
   echo
-  echo "| proxy | access log | instructions per request | vs nginx (same log setting) |"
-  echo "|---|---|---:|---:|"
-  echo "| **tether** | on | $t | $(ratio "$t" "$n")× |"
-  echo "| nginx | on | $n | 1.00× |"
-  echo "| **tether** | off | $toff | $(ratio "$toff" "$noff")× |"
-  echo "| nginx | off | $noff | 1.00× |"
+  echo "| proxy | clients | access log | instructions per request | vs nginx (same clients and log setting) |"
+  echo "|---|---|---|---:|---:|"
+  echo "| **tether** | h1 | on | $t | $(ratio "$t" "$n")× |"
+  echo "| nginx | h1 | on | $n | 1.00× |"
+  echo "| **tether** | h1 | off | $toff | $(ratio "$toff" "$noff")× |"
+  echo "| nginx | h1 | off | $noff | 1.00× |"
+  echo "| **tether** | h2 | on | $t2 | $(ratio "$t2" "$n2")× |"
+  echo "| nginx | h2 | on | $n2 | 1.00× |"
   echo
   echo "- tether: $("$BIN/tether" --version 2>/dev/null || echo tether), release profile"
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"
