@@ -36,6 +36,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
+use super::gate::Gate;
 use super::head_timeout::HeadWatch;
 use super::probe::{self, Activity, GuardedBody};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
@@ -312,26 +313,56 @@ where
     let mut gone_fut = pin!(gone_fut);
     let stop_fut = stop.cancelled();
     let mut stop_fut = pin!(stop_fut);
+    // Only hyper's connection is polled on every turn; the other branches when one of them woke.
+    let (gate, gated) = Gate::new();
     let result = loop {
-        tokio::select! {
-            biased;
-            r = &mut connection => break r,
+        let turn = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = Pin::new(&mut connection).poll(cx) {
+                return Poll::Ready(Turn::Done(r));
+            }
+            if !gate.open(cx.waker()) {
+                return Poll::Pending;
+            }
+            let mut cx = Context::from_waker(&gated);
+            if watching && let Poll::Ready(gone) = gone_fut.as_mut().poll(&mut cx) {
+                return Poll::Ready(Turn::Gone(gone));
+            }
+            // Never completes: switches dead-peer probing on and off as requests come and go.
+            let _ = probing.as_mut().poll(&mut cx);
+            if !stopping && stop_fut.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Turn::Stop);
+            }
+            if parkable
+                && parking.is_none()
+                && !stopping
+                && park_timer.as_mut().poll(&mut cx).is_ready()
+            {
+                return Poll::Ready(Turn::Park);
+            }
+            if parking.is_none() && head_timer.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Turn::Head);
+            }
+            Poll::Pending
+        })
+        .await;
+        // A branch completed, so which branches are polled, or their state, changed.
+        gate.reopen();
+        match turn {
+            Turn::Done(r) => break r,
             // The client left: cancel what is in flight (per the route's half-close policy). hyper
             // is still driven afterwards so it can finish or fail the exchange cleanly.
-            gone = gone_fut.as_mut(), if watching => {
+            Turn::Gone(gone) => {
                 watching = false;
                 cancel.on_peer_gone(gone);
             }
-            // Never completes: switches dead-peer probing on and off as requests come and go.
-            _ = probing.as_mut() => {}
             // Shutdown: finish the response in flight, then close.
-            _ = stop_fut.as_mut(), if !stopping => {
+            Turn::Stop => {
                 stopping = true;
                 Pin::new(&mut connection).graceful_shutdown();
             }
             // Looked at every `after` rather than on every request, so that a busy connection's
             // loop does not turn (and poll hyper again) per request.
-            _ = park_timer.as_mut(), if parkable && parking.is_none() && !stopping => {
+            Turn::Park => {
                 let now = Instant::now();
                 // Idle: nothing in flight, and nothing read since the last request ended.
                 let idle = Idle {
@@ -356,7 +387,7 @@ where
             // A slow head (slowloris) or an idle keep-alive connection past `header_read_timeout`
             // is closed. Looked at once per timeout, not per request: the due time follows from
             // when the last request ended.
-            _ = head_timer.as_mut(), if parking.is_none() => {
+            Turn::Head => {
                 let now = Instant::now();
                 let due = if activity.in_flight() > 0 || activity.write_stalled() {
                     // Busy (or a response still leaving): nothing is due yet.
@@ -371,7 +402,9 @@ where
                 } else {
                     match head.partial_head() {
                         Some(took) => head.record(worker, &peer, took),
-                        None => tracing::trace!(client = %peer.client, "idle keep-alive connection timed out"),
+                        None => {
+                            tracing::trace!(client = %peer.client, "idle keep-alive connection timed out")
+                        }
                     }
                     cancel.on_connection_end(None);
                     return None;
@@ -395,6 +428,15 @@ where
     }
     cancel.on_connection_end(result.as_ref().err());
     None
+}
+
+/// What ended one turn of a session's loop.
+enum Turn<R> {
+    Done(R),
+    Gone(tether::PeerGone),
+    Stop,
+    Park,
+    Head,
 }
 
 async fn watch(cancel: &ConnCancel) -> tether::PeerGone {

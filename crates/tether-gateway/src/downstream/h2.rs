@@ -6,6 +6,7 @@
 use std::os::fd::OwnedFd;
 use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
@@ -13,6 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio_util::sync::CancellationToken;
 
 use super::Peer;
+use super::gate::Gate;
 use super::probe::{self, Activity, GuardedBody};
 use crate::admission::CALM_DOWN_GRACE;
 use crate::cancel::{ConnCancel, DownstreamProtocol};
@@ -78,33 +80,68 @@ pub async fn serve<I>(
     let mut calming = false;
     let calm_deadline = tokio::time::sleep(CALM_DOWN_GRACE);
     let mut calm_deadline = pin!(calm_deadline);
+    let stop_fut = stop.cancelled();
+    let mut stop_fut = pin!(stop_fut);
+    let exhausted = cancel.reset_budget_exhausted();
+    let mut exhausted = pin!(exhausted);
+    // Only hyper's connection is polled on every turn; the other branches when one of them woke.
+    let (gate, gated) = Gate::new();
     let result = loop {
-        tokio::select! {
-            biased;
-            r = connection.as_mut() => break r,
+        let turn = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = connection.as_mut().poll(cx) {
+                return Poll::Ready(Turn::Done(r));
+            }
+            if !gate.open(cx.waker()) {
+                return Poll::Pending;
+            }
+            let mut cx = Context::from_waker(&gated);
             // Never completes: switches dead-peer probing on and off as streams come and go.
-            _ = probing.as_mut() => {}
+            let _ = probing.as_mut().poll(&mut cx);
+            if !stopping && stop_fut.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Turn::Stop);
+            }
+            if !calming && exhausted.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Turn::Calm);
+            }
+            if calming && calm_deadline.as_mut().poll(&mut cx).is_ready() {
+                return Poll::Ready(Turn::CalmOver);
+            }
+            Poll::Pending
+        })
+        .await;
+        // A branch completed, so which branches are polled, or their state, changed.
+        gate.reopen();
+        match turn {
+            Turn::Done(r) => break r,
             // Shutdown: GOAWAY, let the streams in flight finish.
-            _ = stop.cancelled(), if !stopping => {
+            Turn::Stop => {
                 stopping = true;
                 connection.as_mut().graceful_shutdown();
             }
             // The client spent its stream-reset budget (accepted streams reset as fast as they
             // are opened): GOAWAY so no new stream is accepted, and a short grace before close.
-            _ = cancel.reset_budget_exhausted(), if !calming => {
+            Turn::Calm => {
                 calming = true;
                 tracing::warn!(client = %peer.client, "http/2 client exceeded its stream reset budget, sending GOAWAY");
                 if !stopping {
                     stopping = true;
                     connection.as_mut().graceful_shutdown();
                 }
-                calm_deadline.as_mut().reset(tokio::time::Instant::now() + CALM_DOWN_GRACE);
+                calm_deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + CALM_DOWN_GRACE);
             }
-            _ = calm_deadline.as_mut(), if calming => {
-                break Ok(());
-            }
+            Turn::CalmOver => break Ok(()),
         }
     };
     // Runs before the stream tasks hyper just woke, so they see `connection_lost`.
     cancel.on_connection_end(result.as_ref().err());
+}
+
+/// What ended one turn of a connection's loop.
+enum Turn<R> {
+    Done(R),
+    Stop,
+    Calm,
+    CalmOver,
 }

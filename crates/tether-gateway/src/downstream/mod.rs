@@ -6,6 +6,7 @@
 //! graceful close (HTTP/1: after the response in flight; HTTP/2: GOAWAY) → connection context
 //! cancelled with the reason the connection ended, which cancels whatever was still in flight.
 
+pub mod gate;
 pub mod h1;
 pub mod h2;
 pub mod head_timeout;
