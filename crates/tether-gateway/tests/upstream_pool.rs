@@ -1,0 +1,255 @@
+//! Upstream connections after a burst: many concurrent requests open many HTTP/1 upstream
+//! connections, but once they are over only the pool's idle connections may stay open; every other
+//! one is closed (socket and task), and the connection gauges say so.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use test_support::behavior::{Behavior, script};
+use test_support::client::H1Client;
+use test_support::{EventKind, UpstreamH1};
+use tether_gateway::Gateway;
+use tether_gateway::config::*;
+use tether_gateway::observe::access::MemoryAccessLog;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Connections the upstream accepted and has not seen closed.
+fn upstream_open(up: &UpstreamH1) -> usize {
+    let mut closed = HashSet::new();
+    for e in up.log().events() {
+        if matches!(
+            e.kind,
+            EventKind::Eof | EventKind::Reset | EventKind::ConnectionClosed
+        ) {
+            closed.insert(e.conn);
+        }
+    }
+    up.log().accepted() as usize - closed.len()
+}
+
+/// Established TCP connections of this process whose remote end is `port` (the gateway's side of
+/// its upstream connections; the upstream's own sockets have `port` as their local end).
+fn sockets_to(port: u16) -> usize {
+    let text = std::fs::read_to_string("/proc/self/net/tcp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3
+                && f[3] == "01"
+                && f[2]
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                    == Some(port)
+        })
+        .count()
+}
+
+/// `GET path` on the admin listener, body only.
+async fn admin_get(admin: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8(out).unwrap();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(f64::NAN)
+}
+
+struct Burst {
+    up: UpstreamH1,
+    admin: SocketAddr,
+    gw: tether_gateway::RunningGateway,
+    clients: Vec<H1Client>,
+}
+
+/// `n` keep-alive clients each send one request at once through a gateway with `workers` workers
+/// and a pool of `cap` idle connections per worker, then stay connected and idle.
+async fn burst(n: usize, workers: usize, cap: usize, behavior: Behavior) -> Burst {
+    let up = UpstreamH1::start(script(move |_| behavior.clone()))
+        .await
+        .unwrap();
+    let mut upstream = UpstreamConfig::new("up", vec![up.addr().into()], UpstreamProtocol::Http1);
+    upstream.max_idle_per_endpoint = cap;
+    upstream.idle_timeout = Duration::from_secs(60);
+    let mut config = Config::new(
+        vec![ListenerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![RouteConfig::new("/", "up")],
+        )],
+        vec![upstream],
+    );
+    config.workers = NonZeroUsize::new(workers);
+    config.admin = Some(AdminConfig {
+        address: "127.0.0.1:0".parse().unwrap(),
+    });
+    let gw = Gateway::start(config, Arc::new(MemoryAccessLog::new())).unwrap();
+    let addr = gw.listener_addrs()[0];
+    let admin = gw.admin_addr().unwrap();
+
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        tasks.push(tokio::spawn(async move {
+            let mut c = H1Client::connect(addr).await.unwrap();
+            let (head, _) = c.get(&format!("/b/{i}")).await.unwrap();
+            assert_eq!(head.status, 200);
+            c
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await.unwrap());
+    }
+    Burst {
+        up,
+        admin,
+        gw,
+        clients,
+    }
+}
+
+/// The gauges, the gateway's sockets and the upstream's view of the connections, in one line.
+async fn state(b: &Burst) -> (usize, usize, f64, f64) {
+    let m = admin_get(b.admin, "/metrics").await;
+    (
+        upstream_open(&b.up),
+        sockets_to(b.up.addr().port()),
+        sample(
+            &m,
+            r#"tether_upstream_connections{upstream="up",state="idle"}"#,
+        ),
+        sample(
+            &m,
+            r#"tether_upstream_connections{upstream="up",state="active"}"#,
+        ),
+    )
+}
+
+/// 150 requests at once on 150 keep-alive clients open many more upstream connections than the
+/// pools keep (8 per worker, 2 workers). Once they are over, with the clients still connected, the
+/// surplus is closed: the upstream sees at most 16 connections open, the gateway holds that many
+/// sockets to it, and the gauges count them all as idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn burst_leaves_at_most_the_pool_open() {
+    const N: usize = 150;
+    const CAP: usize = 8;
+    const WORKERS: usize = 2;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        // The stall keeps every request in flight at once, each on its own connection.
+        let b = burst(N, WORKERS, CAP, Behavior::stall_ms(100, "hello")).await;
+        let accepted = b.up.log().accepted() as usize;
+        assert!(
+            accepted > 2 * WORKERS * CAP,
+            "the burst opened only {accepted} upstream connections"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut s = state(&b).await;
+        loop {
+            let (up_open, sockets, idle, active) = s;
+            if up_open <= WORKERS * CAP
+                && sockets == up_open
+                && idle == sockets as f64
+                && active == 0.0
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "after a burst of {N} ({accepted} connections): upstream sees {up_open} open, \
+                 gateway holds {sockets} sockets, gauges idle={idle} active={active}; the pools \
+                 keep at most {}",
+                WORKERS * CAP
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s = state(&b).await;
+        }
+        // The pooled connections are the ones used next: no new connection for a second round.
+        let mut clients = b.clients;
+        for (i, c) in clients.iter_mut().take(WORKERS * CAP).enumerate() {
+            let (head, _) = c.get(&format!("/again/{i}")).await.unwrap();
+            assert_eq!(head.status, 200);
+        }
+        assert!(b.up.log().accepted() as usize <= accepted + WORKERS * CAP);
+        drop(clients);
+        drop(b.gw);
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Measurement, not a check: prints the counts over time after a burst.
+/// `BURST_N=2000 BURST_CAP=64 cargo test -p tether-gateway --all-features --test upstream_pool
+/// -- --ignored --nocapture measure`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let n = env("BURST_N", 2000);
+    let cap = env("BURST_CAP", 64);
+    let workers = env("BURST_WORKERS", 2);
+    let stall = env("BURST_STALL_MS", 0) as u64;
+    let started = Instant::now();
+    let behavior = match std::env::var("BURST_KIND").as_deref() {
+        Ok("stream") => Behavior::stream("chunk", 3, stall),
+        Ok("download") => Behavior::Download { len: 200_000 },
+        _ => Behavior::stall_ms(stall, "hello"),
+    };
+    let b = burst(n, workers, cap, behavior).await;
+    println!(
+        "burst of {n} done in {:?}; upstream accepted {}",
+        started.elapsed(),
+        b.up.log().accepted()
+    );
+    let port = b.up.addr().port();
+    let t0 = Instant::now();
+    for wait_ms in [0u64, 100, 500, 1000, 2000, 5000] {
+        tokio::time::sleep_until(t0 + Duration::from_millis(wait_ms)).await;
+        let m = admin_get(b.admin, "/metrics").await;
+        println!(
+            "t+{wait_ms:>5}ms upstream_open={} gw_sockets={} gauge idle={} active={} connecting={}",
+            upstream_open(&b.up),
+            sockets_to(port),
+            sample(
+                &m,
+                r#"tether_upstream_connections{upstream="up",state="idle"}"#
+            ),
+            sample(
+                &m,
+                r#"tether_upstream_connections{upstream="up",state="active"}"#
+            ),
+            sample(
+                &m,
+                r#"tether_upstream_connections{upstream="up",state="connecting"}"#
+            ),
+        );
+    }
+    drop(b.clients);
+    drop(b.gw);
+}
