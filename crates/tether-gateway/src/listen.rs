@@ -489,6 +489,9 @@ struct WorkerShared {
     parked: Arc<AtomicUsize>,
 }
 
+/// How often a worker closes expired idle upstream connections.
+const POOL_SWEEP: Duration = Duration::from_secs(1);
+
 fn run_worker(
     mut updates: watch::Receiver<Arc<Published>>,
     listeners: Vec<std::net::TcpListener>,
@@ -545,9 +548,23 @@ fn run_worker(
                 }
             }
         };
+        // Idle upstream connections past their idle timeout are closed even when no request
+        // comes to take them.
+        let sweep = async {
+            let mut tick = tokio::time::interval(POOL_SWEEP);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                let worker = current(&slot).worker.clone();
+                for u in &worker.upstreams {
+                    u.sweep_idle();
+                }
+            }
+        };
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = reloads => stop.cancelled().await,
+            () = sweep => {}
         }
         let worker = current(&slot).worker.clone();
         drop(slot);

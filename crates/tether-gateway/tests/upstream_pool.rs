@@ -253,3 +253,58 @@ async fn measure() {
     drop(b.clients);
     drop(b.gw);
 }
+
+/// An idle upstream connection is closed once its idle timeout has passed, even when no request
+/// comes to take it: the upstream sees the close, and the gauges count it no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout_without_traffic() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let up = UpstreamH1::start(script(|_| Behavior::ok("hello")))
+            .await
+            .unwrap();
+        let mut upstream =
+            UpstreamConfig::new("up", vec![up.addr().into()], UpstreamProtocol::Http1);
+        upstream.idle_timeout = Duration::from_millis(300);
+        let mut config = Config::new(
+            vec![ListenerConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                vec![RouteConfig::new("/", "up")],
+            )],
+            vec![upstream],
+        );
+        config.workers = NonZeroUsize::new(1);
+        config.admin = Some(AdminConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+        });
+        let gw = Gateway::start(config, Arc::new(MemoryAccessLog::new())).unwrap();
+        let addr = gw.listener_addrs()[0];
+        let admin = gw.admin_addr().unwrap();
+        let mut c = H1Client::connect(addr).await.unwrap();
+        let (head, _) = c.get("/").await.unwrap();
+        assert_eq!(head.status, 200);
+        let idle = r#"tether_upstream_connections{upstream="up",state="idle"}"#;
+        assert_eq!(sample(&admin_get(admin, "/metrics").await, idle), 1.0);
+        assert_eq!(upstream_open(&up), 1);
+
+        // Closed within the timeout plus the sweep period, with nothing else happening.
+        let started = Instant::now();
+        while upstream_open(&up) > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "the idle connection is still open after {:?}",
+                started.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(sample(&admin_get(admin, "/metrics").await, idle), 0.0);
+        assert_eq!(sockets_to(up.addr().port()), 0);
+        // The next request connects afresh.
+        let (head, _) = c.get("/").await.unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(up.log().accepted(), 2);
+        drop(c);
+        drop(gw);
+    })
+    .await
+    .expect("bounded");
+}

@@ -110,6 +110,14 @@ impl Upstream {
         }
     }
 
+    /// Closes idle connections that expired or that the upstream closed (see
+    /// [`EndpointPool::sweep`]).
+    pub fn sweep_idle(&self) {
+        for ep in &self.endpoints {
+            ep.pool.sweep();
+        }
+    }
+
     /// A pooled HTTP/1 connection to `ep` that can take a request now, without waiting.
     pub fn take_ready(&self, ep: &Endpoint) -> Option<(Checkout, CheckoutInfo)> {
         if self.protocol.is_h2() {

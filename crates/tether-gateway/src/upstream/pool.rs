@@ -129,6 +129,25 @@ impl EndpointPool {
         }
     }
 
+    /// Closes idle connections that expired or that the upstream closed, so that a pool no
+    /// longer used does not keep its connections open (and counted) indefinitely.
+    pub fn sweep(&self) {
+        let mut idle = match self.idle.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let now = Instant::now();
+        let before = idle.len();
+        // Dropping a connection's sender ends its task, which closes the socket.
+        idle.retain(|c| !c.conn.sender.is_closed() && now < c.expires);
+        let gone = before - idle.len();
+        if gone > 0 {
+            self.counts
+                .idle
+                .fetch_sub(i64::try_from(gone).unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+    }
+
     /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
     /// timeout the upstream announced (`Keep-Alive: timeout=N`); the connection is kept for less
     /// than that, so tether never sends on a connection the upstream is about to close.
