@@ -242,27 +242,31 @@ impl Gateway {
         let names: Vec<String> = config.upstreams.iter().map(|u| u.name.clone()).collect();
         let metrics = Arc::new(Metrics::new(&names));
         let observer = Observer { log, metrics };
-        let mut std_listeners = Vec::new();
-        let mut addrs = Vec::new();
-        for (index, l) in config.listeners.iter().enumerate() {
-            let sock =
-                bind(l.address, l.limits.backlog as i32).map_err(|source| StartError::Bind {
-                    index,
-                    address: l.address,
-                    source,
-                })?;
-            addrs.push(sock.local_addr().map_err(|source| StartError::Bind {
-                index,
-                address: l.address,
-                source,
-            })?);
-            std_listeners.push(sock);
-        }
         let workers = config
             .workers
             .or_else(|| std::thread::available_parallelism().ok())
             .unwrap_or(NonZeroUsize::MIN)
             .get();
+        // Each worker's own socket of every listener, in configuration order.
+        let mut per_worker: Vec<Vec<std::net::TcpListener>> =
+            (0..workers).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
+        for (index, l) in config.listeners.iter().enumerate() {
+            let bind_err = |source| StartError::Bind {
+                index,
+                address: l.address,
+                source,
+            };
+            let group =
+                bind_group(l.address, l.limits.backlog as i32, workers).map_err(bind_err)?;
+            let first = group.first().ok_or_else(|| {
+                bind_err(io::Error::new(io::ErrorKind::InvalidInput, "no workers"))
+            })?;
+            addrs.push(first.local_addr().map_err(bind_err)?);
+            for (sockets, l) in per_worker.iter_mut().zip(group) {
+                sockets.push(l);
+            }
+        }
         let admin_config = config.admin.clone();
         let published = Arc::new(prepare(config, None)?);
         let stop = CancellationToken::new();
@@ -277,11 +281,7 @@ impl Gateway {
         let grace = Arc::new(Mutex::new(Duration::from_secs(10)));
         let parked: Arc<AtomicUsize> = Arc::default();
         let mut threads = Vec::new();
-        for n in 0..workers {
-            let mut listeners = Vec::new();
-            for l in &std_listeners {
-                listeners.push(l.try_clone().map_err(StartError::Thread)?);
-            }
+        for (n, listeners) in per_worker.into_iter().enumerate() {
             let (updates, observer, stop, grace, parked) = (
                 updates.clone(),
                 observer.clone(),
@@ -452,8 +452,47 @@ impl Drop for RunningGateway {
     }
 }
 
+/// Binds `addr` once per worker. With more than one worker the sockets share the port with
+/// `SO_REUSEPORT`, so the kernel spreads new connections across the workers: with one shared
+/// socket, whichever worker wakes first takes a whole burst of connections, and the other
+/// idles while it saturates.
+fn bind_group(
+    addr: SocketAddr,
+    backlog: i32,
+    workers: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    if workers <= 1 {
+        return Ok(vec![bind(addr, backlog)?]);
+    }
+    // A plain bind first: it fails if anything (another tether included) already uses the
+    // address, which a `SO_REUSEPORT` bind alone would join instead. It also picks the port
+    // when `addr` asks for any.
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    probe.bind(&addr.into())?;
+    let actual = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP address"))?;
+    drop(probe);
+    (0..workers)
+        .map(|_| {
+            let sock = Socket::new(Domain::for_address(actual), Type::STREAM, None)?;
+            sock.set_reuse_port(true)?;
+            listen_on(sock, actual, backlog)
+        })
+        .collect()
+}
+
 fn bind(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    listen_on(sock, addr, backlog)
+}
+
+fn listen_on(sock: Socket, addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
     sock.set_reuse_address(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
