@@ -558,7 +558,7 @@ pairs+=("[$(jstr rustc),$(jstr "$(rustc --version 2>&1)")]")
 pairs+=("[$(jstr backend),$(jstr "compare-backend: hyper 1.x server (h1 + h2c on one port), tokio multi-thread runtime with 2 worker threads")]")
 settings=(
   "2 workers: tether \`workers = 2\`, nginx \`worker_processes 2\`, HAProxy \`nbthread 2\`, Caddy \`GOMAXPROCS=2\`."
-  "Access logs on for all, one line per request, written to /dev/null (tether cannot turn its access log off)."
+  "Access logs on for all, one line per request, written to /dev/null (tether: JSON lines on stdout, its default)."
   "Keep-alive to the backend for all: nginx \`keepalive 64\`, HAProxy \`http-reuse always\`, Caddy \`keepalive_idle_conns_per_host 64\`, tether \`max_idle_per_endpoint = 64\`."
   "Client aborts reach the upstream by default in nginx, Caddy and tether; HAProxy gets \`option abortonclose\` for the same behaviour."
   "Everything on 127.0.0.1; h2 is cleartext h2c with prior knowledge on every proxy (no TLS in this run)."

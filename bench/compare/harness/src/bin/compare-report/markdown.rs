@@ -518,11 +518,13 @@ fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
                 s,
                 ". The backend, a plain hyper server on tokio, costs {} KiB per idle connection. \
                  tether parks an idle plain-TCP HTTP/1 connection after 200 ms: hyper's buffers and \
-                 tether's per-connection state are freed and only the socket and a small task \
-                 remain, so tether's figure is not buffers held by idle connections: the likely \
-                 rest is memory the allocator kept after the burst in which \
-                 all the connections were served at once (glibc does not return freed chunks from \
-                 the middle of its heaps), which this run does not separate from live state",
+                 tether's per-connection state are freed, and what stays is the connection's task \
+                 (about 640 bytes: the socket, its idle deadline's timer, the shutdown listener) \
+                 and tokio's registration of the socket (256 bytes), measured with heaptrack; the \
+                 rest is memory jemalloc has not yet returned after the burst in which all the \
+                 connections were served at once (bench/idle-memory.sh separates the two). Going \
+                 lower needs parked connections without a task of their own each (one store per \
+                 worker with one shared timer)",
                 num(d),
             );
         }
