@@ -160,6 +160,30 @@ fn body_of(mut s: TcpStream) -> String {
     out.rsplit("\r\n\r\n").next().unwrap().to_string()
 }
 
+/// Sends `GET path` on a keep-alive connection and reads exactly one response; its body.
+fn get_on(s: &mut TcpStream, path: &str) -> String {
+    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    String::from_utf8(body).unwrap()
+}
+
 #[test]
 fn sighup_reloads_for_new_connections_and_keeps_serving_on_a_bad_file() {
     let a = named_upstream("A");
@@ -168,18 +192,29 @@ fn sighup_reloads_for_new_connections_and_keeps_serving_on_a_bad_file() {
     let t = Tether::spawn(&["serve", "--config", cfg.0.to_str().unwrap()]);
     let addr = t.listening();
     assert_eq!(body_of(get_once(addr, "/")), "A");
+    // Keep-alive connections opened before the reload: one busy right up to it, one idle
+    // (parked) across it.
+    let mut busy = TcpStream::connect_timeout(&addr, LIMIT).unwrap();
+    busy.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut idle = TcpStream::connect_timeout(&addr, LIMIT).unwrap();
+    idle.set_read_timeout(Some(LIMIT)).unwrap();
+    assert_eq!(get_on(&mut idle, "/"), "A");
 
     // A slow request in flight on A across the reload.
     let slow = get_once(addr, "/slow");
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
+    assert_eq!(get_on(&mut busy, "/"), "A");
     std::fs::write(&cfg.0, reload_config(b)).unwrap();
     t.signal("HUP");
     wait_line(&t.stderr, |l| l.contains("reloaded"));
-    // New connections, on either worker, get the new config.
+    // New connections, on either worker, get the new config; so do the next requests on the
+    // connections opened before.
     for _ in 0..6 {
         assert_eq!(body_of(get_once(addr, "/")), "B");
     }
+    assert_eq!(get_on(&mut busy, "/"), "B");
+    assert_eq!(get_on(&mut idle, "/"), "B");
     assert!(
         started.elapsed() < Duration::from_millis(1300),
         "the slow request must still be in flight"

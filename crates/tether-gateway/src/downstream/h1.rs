@@ -40,7 +40,7 @@ use super::gate::Gate;
 use super::head_timeout::HeadWatch;
 use super::probe::{self, Activity, GuardedBody};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
-use crate::listen::{ConnPermit, ListenerShared, Worker};
+use crate::listen::{ConfigSource, ConnPermit, ListenerShared, Worker};
 use crate::proxy;
 
 /// How long a plain-TCP connection must be idle (nothing in flight, nothing read) before it is
@@ -52,14 +52,21 @@ pub const PARK_AFTER: Duration = Duration::from_millis(200);
 struct Downstream<'a> {
     worker: &'a Arc<Worker>,
     listener: &'a Arc<ListenerShared>,
+    /// Each request's configuration: a reload applies to the next request on the connection.
+    source: &'a ConfigSource,
     peer: Peer,
     stop: &'a CancellationToken,
 }
 
 /// Serves an HTTP/1 connection over any transport (TLS), without parking.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the connection's parts, each used once"
+)]
 pub async fn serve<I>(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
+    source: ConfigSource,
     io: I,
     peer: Peer,
     watcher: Option<DisconnectWatcher>,
@@ -71,6 +78,7 @@ pub async fn serve<I>(
     let down = Downstream {
         worker: &worker,
         listener: &listener,
+        source: &source,
         peer,
         stop: &stop,
     };
@@ -90,6 +98,7 @@ pub async fn serve<I>(
 pub fn serve_tcp(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
+    source: ConfigSource,
     mut tcp: TcpStream,
     peer: Peer,
     stop: CancellationToken,
@@ -106,6 +115,7 @@ pub fn serve_tcp(
             let down = Downstream {
                 worker: &worker,
                 listener: &listener,
+                source: &source,
                 peer,
                 stop: &stop,
             };
@@ -258,6 +268,7 @@ where
     let Downstream {
         worker,
         listener,
+        source,
         peer,
         stop,
     } = down;
@@ -269,13 +280,16 @@ where
     let (io, head) = HeadWatch::new(io, activity.clone());
     let limits = listener.limits;
     let svc = {
-        let worker = worker.clone();
-        let listener = listener.clone();
+        let accepted = (worker.clone(), listener.clone());
+        let source = source.clone();
         let conn = peer.conn(cancel.clone());
         let activity = activity.clone();
         service_fn(move |req| {
             let guard = activity.begin();
-            let handled = proxy::handle(worker.clone(), listener.clone(), conn.clone(), req);
+            // A reload since the connection opened applies to this request; the request keeps
+            // what it starts with.
+            let (worker, listener) = source.current().unwrap_or_else(|| accepted.clone());
+            let handled = proxy::handle(worker, listener, conn.clone(), req);
             async move {
                 let resp = handled.await?;
                 Ok::<_, std::convert::Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
@@ -526,7 +540,7 @@ impl AsyncWrite for SessionIo {
 mod tests {
     use super::*;
 
-    fn size6<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
+    fn size7<A, B, C, D, E, F, G, R>(_: fn(A, B, C, D, E, F, G) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -535,7 +549,7 @@ mod tests {
     /// arguments of nested `async fn`s and the protocol sniffing all took room in it).
     #[test]
     fn the_future_of_a_parked_connection_stays_small() {
-        let size = size6(serve_tcp as fn(_, _, _, _, _, _) -> _);
+        let size = size7(serve_tcp as fn(_, _, _, _, _, _, _) -> _);
         // Measured: 488 bytes in a debug build (648 as an `async fn`).
         assert!(size <= 560, "serve_tcp's future is {size} bytes");
     }

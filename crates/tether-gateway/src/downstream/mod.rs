@@ -62,7 +62,7 @@ impl Peer {
 }
 
 /// Serves one accepted connection to the end. `worker` and `listener` are the generation it was
-/// accepted under; `source` gives HTTP/2 streams the current one.
+/// accepted under; `source` gives each new request or HTTP/2 stream the current one.
 ///
 /// The task's future is allocated for its largest state, so every protocol's state lives in
 /// its own box and the future itself stays small: an idle (parked) HTTP/1 connection then costs
@@ -115,7 +115,9 @@ pub async fn serve(
     } else {
         // A task of its own: this one's state (the sniffing above) is not kept while the
         // connection is parked.
-        tokio::spawn(h1::serve_tcp(worker, listener, tcp, peer, stop, permit));
+        tokio::spawn(h1::serve_tcp(
+            worker, listener, source, tcp, peer, stop, permit,
+        ));
     }
 }
 
@@ -158,7 +160,17 @@ async fn serve_tls(
         h2::serve(worker, listener, source, TokioIo::new(tls), peer, fd, stop).await;
     } else {
         let watcher = DisconnectWatcher::new(tls.get_ref().0).ok();
-        h1::serve(worker, listener, TokioIo::new(tls), peer, watcher, fd, stop).await;
+        h1::serve(
+            worker,
+            listener,
+            source,
+            TokioIo::new(tls),
+            peer,
+            watcher,
+            fd,
+            stop,
+        )
+        .await;
     }
 }
 
