@@ -11,7 +11,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{LIMIT, TempFile, Tether, named_upstream, wait_line};
+use common::{LIMIT, TempFile, Tether, named_upstream, read_head, wait_line};
 
 /// An upstream that answers `/quick` after 300 ms and `/long` after 30 s, and reports on the
 /// channel when a `/long` connection was closed by tether.
@@ -25,14 +25,9 @@ fn slow_upstream() -> (SocketAddr, Receiver<&'static str>) {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 let _ = c.set_read_timeout(Some(LIMIT));
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match c.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
+                let Some(head) = read_head(&mut c) else {
+                    return;
+                };
                 let head = String::from_utf8_lossy(&head);
                 if head.starts_with("GET /quick") {
                     std::thread::sleep(Duration::from_millis(300));
@@ -42,7 +37,7 @@ fn slow_upstream() -> (SocketAddr, Receiver<&'static str>) {
                 } else {
                     // Wait for tether to close the connection (the abort), up to 30 s.
                     let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
-                    if let Ok(0) = c.read(&mut b) {
+                    if let Ok(0) = c.read(&mut [0u8; 1]) {
                         let _ = tx.send("long closed");
                     }
                 }
@@ -163,13 +158,7 @@ fn body_of(mut s: TcpStream) -> String {
 /// Sends `GET path` on a keep-alive connection and reads exactly one response; its body.
 fn get_on(s: &mut TcpStream, path: &str) -> String {
     write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
+    let head = String::from_utf8(read_head(s).expect("a response head")).unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let len: usize = head
         .lines()

@@ -86,10 +86,7 @@ impl ConnCancel {
         let Some(bucket) = &self.resets else {
             return;
         };
-        let ok = match bucket.lock() {
-            Ok(mut b) => b.spend(),
-            Err(p) => p.into_inner().spend(),
-        };
+        let ok = crate::lock(bucket).spend();
         if !ok {
             // notify_one stores a permit, so a reset counted before the loop awaits is not lost.
             self.over_budget.notify_one();
@@ -138,10 +135,7 @@ impl ConnCancel {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, H1State> {
-        match self.h1.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        crate::lock(&self.h1)
     }
 
     /// Registers the HTTP/1 request in flight once its route (and so its policy) is known. If the

@@ -24,3 +24,13 @@ pub mod upstream;
 
 pub use config::{Config, ConfigError};
 pub use listen::{Gateway, RunningGateway, StartError};
+
+/// Locks `m`, taking over a lock poisoned by a panicking holder: every mutex here guards state
+/// that is whole between statements (counters, lists, buffers of whole lines), so it stays
+/// usable, and one failed request must not take the proxy down.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

@@ -467,37 +467,36 @@ fn bind_group(
     // A plain bind first: it fails if anything (another tether included) already uses the
     // address, which a `SO_REUSEPORT` bind alone would join instead. It also picks the port
     // when `addr` asks for any.
-    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    probe.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        probe.set_only_v6(true)?;
-    }
-    probe.bind(&addr.into())?;
+    let probe = bound(addr, false)?;
     let actual = probe
         .local_addr()?
         .as_socket()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP address"))?;
     drop(probe);
     (0..workers)
-        .map(|_| {
-            let sock = Socket::new(Domain::for_address(actual), Type::STREAM, None)?;
-            sock.set_reuse_port(true)?;
-            listen_on(sock, actual, backlog)
-        })
+        .map(|_| listening(bound(actual, true)?, backlog))
         .collect()
 }
 
 fn bind(addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
-    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    listen_on(sock, addr, backlog)
+    listening(bound(addr, false)?, backlog)
 }
 
-fn listen_on(sock: Socket, addr: SocketAddr, backlog: i32) -> io::Result<std::net::TcpListener> {
+/// A TCP socket bound to `addr`, not yet listening.
+fn bound(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     sock.set_reuse_address(true)?;
+    if reuse_port {
+        sock.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.bind(&addr.into())?;
+    Ok(sock)
+}
+
+fn listening(sock: Socket, backlog: i32) -> io::Result<std::net::TcpListener> {
     sock.listen(backlog)?;
     sock.set_nonblocking(true)?;
     Ok(sock.into())
@@ -594,8 +593,7 @@ fn run_worker(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             loop {
                 tick.tick().await;
-                let worker = current(&slot).worker.clone();
-                for u in &worker.upstreams {
+                for u in &current(&slot).worker.upstreams {
                     u.sweep_idle();
                 }
             }

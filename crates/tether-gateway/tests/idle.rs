@@ -16,10 +16,26 @@ async fn env() -> Env {
     Env::new(Down::H1, Up::H1, script(|_| Behavior::ok("hi"))).await
 }
 
+/// An environment whose idle keep-alive timeout (`header_read_timeout`) is `timeout`.
+async fn env_with_idle_timeout(timeout: Duration) -> Env {
+    Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.header_read_timeout = timeout
+    })
+    .await
+}
+
 async fn get_ok(c: &mut H1Client, path: &str) {
     let (head, body) = bounded(BOUND, c.get(path)).await.unwrap();
     assert_eq!(head.status, 200, "{path}");
     assert_eq!(&body[..], b"hi", "{path}");
+}
+
+/// Reads one response to a request already sent: 200 with body `hi`.
+async fn read_ok(c: &mut H1Client) {
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    let body = bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+    assert_eq!(&body[..], b"hi");
 }
 
 #[tokio::test]
@@ -75,10 +91,7 @@ async fn pipelined_requests_in_one_write_after_a_park() {
         .await
         .unwrap();
     for _ in 0..2 {
-        let head = bounded(BOUND, c.read_final_head()).await.unwrap();
-        assert_eq!(head.status, 200);
-        let body = bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
-        assert_eq!(&body[..], b"hi");
+        read_ok(&mut c).await;
     }
     assert_eq!(
         env.record("/p1").await.client,
@@ -95,15 +108,10 @@ async fn a_partial_request_read_ahead_survives_a_park() {
     c.send_raw(b"GET /q1 HTTP/1.1\r\nhost: l\r\n\r\nGET /q2 HTTP/1.1\r\nho")
         .await
         .unwrap();
-    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
-    assert_eq!(head.status, 200);
-    bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+    read_ok(&mut c).await;
     tokio::time::sleep(PARK_AFTER * 2).await;
     c.send_raw(b"st: l\r\n\r\n").await.unwrap();
-    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
-    assert_eq!(head.status, 200);
-    let body = bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
-    assert_eq!(&body[..], b"hi");
+    read_ok(&mut c).await;
     assert_eq!(
         env.record("/q2").await.client,
         env.record("/q1").await.client
@@ -114,10 +122,7 @@ async fn a_partial_request_read_ahead_survives_a_park() {
 #[tokio::test]
 async fn the_idle_timeout_closes_a_parked_connection_on_time() {
     let timeout = Duration::from_millis(800);
-    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
-        c.listeners[0].limits.header_read_timeout = timeout
-    })
-    .await;
+    let env = env_with_idle_timeout(timeout).await;
     let mut c = env.h1().await;
     get_ok(&mut c, "/a").await;
     let idle_since = tokio::time::Instant::now();
@@ -137,10 +142,7 @@ async fn the_idle_timeout_closes_a_parked_connection_on_time() {
 #[tokio::test]
 async fn the_idle_timeout_still_bounds_a_slow_head_after_a_park() {
     let timeout = Duration::from_millis(800);
-    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
-        c.listeners[0].limits.header_read_timeout = timeout
-    })
-    .await;
+    let env = env_with_idle_timeout(timeout).await;
     let mut c = env.h1().await;
     get_ok(&mut c, "/a").await;
     let idle_since = tokio::time::Instant::now();

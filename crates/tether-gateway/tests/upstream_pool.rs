@@ -85,15 +85,18 @@ struct Burst {
     clients: Vec<H1Client>,
 }
 
-/// `n` keep-alive clients each send one request at once through a gateway with `workers` workers
-/// and a pool of `cap` idle connections per worker, then stay connected and idle.
-async fn burst(n: usize, workers: usize, cap: usize, behavior: Behavior) -> Burst {
-    let up = UpstreamH1::start(script(move |_| behavior.clone()))
-        .await
-        .unwrap();
+/// A gateway with `workers` workers and an admin listener in front of `up` (upstream `up`),
+/// keeping `cap` idle connections per worker for `idle_timeout`; with its listener and admin
+/// addresses.
+fn gateway(
+    up: &UpstreamH1,
+    workers: usize,
+    cap: usize,
+    idle_timeout: Duration,
+) -> (tether_gateway::RunningGateway, SocketAddr, SocketAddr) {
     let mut upstream = UpstreamConfig::new("up", vec![up.addr().into()], UpstreamProtocol::Http1);
     upstream.max_idle_per_endpoint = cap;
-    upstream.idle_timeout = Duration::from_secs(60);
+    upstream.idle_timeout = idle_timeout;
     let mut config = Config::new(
         vec![ListenerConfig::new(
             "127.0.0.1:0".parse().unwrap(),
@@ -108,6 +111,16 @@ async fn burst(n: usize, workers: usize, cap: usize, behavior: Behavior) -> Burs
     let gw = Gateway::start(config, Arc::new(MemoryAccessLog::new())).unwrap();
     let addr = gw.listener_addrs()[0];
     let admin = gw.admin_addr().unwrap();
+    (gw, addr, admin)
+}
+
+/// `n` keep-alive clients each send one request at once through a gateway with `workers` workers
+/// and a pool of `cap` idle connections per worker, then stay connected and idle.
+async fn burst(n: usize, workers: usize, cap: usize, behavior: Behavior) -> Burst {
+    let up = UpstreamH1::start(script(move |_| behavior.clone()))
+        .await
+        .unwrap();
+    let (gw, addr, admin) = gateway(&up, workers, cap, Duration::from_secs(60));
 
     let mut tasks = Vec::new();
     for i in 0..n {
@@ -262,23 +275,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout_without_traffic() {
         let up = UpstreamH1::start(script(|_| Behavior::ok("hello")))
             .await
             .unwrap();
-        let mut upstream =
-            UpstreamConfig::new("up", vec![up.addr().into()], UpstreamProtocol::Http1);
-        upstream.idle_timeout = Duration::from_millis(300);
-        let mut config = Config::new(
-            vec![ListenerConfig::new(
-                "127.0.0.1:0".parse().unwrap(),
-                vec![RouteConfig::new("/", "up")],
-            )],
-            vec![upstream],
-        );
-        config.workers = NonZeroUsize::new(1);
-        config.admin = Some(AdminConfig {
-            address: "127.0.0.1:0".parse().unwrap(),
-        });
-        let gw = Gateway::start(config, Arc::new(MemoryAccessLog::new())).unwrap();
-        let addr = gw.listener_addrs()[0];
-        let admin = gw.admin_addr().unwrap();
+        let (gw, addr, admin) = gateway(&up, 1, 64, Duration::from_millis(300));
         let mut c = H1Client::connect(addr).await.unwrap();
         let (head, _) = c.get("/").await.unwrap();
         assert_eq!(head.status, 200);

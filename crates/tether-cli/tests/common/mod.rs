@@ -141,6 +141,20 @@ impl Drop for TempFile {
     }
 }
 
+/// Reads an HTTP head byte by byte, up to and including its blank line (nothing after it).
+/// `None` if the peer closed or failed first.
+pub fn read_head(c: &mut impl Read) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match c.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
+
 /// An upstream answering every request with `name` (connection: close); `/slow` after 1.5 s.
 pub fn named_upstream(name: &'static str) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -150,14 +164,9 @@ pub fn named_upstream(name: &'static str) -> SocketAddr {
             let Ok(mut c) = conn else { return };
             std::thread::spawn(move || {
                 let _ = c.set_read_timeout(Some(LIMIT));
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    match c.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => return,
-                    }
-                }
+                let Some(head) = read_head(&mut c) else {
+                    return;
+                };
                 if head.starts_with(b"GET /slow") {
                     std::thread::sleep(Duration::from_millis(1500));
                 }

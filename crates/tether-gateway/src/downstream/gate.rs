@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Wake, Waker};
 
+use crate::lock;
+
 /// Notes whether any future polled with its waker has woken since the gate was last opened.
 #[derive(Debug)]
 pub struct Gate {
@@ -56,13 +58,6 @@ impl Wake for Gate {
         if let Some(t) = lock(&self.task).as_ref() {
             t.wake_by_ref();
         }
-    }
-}
-
-fn lock(m: &Mutex<Option<Waker>>) -> std::sync::MutexGuard<'_, Option<Waker>> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -10,7 +10,7 @@
 //! Probing an idle keep-alive connection would cost a packet per second per connection for
 //! nothing, so the options are switched on only once a request has been in flight for
 //! `arm_after`, and off again when the connection has nothing in flight. Requests shorter than
-//! `arm_after` cost no system call: only a counter update and a timer.
+//! `arm_after` cost no system call and no timer of their own: only counter updates.
 //!
 //! LIFECYCLE: idle (no options) → request in flight → after `arm_after`: armed (keepalive;
 //! plus the user timeout while a response body is being written) → nothing in flight: idle.

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::lock;
 use serde_json::Value;
 use tether::CancelReason;
 
@@ -558,14 +559,6 @@ impl Drop for LineSink {
     }
 }
 
-/// Locks `m`, taking over a lock poisoned by a panicking writer (the buffer holds whole lines).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
-
 /// Writes one JSON object per line to a [`LineSink`].
 #[derive(Debug)]
 pub struct JsonLines {
@@ -611,19 +604,13 @@ impl MemoryAccessLog {
 
     /// A copy of the records so far.
     pub fn records(&self) -> Vec<RequestRecord> {
-        match self.records.lock() {
-            Ok(r) => r.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        lock(&self.records).clone()
     }
 }
 
 impl AccessLog for MemoryAccessLog {
     fn record(&self, rec: &RequestRecord) {
-        match self.records.lock() {
-            Ok(mut r) => r.push(rec.clone()),
-            Err(p) => p.into_inner().push(rec.clone()),
-        }
+        lock(&self.records).push(rec.clone());
     }
 }
 

@@ -86,6 +86,8 @@ pub struct Metrics {
     conn_counts: Mutex<Vec<(String, Arc<ConnCounts>)>>,
     accept_errors: Family<KindLabels, Counter>,
     header_timeouts: Counter,
+    /// Requests that matched no route, counted under the empty route name.
+    unrouted: RouteMetrics,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -201,6 +203,7 @@ impl Metrics {
             ),
             accept_errors,
             header_timeouts,
+            unrouted: RouteMetrics::named(""),
         }
     }
 
@@ -237,23 +240,14 @@ impl Metrics {
     /// The handles of route `name`'s metrics, for [`Metrics::request_finished`]. Made once per
     /// route, so a request costs no label lookup.
     pub fn route(&self, name: &str) -> RouteMetrics {
-        RouteMetrics {
-            name: name.to_owned(),
-            requests: Default::default(),
-            duration: OnceLock::new(),
-            upstream_duration: OnceLock::new(),
-            retries: OnceLock::new(),
-            wasted: OnceLock::new(),
-        }
+        RouteMetrics::named(name)
     }
 
     /// A request ended; `rec` is its access-log record, `route` its route's handles (None when
     /// no route matched).
     pub fn request_finished(&self, rec: &RequestRecord, route: Option<&RouteMetrics>) {
         self.in_flight.dec();
-        let Some(route) = route else {
-            return self.unrouted_finished(rec);
-        };
+        let route = route.unwrap_or(&self.unrouted);
         let class = status_class_index(rec.status);
         let outcome = rec.outcome as usize;
         route.requests[class][outcome]
@@ -261,7 +255,7 @@ impl Metrics {
                 self.requests
                     .get_or_create(&RequestLabels {
                         route: route.name.clone(),
-                        status_class: STATUS_CLASSES[class],
+                        status_class: status_class(rec.status),
                         outcome: rec.outcome.as_str(),
                     })
                     .clone()
@@ -303,35 +297,6 @@ impl Metrics {
                     .inc_by(u.as_secs_f64());
             }
         }
-        self.propagation_finished(rec);
-    }
-
-    /// A request that matched no route: counted under the empty route name.
-    fn unrouted_finished(&self, rec: &RequestRecord) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: String::new(),
-                status_class: status_class(rec.status),
-                outcome: rec.outcome.as_str(),
-            })
-            .inc();
-        self.request_duration
-            .get_or_create(&RouteLabels {
-                route: String::new(),
-            })
-            .observe(rec.duration.as_secs_f64());
-        if let Some(reason) = rec.abort_reason {
-            self.aborts
-                .get_or_create(&AbortLabels {
-                    route: String::new(),
-                    reason: reason.as_str(),
-                    stage: rec.stage.unwrap_or("unknown"),
-                })
-                .inc();
-        }
-    }
-
-    fn propagation_finished(&self, rec: &RequestRecord) {
         if let Some(p) = rec.propagation {
             self.propagation
                 .get_or_create(&PropagationLabels {
@@ -412,6 +377,19 @@ pub struct RouteMetrics {
     upstream_duration: OnceLock<Histogram>,
     retries: OnceLock<Counter>,
     wasted: OnceLock<Counter<f64, std::sync::atomic::AtomicU64>>,
+}
+
+impl RouteMetrics {
+    fn named(name: &str) -> RouteMetrics {
+        RouteMetrics {
+            name: name.to_owned(),
+            requests: Default::default(),
+            duration: OnceLock::new(),
+            upstream_duration: OnceLock::new(),
+            retries: OnceLock::new(),
+            wasted: OnceLock::new(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -121,10 +121,7 @@ impl RetryBudget {
             return true;
         }
         let second = self.epoch.elapsed().as_secs();
-        let mut floor = match self.floor.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut floor = crate::lock(&self.floor);
         if floor.0 != second {
             *floor = (second, 0);
         }

@@ -123,17 +123,7 @@ impl Upstream {
         if self.protocol.is_h2() {
             return None;
         }
-        let c = ep.pool.take_h1_ready()?;
-        let local = c.local;
-        Some((
-            Checkout::H1(c),
-            CheckoutInfo {
-                reused: true,
-                connect: Duration::ZERO,
-                timings: None,
-                local,
-            },
-        ))
+        ep.pool.take_h1_ready().map(pooled_h1)
     }
 
     /// A connection to `ep`: pooled if one is usable, otherwise new.
@@ -149,16 +139,7 @@ impl Upstream {
         if reuse && let Some(mut c) = ep.pool.take_h1() {
             // A returned connection may still be finishing the previous exchange.
             if c.sender.ready().await.is_ok() {
-                let local = c.local;
-                return Ok((
-                    Checkout::H1(c),
-                    CheckoutInfo {
-                        reused: true,
-                        connect: Duration::ZERO,
-                        timings: None,
-                        local,
-                    },
-                ));
+                return Ok(pooled_h1(c));
             }
         }
         // Boxed: the connect path (DNS, address racing, TLS) is a large future, and inline it would
@@ -297,4 +278,18 @@ impl Drop for OpenConn {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// The checkout of a pooled HTTP/1 connection.
+fn pooled_h1(c: H1Conn) -> (Checkout, CheckoutInfo) {
+    let local = c.local;
+    (
+        Checkout::H1(c),
+        CheckoutInfo {
+            reused: true,
+            connect: Duration::ZERO,
+            timings: None,
+            local,
+        },
+    )
 }

@@ -16,6 +16,7 @@ use hyper::client::conn::{http1, http2};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::lock;
 use crate::observe::metrics::ConnCounts;
 use crate::proxy::request_body::RequestBody;
 
@@ -47,6 +48,14 @@ struct IdleH1 {
     conn: H1Conn,
     /// Past this, the upstream may close it at any moment: never reused.
     expires: Instant,
+}
+
+impl IdleH1 {
+    /// Not closed (the upstream hung up while it was idle) and not old (the upstream may be
+    /// about to: the stale keep-alive race).
+    fn usable(&self, now: Instant) -> bool {
+        !self.conn.sender.is_closed() && now < self.expires
+    }
 }
 
 /// The shared HTTP/2 connection of an endpoint.
@@ -92,54 +101,40 @@ impl EndpointPool {
 
     /// Takes the most recently used idle HTTP/1 connection that is still open and fresh.
     pub fn take_h1(&self) -> Option<H1Conn> {
-        let mut idle = match self.idle.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        while let Some(c) = idle.pop() {
-            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
-            // Closed: the upstream hung up while idle. Old: it may be about to (stale keep-alive race).
-            if c.conn.sender.is_closed() || Instant::now() >= c.expires {
-                continue;
-            }
-            return Some(c.conn);
-        }
-        None
+        self.take(false)
     }
 
     /// Like [`take_h1`](Self::take_h1), but only a connection that can take a request at once;
     /// one still finishing its previous exchange is left in the pool.
     pub fn take_h1_ready(&self) -> Option<H1Conn> {
-        let mut idle = match self.idle.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        self.take(true)
+    }
+
+    fn take(&self, ready_only: bool) -> Option<H1Conn> {
+        let mut idle = lock(&self.idle);
+        let now = Instant::now();
         loop {
             let last = idle.last()?;
-            if !last.conn.sender.is_closed() && Instant::now() < last.expires {
-                if !last.conn.sender.is_ready() {
-                    return None;
-                }
-                let c = idle.pop()?;
-                self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+            let usable = last.usable(now);
+            if usable && ready_only && !last.conn.sender.is_ready() {
+                return None;
+            }
+            let c = idle.pop()?;
+            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+            if usable {
                 return Some(c.conn);
             }
-            idle.pop();
-            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
     /// Closes idle connections that expired or that the upstream closed, so that a pool no
     /// longer used does not keep its connections open (and counted) indefinitely.
     pub fn sweep(&self) {
-        let mut idle = match self.idle.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut idle = lock(&self.idle);
         let now = Instant::now();
         let before = idle.len();
         // Dropping a connection's sender ends its task, which closes the socket.
-        idle.retain(|c| !c.conn.sender.is_closed() && now < c.expires);
+        idle.retain(|c| c.usable(now));
         let gone = before - idle.len();
         if gone > 0 {
             self.counts
@@ -155,10 +150,7 @@ impl EndpointPool {
         if conn.sender.is_closed() || self.max_idle == 0 {
             return;
         }
-        let mut idle = match self.idle.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut idle = lock(&self.idle);
         if idle.len() >= self.max_idle {
             // Drop the oldest; its task closes the socket.
             idle.remove(0);
