@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, ListenerConfig, Protocols};
 use crate::downstream;
+use crate::downstream::parking::{Parking, Poller};
 use crate::observe::Observer;
 use crate::observe::access::AccessLog;
 use crate::observe::admin::{self, AdminState};
@@ -79,6 +80,9 @@ pub enum StartError {
     /// A worker thread could not be started.
     #[error("cannot start worker thread: {0}")]
     Thread(io::Error),
+    /// A worker's set of parked connections (an epoll instance) could not be created.
+    #[error("cannot create a worker's parked-connection set: {0}")]
+    Parking(io::Error),
 }
 
 /// One configuration as every worker shares it: the config and each listener's routes, TLS and
@@ -152,8 +156,8 @@ pub struct Worker {
     /// Cancelled with [`CancelReason::Shutdown`] when the drain period ends.
     pub root: RequestContext,
     conns: Arc<ConnCount>,
-    /// Parked HTTP/1 connections, all workers together.
-    parked: Arc<AtomicUsize>,
+    /// This worker's parked HTTP/1 connections.
+    pub parking: Arc<Parking>,
 }
 
 #[derive(Debug, Default)]
@@ -182,23 +186,7 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Counts a connection as parked until dropped.
-#[derive(Debug)]
-pub struct ParkedGuard(Arc<AtomicUsize>);
-
-impl Drop for ParkedGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl Worker {
-    /// Counts a connection as parked (idle, holding no buffers) until the guard is dropped.
-    pub fn parked(&self) -> ParkedGuard {
-        self.parked.fetch_add(1, Ordering::Relaxed);
-        ParkedGuard(self.parked.clone())
-    }
-
     fn conn_guard(&self) -> ConnGuard {
         self.conns.open.fetch_add(1, Ordering::AcqRel);
         ConnGuard(self.conns.clone())
@@ -232,7 +220,8 @@ pub struct RunningGateway {
     grace: Arc<Mutex<Duration>>,
     threads: Vec<JoinHandle<()>>,
     published: watch::Sender<Arc<Published>>,
-    parked: Arc<AtomicUsize>,
+    /// Every worker's parked connections.
+    parked: Vec<Arc<Parking>>,
 }
 
 impl Gateway {
@@ -279,21 +268,22 @@ impl Gateway {
         };
         let (published, updates) = watch::channel(published);
         let grace = Arc::new(Mutex::new(Duration::from_secs(10)));
-        let parked: Arc<AtomicUsize> = Arc::default();
+        let mut parked = Vec::new();
         let mut threads = Vec::new();
         for (n, listeners) in per_worker.into_iter().enumerate() {
-            let (updates, observer, stop, grace, parked) = (
+            let (updates, observer, stop, grace) = (
                 updates.clone(),
                 observer.clone(),
                 stop.clone(),
                 grace.clone(),
-                parked.clone(),
             );
+            let (parking, poller) = Parking::new(stop.clone()).map_err(StartError::Parking)?;
+            parked.push(parking.clone());
             let shared = WorkerShared {
                 observer,
                 stop,
                 grace,
-                parked,
+                parking: (parking, poller),
             };
             let t = std::thread::Builder::new()
                 .name(format!("tether-worker-{n}"))
@@ -396,7 +386,7 @@ impl RunningGateway {
     /// HTTP/1 connections parked right now: idle keep-alive connections holding only their
     /// socket until the client sends the next request.
     pub fn parked_connections(&self) -> usize {
-        self.parked.load(Ordering::Relaxed)
+        self.parked.iter().map(|p| p.len()).sum()
     }
 
     /// The Prometheus text exposition of the metrics (what `/metrics` serves).
@@ -524,7 +514,7 @@ struct WorkerShared {
     observer: Observer,
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
-    parked: Arc<AtomicUsize>,
+    parking: (Arc<Parking>, Poller),
 }
 
 /// How often a worker closes expired idle upstream connections.
@@ -539,7 +529,7 @@ fn run_worker(
         observer,
         stop,
         grace,
-        parked,
+        parking: (parking, poller),
     } = shared;
     let log = observer.log.clone();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -558,8 +548,14 @@ fn run_worker(
         // Shared by every generation of this worker: the drain count and the shutdown root.
         let root = RequestContext::new();
         let conns: Arc<ConnCount> = Arc::default();
+        tokio::spawn(parking.clone().run(poller));
+        let kept = Kept {
+            root: &root,
+            conns: &conns,
+            parking: &parking,
+        };
         let first = updates.borrow_and_update().clone();
-        let generation = match build_generation(&first, &observer, &root, &conns, &parked) {
+        let generation = match build_generation(&first, &observer, kept) {
             Ok(g) => g,
             // Checked in Gateway::start; unreachable in practice.
             Err(e) => return tracing::error!(error = %e, "cannot build worker"),
@@ -576,7 +572,7 @@ fn run_worker(
         let reloads = async {
             while updates.changed().await.is_ok() {
                 let next = updates.borrow_and_update().clone();
-                match build_generation(&next, &observer, &root, &conns, &parked) {
+                match build_generation(&next, &observer, kept) {
                     Ok(g) => match slot.write() {
                         Ok(mut s) => *s = Arc::new(g),
                         Err(poisoned) => *poisoned.into_inner() = Arc::new(g),
@@ -610,17 +606,26 @@ fn run_worker(
             worker.root.cancel(CancelReason::Shutdown);
             worker.drained(Duration::from_secs(1)).await;
         }
+        // Parked connections hold their worker: closing them ends that cycle even if the
+        // parking's own task never saw the stop.
+        parking.shutdown();
         observer.log.flush();
     });
+}
+
+/// What every generation of one worker shares.
+#[derive(Clone, Copy)]
+struct Kept<'a> {
+    root: &'a RequestContext,
+    conns: &'a Arc<ConnCount>,
+    parking: &'a Arc<Parking>,
 }
 
 /// Builds this worker's upstreams (with fresh pools) for a published configuration.
 fn build_generation(
     p: &Published,
     observer: &Observer,
-    root: &RequestContext,
-    conns: &Arc<ConnCount>,
-    parked: &Arc<AtomicUsize>,
+    kept: Kept<'_>,
 ) -> Result<Generation, StartError> {
     let resolver = Resolver::new(&p.config.dns).map_err(StartError::Dns)?;
     let mut upstreams = Vec::new();
@@ -634,9 +639,9 @@ fn build_generation(
         worker: Arc::new(Worker {
             upstreams,
             observer: observer.clone(),
-            root: root.clone(),
-            conns: conns.clone(),
-            parked: parked.clone(),
+            root: kept.root.clone(),
+            conns: kept.conns.clone(),
+            parking: kept.parking.clone(),
         }),
         listeners: p.listeners.clone(),
     })

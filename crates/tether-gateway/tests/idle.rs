@@ -197,3 +197,49 @@ async fn tls_connections_are_not_parked() {
     get_ok(&mut c, "/b").await;
     env.stop().await;
 }
+
+#[tokio::test]
+async fn many_parked_connections_come_back_at_once_and_resets_close_them() {
+    const N: usize = 100;
+    let env = env().await;
+    let mut clients = Vec::new();
+    for i in 0..N {
+        let mut c = env.h1().await;
+        get_ok(&mut c, &format!("/first/{i}")).await;
+        clients.push(c);
+    }
+    env.wait_parked(N).await;
+    // Every parked connection wakes in the same moment: each is served on its own socket.
+    let served: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            tokio::spawn(async move {
+                get_ok(&mut c, &format!("/again/{i}")).await;
+                c
+            })
+        })
+        .collect();
+    let mut clients = Vec::new();
+    for s in served {
+        clients.push(bounded(BOUND, s).await.unwrap());
+    }
+    for i in [0, N / 2, N - 1] {
+        assert_eq!(
+            env.record(&format!("/again/{i}")).await.client,
+            env.record(&format!("/first/{i}")).await.client,
+            "request {i} came back on its own connection"
+        );
+    }
+    env.wait_parked(N).await;
+    // A reset while parked closes the connection; the others stay parked.
+    let mut clients = clients.into_iter();
+    for c in clients.by_ref().take(N / 2) {
+        c.rst().unwrap();
+    }
+    env.wait_parked(N / 2).await;
+    for mut c in clients {
+        get_ok(&mut c, "/last").await;
+    }
+    env.stop().await;
+}

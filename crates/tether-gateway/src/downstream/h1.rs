@@ -6,18 +6,18 @@
 //! and an 8 KiB write buffer, its service and tether's per-connection state for as long as the
 //! connection lives, so once nothing is in flight and the client has sent nothing for
 //! [`PARK_AFTER`], the hyper connection is closed without touching the socket
-//! (`graceful_shutdown` closes an idle hyper connection at once) and everything but the socket is
-//! dropped. The next bytes from the client bring up a fresh hyper connection; bytes hyper had
-//! read ahead are replayed to it first. The delay keeps a busy connection from being rebuilt per
+//! (`graceful_shutdown` closes an idle hyper connection at once), the task ends and the socket
+//! moves to the worker's [`Parking`](super::parking::Parking), with no task of its own. The next
+//! bytes from the client bring up a new task and a fresh hyper connection; bytes hyper had read
+//! ahead are replayed to it first (such a connection is not parked). The delay keeps a busy connection from being rebuilt per
 //! request. TLS connections are not parked (the TLS session state would have to be kept anyway).
 //!
 //! LIFECYCLE (plain TCP): active (hyper connection, cancellation state, disconnect watcher) →
-//! nothing in flight and nothing read for [`PARK_AFTER`] → parked (socket only) → client bytes:
-//! active again | FIN or RST, the idle timeout (`header_read_timeout`, counted from when the
+//! nothing in flight and nothing read for [`PARK_AFTER`] → parked (socket in the worker's
+//! parking) → client bytes: active again, in a new task | FIN or RST, the idle timeout (`header_read_timeout`, counted from when the
 //! connection became idle) or shutdown: closed at once.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
@@ -28,9 +28,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use socket2::SockRef;
 use tether::DisconnectWatcher;
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -85,128 +84,61 @@ pub async fn serve<I>(
     let _ = session(down, io, watcher, fd, Activity::new(), None).await;
 }
 
-/// Serves a plain-TCP HTTP/1 connection, parking it while it is idle; `permit` is held to the
-/// end. Spawn it as a task of its own: its future is what a parked connection costs.
-///
-/// A plain function around an `async move` block, not an `async fn`: an `async fn` keeps a
-/// second copy of every argument in its future. Only what a parked connection needs lives
-/// across the parked wait; the session, with hyper's connection, is boxed.
-#[allow(
-    clippy::manual_async_fn,
-    reason = "an async fn's future would be 160 bytes larger (measured)"
-)]
-pub fn serve_tcp(
-    worker: Arc<Worker>,
-    listener: Arc<ListenerShared>,
-    source: ConfigSource,
-    mut tcp: TcpStream,
-    peer: Peer,
-    stop: CancellationToken,
-    permit: ConnPermit,
-) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        let mut replay = Bytes::new();
-        let mut head_by = None;
-        loop {
-            let park = Park {
-                after: PARK_AFTER,
-                head_by,
-            };
-            let down = Downstream {
-                worker: &worker,
-                listener: &listener,
-                source: &source,
-                peer,
-                stop: &stop,
-            };
-            let Some(parked) = boxed_session(down, tcp, replay, park).await else {
-                break;
-            };
-            let idle_since = parked.idle_since;
-            let (socket, read_ahead) = parked.take_back();
+/// An accepted plain-TCP HTTP/1 connection's parts: what it keeps while parked.
+#[derive(Debug)]
+pub struct TcpConn {
+    /// The worker and listener settings the connection was accepted under.
+    pub worker: Arc<Worker>,
+    /// The listener's settings.
+    pub listener: Arc<ListenerShared>,
+    /// Each request's configuration.
+    pub source: ConfigSource,
+    /// Where the connection came from.
+    pub peer: Peer,
+    /// Gateway shutdown.
+    pub stop: CancellationToken,
+    /// Held to the connection's end.
+    pub permit: ConnPermit,
+}
+
+/// Serves a plain-TCP HTTP/1 connection until it ends or parks. `head_by` is when the first
+/// request head is due, for a connection coming back from being parked.
+pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<Instant>) {
+    let mut replay = Bytes::new();
+    loop {
+        let park = Park {
+            after: PARK_AFTER,
+            head_by,
+        };
+        let down = Downstream {
+            worker: &conn.worker,
+            listener: &conn.listener,
+            source: &conn.source,
+            peer: conn.peer,
+            stop: &conn.stop,
+        };
+        let watcher = DisconnectWatcher::new(&tcp).ok();
+        let fd = super::probe_fd(&tcp, down.listener);
+        let activity = Activity::new();
+        let io = TokioIo::new(SessionIo {
+            tcp,
+            replay,
+            activity: activity.clone(),
+        });
+        let Some(parked) = session(down, io, watcher, fd, activity, Some(park)).await else {
+            return;
+        };
+        let deadline = parked.idle_since + conn.listener.limits.header_read_timeout;
+        let (socket, read_ahead) = parked.take_back();
+        head_by = Some(deadline);
+        // A partial request read ahead: serve it at once (hyper waits for the rest itself).
+        if !read_ahead.is_empty() {
             tcp = socket;
-            let deadline = idle_since + listener.limits.header_read_timeout;
-            head_by = Some(deadline);
-            // A partial request read ahead: serve it at once (hyper waits for the rest itself).
-            if !read_ahead.is_empty() {
-                replay = read_ahead;
-                continue;
-            }
-            let _parked = worker.parked();
-            if !wait_parked(&tcp, deadline, &stop).await {
-                break;
-            }
-            replay = Bytes::new();
+            replay = read_ahead;
+            continue;
         }
-        drop(permit);
-    }
-}
-
-type SessionFuture<'a> =
-    Pin<Box<dyn Future<Output = Option<Parked<TokioIo<SessionIo>>>> + Send + 'a>>;
-
-/// Boxes the session of a plain-TCP connection, with everything it needs made here, so that
-/// none of it takes room in the connection's future while it is parked.
-fn boxed_session<'a>(
-    down: Downstream<'a>,
-    tcp: TcpStream,
-    replay: Bytes,
-    park: Park,
-) -> SessionFuture<'a> {
-    let watcher = DisconnectWatcher::new(&tcp).ok();
-    let fd = super::probe_fd(&tcp, down.listener);
-    let activity = Activity::new();
-    let io = TokioIo::new(SessionIo {
-        tcp,
-        replay,
-        activity: activity.clone(),
-    });
-    Box::pin(session(down, io, watcher, fd, activity, Some(park)))
-}
-
-/// Waits while a connection is parked. True when the client sent bytes (serve them), false
-/// when the connection must close: FIN, RST, the idle timeout or shutdown.
-///
-/// Polls the socket's readiness directly rather than through `readable()`, whose future (and
-/// those it nests) would add to every parked connection's state.
-#[allow(
-    clippy::manual_async_fn,
-    reason = "its future is part of every parked connection's; an async fn's is larger"
-)]
-fn wait_parked<'a>(
-    tcp: &'a TcpStream,
-    deadline: Instant,
-    stop: &'a CancellationToken,
-) -> impl Future<Output = bool> + Send + 'a {
-    async move {
-        // Shutdown: nothing is in flight on a parked connection, close it at once.
-        let mut stopped = pin!(stop.cancelled());
-        // The keep-alive idle timeout, counted from when the connection became idle.
-        let mut expired = pin!(tokio::time::sleep_until(deadline));
-        std::future::poll_fn(|cx| {
-            if stopped.as_mut().poll(cx).is_ready() || expired.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(false);
-            }
-            // The next request, or the client leaving.
-            loop {
-                match tcp.poll_read_ready(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Err(_)) => return Poll::Ready(false),
-                    Poll::Ready(Ok(())) => {}
-                }
-                let mut byte = [MaybeUninit::<u8>::uninit()];
-                // WouldBlock clears the readiness, so the next poll waits for new bytes.
-                match tcp.try_io(Interest::READABLE, || SockRef::from(tcp).peek(&mut byte)) {
-                    Ok(0) => return Poll::Ready(false),
-                    Ok(_) => return Poll::Ready(true),
-                    Err(e)
-                        if e.kind() == io::ErrorKind::WouldBlock
-                            || e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => return Poll::Ready(false),
-                }
-            }
-        })
-        .await
+        let parking = conn.worker.parking.clone();
+        return parking.park(conn, socket, deadline);
     }
 }
 
@@ -533,24 +465,5 @@ impl AsyncWrite for SessionIo {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.tcp).poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn size7<A, B, C, D, E, F, G, R>(_: fn(A, B, C, D, E, F, G) -> R) -> usize {
-        std::mem::size_of::<R>()
-    }
-
-    /// A parked connection costs its task (this future, a task header) and its socket's
-    /// registration; the future must stay small (it was 1.1 KiB when the parked wait, the
-    /// arguments of nested `async fn`s and the protocol sniffing all took room in it).
-    #[test]
-    fn the_future_of_a_parked_connection_stays_small() {
-        let size = size7(serve_tcp as fn(_, _, _, _, _, _, _) -> _);
-        // Measured: 488 bytes in a debug build (648 as an `async fn`).
-        assert!(size <= 560, "serve_tcp's future is {size} bytes");
     }
 }

@@ -10,6 +10,7 @@ pub mod gate;
 pub mod h1;
 pub mod h2;
 pub mod head_timeout;
+pub mod parking;
 pub mod probe;
 
 use std::net::SocketAddr;
@@ -115,9 +116,15 @@ pub async fn serve(
     } else {
         // A task of its own: this one's state (the sniffing above) is not kept while the
         // connection is parked.
-        tokio::spawn(h1::serve_tcp(
-            worker, listener, source, tcp, peer, stop, permit,
-        ));
+        let conn = h1::TcpConn {
+            worker,
+            listener,
+            source,
+            peer,
+            stop,
+            permit,
+        };
+        tokio::spawn(h1::serve_tcp(conn, tcp, None));
     }
 }
 
