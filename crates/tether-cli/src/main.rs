@@ -21,6 +21,25 @@ use tether_cli::{duration, file_config};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Returns the calling thread's cached free blocks to jemalloc's arenas, from where the
+/// background thread can give their pages back. A worker that has gone idle allocates nothing,
+/// so its cache would otherwise keep what the last burst freed.
+#[cfg(feature = "jemalloc")]
+fn flush_thread_cache() {
+    // SAFETY: `thread.tcache.flush` reads and writes no value (null pointers, zero length) and
+    // the name is a NUL-terminated literal.
+    #[allow(unsafe_code)]
+    let _ = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"thread.tcache.flush".as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+}
+
 /// Exit status for an unusable config file (BSD `EX_USAGE`).
 pub const EXIT_CONFIG: u8 = 64;
 
@@ -49,6 +68,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    #[cfg(feature = "jemalloc")]
+    tether_gateway::listen::on_worker_idle(flush_thread_cache);
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => match file_config::load(&file) {

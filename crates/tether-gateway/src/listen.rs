@@ -16,7 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, ConfigError, ListenerConfig, Protocols};
 use crate::downstream;
 use crate::downstream::parking::{Parking, Poller};
+use crate::lock;
 use crate::observe::Observer;
 use crate::observe::access::AccessLog;
 use crate::observe::admin::{self, AdminState};
@@ -517,6 +518,19 @@ struct WorkerShared {
     parking: (Arc<Parking>, Poller),
 }
 
+/// Process-wide housekeeping run by a worker thread that ran out of work.
+static WORKER_IDLE: OnceLock<fn()> = OnceLock::new();
+
+/// Least time between two runs of the idle hook on one worker.
+const IDLE_HOOK_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs `hook` on a worker thread when it runs out of work, at most every 100 ms per worker:
+/// for per-thread housekeeping of process-wide state, such as returning an allocator's thread
+/// cache. The first hook set wins; set it before starting a gateway.
+pub fn on_worker_idle(hook: fn()) {
+    let _ = WORKER_IDLE.set(hook);
+}
+
 /// How often a worker closes expired idle upstream connections.
 const POOL_SWEEP: Duration = Duration::from_secs(1);
 
@@ -532,10 +546,21 @@ fn run_worker(
         parking: (parking, poller),
     } = shared;
     let log = observer.log.clone();
+    let idle_hook = WORKER_IDLE.get().copied();
+    let hook_ran = Mutex::new(std::time::Instant::now());
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         // Out of work: write the access-log lines gathered meanwhile.
-        .on_thread_park(move || log.flush())
+        .on_thread_park(move || {
+            log.flush();
+            if let Some(hook) = idle_hook {
+                let mut ran = lock(&hook_ran);
+                if ran.elapsed() >= IDLE_HOOK_EVERY {
+                    hook();
+                    *ran = std::time::Instant::now();
+                }
+            }
+        })
         .build()
     {
         Ok(rt) => rt,

@@ -151,3 +151,47 @@ async fn quiet_upload_is_cut_with_408() {
         .unwrap();
     assert_eq!(ev, Some("eof"));
 }
+
+static IDLE_HOOK_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn count_idle_hook() {
+    IDLE_HOOK_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[tokio::test]
+async fn the_idle_hook_runs_on_idle_workers_and_is_rate_limited() {
+    use std::sync::atomic::Ordering;
+    tether_gateway::listen::on_worker_idle(count_idle_hook);
+    let (up, _events) = upstream().await;
+    let gw = Gateway::start(config(up), Arc::new(MemoryAccessLog::new())).unwrap();
+    let addr = gw.listener_addrs()[0];
+    // Wake the worker many times in a short while: the hook runs on idle, but at most every
+    // 100 ms.
+    let started = tokio::time::Instant::now();
+    for _ in 0..50 {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /fast HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0);
+    }
+    // A worker with nothing to do still wakes once a second (the upstream pool sweep), so the
+    // hook runs soon after the last request even when that came within the 100 ms.
+    let waited = tokio::time::Instant::now();
+    while IDLE_HOOK_RUNS.load(Ordering::Relaxed) == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(3),
+            "the hook never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let runs = IDLE_HOOK_RUNS.load(Ordering::Relaxed);
+    let most = started.elapsed().as_millis() as usize / 100 + 1;
+    assert!(runs <= most, "{runs} runs in {:?}", started.elapsed());
+    drop(gw);
+}
