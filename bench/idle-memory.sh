@@ -35,14 +35,11 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=lib.sh
+source "$ROOT/bench/lib.sh"
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then
-  log "building tether and the harness (release)"
-  # Two builds, so the harness's dependencies cannot change the features tether is built with.
-  (cd "$ROOT" && cargo build --release --quiet --bin tether && cargo build --release --quiet -p compare-harness)
-fi
+if [ "$BUILD" = 1 ]; then build_release; fi
 BIN="$CARGO_TARGET_DIR/release"
 CLIENT="$BIN/compare-client"
 [ ${#BINS[@]} -gt 0 ] || BINS=("tether=$BIN/tether")
@@ -59,51 +56,6 @@ if [ $((N + 500)) -gt "$NOFILE" ]; then
 fi
 
 RUN=$(mktemp -d /tmp/tether-idle-mem.XXXXXX)
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do
-    for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$p" 2>/dev/null || true
-    wait "$p" 2>/dev/null || true
-  done
-  PIDS=()
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-stop_pid() {
-  local pid=$1 keep=() p
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  for p in "${PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-
-wait_port() {
-  local port=$1 pid=$2
-  for _ in $(seq 1 100); do
-    kill -0 "$pid" 2>/dev/null || { echo "idle-memory.sh: process $pid exited before listening" >&2; return 1; }
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "idle-memory.sh: nothing listens on $port after 5 s" >&2
-  return 1
-}
-
-# FIELD PID: sum of FIELD (kB) from /proc/PID/status over the process and its children.
-sum_status() {
-  local total=0 p v
-  for p in "$2" $(pgrep -P "$2" 2>/dev/null || true); do
-    v=$(awk -v f="$1:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-    total=$((total + ${v:-0}))
-  done
-  echo "$total"
-}
-
 read -r BPORT < <("$CLIENT" free-ports 1)
 "$BIN/compare-backend" --listen "127.0.0.1:$BPORT" --threads 2 >"$RUN/backend.log" 2>&1 &
 PIDS+=($!)

@@ -26,7 +26,8 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=lib.sh
+source "$ROOT/bench/lib.sh"
 
 need=()
 command -v valgrind >/dev/null || need+=(valgrind)
@@ -41,20 +42,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then
-  log "building tether and the harness (release)"
-  (cd "$ROOT" && cargo build --release --quiet --bin tether && cargo build --release --quiet -p compare-harness)
-fi
+if [ "$BUILD" = 1 ]; then build_release; fi
 BIN="$CARGO_TARGET_DIR/release"
 
 RUN=$(mktemp -d /tmp/tether-instr.XXXXXX)
-PIDS=()
-cleanup() {
-  local p
-  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-}
-trap cleanup EXIT
 
 mapfile -t ports < <("$BIN/compare-client" free-ports 3)
 BPORT=${ports[0]}

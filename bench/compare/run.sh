@@ -34,47 +34,17 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$MODE" = quick ]; then
-  ROUNDS=1; T_LOAD=2; T_STREAM=2; CANCEL_N=20; MIX_S=2; IDLE_N=2000; T_CPU=2; T_PERF=2
+  ROUNDS=1; T_LOAD=2; T_STREAM=2; CANCEL_N=20; MIX_S=2; IDLE_N=2000; IDLE_SETTLE=2; T_CPU=2; T_PERF=2
   WASTE_CASES="h1-h1 h2-h1"; CPU_CASES="h1"
 else
-  ROUNDS=2; T_LOAD=6; T_STREAM=5; CANCEL_N=100; MIX_S=6; IDLE_N=10000; T_CPU=5; T_PERF=4
+  ROUNDS=2; T_LOAD=6; T_STREAM=5; CANCEL_N=100; MIX_S=6; IDLE_N=10000; IDLE_SETTLE=5; T_CPU=5; T_PERF=4
   WASTE_CASES="h1-h1 h2-h1 h2-h2"; CPU_CASES="h1 h2"
 fi
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# shellcheck source=../lib.sh
+source "$ROOT/bench/lib.sh"
 STARTED=$(date +%s)
-
-# ---------------------------------------------------------------------------------------------
-# Cleanup: every process this script starts is recorded here and stopped on exit.
-PIDS=()
 RUN=$(mktemp -d /tmp/tether-compare.XXXXXX)
-cleanup() {
-  local pid
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  PIDS=()
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-forget_pid() {
-  local keep=() p
-  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
-  PIDS=("${keep[@]}")
-}
-
-stop_pid() {
-  local pid=$1
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  forget_pid "$pid"
-}
 
 # ---------------------------------------------------------------------------------------------
 # Tools.
@@ -112,11 +82,7 @@ if command -v perf >/dev/null && perf stat -e task-clock true >/dev/null 2>&1; t
 # ---------------------------------------------------------------------------------------------
 # Build.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then
-  log "building tether and the harness (release; the first build takes several minutes)"
-  # Two builds, so the harness's dependencies cannot change the features tether is built with.
-  (cd "$ROOT" && cargo build --release --quiet --bin tether && cargo build --release --quiet -p compare-harness)
-fi
+if [ "$BUILD" = 1 ]; then build_release; fi
 BIN="$CARGO_TARGET_DIR/release"
 TETHER="$BIN/tether"
 CLIENT="$BIN/compare-client"
@@ -134,29 +100,6 @@ fi
 CLK_TCK=$(getconf CLK_TCK)
 
 free_ports() { "$CLIENT" free-ports "$1"; }
-
-wait_port() {
-  local port=$1 pid=$2
-  for _ in $(seq 1 100); do
-    kill -0 "$pid" 2>/dev/null || { echo "run.sh: process $pid exited before listening on $port" >&2; return 1; }
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "run.sh: nothing listens on $port after 5 s" >&2
-  return 1
-}
-
-# The pid and its direct children (nginx: master and workers).
-tree() { echo "$1"; pgrep -P "$1" 2>/dev/null || true; }
-
-sum_status() { # FIELD PID: sum of FIELD (kB) over the process tree
-  local total=0 p v
-  for p in $(tree "$2"); do
-    v=$(awk -v f="$1:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-    total=$((total + ${v:-0}))
-  done
-  echo "$total"
-}
 
 cpu_ticks() { # PID: utime+stime over the process tree
   local total=0 p v
@@ -451,7 +394,7 @@ scenario_waste() {
 
 # 5. RSS per idle keep-alive connection.
 scenario_idle() {
-  local proxy before after ready cpid open m
+  local proxy before early after ready cpid open m
   # direct: the backend itself (hyper), a reference for what a hyper server costs per connection.
   for proxy in direct "${LIST[@]}"; do
     start_proxy "$proxy"
@@ -465,14 +408,18 @@ scenario_idle() {
     cpid=$!
     PIDS+=("$cpid")
     for _ in $(seq 1 600); do [ -f "$ready" ] && break; kill -0 "$cpid" 2>/dev/null || break; sleep 0.1; done
+    # Read 1 s after the last connection opened, and again once the connections have been idle
+    # for IDLE_SETTLE s: memory an allocator frees late after the burst shows in the first only.
     sleep 1
+    early=$(sum_status VmRSS "$PROXY_PID")
+    sleep $((IDLE_SETTLE - 1))
     after=$(sum_status VmRSS "$PROXY_PID")
     stop_pid "$cpid"
     if [ -f "$ready" ]; then
       open=$(sed 's/.*"open":\([0-9]*\).*/\1/' "$ready")
-      m=$(awk -v b="$before" -v a="$after" -v n="$open" -v req="$IDLE_N" 'BEGIN{
-        printf "{\"requested\":%d,\"open\":%d,\"rss_before_mib\":%.1f,\"rss_after_mib\":%.1f,\"per_conn_kib\":%s}",
-          req, n, b/1024, a/1024, (n > 0 ? sprintf("%.2f", (a-b)/n) : "null") }')
+      m=$(awk -v b="$before" -v e="$early" -v a="$after" -v n="$open" -v req="$IDLE_N" 'BEGIN{
+        printf "{\"requested\":%d,\"open\":%d,\"rss_before_mib\":%.1f,\"rss_after_mib\":%.1f,\"per_conn_kib\":%s,\"per_conn_kib_1s\":%s}",
+          req, n, b/1024, a/1024, (n > 0 ? sprintf("%.2f", (a-b)/n) : "null"), (n > 0 ? sprintf("%.2f", (e-b)/n) : "null") }')
       emit idle "$proxy" h1 1 "$m"
     fi
     stop_proxy

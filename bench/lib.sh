@@ -1,0 +1,73 @@
+# Shared by the benchmark scripts: logging, the processes a script starts (stopped by pid on
+# exit), waiting for a port, memory of a process tree, and the release build.
+#
+#   ROOT=... ; source "$ROOT/bench/lib.sh"
+#
+# Messages name the calling script.
+SELF=$(basename "$0")
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# Every process a script starts goes into PIDS; all are stopped on exit.
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() {
+  local keep=() p
+  for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+}
+
+# PID: stops it (TERM, then KILL after 5 s) and forgets it.
+stop_pid() {
+  local pid=$1
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  forget_pid "$pid"
+}
+
+# PORT PID: waits up to 5 s for PORT on 127.0.0.1 to accept, failing if PID exits first.
+wait_port() {
+  local port=$1 pid=$2
+  for _ in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || { echo "$SELF: process $pid exited before listening on $port" >&2; return 1; }
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "$SELF: nothing listens on $port after 5 s" >&2
+  return 1
+}
+
+# PID: the pid and its direct children (nginx: master and workers).
+tree() { echo "$1"; pgrep -P "$1" 2>/dev/null || true; }
+
+# FIELD PID: sum of FIELD (kB) from /proc/PID/status over the process tree.
+sum_status() {
+  local total=0 p v
+  for p in $(tree "$2"); do
+    v=$(awk -v f="$1:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+    total=$((total + ${v:-0}))
+  done
+  echo "$total"
+}
+
+# Builds tether and the harness in release mode into $CARGO_TARGET_DIR (default: target/).
+# Two builds, so the harness's dependencies cannot change the features tether is built with.
+build_release() {
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+  log "building tether and the harness (release; the first build takes several minutes)"
+  (cd "$ROOT" && cargo build --release --quiet --bin tether && cargo build --release --quiet -p compare-harness)
+}
