@@ -112,8 +112,14 @@ async fn proxy(
     req: Request<Incoming>,
     mut t: Tracker,
 ) -> Response<ProxyBody> {
-    let host = (!t.rec.authority.is_empty()).then_some(t.rec.authority.as_str());
-    let Some(route) = listener.router.select(host, req.uri().path()) else {
+    // A copy that shares the text, so it is read as a `str` once (a Host header's is checked
+    // again when read) while the record changes.
+    let authority = t.rec.authority.clone();
+    let host = authority.as_str();
+    let Some(route) = listener
+        .router
+        .select((!host.is_empty()).then_some(host), req.uri().path())
+    else {
         t.stage = Stage::Route;
         return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
     };
@@ -135,7 +141,7 @@ async fn proxy(
 
     let idle = route.timeouts.idle;
     let (mut up_req, id_value) =
-        match build_upstream_request(req, conn, listener, upstream, trusted, idle, &mut t) {
+        match build_upstream_request(req, host, conn, listener, upstream, trusted, idle, &mut t) {
             Ok(r) => r,
             Err(e) => return fail(t, e),
         };
@@ -431,8 +437,11 @@ impl Replay {
     }
 }
 
+// One call site; the arguments are the parts of the request it is built from.
+#[allow(clippy::too_many_arguments)]
 fn build_upstream_request(
     req: Request<Incoming>,
+    host: &str,
     conn: &Conn,
     listener: &ListenerShared,
     upstream: &Upstream,
@@ -441,7 +450,6 @@ fn build_upstream_request(
     t: &mut Tracker,
 ) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let host = t.rec.authority.as_str();
     headers::strip_hop_by_hop(&mut parts.headers, true);
     if !trusted {
         // Anyone can claim to be a proxy: forwarding headers from an untrusted peer are lies
