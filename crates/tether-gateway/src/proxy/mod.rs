@@ -140,11 +140,21 @@ async fn proxy(
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
     let idle = route.timeouts.idle;
-    let (mut up_req, id_value) =
-        match build_upstream_request(req, host, conn, listener, upstream, trusted, idle, &mut t) {
-            Ok(r) => r,
-            Err(e) => return fail(t, e),
-        };
+    let budget_header = route.budget_header.as_ref();
+    let (mut up_req, id_value, budget_sent) = match build_upstream_request(
+        req,
+        host,
+        budget_header,
+        conn,
+        listener,
+        upstream,
+        trusted,
+        idle,
+        &mut t,
+    ) {
+        Ok(r) => r,
+        Err(e) => return fail(t, e),
+    };
     let ids = trace_context::apply(up_req.headers_mut(), route.trace_context);
     t.rec.trace_id = ids.trace_id;
     t.rec.span_id = ids.span_id;
@@ -214,12 +224,11 @@ async fn proxy(
 
         // The budget is what is left now, after any backoff and connect time, so the upstream
         // never believes it has more time than the request really has.
-        deadline::stamp(
-            up_req.headers_mut(),
-            route.budget_header.as_ref(),
-            &t.ctx,
-            grpc,
-        );
+        // Without a deadline, stamping only removes a budget header the client sent: skipped
+        // when there is none (a lookup saved).
+        if budget_sent || grpc || t.ctx.deadline().is_some() {
+            deadline::stamp(up_req.headers_mut(), budget_header, &t.ctx, grpc);
+        }
 
         // Send and wait for the response head.
         t.stage = Stage::FirstByte;
@@ -320,8 +329,14 @@ async fn proxy(
     t.stage = Stage::Body;
     let (mut parts, body) = resp.into_parts();
     t.rec.status = parts.status.as_u16();
-    let keep_alive = crate::upstream::pool::keep_alive_timeout(&parts.headers);
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    // `Keep-Alive` is hop-by-hop: without any, there is nothing to look up.
+    let keep_alive = if headers::scan(&parts.headers, None).hop_by_hop {
+        let k = crate::upstream::pool::keep_alive_timeout(&parts.headers);
+        headers::remove_hop_by_hop(&mut parts.headers, false);
+        k
+    } else {
+        None
+    };
     parts.version = Version::HTTP_11;
     if let Some(v) = id_value {
         parts.headers.insert(REQUEST_ID, v);
@@ -442,20 +457,25 @@ impl Replay {
 fn build_upstream_request(
     req: Request<Incoming>,
     host: &str,
+    budget_header: Option<&http::HeaderName>,
     conn: &Conn,
     listener: &ListenerShared,
     upstream: &Upstream,
     trusted: bool,
     idle: Option<std::time::Duration>,
     t: &mut Tracker,
-) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
+) -> Result<(Request<RequestBody>, Option<HeaderValue>, bool), ProxyError> {
     let (mut parts, body) = req.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers, true);
-    if !trusted {
+    let found = headers::scan(&parts.headers, budget_header);
+    if found.hop_by_hop {
+        headers::remove_hop_by_hop(&mut parts.headers, true);
+    }
+    if !trusted && found.forwarding {
         // Anyone can claim to be a proxy: forwarding headers from an untrusted peer are lies
         // until proven otherwise.
-        headers::strip_forwarding(&mut parts.headers);
+        headers::remove_forwarding(&mut parts.headers);
     }
+
     headers::add_forwarding_for(
         &mut parts.headers,
         conn.forwarding(),
@@ -506,7 +526,7 @@ fn build_upstream_request(
         idle,
         listener.limits.max_body_bytes,
     );
-    Ok((Request::from_parts(parts, body), id_value))
+    Ok((Request::from_parts(parts, body), id_value, found.extra))
 }
 
 /// The request id as a header value that shares the id's text.
