@@ -421,18 +421,20 @@ fn needs_escape(s: &[u8]) -> bool {
     let special = |w: u64| {
         any_below(w, 0x20) || any_below(w ^ (ONES * 0x22), 1) || any_below(w ^ (ONES * 0x5c), 1)
     };
-    let mut chunks = s.chunks_exact(8);
-    for c in &mut chunks {
+    let word = |c: &[u8]| {
         let mut w = [0u8; 8];
         w.copy_from_slice(c);
-        if special(u64::from_ne_bytes(w)) {
-            return true;
-        }
+        u64::from_ne_bytes(w)
+    };
+    if s.len() < 8 {
+        return s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
     }
-    chunks
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    let mut chunks = s.chunks_exact(8);
+    if chunks.any(|c| special(word(c))) {
+        return true;
+    }
+    // The last eight bytes, overlapping the last whole word: no byte-by-byte tail.
+    !chunks.remainder().is_empty() && special(word(&s[s.len() - 8..]))
 }
 
 /// Writes `s` (UTF-8) as a JSON string literal (RFC 8259 §7).
@@ -463,31 +465,59 @@ fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
     out.push(b'"');
 }
 
+/// Each octet's digits followed by a dot, and how many bytes of that are used.
+const OCTETS: [([u8; 4], usize); 256] = {
+    let mut table = [([0u8; 4], 0usize); 256];
+    let mut i = 0;
+    while i < 256 {
+        let v = i as u8;
+        let mut text = [0u8; 4];
+        let mut n = 0;
+        if v >= 100 {
+            text[n] = b'0' + v / 100;
+            n += 1;
+        }
+        if v >= 10 {
+            text[n] = b'0' + v / 10 % 10;
+            n += 1;
+        }
+        text[n] = b'0' + v % 10;
+        text[n + 1] = b'.';
+        table[i] = (text, n + 2);
+        i += 1;
+    }
+    table
+};
+
 /// Writes `a` as `ip:port` (IPv6 in brackets), as `Display` does, without a formatter pass for
 /// the common IPv4 case.
 fn write_addr(out: &mut Vec<u8>, a: &SocketAddr) {
     match a {
         SocketAddr::V4(v4) => {
-            // "255.255.255.255:" is 16 bytes: built on the stack, copied once.
-            let mut buf = [0u8; 16];
+            // "255.255.255.255:65535" is 21 bytes: built on the stack from a table, copied once.
+            let mut buf = [0u8; 24];
             let mut n = 0;
             for octet in v4.ip().octets() {
-                if octet >= 100 {
-                    buf[n] = b'0' + octet / 100;
-                    n += 1;
-                }
-                if octet >= 10 {
-                    buf[n] = b'0' + octet / 10 % 10;
-                    n += 1;
-                }
-                buf[n] = b'0' + octet % 10;
-                buf[n + 1] = b'.';
-                n += 2;
+                let (text, len) = OCTETS[usize::from(octet)];
+                buf[n..n + 4].copy_from_slice(&text);
+                n += len;
             }
             // The last dot becomes the colon.
             buf[n - 1] = b':';
-            out.extend_from_slice(&buf[..n]);
-            out.extend_from_slice(itoa::Buffer::new().format(v4.port()).as_bytes());
+            let mut port = v4.port();
+            let len = match port {
+                0..=9 => 1,
+                10..=99 => 2,
+                100..=999 => 3,
+                1000..=9999 => 4,
+                _ => 5,
+            };
+            for i in (n..n + len).rev() {
+                // One decimal digit.
+                buf[i] = b'0' + (port % 10) as u8;
+                port /= 10;
+            }
+            out.extend_from_slice(&buf[..n + len]);
         }
         SocketAddr::V6(_) => {
             let _ = write!(out, "{a}");
@@ -719,6 +749,14 @@ mod tests {
             "255.255.255.255:65535",
             "127.0.0.1:8080",
             "10.20.3.4:443",
+            "1.22.133.4:9",
+            "100.10.1.0:10",
+            "9.99.199.255:99",
+            "0.0.0.1:100",
+            "1.2.3.4:999",
+            "1.2.3.4:1000",
+            "1.2.3.4:9999",
+            "1.2.3.4:10000",
             "[::1]:8080",
             "[2001:db8::7]:1",
         ] {
