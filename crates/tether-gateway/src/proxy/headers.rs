@@ -116,7 +116,11 @@ pub fn remove_forwarding(headers: &mut HeaderMap) {
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&str>) {
-    add_forwarding_for(headers, &ClientForwarding::new(client, tls), host);
+    add_forwarding_for(
+        headers,
+        &ClientForwarding::new(client, tls),
+        host.map(str::as_bytes),
+    );
 }
 
 /// The forwarding text of one client connection, made once and used for each of its requests.
@@ -149,7 +153,8 @@ impl ClientForwarding {
 }
 
 /// [`add_forwarding`] with the connection's text made beforehand.
-pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, host: Option<&str>) {
+/// The host is taken as bytes, as the request carries it.
+pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, host: Option<&[u8]>) {
     // One lookup for both reading and writing the header.
     match headers.entry(X_FORWARDED_FOR) {
         header::Entry::Occupied(mut e) => {
@@ -174,15 +179,15 @@ pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, ho
     }
     // Only what fits a quoted-string unescaped: a `"` or `\` would end it or escape its end.
     let host = host.filter(|h| {
-        h.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        h.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
-    let mut fwd = String::with_capacity(client.node.len() + host.map_or(0, |h| h.len() + 8));
-    fwd.push_str(&client.node);
+    let mut fwd = Vec::with_capacity(client.node.len() + host.map_or(0, |h| h.len() + 8));
+    fwd.extend_from_slice(client.node.as_bytes());
     if let Some(h) = host {
-        fwd.push_str(";host=\"");
-        fwd.push_str(h);
-        fwd.push('"');
+        fwd.extend_from_slice(b";host=\"");
+        fwd.extend_from_slice(h);
+        fwd.push(b'"');
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
         headers.append(header::FORWARDED, v);

@@ -112,13 +112,13 @@ async fn proxy(
     req: Request<Incoming>,
     mut t: Tracker,
 ) -> Response<ProxyBody> {
-    // A copy that shares the text, so it is read as a `str` once (a Host header's is checked
-    // again when read) while the record changes.
+    // A copy that shares the text, kept while the record changes; read as bytes (a Host header's
+    // text would be checked as UTF-8 again).
     let authority = t.rec.authority.clone();
-    let host = authority.as_str();
+    let host = authority.as_bytes();
     let Some(route) = listener
         .router
-        .select((!host.is_empty()).then_some(host), req.uri().path())
+        .select_host((!host.is_empty()).then_some(host), req.uri().path())
     else {
         t.stage = Stage::Route;
         return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
@@ -272,8 +272,10 @@ async fn proxy(
                     attempt += 1;
                     continue;
                 }
-                t.rec.upstream_first_byte = Some(sent_at.elapsed());
-                t.head_at = Some(Instant::now());
+                // One clock read for both.
+                let head_at = Instant::now();
+                t.rec.upstream_first_byte = Some(head_at.saturating_duration_since(sent_at));
+                t.head_at = Some(head_at);
                 break (r, pool, ep_idx);
             }
             Head::Cancelled(reason) => return cancelled(t, reason),
@@ -456,7 +458,7 @@ impl Replay {
 #[allow(clippy::too_many_arguments)]
 fn build_upstream_request(
     req: Request<Incoming>,
-    host: &str,
+    host: &[u8],
     budget_header: Option<&http::HeaderName>,
     conn: &Conn,
     listener: &ListenerShared,
@@ -496,7 +498,7 @@ fn build_upstream_request(
     };
     if upstream.protocol.is_h2() {
         let scheme = if upstream.is_tls() { "https" } else { "http" };
-        let authority = if host.is_empty() { "localhost" } else { host };
+        let authority: &[u8] = if host.is_empty() { b"localhost" } else { host };
         parts.uri = Uri::builder()
             .scheme(scheme)
             .authority(authority)
@@ -511,7 +513,7 @@ fn build_upstream_request(
         parts.uri = Uri::from_parts(uri).map_err(|e| bad(e.into()))?;
         if !parts.headers.contains_key(HOST)
             && !host.is_empty()
-            && let Ok(v) = HeaderValue::from_str(host)
+            && let Ok(v) = HeaderValue::from_bytes(host)
         {
             parts.headers.insert(HOST, v);
         }
