@@ -82,11 +82,16 @@ impl Router {
 
     /// The first route matching `host` (port ignored, case-insensitive) and `path`.
     pub fn select(&self, host: Option<&str>, path: &str) -> Option<&Route> {
+        self.select_host(host.map(str::as_bytes), path)
+    }
+
+    /// [`Router::select`] with the host as bytes (as a request carries it: no UTF-8 check).
+    pub fn select_host(&self, host: Option<&[u8]>, path: &str) -> Option<&Route> {
         let host = host.map(strip_port);
         self.routes.iter().find(|r| {
             let host_ok = match (&r.host, host) {
                 (None, _) => true,
-                (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+                (Some(want), Some(have)) => want.as_bytes().eq_ignore_ascii_case(have),
                 (Some(_), None) => false,
             };
             host_ok && prefix_matches(&r.prefix, path)
@@ -94,13 +99,13 @@ impl Router {
     }
 }
 
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
+fn strip_port(host: &[u8]) -> &[u8] {
+    if let Some(rest) = host.strip_prefix(b"[") {
         // [v6]:port
-        return rest.split(']').next().unwrap_or(rest);
+        return rest.split(|&b| b == b']').next().unwrap_or(rest);
     }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+    match host.iter().rposition(|&b| b == b':') {
+        Some(i) if host[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
         _ => host,
     }
 }

@@ -160,9 +160,17 @@ impl RequestText {
         }
     }
 
+    /// The text's bytes, without re-reading a header value as UTF-8.
+    pub fn as_bytes(&self) -> &[u8] {
+        match &self.0 {
+            TextRepr::Header(v) => v.as_bytes(),
+            _ => self.as_str().as_bytes(),
+        }
+    }
+
     /// Whether the text is empty.
     pub fn is_empty(&self) -> bool {
-        self.as_str().is_empty()
+        self.as_bytes().is_empty()
     }
 }
 
@@ -254,14 +262,23 @@ impl RequestRecord {
 
     /// The record as a JSON object. Durations are in microseconds (`*_us`).
     pub fn to_json(&self) -> Value {
-        let mut line = String::new();
-        self.write_json(&mut line);
-        serde_json::from_str(&line).unwrap_or(Value::Null)
+        let mut line = Vec::new();
+        self.write_json_bytes(&mut line);
+        serde_json::from_slice(&line).unwrap_or(Value::Null)
     }
 
-    /// Appends the record as one JSON object (no newline) to `out`. Written field by field into
-    /// the caller's buffer: this runs once per request, so it builds no intermediate map.
+    /// Appends the record as one JSON object (no newline) to `out`.
     pub fn write_json(&self, out: &mut String) {
+        let mut bytes = Vec::new();
+        self.write_json_bytes(&mut bytes);
+        // Only ever UTF-8: every value is escaped text or ASCII.
+        out.push_str(&String::from_utf8_lossy(&bytes));
+    }
+
+    /// Appends the record as one JSON object (no newline, UTF-8) to `out`. Written field by field
+    /// into the caller's buffer: this runs once per request, so it builds no intermediate map, and
+    /// it writes bytes, so nothing is re-checked as UTF-8.
+    pub fn write_json_bytes(&self, out: &mut Vec<u8>) {
         let unix_ms = self
             .time
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -270,169 +287,242 @@ impl RequestRecord {
         // Each key comes with its separator and quotes as one literal: one copy per field.
         macro_rules! k {
             ($name:literal) => {
-                concat!(",\"", $name, "\":")
+                concat!(",\"", $name, "\":").as_bytes()
             };
         }
         out.reserve(1024);
         let mut o = JsonObject { out };
-        o.num("{\"time_unix_ms\":", Some(unix_ms));
-        o.str(k!("request_id"), Some(&*self.request_id));
+        o.num(b"{\"time_unix_ms\":", Some(unix_ms));
+        o.str(k!("request_id"), Some(self.request_id.as_bytes()));
         o.addr(k!("client"), Some(&self.client));
         o.addr(k!("local"), Some(&self.local));
-        o.str(k!("protocol"), Some(self.protocol));
-        o.str(k!("method"), self.method.as_ref().map(http::Method::as_str));
-        o.str(k!("authority"), Some(self.authority.as_str()));
-        o.str(k!("path"), Some(self.path.as_str()));
+        o.label(k!("protocol"), Some(self.protocol));
+        // A method is a token (RFC 9110 §9.1): nothing in it needs escaping.
+        o.label(k!("method"), self.method.as_ref().map(http::Method::as_str));
+        o.str(k!("authority"), Some(self.authority.as_bytes()));
+        o.str(k!("path"), Some(self.path.as_bytes()));
         o.num(k!("status"), Some(u64::from(self.status)));
         o.num(k!("bytes_sent"), Some(self.bytes_sent));
         o.num(k!("bytes_received"), Some(self.bytes_received));
         o.num(k!("duration_us"), Some(micros(self.duration)));
-        o.str(k!("route"), self.route.as_deref());
-        o.str(k!("upstream"), self.upstream.as_deref());
+        o.str(k!("route"), self.route.as_deref().map(str::as_bytes));
+        o.str(k!("upstream"), self.upstream.as_deref().map(str::as_bytes));
         o.addr(k!("upstream_addr"), self.upstream_addr.as_ref());
         o.addr(k!("upstream_local"), self.upstream_local.as_ref());
-        o.str(k!("upstream_protocol"), self.upstream_protocol);
-        o.str(k!("outcome"), Some(self.outcome.as_str()));
-        o.str(k!("abort_reason"), self.abort_reason.map(|r| r.as_str()));
-        o.str(k!("stage"), self.stage);
-        for (k, v) in [
-            (k!("upstream_connect_us"), self.upstream_connect),
-            (k!("upstream_first_byte_us"), self.upstream_first_byte),
-            (k!("upstream_time_us"), self.upstream_time),
-            (k!("propagation_us"), self.propagation),
-            (k!("dns_us"), self.timings.dns),
-            (k!("connect_us"), self.timings.connect),
-            (k!("tls_us"), self.timings.tls),
-            (k!("send_us"), self.timings.send),
-            (k!("first_byte_us"), self.timings.first_byte),
-            (k!("body_us"), self.timings.body),
-        ] {
-            o.num(k, v.map(micros));
-        }
+        o.label(k!("upstream_protocol"), self.upstream_protocol);
+        o.label(k!("outcome"), Some(self.outcome.as_str()));
+        o.label(k!("abort_reason"), self.abort_reason.map(|r| r.as_str()));
+        o.label(k!("stage"), self.stage);
+        o.num(k!("upstream_connect_us"), self.upstream_connect.map(micros));
+        o.num(
+            k!("upstream_first_byte_us"),
+            self.upstream_first_byte.map(micros),
+        );
+        o.num(k!("upstream_time_us"), self.upstream_time.map(micros));
+        o.num(k!("propagation_us"), self.propagation.map(micros));
+        o.num(k!("dns_us"), self.timings.dns.map(micros));
+        o.num(k!("connect_us"), self.timings.connect.map(micros));
+        o.num(k!("tls_us"), self.timings.tls.map(micros));
+        o.num(k!("send_us"), self.timings.send.map(micros));
+        o.num(k!("first_byte_us"), self.timings.first_byte.map(micros));
+        o.num(k!("body_us"), self.timings.body.map(micros));
         o.bool(k!("upstream_reused"), self.upstream_reused);
         o.num(k!("retries"), Some(u64::from(self.retries)));
-        o.str(k!("trace_id"), self.trace_id.as_deref());
-        o.str(k!("span_id"), self.span_id.as_deref());
+        o.str(k!("trace_id"), self.trace_id.as_deref().map(str::as_bytes));
+        o.str(k!("span_id"), self.span_id.as_deref().map(str::as_bytes));
         o.end();
     }
 }
 
-/// A JSON object written straight into a `String`. Each `key` is the whole text before the
+/// A JSON object written straight into a byte buffer. Each `key` is the whole text before the
 /// value: the separator, the quoted name and the colon.
+///
+/// Its methods are inlined so that each key, a literal, is copied with its length known: a few
+/// stores instead of a `memcpy` call per field.
 struct JsonObject<'a> {
-    out: &'a mut String,
+    out: &'a mut Vec<u8>,
 }
 
 impl JsonObject<'_> {
-    fn str(&mut self, key: &str, v: Option<&str>) {
-        self.out.push_str(key);
+    /// A string value from a request or the configuration: escaped as needed.
+    #[inline(always)]
+    fn str(&mut self, key: &[u8], v: Option<&[u8]>) {
+        self.out.extend_from_slice(key);
         match v {
             Some(v) => escape_into(self.out, v),
-            None => self.out.push_str("null"),
+            None => self.out.extend_from_slice(b"null"),
         }
     }
 
-    fn addr(&mut self, key: &str, v: Option<&SocketAddr>) {
-        self.out.push_str(key);
+    /// One of tether's own labels, which never need escaping.
+    #[inline(always)]
+    fn label(&mut self, key: &[u8], v: Option<&str>) {
+        self.out.extend_from_slice(key);
         match v {
             Some(v) => {
-                self.out.push('"');
-                write_addr(self.out, v);
-                self.out.push('"');
+                debug_assert!(!needs_escape(v.as_bytes()));
+                self.out.push(b'"');
+                self.out.extend_from_slice(v.as_bytes());
+                self.out.push(b'"');
             }
-            None => self.out.push_str("null"),
+            None => self.out.extend_from_slice(b"null"),
         }
     }
 
-    fn num(&mut self, key: &str, v: Option<u64>) {
-        self.out.push_str(key);
+    #[inline(always)]
+    fn addr(&mut self, key: &[u8], v: Option<&SocketAddr>) {
+        self.out.extend_from_slice(key);
         match v {
-            Some(v) => self.out.push_str(itoa::Buffer::new().format(v)),
-            None => self.out.push_str("null"),
+            Some(v) => {
+                self.out.push(b'"');
+                write_addr(self.out, v);
+                self.out.push(b'"');
+            }
+            None => self.out.extend_from_slice(b"null"),
         }
     }
 
-    fn bool(&mut self, key: &str, v: Option<bool>) {
-        self.out.push_str(key);
-        self.out.push_str(match v {
-            Some(true) => "true",
-            Some(false) => "false",
-            None => "null",
+    #[inline(always)]
+    fn num(&mut self, key: &[u8], v: Option<u64>) {
+        self.out.extend_from_slice(key);
+        match v {
+            Some(v) => self
+                .out
+                .extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+            None => self.out.extend_from_slice(b"null"),
+        }
+    }
+
+    #[inline(always)]
+    fn bool(&mut self, key: &[u8], v: Option<bool>) {
+        self.out.extend_from_slice(key);
+        self.out.extend_from_slice(match v {
+            Some(true) => b"true",
+            Some(false) => b"false",
+            None => b"null",
         });
     }
 
     fn end(self) {
-        self.out.push('}');
+        self.out.push(b'}');
     }
 }
 
-/// Writes `s` as a JSON string literal (RFC 8259 §7).
-fn escape_into(out: &mut String, s: &str) {
-    use std::fmt::Write as _;
-    out.push('"');
-    // Most values (ids, paths, hosts) need no escaping: copy them in one go.
-    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.push_str(s);
-        out.push('"');
+/// Whether any byte of `s` must be escaped in a JSON string: a control character, `"` or `\`.
+/// Eight bytes at a time: most values (ids, paths, hosts) need none, and this runs on each.
+fn needs_escape(s: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `w` is zero (or below `n`, for n <= 0x80): the classic bit trick, exact as to
+    // whether any byte is.
+    fn any_below(w: u64, n: u8) -> bool {
+        w.wrapping_sub(ONES * u64::from(n)) & !w & HIGH != 0
+    }
+    let special = |w: u64| {
+        any_below(w, 0x20) || any_below(w ^ (ONES * 0x22), 1) || any_below(w ^ (ONES * 0x5c), 1)
+    };
+    let word = |c: &[u8]| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        u64::from_ne_bytes(w)
+    };
+    if s.len() < 8 {
+        return s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+    }
+    let mut chunks = s.chunks_exact(8);
+    if chunks.any(|c| special(word(c))) {
+        return true;
+    }
+    // The last eight bytes, overlapping the last whole word: no byte-by-byte tail.
+    !chunks.remainder().is_empty() && special(word(&s[s.len() - 8..]))
+}
+
+/// Writes `s` (UTF-8) as a JSON string literal (RFC 8259 §7).
+fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
+    out.push(b'"');
+    if !needs_escape(s) {
+        out.extend_from_slice(s);
+        out.push(b'"');
         return;
     }
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+    // Multi-byte UTF-8 sequences never contain a byte below 0x80: copied as they are.
+    for &b in s {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b if b < 0x20 => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
             }
-            c => out.push(c),
+            b => out.push(b),
         }
     }
-    out.push('"');
+    out.push(b'"');
 }
+
+/// Each octet's digits followed by a dot, and how many bytes of that are used.
+const OCTETS: [([u8; 4], usize); 256] = {
+    let mut table = [([0u8; 4], 0usize); 256];
+    let mut i = 0;
+    while i < 256 {
+        let v = i as u8;
+        let mut text = [0u8; 4];
+        let mut n = 0;
+        if v >= 100 {
+            text[n] = b'0' + v / 100;
+            n += 1;
+        }
+        if v >= 10 {
+            text[n] = b'0' + v / 10 % 10;
+            n += 1;
+        }
+        text[n] = b'0' + v % 10;
+        text[n + 1] = b'.';
+        table[i] = (text, n + 2);
+        i += 1;
+    }
+    table
+};
 
 /// Writes `a` as `ip:port` (IPv6 in brackets), as `Display` does, without a formatter pass for
 /// the common IPv4 case.
-fn write_addr(out: &mut String, a: &SocketAddr) {
-    use std::fmt::Write as _;
+fn write_addr(out: &mut Vec<u8>, a: &SocketAddr) {
     match a {
         SocketAddr::V4(v4) => {
-            // "255.255.255.255:65535" is 21 bytes: built on the stack digit by digit, copied once.
-            let mut buf = [0u8; 21];
+            // "255.255.255.255:65535" is 21 bytes: built on the stack from a table, copied once.
+            let mut buf = [0u8; 24];
             let mut n = 0;
-            for (i, octet) in v4.ip().octets().into_iter().enumerate() {
-                if i > 0 {
-                    buf[n] = b'.';
-                    n += 1;
-                }
-                n = put_decimal(&mut buf, n, u32::from(octet));
+            for octet in v4.ip().octets() {
+                let (text, len) = OCTETS[usize::from(octet)];
+                buf[n..n + 4].copy_from_slice(&text);
+                n += len;
             }
-            buf[n] = b':';
-            n = put_decimal(&mut buf, n + 1, u32::from(v4.port()));
-            out.push_str(std::str::from_utf8(&buf[..n]).unwrap_or_default());
+            // The last dot becomes the colon.
+            buf[n - 1] = b':';
+            let mut port = v4.port();
+            let len = match port {
+                0..=9 => 1,
+                10..=99 => 2,
+                100..=999 => 3,
+                1000..=9999 => 4,
+                _ => 5,
+            };
+            for i in (n..n + len).rev() {
+                // One decimal digit.
+                buf[i] = b'0' + (port % 10) as u8;
+                port /= 10;
+            }
+            out.extend_from_slice(&buf[..n + len]);
         }
         SocketAddr::V6(_) => {
             let _ = write!(out, "{a}");
         }
     }
-}
-
-/// Writes `v` (at most 65535) in decimal at `buf[n..]`; returns the new end.
-fn put_decimal(buf: &mut [u8; 21], mut n: usize, v: u32) -> usize {
-    let mut div = 10_000;
-    let mut started = false;
-    while div > 0 {
-        let d = (v / div) % 10;
-        if d != 0 || started || div == 1 {
-            // `d` is one decimal digit.
-            buf[n] = b'0' + d as u8;
-            n += 1;
-            started = true;
-        }
-        div /= 10;
-    }
-    n
 }
 
 fn micros(d: Duration) -> u64 {
@@ -457,7 +547,7 @@ pub trait AccessLog: Send + Sync + fmt::Debug + 'static {
 /// writes every line as it comes.
 #[derive(Debug)]
 pub struct LineSink {
-    pending: Mutex<String>,
+    pending: Mutex<Vec<u8>>,
     out: Mutex<Output>,
     buffer_bytes: usize,
 }
@@ -466,7 +556,7 @@ pub struct LineSink {
 struct Output {
     target: Target,
     /// The batch being written; swapped with `pending` so both keep their capacity.
-    batch: String,
+    batch: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -497,10 +587,10 @@ impl LineSink {
 
     fn new(target: Target) -> LineSink {
         LineSink {
-            pending: Mutex::new(String::new()),
+            pending: Mutex::new(Vec::new()),
             out: Mutex::new(Output {
                 target,
-                batch: String::new(),
+                batch: Vec::new(),
             }),
             buffer_bytes: DEFAULT_BUFFER_BYTES,
         }
@@ -514,15 +604,15 @@ impl LineSink {
 
     /// Appends a line and a newline.
     pub fn write_line(&self, line: &str) {
-        self.append_with(|out| out.push_str(line));
+        self.append_with(|out| out.extend_from_slice(line.as_bytes()));
     }
 
-    /// Appends the line `write` produces (it must not write a newline), then a newline.
-    pub fn append_with(&self, write: impl FnOnce(&mut String)) {
+    /// Appends the line `write` produces (UTF-8, without a newline), then a newline.
+    pub fn append_with(&self, write: impl FnOnce(&mut Vec<u8>)) {
         let full = {
             let mut p = lock(&self.pending);
             write(&mut p);
-            p.push('\n');
+            p.push(b'\n');
             p.len() >= self.buffer_bytes
         };
         if full {
@@ -544,7 +634,7 @@ impl LineSink {
             }
             std::mem::swap(&mut *p, &mut out.batch);
         }
-        let bytes = out.batch.as_bytes();
+        let bytes = &out.batch[..];
         let _ = match &mut out.target {
             Target::Stdout => std::io::stdout().lock().write_all(bytes),
             Target::File(f) => f.write_all(bytes),
@@ -574,7 +664,7 @@ impl JsonLines {
 
 impl AccessLog for JsonLines {
     fn record(&self, rec: &RequestRecord) {
-        self.out.append_with(|line| rec.write_json(line));
+        self.out.append_with(|line| rec.write_json_bytes(line));
     }
 
     fn flush(&self) {
@@ -659,14 +749,49 @@ mod tests {
             "255.255.255.255:65535",
             "127.0.0.1:8080",
             "10.20.3.4:443",
+            "1.22.133.4:9",
+            "100.10.1.0:10",
+            "9.99.199.255:99",
+            "0.0.0.1:100",
+            "1.2.3.4:999",
+            "1.2.3.4:1000",
+            "1.2.3.4:9999",
+            "1.2.3.4:10000",
             "[::1]:8080",
             "[2001:db8::7]:1",
         ] {
             let a: SocketAddr = a.parse().unwrap();
-            let mut out = String::new();
+            let mut out = Vec::new();
             write_addr(&mut out, &a);
-            assert_eq!(out, a.to_string());
+            assert_eq!(String::from_utf8(out).unwrap(), a.to_string());
         }
+    }
+
+    #[test]
+    fn needs_escape_matches_a_byte_by_byte_check() {
+        let slow = |s: &[u8]| s.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        // Every byte value at every position of strings around the word size.
+        for len in 1..=17 {
+            for pos in 0..len {
+                for b in 0..=255u8 {
+                    let mut s = vec![b'a'; len];
+                    s[pos] = b;
+                    assert_eq!(needs_escape(&s), slow(&s), "{s:?}");
+                }
+            }
+        }
+        assert!(!needs_escape(b""));
+        assert!(!needs_escape("é/path?x=ü&y=~".as_bytes()));
+    }
+
+    #[test]
+    fn escapes_as_before() {
+        let mut out = Vec::new();
+        escape_into(&mut out, "a\"b\\c\n\r\t\u{1}\u{1f}é\u{7f}".as_bytes());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "\"a\\\"b\\\\c\\n\\r\\t\\u0001\\u001fé\u{7f}\""
+        );
     }
 
     #[test]

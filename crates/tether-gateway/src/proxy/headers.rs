@@ -17,16 +17,63 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
+/// Forwarding headers, which only a trusted peer may set.
+const FORWARDING: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    header::FORWARDED,
+    X_FORWARDED_PROTO,
+    HeaderName::from_static("x-forwarded-host"),
+];
+
+/// What one pass over a message's header names found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    /// A hop-by-hop header (one of [`strip_hop_by_hop`]'s).
+    pub hop_by_hop: bool,
+    /// A forwarding header (one of [`strip_forwarding`]'s).
+    pub forwarding: bool,
+    /// The caller's `extra` name.
+    pub extra: bool,
+}
+
+/// One pass over the names, without hashing: most messages carry no hop-by-hop or forwarding
+/// header, and this settles it (and whether `extra` is there) for all of them at once.
+pub fn scan(headers: &HeaderMap, extra: Option<&HeaderName>) -> Found {
+    let mut found = Found::default();
+    for n in headers.keys() {
+        // Matched as text: a switch on the length, then one comparison.
+        match n.as_str() {
+            "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+            | "proxy-authenticate" => found.hop_by_hop = true,
+            "x-forwarded-for" | "forwarded" | "x-forwarded-proto" | "x-forwarded-host" => {
+                found.forwarding = true
+            }
+            _ => {}
+        }
+        if extra.is_some_and(|e| e == n) {
+            found.extra = true;
+        }
+    }
+    found
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`. `TE: trailers` survives on
 /// requests (gRPC needs it end to end).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    // Most messages carry none: one pass over the names (no hashing) settles that.
-    if !headers
-        .keys()
-        .any(|n| HOP_BY_HOP.contains(n) || n == header::PROXY_AUTHENTICATE)
-    {
-        return;
+    if scan(headers, None).hop_by_hop {
+        remove_hop_by_hop(headers, keep_te_trailers);
     }
+}
+
+/// [`strip_hop_by_hop`] once [`scan`] found one.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     let te_trailers = keep_te_trailers
         && headers.get_all(header::TE).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
@@ -55,15 +102,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 
 /// Removes forwarding headers (from a peer that is not trusted to set them).
 pub fn strip_forwarding(headers: &mut HeaderMap) {
-    const FORWARDING: [HeaderName; 4] = [
-        X_FORWARDED_FOR,
-        header::FORWARDED,
-        X_FORWARDED_PROTO,
-        HeaderName::from_static("x-forwarded-host"),
-    ];
-    if !headers.keys().any(|n| FORWARDING.contains(n)) {
-        return;
+    if scan(headers, None).forwarding {
+        remove_forwarding(headers);
     }
+}
+
+/// [`strip_forwarding`] once [`scan`] found one.
+pub fn remove_forwarding(headers: &mut HeaderMap) {
     for n in &FORWARDING {
         headers.remove(n);
     }
@@ -71,7 +116,11 @@ pub fn strip_forwarding(headers: &mut HeaderMap) {
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets `X-Forwarded-Proto`.
 pub fn add_forwarding(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: Option<&str>) {
-    add_forwarding_for(headers, &ClientForwarding::new(client, tls), host);
+    add_forwarding_for(
+        headers,
+        &ClientForwarding::new(client, tls),
+        host.map(str::as_bytes),
+    );
 }
 
 /// The forwarding text of one client connection, made once and used for each of its requests.
@@ -104,36 +153,41 @@ impl ClientForwarding {
 }
 
 /// [`add_forwarding`] with the connection's text made beforehand.
-pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, host: Option<&str>) {
-    // A prior value that is not visible ASCII is not carried on: it is replaced.
-    let prior = headers
-        .get(X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-        .map(str::as_bytes);
-    let xff = match prior {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client.ip.len());
-            v.extend_from_slice(prev);
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(client.ip.as_bytes());
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+/// The host is taken as bytes, as the request carries it.
+pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, host: Option<&[u8]>) {
+    // One lookup for both reading and writing the header.
+    match headers.entry(X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut e) => {
+            // A prior value that is not visible ASCII is not carried on: it is replaced.
+            let xff = match e.get().to_str() {
+                Ok(prev) => {
+                    let mut v = Vec::with_capacity(prev.len() + 2 + client.ip.len());
+                    v.extend_from_slice(prev.as_bytes());
+                    v.extend_from_slice(b", ");
+                    v.extend_from_slice(client.ip.as_bytes());
+                    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+                }
+                Err(_) => Some(client.ip.clone()),
+            };
+            if let Some(v) = xff {
+                e.insert(v);
+            }
         }
-        None => Some(client.ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
+        header::Entry::Vacant(e) => {
+            e.insert(client.ip.clone());
+        }
     }
     // Only what fits a quoted-string unescaped: a `"` or `\` would end it or escape its end.
     let host = host.filter(|h| {
-        h.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+        h.iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
-    let mut fwd = String::with_capacity(client.node.len() + host.map_or(0, |h| h.len() + 8));
-    fwd.push_str(&client.node);
+    let mut fwd = Vec::with_capacity(client.node.len() + host.map_or(0, |h| h.len() + 8));
+    fwd.extend_from_slice(client.node.as_bytes());
     if let Some(h) = host {
-        fwd.push_str(";host=\"");
-        fwd.push_str(h);
-        fwd.push('"');
+        fwd.extend_from_slice(b";host=\"");
+        fwd.extend_from_slice(h);
+        fwd.push(b'"');
     }
     if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
         headers.append(header::FORWARDED, v);
@@ -193,6 +247,53 @@ mod tests {
         h.insert("x-kept", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn scan_finds_each_listed_name_and_the_extra_one() {
+        let extra = HeaderName::from_static("x-budget");
+        for (names, want) in [
+            (
+                &HOP_BY_HOP[..],
+                Found {
+                    hop_by_hop: true,
+                    ..Found::default()
+                },
+            ),
+            (
+                &[header::PROXY_AUTHENTICATE][..],
+                Found {
+                    hop_by_hop: true,
+                    ..Found::default()
+                },
+            ),
+            (
+                &FORWARDING[..],
+                Found {
+                    forwarding: true,
+                    ..Found::default()
+                },
+            ),
+            (
+                &[extra.clone()][..],
+                Found {
+                    extra: true,
+                    ..Found::default()
+                },
+            ),
+        ] {
+            for n in names {
+                let mut h = HeaderMap::new();
+                h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+                h.insert(n.clone(), HeaderValue::from_static("x"));
+                h.insert("x-kept", HeaderValue::from_static("1"));
+                assert_eq!(scan(&h, Some(&extra)), want, "{n}");
+            }
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert("x-budgets", HeaderValue::from_static("1"));
+        assert_eq!(scan(&h, Some(&extra)), Found::default());
     }
 
     #[test]

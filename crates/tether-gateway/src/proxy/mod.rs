@@ -112,8 +112,14 @@ async fn proxy(
     req: Request<Incoming>,
     mut t: Tracker,
 ) -> Response<ProxyBody> {
-    let host = (!t.rec.authority.is_empty()).then_some(t.rec.authority.as_str());
-    let Some(route) = listener.router.select(host, req.uri().path()) else {
+    // A copy that shares the text, kept while the record changes; read as bytes (a Host header's
+    // text would be checked as UTF-8 again).
+    let authority = t.rec.authority.clone();
+    let host = authority.as_bytes();
+    let Some(route) = listener
+        .router
+        .select_host((!host.is_empty()).then_some(host), req.uri().path())
+    else {
         t.stage = Stage::Route;
         return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
     };
@@ -134,11 +140,21 @@ async fn proxy(
     t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
     let idle = route.timeouts.idle;
-    let (mut up_req, id_value) =
-        match build_upstream_request(req, conn, listener, upstream, trusted, idle, &mut t) {
-            Ok(r) => r,
-            Err(e) => return fail(t, e),
-        };
+    let budget_header = route.budget_header.as_ref();
+    let (mut up_req, id_value, budget_sent) = match build_upstream_request(
+        req,
+        host,
+        budget_header,
+        conn,
+        listener,
+        upstream,
+        trusted,
+        idle,
+        &mut t,
+    ) {
+        Ok(r) => r,
+        Err(e) => return fail(t, e),
+    };
     let ids = trace_context::apply(up_req.headers_mut(), route.trace_context);
     t.rec.trace_id = ids.trace_id;
     t.rec.span_id = ids.span_id;
@@ -208,12 +224,11 @@ async fn proxy(
 
         // The budget is what is left now, after any backoff and connect time, so the upstream
         // never believes it has more time than the request really has.
-        deadline::stamp(
-            up_req.headers_mut(),
-            route.budget_header.as_ref(),
-            &t.ctx,
-            grpc,
-        );
+        // Without a deadline, stamping only removes a budget header the client sent: skipped
+        // when there is none (a lookup saved).
+        if budget_sent || grpc || t.ctx.deadline().is_some() {
+            deadline::stamp(up_req.headers_mut(), budget_header, &t.ctx, grpc);
+        }
 
         // Send and wait for the response head.
         t.stage = Stage::FirstByte;
@@ -257,8 +272,10 @@ async fn proxy(
                     attempt += 1;
                     continue;
                 }
-                t.rec.upstream_first_byte = Some(sent_at.elapsed());
-                t.head_at = Some(Instant::now());
+                // One clock read for both.
+                let head_at = Instant::now();
+                t.rec.upstream_first_byte = Some(head_at.saturating_duration_since(sent_at));
+                t.head_at = Some(head_at);
                 break (r, pool, ep_idx);
             }
             Head::Cancelled(reason) => return cancelled(t, reason),
@@ -314,8 +331,14 @@ async fn proxy(
     t.stage = Stage::Body;
     let (mut parts, body) = resp.into_parts();
     t.rec.status = parts.status.as_u16();
-    let keep_alive = crate::upstream::pool::keep_alive_timeout(&parts.headers);
-    headers::strip_hop_by_hop(&mut parts.headers, false);
+    // `Keep-Alive` is hop-by-hop: without any, there is nothing to look up.
+    let keep_alive = if headers::scan(&parts.headers, None).hop_by_hop {
+        let k = crate::upstream::pool::keep_alive_timeout(&parts.headers);
+        headers::remove_hop_by_hop(&mut parts.headers, false);
+        k
+    } else {
+        None
+    };
     parts.version = Version::HTTP_11;
     if let Some(v) = id_value {
         parts.headers.insert(REQUEST_ID, v);
@@ -431,23 +454,30 @@ impl Replay {
     }
 }
 
+// One call site; the arguments are the parts of the request it is built from.
+#[allow(clippy::too_many_arguments)]
 fn build_upstream_request(
     req: Request<Incoming>,
+    host: &[u8],
+    budget_header: Option<&http::HeaderName>,
     conn: &Conn,
     listener: &ListenerShared,
     upstream: &Upstream,
     trusted: bool,
     idle: Option<std::time::Duration>,
     t: &mut Tracker,
-) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
+) -> Result<(Request<RequestBody>, Option<HeaderValue>, bool), ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let host = t.rec.authority.as_str();
-    headers::strip_hop_by_hop(&mut parts.headers, true);
-    if !trusted {
+    let found = headers::scan(&parts.headers, budget_header);
+    if found.hop_by_hop {
+        headers::remove_hop_by_hop(&mut parts.headers, true);
+    }
+    if !trusted && found.forwarding {
         // Anyone can claim to be a proxy: forwarding headers from an untrusted peer are lies
         // until proven otherwise.
-        headers::strip_forwarding(&mut parts.headers);
+        headers::remove_forwarding(&mut parts.headers);
     }
+
     headers::add_forwarding_for(
         &mut parts.headers,
         conn.forwarding(),
@@ -468,7 +498,7 @@ fn build_upstream_request(
     };
     if upstream.protocol.is_h2() {
         let scheme = if upstream.is_tls() { "https" } else { "http" };
-        let authority = if host.is_empty() { "localhost" } else { host };
+        let authority: &[u8] = if host.is_empty() { b"localhost" } else { host };
         parts.uri = Uri::builder()
             .scheme(scheme)
             .authority(authority)
@@ -483,7 +513,7 @@ fn build_upstream_request(
         parts.uri = Uri::from_parts(uri).map_err(|e| bad(e.into()))?;
         if !parts.headers.contains_key(HOST)
             && !host.is_empty()
-            && let Ok(v) = HeaderValue::from_str(host)
+            && let Ok(v) = HeaderValue::from_bytes(host)
         {
             parts.headers.insert(HOST, v);
         }
@@ -498,7 +528,7 @@ fn build_upstream_request(
         idle,
         listener.limits.max_body_bytes,
     );
-    Ok((Request::from_parts(parts, body), id_value))
+    Ok((Request::from_parts(parts, body), id_value, found.extra))
 }
 
 /// The request id as a header value that shares the id's text.

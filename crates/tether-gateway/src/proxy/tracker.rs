@@ -32,8 +32,9 @@ pub enum Teardown {
 /// See the [module docs](self).
 #[derive(Debug)]
 pub struct Tracker {
-    /// The record being filled in.
-    pub rec: RequestRecord,
+    /// The record being filled in. Boxed: the tracker moves several times per request (into the
+    /// handler, into the response body), and the record is most of its size.
+    pub rec: Box<RequestRecord>,
     start: Instant,
     /// The request's context.
     pub ctx: RequestContext,
@@ -70,7 +71,7 @@ impl Tracker {
     ) -> Tracker {
         observer.metrics.request_started();
         Tracker {
-            rec,
+            rec: Box::new(rec),
             start: Instant::now(),
             ctx,
             conn,
