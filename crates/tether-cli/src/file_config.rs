@@ -214,6 +214,10 @@ pub struct FileUpstream {
     pub max_idle_per_endpoint: Option<usize>,
     /// How long an idle pooled connection is kept.
     pub idle_timeout: Option<String>,
+    /// Failed connection attempts in a row before an endpoint is skipped; 0 never skips.
+    pub max_fails: Option<u32>,
+    /// How long an endpoint is skipped after `max_fails` failed attempts.
+    pub fail_timeout: Option<String>,
 }
 
 /// `protocol` values of an upstream.
@@ -805,6 +809,20 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
             ));
         }
         cfg.idle_timeout = d;
+    }
+    if let Some(n) = u.max_fails {
+        cfg.max_fails = n;
+    }
+    if let Some(s) = &u.fail_timeout {
+        let fkey = format!("{key}.fail_timeout");
+        let d = parse_duration(s).map_err(|e| KeyError::new(&fkey, e))?;
+        if d.is_zero() {
+            return Err(KeyError::new(
+                fkey,
+                "must be greater than zero; set max_fails = 0 to never skip an endpoint",
+            ));
+        }
+        cfg.fail_timeout = d;
     }
     Ok(cfg)
 }

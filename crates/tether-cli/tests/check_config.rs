@@ -203,3 +203,23 @@ fn missing_file() {
     let msg = assert_rejected(&dir.0.join("absent.toml"), 0, "file");
     assert!(msg.contains("cannot read"), "{msg}");
 }
+
+#[test]
+fn passive_health_settings() {
+    let dir = TempDir::new();
+    let good = format!("{GOOD}max_fails = 3\nfail_timeout = \"5s\"\n");
+    let out = check(&dir.write("good.toml", &good));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let zero = format!("{GOOD}fail_timeout = \"0s\"\n");
+    let msg = assert_rejected(
+        &dir.write("zero.toml", &zero),
+        13,
+        "upstreams[0].fail_timeout",
+    );
+    assert!(msg.contains("max_fails = 0"), "{msg}");
+}

@@ -468,6 +468,12 @@ pub struct UpstreamConfig {
     pub max_idle_per_endpoint: usize,
     /// How long an idle HTTP/1 connection is kept. Default 4 s, below Node's 5 s keep-alive.
     pub idle_timeout: Duration,
+    /// Failed connection attempts in a row (DNS, connect or TLS: the endpoint never got the
+    /// request) after which an endpoint is skipped for [`fail_timeout`](Self::fail_timeout).
+    /// 0 never skips. Default 1. An upstream with one address never skips it.
+    pub max_fails: u32,
+    /// How long an endpoint is skipped after `max_fails` failed attempts. Default 10 s.
+    pub fail_timeout: Duration,
 }
 
 impl UpstreamConfig {
@@ -484,6 +490,8 @@ impl UpstreamConfig {
             tls: None,
             max_idle_per_endpoint: 64,
             idle_timeout: Duration::from_secs(4),
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
         }
     }
 }

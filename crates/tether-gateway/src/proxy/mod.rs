@@ -202,8 +202,14 @@ async fn proxy(
             },
         };
         let (checkout, info) = match checkout {
-            Ok(c) => c,
+            Ok(c) => {
+                if !c.1.reused {
+                    upstream.report_connect(ep_idx, None);
+                }
+                c
+            }
             Err(e) => {
+                upstream.report_connect(ep_idx, Some(&e));
                 // Nothing was sent: any request may go to the next endpoint.
                 if route.retry.may_retry(&e, attempt, true) {
                     worker.observer.metrics.upstream_error(&upstream.name, &e);

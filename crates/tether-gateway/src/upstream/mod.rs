@@ -2,6 +2,7 @@
 
 pub mod connect;
 pub mod dns;
+pub mod health;
 pub mod pool;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::config::{UpstreamAddress, UpstreamConfig, UpstreamProtocol};
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::observe::metrics::ConnCounts;
 use connect::{Connector, TlsSetupError};
+use health::EndpointHealth;
 use pool::{EndpointPool, H1Conn, H2Conn};
 use tokio::sync::watch;
 
@@ -30,6 +32,10 @@ pub struct Upstream {
     next: AtomicUsize,
     connector: Connector,
     counts: Arc<ConnCounts>,
+    max_fails: u32,
+    fail_timeout: Duration,
+    /// The origin of the endpoints' skip deadlines.
+    born: Instant,
 }
 
 /// One address of an upstream, with its pool.
@@ -39,6 +45,8 @@ pub struct Endpoint {
     pub address: UpstreamAddress,
     /// Its connections.
     pub pool: EndpointPool,
+    /// Failed connection attempts and whether it is skipped.
+    pub health: EndpointHealth,
 }
 
 /// A connection handed to one request.
@@ -84,11 +92,15 @@ impl Upstream {
                         config.idle_timeout,
                         counts.clone(),
                     ),
+                    health: EndpointHealth::default(),
                 })
                 .collect(),
             next: AtomicUsize::new(0),
             connector,
             counts,
+            max_fails: config.max_fails,
+            fail_timeout: config.fail_timeout,
+            born: Instant::now(),
         })
     }
 
@@ -97,10 +109,50 @@ impl Upstream {
         self.connector.is_tls()
     }
 
-    /// The next endpoint, round robin, with its index.
+    /// The next endpoint, round robin, with its index. Endpoints skipped after failed
+    /// connection attempts are passed over; if every endpoint is skipped, the round robin's
+    /// choice is tried anyway (the request fails only if it fails).
     pub fn pick(&self) -> (usize, &Endpoint) {
-        let n = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        (n, &self.endpoints[n])
+        let len = self.endpoints.len();
+        let first = self.next.fetch_add(1, Ordering::Relaxed) % len;
+        if len > 1 && self.max_fails > 0 {
+            let now = Instant::now();
+            for i in 0..len {
+                let n = (first + i) % len;
+                if self.endpoints[n].health.available(self.born, now) {
+                    return (n, &self.endpoints[n]);
+                }
+            }
+        }
+        (first, &self.endpoints[first])
+    }
+
+    /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked).
+    pub fn report_connect(&self, idx: usize, error: Option<&ProxyError>) {
+        let Some(ep) = self.endpoints.get(idx) else {
+            return;
+        };
+        match error {
+            None => ep.health.succeeded(),
+            Some(e) if health::counts_against_endpoint(e) => {
+                // One address: nothing else to pick, so never skipped.
+                if self.endpoints.len() > 1
+                    && ep
+                        .health
+                        .failed(self.born, self.max_fails, self.fail_timeout)
+                {
+                    tracing::warn!(
+                        upstream = %self.name,
+                        endpoint = %ep.address,
+                        max_fails = self.max_fails,
+                        fail_timeout = ?self.fail_timeout,
+                        error = %e,
+                        "upstream endpoint unreachable; skipped for fail_timeout"
+                    );
+                }
+            }
+            Some(_) => {}
+        }
     }
 
     /// Returns an HTTP/1 connection whose exchange ended cleanly to endpoint `idx`'s pool.

@@ -1,0 +1,102 @@
+//! Passive health of one endpoint: after `max_fails` failed connection attempts in a row (DNS,
+//! connect or TLS, so the endpoint never got the request) the endpoint is skipped for
+//! `fail_timeout`, then tried again. A fresh connection that works clears the count. Each worker
+//! keeps its own view, as its pools are its own.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::error::{ProxyError, Side, Stage};
+
+/// One endpoint's failures and, when skipped, until when.
+#[derive(Debug, Default)]
+pub struct EndpointHealth {
+    fails: AtomicU32,
+    /// Milliseconds after the upstream's `born` until which the endpoint is skipped; 0: never.
+    skipped_until: AtomicU64,
+}
+
+/// Whether an error says the endpoint could not be reached at all.
+pub fn counts_against_endpoint(e: &ProxyError) -> bool {
+    e.side == Side::Upstream && matches!(e.stage, Stage::Dns | Stage::Connect | Stage::Tls)
+}
+
+/// Milliseconds from `born` to `at`, at least 1 (0 means "not skipped").
+fn millis_since(born: Instant, at: Instant) -> u64 {
+    let ms = at.saturating_duration_since(born).as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX).max(1)
+}
+
+impl EndpointHealth {
+    /// Whether the endpoint may be picked at `now`.
+    pub fn available(&self, born: Instant, now: Instant) -> bool {
+        let until = self.skipped_until.load(Ordering::Relaxed);
+        until == 0 || millis_since(born, now) >= until
+    }
+
+    /// A connection attempt failed. True when this failure made the endpoint skipped.
+    pub fn failed(&self, born: Instant, max_fails: u32, fail_timeout: Duration) -> bool {
+        if max_fails == 0 {
+            return false;
+        }
+        let fails = self.fails.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if fails < max_fails {
+            return false;
+        }
+        self.fails.store(0, Ordering::Relaxed);
+        let until = millis_since(born, Instant::now() + fail_timeout);
+        self.skipped_until.store(until, Ordering::Relaxed);
+        true
+    }
+
+    /// A fresh connection to the endpoint worked.
+    pub fn succeeded(&self) {
+        if self.fails.load(Ordering::Relaxed) != 0 {
+            self.fails.store(0, Ordering::Relaxed);
+        }
+        if self.skipped_until.load(Ordering::Relaxed) != 0 {
+            self.skipped_until.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_after_max_fails_in_a_row_then_tried_again() {
+        let born = Instant::now();
+        let h = EndpointHealth::default();
+        let t = Duration::from_millis(50);
+        assert!(h.available(born, Instant::now()));
+        assert!(!h.failed(born, 2, t));
+        assert!(h.available(born, Instant::now()), "one failure of two");
+        assert!(h.failed(born, 2, t));
+        assert!(!h.available(born, Instant::now()));
+        assert!(h.available(born, Instant::now() + t + Duration::from_millis(2)));
+    }
+
+    #[test]
+    fn a_success_clears_the_count() {
+        let born = Instant::now();
+        let h = EndpointHealth::default();
+        let t = Duration::from_secs(10);
+        assert!(!h.failed(born, 2, t));
+        h.succeeded();
+        assert!(!h.failed(born, 2, t), "the count started again");
+        assert!(h.available(born, Instant::now()));
+    }
+
+    #[test]
+    fn max_fails_zero_never_skips() {
+        let born = Instant::now();
+        let h = EndpointHealth::default();
+        for _ in 0..10 {
+            assert!(!h.failed(born, 0, Duration::from_secs(10)));
+        }
+        assert!(h.available(born, Instant::now()));
+    }
+}

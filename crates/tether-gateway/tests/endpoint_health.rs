@@ -1,0 +1,94 @@
+//! Passive endpoint health: an endpoint that cannot be connected to is skipped for
+//! `fail_timeout` after `max_fails` failed attempts in a row, then tried again. One live and
+//! one refusing endpoint behind one upstream; no retries, so every attempt shows to the client.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use test_support::behavior::{Behavior, script};
+use tether_gateway::config::UpstreamAddress;
+
+/// An address nothing listens on (connections to it are refused).
+fn refused() -> UpstreamAddress {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().into()
+}
+
+async fn env(max_fails: u32, fail_timeout: Duration) -> Env {
+    let dead = refused();
+    Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), move |c| {
+        c.upstreams[0].addresses.push(dead);
+        c.upstreams[0].max_fails = max_fails;
+        c.upstreams[0].fail_timeout = fail_timeout;
+        c.listeners[0].routes[0].max_retries = 0;
+    })
+    .await
+}
+
+/// Sends `n` requests one after another; returns how many were answered 502.
+async fn failures(env: &Env, n: usize) -> usize {
+    let mut client = env.http().await;
+    let mut failed = 0;
+    for i in 0..n {
+        let (parts, _) = client.get(&format!("/r{i}")).await.unwrap();
+        match parts.status.as_u16() {
+            200 => {}
+            502 => failed += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    failed
+}
+
+#[tokio::test]
+async fn an_unreachable_endpoint_is_skipped_after_a_failure() {
+    bounded(Duration::from_secs(20), async {
+        let env = env(1, Duration::from_secs(30)).await;
+        assert_eq!(
+            failures(&env, 20).await,
+            1,
+            "only the first attempt reaches it"
+        );
+        env.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_passive_health_the_round_robin_keeps_choosing_it() {
+    bounded(Duration::from_secs(20), async {
+        let env = env(0, Duration::from_secs(30)).await;
+        let failed = failures(&env, 20).await;
+        assert!(failed >= 8, "{failed} of 20 failed");
+        env.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_skipped_endpoint_is_tried_again_after_fail_timeout() {
+    bounded(Duration::from_secs(20), async {
+        let fail_timeout = Duration::from_millis(300);
+        let env = env(1, fail_timeout).await;
+        assert_eq!(failures(&env, 6).await, 1);
+        tokio::time::sleep(fail_timeout + Duration::from_millis(100)).await;
+        // Tried once more (it still refuses), then skipped again.
+        assert_eq!(failures(&env, 6).await, 1);
+        env.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_fails_counts_failures_in_a_row() {
+    bounded(Duration::from_secs(20), async {
+        let env = env(3, Duration::from_secs(30)).await;
+        // Every other pick is the refusing endpoint: three failures, then it is skipped.
+        assert_eq!(failures(&env, 20).await, 3);
+        env.stop().await;
+    })
+    .await;
+}
