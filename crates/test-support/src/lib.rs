@@ -21,6 +21,7 @@ pub mod dns_stub;
 pub mod events;
 mod h1wire;
 mod net;
+pub mod netns;
 pub mod tls;
 pub mod upstream_h1;
 pub mod upstream_h2;

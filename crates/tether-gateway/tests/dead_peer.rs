@@ -10,15 +10,13 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd;
-use std::process::Command;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use common::{BOUND, bounded};
 use test_support::behavior::{Behavior, routes};
+use test_support::netns::Netns;
 use test_support::{EventKind, UpstreamH1};
 use tether::CancelReason;
 use tether_gateway::config::*;
@@ -30,119 +28,6 @@ use tokio::io::AsyncWriteExt;
 /// Measured from the cut, which comes right after the request: about 2 s. Slack for a loaded
 /// machine.
 const DEAD_PEER_BOUND: Duration = Duration::from_millis(3500);
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run `ip` (install iproute2): {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// A namespace with one veth link to the test's namespace. Removed on drop.
-struct Netns {
-    name: String,
-    outer_if: String,
-    inner_if: String,
-    outer: Ipv4Addr,
-    inner: Ipv4Addr,
-}
-
-impl Netns {
-    fn create() -> Netns {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let pid = std::process::id();
-        let tag = format!("{:x}{n}", pid % 0xfffff);
-        // Private addresses, unique per process and namespace: 10.(200+n).(pid % 256).{1,2}/30.
-        let b = u8::try_from(200 + n % 50).unwrap();
-        let c = (pid % 256) as u8;
-        let ns = Netns {
-            name: format!("tether-dp-{tag}"),
-            outer_if: format!("tdo{tag}"),
-            inner_if: format!("tdi{tag}"),
-            outer: Ipv4Addr::new(10, b, c, 1),
-            inner: Ipv4Addr::new(10, b, c, 2),
-        };
-        let setup = || -> Result<(), String> {
-            ip(&["netns", "add", &ns.name])?;
-            ip(&[
-                "link",
-                "add",
-                &ns.outer_if,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &ns.inner_if,
-                "netns",
-                &ns.name,
-            ])?;
-            ip(&[
-                "addr",
-                "add",
-                &format!("{}/30", ns.outer),
-                "dev",
-                &ns.outer_if,
-            ])?;
-            ip(&["link", "set", &ns.outer_if, "up"])?;
-            ip(&[
-                "-n",
-                &ns.name,
-                "addr",
-                "add",
-                &format!("{}/30", ns.inner),
-                "dev",
-                &ns.inner_if,
-            ])?;
-            ip(&["-n", &ns.name, "link", "set", &ns.inner_if, "up"])?;
-            ip(&["-n", &ns.name, "link", "set", "lo", "up"])
-        };
-        if let Err(e) = setup() {
-            drop(ns);
-            panic!(
-                "the dead-peer test needs root and iproute2 to create a network namespace and a \
-                 veth pair, and could not: {e}"
-            );
-        }
-        ns
-    }
-
-    /// Connects to `addr` from inside the namespace.
-    fn connect(&self, addr: SocketAddr) -> std::net::TcpStream {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).expect("open the namespace");
-            // This thread only: the socket is created in the namespace and keeps it.
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("setns into the test namespace");
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                .expect("connect from the namespace")
-        })
-        .join()
-        .unwrap()
-    }
-
-    /// Cuts the client's link: nothing more leaves or reaches it, and no FIN or RST is sent.
-    fn cut(&self) {
-        ip(&["-n", &self.name, "link", "set", &self.inner_if, "down"]).unwrap();
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.name]);
-        let _ = ip(&["link", "del", &self.outer_if]);
-    }
-}
 
 async fn start(ns: &Netns, up: &UpstreamH1) -> (RunningGateway, MemoryAccessLog, SocketAddr) {
     let listener = ListenerConfig::new(

@@ -16,6 +16,10 @@
 //!      is dropped, which drops every handler still running on it;
 //!    - an HTTP/2 stream reset: hyper drops that handler only, and the layer cancels its context
 //!      with [`StreamReset`](CancelReason::StreamReset);
+//!    - the client went silent for good (a crashed host, a dropped network): TCP keepalive
+//!      probes ([`ServeOptions::tcp_keepalive`]) make the kernel give up on the socket, and an
+//!      HTTP/2 PING left unanswered ([`ServeOptions::h2_ping`]) closes the connection; either way
+//!      the connection context is cancelled with [`PeerDead`](CancelReason::PeerDead);
 //!    - the connection fails otherwise (protocol error, h2 connection error): like the watcher;
 //! 4. shutdown: accepting stops, every connection is asked to finish gracefully (HTTP/1 closes
 //!    after the response in flight, HTTP/2 sends GOAWAY) for [`ServeOptions::grace`]; then every
@@ -46,7 +50,7 @@ use crate::body::{BoxError, ContextBody};
 use crate::context::{RequestContext, RequestId};
 use crate::layer::{ContextLayer, ContextService, Downstream};
 use crate::reason::CancelReason;
-use crate::watch::DisconnectWatcher;
+use crate::watch::{DisconnectWatcher, PeerGone};
 
 /// Settings for [`serve`].
 #[derive(Debug, Clone)]
@@ -55,6 +59,17 @@ pub struct ServeOptions {
     shutdown: CancellationToken,
     grace: Duration,
     cleanup_window: Duration,
+    tcp_keepalive: Option<TcpKeepalive>,
+    h2_ping: Option<(Duration, Duration)>,
+}
+
+/// TCP keepalive on accepted connections: after `idle` of silence the kernel sends a probe
+/// every `interval`; after `probes` unanswered ones it gives up on the peer.
+#[derive(Debug, Clone, Copy)]
+struct TcpKeepalive {
+    idle: Duration,
+    interval: Duration,
+    probes: u32,
 }
 
 impl Default for ServeOptions {
@@ -65,14 +80,43 @@ impl Default for ServeOptions {
 
 impl ServeOptions {
     /// Default options: a [`ContextLayer::new`] layer, no shutdown signal, 30 s grace, 1 s
-    /// cleanup window.
+    /// cleanup window, TCP keepalive probes after 10 s of silence (every 5 s, 3 of them) and an
+    /// HTTP/2 PING after 20 s of silence, answered within 10 s.
     pub fn new() -> ServeOptions {
         ServeOptions {
             layer: ContextLayer::new(),
             shutdown: CancellationToken::new(),
             grace: Duration::from_secs(30),
             cleanup_window: Duration::from_secs(1),
+            tcp_keepalive: Some(TcpKeepalive {
+                idle: Duration::from_secs(10),
+                interval: Duration::from_secs(5),
+                probes: 3,
+            }),
+            h2_ping: Some((Duration::from_secs(20), Duration::from_secs(10))),
         }
+    }
+
+    /// TCP keepalive on every accepted connection, so that a client that died without a word
+    /// (crashed host, cut network) is noticed: after `idle` of silence a probe is sent every
+    /// `interval`, and after `probes` unanswered ones the connection's context is cancelled with
+    /// [`CancelReason::PeerDead`]. The kernel counts whole seconds. `None` turns it off.
+    /// Default: 10 s, 5 s, 3.
+    pub fn tcp_keepalive(mut self, probing: Option<(Duration, Duration, u32)>) -> ServeOptions {
+        self.tcp_keepalive = probing.map(|(idle, interval, probes)| TcpKeepalive {
+            idle,
+            interval,
+            probes: probes.max(1),
+        });
+        self
+    }
+
+    /// HTTP/2 PING after `interval` of silence on a connection; unanswered for `timeout`, the
+    /// connection is closed and its context cancelled with [`CancelReason::PeerDead`]. `None`
+    /// turns it off. Default: 20 s, 10 s.
+    pub fn h2_ping(mut self, ping: Option<(Duration, Duration)>) -> ServeOptions {
+        self.h2_ping = ping;
+        self
     }
 
     /// The context layer applied to every request (deadline, trusted headers). Do not add another
@@ -124,6 +168,12 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
+    if let Some((interval, timeout)) = options.h2_ping {
+        builder
+            .http2()
+            .keep_alive_interval(interval)
+            .keep_alive_timeout(timeout);
+    }
     let builder = Arc::new(builder);
     let service = ContextService::new(service, &options.layer);
     let mut conns = JoinSet::new();
@@ -141,6 +191,7 @@ where
                         ctx: server_ctx.child(),
                         builder: builder.clone(),
                         drain: drain.clone(),
+                        keepalive: options.tcp_keepalive,
                     };
                     conns.spawn(conn.run(tcp, remote, service.clone()));
                 }
@@ -175,6 +226,7 @@ struct Conn {
     ctx: RequestContext,
     builder: Arc<auto::Builder<TokioExecutor>>,
     drain: CancellationToken,
+    keepalive: Option<TcpKeepalive>,
 }
 
 impl Conn {
@@ -191,6 +243,15 @@ impl Conn {
         B::Error: Into<BoxError>,
     {
         let _ = tcp.set_nodelay(true);
+        if let Some(k) = self.keepalive {
+            let probing = socket2::TcpKeepalive::new()
+                .with_time(k.idle)
+                .with_interval(k.interval)
+                .with_retries(k.probes);
+            if let Err(e) = socket2::SockRef::from(&tcp).set_tcp_keepalive(&probing) {
+                tracing::debug!(error = %e, "cannot set TCP keepalive on this connection");
+            }
+        }
         let watcher = match DisconnectWatcher::new(&tcp) {
             Ok(w) => Some(Arc::new(w)),
             Err(e) => {
@@ -219,7 +280,7 @@ impl Conn {
                 // The client left, whether or not hyper is reading: stop its work now and drop
                 // the connection (and with it any handler still running).
                 gone = gone(watcher.as_deref()) => {
-                    let reason = if http2.load(Ordering::Relaxed) {
+                    let reason = if http2.load(Ordering::Relaxed) && gone != PeerGone::Dead {
                         CancelReason::ConnectionLost
                     } else {
                         gone.reason()
@@ -239,7 +300,9 @@ impl Conn {
         };
         downstream.mark_ended();
         if let Err(e) = result {
-            let reason = if http2.load(Ordering::Relaxed) {
+            let reason = if peer_dead(&*e) {
+                CancelReason::PeerDead
+            } else if http2.load(Ordering::Relaxed) {
                 CancelReason::ConnectionLost
             } else {
                 watcher
@@ -252,6 +315,26 @@ impl Conn {
             }
         }
     }
+}
+
+/// Whether a connection error says the peer went silent for good: an HTTP/2 PING left
+/// unanswered, or the kernel giving up on the socket (keepalive probes), whose error hyper may
+/// read before the watcher does.
+fn peer_dead(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(e);
+    while let Some(err) = cause {
+        if err
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+            || err
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
 }
 
 async fn gone(watcher: Option<&DisconnectWatcher>) -> crate::watch::PeerGone {

@@ -133,6 +133,23 @@ struct Harness {
 }
 
 async fn start(layer: ContextLayer, upstream: Option<std::net::SocketAddr>) -> Harness {
+    start_with(layer, upstream, |o| o).await
+}
+
+async fn start_with(
+    layer: ContextLayer,
+    upstream: Option<std::net::SocketAddr>,
+    tweak: impl FnOnce(ServeOptions) -> ServeOptions,
+) -> Harness {
+    start_on("127.0.0.1:0".parse().unwrap(), layer, upstream, tweak).await
+}
+
+async fn start_on(
+    bind: std::net::SocketAddr,
+    layer: ContextLayer,
+    upstream: Option<std::net::SocketAddr>,
+    tweak: impl FnOnce(ServeOptions) -> ServeOptions,
+) -> Harness {
     let (started_tx, started) = mpsc::unbounded_channel();
     let (reasons_tx, reasons) = mpsc::unbounded_channel();
     let (outbound_tx, outbound) = mpsc::unbounded_channel();
@@ -150,7 +167,7 @@ async fn start(layer: ContextLayer, upstream: Option<std::net::SocketAddr>) -> H
         .route("/fast", get(fast))
         .route("/proxy", get(proxy))
         .with_state(app);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind(bind).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let options = ServeOptions::new()
@@ -158,7 +175,7 @@ async fn start(layer: ContextLayer, upstream: Option<std::net::SocketAddr>) -> H
         .shutdown(shutdown.clone())
         .grace(Duration::from_millis(200))
         .cleanup_window(Duration::from_millis(200));
-    let server = tokio::spawn(serve(listener, router, options));
+    let server = tokio::spawn(serve(listener, router, tweak(options)));
     Harness {
         addr,
         flags,
@@ -342,6 +359,78 @@ async fn h2_connection_loss_cancels_with_connection_lost() {
     drop((resp, client));
     assert_eq!(h.reason().await, CancelReason::ConnectionLost);
     h.assert_work_stopped().await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn h2_ping_left_unanswered_cancels_with_peer_dead() {
+    let ping = Duration::from_millis(200);
+    let mut h = start_with(ContextLayer::new(), None, |o| o.h2_ping(Some((ping, ping)))).await;
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (freeze, frozen) = tokio::sync::oneshot::channel::<()>();
+    // Drives the client until told to freeze; then keeps the socket open without reading or
+    // writing a byte, like a peer whose host died.
+    let task = tokio::spawn(async move {
+        let mut conn = std::pin::pin!(conn);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            _ = frozen => std::future::pending::<()>().await,
+        }
+    });
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get(format!("http://{}/slow", h.addr))
+        .body(())
+        .unwrap();
+    let (resp, _send) = client.send_request(req, true).unwrap();
+    h.wait_started().await;
+    freeze.send(()).unwrap();
+    let frozen_at = Instant::now();
+    assert_eq!(h.reason().await, CancelReason::PeerDead);
+    let took = frozen_at.elapsed();
+    assert!(
+        took >= ping,
+        "cancelled after {took:?}, before any PING could time out"
+    );
+    h.assert_work_stopped().await;
+    drop((resp, client));
+    task.abort();
+    h.stop().await;
+}
+
+/// The client's link is cut while its request is in flight (no FIN, no RST): TCP keepalive
+/// probes find it dead. The client runs in a network namespace the test creates (needs root and
+/// iproute2).
+#[tokio::test]
+async fn h1_silent_client_is_found_dead_by_tcp_keepalive() {
+    let ns = test_support::netns::Netns::create();
+    let second = Duration::from_secs(1);
+    let bind = std::net::SocketAddr::new(ns.outer.into(), 0);
+    let mut h = start_on(bind, ContextLayer::new(), None, |o| {
+        o.tcp_keepalive(Some((second, second, 1)))
+    })
+    .await;
+    let std = ns.connect(h.addr);
+    std.set_nonblocking(true).unwrap();
+    let mut client = TcpStream::from_std(std).unwrap();
+    client
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: dead.test\r\n\r\n")
+        .await
+        .unwrap();
+    h.wait_started().await;
+    ns.cut();
+    let cut_at = Instant::now();
+    // Idle 1 s, then one probe answered by nobody within 1 s: about 2 s.
+    let reason = timeout(Duration::from_secs(6), h.reasons.recv())
+        .await
+        .expect("the dead client was not noticed")
+        .unwrap();
+    assert_eq!(reason, CancelReason::PeerDead);
+    let took = cut_at.elapsed();
+    // The handler's child work is planned shorter than detection takes: only the reason and
+    // the time are checked here.
+    assert!(took >= second, "noticed after {took:?}");
+    drop(client);
     h.stop().await;
 }
 
