@@ -45,7 +45,7 @@ impl Netns {
         let pid = std::process::id();
         let tag = format!("{:x}{n}", pid % 0xfffff);
         // Private addresses, unique per process and namespace: 10.(200+n).(pid % 256).{1,2}/30.
-        let b = u8::try_from(200 + n % 50).unwrap();
+        let b = (200 + n % 50) as u8;
         let c = (pid % 256) as u8;
         let ns = Netns {
             name: format!("tether-dp-{tag}"),
@@ -99,23 +99,21 @@ impl Netns {
     }
 
     /// Connects to `addr` from inside the namespace.
-    pub fn connect(&self, addr: SocketAddr) -> std::net::TcpStream {
+    pub fn connect(&self, addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
-            let f = std::fs::File::open(&path).expect("open the namespace");
+            let f = std::fs::File::open(&path)?;
             // This thread only: the socket is created in the namespace and keeps it.
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .expect("setns into the test namespace");
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-                .expect("connect from the namespace")
         })
         .join()
-        .unwrap()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
     }
 
     /// Cuts the client's link: nothing more leaves or reaches it, and no FIN or RST is sent.
-    pub fn cut(&self) {
-        ip(&["-n", &self.name, "link", "set", &self.inner_if, "down"]).unwrap();
+    pub fn cut(&self) -> Result<(), String> {
+        ip(&["-n", &self.name, "link", "set", &self.inner_if, "down"])
     }
 }
 

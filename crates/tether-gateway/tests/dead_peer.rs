@@ -78,7 +78,7 @@ async fn silent_h1_client_is_dead_within_bound() {
         .await
         .unwrap();
     let (gw, access, addr) = start(&ns, &up).await;
-    let std = ns.connect(addr);
+    let std = ns.connect(addr).unwrap();
     std.set_nonblocking(true).unwrap();
     let mut client = tokio::net::TcpStream::from_std(std).unwrap();
     client
@@ -90,7 +90,7 @@ async fn silent_h1_client_is_dead_within_bound() {
         .await
         .expect("request reached the upstream");
     let cut_at = tokio::time::Instant::now();
-    ns.cut();
+    ns.cut().unwrap();
     let aborted = bounded(Duration::from_secs(12), upstream_abort(&up, "/wait")).await;
     let took = aborted - cut_at;
     let rec = record_of(&access, "/wait").await;
@@ -111,7 +111,7 @@ async fn silent_h2_client_is_dead_within_bound() {
         .await
         .unwrap();
     let (gw, access, addr) = start(&ns, &up).await;
-    let std = ns.connect(addr);
+    let std = ns.connect(addr).unwrap();
     std.set_nonblocking(true).unwrap();
     let tcp = tokio::net::TcpStream::from_std(std).unwrap();
     let (send, conn) = h2::client::handshake(tcp).await.unwrap();
@@ -126,7 +126,7 @@ async fn silent_h2_client_is_dead_within_bound() {
         .await
         .expect("request reached the upstream");
     let cut_at = tokio::time::Instant::now();
-    ns.cut();
+    ns.cut().unwrap();
     let aborted = bounded(Duration::from_secs(12), upstream_abort(&up, "/wait2")).await;
     let took = aborted - cut_at;
     let rec = record_of(&access, "/wait2").await;

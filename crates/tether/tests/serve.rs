@@ -410,7 +410,7 @@ async fn h1_silent_client_is_found_dead_by_tcp_keepalive() {
         o.tcp_keepalive(Some((second, second, 1)))
     })
     .await;
-    let std = ns.connect(h.addr);
+    let std = ns.connect(h.addr).unwrap();
     std.set_nonblocking(true).unwrap();
     let mut client = TcpStream::from_std(std).unwrap();
     client
@@ -418,7 +418,7 @@ async fn h1_silent_client_is_found_dead_by_tcp_keepalive() {
         .await
         .unwrap();
     h.wait_started().await;
-    ns.cut();
+    ns.cut().unwrap();
     let cut_at = Instant::now();
     // Idle 1 s, then one probe answered by nobody within 1 s: about 2 s.
     let reason = timeout(Duration::from_secs(6), h.reasons.recv())
