@@ -522,9 +522,9 @@ struct WorkerShared {
 static WORKER_IDLE: OnceLock<fn()> = OnceLock::new();
 
 /// Least time between two runs of the idle hook on one worker.
-const IDLE_HOOK_EVERY: Duration = Duration::from_millis(100);
+const IDLE_HOOK_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs `hook` on a worker thread when it runs out of work, at most every 100 ms per worker:
+/// Runs `hook` on a worker thread when it runs out of work, at most once a second per worker:
 /// for per-thread housekeeping of process-wide state, such as returning an allocator's thread
 /// cache. The first hook set wins; set it before starting a gateway.
 pub fn on_worker_idle(hook: fn()) {

@@ -165,8 +165,8 @@ async fn the_idle_hook_runs_on_idle_workers_and_is_rate_limited() {
     let (up, _events) = upstream().await;
     let gw = Gateway::start(config(up), Arc::new(MemoryAccessLog::new())).unwrap();
     let addr = gw.listener_addrs()[0];
-    // Wake the worker many times in a short while: the hook runs on idle, but at most every
-    // 100 ms.
+    // Wake the worker many times in a short while: the hook runs on idle, but at most once a
+    // second.
     let started = tokio::time::Instant::now();
     for _ in 0..50 {
         let mut c = TcpStream::connect(addr).await.unwrap();
@@ -181,17 +181,17 @@ async fn the_idle_hook_runs_on_idle_workers_and_is_rate_limited() {
         assert!(n > 0);
     }
     // A worker with nothing to do still wakes once a second (the upstream pool sweep), so the
-    // hook runs soon after the last request even when that came within the 100 ms.
+    // hook runs soon after the last request even when that came within the second.
     let waited = tokio::time::Instant::now();
     while IDLE_HOOK_RUNS.load(Ordering::Relaxed) == 0 {
         assert!(
-            waited.elapsed() < Duration::from_secs(3),
+            waited.elapsed() < Duration::from_secs(4),
             "the hook never ran"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let runs = IDLE_HOOK_RUNS.load(Ordering::Relaxed);
-    let most = started.elapsed().as_millis() as usize / 100 + 1;
+    let most = started.elapsed().as_millis() as usize / 1000 + 1;
     assert!(runs <= most, "{runs} runs in {:?}", started.elapsed());
     drop(gw);
 }
