@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use test_support::behavior::{Behavior, script};
-use tether_gateway::config::UpstreamAddress;
+use tether_gateway::config::{AdminConfig, UpstreamAddress};
 
 /// An address nothing listens on (connections to it are refused).
 fn refused() -> UpstreamAddress {
@@ -24,6 +24,9 @@ async fn env(max_fails: u32, fail_timeout: Duration) -> Env {
         c.upstreams[0].max_fails = max_fails;
         c.upstreams[0].fail_timeout = fail_timeout;
         c.listeners[0].routes[0].max_retries = 0;
+        c.admin = Some(AdminConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+        });
     })
     .await
 }
@@ -51,6 +54,16 @@ async fn an_unreachable_endpoint_is_skipped_after_a_failure() {
             failures(&env, 20).await,
             1,
             "only the first attempt reaches it"
+        );
+        let metrics = env.metrics_text().unwrap();
+        let skips: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("tether_upstream_endpoint_skips_total{"))
+            .collect();
+        assert_eq!(skips.len(), 1, "{metrics}");
+        assert!(
+            skips[0].contains("upstream=\"up\"") && skips[0].ends_with(" 1"),
+            "{skips:?}"
         );
         env.stop().await;
     })

@@ -36,6 +36,12 @@ struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndpointLabels {
+    upstream: String,
+    endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -85,6 +91,7 @@ pub struct Metrics {
     /// By upstream name; upstreams added by a reload join on first use.
     conn_counts: Mutex<Vec<(String, Arc<ConnCounts>)>>,
     accept_errors: Family<KindLabels, Counter>,
+    endpoint_skips: Family<EndpointLabels, Counter>,
     header_timeouts: Counter,
     /// Requests that matched no route, counted under the empty route name.
     unrouted: RouteMetrics,
@@ -177,6 +184,12 @@ impl Metrics {
             "Failed accepts on the listeners, by kind (emfile, enfile, enomem, other)",
             accept_errors.clone(),
         );
+        let endpoint_skips = Family::default();
+        registry.register(
+            "upstream_endpoint_skips",
+            "Times an upstream endpoint was skipped for fail_timeout after max_fails failed connection attempts",
+            endpoint_skips.clone(),
+        );
         let header_timeouts = Counter::default();
         registry.register(
             "header_read_timeouts",
@@ -202,6 +215,7 @@ impl Metrics {
                     .collect(),
             ),
             accept_errors,
+            endpoint_skips,
             header_timeouts,
             unrouted: RouteMetrics::named(""),
         }
@@ -225,6 +239,16 @@ impl Metrics {
     /// A listener's accept failed; `kind` is from a closed set.
     pub fn accept_error(&self, kind: &'static str) {
         self.accept_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// An upstream endpoint is skipped for its upstream's `fail_timeout`.
+    pub fn endpoint_skipped(&self, upstream: &str, endpoint: &str) {
+        self.endpoint_skips
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+            })
+            .inc();
     }
 
     /// An HTTP/1 connection timed out in the middle of a request head.

@@ -209,7 +209,14 @@ async fn proxy(
                 c
             }
             Err(e) => {
-                upstream.report_connect(ep_idx, Some(&e));
+                if upstream.report_connect(ep_idx, Some(&e))
+                    && let Some(address) = upstream.endpoint_address(ep_idx)
+                {
+                    worker
+                        .observer
+                        .metrics
+                        .endpoint_skipped(&upstream.name, &address.to_string());
+                }
                 // Nothing was sent: any request may go to the next endpoint.
                 if route.retry.may_retry(&e, attempt, true) {
                     worker.observer.metrics.upstream_error(&upstream.name, &e);

@@ -127,10 +127,11 @@ impl Upstream {
         (first, &self.endpoints[first])
     }
 
-    /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked).
-    pub fn report_connect(&self, idx: usize, error: Option<&ProxyError>) {
+    /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked). True
+    /// when this failure made the endpoint skipped.
+    pub fn report_connect(&self, idx: usize, error: Option<&ProxyError>) -> bool {
         let Some(ep) = self.endpoints.get(idx) else {
-            return;
+            return false;
         };
         match error {
             None => ep.health.succeeded(),
@@ -149,10 +150,17 @@ impl Upstream {
                         error = %e,
                         "upstream endpoint unreachable; skipped for fail_timeout"
                     );
+                    return true;
                 }
             }
             Some(_) => {}
         }
+        false
+    }
+
+    /// The address of endpoint `idx`, as configured.
+    pub fn endpoint_address(&self, idx: usize) -> Option<&UpstreamAddress> {
+        self.endpoints.get(idx).map(|e| &e.address)
     }
 
     /// Returns an HTTP/1 connection whose exchange ended cleanly to endpoint `idx`'s pool.
