@@ -94,7 +94,23 @@ fn gateway(
     cap: usize,
     idle_timeout: Duration,
 ) -> (tether_gateway::RunningGateway, SocketAddr, SocketAddr) {
-    let mut upstream = UpstreamConfig::new("up", vec![up.addr().into()], UpstreamProtocol::Http1);
+    let (gw, addr, admin, _) = gateway_to(up.addr(), workers, cap, idle_timeout);
+    (gw, addr, admin)
+}
+
+/// Like [`gateway`], for an upstream at `upstream`, with the gateway's access log.
+fn gateway_to(
+    upstream: SocketAddr,
+    workers: usize,
+    cap: usize,
+    idle_timeout: Duration,
+) -> (
+    tether_gateway::RunningGateway,
+    SocketAddr,
+    SocketAddr,
+    MemoryAccessLog,
+) {
+    let mut upstream = UpstreamConfig::new("up", vec![upstream.into()], UpstreamProtocol::Http1);
     upstream.max_idle_per_endpoint = cap;
     upstream.idle_timeout = idle_timeout;
     let mut config = Config::new(
@@ -108,10 +124,11 @@ fn gateway(
     config.admin = Some(AdminConfig {
         address: "127.0.0.1:0".parse().unwrap(),
     });
-    let gw = Gateway::start(config, Arc::new(MemoryAccessLog::new())).unwrap();
+    let access = MemoryAccessLog::new();
+    let gw = Gateway::start(config, Arc::new(access.clone())).unwrap();
     let addr = gw.listener_addrs()[0];
     let admin = gw.admin_addr().unwrap();
-    (gw, addr, admin)
+    (gw, addr, admin, access)
 }
 
 /// `n` keep-alive clients each send one request at once through a gateway with `workers` workers
@@ -301,6 +318,145 @@ async fn idle_connections_are_closed_after_the_idle_timeout_without_traffic() {
         assert_eq!(up.log().accepted(), 2);
         drop(c);
         drop(gw);
+    })
+    .await
+    .expect("bounded");
+}
+
+const RESTING: &str = r#"tether_upstream_resting_connections{upstream="up"}"#;
+
+/// Waits (at most 5 s) until the gateway reports `n` resting upstream connections.
+async fn wait_resting(admin: SocketAddr, n: f64) {
+    let started = Instant::now();
+    loop {
+        let m = admin_get(admin, "/metrics").await;
+        if sample(&m, RESTING) == n {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "resting connections: {} (waiting for {n})",
+            sample(&m, RESTING)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An idle connection rests (its task and buffers freed, its socket kept) and the next request
+/// uses it: the upstream sees one connection throughout, never closed, and the request is logged
+/// as sent on a reused connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rested_connection_serves_the_next_request() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let up = UpstreamH1::start(script(|_| Behavior::ok("hello")))
+            .await
+            .unwrap();
+        let (gw, addr, admin, access) = gateway_to(up.addr(), 1, 8, Duration::from_secs(60));
+        let mut c = H1Client::connect(addr).await.unwrap();
+        assert_eq!(c.get("/one").await.unwrap().0.status, 200);
+        assert_eq!(sample(&admin_get(admin, "/metrics").await, RESTING), 0.0);
+
+        wait_resting(admin, 1.0).await;
+        // Resting, not closed: both ends still hold the connection.
+        assert_eq!(upstream_open(&up), 1);
+        assert_eq!(sockets_to(up.addr().port()), 1);
+        let m = admin_get(admin, "/metrics").await;
+        assert_eq!(
+            sample(
+                &m,
+                r#"tether_upstream_connections{upstream="up",state="idle"}"#
+            ),
+            1.0
+        );
+
+        let (head, body) = c.get("/two").await.unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(&body[..], b"hello");
+        assert_eq!(up.log().accepted(), 1, "the rested connection was not used");
+        assert_eq!(upstream_open(&up), 1);
+        assert_eq!(sample(&admin_get(admin, "/metrics").await, RESTING), 0.0);
+        let recs = access.records();
+        let last = recs.last().unwrap();
+        assert_eq!(last.upstream_reused, Some(true));
+        assert_eq!(last.retries, 0);
+
+        // It rests again, and serves again.
+        wait_resting(admin, 1.0).await;
+        assert_eq!(c.get("/three").await.unwrap().0.status, 200);
+        assert_eq!(up.log().accepted(), 1);
+        drop(c);
+        drop(gw);
+    })
+    .await
+    .expect("bounded");
+}
+
+/// A rested connection the upstream closed is found closed before anything is sent on it: the
+/// next request goes out on a new connection at once, with no failed attempt and no retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rested_connection_the_upstream_closed_is_not_used() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        // A keep-alive upstream that answers every request on a connection until told to close
+        // the first one.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = listener.local_addr().unwrap();
+        let close_first = Arc::new(tokio::sync::Notify::new());
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = {
+            let (close_first, accepted, requests) =
+                (close_first.clone(), accepted.clone(), requests.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (mut s, _) = listener.accept().await.unwrap();
+                    let n = accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let (close_first, requests) = (close_first.clone(), requests.clone());
+                    tokio::spawn(async move {
+                        let mut buf = Vec::new();
+                        loop {
+                            let mut chunk = [0u8; 1024];
+                            let read = tokio::select! {
+                                r = s.read(&mut chunk) => r.unwrap_or(0),
+                                () = close_first.notified(), if n == 0 => 0,
+                            };
+                            if read == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..read]);
+                            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                buf.drain(..end + 4);
+                                requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                                    .await
+                                    .unwrap();
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        let (gw, addr, admin, access) = gateway_to(up_addr, 1, 8, Duration::from_secs(60));
+        let mut c = H1Client::connect(addr).await.unwrap();
+        assert_eq!(c.get("/one").await.unwrap().0.status, 200);
+        wait_resting(admin, 1.0).await;
+
+        // The upstream closes the resting connection; the next request follows at once, well
+        // before the next sweep.
+        close_first.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (head, body) = c.get("/two").await.unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let recs = access.records();
+        let last = recs.last().unwrap();
+        assert_eq!(last.upstream_reused, Some(false));
+        assert_eq!(last.retries, 0);
+        assert_eq!(sample(&admin_get(admin, "/metrics").await, RESTING), 0.0);
+        drop(c);
+        drop(gw);
+        server.abort();
     })
     .await
     .expect("bounded");

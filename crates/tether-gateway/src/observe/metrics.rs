@@ -62,6 +62,11 @@ struct ConnLabels {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    upstream: String,
+}
+
 /// Live counts of one upstream's connections on all workers, updated on the hot path with plain
 /// atomics and copied into gauges at scrape time.
 #[derive(Debug, Default)]
@@ -72,6 +77,8 @@ pub struct ConnCounts {
     pub idle: AtomicI64,
     /// Connection attempts under way.
     pub connecting: AtomicI64,
+    /// Idle connections resting with only their socket (part of `idle`).
+    pub resting: AtomicI64,
 }
 
 /// The gateway's metrics and their registry.
@@ -88,6 +95,7 @@ pub struct Metrics {
     propagation: Family<PropagationLabels, Histogram>,
     wasted: Family<RouteLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     conns: Family<ConnLabels, Gauge>,
+    resting: Family<UpstreamLabels, Gauge>,
     /// By upstream name; upstreams added by a reload join on first use.
     conn_counts: Mutex<Vec<(String, Arc<ConnCounts>)>>,
     accept_errors: Family<KindLabels, Counter>,
@@ -178,6 +186,12 @@ impl Metrics {
             "Upstream connections by state",
             conns.clone(),
         );
+        let resting = Family::default();
+        registry.register(
+            "upstream_resting_connections",
+            "Idle upstream connections resting with only their socket (counted as idle too)",
+            resting.clone(),
+        );
         let accept_errors = Family::default();
         registry.register(
             "accept_errors",
@@ -208,6 +222,7 @@ impl Metrics {
             propagation,
             wasted,
             conns,
+            resting,
             conn_counts: Mutex::new(
                 upstreams
                     .iter()
@@ -364,6 +379,11 @@ impl Metrics {
                     })
                     .set(v);
             }
+            self.resting
+                .get_or_create(&UpstreamLabels {
+                    upstream: name.clone(),
+                })
+                .set(c.resting.load(Ordering::Relaxed));
         }
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
@@ -18,8 +18,7 @@ use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::observe::metrics::ConnCounts;
 use connect::{Connector, TlsSetupError};
 use health::EndpointHealth;
-use pool::{EndpointPool, H1Conn, H2Conn};
-use tokio::sync::watch;
+use pool::{EndpointPool, H1Conn, H2Conn, OpenConn};
 
 /// One named upstream as seen by one worker.
 #[derive(Debug)]
@@ -216,30 +215,10 @@ impl Upstream {
         let started = Instant::now();
         let connected = self.connect(ep, connect_timeout).await?;
         let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(connected.io))
-            .await
-            .map_err(|e| {
-                ProxyError::upstream(Stage::Connect, ErrorKind::Protocol)
-                    .with_target(peer)
-                    .with_source(e)
-            })?;
-        let (tx, closed) = watch::channel(None);
         let open = OpenConn::new(self.counts.clone());
-        tokio::spawn(async move {
-            let _open = open;
-            // hyper ends the connection after an abandoned exchange; the socket is closed when
-            // `conn` is dropped at the end of this await.
-            let _ = conn.await;
-            let _ = tx.send(Some(Instant::now()));
-        });
+        let conn = pool::start_h1(connected.io, peer, local, open)?;
         Ok((
-            Checkout::H1(H1Conn {
-                sender,
-                closed,
-                peer,
-                local,
-            }),
+            Checkout::H1(conn),
             CheckoutInfo {
                 reused: false,
                 connect: started.elapsed(),
@@ -321,22 +300,6 @@ impl Upstream {
                 local,
             },
         ))
-    }
-}
-
-/// Counts an upstream connection as open for as long as its task runs.
-struct OpenConn(Arc<ConnCounts>);
-
-impl OpenConn {
-    fn new(counts: Arc<ConnCounts>) -> OpenConn {
-        counts.open.fetch_add(1, Ordering::Relaxed);
-        OpenConn(counts)
-    }
-}
-
-impl Drop for OpenConn {
-    fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -6,19 +6,42 @@
 //! request → returned when the response body ended cleanly → ... A connection whose request was
 //! abandoned is never returned: hyper closes it, the upstream sees EOF, and the task records the
 //! instant the socket was closed (the end of cancellation propagation).
+//!
+//! RESTING: a cleartext connection left idle for [`REST_AFTER`] is rested. Its task ends and
+//! hands back the socket, still open; hyper's buffers and the task are freed, so a pool that
+//! filled up in a burst costs little once the burst is over. The next request that takes it
+//! checks that the upstream has not closed it (a non-blocking read) and starts a new task on
+//! the same socket: the same connection for the upstream, with no new handshake.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::client::conn::{http1, http2};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::lock;
 use crate::observe::metrics::ConnCounts;
 use crate::proxy::request_body::RequestBody;
+use crate::upstream::connect::UpstreamIo;
+
+/// How long an idle cleartext HTTP/1 connection keeps its task and hyper's buffers before it
+/// rests with only its socket (checked by the once-a-second sweep, so 1 to 2 s).
+pub const REST_AFTER: Duration = Duration::from_secs(1);
+
+/// How long closing a connection may wait for its shutdown (a TLS peer that reads nothing
+/// cannot hold the task).
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(1);
 
 /// When the connection behind `closed` was closed, waiting at most `limit` for it.
 pub async fn closed_at(
@@ -28,6 +51,24 @@ pub async fn closed_at(
     match tokio::time::timeout(limit, closed.wait_for(|v| v.is_some())).await {
         Ok(Ok(v)) => *v,
         _ => None,
+    }
+}
+
+/// Counts an upstream connection as open for as long as it is: its task runs or its socket rests.
+#[derive(Debug)]
+pub struct OpenConn(Arc<ConnCounts>);
+
+impl OpenConn {
+    /// Counts one more open connection.
+    pub fn new(counts: Arc<ConnCounts>) -> OpenConn {
+        counts.open.fetch_add(1, Ordering::Relaxed);
+        OpenConn(counts)
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -42,10 +83,146 @@ pub struct H1Conn {
     pub peer: SocketAddr,
     /// tether's end of the connection.
     pub local: Option<SocketAddr>,
+    handoff: Arc<Handoff>,
+}
+
+/// Starts driving an HTTP/1 connection over `io` in a task of its own.
+pub fn start_h1(
+    io: UpstreamIo,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    open: OpenConn,
+) -> Result<H1Conn, ProxyError> {
+    let restable = matches!(io, UpstreamIo::Plain(_));
+    let failed = || ProxyError::upstream(Stage::Connect, ErrorKind::Protocol).with_target(peer);
+    // hyper's handshake only builds the connection's state: it is ready at the first poll.
+    let (sender, conn) = match ready_now(http1::Builder::new().handshake(TokioIo::new(io))) {
+        Some(Ok(pair)) => pair,
+        Some(Err(e)) => return Err(failed().with_source(e)),
+        None => {
+            return Err(failed().with_source(io::Error::other("handshake did not complete")));
+        }
+    };
+    let (tx, closed) = watch::channel(None);
+    let handoff = Arc::new(Handoff {
+        restable,
+        rest: AtomicBool::new(false),
+        state: Mutex::new(HandoffState::Driving),
+    });
+    let theirs = handoff.clone();
+    tokio::spawn(async move {
+        // Not hyper's own shutdown: a connection being rested keeps its socket open.
+        if let Ok(parts) = conn.without_shutdown().await {
+            let io = parts.io.into_inner();
+            let resting = theirs.rest.load(Ordering::Acquire) && parts.read_buf.is_empty();
+            match io {
+                UpstreamIo::Plain(tcp) if resting => {
+                    *lock(&theirs.state) = HandoffState::Rested(Rested { tcp, open });
+                    return;
+                }
+                mut io => {
+                    // Closed as hyper would: FIN after anything still buffered.
+                    let _ = tokio::time::timeout(SHUTDOWN_LIMIT, io.shutdown()).await;
+                }
+            }
+        }
+        // hyper ends the connection after an abandoned exchange; the socket is closed by now.
+        *lock(&theirs.state) = HandoffState::Gone;
+        drop(open);
+        let _ = tx.send(Some(Instant::now()));
+    });
+    Ok(H1Conn {
+        sender,
+        closed,
+        peer,
+        local,
+        handoff,
+    })
+}
+
+/// `f`'s output if it is ready at the first poll.
+fn ready_now<F: Future>(f: F) -> Option<F::Output> {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => Some(v),
+        Poll::Pending => None,
+    }
+}
+
+/// Where a connection's task hands back its socket when the pool rests the connection.
+#[derive(Debug)]
+struct Handoff {
+    /// Cleartext: a TLS session's state cannot be checked for a close without reading it.
+    restable: bool,
+    /// Set by the pool before it drops the connection's sender.
+    rest: AtomicBool,
+    state: Mutex<HandoffState>,
+}
+
+#[derive(Debug)]
+enum HandoffState {
+    /// The task still drives the connection.
+    Driving,
+    /// The task ended and left the socket.
+    Rested(Rested),
+    /// The task ended and closed the socket (or it was taken).
+    Gone,
+}
+
+#[derive(Debug)]
+struct Rested {
+    tcp: TcpStream,
+    open: OpenConn,
+}
+
+impl Rested {
+    /// Nothing to read and no EOF: the upstream still holds the connection open. Readiness is
+    /// cached by tokio, so a quiet socket costs no system call.
+    fn alive(&self) -> bool {
+        matches!(self.tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// A rested connection in the idle list.
+#[derive(Debug)]
+struct Resting {
+    handoff: Arc<Handoff>,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+}
+
+impl Resting {
+    fn usable(&self) -> bool {
+        match &*lock(&self.handoff.state) {
+            HandoffState::Driving => true,
+            HandoffState::Rested(r) => r.alive(),
+            HandoffState::Gone => false,
+        }
+    }
+
+    /// A new task on the rested socket, if the upstream has not closed it.
+    fn wake(self) -> Option<H1Conn> {
+        let state = std::mem::replace(&mut *lock(&self.handoff.state), HandoffState::Gone);
+        let HandoffState::Rested(r) = state else {
+            return None;
+        };
+        if !r.alive() {
+            return None;
+        }
+        start_h1(UpstreamIo::Plain(r.tcp), self.peer, self.local, r.open).ok()
+    }
+}
+
+#[derive(Debug)]
+enum IdleConn {
+    Live(H1Conn),
+    Resting(Resting),
 }
 
 struct IdleH1 {
-    conn: H1Conn,
+    conn: IdleConn,
+    /// When it was returned.
+    since: Instant,
     /// Past this, the upstream may close it at any moment: never reused.
     expires: Instant,
 }
@@ -54,7 +231,31 @@ impl IdleH1 {
     /// Not closed (the upstream hung up while it was idle) and not old (the upstream may be
     /// about to: the stale keep-alive race).
     fn usable(&self, now: Instant) -> bool {
-        !self.conn.sender.is_closed() && now < self.expires
+        now < self.expires
+            && match &self.conn {
+                IdleConn::Live(c) => !c.sender.is_closed(),
+                IdleConn::Resting(r) => r.usable(),
+            }
+    }
+
+    /// Rests a live connection idle since before `cutoff` that can take a request now; true if
+    /// it did.
+    fn maybe_rest(&mut self, cutoff: Instant) -> bool {
+        let IdleConn::Live(c) = &self.conn else {
+            return false;
+        };
+        if self.since > cutoff || !c.handoff.restable || !c.sender.is_ready() {
+            return false;
+        }
+        c.handoff.rest.store(true, Ordering::Release);
+        let resting = Resting {
+            handoff: c.handoff.clone(),
+            peer: c.peer,
+            local: c.local,
+        };
+        // Dropping the sender ends the task, which hands the socket back.
+        self.conn = IdleConn::Resting(resting);
+        true
     }
 }
 
@@ -111,36 +312,67 @@ impl EndpointPool {
     }
 
     fn take(&self, ready_only: bool) -> Option<H1Conn> {
-        let mut idle = lock(&self.idle);
-        let now = Instant::now();
         loop {
-            let last = idle.last()?;
-            let usable = last.usable(now);
-            if usable && ready_only && !last.conn.sender.is_ready() {
-                return None;
-            }
-            let c = idle.pop()?;
-            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
-            if usable {
-                return Some(c.conn);
+            let entry = {
+                let mut idle = lock(&self.idle);
+                let now = Instant::now();
+                let last = idle.last()?;
+                let usable = last.usable(now);
+                if usable
+                    && ready_only
+                    && let IdleConn::Live(c) = &last.conn
+                    && !c.sender.is_ready()
+                {
+                    return None;
+                }
+                let e = idle.pop()?;
+                self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+                if matches!(e.conn, IdleConn::Resting(_)) {
+                    self.counts.resting.fetch_sub(1, Ordering::Relaxed);
+                }
+                if !usable {
+                    continue;
+                }
+                e
+            };
+            match entry.conn {
+                IdleConn::Live(c) => return Some(c),
+                // Woken outside the lock: it starts a task.
+                IdleConn::Resting(r) => {
+                    if let Some(c) = r.wake() {
+                        return Some(c);
+                    }
+                }
             }
         }
     }
 
     /// Closes idle connections that expired or that the upstream closed, so that a pool no
-    /// longer used does not keep its connections open (and counted) indefinitely.
+    /// longer used does not keep its connections open (and counted) indefinitely, and rests
+    /// those idle for [`REST_AFTER`].
     pub fn sweep(&self) {
         let mut idle = lock(&self.idle);
         let now = Instant::now();
-        let before = idle.len();
+        let (mut gone, mut rest_gone) = (0i64, 0i64);
         // Dropping a connection's sender ends its task, which closes the socket.
-        idle.retain(|c| c.usable(now));
-        let gone = before - idle.len();
-        if gone > 0 {
-            self.counts
-                .idle
-                .fetch_sub(i64::try_from(gone).unwrap_or(i64::MAX), Ordering::Relaxed);
+        idle.retain(|c| {
+            let keep = c.usable(now);
+            if !keep {
+                gone += 1;
+                rest_gone += i64::from(matches!(c.conn, IdleConn::Resting(_)));
+            }
+            keep
+        });
+        self.counts.idle.fetch_sub(gone, Ordering::Relaxed);
+        let mut rested = 0i64;
+        if let Some(cutoff) = now.checked_sub(REST_AFTER) {
+            for c in idle.iter_mut() {
+                rested += i64::from(c.maybe_rest(cutoff));
+            }
         }
+        self.counts
+            .resting
+            .fetch_add(rested - rest_gone, Ordering::Relaxed);
     }
 
     /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
@@ -153,7 +385,9 @@ impl EndpointPool {
         let mut idle = lock(&self.idle);
         if idle.len() >= self.max_idle {
             // Drop the oldest; its task closes the socket.
-            idle.remove(0);
+            if matches!(idle.remove(0).conn, IdleConn::Resting(_)) {
+                self.counts.resting.fetch_sub(1, Ordering::Relaxed);
+            }
             self.counts.idle.fetch_sub(1, Ordering::Relaxed);
         }
         let mut keep = self.idle_timeout;
@@ -165,9 +399,11 @@ impl EndpointPool {
             return;
         }
         self.counts.idle.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
         idle.push(IdleH1 {
-            conn,
-            expires: Instant::now() + keep,
+            conn: IdleConn::Live(conn),
+            since: now,
+            expires: now + keep,
         });
     }
 
