@@ -26,8 +26,9 @@
 //!
 //! # Serving
 //! [`serve::serve`] runs any tower service of `Request<hyper::body::Incoming>` (an axum `Router`
-//! fits) over HTTP/1.1 and h2c, gives every request a context in its extensions, and cancels it
-//! when the client leaves, with the reason. Bound the work done for the request by the context:
+//! fits) over HTTP/1.1 and h2c (or over TLS with ALPN, feature `tls`), gives every request a
+//! context in its extensions, and cancels it when the client leaves, with the reason. Bound the
+//! work done for the request by the context:
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -2,6 +2,8 @@
 //!
 //! [`serve`] accepts TCP connections and runs hyper-util's `auto` connection (HTTP/1.1 and
 //! cleartext HTTP/2 with prior knowledge) for each, wrapping the service in [`ContextLayer`].
+//! With the `tls` feature and [`ServeOptions::tls`], every connection is TLS first (rustls), and
+//! ALPN offers `h2` and `http/1.1`.
 //!
 //! LIFECYCLE of one connection:
 //! 1. accepted: a connection context is made as a child of the server's context, and a
@@ -61,6 +63,10 @@ pub struct ServeOptions {
     cleanup_window: Duration,
     tcp_keepalive: Option<TcpKeepalive>,
     h2_ping: Option<(Duration, Duration)>,
+    #[cfg(feature = "tls")]
+    tls: Option<Arc<rustls::ServerConfig>>,
+    #[cfg(feature = "tls")]
+    tls_handshake_timeout: Duration,
 }
 
 /// TCP keepalive on accepted connections: after `idle` of silence the kernel sends a probe
@@ -94,7 +100,35 @@ impl ServeOptions {
                 probes: 3,
             }),
             h2_ping: Some((Duration::from_secs(20), Duration::from_secs(10))),
+            #[cfg(feature = "tls")]
+            tls: None,
+            #[cfg(feature = "tls")]
+            tls_handshake_timeout: Duration::from_secs(10),
         }
+    }
+
+    /// Serves TLS with `config`: every accepted connection is handshaken first. When the
+    /// config names no ALPN protocols, `h2` and `http/1.1` are offered. A handshake that fails
+    /// or takes longer than [`tls_handshake_timeout`](Self::tls_handshake_timeout) closes the
+    /// connection (logged at debug level); no request was made, so no context is involved.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> ServeOptions {
+        let config = if config.alpn_protocols.is_empty() {
+            let mut c = (*config).clone();
+            c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            Arc::new(c)
+        } else {
+            config
+        };
+        self.tls = Some(config);
+        self
+    }
+
+    /// How long a client may take to complete the TLS handshake. Default: 10 s.
+    #[cfg(feature = "tls")]
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> ServeOptions {
+        self.tls_handshake_timeout = timeout;
+        self
     }
 
     /// TCP keepalive on every accepted connection, so that a client that died without a word
@@ -192,6 +226,8 @@ where
                         builder: builder.clone(),
                         drain: drain.clone(),
                         keepalive: options.tcp_keepalive,
+                        #[cfg(feature = "tls")]
+                        tls: options.tls.clone().map(|a| (a, options.tls_handshake_timeout)),
                     };
                     conns.spawn(conn.run(tcp, remote, service.clone()));
                 }
@@ -227,6 +263,8 @@ struct Conn {
     builder: Arc<auto::Builder<TokioExecutor>>,
     drain: CancellationToken,
     keepalive: Option<TcpKeepalive>,
+    #[cfg(feature = "tls")]
+    tls: Option<(Arc<rustls::ServerConfig>, Duration)>,
 }
 
 impl Conn {
@@ -263,13 +301,56 @@ impl Conn {
         if let Some(w) = &watcher {
             downstream = downstream.with_watcher(w);
         }
+        #[cfg(feature = "tls")]
+        if let Some((config, limit)) = self.tls.clone() {
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            // The watcher sees the client leave during the handshake too; the drain does not
+            // wait for a handshake.
+            let handshake = tokio::time::timeout(limit, acceptor.accept(tcp));
+            let tls = tokio::select! {
+                r = handshake => r,
+                _ = gone(watcher.as_deref()) => return,
+                _ = self.drain.cancelled() => return,
+            };
+            match tls {
+                Ok(Ok(tls)) => {
+                    self.drive(tls, remote, service, watcher, downstream).await;
+                }
+                Ok(Err(e)) => tracing::debug!(remote = %remote, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(remote = %remote, "TLS handshake timed out"),
+            }
+            return;
+        }
+        self.drive(tcp, remote, service, watcher, downstream).await;
+    }
+
+    /// Serves one connection over `io` (the TCP socket, or TLS on it).
+    async fn drive<I, S, B>(
+        self,
+        io: I,
+        remote: SocketAddr,
+        service: ContextService<S>,
+        watcher: Option<Arc<DisconnectWatcher>>,
+        downstream: Downstream,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+        S: tower_service::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
         let http2 = Arc::new(AtomicBool::new(false));
         let svc = HyperService {
             inner: service,
             downstream: downstream.clone(),
             http2: http2.clone(),
         };
-        let conn = self.builder.serve_connection(TokioIo::new(tcp), svc);
+        let conn = self.builder.serve_connection(TokioIo::new(io), svc);
         let mut conn = std::pin::pin!(conn);
         let mut draining = false;
         let result = loop {

@@ -244,64 +244,57 @@ fn rst(stream: TcpStream) {
     drop(stream);
 }
 
-#[tokio::test]
-async fn h1_fin_cancels_with_client_closed() {
+/// Sends `wire` on a new HTTP/1 connection, waits for the handler to start, ends the connection
+/// with `end` and checks that the work stopped for `expected`.
+async fn h1_abort(wire: &[u8], end: fn(TcpStream), expected: CancelReason) {
     let mut h = start(ContextLayer::new(), None).await;
     let mut s = TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(wire).await.unwrap();
     h.wait_started().await;
-    drop(s);
-    assert_eq!(h.reason().await, CancelReason::ClientClosed);
+    end(s);
+    assert_eq!(h.reason().await, expected);
     h.assert_work_stopped().await;
     h.stop().await;
 }
 
 #[tokio::test]
+async fn h1_fin_cancels_with_client_closed() {
+    h1_abort(
+        b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n",
+        drop,
+        CancelReason::ClientClosed,
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn h1_rst_cancels_with_client_reset() {
-    let mut h = start(ContextLayer::new(), None).await;
-    let mut s = TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    h.wait_started().await;
-    rst(s);
-    assert_eq!(h.reason().await, CancelReason::ClientReset);
-    h.assert_work_stopped().await;
-    h.stop().await;
+    h1_abort(
+        b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n",
+        rst,
+        CancelReason::ClientReset,
+    )
+    .await;
 }
 
 /// hyper alone misses this one: the handler never reads the body, so hyper never reads the
 /// socket.
 #[tokio::test]
 async fn h1_abort_mid_body_cancels() {
-    let mut h = start(ContextLayer::new(), None).await;
-    let mut s = TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n")
-        .await
-        .unwrap();
-    s.write_all(&[b'x'; 500]).await.unwrap();
-    h.wait_started().await;
-    drop(s);
-    assert_eq!(h.reason().await, CancelReason::ClientClosed);
-    h.assert_work_stopped().await;
-    h.stop().await;
+    let mut wire = b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n".to_vec();
+    wire.extend_from_slice(&[b'x'; 500]);
+    h1_abort(&wire, drop, CancelReason::ClientClosed).await;
 }
 
 /// hyper alone misses this one too: the pipelined bytes sit in its buffer, so it stops reading.
 #[tokio::test]
 async fn h1_pipelined_then_close_cancels() {
-    let mut h = start(ContextLayer::new(), None).await;
-    let mut s = TcpStream::connect(h.addr).await.unwrap();
-    s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /fast HTTP/1.1\r\nHost: t\r\n\r\n")
-        .await
-        .unwrap();
-    h.wait_started().await;
-    drop(s);
-    assert_eq!(h.reason().await, CancelReason::ClientClosed);
-    h.assert_work_stopped().await;
-    h.stop().await;
+    h1_abort(
+        b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\nGET /fast HTTP/1.1\r\nHost: t\r\n\r\n",
+        drop,
+        CancelReason::ClientClosed,
+    )
+    .await;
 }
 
 async fn h2_client(
@@ -596,4 +589,147 @@ async fn outbound_call_is_aborted_when_the_client_leaves() {
         .expect("upstream did not see EOF")
         .unwrap();
     h.stop().await;
+}
+
+/// `serve` with TLS: the same cancellation over rustls, HTTP/1.1 and HTTP/2 chosen by ALPN, and
+/// handshakes that fail or stall closed without disturbing the server.
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+    use test_support::tls::TestPki;
+    use tokio_rustls::TlsConnector;
+    use tokio_rustls::client::TlsStream;
+
+    /// A TLS server whose config names no ALPN protocols (`serve` offers h2 and http/1.1).
+    async fn start_tls(pki: &TestPki, tweak: fn(ServeOptions) -> ServeOptions) -> Harness {
+        let config = pki.server_config(&[]).unwrap();
+        start_with(ContextLayer::new(), None, move |o| tweak(o.tls(config))).await
+    }
+
+    /// A TLS client offering only `alpn`; checks the server chose it.
+    async fn connect(
+        pki: &TestPki,
+        addr: std::net::SocketAddr,
+        alpn: &[u8],
+    ) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let connector = TlsConnector::from(pki.client_config(&[alpn]).unwrap());
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = timeout(BOUND, connector.connect(name, tcp))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        tls
+    }
+
+    #[tokio::test]
+    async fn tls_h1_request_is_served_and_a_client_leaving_cancels() {
+        let pki = TestPki::generate().unwrap();
+        let mut h = start_tls(&pki, |o| o).await;
+        let mut s = connect(&pki, h.addr, b"http/1.1").await;
+        s.write_all(b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"fast") {
+            let mut buf = [0u8; 512];
+            let n = timeout(BOUND, s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+
+        s.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        h.wait_started().await;
+        // The TCP connection ends under the TLS session, without close_notify.
+        let (tcp, _) = s.into_inner();
+        drop(tcp);
+        assert_eq!(h.reason().await, CancelReason::ClientClosed);
+        h.assert_work_stopped().await;
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn tls_h2_stream_reset_cancels_that_stream_only() {
+        let pki = TestPki::generate().unwrap();
+        let mut h = start_tls(&pki, |o| o).await;
+        let tls = connect(&pki, h.addr, b"h2").await;
+        let (client, conn) = h2::client::handshake(tls).await.unwrap();
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let req = Request::get(format!("https://{}/slow", h.addr))
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        h.wait_started().await;
+        send.send_reset(h2::Reason::CANCEL);
+        drop(resp);
+        assert_eq!(h.reason().await, CancelReason::StreamReset);
+        h.assert_work_stopped().await;
+
+        let mut client = client.ready().await.unwrap();
+        let req = Request::get(format!("https://{}/fast", h.addr))
+            .body(())
+            .unwrap();
+        let (resp, _) = client.send_request(req, true).unwrap();
+        let resp = timeout(BOUND, resp).await.unwrap().unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        drop(client);
+        conn.abort();
+        h.stop().await;
+    }
+
+    /// Reads until EOF or an error: the server closed the connection.
+    async fn assert_closed(s: &mut TcpStream) {
+        let mut buf = [0u8; 256];
+        loop {
+            match timeout(BOUND, s.read(&mut buf)).await {
+                Err(_) => panic!("the server kept the connection open"),
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_and_stalled_handshakes_are_closed_and_the_server_goes_on() {
+        let pki = TestPki::generate().unwrap();
+        let h = start_tls(&pki, |o| {
+            o.tls_handshake_timeout(Duration::from_millis(300))
+        })
+        .await;
+
+        // Plain HTTP to a TLS port: not a ClientHello.
+        let mut plain = TcpStream::connect(h.addr).await.unwrap();
+        plain
+            .write_all(b"GET /fast HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        assert_closed(&mut plain).await;
+
+        // Connected, silent: closed after the handshake timeout.
+        let mut silent = TcpStream::connect(h.addr).await.unwrap();
+        let began = Instant::now();
+        assert_closed(&mut silent).await;
+        assert!(began.elapsed() >= Duration::from_millis(250));
+
+        // A proper client is served all the while.
+        let mut s = connect(&pki, h.addr, b"http/1.1").await;
+        s.write_all(b"GET /fast HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        timeout(BOUND, s.read_to_end(&mut got)).await.unwrap().ok();
+        assert!(
+            got.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&got)
+        );
+        h.stop().await;
+    }
 }
