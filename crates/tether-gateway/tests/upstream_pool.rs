@@ -94,7 +94,7 @@ fn gateway(
     cap: usize,
     idle_timeout: Duration,
 ) -> (tether_gateway::RunningGateway, SocketAddr, SocketAddr) {
-    let (gw, addr, admin, _) = gateway_to(up.addr(), workers, cap, idle_timeout);
+    let (gw, addr, admin, _) = gateway_to(up.addr(), workers, cap, idle_timeout, |_| {});
     (gw, addr, admin)
 }
 
@@ -104,6 +104,7 @@ fn gateway_to(
     workers: usize,
     cap: usize,
     idle_timeout: Duration,
+    tweak: impl FnOnce(&mut UpstreamConfig),
 ) -> (
     tether_gateway::RunningGateway,
     SocketAddr,
@@ -113,6 +114,7 @@ fn gateway_to(
     let mut upstream = UpstreamConfig::new("up", vec![upstream.into()], UpstreamProtocol::Http1);
     upstream.max_idle_per_endpoint = cap;
     upstream.idle_timeout = idle_timeout;
+    tweak(&mut upstream);
     let mut config = Config::new(
         vec![ListenerConfig::new(
             "127.0.0.1:0".parse().unwrap(),
@@ -347,11 +349,36 @@ async fn wait_resting(admin: SocketAddr, n: f64) {
 /// as sent on a reused connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rested_connection_serves_the_next_request() {
+    let up = UpstreamH1::start(script(|_| Behavior::ok("hello")))
+        .await
+        .unwrap();
+    rest_and_reuse(up, |_| {}).await;
+}
+
+/// The same over TLS: the TLS session rests with its socket and carries on, with no new
+/// handshake (the upstream accepts one connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rested_tls_connection_serves_the_next_request() {
+    let pki = test_support::tls::TestPki::generate().unwrap();
+    let up = UpstreamH1::start_tls(
+        script(|_| Behavior::ok("hello")),
+        pki.server_config(&[b"http/1.1"]).unwrap(),
+    )
+    .await
+    .unwrap();
+    rest_and_reuse(up, move |u| {
+        u.tls = Some(UpstreamTls {
+            server_name: Some("localhost".into()),
+            ca: vec![pki.ca_der()],
+            insecure_skip_verify: false,
+        });
+    })
+    .await;
+}
+
+async fn rest_and_reuse(up: UpstreamH1, tweak: impl FnOnce(&mut UpstreamConfig)) {
     tokio::time::timeout(Duration::from_secs(20), async {
-        let up = UpstreamH1::start(script(|_| Behavior::ok("hello")))
-            .await
-            .unwrap();
-        let (gw, addr, admin, access) = gateway_to(up.addr(), 1, 8, Duration::from_secs(60));
+        let (gw, addr, admin, access) = gateway_to(up.addr(), 1, 8, Duration::from_secs(60), tweak);
         let mut c = H1Client::connect(addr).await.unwrap();
         assert_eq!(c.get("/one").await.unwrap().0.status, 200);
         assert_eq!(sample(&admin_get(admin, "/metrics").await, RESTING), 0.0);
@@ -435,7 +462,7 @@ async fn a_rested_connection_the_upstream_closed_is_not_used() {
                 }
             })
         };
-        let (gw, addr, admin, access) = gateway_to(up_addr, 1, 8, Duration::from_secs(60));
+        let (gw, addr, admin, access) = gateway_to(up_addr, 1, 8, Duration::from_secs(60), |_| {});
         let mut c = H1Client::connect(addr).await.unwrap();
         assert_eq!(c.get("/one").await.unwrap().0.status, 200);
         wait_resting(admin, 1.0).await;

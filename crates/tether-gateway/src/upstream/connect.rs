@@ -30,6 +30,25 @@ pub enum UpstreamIo {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+impl UpstreamIo {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            UpstreamIo::Plain(s) => s,
+            UpstreamIo::Tls(s) => s.get_ref().0,
+        }
+    }
+
+    /// Nothing received and not yet read: TLS holds no decrypted bytes the HTTP layer has not
+    /// seen (plain TCP buffers nothing of its own).
+    pub fn drained(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(_) => true,
+            UpstreamIo::Tls(s) => s.get_ref().1.wants_read(),
+        }
+    }
+}
+
 impl AsyncRead for UpstreamIo {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -7,11 +7,12 @@
 //! abandoned is never returned: hyper closes it, the upstream sees EOF, and the task records the
 //! instant the socket was closed (the end of cancellation propagation).
 //!
-//! RESTING: a cleartext connection left idle for [`REST_AFTER`] is rested. Its task ends and
-//! hands back the socket, still open; hyper's buffers and the task are freed, so a pool that
-//! filled up in a burst costs little once the burst is over. The next request that takes it
-//! checks that the upstream has not closed it (a non-blocking read) and starts a new task on
-//! the same socket: the same connection for the upstream, with no new handshake.
+//! RESTING: a connection left idle for [`REST_AFTER`] is rested. Its task ends and hands back
+//! the transport (the socket, or the TLS session on it), still open; hyper's buffers and the task
+//! are freed, so a pool that filled up in a burst costs little once the burst is over. The next
+//! request that takes it checks that the upstream has not closed it (a non-blocking read of the
+//! socket) and starts a new task on the same transport: the same connection for the upstream,
+//! with no new handshake.
 
 use std::future::Future;
 use std::io;
@@ -25,7 +26,6 @@ use std::time::Duration;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -35,8 +35,8 @@ use crate::observe::metrics::ConnCounts;
 use crate::proxy::request_body::RequestBody;
 use crate::upstream::connect::UpstreamIo;
 
-/// How long an idle cleartext HTTP/1 connection keeps its task and hyper's buffers before it
-/// rests with only its socket (checked by the once-a-second sweep, so 1 to 2 s).
+/// How long an idle HTTP/1 connection keeps its task and hyper's buffers before it rests with
+/// only its transport (checked by the once-a-second sweep, so 1 to 2 s).
 pub const REST_AFTER: Duration = Duration::from_secs(1);
 
 /// How long closing a connection may wait for its shutdown (a TLS peer that reads nothing
@@ -93,7 +93,6 @@ pub fn start_h1(
     local: Option<SocketAddr>,
     open: OpenConn,
 ) -> Result<H1Conn, ProxyError> {
-    let restable = matches!(io, UpstreamIo::Plain(_));
     let failed = || ProxyError::upstream(Stage::Connect, ErrorKind::Protocol).with_target(peer);
     // hyper's handshake only builds the connection's state: it is ready at the first poll.
     let (sender, conn) = match ready_now(http1::Builder::new().handshake(TokioIo::new(io))) {
@@ -105,7 +104,6 @@ pub fn start_h1(
     };
     let (tx, closed) = watch::channel(None);
     let handoff = Arc::new(Handoff {
-        restable,
         rest: AtomicBool::new(false),
         state: Mutex::new(HandoffState::Driving),
     });
@@ -113,18 +111,14 @@ pub fn start_h1(
     tokio::spawn(async move {
         // Not hyper's own shutdown: a connection being rested keeps its socket open.
         if let Ok(parts) = conn.without_shutdown().await {
-            let io = parts.io.into_inner();
-            let resting = theirs.rest.load(Ordering::Acquire) && parts.read_buf.is_empty();
-            match io {
-                UpstreamIo::Plain(tcp) if resting => {
-                    *lock(&theirs.state) = HandoffState::Rested(Rested { tcp, open });
-                    return;
-                }
-                mut io => {
-                    // Closed as hyper would: FIN after anything still buffered.
-                    let _ = tokio::time::timeout(SHUTDOWN_LIMIT, io.shutdown()).await;
-                }
+            let mut io = parts.io.into_inner();
+            if theirs.rest.load(Ordering::Acquire) && parts.read_buf.is_empty() && io.drained() {
+                *lock(&theirs.state) = HandoffState::Rested(Rested { io, open });
+                return;
             }
+            // Closed as hyper would: FIN (after close_notify on TLS) after anything still
+            // buffered.
+            let _ = tokio::time::timeout(SHUTDOWN_LIMIT, io.shutdown()).await;
         }
         // hyper ends the connection after an abandoned exchange; the socket is closed by now.
         *lock(&theirs.state) = HandoffState::Gone;
@@ -152,8 +146,6 @@ fn ready_now<F: Future>(f: F) -> Option<F::Output> {
 /// Where a connection's task hands back its socket when the pool rests the connection.
 #[derive(Debug)]
 struct Handoff {
-    /// Cleartext: a TLS session's state cannot be checked for a close without reading it.
-    restable: bool,
     /// Set by the pool before it drops the connection's sender.
     rest: AtomicBool,
     state: Mutex<HandoffState>,
@@ -163,7 +155,7 @@ struct Handoff {
 enum HandoffState {
     /// The task still drives the connection.
     Driving,
-    /// The task ended and left the socket.
+    /// The task ended and left the transport.
     Rested(Rested),
     /// The task ended and closed the socket (or it was taken).
     Gone,
@@ -171,15 +163,16 @@ enum HandoffState {
 
 #[derive(Debug)]
 struct Rested {
-    tcp: TcpStream,
+    io: UpstreamIo,
     open: OpenConn,
 }
 
 impl Rested {
     /// Nothing to read and no EOF: the upstream still holds the connection open. Readiness is
-    /// cached by tokio, so a quiet socket costs no system call.
+    /// cached by tokio, so a quiet socket costs no system call. A byte read here (a TLS alert,
+    /// or anything unasked for) leaves the connection unusable, and it is closed.
     fn alive(&self) -> bool {
-        matches!(self.tcp.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(self.io.tcp().try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -209,7 +202,7 @@ impl Resting {
         if !r.alive() {
             return None;
         }
-        start_h1(UpstreamIo::Plain(r.tcp), self.peer, self.local, r.open).ok()
+        start_h1(r.io, self.peer, self.local, r.open).ok()
     }
 }
 
@@ -244,7 +237,7 @@ impl IdleH1 {
         let IdleConn::Live(c) = &self.conn else {
             return false;
         };
-        if self.since > cutoff || !c.handoff.restable || !c.sender.is_ready() {
+        if self.since > cutoff || !c.sender.is_ready() {
             return false;
         }
         c.handoff.rest.store(true, Ordering::Release);
