@@ -40,6 +40,9 @@ pub struct Meta {
     date: String,
     mode: String,
     rounds: u32,
+    /// Rounds of the CPU-at-fixed-load scenario (older runs: as many as `rounds`).
+    #[serde(default)]
+    cpu_rounds: Option<u32>,
     nproc: String,
     cpu: String,
     kernel: String,
