@@ -522,11 +522,16 @@ struct WorkerShared {
 static WORKER_IDLE: OnceLock<fn()> = OnceLock::new();
 
 /// Least time between two runs of the idle hook on one worker.
-const IDLE_HOOK_EVERY: Duration = Duration::from_secs(1);
+const IDLE_HOOK_QUIET: Duration = Duration::from_millis(500);
 
-/// Runs `hook` on a worker thread when it runs out of work, at most once a second per worker:
-/// for per-thread housekeeping of process-wide state, such as returning an allocator's thread
-/// cache. The first hook set wins; set it before starting a gateway.
+/// Runs `hook` on a worker thread when it runs out of work after a quiet spell: its previous
+/// run out of work was at least half a second earlier (it slept that long, or was busy that
+/// long). A worker serving a steady trickle of requests, out of work every few milliseconds,
+/// does not run it; one whose burst is over runs it at the next timer that wakes it (the pool
+/// sweep, every second). For per-thread
+/// housekeeping of process-wide state, such as returning an allocator's thread cache, which
+/// the next requests would only have to refill. The first hook set wins; set it before
+/// starting a gateway.
 pub fn on_worker_idle(hook: fn()) {
     let _ = WORKER_IDLE.set(hook);
 }
@@ -547,18 +552,19 @@ fn run_worker(
     } = shared;
     let log = observer.log.clone();
     let idle_hook = WORKER_IDLE.get().copied();
-    let hook_ran = Mutex::new(std::time::Instant::now());
+    let last_park = Mutex::new(std::time::Instant::now());
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         // Out of work: write the access-log lines gathered meanwhile.
         .on_thread_park(move || {
             log.flush();
             if let Some(hook) = idle_hook {
-                let mut ran = lock(&hook_ran);
-                if ran.elapsed() >= IDLE_HOOK_EVERY {
+                let now = std::time::Instant::now();
+                let mut last = lock(&last_park);
+                if now.duration_since(*last) >= IDLE_HOOK_QUIET {
                     hook();
-                    *ran = std::time::Instant::now();
                 }
+                *last = now;
             }
         })
         .build()

@@ -121,7 +121,8 @@ async fn a_partial_request_read_ahead_survives_a_park() {
 
 #[tokio::test]
 async fn the_idle_timeout_closes_a_parked_connection_on_time() {
-    let timeout = Duration::from_millis(800);
+    // Longer than the park delay, so that the connection parks before it times out.
+    let timeout = PARK_AFTER + Duration::from_millis(800);
     let env = env_with_idle_timeout(timeout).await;
     let mut c = env.h1().await;
     get_ok(&mut c, "/a").await;
@@ -141,7 +142,8 @@ async fn the_idle_timeout_closes_a_parked_connection_on_time() {
 
 #[tokio::test]
 async fn the_idle_timeout_still_bounds_a_slow_head_after_a_park() {
-    let timeout = Duration::from_millis(800);
+    // Longer than the park delay, so that the connection parks before it times out.
+    let timeout = PARK_AFTER + Duration::from_millis(800);
     let env = env_with_idle_timeout(timeout).await;
     let mut c = env.h1().await;
     get_ok(&mut c, "/a").await;

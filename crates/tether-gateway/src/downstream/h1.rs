@@ -43,8 +43,10 @@ use crate::listen::{ConfigSource, ConnPermit, ListenerShared, Worker};
 use crate::proxy;
 
 /// How long a plain-TCP connection must be idle (nothing in flight, nothing read) before it is
-/// parked. Long enough that a connection under load is never parked between two requests.
-pub const PARK_AFTER: Duration = Duration::from_millis(200);
+/// parked. Parking and coming back cost about as much CPU as a request (a new hyper connection,
+/// the socket moved between epoll sets, the watcher made again): long enough that a client
+/// sending a request every few hundred milliseconds is never parked between two of them.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// What a connection's sessions share.
 #[derive(Clone, Copy)]
