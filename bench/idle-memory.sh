@@ -86,7 +86,7 @@ measure() {
   PIDS+=("$cpid")
   for _ in $(seq 1 600); do [ -f "$ready" ] && break; kill -0 "$cpid" 2>/dev/null || break; sleep 0.1; done
   [ -f "$ready" ] || { echo "idle-memory.sh: $label: the client gave up (see $RUN/client.$label.log)" >&2; exit 1; }
-  # The first reading comes as tether's last connections park (1 s idle); the second shows
+  # The first reading comes as tether's last connections park (500 ms idle); the second shows
   # what is left once they all have.
   sleep 1
   rss1=$(sum_status VmRSS "$pid"); anon1=$(sum_status RssAnon "$pid")

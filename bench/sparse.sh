@@ -5,7 +5,7 @@
 #   bench/sparse.sh [--no-build] [--seconds S] [--rounds R]
 #
 # Each case is h2load with 120 HTTP/1.1 keep-alive clients, each sending one `GET /` (100-byte
-# body) every GAP: 250 ms (below tether's 1 s parking delay: connections stay active), 2 s
+# body) every GAP: 250 ms (below tether's 500 ms parking delay: connections stay active), 2 s
 # (above it: every request wakes a parked connection), and a busy reference of 64 clients at
 # 200 requests a second each (bench/compare's fixed load). CPU time is read from
 # /proc/PID/task/*/schedstat (nanoseconds, every thread of every process of the proxy) over the

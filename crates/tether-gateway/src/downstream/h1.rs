@@ -45,8 +45,10 @@ use crate::proxy;
 /// How long a plain-TCP connection must be idle (nothing in flight, nothing read) before it is
 /// parked. Parking and coming back cost about as much CPU as a request (a new hyper connection,
 /// the socket moved between epoll sets, the watcher made again): long enough that a client
-/// sending a request every few hundred milliseconds is never parked between two of them.
-pub const PARK_AFTER: Duration = Duration::from_secs(1);
+/// sending a request every few hundred milliseconds is not parked between two of them. Not
+/// longer: after a burst of new connections, more of them would hold hyper's buffers at once,
+/// and the memory freed when they park would be more fragmented.
+pub const PARK_AFTER: Duration = Duration::from_millis(500);
 
 /// What a connection's sessions share.
 #[derive(Clone, Copy)]
