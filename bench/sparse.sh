@@ -106,7 +106,7 @@ EOF
 cpu_ns() {
   local total=0 p v
   for p in $(tree "$1"); do
-    v=$(cat /proc/"$p"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%d", s}')
+    v=$(cat /proc/"$p"/task/*/schedstat 2>/dev/null | awk '{s += $1} END {printf "%.0f", s}')
     total=$((total + ${v:-0}))
   done
   echo "$total"
