@@ -1,5 +1,5 @@
 # Shared by the benchmark scripts: logging, the processes a script starts (stopped by pid on
-# exit), waiting for a port, memory of a process tree, and the release build.
+# exit), waiting for a port, memory of a process tree, Debian packages, and the release build.
 #
 #   ROOT=... ; source "$ROOT/bench/lib.sh"
 #
@@ -62,6 +62,16 @@ sum_status() {
     total=$((total + ${v:-0}))
   done
   echo "$total"
+}
+
+# PACKAGE...: installs the Debian packages named (nothing when none is), as root or with sudo.
+install_packages() {
+  [ $# -gt 0 ] || return 0
+  log "installing $*"
+  local as_root=()
+  [ "$(id -u)" = 0 ] || as_root=(sudo)
+  "${as_root[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends "$@" >&2
 }
 
 # Builds tether and the harness in release mode into $CARGO_TARGET_DIR (default: target/).

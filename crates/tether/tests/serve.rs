@@ -311,9 +311,23 @@ async fn h2_client(
 #[tokio::test]
 async fn h2_stream_reset_cancels_that_stream_only() {
     let mut h = start(ContextLayer::new(), None).await;
-    let (client, conn) = h2_client(h.addr).await;
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    h2_reset_cancels_that_stream_only(&mut h, tcp, "http").await;
+    h.stop().await;
+}
+
+/// Over `io` (an HTTP/2 connection to `h`): a stream reset by the client cancels its request
+/// with `StreamReset` and stops its work, and the connection goes on serving other streams.
+async fn h2_reset_cancels_that_stream_only<T>(h: &mut Harness, io: T, scheme: &str)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, conn) = h2::client::handshake(io).await.unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
     let mut client = client.ready().await.unwrap();
-    let req = Request::get(format!("http://{}/slow", h.addr))
+    let req = Request::get(format!("{scheme}://{}/slow", h.addr))
         .body(())
         .unwrap();
     let (resp, mut send) = client.send_request(req, false).unwrap();
@@ -325,7 +339,7 @@ async fn h2_stream_reset_cancels_that_stream_only() {
 
     // The connection still serves other streams.
     let mut client = client.ready().await.unwrap();
-    let req = Request::get(format!("http://{}/fast", h.addr))
+    let req = Request::get(format!("{scheme}://{}/fast", h.addr))
         .body(())
         .unwrap();
     let (resp, _) = client.send_request(req, true).unwrap();
@@ -333,7 +347,6 @@ async fn h2_stream_reset_cancels_that_stream_only() {
     assert_eq!(resp.status(), StatusCode::OK);
     drop(client);
     conn.abort();
-    h.stop().await;
 }
 
 #[tokio::test]
@@ -657,30 +670,7 @@ mod tls {
         let pki = TestPki::generate().unwrap();
         let mut h = start_tls(&pki, |o| o).await;
         let tls = connect(&pki, h.addr, b"h2").await;
-        let (client, conn) = h2::client::handshake(tls).await.unwrap();
-        let conn = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let mut client = client.ready().await.unwrap();
-        let req = Request::get(format!("https://{}/slow", h.addr))
-            .body(())
-            .unwrap();
-        let (resp, mut send) = client.send_request(req, false).unwrap();
-        h.wait_started().await;
-        send.send_reset(h2::Reason::CANCEL);
-        drop(resp);
-        assert_eq!(h.reason().await, CancelReason::StreamReset);
-        h.assert_work_stopped().await;
-
-        let mut client = client.ready().await.unwrap();
-        let req = Request::get(format!("https://{}/fast", h.addr))
-            .body(())
-            .unwrap();
-        let (resp, _) = client.send_request(req, true).unwrap();
-        let resp = timeout(BOUND, resp).await.unwrap().unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        drop(client);
-        conn.abort();
+        h2_reset_cancels_that_stream_only(&mut h, tls, "https").await;
         h.stop().await;
     }
 
