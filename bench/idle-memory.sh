@@ -99,32 +99,12 @@ measure() {
   log "$label: $open open, RSS $rss0 -> $rss1 -> $rss2 kB"
 }
 
-config() { # PORT
-  cat >"$RUN/tether.toml" <<EOF
-workers = $WORKERS
-shutdown_grace = "0s"
-
-[[listeners]]
-address = "127.0.0.1:$1"
-protocols = ["http1"]
-  [[listeners.routes]]
-  upstream = "backend"
-
-[[upstreams]]
-name = "backend"
-addresses = ["127.0.0.1:$BPORT"]
-protocol = "http1"
-max_idle_per_endpoint = 64
-idle_timeout = "60s"
-EOF
-}
-
 log "run directory $RUN; $N connections per gateway"
 for spec in "${BINS[@]}"; do
   label=${spec%%=*}
   cmd=${spec#*=}
   read -r port < <("$CLIENT" free-ports 1)
-  config "$port"
+  tether_h1_config "$RUN/tether.toml" "$WORKERS" "$port" "$BPORT"
   # shellcheck disable=SC2086 # COMMAND is split into words on purpose (env VAR=... binary).
   $cmd serve --config "$RUN/tether.toml" >/dev/null 2>"$RUN/$label.stderr" &
   pid=$!

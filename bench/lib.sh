@@ -64,6 +64,28 @@ sum_status() {
   echo "$total"
 }
 
+# FILE WORKERS PORT BACKEND_PORT: a tether config with one HTTP/1.1 listener on PORT in front
+# of the backend, keeping 64 idle connections to it (as every proxy in bench/compare does).
+tether_h1_config() {
+  cat >"$1" <<EOF
+workers = $2
+shutdown_grace = "0s"
+
+[[listeners]]
+address = "127.0.0.1:$3"
+protocols = ["http1"]
+  [[listeners.routes]]
+  upstream = "backend"
+
+[[upstreams]]
+name = "backend"
+addresses = ["127.0.0.1:$4"]
+protocol = "http1"
+max_idle_per_endpoint = 64
+idle_timeout = "60s"
+EOF
+}
+
 # PACKAGE...: installs the Debian packages named (nothing when none is), as root or with sudo.
 install_packages() {
   [ $# -gt 0 ] || return 0

@@ -52,21 +52,7 @@ NPORT=${ports[2]}
 PIDS+=($!)
 wait_port "$BPORT" "$!"
 
-cat >"$RUN/tether.toml" <<EOF
-workers = 2
-shutdown_grace = "0s"
-[[listeners]]
-address = "127.0.0.1:$TPORT"
-protocols = ["http1"]
-  [[listeners.routes]]
-  upstream = "backend"
-[[upstreams]]
-name = "backend"
-addresses = ["127.0.0.1:$BPORT"]
-protocol = "http1"
-max_idle_per_endpoint = 64
-idle_timeout = "60s"
-EOF
+tether_h1_config "$RUN/tether.toml" 2 "$TPORT" "$BPORT"
 
 mkdir -p "$RUN/nginx/tmp"
 cat >"$RUN/nginx/nginx.conf" <<EOF
