@@ -521,17 +521,16 @@ struct WorkerShared {
 /// Process-wide housekeeping run by a worker thread that ran out of work.
 static WORKER_IDLE: OnceLock<fn()> = OnceLock::new();
 
-/// Least time between two runs of the idle hook on one worker.
+/// How long a worker must have gone without running out of work for the idle hook to run.
 const IDLE_HOOK_QUIET: Duration = Duration::from_millis(500);
 
 /// Runs `hook` on a worker thread when it runs out of work after a quiet spell: its previous
 /// run out of work was at least half a second earlier (it slept that long, or was busy that
 /// long). A worker serving a steady trickle of requests, out of work every few milliseconds,
 /// does not run it; one whose burst is over runs it at the next timer that wakes it (the pool
-/// sweep, every second). For per-thread
-/// housekeeping of process-wide state, such as returning an allocator's thread cache, which
-/// the next requests would only have to refill. The first hook set wins; set it before
-/// starting a gateway.
+/// sweep, every second). For per-thread housekeeping of process-wide state, such as returning
+/// an allocator's thread cache, which the next requests would only have to refill. The first
+/// hook set wins; set it before starting a gateway.
 pub fn on_worker_idle(hook: fn()) {
     let _ = WORKER_IDLE.set(hook);
 }

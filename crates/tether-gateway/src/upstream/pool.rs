@@ -319,10 +319,7 @@ impl EndpointPool {
                     return None;
                 }
                 let e = idle.pop()?;
-                self.counts.idle.fetch_sub(1, Ordering::Relaxed);
-                if matches!(e.conn, IdleConn::Resting(_)) {
-                    self.counts.resting.fetch_sub(1, Ordering::Relaxed);
-                }
+                self.uncount(&e);
                 if !usable {
                     continue;
                 }
@@ -346,26 +343,29 @@ impl EndpointPool {
     pub fn sweep(&self) {
         let mut idle = lock(&self.idle);
         let now = Instant::now();
-        let (mut gone, mut rest_gone) = (0i64, 0i64);
         // Dropping a connection's sender ends its task, which closes the socket.
         idle.retain(|c| {
             let keep = c.usable(now);
             if !keep {
-                gone += 1;
-                rest_gone += i64::from(matches!(c.conn, IdleConn::Resting(_)));
+                self.uncount(c);
             }
             keep
         });
-        self.counts.idle.fetch_sub(gone, Ordering::Relaxed);
-        let mut rested = 0i64;
         if let Some(cutoff) = now.checked_sub(REST_AFTER) {
             for c in idle.iter_mut() {
-                rested += i64::from(c.maybe_rest(cutoff));
+                if c.maybe_rest(cutoff) {
+                    self.counts.resting.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
-        self.counts
-            .resting
-            .fetch_add(rested - rest_gone, Ordering::Relaxed);
+    }
+
+    /// Takes `entry`, which left the idle list, out of the gauges.
+    fn uncount(&self, entry: &IdleH1) {
+        self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+        if matches!(entry.conn, IdleConn::Resting(_)) {
+            self.counts.resting.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
@@ -378,10 +378,7 @@ impl EndpointPool {
         let mut idle = lock(&self.idle);
         if idle.len() >= self.max_idle {
             // Drop the oldest; its task closes the socket.
-            if matches!(idle.remove(0).conn, IdleConn::Resting(_)) {
-                self.counts.resting.fetch_sub(1, Ordering::Relaxed);
-            }
-            self.counts.idle.fetch_sub(1, Ordering::Relaxed);
+            self.uncount(&idle.remove(0));
         }
         let mut keep = self.idle_timeout;
         if let Some(theirs) = upstream_keep_alive {
