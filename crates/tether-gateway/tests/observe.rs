@@ -76,7 +76,9 @@ async fn line_for(file: &TempFile, path: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let text = std::fs::read_to_string(&file.0).unwrap_or_default();
-        for line in text.lines() {
+        // Only finished lines: the writer may be mid-line when the file is read.
+        let finished = text.rsplit_once('\n').map_or("", |(done, _)| done);
+        for line in finished.lines() {
             let v: Value = serde_json::from_str(line).expect("each line is one JSON object");
             if v["path"] == path {
                 return v;
