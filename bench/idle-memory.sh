@@ -38,9 +38,7 @@ done
 # shellcheck source=lib.sh
 source "$ROOT/bench/lib.sh"
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then build_release; fi
-BIN="$CARGO_TARGET_DIR/release"
+release_binaries "$BUILD"
 CLIENT="$BIN/compare-client"
 [ ${#BINS[@]} -gt 0 ] || BINS=("tether=$BIN/tether")
 if [ "$NGINX" = 1 ] && ! command -v nginx >/dev/null; then
@@ -115,35 +113,7 @@ done
 
 if [ "$NGINX" = 1 ]; then
   read -r port < <("$CLIENT" free-ports 1)
-  mkdir -p "$RUN/nginx/tmp"
-  cat >"$RUN/nginx/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes $WORKERS;
-worker_rlimit_nofile $NOFILE;
-pid $RUN/nginx/nginx.pid;
-error_log $RUN/nginx/error.log warn;
-events { worker_connections $((NOFILE - 100)); }
-http {
-  access_log /dev/null;
-  client_body_temp_path $RUN/nginx/tmp/body;
-  proxy_temp_path $RUN/nginx/tmp/proxy;
-  fastcgi_temp_path $RUN/nginx/tmp/fastcgi;
-  uwsgi_temp_path $RUN/nginx/tmp/uwsgi;
-  scgi_temp_path $RUN/nginx/tmp/scgi;
-  keepalive_requests 1000000;
-  keepalive_timeout 75s;
-  upstream backend { server 127.0.0.1:$BPORT; keepalive 64; }
-  server {
-    listen 127.0.0.1:$port;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-EOF
+  nginx_h1_config "$RUN/nginx" "$WORKERS" "$port" "$BPORT" "$NOFILE"
   nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log" &
   pid=$!
   PIDS+=("$pid")

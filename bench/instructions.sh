@@ -36,9 +36,7 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 command -v curl >/dev/null || need+=(curl)
 install_packages "${need[@]}"
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then build_release; fi
-BIN="$CARGO_TARGET_DIR/release"
+release_binaries "$BUILD"
 
 RUN=$(mktemp -d /tmp/tether-instr.XXXXXX)
 

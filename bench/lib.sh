@@ -86,6 +86,41 @@ idle_timeout = "60s"
 EOF
 }
 
+# DIR WORKERS PORT BACKEND_PORT NOFILE: DIR/nginx.conf, nginx's counterpart of
+# tether_h1_config: WORKERS worker processes, one HTTP/1.1 listener on PORT, an access-log line
+# per request to /dev/null, 64 idle connections kept to the backend, NOFILE descriptors.
+nginx_h1_config() {
+  mkdir -p "$1/tmp"
+  cat >"$1/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes $2;
+worker_rlimit_nofile $5;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections $(($5 - 100)); }
+http {
+  access_log /dev/null;
+  client_body_temp_path $1/tmp/body;
+  proxy_temp_path $1/tmp/proxy;
+  fastcgi_temp_path $1/tmp/fastcgi;
+  uwsgi_temp_path $1/tmp/uwsgi;
+  scgi_temp_path $1/tmp/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  upstream backend { server 127.0.0.1:$4; keepalive 64; }
+  server {
+    listen 127.0.0.1:$3;
+    location / {
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+}
+
 # PACKAGE...: installs the Debian packages named (nothing when none is), as root or with sudo.
 install_packages() {
   [ $# -gt 0 ] || return 0
@@ -94,6 +129,13 @@ install_packages() {
   [ "$(id -u)" = 0 ] || as_root=(sudo)
   "${as_root[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends "$@" >&2
+}
+
+# BUILD: with 1, builds (build_release); either way sets BIN to the release binaries' directory.
+release_binaries() {
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+  if [ "$1" = 1 ]; then build_release; fi
+  BIN="$CARGO_TARGET_DIR/release"
 }
 
 # Builds tether and the harness in release mode into $CARGO_TARGET_DIR (default: target/).

@@ -38,9 +38,7 @@ command -v nginx >/dev/null || need+=(nginx)
 command -v h2load >/dev/null || need+=(nghttp2-client)
 install_packages "${need[@]}"
 
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then build_release; fi
-BIN="$CARGO_TARGET_DIR/release"
+release_binaries "$BUILD"
 ulimit -n 65536 2>/dev/null || true
 
 RUN=$(mktemp -d /tmp/tether-sparse.XXXXXX)
@@ -54,34 +52,7 @@ wait_port "$BPORT" "$!"
 
 tether_h1_config "$RUN/tether.toml" 2 "$TPORT" "$BPORT"
 
-mkdir -p "$RUN/nginx/tmp"
-cat >"$RUN/nginx/nginx.conf" <<EOF
-daemon off;
-master_process on;
-worker_processes 2;
-pid $RUN/nginx/nginx.pid;
-error_log $RUN/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log /dev/null;
-  client_body_temp_path $RUN/nginx/tmp/body;
-  proxy_temp_path $RUN/nginx/tmp/proxy;
-  fastcgi_temp_path $RUN/nginx/tmp/fastcgi;
-  uwsgi_temp_path $RUN/nginx/tmp/uwsgi;
-  scgi_temp_path $RUN/nginx/tmp/scgi;
-  keepalive_requests 1000000;
-  keepalive_timeout 75s;
-  upstream backend { server 127.0.0.1:$BPORT; keepalive 64; }
-  server {
-    listen 127.0.0.1:$NPORT;
-    location / {
-      proxy_pass http://backend;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-    }
-  }
-}
-EOF
+nginx_h1_config "$RUN/nginx" 2 "$NPORT" "$BPORT" 4196
 
 # PID: CPU time (ns) of every thread of PID and its children.
 cpu_ns() {

@@ -84,9 +84,7 @@ if command -v perf >/dev/null && perf stat -e task-clock true >/dev/null 2>&1; t
 
 # ---------------------------------------------------------------------------------------------
 # Build.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-if [ "$BUILD" = 1 ]; then build_release; fi
-BIN="$CARGO_TARGET_DIR/release"
+release_binaries "$BUILD"
 TETHER="$BIN/tether"
 CLIENT="$BIN/compare-client"
 
