@@ -102,13 +102,14 @@ CLK_TCK=$(getconf CLK_TCK)
 
 free_ports() { "$CLIENT" free-ports "$1"; }
 
-cpu_ticks() { # PID: utime+stime over the process tree
-  local total=0 p v
+cpu_ticks() { # PID: "utime stime" summed over the process tree
+  local user=0 sys=0 p u k
   for p in $(tree "$1"); do
-    v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0)
-    total=$((total + ${v:-0}))
+    read -r u k < <(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12, $13}') || true
+    user=$((user + ${u:-0}))
+    sys=$((sys + ${k:-0}))
   done
-  echo "$total"
+  echo "$user $sys"
 }
 
 RESULTS="$RUN/results.jsonl"
@@ -454,7 +455,11 @@ scenario_cpu() {
       [ -z "$pp" ] || wait "$pp" 2>/dev/null || true
       m=$("$CLIENT" parse-h2load "$f.txt")
       done_n=$(printf '%s' "$m" | sed -n 's/.*"done":\([0-9]*\).*/\1/p')
-      m="${m%\}},\"cpu_ticks\":$((t1 - t0)),\"cpu_us_per_req\":$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="${done_n:-0}" 'BEGIN{ if (n > 0) printf "%.2f", t * 1e6 / hz / n; else printf "null" }')}"
+      # Total, and split into user space and kernel (utime and stime).
+      m="${m%\}},$(awk -v a="$t0" -v b="$t1" -v hz="$CLK_TCK" -v n="${done_n:-0}" 'BEGIN{
+        split(a, x, " "); split(b, y, " "); u = y[1] - x[1]; k = y[2] - x[2]
+        if (n > 0) printf "\"cpu_ticks\":%d,\"cpu_us_per_req\":%.2f,\"cpu_user_us_per_req\":%.2f,\"cpu_sys_us_per_req\":%.2f", u + k, (u + k) * 1e6 / hz / n, u * 1e6 / hz / n, k * 1e6 / hz / n
+        else printf "\"cpu_ticks\":%d,\"cpu_us_per_req\":null", u + k }')}"
       emit cpu "$proxy" "$case" "$round" "$m"
       if [ -f "$f.perfstat" ]; then
         { echo "$proxy, $case at 12 800 req/s for ${T_CPU} s: perf stat"; grep -E 'task-clock|context-switches|migrations|page-faults|elapsed' "$f.perfstat"; } >"$RUN/perfstat.$proxy.$case.txt"

@@ -394,7 +394,8 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
         "Below saturation: h1 `h2load --h1 -c64 --rps 200` (12 800 req/s), h2c `h2load -c8 -m8 \
          --rps 1600` (12 800 req/s), after a 1 s warm-up. Proxy CPU = utime + stime of all its \
          processes from /proc/PID/stat over the window (10 ms ticks), divided by the requests \
-         served.\n\n",
+         served; `user` is the utime part (the proxy's own code and its libraries), `kernel` the \
+         stime part (system calls, the network stack run on the proxy's behalf).\n\n",
     );
     table(
         &mut o,
@@ -403,6 +404,8 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
         &["h1", "h2"],
         &[
             col("cpu_us_per_req", "CPU µs/req", true),
+            col("cpu_user_us_per_req", "user µs/req", true),
+            col("cpu_sys_us_per_req", "kernel µs/req", true),
             col("rps", "req/s served", false),
             col("done", "requests", false),
         ],
@@ -481,6 +484,40 @@ fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
             );
         }
         s.push('.');
+        let split: Vec<String> = t
+            .cases("cpu", &["h1", "h2"])
+            .iter()
+            .filter_map(|c| {
+                let (tu, tk, nu, nk) = (
+                    g("cpu", c, "tether", "cpu_user_us_per_req")?,
+                    g("cpu", c, "tether", "cpu_sys_us_per_req")?,
+                    g("cpu", c, "nginx", "cpu_user_us_per_req")?,
+                    g("cpu", c, "nginx", "cpu_sys_us_per_req")?,
+                );
+                let (du, dk) = (tu - nu, tk - nk);
+                let verdict = if dk <= 0.0 {
+                    "all of the difference is user space, tether's kernel time is no higher"
+                } else if du >= dk {
+                    "most of the difference is user space"
+                } else {
+                    "most of the difference is kernel time"
+                };
+                Some(format!(
+                    "{c}: user space {} µs vs {} µs, kernel {} µs vs {} µs ({verdict})",
+                    num(tu),
+                    num(nu),
+                    num(tk),
+                    num(nk)
+                ))
+            })
+            .collect();
+        if !split.is_empty() {
+            let _ = write!(
+                s,
+                " Split by where the time is spent, tether against nginx: {}.",
+                split.join("; ")
+            );
+        }
         if let Some((_, file)) = meta
             .profiles
             .iter()
