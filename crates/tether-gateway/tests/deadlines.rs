@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -13,10 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use h2::Reason;
+use test_support::EventKind;
 use test_support::behavior::{Behavior, Reply, routes, script};
-use test_support::{BlackHole, DnsStub, EventKind};
 use tether::CancelReason;
-use tether_gateway::config::UpstreamAddress;
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
@@ -42,25 +40,14 @@ fn budgets(env: &Env, path: &str) -> Vec<u64> {
 #[tokio::test]
 async fn budget_sent_upstream_excludes_connect_time() {
     bounded(Duration::from_secs(10), async {
-        let dead: IpAddr = "127.0.0.2".parse().unwrap();
-        let stub = DnsStub::start(&[("slow.test", vec![dead, "127.0.0.1".parse().unwrap()])])
-            .await
-            .unwrap();
-        let mut hole = None;
-        let env = Env::with(
-            Down::H1,
-            Up::H1,
+        let DeadFirst {
+            env,
+            hole,
+            stub: _stub,
+        } = DeadFirst::start(
+            "slow.test",
             routes(vec![("/budget", Behavior::ok("ok"))]),
-            |c| {
-                let port = c.upstreams[0].addresses[0].port;
-                hole = Some(BlackHole::bind(SocketAddr::new(dead, port)).unwrap());
-                c.dns.nameservers = vec![stub.addr()];
-                c.upstreams[0].addresses = vec![UpstreamAddress {
-                    host: "slow.test".into(),
-                    port,
-                }];
-                c.listeners[0].routes[0].timeouts.total = Some(Duration::from_secs(2));
-            },
+            |c| c.listeners[0].routes[0].timeouts.total = Some(Duration::from_secs(2)),
         )
         .await;
         let mut client = env.http().await;

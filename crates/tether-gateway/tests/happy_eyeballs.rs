@@ -6,44 +6,24 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::*;
+use test_support::EventKind;
 use test_support::behavior::{Behavior, routes};
 use test_support::blackhole::syn_sent_to;
-use test_support::{BlackHole, DnsStub, EventKind};
-use tether_gateway::config::UpstreamAddress;
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
-
-const DEAD_IP: &str = "127.0.0.2";
 
 #[tokio::test]
 async fn dead_first_candidate_loses_to_the_live_second_after_the_stagger() {
     bounded(Duration::from_secs(15), async {
-        let dead_ip: IpAddr = DEAD_IP.parse().unwrap();
-        let stub = DnsStub::start(&[("app.test", vec![dead_ip, "127.0.0.1".parse().unwrap()])])
-            .await
-            .unwrap();
-        let mut hole = None;
-        let env = Env::with(
-            Down::H1,
-            Up::H1,
+        let DeadFirst { env, stub, hole } = DeadFirst::start(
+            "app.test",
             routes(vec![("/he", Behavior::ok("through the second"))]),
-            |c| {
-                // Same port as the live upstream, on another loopback address.
-                let port = c.upstreams[0].addresses[0].port;
-                hole = Some(BlackHole::bind(SocketAddr::new(dead_ip, port)).unwrap());
-                c.dns.nameservers = vec![stub.addr()];
-                c.upstreams[0].addresses = vec![UpstreamAddress {
-                    host: "app.test".into(),
-                    port,
-                }];
-            },
+            |_| {},
         )
         .await;
-        let hole = hole.unwrap();
         let live = env.up.addr();
 
         let mut client = env.http().await;
@@ -100,27 +80,16 @@ async fn dead_first_candidate_loses_to_the_live_second_after_the_stagger() {
 #[tokio::test]
 async fn the_dead_candidate_is_attempted_during_the_stagger() {
     bounded(Duration::from_secs(15), async {
-        let dead_ip: IpAddr = DEAD_IP.parse().unwrap();
-        let stub = DnsStub::start(&[("app.test", vec![dead_ip, "127.0.0.1".parse().unwrap()])])
-            .await
-            .unwrap();
-        let mut hole = None;
-        let env = Env::with(
-            Down::H1,
-            Up::H1,
+        let DeadFirst {
+            env,
+            hole,
+            stub: _stub,
+        } = DeadFirst::start(
+            "app.test",
             routes(vec![("/he", Behavior::ok("ok"))]),
-            |c| {
-                let port = c.upstreams[0].addresses[0].port;
-                hole = Some(BlackHole::bind(SocketAddr::new(dead_ip, port)).unwrap());
-                c.dns.nameservers = vec![stub.addr()];
-                c.upstreams[0].addresses = vec![UpstreamAddress {
-                    host: "app.test".into(),
-                    port,
-                }];
-            },
+            |_| {},
         )
         .await;
-        let hole = hole.unwrap();
         let mut client = env.http().await;
         let req = tokio::spawn(async move { client.get("/he").await.map(|(p, _)| p.status) });
         // The attempt towards the dead candidate stays in SYN-SENT from its start until the race

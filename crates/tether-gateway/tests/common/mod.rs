@@ -10,7 +10,7 @@ use std::time::Duration;
 use test_support::behavior::Script;
 use test_support::client::{H1Client, H2Client, HttpClient, Proto};
 use test_support::tls::{ALPN_H2, ALPN_HTTP1};
-use test_support::{EventLog, TestPki, UpstreamH1, UpstreamH2};
+use test_support::{BlackHole, DnsStub, EventLog, TestPki, UpstreamH1, UpstreamH2};
 use tether_gateway::config::*;
 use tether_gateway::observe::access::{MemoryAccessLog, RequestRecord};
 use tether_gateway::{Gateway, RunningGateway};
@@ -73,6 +73,47 @@ pub struct Env {
     pub access: MemoryAccessLog,
     pub addr: SocketAddr,
     gw: Option<RunningGateway>,
+}
+
+/// A loopback address whose SYNs a [`BlackHole`] drops: a dead connect candidate.
+pub const DEAD_IP: &str = "127.0.0.2";
+
+/// An [`Env`] whose HTTP/1 upstream is reached by a name that a stub DNS server answers with a
+/// dead candidate first ([`DEAD_IP`], a black hole on the live upstream's port) and the live
+/// upstream second: every new upstream connection waits out the Happy Eyeballs stagger. Keep
+/// all three while the test runs: without the stub the name no longer resolves.
+pub struct DeadFirst {
+    pub env: Env,
+    pub stub: DnsStub,
+    pub hole: BlackHole,
+}
+
+impl DeadFirst {
+    /// The gateway in front of `script`, its upstream named `name`; `tweak` adjusts the config.
+    pub async fn start(name: &str, script: Script, tweak: impl FnOnce(&mut Config)) -> DeadFirst {
+        let dead: std::net::IpAddr = DEAD_IP.parse().unwrap();
+        let stub = DnsStub::start(&[(name, vec![dead, "127.0.0.1".parse().unwrap()])])
+            .await
+            .unwrap();
+        let mut hole = None;
+        let env = Env::with(Down::H1, Up::H1, script, |c| {
+            // Same port as the live upstream, on another loopback address.
+            let port = c.upstreams[0].addresses[0].port;
+            hole = Some(BlackHole::bind(SocketAddr::new(dead, port)).unwrap());
+            c.dns.nameservers = vec![stub.addr()];
+            c.upstreams[0].addresses = vec![UpstreamAddress {
+                host: name.into(),
+                port,
+            }];
+            tweak(c);
+        })
+        .await;
+        DeadFirst {
+            env,
+            stub,
+            hole: hole.unwrap(),
+        }
+    }
 }
 
 impl Env {
