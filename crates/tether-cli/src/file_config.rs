@@ -116,6 +116,8 @@ pub struct FileLimits {
     pub max_header_bytes: Option<usize>,
     /// Time allowed for an HTTP/1 request head.
     pub header_read_timeout: Option<String>,
+    /// Idle time before an HTTP/1 keep-alive connection is parked, or `"off"`.
+    pub park_idle_after: Option<String>,
     /// Largest request body in bytes.
     pub max_body_bytes: Option<u64>,
     /// HTTP/2 streams per connection.
@@ -562,6 +564,11 @@ fn limits(key: &str, l: &FileLimits) -> Result<ListenerLimits, KeyError> {
     if let Some(s) = &l.header_read_timeout {
         cfg.header_read_timeout = duration_key(&format!("{key}.header_read_timeout"), s)?;
     }
+    cfg.park_idle_after = opt_timeout(
+        &format!("{key}.park_idle_after"),
+        &l.park_idle_after,
+        cfg.park_idle_after,
+    )?;
     if let Some(n) = l.max_body_bytes {
         cfg.max_body_bytes = Some(n);
     }

@@ -129,6 +129,12 @@ pub struct ListenerLimits {
     /// How long an HTTP/1 client may take to send a request head (also bounds an idle
     /// keep-alive connection). The connection is closed when it passes. Default 30 s.
     pub header_read_timeout: Duration,
+    /// How long a plain-TCP HTTP/1 keep-alive connection must be idle before it is parked
+    /// (only its socket kept: no task, no buffers); `None` never parks. Shorter: less memory per
+    /// idle connection after a burst; longer: fewer clients that pause between requests pay a
+    /// park and a wake-up (each about as much CPU as a request). Default 500 ms, at least
+    /// [`MIN_PARK_IDLE_AFTER`].
+    pub park_idle_after: Option<Duration>,
     /// Largest request body: a larger `Content-Length` gets 413, a longer chunked or HTTP/2 body
     /// is cut (the upstream sees the request abort). Default: none.
     pub max_body_bytes: Option<u64>,
@@ -146,6 +152,10 @@ pub struct ListenerLimits {
     pub h2_reset_budget: Option<ResetBudget>,
 }
 
+/// The shortest `park_idle_after`: a connection with a request in flight looks at its idleness
+/// that often, so a shorter one would turn its loop for nothing.
+pub const MIN_PARK_IDLE_AFTER: Duration = Duration::from_millis(100);
+
 /// A token bucket for client stream resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResetBudget {
@@ -162,6 +172,7 @@ impl Default for ListenerLimits {
             backlog: 1024,
             max_header_bytes: 64 * 1024,
             header_read_timeout: Duration::from_secs(30),
+            park_idle_after: Some(crate::downstream::h1::PARK_AFTER),
             max_body_bytes: None,
             h2_max_concurrent_streams: 256,
             h2_max_pending_reset_streams: 20,
@@ -649,33 +660,40 @@ impl Config {
 
 fn validate_listener_limits(key: &str, l: &ListenerConfig) -> Result<(), ConfigError> {
     let lim = &l.limits;
+    let lkey = format!("{key}.limits");
     if lim.max_header_bytes < 8192 {
         return Err(ConfigError::new(
-            format!("{key}.max_header_bytes"),
+            format!("{lkey}.max_header_bytes"),
             "must be at least 8192",
         ));
     }
     if lim.max_header_bytes > u32::MAX as usize {
         return Err(ConfigError::new(
-            format!("{key}.max_header_bytes"),
+            format!("{lkey}.max_header_bytes"),
             "must fit in 32 bits",
         ));
     }
     if lim.backlog == 0 || lim.backlog > i32::MAX as u32 {
         return Err(ConfigError::new(
-            format!("{key}.backlog"),
+            format!("{lkey}.backlog"),
             "must be between 1 and 2147483647",
         ));
     }
     if lim.header_read_timeout.is_zero() {
         return Err(ConfigError::new(
-            format!("{key}.header_read_timeout"),
+            format!("{lkey}.header_read_timeout"),
             "must be greater than zero",
+        ));
+    }
+    if lim.park_idle_after.is_some_and(|d| d < MIN_PARK_IDLE_AFTER) {
+        return Err(ConfigError::new(
+            format!("{lkey}.park_idle_after"),
+            "must be at least 100ms; write \"off\" to never park",
         ));
     }
     if lim.h2_max_concurrent_streams == 0 {
         return Err(ConfigError::new(
-            format!("{key}.h2_max_concurrent_streams"),
+            format!("{lkey}.h2_max_concurrent_streams"),
             "must be at least 1",
         ));
     }
@@ -683,7 +701,7 @@ fn validate_listener_limits(key: &str, l: &ListenerConfig) -> Result<(), ConfigE
         && b.burst == 0
     {
         return Err(ConfigError::new(
-            format!("{key}.h2_reset_budget"),
+            format!("{lkey}.h2_reset_budget"),
             "burst must be at least 1; write \"off\" to disable",
         ));
     }

@@ -68,6 +68,39 @@ async fn a_connection_in_use_is_not_parked() {
     env.stop().await;
 }
 
+/// `park_idle_after`: "off" never parks, and a delay longer than the idle spell does not park
+/// either; the connection keeps serving (one client address throughout).
+#[tokio::test]
+async fn park_idle_after_off_or_longer_than_the_pause_keeps_the_connection_active() {
+    for setting in [None, Some(Duration::from_secs(30))] {
+        let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+            c.listeners[0].limits.park_idle_after = setting
+        })
+        .await;
+        let mut c = env.h1().await;
+        get_ok(&mut c, "/a").await;
+        tokio::time::sleep(PARK_AFTER * 3).await;
+        assert_eq!(env.parked(), 0, "parked with park_idle_after = {setting:?}");
+        get_ok(&mut c, "/b").await;
+        assert_eq!(env.record("/b").await.client, env.record("/a").await.client);
+        env.stop().await;
+    }
+}
+
+/// A shorter `park_idle_after` parks, and the parked connection is served as with the default.
+#[tokio::test]
+async fn a_shorter_park_idle_after_parks_and_serves_again() {
+    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.park_idle_after = Some(Duration::from_millis(150))
+    })
+    .await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    env.wait_parked(1).await;
+    get_ok(&mut c, "/b").await;
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn a_fresh_connection_that_sends_nothing_is_parked_and_served() {
     // HTTP/1 only: with HTTP/2 on too, the first bytes are awaited to tell the protocols apart.

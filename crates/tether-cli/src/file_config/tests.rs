@@ -233,6 +233,7 @@ address = "127.0.0.1:8080"
   backlog = 64
   max_body_bytes = 1048576
   header_read_timeout = "5s"
+  park_idle_after = "2s"
   h2_reset_burst = 0
 
   [[listeners.routes]]
@@ -259,8 +260,28 @@ fn dead_peer_and_limits_convert() {
     assert_eq!(lc.limits.backlog, 64);
     assert_eq!(lc.limits.max_body_bytes, Some(1 << 20));
     assert_eq!(lc.limits.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(lc.limits.park_idle_after, Some(Duration::from_secs(2)));
     assert_eq!(lc.limits.h2_reset_budget, None);
     assert_eq!(lc.routes[0].max_in_flight.map(|n| n.get()), Some(10));
+}
+
+#[test]
+fn park_idle_after_off_default_and_too_short() {
+    let off = HARDENED.replace("park_idle_after = \"2s\"", "park_idle_after = \"off\"");
+    let l = parse(&off, Path::new(".")).unwrap();
+    assert_eq!(l.config.listeners[0].limits.park_idle_after, None);
+    let default = HARDENED.replace("  park_idle_after = \"2s\"\n", "");
+    let l = parse(&default, Path::new(".")).unwrap();
+    assert_eq!(
+        l.config.listeners[0].limits.park_idle_after,
+        Some(tether_gateway::downstream::h1::PARK_AFTER)
+    );
+    // Checked by the gateway's validation, and still placed on its line in the file.
+    let short = HARDENED.replace("park_idle_after = \"2s\"", "park_idle_after = \"20ms\"");
+    let e = err(&short);
+    assert_eq!(e.key, "listeners[0].limits.park_idle_after");
+    assert_eq!(e.line, 17, "{e:?}");
+    assert!(e.message.contains("100ms"), "{e:?}");
 }
 
 #[test]

@@ -1,21 +1,23 @@
 //! HTTP/1 downstream: hyper's server with `half_close(true)` so that tether, not hyper, decides
-//! what a client FIN means (per route), and the disconnect watcher so that a client leaving is
-//! seen even while hyper is not reading (unread request body, pipelined bytes).
+//! what a client FIN means (per route), and the disconnect watcher so that a client leaving is seen
+//! even while hyper is not reading (unread request body, pipelined bytes).
 //!
-//! An idle plain-TCP keep-alive connection is *parked*: hyper's connection keeps an 8 KiB read
-//! and an 8 KiB write buffer, its service and tether's per-connection state for as long as the
-//! connection lives, so once nothing is in flight and the client has sent nothing for
-//! [`PARK_AFTER`], the hyper connection is closed without touching the socket
-//! (`graceful_shutdown` closes an idle hyper connection at once), the task ends and the socket
-//! moves to the worker's [`Parking`](super::parking::Parking), with no task of its own. The next
-//! bytes from the client bring up a new task and a fresh hyper connection; bytes hyper had read
-//! ahead are replayed to it first (such a connection is not parked). The delay keeps a busy connection from being rebuilt per
-//! request. TLS connections are not parked (the TLS session state would have to be kept anyway).
+//! An idle plain-TCP keep-alive connection is *parked*: hyper's connection keeps an 8 KiB read and
+//! an 8 KiB write buffer, its service and tether's per-connection state for as long as the
+//! connection lives, so once nothing is in flight and the client has sent nothing for the
+//! listener's `park_idle_after` (default [`PARK_AFTER`]), the hyper connection is closed without
+//! touching the socket (`graceful_shutdown` closes an idle hyper connection at once), the task ends
+//! and the socket moves to the worker's [`Parking`](super::parking::Parking), with no task of its
+//! own. The next bytes from the client bring up a new task and a fresh hyper connection; bytes
+//! hyper had read ahead are replayed to it first (such a connection is not parked). The delay keeps
+//! a busy connection from being rebuilt per request. TLS connections are not parked (the TLS
+//! session state would have to be kept anyway).
 //!
 //! LIFECYCLE (plain TCP): active (hyper connection, cancellation state, disconnect watcher) →
-//! nothing in flight and nothing read for [`PARK_AFTER`] → parked (socket in the worker's
-//! parking) → client bytes: active again, in a new task | FIN or RST, the idle timeout (`header_read_timeout`, counted from when the
-//! connection became idle) or shutdown: closed at once.
+//! nothing in flight and nothing read for `park_idle_after` → parked (socket in the worker's
+//! parking) → client bytes: active again, in a new task | FIN or RST, the idle timeout
+//! (`header_read_timeout`, counted from when the connection became idle) or shutdown: closed at
+//! once.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -43,7 +45,7 @@ use crate::listen::{ConfigSource, ConnPermit, ListenerShared, Worker};
 use crate::proxy;
 
 /// How long a plain-TCP connection must be idle (nothing in flight, nothing read) before it is
-/// parked. Parking and coming back cost about as much CPU as a request (a new hyper connection,
+/// parked, unless the listener's `park_idle_after` says otherwise. Parking and coming back cost about as much CPU as a request (a new hyper connection,
 /// the socket moved between epoll sets, the watcher made again): long enough that a client
 /// sending a request every few hundred milliseconds is not parked between two of them. Not
 /// longer: after a burst of new connections, more of them would hold hyper's buffers at once,
@@ -85,7 +87,7 @@ pub async fn serve<I>(
         peer,
         stop: &stop,
     };
-    let _ = session(down, io, watcher, fd, Activity::new(), None).await;
+    let _ = session(down, io, watcher, fd, Activity::new(), None, None).await;
 }
 
 /// An accepted plain-TCP HTTP/1 connection's parts: what it keeps while parked.
@@ -110,10 +112,7 @@ pub struct TcpConn {
 pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<Instant>) {
     let mut replay = Bytes::new();
     loop {
-        let park = Park {
-            after: PARK_AFTER,
-            head_by,
-        };
+        let park_after = conn.listener.limits.park_idle_after;
         let down = Downstream {
             worker: &conn.worker,
             listener: &conn.listener,
@@ -129,7 +128,8 @@ pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<In
             replay,
             activity: activity.clone(),
         });
-        let Some(parked) = session(down, io, watcher, fd, activity, Some(park)).await else {
+        let Some(parked) = session(down, io, watcher, fd, activity, park_after, head_by).await
+        else {
             return;
         };
         let deadline = parked.idle_since + conn.listener.limits.header_read_timeout;
@@ -144,13 +144,6 @@ pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<In
         let parking = conn.worker.parking.clone();
         return parking.park(conn, socket, deadline);
     }
-}
-
-/// Parking settings of one session.
-struct Park {
-    after: Duration,
-    /// After a park: when the first request head must have arrived (the idle timeout).
-    head_by: Option<Instant>,
 }
 
 /// A session that ended by parking: the socket and what hyper had read ahead.
@@ -188,15 +181,16 @@ struct Idle {
     reads: u32,
 }
 
-/// One hyper connection over `io`, to the connection's end or, with `park`, until it is idle
-/// long enough to be parked.
+/// One hyper connection over `io`, to the connection's end or, with `park_after`, until it is
+/// idle that long and is parked. `head_by`: when the first request head is due, after a park.
 async fn session<I>(
     down: Downstream<'_>,
     io: I,
     watcher: Option<DisconnectWatcher>,
     fd: Option<OwnedFd>,
     activity: Arc<Activity>,
-    park: Option<Park>,
+    park_after: Option<Duration>,
+    head_by: Option<Instant>,
 ) -> Option<Parked<I>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -241,11 +235,8 @@ where
         .serve_connection(io, svc);
     let probing = probe::run(fd, listener.dead_peer, activity.clone());
     let mut probing = pin!(probing);
-    let (after, head_by) = match &park {
-        Some(p) => (p.after, p.head_by),
-        None => (Duration::MAX, None),
-    };
-    let parkable = park.is_some();
+    let parkable = park_after.is_some();
+    let after = park_after.unwrap_or(Duration::MAX);
     let park_timer = tokio::time::sleep(after);
     let mut park_timer = pin!(park_timer);
     // The first head is due `header_read_timeout` after the connection opened (or, after a park,
