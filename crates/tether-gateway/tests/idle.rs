@@ -173,6 +173,38 @@ async fn the_idle_timeout_closes_a_parked_connection_on_time() {
     env.stop().await;
 }
 
+/// Connections that come back leave their idle deadlines behind, swept out once they outnumber
+/// the parked connections. The sweep keeps the deadlines of the connections still parked: those
+/// that never came back are closed by the idle timeout like the others.
+#[tokio::test]
+async fn idle_timeouts_hold_after_many_connections_came_back() {
+    const N: usize = 100;
+    const BACK: usize = 90;
+    let timeout = PARK_AFTER + Duration::from_millis(800);
+    let env = env_with_idle_timeout(timeout).await;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        let mut c = env.h1().await;
+        get_ok(&mut c, "/a").await;
+        clients.push(c);
+    }
+    env.wait_parked(N).await;
+    // 90 come back: more stale deadlines than parked connections, so they are swept while the
+    // last 10 are still parked.
+    for c in clients.iter_mut().take(BACK) {
+        get_ok(c, "/b").await;
+    }
+    for (i, c) in clients.iter_mut().enumerate() {
+        assert_ne!(
+            c.wait_closed(timeout + Duration::from_secs(2)).await,
+            Closed::StillOpen,
+            "connection {i} outlived the idle timeout"
+        );
+    }
+    assert_eq!(env.parked(), 0);
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn the_idle_timeout_still_bounds_a_slow_head_after_a_park() {
     // Longer than the park delay, so that the connection parks before it times out.

@@ -11,7 +11,8 @@
 //! bytes from the client: the socket goes back to tokio and a new task serves it | FIN, RST,
 //! the idle deadline or shutdown: closed.
 
-use std::collections::BTreeSet;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -54,8 +55,14 @@ pub struct Poller(Poll);
 #[derive(Default)]
 struct Lot {
     conns: Slab<Entry>,
-    /// Idle deadlines, earliest first, with the token of their entry.
-    deadlines: BTreeSet<(Instant, u64)>,
+    /// Idle deadlines, earliest first, with the token of their entry. A heap, in one
+    /// allocation: a tree's many small nodes, made while a burst of connections parks, would
+    /// each keep a page of the allocator's from being given back. A connection that comes back
+    /// leaves its deadline behind; it is skipped when it comes up (its token no longer matches)
+    /// and swept out once such stale deadlines outnumber the parked connections.
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Deadlines in `deadlines` whose connection is no longer parked.
+    stale: usize,
     /// Bumped per park, so a stale readiness event can never reach a reused slot.
     generation: u32,
     /// After shutdown, nothing parks any more.
@@ -71,6 +78,29 @@ struct Entry {
     client: std::net::SocketAddr,
     source: ConfigSource,
     permit: ConnPermit,
+}
+
+impl Lot {
+    /// Whether `token` is a connection parked now (not one that came back, or a reused slot).
+    fn is_parked(&self, token: u64) -> bool {
+        let key = key_of(token);
+        self.conns
+            .get(key)
+            .is_some_and(|e| token_of(key, e) == token)
+    }
+
+    /// A connection came back: its deadline stays in the heap until it comes up, or until
+    /// stale ones outnumber the parked connections and are swept out (each sweep pays for
+    /// itself over as many returns as there are deadlines left).
+    fn leave_deadline_behind(&mut self) {
+        self.stale += 1;
+        if self.stale > self.conns.len() + 64 {
+            let mut deadlines = std::mem::take(&mut self.deadlines);
+            deadlines.retain(|Reverse((_, token))| self.is_parked(*token));
+            self.deadlines = deadlines;
+            self.stale = 0;
+        }
+    }
 }
 
 impl std::fmt::Debug for Parking {
@@ -133,7 +163,7 @@ impl Parking {
         }
         lot.generation = lot.generation.wrapping_add(1);
         let generation = lot.generation;
-        let earliest = lot.deadlines.first().map(|(at, _)| *at);
+        let earliest = lot.deadlines.peek().map(|Reverse((at, _))| *at);
         let slot = lot.conns.vacant_entry();
         let token = token(slot.key(), generation);
         // Registered while the slot is reserved: readiness already there is reported at once.
@@ -154,7 +184,7 @@ impl Parking {
             source: conn.source,
             permit: conn.permit,
         });
-        lot.deadlines.insert((deadline, token));
+        lot.deadlines.push(Reverse((deadline, token)));
         drop(lot);
         if earliest.is_none_or(|at| deadline < at) {
             self.earlier.notify_one();
@@ -181,7 +211,7 @@ impl Parking {
         };
         let mut events = Events::with_capacity(EVENTS);
         loop {
-            let next = lock(&self.lot).deadlines.first().map(|(at, _)| *at);
+            let next = lock(&self.lot).deadlines.peek().map(|Reverse((at, _))| *at);
             // No deadline: the timer only has to be in the future; a park wakes the loop.
             let wake_at = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
@@ -249,7 +279,7 @@ impl Parking {
             Err(_) => false,
         };
         let entry = lot.conns.remove(key);
-        lot.deadlines.remove(&(entry.deadline, token));
+        lot.leave_deadline_behind();
         drop(lot);
         if !resume {
             return;
@@ -297,18 +327,15 @@ impl Parking {
     fn expire(&self, now: Instant) {
         let mut closed = Vec::new();
         let mut lot = lock(&self.lot);
-        while let Some(&(at, token)) = lot.deadlines.first() {
+        while let Some(&Reverse((at, token))) = lot.deadlines.peek() {
             if at > now {
                 break;
             }
-            lot.deadlines.pop_first();
-            let key = key_of(token);
-            if lot
-                .conns
-                .get(key)
-                .is_some_and(|e| token_of(key, e) == token)
-            {
-                closed.push(lot.conns.remove(key));
+            lot.deadlines.pop();
+            if lot.is_parked(token) {
+                closed.push(lot.conns.remove(key_of(token)));
+            } else {
+                lot.stale = lot.stale.saturating_sub(1);
             }
         }
         drop(lot);
@@ -323,6 +350,7 @@ impl Parking {
         lot.closed = true;
         let conns = std::mem::take(&mut lot.conns);
         lot.deadlines.clear();
+        lot.stale = 0;
         drop(lot);
         drop(conns);
     }
