@@ -599,3 +599,40 @@ fn cancelled(t: Tracker, reason: tether::CancelReason) -> Response<ProxyBody> {
     t.finish_cancelled(reason);
     resp
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replayed_request_has_the_same_head_as_the_original() {
+        let mut req = Request::builder()
+            .method(http::Method::PUT)
+            .uri("/a/b?c=d")
+            .header("host", "example.test")
+            .header("accept", "text/html")
+            .header("x-multi", "1")
+            .header("cookie", "a=1")
+            .header("x-multi", "2")
+            .header("cookie", "b=2")
+            .body(RequestBody::empty())
+            .unwrap();
+        *req.version_mut() = Version::HTTP_11;
+        let replay = Replay::of(&req).expect("a bodiless request can be replayed");
+        let again = replay.build();
+        assert_eq!(again.method(), req.method());
+        assert_eq!(again.uri(), req.uri());
+        assert_eq!(again.version(), req.version());
+        assert_eq!(again.headers(), req.headers());
+        // Repeated fields keep their order, as they are sent.
+        let order = |r: &Request<RequestBody>| {
+            r.headers()
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(order(&again), order(&req));
+        // A second build is as good as the first (the replay is kept for later attempts).
+        assert_eq!(replay.build().headers(), req.headers());
+    }
+}
