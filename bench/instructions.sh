@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request, tether and nginx side by side, counted by
 # valgrind's callgrind: a count, not a time, so it is the same on a busy machine as on an idle one
-# and shows per-request work that noisy CPU-time figures hide.
+# and shows per-request work that noisy CPU-time figures hide. A bare hyper proxy
+# (bench/compare/harness/src/bin/compare-bare.rs) is counted too: what hyper and tokio cost per
+# request before any of tether's own work, so the gap to nginx splits into the two.
 #
 #   bench/instructions.sh [--no-build] [--requests N]
 #
@@ -20,7 +22,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --no-build) BUILD=0 ;;
     --requests) N="$2"; shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "instructions.sh: unknown option $1" >&2; exit 64 ;;
   esac
   shift
@@ -133,16 +135,32 @@ log "run directory $RUN"
 measure "tether" h1 "$BIN/tether" serve --config "$RUN/tether.toml"
 measure "tether-log-off" h1 "$BIN/tether" serve --config "$RUN/tether.toml" --log-format off
 measure "tether-h2" h2 "$BIN/tether" serve --config "$RUN/tether.toml"
+bare=("$BIN/compare-bare" --listen "127.0.0.1:$PPORT" --listen-h2 "127.0.0.1:$P2PORT" --upstream "127.0.0.1:$BPORT")
+measure "bare" h1 "${bare[@]}"
+measure "bare-h2" h2 "${bare[@]}"
 nginx_conf /dev/null
 measure "nginx" h1 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
 measure "nginx-h2" h2 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
 nginx_conf off
 measure "nginx-log-off" h1 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
 
+# incl LABEL FUNCTION: FUNCTION's inclusive instructions per request in LABEL's profile (0 when the
+# name is not in it).
+incl() {
+  local label=$1 fn=$2 r n
+  for r in "${ROWS[@]}"; do [ "${r%%|*}" = "$label" ] && n=${r##*|}; done
+  callgrind_annotate --inclusive=yes --threshold=100 "$RUN/callgrind.$label.1" 2>/dev/null |
+    awk -v fn="$fn" -v n="$n" '
+      { line = $0; sub(/^ *[0-9,]+ \([ 0-9.%]+\) +/, "", line); sub(/^[^:]*:/, "", line); sub(/ \[[^]]*\]$/, "", line) }
+      line == fn { v = $1; gsub(/,/, "", v); if (v + 0 > best) best = v + 0 }
+      END { printf "%d", best / n }'
+}
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 get() { local r; for r in "${ROWS[@]}"; do [ "${r%%|*}" = "$1" ] && { r=${r#*|}; echo "${r%%|*}"; return; }; done; }
 t=$(get tether); toff=$(get tether-log-off); n=$(get nginx); noff=$(get nginx-log-off)
 t2=$(get tether-h2); n2=$(get nginx-h2)
+b=$(get bare); b2=$(get bare-h2)
 {
   echo "# User-space instructions per request"
   echo
@@ -164,6 +182,32 @@ t2=$(get tether-h2); n2=$(get nginx-h2)
   echo "| nginx | h1 | off | $noff | 1.00× |"
   echo "| **tether** | h2 | on | $t2 | $(ratio "$t2" "$n2")× |"
   echo "| nginx | h2 | on | $n2 | 1.00× |"
+  echo "| bare hyper proxy | h1 | none | $b | $(ratio "$b" "$noff")× (vs nginx, log off) |"
+  echo "| bare hyper proxy | h2 | none | $b2 | $(ratio "$b2" "$n2")× |"
+  echo
+  echo "The bare hyper proxy ([compare-bare.rs](compare/harness/src/bin/compare-bare.rs)) is what"
+  echo "tether is built from and nothing more: hyper's HTTP/1.1 and HTTP/2 servers, hyper's HTTP/1.1"
+  echo "client over a thread-local keep-alive pool, tokio's current-thread runtime, jemalloc; no"
+  echo "routing, request ids, forwarding headers, cancellation context, disconnect watcher, timeouts,"
+  echo "retries, metrics or access log. Against it, tether's own work per request is:"
+  echo
+  echo "| clients | tether (log on) | bare hyper proxy | tether's own work | share of tether's total |"
+  echo "|---|---:|---:|---:|---:|"
+  echo "| h1 | $t | $b | $((t - b)) | $(awk -v a=$((t - b)) -v c="$t" 'BEGIN { printf "%.0f %%", 100 * a / c }') |"
+  echo "| h2 | $t2 | $b2 | $((t2 - b2)) | $(awk -v a=$((t2 - b2)) -v c="$t2" 'BEGIN { printf "%.0f %%", 100 * a / c }') |"
+  echo
+  echo "Where it goes (h1, log on): the same pieces of the two proxies, each with everything it calls"
+  echo "(callgrind's inclusive count per request; a piece's figure includes the pieces below it that"
+  echo "it runs)."
+  echo
+  echo "| piece | tether | bare hyper proxy |"
+  echo "|---|---:|---:|"
+  echo "| downstream connection task: hyper's server and everything it polls | $(incl tether 'tether_gateway::downstream::h1::serve_tcp::{{closure}}') | $(incl bare 'compare_bare::accept::{{closure}}::{{closure}}') |"
+  echo "| the request handler, to the response head: routing, request id and record, header rewriting, cancellation context, pool checkout, hyper's client send | $(incl tether 'tether_gateway::proxy::handle::{{closure}}') | $(incl bare 'compare_bare::proxy::{{closure}}') |"
+  echo "| the response body, to its end: idle timeout, pool return, metrics, access log | $(incl tether '<tether_gateway::downstream::probe::GuardedBody<B> as http_body::Body>::poll_frame') | $(incl bare '<compare_bare::PoolBody as http_body::Body>::poll_frame') |"
+  echo "| of which the access log line | $(incl tether '<tether_gateway::observe::access::JsonLines as tether_gateway::observe::access::AccessLog>::record') | none |"
+  echo "| the disconnect watcher's turn | $(incl tether 'tether_gateway::downstream::h1::watch::{{closure}}') | none |"
+  echo "| upstream connection task: hyper's client | $(incl tether 'tether_gateway::upstream::pool::start_h1::{{closure}}') | $(incl bare '<hyper::client::conn::http1::Connection<T,B> as core::future::future::Future>::poll') |"
   echo
   echo "- tether: $("$BIN/tether" --version 2>/dev/null || echo tether), release profile"
   echo "- nginx: $(nginx -v 2>&1 | sed 's/^nginx version: //')"

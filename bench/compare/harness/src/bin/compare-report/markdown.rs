@@ -537,8 +537,10 @@ fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
                  tokio and tether's own per-request work (request record, metrics, cancellation \
                  context, header rewriting). \
                  [RESULTS-instructions.md](RESULTS-instructions.md) counts the user-space \
-                 instructions per request of tether and nginx, which this machine's noise does not \
-                 move.",
+                 instructions per request of tether, nginx and a bare hyper proxy (hyper and tokio \
+                 with none of tether's own work), which this machine's noise does not move: it \
+                 shows how much of the gap is hyper and tokio, how much tether's own work, and \
+                 where that goes.",
                 parts.join(", ")
             );
         }
