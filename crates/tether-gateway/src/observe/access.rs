@@ -489,6 +489,19 @@ const OCTETS: [([u8; 4], usize); 256] = {
     table
 };
 
+/// Writes `ip` as `Display` does (`a.b.c.d`) at the start of `buf`, from a table rather than a
+/// formatter pass, and returns its length, followed by one spare byte written as a dot.
+pub(crate) fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 24]) -> usize {
+    let mut n = 0;
+    for octet in ip.octets() {
+        let (text, len) = OCTETS[usize::from(octet)];
+        buf[n..n + 4].copy_from_slice(&text);
+        n += len;
+    }
+    // Without the last octet's dot.
+    n - 1
+}
+
 /// Writes `a` as `ip:port` (IPv6 in brackets), as `Display` does, without a formatter pass for
 /// the common IPv4 case.
 fn write_addr(out: &mut Vec<u8>, a: &SocketAddr) {
@@ -496,12 +509,7 @@ fn write_addr(out: &mut Vec<u8>, a: &SocketAddr) {
         SocketAddr::V4(v4) => {
             // "255.255.255.255:65535" is 21 bytes: built on the stack from a table, copied once.
             let mut buf = [0u8; 24];
-            let mut n = 0;
-            for octet in v4.ip().octets() {
-                let (text, len) = OCTETS[usize::from(octet)];
-                buf[n..n + 4].copy_from_slice(&text);
-                n += len;
-            }
+            let n = ipv4_text(*v4.ip(), &mut buf) + 1;
             // The last dot becomes the colon.
             buf[n - 1] = b':';
             let mut port = v4.port();

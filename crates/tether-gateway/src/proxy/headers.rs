@@ -137,10 +137,24 @@ impl ClientForwarding {
     /// The forwarding text for `client` on a connection that is TLS or not.
     pub fn new(client: IpAddr, tls: bool) -> ClientForwarding {
         let proto = if tls { "https" } else { "http" };
-        let ip_text = client.to_string();
-        let node = match client {
-            IpAddr::V4(_) => format!("for={ip_text};proto={proto}"),
-            IpAddr::V6(_) => format!("for=\"[{ip_text}]\";proto={proto}"),
+        let (ip_text, node) = match client {
+            // Made again for every connection (and after each park): no formatter pass.
+            IpAddr::V4(v4) => {
+                let mut buf = [0u8; 24];
+                let n = crate::observe::access::ipv4_text(v4, &mut buf);
+                let ip = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let mut node = String::with_capacity(4 + n + 7 + proto.len());
+                node.push_str("for=");
+                node.push_str(&ip);
+                node.push_str(";proto=");
+                node.push_str(proto);
+                (ip, node)
+            }
+            IpAddr::V6(_) => {
+                let ip = client.to_string();
+                let node = format!("for=\"[{ip}]\";proto={proto}");
+                (ip, node)
+            }
         };
         ClientForwarding {
             // An address's text is always a valid header value.
@@ -201,6 +215,34 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clients_forwarding_text_is_its_address_as_display_writes_it() {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.99.100",
+            "127.0.0.1",
+            "192.168.1.254",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::7",
+            "::ffff:10.1.2.3",
+        ] {
+            let addr: IpAddr = ip.parse().unwrap();
+            for (tls, proto) in [(false, "http"), (true, "https")] {
+                let f = ClientForwarding::new(addr, tls);
+                assert_eq!(f.ip.to_str().unwrap(), ip, "{ip}");
+                let node = if addr.is_ipv4() {
+                    format!("for={ip};proto={proto}")
+                } else {
+                    format!("for=\"[{ip}]\";proto={proto}")
+                };
+                assert_eq!(f.node, node);
+                assert_eq!(f.proto, proto);
+            }
+        }
+    }
 
     #[test]
     fn removes_hop_by_hop_and_connection_listed() {
