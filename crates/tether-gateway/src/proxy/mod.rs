@@ -160,7 +160,10 @@ async fn proxy(
     t.rec.span_id = ids.span_id;
 
     route.retry.on_request();
-    let replay = Replay::of(&up_req);
+    // A copy to send again, taken only where a resend can follow a send (see below).
+    let mut replay: Option<Replay> = None;
+    let resendable =
+        retry::is_idempotent(method_of(&t)) && http_body::Body::is_end_stream(up_req.body());
     let mut next_req = Some(up_req);
     let mut attempt: u32 = 0;
     // Resends after a dead pooled connection (at most one), logged as retries all the same.
@@ -228,6 +231,13 @@ async fn proxy(
                 return fail(t, e);
             }
         };
+        // Once written, the request is gone: a resend needs a copy, made before the first
+        // write that may need one. Only a reused connection can turn out stale after the write
+        // (a request never written comes back without one), and only a route with retryable
+        // statuses resends after an answer.
+        if replay.is_none() && resendable && (info.reused || route.retry.retries_statuses()) {
+            replay = Replay::of(&up_req);
+        }
         t.rec.upstream_reused = Some(info.reused);
         t.rec.upstream_connect = Some(info.connect);
         t.rec.upstream_local = info.local;

@@ -55,6 +55,11 @@ impl RetryPolicy {
         allowed && self.budget.withdraw()
     }
 
+    /// Whether any response status is retried.
+    pub fn retries_statuses(&self) -> bool {
+        self.max_retries > 0 && !self.statuses.is_empty()
+    }
+
     /// Whether a response with `status` to a replayable idempotent request is retried.
     pub fn retries_status(
         &self,
@@ -204,6 +209,10 @@ mod tests {
         assert!(!p.retries_status(503, 0, true, false));
         assert!(!p.retries_status(502, 0, true, true));
         assert!(!p.retries_status(503, 2, true, true));
+        assert!(p.retries_statuses());
+        // No status to retry, or no retry at all: no response is ever retried.
+        assert!(!RetryPolicy::new(2, vec![], 1.0, 10).retries_statuses());
+        assert!(!RetryPolicy::new(0, vec![503], 1.0, 10).retries_statuses());
     }
 
     #[test]
