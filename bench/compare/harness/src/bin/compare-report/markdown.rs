@@ -320,8 +320,9 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
 
     o.push_str("## 3. Cancellation propagation\n\n");
     o.push_str(
-        "The client starts `GET /work?ms=2000` and gives up after a random 50–500 ms: h1 closes the \
-         socket, h2 sends RST_STREAM(CANCEL) on a connection that stays open. Latency runs from the \
+        "Each of 30 clients (each on a connection of its own) starts `GET /work?ms=2000`, gives up \
+         after a random 50–500 ms, and starts the next: h1 closes the socket, h2 sends \
+         RST_STREAM(CANCEL) on a connection that stays open. Latency runs from the \
          client's abort to the backend observing it (its handler dropped because the proxy closed the \
          upstream connection or reset the stream), both read on CLOCK_MONOTONIC. `completed` counts \
          aborted requests whose upstream work ran its full 2 s anyway; `never reached` those the \
