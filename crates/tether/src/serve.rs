@@ -7,7 +7,8 @@
 //!
 //! LIFECYCLE of one connection:
 //! 1. accepted: a connection context is made as a child of the server's context, and a
-//!    [`DisconnectWatcher`] is registered on a duplicate of the socket;
+//!    [`DisconnectWatcher`] is registered on a duplicate of the socket (for its close and errors
+//!    only);
 //! 2. each request gets a [`Downstream`] in its extensions and a request context, a child of the
 //!    connection's (see [`layer`](crate::layer));
 //! 3. the client leaves:
