@@ -206,7 +206,7 @@ b=$(get bare); b2=$(get bare-h2)
   echo "| the request handler, to the response head: routing, request id and record, header rewriting, cancellation context, pool checkout, hyper's client send | $(incl tether 'tether_gateway::proxy::handle::{{closure}}') | $(incl bare 'compare_bare::proxy::{{closure}}') |"
   echo "| the response body, to its end: idle timeout, pool return, metrics, access log | $(incl tether '<tether_gateway::downstream::probe::GuardedBody<B> as http_body::Body>::poll_frame') | $(incl bare '<compare_bare::PoolBody as http_body::Body>::poll_frame') |"
   echo "| of which the access log line | $(incl tether '<tether_gateway::observe::access::JsonLines as tether_gateway::observe::access::AccessLog>::record') | none |"
-  echo "| the disconnect watcher's turn | $(incl tether 'tether_gateway::downstream::h1::watch::{{closure}}') | none |"
+  echo "| the disconnect watcher (woken only by a close or an error) | $(incl tether 'tether_gateway::downstream::h1::watch::{{closure}}') | none |"
   echo "| upstream connection task: hyper's client | $(incl tether 'tether_gateway::upstream::pool::start_h1::{{closure}}') | $(incl bare '<hyper::client::conn::http1::Connection<T,B> as core::future::future::Future>::poll') |"
   echo
   echo "- tether: $("$BIN/tether" --version 2>/dev/null || echo tether), release profile"
