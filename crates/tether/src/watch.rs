@@ -330,6 +330,21 @@ mod tests {
         (c.unwrap(), s.unwrap().0)
     }
 
+    /// Closes `client` with an RST (linger 0).
+    fn reset(client: TcpStream) {
+        socket2::SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+    }
+
+    /// What `w` saw, within 5 s.
+    async fn gone_within(w: &DisconnectWatcher) -> PeerGone {
+        tokio::time::timeout(Duration::from_secs(5), w.gone())
+            .await
+            .expect("the watcher fires")
+    }
+
     #[tokio::test]
     async fn fin_with_unread_data_is_closed() {
         let (mut client, server) = pair().await;
@@ -350,14 +365,8 @@ mod tests {
     async fn rst_is_reset() {
         let (client, server) = pair().await;
         let w = DisconnectWatcher::new(&server).unwrap();
-        socket2::SockRef::from(&client)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(client);
-        let gone = tokio::time::timeout(Duration::from_secs(5), w.gone())
-            .await
-            .unwrap();
-        assert_eq!(gone, PeerGone::Reset);
+        reset(client);
+        assert_eq!(gone_within(&w).await, PeerGone::Reset);
     }
 
     #[tokio::test]
@@ -372,10 +381,7 @@ mod tests {
 
         let (client, server) = pair().await;
         let w = DisconnectWatcher::new(&server).unwrap();
-        socket2::SockRef::from(&client)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(client);
+        reset(client);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(w.check_now(), Some(PeerGone::Reset));
         // The pending error was consumed by that peek; the state still says reset.
@@ -498,13 +504,8 @@ mod tests {
                 tasks.push(tokio::spawn(async {
                     let (client, server) = pair().await;
                     let w = DisconnectWatcher::new(&server).unwrap();
-                    socket2::SockRef::from(&client)
-                        .set_linger(Some(Duration::ZERO))
-                        .unwrap();
-                    drop(client);
-                    tokio::time::timeout(Duration::from_secs(5), w.gone())
-                        .await
-                        .expect("the watcher fires")
+                    reset(client);
+                    gone_within(&w).await
                 }));
             }
             for t in tasks {
