@@ -11,6 +11,7 @@ pub mod tracker;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::SystemTime;
 
 use http::header::{HOST, HeaderValue};
@@ -105,275 +106,291 @@ pub async fn handle(
     Ok(Box::pin(proxy(&worker, &listener, &conn, req, tracker)).await)
 }
 
-async fn proxy(
-    worker: &Worker,
-    listener: &ListenerShared,
-    conn: &Conn,
+/// The request's whole exchange. Written as a function returning an `async move` block rather
+/// than an `async fn`: an `async fn` keeps each argument twice in its state (as passed, and moved
+/// into the body), and this state is the largest thing each request allocates.
+#[allow(clippy::manual_async_fn)]
+fn proxy<'a>(
+    worker: &'a Worker,
+    listener: &'a ListenerShared,
+    conn: &'a Conn,
     req: Request<Incoming>,
     mut t: Tracker,
-) -> Response<ProxyBody> {
-    // A copy that shares the text, kept while the record changes; read as bytes (a Host header's
-    // text would be checked as UTF-8 again).
-    let authority = t.rec.authority.clone();
-    let host = authority.as_bytes();
-    let Some(route) = listener
-        .router
-        .select_host((!host.is_empty()).then_some(host), req.uri().path())
-    else {
-        t.stage = Stage::Route;
-        return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
-    };
-    t.rec.route = Some(route.name.clone());
-    t.route_metrics = Some(route.metrics(&worker.observer.metrics));
-    if let Some(e) = crate::admission::admit(route, listener, &req, &mut t) {
-        return fail(t, e);
-    }
-    conn.cancel.begin_h1_request(&t.ctx, route.half_close);
-    let trusted = listener.trusts(conn.client.ip());
-    // The deadline runs from the arrival of the request head, not from the end of its body.
-    if let Some(d) = deadline::request_deadline(route, t.started(), req.headers(), trusted) {
-        t.ctx = t.ctx.child_with_deadline(d);
-    }
-    let grpc = deadline::is_grpc(req.headers());
-    let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
-    t.rec.upstream = Some(upstream.name.clone());
-    t.rec.upstream_protocol = Some(upstream.protocol.as_str());
-
-    let idle = route.timeouts.idle;
-    let budget_header = route.budget_header.as_ref();
-    let (mut up_req, id_value, budget_sent) = match build_upstream_request(
-        req,
-        host,
-        budget_header,
-        conn,
-        listener,
-        upstream,
-        trusted,
-        idle,
-        &mut t,
-    ) {
-        Ok(r) => r,
-        Err(e) => return fail(t, e),
-    };
-    let ids = trace_context::apply(up_req.headers_mut(), route.trace_context);
-    t.rec.trace_id = ids.trace_id;
-    t.rec.span_id = ids.span_id;
-
-    route.retry.on_request();
-    // A copy to send again, taken only where a resend can follow a send (see below).
-    let mut replay: Option<Replay> = None;
-    let resendable =
-        retry::is_idempotent(method_of(&t)) && http_body::Body::is_end_stream(up_req.body());
-    let mut next_req = Some(up_req);
-    let mut attempt: u32 = 0;
-    // Resends after a dead pooled connection (at most one), logged as retries all the same.
-    let mut resent: u32 = 0;
-    let mut fresh_only = false;
-    t.upstream_started = Some(Instant::now());
-    let (resp, pool, ep_idx) = loop {
-        let Some(mut up_req) = next_req
-            .take()
-            .or_else(|| replay.as_ref().map(Replay::build))
+) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+    async move {
+        // A copy that shares the text, kept while the record changes; read as bytes (a Host
+        // header's text would be checked as UTF-8 again).
+        let authority = t.rec.authority.clone();
+        let host = authority.as_bytes();
+        let Some(route) = listener
+            .router
+            .select_host((!host.is_empty()).then_some(host), req.uri().path())
         else {
-            // Unreachable: a retry is only chosen when the request can be sent again.
-            return fail(t, ProxyError::upstream(Stage::Send, ErrorKind::Reset));
+            t.stage = Stage::Route;
+            return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
         };
-        t.rec.retries = attempt + resent;
-        if attempt > 0 {
-            let pause = retry::backoff(attempt, fresh_only);
-            tokio::select! {
-                biased;
-                reason = t.ctx.cancelled() => return cancelled(t, reason),
-                _ = tokio::time::sleep(pause) => {}
-            }
+        t.rec.route = Some(route.name.clone());
+        t.route_metrics = Some(route.metrics(&worker.observer.metrics));
+        if let Some(e) = crate::admission::admit(route, listener, &req, &mut t) {
+            return fail(t, e);
         }
-        // Connect (or take a pooled connection).
-        t.stage = Stage::Connect;
-        let (ep_idx, ep) = upstream.pick();
-        // A pooled connection ready now needs no wait, so nothing to race.
-        let ready = (!fresh_only && !t.ctx.is_cancelled())
-            .then(|| upstream.take_ready(ep))
-            .flatten();
-        let checkout = match ready {
-            Some(c) => Ok(c),
-            None => tokio::select! {
-                // The client leaving or the deadline passing wins over a connection becoming
-                // ready.
-                biased;
-                reason = t.ctx.cancelled() => return cancelled(t, reason),
-                r = upstream.checkout(ep, route.timeouts.connect, !fresh_only) => r,
-            },
-        };
-        let (checkout, info) = match checkout {
-            Ok(c) => {
-                if !c.1.reused {
-                    upstream.report_connect(ep_idx, None);
-                }
-                c
-            }
-            Err(e) => {
-                if upstream.report_connect(ep_idx, Some(&e))
-                    && let Some(address) = upstream.endpoint_address(ep_idx)
-                {
-                    worker
-                        .observer
-                        .metrics
-                        .endpoint_skipped(&upstream.name, &address.to_string());
-                }
-                // Nothing was sent: any request may go to the next endpoint.
-                if route.retry.may_retry(&e, attempt, true) {
-                    worker.observer.metrics.upstream_error(&upstream.name, &e);
-                    tracing::debug!(stage = %e.stage, side = %e.side, error = %e, attempt, "upstream attempt failed, retrying");
-                    next_req = Some(up_req);
-                    attempt += 1;
-                    continue;
-                }
-                return fail(t, e);
-            }
-        };
-        // Once written, the request is gone: a resend needs a copy, made before the first
-        // write that may need one. Only a reused connection can turn out stale after the write
-        // (a request never written comes back without one), and only a route with retryable
-        // statuses resends after an answer.
-        if replay.is_none() && resendable && (info.reused || route.retry.retries_statuses()) {
-            replay = Replay::of(&up_req);
+        conn.cancel.begin_h1_request(&t.ctx, route.half_close);
+        let trusted = listener.trusts(conn.client.ip());
+        // The deadline runs from the arrival of the request head, not from the end of its body.
+        if let Some(d) = deadline::request_deadline(route, t.started(), req.headers(), trusted) {
+            t.ctx = t.ctx.child_with_deadline(d);
         }
-        t.rec.upstream_reused = Some(info.reused);
-        t.rec.upstream_connect = Some(info.connect);
-        t.rec.upstream_local = info.local;
-        t.rec.timings.dns = info.timings.map(|c| c.dns);
-        t.rec.timings.connect = info.timings.map(|c| c.connect);
-        t.rec.timings.tls = info.timings.and_then(|c| c.tls);
+        let grpc = deadline::is_grpc(req.headers());
+        let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
+        t.rec.upstream = Some(upstream.name.clone());
+        t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
-        // The budget is what is left now, after any backoff and connect time, so the upstream
-        // never believes it has more time than the request really has.
-        // Without a deadline, stamping only removes a budget header the client sent: skipped
-        // when there is none (a lookup saved).
-        if budget_sent || grpc || t.ctx.deadline().is_some() {
-            deadline::stamp(up_req.headers_mut(), budget_header, &t.ctx, grpc);
-        }
-
-        // Send and wait for the response head.
-        t.stage = Stage::FirstByte;
-        let sent_at = Instant::now();
-        t.sent_at = Some(sent_at);
-        let first_byte = route.timeouts.first_byte;
-        let (head, pool) = match checkout {
-            Checkout::H1(mut c) => {
-                t.rec.upstream_addr = Some(c.peer);
-                t.teardown = Teardown::H1(c.closed.clone());
-                let head = await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await;
-                (head, Some(c))
-            }
-            Checkout::H2(mut c) => {
-                t.rec.upstream_addr = Some(c.peer);
-                t.teardown = Teardown::H2;
-                (
-                    await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await,
-                    None,
-                )
-            }
+        let idle = route.timeouts.idle;
+        let budget_header = route.budget_header.as_ref();
+        // In a block: a binding left at the top of an async body keeps its bytes in the
+        // request's state for as long as the request lives, even once moved out.
+        let (mut next_req, id_value, budget_sent, resendable) = {
+            let (mut up_req, id_value, budget_sent) = match build_upstream_request(
+                req,
+                host,
+                budget_header,
+                conn,
+                listener,
+                upstream,
+                trusted,
+                idle,
+                &mut t,
+            ) {
+                Ok(r) => r,
+                Err(e) => return fail(t, e),
+            };
+            let ids = trace_context::apply(up_req.headers_mut(), route.trace_context);
+            t.rec.trace_id = ids.trace_id;
+            t.rec.span_id = ids.span_id;
+            let resendable = retry::is_idempotent(method_of(&t))
+                && http_body::Body::is_end_stream(up_req.body());
+            (Some(up_req), id_value, budget_sent, resendable)
         };
-        match head {
-            Head::Response(r) => {
-                let status = r.status().as_u16();
-                if route.retry.retries_status(
-                    status,
-                    attempt,
-                    retry::is_idempotent(method_of(&t)),
-                    replay.is_some(),
-                ) {
-                    tracing::debug!(
+
+        route.retry.on_request();
+        // A copy to send again, taken only where a resend can follow a send (see below).
+        let mut replay: Option<Replay> = None;
+        let mut attempt: u32 = 0;
+        // Resends after a dead pooled connection (at most one), logged as retries all the same.
+        let mut resent: u32 = 0;
+        let mut fresh_only = false;
+        t.upstream_started = Some(Instant::now());
+        let (resp, pool, ep_idx) = loop {
+            let Some(mut up_req) = next_req
+                .take()
+                .or_else(|| replay.as_ref().map(Replay::build))
+            else {
+                // Unreachable: a retry is only chosen when the request can be sent again.
+                return fail(t, ProxyError::upstream(Stage::Send, ErrorKind::Reset));
+            };
+            t.rec.retries = attempt + resent;
+            if attempt > 0 {
+                let pause = retry::backoff(attempt, fresh_only);
+                tokio::select! {
+                    biased;
+                    reason = t.ctx.cancelled() => return cancelled(t, reason),
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+            // Connect (or take a pooled connection).
+            t.stage = Stage::Connect;
+            let (ep_idx, ep) = upstream.pick();
+            // A pooled connection ready now needs no wait, so nothing to race. (The lookup is the
+            // match's own operand, so it holds no place in the request's state.)
+            let (checkout, info) = match (!fresh_only && !t.ctx.is_cancelled())
+                .then(|| upstream.take_ready(ep))
+                .flatten()
+            {
+                Some(c) => c,
+                None => {
+                    let r = tokio::select! {
+                        // The client leaving or the deadline passing wins over a connection
+                        // becoming ready.
+                        biased;
+                        reason = t.ctx.cancelled() => return cancelled(t, reason),
+                        r = upstream.checkout(ep, route.timeouts.connect, !fresh_only) => r,
+                    };
+                    match r {
+                        Ok(c) => {
+                            if !c.1.reused {
+                                upstream.report_connect(ep_idx, None);
+                            }
+                            c
+                        }
+                        Err(e) => {
+                            if upstream.report_connect(ep_idx, Some(&e))
+                                && let Some(address) = upstream.endpoint_address(ep_idx)
+                            {
+                                worker
+                                    .observer
+                                    .metrics
+                                    .endpoint_skipped(&upstream.name, &address.to_string());
+                            }
+                            // Nothing was sent: any request may go to the next endpoint.
+                            if route.retry.may_retry(&e, attempt, true) {
+                                worker.observer.metrics.upstream_error(&upstream.name, &e);
+                                tracing::debug!(stage = %e.stage, side = %e.side, error = %e, attempt, "upstream attempt failed, retrying");
+                                next_req = Some(up_req);
+                                attempt += 1;
+                                continue;
+                            }
+                            return fail(t, e);
+                        }
+                    }
+                }
+            };
+            // Once written, the request is gone: a resend needs a copy, made before the first
+            // write that may need one. Only a reused connection can turn out stale after the write
+            // (a request never written comes back without one), and only a route with retryable
+            // statuses resends after an answer.
+            if replay.is_none() && resendable && (info.reused || route.retry.retries_statuses()) {
+                replay = Replay::of(&up_req);
+            }
+            t.rec.upstream_reused = Some(info.reused);
+            t.rec.upstream_connect = Some(info.connect);
+            t.rec.upstream_local = info.local;
+            t.rec.timings.dns = info.timings.map(|c| c.dns);
+            t.rec.timings.connect = info.timings.map(|c| c.connect);
+            t.rec.timings.tls = info.timings.and_then(|c| c.tls);
+
+            // The budget is what is left now, after any backoff and connect time, so the upstream
+            // never believes it has more time than the request really has.
+            // Without a deadline, stamping only removes a budget header the client sent: skipped
+            // when there is none (a lookup saved).
+            if budget_sent || grpc || t.ctx.deadline().is_some() {
+                deadline::stamp(up_req.headers_mut(), budget_header, &t.ctx, grpc);
+            }
+
+            // Send and wait for the response head.
+            t.stage = Stage::FirstByte;
+            let sent_at = Instant::now();
+            t.sent_at = Some(sent_at);
+            let first_byte = route.timeouts.first_byte;
+            let (head, pool) = match checkout {
+                Checkout::H1(mut c) => {
+                    t.rec.upstream_addr = Some(c.peer);
+                    t.teardown = Teardown::H1(c.closed.clone());
+                    let head =
+                        await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await;
+                    (head, Some(c))
+                }
+                Checkout::H2(mut c) => {
+                    t.rec.upstream_addr = Some(c.peer);
+                    t.teardown = Teardown::H2;
+                    (
+                        await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await,
+                        None,
+                    )
+                }
+            };
+            match head {
+                Head::Response(r) => {
+                    let status = r.status().as_u16();
+                    if route.retry.retries_status(
                         status,
                         attempt,
-                        "upstream answered a retryable status, retrying"
-                    );
-                    // Dropping the response closes an HTTP/1 connection (its body is unread) or
-                    // resets an HTTP/2 stream.
-                    drop((r, pool));
-                    t.teardown = Teardown::None;
-                    attempt += 1;
-                    continue;
-                }
-                // One clock read for both.
-                let head_at = Instant::now();
-                t.rec.upstream_first_byte = Some(head_at.saturating_duration_since(sent_at));
-                t.head_at = Some(head_at);
-                break (r, pool, ep_idx);
-            }
-            Head::Cancelled(reason) => return cancelled(t, reason),
-            Head::Failed(_, _)
-                if t.upload
-                    .too_large
-                    .load(std::sync::atomic::Ordering::Relaxed) =>
-            {
-                drop(pool);
-                return fail(
-                    t,
-                    ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge),
-                );
-            }
-            Head::Failed(err, unsent) => {
-                drop(pool);
-                let idempotent = retry::is_idempotent(method_of(&t));
-                // Not written at all: safe to send again, on a fresh connection.
-                let unsent_retry = unsent.is_some();
-                // A reused connection the upstream closed before answering: the stale keep-alive
-                // race. Replayed for idempotent requests without a body.
-                let stale =
-                    info.reused && replay.is_some() && idempotent && err.kind == ErrorKind::Reset;
-                // A pooled connection found dead is the pool's miss, not an upstream failure: one
-                // resend on a fresh connection, outside the attempt limit and the retry budget.
-                // Only one: from then on every attempt connects afresh.
-                let pool_miss = info.reused && (unsent_retry || stale);
-                if pool_miss
-                    || ((unsent_retry || stale)
-                        && route.retry.may_retry(&err, attempt, unsent_retry || stale))
-                {
-                    tracing::debug!(stage = %err.stage, error = %err, attempt, reused = info.reused, "upstream attempt failed before the response, retrying on a fresh connection");
-                    if pool_miss {
-                        resent += 1;
-                    } else {
-                        worker.observer.metrics.upstream_error(&upstream.name, &err);
+                        retry::is_idempotent(method_of(&t)),
+                        replay.is_some(),
+                    ) {
+                        tracing::debug!(
+                            status,
+                            attempt,
+                            "upstream answered a retryable status, retrying"
+                        );
+                        // Dropping the response closes an HTTP/1 connection (its body is unread) or
+                        // resets an HTTP/2 stream.
+                        drop((r, pool));
+                        t.teardown = Teardown::None;
                         attempt += 1;
+                        continue;
                     }
-                    next_req = unsent;
-                    fresh_only = true;
-                    t.teardown = Teardown::None;
-                    continue;
+                    // One clock read for both.
+                    let head_at = Instant::now();
+                    t.rec.upstream_first_byte = Some(head_at.saturating_duration_since(sent_at));
+                    t.head_at = Some(head_at);
+                    break (r, pool, ep_idx);
                 }
-                if err.kind == ErrorKind::Timeout {
-                    t.ctx.cancel(tether::CancelReason::Deadline);
+                Head::Cancelled(reason) => return cancelled(t, reason),
+                Head::Failed(_, _)
+                    if t.upload
+                        .too_large
+                        .load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    drop(pool);
+                    return fail(
+                        t,
+                        ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge),
+                    );
                 }
-                return fail(t, err);
+                Head::Failed(err, unsent) => {
+                    drop(pool);
+                    let idempotent = retry::is_idempotent(method_of(&t));
+                    // Not written at all: safe to send again, on a fresh connection.
+                    let unsent_retry = unsent.is_some();
+                    // A reused connection the upstream closed before answering: the stale
+                    // keep-alive race. Replayed for idempotent requests without a body.
+                    let stale = info.reused
+                        && replay.is_some()
+                        && idempotent
+                        && err.kind == ErrorKind::Reset;
+                    // A pooled connection found dead is the pool's miss, not an upstream failure:
+                    // one resend on a fresh connection, outside the attempt limit and the retry
+                    // budget. Only one: from then on every attempt connects afresh.
+                    let pool_miss = info.reused && (unsent_retry || stale);
+                    if pool_miss
+                        || ((unsent_retry || stale)
+                            && route.retry.may_retry(&err, attempt, unsent_retry || stale))
+                    {
+                        tracing::debug!(stage = %err.stage, error = %err, attempt, reused = info.reused, "upstream attempt failed before the response, retrying on a fresh connection");
+                        if pool_miss {
+                            resent += 1;
+                        } else {
+                            worker.observer.metrics.upstream_error(&upstream.name, &err);
+                            attempt += 1;
+                        }
+                        next_req = unsent;
+                        fresh_only = true;
+                        t.teardown = Teardown::None;
+                        continue;
+                    }
+                    if err.kind == ErrorKind::Timeout {
+                        t.ctx.cancel(tether::CancelReason::Deadline);
+                    }
+                    return fail(t, err);
+                }
             }
-        }
-    };
+        };
 
-    // Stream the response back.
-    t.stage = Stage::Body;
-    let (mut parts, body) = resp.into_parts();
-    t.rec.status = parts.status.as_u16();
-    // `Keep-Alive` is hop-by-hop: without any, there is nothing to look up.
-    let keep_alive = if headers::scan(&parts.headers, None).hop_by_hop {
-        let k = crate::upstream::pool::keep_alive_timeout(&parts.headers);
-        headers::remove_hop_by_hop(&mut parts.headers, false);
-        k
-    } else {
-        None
-    };
-    parts.version = Version::HTTP_11;
-    if let Some(v) = id_value {
-        parts.headers.insert(REQUEST_ID, v);
+        // Stream the response back.
+        t.stage = Stage::Body;
+        let (mut parts, body) = resp.into_parts();
+        t.rec.status = parts.status.as_u16();
+        // `Keep-Alive` is hop-by-hop: without any, there is nothing to look up.
+        let keep_alive = if headers::scan(&parts.headers, None).hop_by_hop {
+            let k = crate::upstream::pool::keep_alive_timeout(&parts.headers);
+            headers::remove_hop_by_hop(&mut parts.headers, false);
+            k
+        } else {
+            None
+        };
+        parts.version = Version::HTTP_11;
+        if let Some(v) = id_value {
+            parts.headers.insert(REQUEST_ID, v);
+        }
+        let pool = pool.map(|conn| PoolReturn {
+            upstream: upstream.clone(),
+            endpoint: ep_idx,
+            conn,
+            keep_alive,
+        });
+        let body = Streaming::new(body, t, route.timeouts.idle, pool);
+        Response::from_parts(parts, ProxyBody::Stream(Box::new(body)))
     }
-    let pool = pool.map(|conn| PoolReturn {
-        upstream: upstream.clone(),
-        endpoint: ep_idx,
-        conn,
-        keep_alive,
-    });
-    let body = Streaming::new(body, t, route.timeouts.idle, pool);
-    Response::from_parts(parts, ProxyBody::Stream(Box::new(body)))
 }
 
 /// The outcome of waiting for a response head.
@@ -387,35 +404,73 @@ enum Head {
 }
 
 /// Waits for the upstream's response head, racing the request context and the first-byte timeout.
-async fn await_head<F>(
+fn await_head<F>(
     ctx: &tether::RequestContext,
     fut: F,
     first_byte: Option<std::time::Duration>,
-) -> Head
+) -> AwaitHead<'_, impl Future<Output = tether::CancelReason> + '_, F>
 where
     F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
 {
-    let timer = async {
-        match first_byte {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        // Cancellation first: dropping `fut` here is what closes the HTTP/1 upstream connection
+    AwaitHead {
+        ctx,
+        cancelled: ctx.cancelled(),
+        timer: first_byte.map(tokio::time::sleep),
+        fut,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`await_head`]. A future of its own rather than `select!` in an `async fn`: the request
+    /// and its send are held once, not once as the argument and again in the race.
+    struct AwaitHead<'a, C, F> {
+        ctx: &'a tether::RequestContext,
+        #[pin]
+        cancelled: C,
+        #[pin]
+        timer: Option<tokio::time::Sleep>,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<C, F> Future for AwaitHead<'_, C, F>
+where
+    C: Future<Output = tether::CancelReason>,
+    F: Future<Output = Result<Response<Incoming>, TrySendError<Request<RequestBody>>>>,
+{
+    type Output = Head;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Head> {
+        let this = self.project();
+        // Cancellation first: dropping `fut` then is what closes the HTTP/1 upstream connection
         // or resets the HTTP/2 stream with CANCEL.
-        biased;
-        reason = ctx.cancelled() => Head::Cancelled(reason),
-        _ = timer => Head::Failed(ProxyError::upstream(Stage::FirstByte, ErrorKind::Timeout), None),
-        r = fut => match r {
+        if let Poll::Ready(reason) = this.cancelled.poll(cx) {
+            return Poll::Ready(Head::Cancelled(reason));
+        }
+        if let Some(timer) = this.timer.as_pin_mut()
+            && timer.poll(cx).is_ready()
+        {
+            let err = ProxyError::upstream(Stage::FirstByte, ErrorKind::Timeout);
+            return Poll::Ready(Head::Failed(err, None));
+        }
+        let head = match std::task::ready!(this.fut.poll(cx)) {
             Ok(resp) => Head::Response(resp),
             // The send failed because the client's body failed: that is a cancellation.
-            Err(_) if ctx.is_cancelled() => Head::Cancelled(ctx.reason().unwrap_or(tether::CancelReason::ClientClosed)),
+            Err(_) if this.ctx.is_cancelled() => Head::Cancelled(
+                this.ctx
+                    .reason()
+                    .unwrap_or(tether::CancelReason::ClientClosed),
+            ),
             Err(mut e) => {
                 let unsent = e.take_message();
-                Head::Failed(classify_send_error(e.into_error(), unsent.is_some()), unsent)
+                Head::Failed(
+                    classify_send_error(e.into_error(), unsent.is_some()),
+                    unsent,
+                )
             }
-        },
+        };
+        Poll::Ready(head)
     }
 }
 
