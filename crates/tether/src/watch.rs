@@ -6,20 +6,13 @@
 //! or RST goes unseen until the response is written. The watcher registers a duplicate of the
 //! socket's file descriptor and waits for the peer's close (EPOLLRDHUP / HUP / ERR). The
 //! duplicate has its own registration, so it never steals readiness from the HTTP stack and
-//! never reads a byte; and that registration is in an epoll set of the thread's own that asks
-//! for nothing but those events, so the requests arriving on a busy connection never wake it.
-//!
-//! Linux only (epoll).
+//! never reads a byte. On Linux that registration is in an epoll set of the thread's own that
+//! asks for nothing but those events, so the requests arriving on a busy connection never wake
+//! it; elsewhere the duplicate is registered with the reactor for reading, which wakes the
+//! watcher (only to wait again) for each request.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
-
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use crate::reason::CancelReason;
 
@@ -51,26 +44,13 @@ pub struct DisconnectWatcher {
     /// The duplicate: its registration is the watcher's alone, and it stays open (so its
     /// descriptor number cannot be reused) until the registration is removed.
     dup: OwnedFd,
-    slot: Arc<Slot>,
-    set: Arc<HangupSet>,
-    key: u64,
+    reg: Registration,
 }
 
-/// What the set's driver writes and a watcher reads.
-#[derive(Debug, Default)]
-struct Slot {
-    fired: AtomicBool,
-    waker: Mutex<Option<Waker>>,
-}
-
-impl Slot {
-    fn fire(&self) {
-        self.fired.store(true, Ordering::Release);
-        if let Some(w) = lock(&self.waker).take() {
-            w.wake();
-        }
-    }
-}
+#[cfg(any(target_os = "linux", target_os = "android"))]
+use hangup::Registration;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+use reactor::Registration;
 
 impl DisconnectWatcher {
     /// Starts watching `socket`. Must be called inside a Tokio runtime.
@@ -79,46 +59,19 @@ impl DisconnectWatcher {
         // O_NONBLOCK is shared with the original; set anyway, as the peek in `check_now` must
         // not block if the caller's socket is blocking.
         socket2::SockRef::from(&dup).set_nonblocking(true)?;
-        let set = HangupSet::for_this_thread()?;
-        let slot = Arc::new(Slot::default());
-        let key = set.add(&dup, slot.clone())?;
-        Ok(DisconnectWatcher {
-            dup,
-            slot,
-            set,
-            key,
-        })
+        let reg = Registration::new(&dup)?;
+        Ok(DisconnectWatcher { dup, reg })
     }
 
     /// Completes when the peer has gone. Cancel safe.
     pub async fn gone(&self) -> PeerGone {
-        std::future::poll_fn(|cx| self.poll_gone(cx)).await
-    }
-
-    fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<PeerGone> {
-        if self.slot.fired.load(Ordering::Acquire) {
-            return Poll::Ready(self.classify());
-        }
-        {
-            let mut w = lock(&self.slot.waker);
-            match w.as_ref() {
-                Some(old) if old.will_wake(cx.waker()) => {}
-                _ => *w = Some(cx.waker().clone()),
-            }
-        }
-        // Fired while the waker was being stored: its wake may have found no waker.
-        if self.slot.fired.load(Ordering::Acquire) {
-            return Poll::Ready(self.classify());
-        }
-        Poll::Pending
+        self.reg.fired().await;
+        self.classify()
     }
 
     /// Non-blocking check: `Some` if the watcher has already seen the peer go.
     pub fn poll_gone_now(&self) -> Option<PeerGone> {
-        self.slot
-            .fired
-            .load(Ordering::Acquire)
-            .then(|| self.classify())
+        self.reg.fired_now().then(|| self.classify())
     }
 
     /// Non-blocking check that does not wait for the reactor: [`poll_gone_now`](Self::poll_gone_now),
@@ -159,166 +112,300 @@ impl DisconnectWatcher {
 impl Drop for DisconnectWatcher {
     fn drop(&mut self) {
         // Before the duplicate closes, so the descriptor number is still this socket's.
-        self.set.remove(&self.dup, self.key);
+        self.reg.release(&self.dup);
     }
 }
 
-/// The epoll set a thread's watchers are registered in, with `EPOLLRDHUP` and edge triggering
-/// only: the peer's close, a reset or an error reach it, ordinary data never does. Registered
-/// with the reactor the usual way (`EPOLLIN`), a watcher would be told of every request that
-/// arrives, and its task polled for each one.
-///
-/// The set itself is registered with Tokio's reactor; a task of its own reads it when it becomes
-/// readable (only when a peer went away) and fires the watchers named.
-#[derive(Debug)]
-struct HangupSet {
-    epoll: AsyncFd<EpollFd>,
-    slots: Mutex<Slots>,
-    /// Cleared when the driver task ends (its runtime shut down): a set whose driver is gone
-    /// is not used for new watchers.
-    alive: AtomicBool,
-}
+/// Elsewhere than Linux: the duplicate registered with the reactor for reading, which also
+/// wakes the watcher for every request that arrives (it then waits again).
+#[cfg(any(not(any(target_os = "linux", target_os = "android")), test))]
+mod reactor {
+    use std::io;
+    use std::os::fd::OwnedFd;
 
-#[derive(Debug, Default)]
-struct Slots {
-    /// Each slot's key: its index in `entries` in the low 32 bits, the generation of that
-    /// index in the high ones, so a stale event for a removed slot never fires its successor.
-    entries: Vec<(u32, Option<Arc<Slot>>)>,
-    free: Vec<u32>,
-}
+    use tokio::io::Interest;
+    use tokio::net::TcpStream;
 
-thread_local! {
-    static SET: std::cell::RefCell<Weak<HangupSet>> = const { std::cell::RefCell::new(Weak::new()) };
-}
+    #[derive(Debug)]
+    pub(super) struct Registration {
+        stream: TcpStream,
+    }
 
-impl HangupSet {
-    /// This thread's set, made (and its driver spawned) on first use, and again when the
-    /// runtime that drove the previous one has shut down.
-    fn for_this_thread() -> io::Result<Arc<HangupSet>> {
-        SET.with(|cell| {
-            if let Some(set) = cell.borrow().upgrade()
-                && set.alive.load(Ordering::Acquire)
-            {
-                return Ok(set);
+    impl Registration {
+        pub(super) fn new(dup: &OwnedFd) -> io::Result<Registration> {
+            let own = std::net::TcpStream::from(dup.try_clone()?);
+            Ok(Registration {
+                stream: TcpStream::from_std(own)?,
+            })
+        }
+
+        pub(super) async fn fired(&self) {
+            loop {
+                match self.stream.ready(Interest::READABLE).await {
+                    Ok(ready) if ready.is_read_closed() => return,
+                    Ok(_) => {
+                        // Ordinary data for the HTTP stack: forget this readiness on this
+                        // registration only and wait for the next edge.
+                        let _ = self.stream.try_io(Interest::READABLE, || {
+                            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                        });
+                    }
+                    Err(_) => return,
+                }
             }
-            let set = HangupSet::start()?;
-            *cell.borrow_mut() = Arc::downgrade(&set);
+        }
+
+        pub(super) fn fired_now(&self) -> bool {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let fut = self.stream.ready(Interest::READABLE);
+            let mut fut = std::pin::pin!(fut);
+            match fut.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready(Ok(r)) => r.is_read_closed(),
+                std::task::Poll::Ready(Err(_)) => true,
+                std::task::Poll::Pending => false,
+            }
+        }
+
+        /// Nothing to do: the stream's own descriptor leaves the reactor when it is dropped.
+        pub(super) fn release(&mut self, _dup: &OwnedFd) {}
+    }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod hangup {
+    use std::io;
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+    use std::task::{Context, Poll, Waker};
+
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    use tokio::io::Interest;
+    use tokio::io::unix::AsyncFd;
+
+    /// A watcher's place in its thread's [`HangupSet`].
+    #[derive(Debug)]
+    pub(super) struct Registration {
+        slot: Arc<Slot>,
+        set: Arc<HangupSet>,
+        key: u64,
+    }
+
+    impl Registration {
+        pub(super) fn new(dup: &OwnedFd) -> io::Result<Registration> {
+            let set = HangupSet::for_this_thread()?;
+            let slot = Arc::new(Slot::default());
+            let key = set.add(dup, slot.clone())?;
+            Ok(Registration { slot, set, key })
+        }
+
+        pub(super) async fn fired(&self) {
+            std::future::poll_fn(|cx| self.poll_fired(cx)).await
+        }
+
+        fn poll_fired(&self, cx: &mut Context<'_>) -> Poll<()> {
+            if self.fired_now() {
+                return Poll::Ready(());
+            }
+            {
+                let mut w = lock(&self.slot.waker);
+                match w.as_ref() {
+                    Some(old) if old.will_wake(cx.waker()) => {}
+                    _ => *w = Some(cx.waker().clone()),
+                }
+            }
+            // Fired while the waker was being stored: its wake may have found no waker.
+            if self.fired_now() {
+                return Poll::Ready(());
+            }
+            Poll::Pending
+        }
+
+        pub(super) fn fired_now(&self) -> bool {
+            self.slot.fired.load(Ordering::Acquire)
+        }
+
+        pub(super) fn release(&mut self, dup: &OwnedFd) {
+            self.set.remove(dup, self.key);
+        }
+    }
+
+    /// What the set's driver writes and a watcher reads.
+    #[derive(Debug, Default)]
+    struct Slot {
+        fired: AtomicBool,
+        waker: Mutex<Option<Waker>>,
+    }
+
+    impl Slot {
+        fn fire(&self) {
+            self.fired.store(true, Ordering::Release);
+            if let Some(w) = lock(&self.waker).take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// The epoll set a thread's watchers are registered in, with `EPOLLRDHUP` and edge triggering
+    /// only: the peer's close, a reset or an error reach it, ordinary data never does. Registered
+    /// with the reactor the usual way (`EPOLLIN`), a watcher would be told of every request that
+    /// arrives, and its task polled for each one.
+    ///
+    /// The set itself is registered with Tokio's reactor; a task of its own reads it when it becomes
+    /// readable (only when a peer went away) and fires the watchers named.
+    #[derive(Debug)]
+    struct HangupSet {
+        epoll: AsyncFd<EpollFd>,
+        slots: Mutex<Slots>,
+        /// Cleared when the driver task ends (its runtime shut down): a set whose driver is gone
+        /// is not used for new watchers.
+        alive: AtomicBool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Slots {
+        /// Each slot's key: its index in `entries` in the low 32 bits, the generation of that
+        /// index in the high ones, so a stale event for a removed slot never fires its successor.
+        entries: Vec<(u32, Option<Arc<Slot>>)>,
+        free: Vec<u32>,
+    }
+
+    thread_local! {
+        static SET: std::cell::RefCell<Weak<HangupSet>> = const { std::cell::RefCell::new(Weak::new()) };
+    }
+
+    impl HangupSet {
+        /// This thread's set, made (and its driver spawned) on first use, and again when the
+        /// runtime that drove the previous one has shut down.
+        fn for_this_thread() -> io::Result<Arc<HangupSet>> {
+            SET.with(|cell| {
+                if let Some(set) = cell.borrow().upgrade()
+                    && set.alive.load(Ordering::Acquire)
+                {
+                    return Ok(set);
+                }
+                let set = HangupSet::start()?;
+                *cell.borrow_mut() = Arc::downgrade(&set);
+                Ok(set)
+            })
+        }
+
+        fn start() -> io::Result<Arc<HangupSet>> {
+            let epoll = EpollFd(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
+            // SAFETY: `EpollFd` owns the descriptor it returns and never gives it up or swaps it:
+            // it is open, and the same, for as long as the `AsyncFd` holding it lives.
+            #[allow(unsafe_code)]
+            let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+                .map_err(io::Error::from)?;
+            let set = Arc::new(HangupSet {
+                epoll,
+                slots: Mutex::new(Slots::default()),
+                alive: AtomicBool::new(true),
+            });
+            tokio::spawn(drive(set.clone()));
             Ok(set)
-        })
-    }
+        }
 
-    fn start() -> io::Result<Arc<HangupSet>> {
-        let epoll = EpollFd(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?);
-        // SAFETY: `EpollFd` owns the descriptor it returns and never gives it up or swaps it:
-        // it is open, and the same, for as long as the `AsyncFd` holding it lives.
-        #[allow(unsafe_code)]
-        let epoll = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        let set = Arc::new(HangupSet {
-            epoll,
-            slots: Mutex::new(Slots::default()),
-            alive: AtomicBool::new(true),
-        });
-        tokio::spawn(drive(set.clone()));
-        Ok(set)
-    }
-
-    fn add(&self, fd: &OwnedFd, slot: Arc<Slot>) -> io::Result<u64> {
-        let mut slots = lock(&self.slots);
-        let index = match slots.free.pop() {
-            Some(i) => i,
-            None => {
-                let i =
-                    u32::try_from(slots.entries.len()).map_err(|_| io::ErrorKind::OutOfMemory)?;
-                slots.entries.push((0, None));
-                i
+        fn add(&self, fd: &OwnedFd, slot: Arc<Slot>) -> io::Result<u64> {
+            let mut slots = lock(&self.slots);
+            let index = match slots.free.pop() {
+                Some(i) => i,
+                None => {
+                    let i = u32::try_from(slots.entries.len())
+                        .map_err(|_| io::ErrorKind::OutOfMemory)?;
+                    slots.entries.push((0, None));
+                    i
+                }
+            };
+            let Some(entry) = slots.entries.get_mut(index as usize) else {
+                return Err(io::ErrorKind::InvalidData.into());
+            };
+            entry.0 = entry.0.wrapping_add(1);
+            entry.1 = Some(slot);
+            let key = u64::from(entry.0) << 32 | u64::from(index);
+            let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
+            if let Err(e) = self.epoll.get_ref().0.add(fd, EpollEvent::new(flags, key)) {
+                entry.1 = None;
+                slots.free.push(index);
+                return Err(e.into());
             }
-        };
-        let Some(entry) = slots.entries.get_mut(index as usize) else {
-            return Err(io::ErrorKind::InvalidData.into());
-        };
-        entry.0 = entry.0.wrapping_add(1);
-        entry.1 = Some(slot);
-        let key = u64::from(entry.0) << 32 | u64::from(index);
-        let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET;
-        if let Err(e) = self.epoll.get_ref().0.add(fd, EpollEvent::new(flags, key)) {
-            entry.1 = None;
-            slots.free.push(index);
-            return Err(e.into());
+            Ok(key)
         }
-        Ok(key)
-    }
 
-    fn remove(&self, fd: &OwnedFd, key: u64) {
-        let mut slots = lock(&self.slots);
-        // Fails only if the set's descriptor is gone with its runtime: nothing to remove then.
-        let _ = self.epoll.get_ref().0.delete(fd);
-        let index = key as u32;
-        if let Some(entry) = slots.entries.get_mut(index as usize)
-            && u64::from(entry.0) == key >> 32
-            && entry.1.take().is_some()
-        {
-            slots.free.push(index);
-        }
-    }
-
-    /// Fires the watchers of every event waiting in the set; false once it has none left.
-    fn dispatch(&self, events: &mut [EpollEvent]) -> bool {
-        let n = match self.epoll.get_ref().0.wait(events, EpollTimeout::ZERO) {
-            Ok(n) => n,
-            Err(nix::errno::Errno::EINTR) => return true,
-            Err(_) => return false,
-        };
-        let slots = lock(&self.slots);
-        for ev in events.iter().take(n) {
-            let key = ev.data();
-            if let Some((generation, Some(slot))) = slots.entries.get(key as u32 as usize)
-                && u64::from(*generation) == key >> 32
+        fn remove(&self, fd: &OwnedFd, key: u64) {
+            let mut slots = lock(&self.slots);
+            // Fails only if the set's descriptor is gone with its runtime: nothing to remove then.
+            let _ = self.epoll.get_ref().0.delete(fd);
+            let index = key as u32;
+            if let Some(entry) = slots.entries.get_mut(index as usize)
+                && u64::from(entry.0) == key >> 32
+                && entry.1.take().is_some()
             {
-                slot.fire();
+                slots.free.push(index);
             }
         }
-        n == events.len()
-    }
-}
 
-/// The set's epoll instance, as the reactor sees it.
-#[derive(Debug)]
-struct EpollFd(Epoll);
-
-impl AsRawFd for EpollFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.0.as_raw_fd()
-    }
-}
-
-/// Reads the set whenever the reactor says it is readable.
-async fn drive(set: Arc<HangupSet>) {
-    struct Alive(Arc<HangupSet>);
-    impl Drop for Alive {
-        fn drop(&mut self) {
-            self.0.alive.store(false, Ordering::Release);
+        /// Fires the watchers of every event waiting in the set; false once it has none left.
+        fn dispatch(&self, events: &mut [EpollEvent]) -> bool {
+            let n = match self.epoll.get_ref().0.wait(events, EpollTimeout::ZERO) {
+                Ok(n) => n,
+                Err(nix::errno::Errno::EINTR) => return true,
+                Err(_) => return false,
+            };
+            let slots = lock(&self.slots);
+            for ev in events.iter().take(n) {
+                let key = ev.data();
+                if let Some((generation, Some(slot))) = slots.entries.get(key as u32 as usize)
+                    && u64::from(*generation) == key >> 32
+                {
+                    slot.fire();
+                }
+            }
+            n == events.len()
         }
     }
-    let alive = Alive(set);
-    let mut events = vec![EpollEvent::empty(); 64];
-    loop {
-        let Ok(mut guard) = alive.0.epoll.readable().await else {
-            return;
-        };
-        while alive.0.dispatch(&mut events) {}
-        guard.clear_ready();
-    }
-}
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The set's epoll instance, as the reactor sees it.
+    #[derive(Debug)]
+    struct EpollFd(Epoll);
+
+    impl AsRawFd for EpollFd {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.0.as_raw_fd()
+        }
+    }
+
+    /// Reads the set whenever the reactor says it is readable.
+    async fn drive(set: Arc<HangupSet>) {
+        struct Alive(Arc<HangupSet>);
+        impl Drop for Alive {
+            fn drop(&mut self) {
+                self.0.alive.store(false, Ordering::Release);
+            }
+        }
+        let alive = Alive(set);
+        let mut events = vec![EpollEvent::empty(); 64];
+        loop {
+            let Ok(mut guard) = alive.0.epoll.readable().await else {
+                return;
+            };
+            while alive.0.dispatch(&mut events) {}
+            guard.clear_ready();
+        }
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::future::Future;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::task::{Context, Poll, Waker};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -512,5 +599,25 @@ mod tests {
                 assert_eq!(t.await.unwrap(), PeerGone::Reset);
             }
         });
+    }
+
+    /// The registration used where there is no epoll: fires on a close, not on data.
+    #[tokio::test]
+    async fn the_portable_registration_fires_on_close_only() {
+        let (mut client, mut server) = pair().await;
+        let dup = server.as_fd().try_clone_to_owned().unwrap();
+        let mut reg = reactor::Registration::new(&dup).unwrap();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert!(server.read(&mut buf).await.unwrap() > 0);
+        let early = tokio::time::timeout(Duration::from_millis(200), reg.fired()).await;
+        assert!(early.is_err(), "fired on plain data");
+        assert!(!reg.fired_now());
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(5), reg.fired())
+            .await
+            .expect("fires on the close");
+        assert!(reg.fired_now());
+        reg.release(&dup);
     }
 }
