@@ -502,6 +502,17 @@ pub(crate) fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 24]) -> usize {
     n - 1
 }
 
+/// `00` to `99`: a port's digits are written two at a time.
+const DIGIT_PAIRS: [[u8; 2]; 100] = {
+    let mut table = [[0u8; 2]; 100];
+    let mut i = 0;
+    while i < 100 {
+        table[i] = [b'0' + (i / 10) as u8, b'0' + (i % 10) as u8];
+        i += 1;
+    }
+    table
+};
+
 /// Writes `a` as `ip:port` (IPv6 in brackets), as `Display` does, without a formatter pass for
 /// the common IPv4 case.
 fn write_addr(out: &mut Vec<u8>, a: &SocketAddr) {
@@ -520,12 +531,22 @@ fn write_addr(out: &mut Vec<u8>, a: &SocketAddr) {
                 1000..=9999 => 4,
                 _ => 5,
             };
-            for i in (n..n + len).rev() {
-                // One decimal digit.
-                buf[i] = b'0' + (port % 10) as u8;
-                port /= 10;
+            // Two digits at a time, from the right.
+            let mut end = n + len;
+            while port >= 100 {
+                buf[end - 2..end].copy_from_slice(&DIGIT_PAIRS[usize::from(port % 100)]);
+                port /= 100;
+                end -= 2;
             }
-            out.extend_from_slice(&buf[..n + len]);
+            if port >= 10 {
+                buf[end - 2..end].copy_from_slice(&DIGIT_PAIRS[usize::from(port)]);
+            } else {
+                buf[end - 1] = b'0' + port as u8;
+            }
+            // The whole buffer, then cut: a copy of known size is a few moves, not a call.
+            let keep = out.len() + n + len;
+            out.extend_from_slice(&buf);
+            out.truncate(keep);
         }
         SocketAddr::V6(_) => {
             let _ = write!(out, "{a}");
