@@ -21,12 +21,16 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|ct| ct.starts_with("application/grpc"))
 }
 
-/// The deadline for a request whose head arrived at `started`, if any applies.
+/// The deadline for a request whose head arrived at `started`, if any applies. `budget`: the
+/// request carries the route's budget header and comes from a trusted peer; `grpc`: it is a gRPC
+/// request (see [`is_grpc`]), so its own `grpc-timeout` counts. Both are known from the header
+/// scan, so no header is looked up that is not there.
 pub fn request_deadline(
     route: &Route,
     started: Instant,
     headers: &HeaderMap,
-    trusted: bool,
+    budget: bool,
+    grpc: bool,
 ) -> Option<Deadline> {
     let mut deadline = route
         .timeouts
@@ -41,13 +45,13 @@ pub fn request_deadline(
     };
     // A budget from a peer tether does not trust could only ever shorten the client's own
     // request, but it is ignored all the same: it is the peer's hop budget, not the client's.
-    if trusted
+    if budget
         && let Some(name) = &route.budget_header
         && let Some(Ok(b)) = headers.get(name).map(parse_budget_header)
     {
         shorten(b);
     }
-    if is_grpc(headers)
+    if grpc
         && let Some(Ok(b)) = headers
             .get(GRPC_TIMEOUT_HEADER)
             .map(parse_grpc_timeout_header)
@@ -112,15 +116,19 @@ mod tests {
         let short = headers(&[("x-request-timeout-ms", "500")]);
         let long = headers(&[("x-request-timeout-ms", "9000")]);
         assert_eq!(
-            request_deadline(route, now, &short, true).unwrap().budget(),
+            request_deadline(route, now, &short, true, is_grpc(&short))
+                .unwrap()
+                .budget(),
             Duration::from_millis(500)
         );
         assert_eq!(
-            request_deadline(route, now, &long, true).unwrap().budget(),
+            request_deadline(route, now, &long, true, is_grpc(&long))
+                .unwrap()
+                .budget(),
             Duration::from_secs(2)
         );
         assert_eq!(
-            request_deadline(route, now, &short, false)
+            request_deadline(route, now, &short, false, is_grpc(&short))
                 .unwrap()
                 .budget(),
             Duration::from_secs(2)
@@ -138,10 +146,12 @@ mod tests {
         ]);
         let plain = headers(&[("grpc-timeout", "250m")]);
         assert_eq!(
-            request_deadline(route, now, &grpc, false).unwrap().budget(),
+            request_deadline(route, now, &grpc, false, is_grpc(&grpc))
+                .unwrap()
+                .budget(),
             Duration::from_millis(250)
         );
-        assert!(request_deadline(route, now, &plain, false).is_none());
+        assert!(request_deadline(route, now, &plain, false, is_grpc(&plain)).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -131,6 +131,74 @@ async fn untrusted_budget_header_is_replaced() {
     .await;
 }
 
+/// From a trusted peer the budget header shortens the deadline: the default name on a route that
+/// keeps it, the configured name on a route that renames it (where the default name is just
+/// another header, passed on as sent). A gRPC client's `grpc-timeout` counts from anyone.
+#[tokio::test]
+async fn trusted_budget_and_grpc_timeout_shorten_the_deadline() {
+    bounded(Duration::from_secs(10), async {
+        let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("ok")), |c| {
+            let l = &mut c.listeners[0];
+            l.trusted_peers = vec!["127.0.0.0/8".parse().unwrap()];
+            let mut renamed = l.routes[0].clone();
+            renamed.path_prefix = "/renamed".into();
+            renamed.budget_header = Some("x-budget".into());
+            l.routes.insert(0, renamed);
+            for r in &mut l.routes {
+                r.timeouts.total = Some(Duration::from_secs(5));
+            }
+        })
+        .await;
+        let mut c = env.h1().await;
+        c.send_request("GET", "/default", &[(BUDGET, "700")], None, b"")
+            .await
+            .unwrap();
+        assert_eq!(c.read_final_head().await.unwrap().status, 200);
+        let b = budgets(&env, "/default");
+        assert!((500..=700).contains(&b[0]), "{b:?}");
+
+        c.send_request(
+            "GET",
+            "/renamed",
+            &[("x-budget", "800"), (BUDGET, "300")],
+            None,
+            b"",
+        )
+        .await
+        .unwrap();
+        assert_eq!(c.read_final_head().await.unwrap().status, 200);
+        let sent = env.log().requests("/renamed");
+        let header = |name: &str| {
+            sent[0]
+                .1
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.parse::<u64>().unwrap())
+        };
+        let renamed = header("x-budget").unwrap();
+        assert!((600..=800).contains(&renamed), "{sent:?}");
+        assert_eq!(header(BUDGET), Some(300), "{sent:?}");
+
+        c.send_request(
+            "POST",
+            "/grpc",
+            &[
+                ("content-type", "application/grpc"),
+                ("grpc-timeout", "400m"),
+            ],
+            None,
+            b"",
+        )
+        .await
+        .unwrap();
+        assert_eq!(c.read_final_head().await.unwrap().status, 200);
+        let b = budgets(&env, "/grpc");
+        assert!((200..=400).contains(&b[0]), "{b:?}");
+        env.stop().await;
+    })
+    .await;
+}
+
 /// A 300 ms deadline over a 2 s streaming response: the downstream response ends abnormally at
 /// about 300 ms, the upstream is aborted on the wire (HTTP/1 EOF, HTTP/2 RST_STREAM(CANCEL)),
 /// and the record says timeout / deadline.

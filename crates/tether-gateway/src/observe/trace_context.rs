@@ -76,10 +76,12 @@ pub struct TraceIds {
     pub span_id: Option<String>,
 }
 
-/// Applies `mode` to the headers of the request about to go upstream.
-pub fn apply(headers: &mut HeaderMap, mode: TraceContext) -> TraceIds {
-    let incoming = headers
-        .get(TRACEPARENT)
+/// Applies `mode` to the headers of the request about to go upstream. `present`: whether they
+/// hold a `traceparent` (known from the header scan; without one there is nothing to look up).
+pub fn apply(headers: &mut HeaderMap, mode: TraceContext, present: bool) -> TraceIds {
+    let incoming = present
+        .then(|| headers.get(TRACEPARENT))
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(TraceParent::parse);
     match mode {
@@ -147,6 +149,12 @@ fn random_nonzero() -> u64 {
 mod tests {
     use super::*;
 
+    /// `apply` told whether there is a `traceparent`, as the header scan tells it.
+    fn scanned(h: &mut HeaderMap, mode: TraceContext) -> TraceIds {
+        let present = h.contains_key(TRACEPARENT);
+        apply(h, mode, present)
+    }
+
     const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     #[test]
@@ -176,7 +184,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static(TP));
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        let ids = apply(&mut h, TraceContext::Passthrough);
+        let ids = scanned(&mut h, TraceContext::Passthrough);
         assert_eq!(
             ids.trace_id.as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
@@ -191,7 +199,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static(TP));
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        let ids = apply(&mut h, TraceContext::Span);
+        let ids = scanned(&mut h, TraceContext::Span);
         let span = ids.span_id.unwrap();
         let out = TraceParent::parse(h.get(TRACEPARENT).unwrap().to_str().unwrap()).unwrap();
         assert_eq!(out.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
@@ -206,11 +214,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static("garbage"));
         h.insert(TRACESTATE, HeaderValue::from_static("k=v"));
-        let a = apply(&mut h, TraceContext::Span);
+        let a = scanned(&mut h, TraceContext::Span);
         let out = TraceParent::parse(h.get(TRACEPARENT).unwrap().to_str().unwrap()).unwrap();
         assert_eq!(Some(out.trace_id), a.trace_id);
         assert!(h.get(TRACESTATE).is_none());
-        let b = apply(&mut HeaderMap::new(), TraceContext::Span);
+        let b = scanned(&mut HeaderMap::new(), TraceContext::Span);
         assert_ne!(a.trace_id, b.trace_id);
         assert_ne!(a.span_id, b.span_id);
     }

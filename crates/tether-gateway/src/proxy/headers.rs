@@ -34,10 +34,19 @@ pub struct Found {
     pub forwarding: bool,
     /// The caller's `extra` name.
     pub extra: bool,
+    /// `x-request-id`.
+    pub request_id: bool,
+    /// `content-type` (gRPC is told by it).
+    pub content_type: bool,
+    /// `traceparent`.
+    pub traceparent: bool,
+    /// `host`.
+    pub host: bool,
 }
 
 /// One pass over the names, without hashing: most messages carry no hop-by-hop or forwarding
-/// header, and this settles it (and whether `extra` is there) for all of them at once.
+/// header, and this settles it (and whether `extra` and the few headers a request is looked up
+/// for are there) for all of them at once. A lookup that would miss is then never made.
 pub fn scan(headers: &HeaderMap, extra: Option<&HeaderName>) -> Found {
     let mut found = Found::default();
     for n in headers.keys() {
@@ -55,6 +64,10 @@ pub fn scan(headers: &HeaderMap, extra: Option<&HeaderName>) -> Found {
             "x-forwarded-for" | "forwarded" | "x-forwarded-proto" | "x-forwarded-host" => {
                 found.forwarding = true
             }
+            "x-request-id" => found.request_id = true,
+            "content-type" => found.content_type = true,
+            "traceparent" => found.traceparent = true,
+            "host" => found.host = true,
             _ => {}
         }
         if extra.is_some_and(|e| e == n) {
@@ -333,9 +346,28 @@ mod tests {
             }
         }
         let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("a"));
         h.insert("x-budgets", HeaderValue::from_static("1"));
+        h.insert("x-request-ids", HeaderValue::from_static("1"));
         assert_eq!(scan(&h, Some(&extra)), Found::default());
+        // The headers a request is looked up for, each alone.
+        type Flag = fn(&Found) -> bool;
+        let flags: [(&str, Flag); 4] = [
+            ("x-request-id", |f| f.request_id),
+            ("content-type", |f| f.content_type),
+            ("traceparent", |f| f.traceparent),
+            ("host", |f| f.host),
+        ];
+        for (name, flag) in flags {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+            h.insert(name, HeaderValue::from_static("x"));
+            let found = scan(&h, None);
+            assert!(flag(&found), "{name}");
+            let others = flags.iter().filter(|(n, f)| *n != name && f(&found));
+            assert_eq!(others.count(), 0, "{name}");
+            assert_eq!((found.hop_by_hop, found.forwarding), (false, false));
+        }
     }
 
     #[test]

@@ -34,6 +34,10 @@ use request_body::RequestBody;
 use response_body::{PoolReturn, ProxyBody, Streaming};
 use tracker::{Teardown, Tracker};
 
+/// The budget header every route reads unless configured otherwise: the header scan looks for it.
+const DEFAULT_BUDGET: http::HeaderName =
+    http::HeaderName::from_static(tether::budget::DEFAULT_BUDGET_HEADER);
+
 /// What a request knows about the connection it arrived on.
 #[derive(Debug)]
 pub struct Conn {
@@ -74,8 +78,10 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    // One pass over the names settles which headers are there; lookups that would miss are skipped.
+    let found = headers::scan(req.headers(), Some(&DEFAULT_BUDGET));
     let trusted = listener.trusts(conn.client.ip());
-    let id = trusted
+    let id = (trusted && found.request_id)
         .then(|| incoming_request_id(req.headers()))
         .flatten()
         .unwrap_or_else(RequestId::generate);
@@ -103,7 +109,7 @@ pub async fn handle(
     let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
     // Boxed once here: the request's whole state machine is several KiB, and hyper moves the
     // service future into its slot, so an unboxed one would be copied on every request.
-    Ok(Box::pin(proxy(&worker, &listener, &conn, req, tracker)).await)
+    Ok(Box::pin(proxy(&worker, &listener, &conn, req, found, tracker)).await)
 }
 
 /// The request's whole exchange. Written as a function returning an `async move` block rather
@@ -115,6 +121,7 @@ fn proxy<'a>(
     listener: &'a ListenerShared,
     conn: &'a Conn,
     req: Request<Incoming>,
+    found: headers::Found,
     mut t: Tracker,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     async move {
@@ -136,35 +143,40 @@ fn proxy<'a>(
         }
         conn.cancel.begin_h1_request(&t.ctx, route.half_close);
         let trusted = listener.trusts(conn.client.ip());
+        let budget_header = route.budget_header.as_ref();
+        // Whether the client sent the route's budget header (stamping replaces or removes it).
+        let budget_sent = match budget_header {
+            None => false,
+            Some(n) if *n == DEFAULT_BUDGET => found.extra,
+            Some(n) => req.headers().contains_key(n),
+        };
+        let grpc = found.content_type && deadline::is_grpc(req.headers());
         // The deadline runs from the arrival of the request head, not from the end of its body.
-        if let Some(d) = deadline::request_deadline(route, t.started(), req.headers(), trusted) {
+        if let Some(d) = deadline::request_deadline(
+            route,
+            t.started(),
+            req.headers(),
+            trusted && budget_sent,
+            grpc,
+        ) {
             t.ctx = t.ctx.child_with_deadline(d);
         }
-        let grpc = deadline::is_grpc(req.headers());
         let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
         t.rec.upstream = Some(upstream.name.clone());
         t.rec.upstream_protocol = Some(upstream.protocol.as_str());
 
         let idle = route.timeouts.idle;
-        let budget_header = route.budget_header.as_ref();
         // In a block: a binding left at the top of an async body keeps its bytes in the
         // request's state for as long as the request lives, even once moved out.
         let (mut next_req, id_value, budget_sent, resendable) = {
-            let (mut up_req, id_value, budget_sent) = match build_upstream_request(
-                req,
-                host,
-                budget_header,
-                conn,
-                listener,
-                upstream,
-                trusted,
-                idle,
-                &mut t,
+            let (mut up_req, id_value) = match build_upstream_request(
+                req, host, found, conn, listener, upstream, trusted, idle, &mut t,
             ) {
                 Ok(r) => r,
                 Err(e) => return fail(t, e),
             };
-            let ids = trace_context::apply(up_req.headers_mut(), route.trace_context);
+            let ids =
+                trace_context::apply(up_req.headers_mut(), route.trace_context, found.traceparent);
             t.rec.trace_id = ids.trace_id;
             t.rec.span_id = ids.span_id;
             let resendable = retry::is_idempotent(method_of(&t))
@@ -537,16 +549,15 @@ impl Replay {
 fn build_upstream_request(
     req: Request<Incoming>,
     host: &[u8],
-    budget_header: Option<&http::HeaderName>,
+    found: headers::Found,
     conn: &Conn,
     listener: &ListenerShared,
     upstream: &Upstream,
     trusted: bool,
     idle: Option<std::time::Duration>,
     t: &mut Tracker,
-) -> Result<(Request<RequestBody>, Option<HeaderValue>, bool), ProxyError> {
+) -> Result<(Request<RequestBody>, Option<HeaderValue>), ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let found = headers::scan(&parts.headers, budget_header);
     if found.hop_by_hop {
         headers::remove_hop_by_hop(&mut parts.headers, true);
     }
@@ -589,7 +600,13 @@ fn build_upstream_request(
         let mut uri = http::uri::Parts::default();
         uri.path_and_query = Some(path);
         parts.uri = Uri::from_parts(uri).map_err(|e| bad(e.into()))?;
-        if !parts.headers.contains_key(HOST)
+        // A `Connection` header may have named Host: looked up again once one was removed.
+        let has_host = if found.hop_by_hop {
+            parts.headers.contains_key(HOST)
+        } else {
+            found.host
+        };
+        if !has_host
             && !host.is_empty()
             && let Ok(v) = HeaderValue::from_bytes(host)
         {
@@ -606,7 +623,7 @@ fn build_upstream_request(
         idle,
         listener.limits.max_body_bytes,
     );
-    Ok((Request::from_parts(parts, body), id_value, found.extra))
+    Ok((Request::from_parts(parts, body), id_value))
 }
 
 /// The request id as a header value that shares the id's text.
