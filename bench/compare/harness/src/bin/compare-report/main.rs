@@ -60,9 +60,12 @@ pub struct Meta {
     /// Load average at the start and end, as a sentence.
     #[serde(default)]
     load: String,
-    /// Seconds the run took.
+    /// Seconds the measurements took (installs and build not included).
     #[serde(default)]
     elapsed_s: u64,
+    /// Seconds spent installing tools and building before the measurements.
+    #[serde(default)]
+    setup_s: u64,
 }
 
 /// Proxies in display order.
