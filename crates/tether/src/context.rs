@@ -266,13 +266,18 @@ impl RequestContext {
         {
             self.cancel(CancelReason::Deadline);
         }
-        match self.cause() {
-            Some(c) => Err(Cancelled { reason: c.reason }),
-            None if self.is_cancelled() => Err(Cancelled {
-                reason: CancelReason::Shutdown,
-            }),
-            None => Ok(()),
+        if let Some(c) = self.inner.cause.get() {
+            return Err(Cancelled { reason: c.reason });
         }
+        // One look at the token while live (each look takes its lock).
+        if !self.inner.token.is_cancelled() {
+            return Ok(());
+        }
+        // Cancelled through a parent: its reason, or shutdown when none was given.
+        let reason = self.inner.parent.as_ref().and_then(|p| p.cause());
+        Err(Cancelled {
+            reason: reason.map_or(CancelReason::Shutdown, |c| c.reason),
+        })
     }
 
     /// Completes when the context is cancelled or its deadline passes, and returns the reason.
@@ -383,6 +388,33 @@ mod tests {
         parent.cancel(CancelReason::ConnectionLost);
         assert_eq!(b.reason(), Some(CancelReason::ConnectionLost));
         assert_eq!(a.reason(), Some(CancelReason::StreamReset));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_reports_each_way_of_being_cancelled() {
+        let reason = |ctx: &RequestContext| ctx.check().err().map(|c| c.reason);
+        let parent = RequestContext::new();
+        let own = parent.child();
+        let through_parent = parent.child();
+        assert_eq!(reason(&own), None);
+        own.cancel(CancelReason::StreamReset);
+        assert_eq!(reason(&own), Some(CancelReason::StreamReset));
+        assert_eq!(reason(&through_parent), None);
+        parent.cancel(CancelReason::ConnectionLost);
+        assert_eq!(reason(&through_parent), Some(CancelReason::ConnectionLost));
+        assert_eq!(reason(&own), Some(CancelReason::StreamReset));
+        // A token cancelled with no reason given (by code holding only the token).
+        let bare = RequestContext::new();
+        let child = bare.child();
+        bare.token().cancel();
+        assert_eq!(reason(&child), Some(CancelReason::Shutdown));
+        // A deadline that passed is found by the check itself.
+        let timed =
+            RequestContext::new().child_with_deadline(Deadline::after(Duration::from_millis(50)));
+        assert_eq!(reason(&timed), None);
+        tokio::time::advance(Duration::from_millis(60)).await;
+        assert_eq!(reason(&timed), Some(CancelReason::Deadline));
+        assert!(timed.is_cancelled());
     }
 
     #[tokio::test(start_paused = true)]
