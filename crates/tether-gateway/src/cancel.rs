@@ -49,6 +49,10 @@ pub struct ConnCancel {
     h1: Mutex<H1State>,
     resets: Option<Mutex<ResetBucket>>,
     over_budget: Notify,
+    /// A child of the connection's token for as long as the connection lives. tokio-util frees a
+    /// token's list of children once it empties, so without it an HTTP/1 connection (one request
+    /// at a time) would allocate that list anew for every request and free it after.
+    _anchor: tokio_util::sync::CancellationToken,
 }
 
 impl ConnCancel {
@@ -59,6 +63,7 @@ impl ConnCancel {
         watcher: Option<DisconnectWatcher>,
     ) -> ConnCancel {
         ConnCancel {
+            _anchor: ctx.token().child_token(),
             ctx,
             protocol,
             watcher,
