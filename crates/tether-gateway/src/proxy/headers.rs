@@ -1,6 +1,7 @@
 //! Header rewriting between downstream and upstream: hop-by-hop removal and forwarding headers.
 
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -144,6 +145,9 @@ pub struct ClientForwarding {
     /// `for=<node>;proto=<proto>`, the start of its `Forwarded` element.
     node: String,
     proto: &'static str,
+    /// The whole `Forwarded` element for the first host asked for on the connection, kept for
+    /// the requests after it that ask for the same one (nearly all do): made once, then shared.
+    forwarded: OnceLock<(Option<Box<[u8]>>, HeaderValue)>,
 }
 
 impl ClientForwarding {
@@ -175,7 +179,28 @@ impl ClientForwarding {
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             node,
             proto,
+            forwarded: OnceLock::new(),
         }
+    }
+
+    /// The `Forwarded` element for a request that asked for `host` (`None`: no usable host).
+    fn forwarded(&self, host: Option<&[u8]>) -> Option<HeaderValue> {
+        if let Some((cached, v)) = self.forwarded.get()
+            && cached.as_deref() == host
+        {
+            return Some(v.clone());
+        }
+        let mut fwd = Vec::with_capacity(self.node.len() + host.map_or(0, |h| h.len() + 8));
+        fwd.extend_from_slice(self.node.as_bytes());
+        if let Some(h) = host {
+            fwd.extend_from_slice(b";host=\"");
+            fwd.extend_from_slice(h);
+            fwd.push(b'"');
+        }
+        let v = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)).ok()?;
+        // The first host only: a connection that switches hosts builds each element afresh.
+        let _ = self.forwarded.set((host.map(Box::from), v.clone()));
+        Some(v)
     }
 }
 
@@ -209,14 +234,7 @@ pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, ho
         h.iter()
             .all(|&b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     });
-    let mut fwd = Vec::with_capacity(client.node.len() + host.map_or(0, |h| h.len() + 8));
-    fwd.extend_from_slice(client.node.as_bytes());
-    if let Some(h) = host {
-        fwd.extend_from_slice(b";host=\"");
-        fwd.extend_from_slice(h);
-        fwd.push(b'"');
-    }
-    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(fwd)) {
+    if let Some(v) = client.forwarded(host) {
         headers.append(header::FORWARDED, v);
     }
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
@@ -409,6 +427,41 @@ mod tests {
             "for=\"[::1]\";proto=https;host=\"example.com\""
         );
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn each_request_on_a_connection_gets_its_own_hosts_element() {
+        let conn = ClientForwarding::new("192.0.2.7".parse().unwrap(), false);
+        let forwarded = |host: Option<&str>| {
+            let mut h = HeaderMap::new();
+            add_forwarding_for(&mut h, &conn, host.map(str::as_bytes));
+            h.get(header::FORWARDED)
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .to_owned()
+        };
+        // The first host is kept for the requests after it; any other is built afresh.
+        for (host, want) in [
+            (Some("a.test"), "for=192.0.2.7;proto=http;host=\"a.test\""),
+            (Some("a.test"), "for=192.0.2.7;proto=http;host=\"a.test\""),
+            (Some("b.test"), "for=192.0.2.7;proto=http;host=\"b.test\""),
+            (None, "for=192.0.2.7;proto=http"),
+            (Some("a.tes"), "for=192.0.2.7;proto=http;host=\"a.tes\""),
+            (Some("a.test"), "for=192.0.2.7;proto=http;host=\"a.test\""),
+        ] {
+            assert_eq!(forwarded(host), want, "{host:?}");
+        }
+        let none_first = ClientForwarding::new("192.0.2.8".parse().unwrap(), true);
+        for host in [None, Some("c.test"), None] {
+            let mut h = HeaderMap::new();
+            add_forwarding_for(&mut h, &none_first, host.map(str::as_bytes));
+            let want = match host {
+                Some(host) => format!("for=192.0.2.8;proto=https;host=\"{host}\""),
+                None => "for=192.0.2.8;proto=https".to_owned(),
+            };
+            assert_eq!(h.get(header::FORWARDED).unwrap(), want.as_str());
+        }
     }
 
     #[test]
