@@ -168,7 +168,7 @@ fn proxy<'a>(
         let idle = route.timeouts.idle;
         // In a block: a binding left at the top of an async body keeps its bytes in the
         // request's state for as long as the request lives, even once moved out.
-        let (mut next_req, id_value, budget_sent, resendable) = {
+        let (mut next_req, id_value, resendable) = {
             let (mut up_req, id_value) = match build_upstream_request(
                 req, host, found, conn, listener, upstream, trusted, idle, &mut t,
             ) {
@@ -181,7 +181,7 @@ fn proxy<'a>(
             t.rec.span_id = ids.span_id;
             let resendable = retry::is_idempotent(method_of(&t))
                 && http_body::Body::is_end_stream(up_req.body());
-            (Some(up_req), id_value, budget_sent, resendable)
+            (Some(up_req), id_value, resendable)
         };
 
         route.retry.on_request();
