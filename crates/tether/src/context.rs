@@ -244,13 +244,20 @@ impl RequestContext {
 
     /// Why and when the context was cancelled; `None` while it is live.
     pub fn cause(&self) -> Option<Cause> {
+        self.cancelled_cause().flatten()
+    }
+
+    /// `None` while the context is live; once it is cancelled, its cause, or its parent's, or
+    /// `None` when no one gave one (a token cancelled directly). Looks at the token (which takes
+    /// its lock) only when this context has no cause of its own.
+    fn cancelled_cause(&self) -> Option<Option<Cause>> {
         if let Some(c) = self.inner.cause.get() {
-            return Some(*c);
+            return Some(Some(*c));
         }
         if !self.inner.token.is_cancelled() {
             return None;
         }
-        self.inner.parent.as_ref().and_then(|p| p.cause())
+        Some(self.inner.parent.as_ref().and_then(|p| p.cause()))
     }
 
     /// Why the context was cancelled; `None` while it is live.
@@ -266,18 +273,13 @@ impl RequestContext {
         {
             self.cancel(CancelReason::Deadline);
         }
-        if let Some(c) = self.inner.cause.get() {
-            return Err(Cancelled { reason: c.reason });
+        match self.cancelled_cause() {
+            None => Ok(()),
+            // Shutdown when the token was cancelled with no reason given.
+            Some(cause) => Err(Cancelled {
+                reason: cause.map_or(CancelReason::Shutdown, |c| c.reason),
+            }),
         }
-        // One look at the token while live (each look takes its lock).
-        if !self.inner.token.is_cancelled() {
-            return Ok(());
-        }
-        // Cancelled through a parent: its reason, or shutdown when none was given.
-        let reason = self.inner.parent.as_ref().and_then(|p| p.cause());
-        Err(Cancelled {
-            reason: reason.map_or(CancelReason::Shutdown, |c| c.reason),
-        })
     }
 
     /// Completes when the context is cancelled or its deadline passes, and returns the reason.
