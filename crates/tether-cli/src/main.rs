@@ -14,30 +14,59 @@ use clap::{Parser, Subcommand};
 use tether_cli::{duration, file_config};
 
 /// jemalloc: fewer instructions per allocation than glibc's malloc (a proxied request makes a
-/// few dozen), and its background thread gives freed pages back to the system a second after a
-/// burst (`.cargo/config.toml` sets the decay), so memory follows the connections open now,
-/// not the most ever open. Measured in bench/RESULTS.md and bench/idle-memory.sh.
+/// few dozen). Memory freed after a burst of connections goes back to the system when a worker
+/// goes quiet ([`return_idle_memory`]), so memory follows the connections open now, not the most
+/// ever open. Measured in bench/RESULTS.md, bench/idle-memory.sh and bench/sparse.sh.
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Returns the calling thread's cached free blocks to jemalloc's arenas, from where the
-/// background thread can give their pages back. A worker that has gone idle allocates nothing,
-/// so its cache would otherwise keep what the last burst freed.
+/// Run by a worker that has gone quiet (see `listen::on_worker_idle`): returns the thread's
+/// cached free blocks to its arena, then gives the arena's unused pages back to the system at
+/// once. Only then: jemalloc's own decay (`.cargo/config.toml`) is slow, so that a worker busy
+/// with a trickle of requests, whose memory is freed and needed again every few hundred
+/// milliseconds (a keep-alive connection parking and coming back), does not hand pages back only
+/// to fault them in again.
 #[cfg(feature = "jemalloc")]
-fn flush_thread_cache() {
+fn return_idle_memory() {
+    use std::ffi::c_void;
+    use std::ptr::null_mut;
     // SAFETY: `thread.tcache.flush` reads and writes no value (null pointers, zero length) and
     // the name is a NUL-terminated literal.
     #[allow(unsafe_code)]
     let _ = unsafe {
         tikv_jemalloc_sys::mallctl(
             c"thread.tcache.flush".as_ptr(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
+            null_mut(),
+            null_mut(),
+            null_mut(),
             0,
         )
     };
+    let mut arena: u32 = 0;
+    let mut len = std::mem::size_of::<u32>();
+    // SAFETY: `thread.arena` is an `unsigned` (u32 here): jemalloc writes at most `len` bytes to
+    // `arena` and sets `len`; nothing is written to it (null new value, zero length).
+    #[allow(unsafe_code)]
+    let read = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            c"thread.arena".as_ptr(),
+            (&raw mut arena).cast::<c_void>(),
+            &mut len,
+            null_mut(),
+            0,
+        )
+    };
+    if read != 0 || len != std::mem::size_of::<u32>() {
+        return;
+    }
+    let Ok(name) = std::ffi::CString::new(format!("arena.{arena}.purge")) else {
+        return;
+    };
+    // SAFETY: `arena.<i>.purge` reads and writes no value, and `name` is NUL-terminated.
+    #[allow(unsafe_code)]
+    let _ =
+        unsafe { tikv_jemalloc_sys::mallctl(name.as_ptr(), null_mut(), null_mut(), null_mut(), 0) };
 }
 
 /// Exit status for an unusable config file (BSD `EX_USAGE`).
@@ -69,7 +98,7 @@ enum Command {
 
 fn main() -> ExitCode {
     #[cfg(feature = "jemalloc")]
-    tether_gateway::listen::on_worker_idle(flush_thread_cache);
+    tether_gateway::listen::on_worker_idle(return_idle_memory);
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => match file_config::load(&file) {

@@ -12,6 +12,7 @@
 //! started with, so requests in flight during a reload finish on their configuration. A
 //! generation is dropped when the last connection or request holding it ends.
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -518,21 +519,42 @@ struct WorkerShared {
     parking: (Arc<Parking>, Poller),
 }
 
-/// Process-wide housekeeping run by a worker thread that ran out of work.
+/// Process-wide housekeeping run by a worker thread that has gone quiet.
 static WORKER_IDLE: OnceLock<fn()> = OnceLock::new();
 
-/// How long a worker must have gone without running out of work for the idle hook to run.
-const IDLE_HOOK_QUIET: Duration = Duration::from_millis(500);
+/// How long a worker must have started no request before the idle hook runs. Longer than the
+/// pauses of a steady trickle of clients (a browser's next request, a poller every second or
+/// two), whose memory is needed again at the next request.
+const IDLE_HOOK_QUIET: Duration = Duration::from_secs(3);
 
-/// Runs `hook` on a worker thread when it runs out of work after a quiet spell: its previous
-/// run out of work was at least half a second earlier (it slept that long, or was busy that
-/// long). A worker serving a steady trickle of requests, out of work every few milliseconds,
-/// does not run it; one whose burst is over runs it at the next timer that wakes it (the pool
-/// sweep, every second). For per-thread housekeeping of process-wide state, such as returning
-/// an allocator's thread cache, which the next requests would only have to refill. The first
-/// hook set wins; set it before starting a gateway.
+thread_local! {
+    /// Requests started on this thread: the idle hook runs once this stops moving.
+    static STARTED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts a request started on the calling (worker) thread.
+pub(crate) fn note_request() {
+    STARTED.with(|c| c.set(c.get().wrapping_add(1)));
+}
+
+/// Runs `hook` on a worker thread once it has started no request for a few seconds
+/// ([`IDLE_HOOK_QUIET`]): at the first time it runs out of work after that (the pool sweep wakes
+/// it every second), once per quiet spell. For per-thread housekeeping of process-wide state,
+/// such as handing an allocator's free memory back to the system, which a worker still serving
+/// requests would only have to take back. The first hook set wins; set it before starting a
+/// gateway.
 pub fn on_worker_idle(hook: fn()) {
     let _ = WORKER_IDLE.set(hook);
+}
+
+/// A worker's progress towards its idle hook.
+struct Quiet {
+    /// [`STARTED`] when last looked at.
+    seen: u64,
+    /// When it was first seen at that count.
+    since: std::time::Instant,
+    /// The hook has run for this quiet spell.
+    done: bool,
 }
 
 /// How often a worker closes expired idle upstream connections.
@@ -551,7 +573,11 @@ fn run_worker(
     } = shared;
     let log = observer.log.clone();
     let idle_hook = WORKER_IDLE.get().copied();
-    let last_park = Mutex::new(std::time::Instant::now());
+    let quiet = Mutex::new(Quiet {
+        seen: 0,
+        since: std::time::Instant::now(),
+        done: false,
+    });
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         // Out of work: write the access-log lines gathered meanwhile.
@@ -559,11 +585,19 @@ fn run_worker(
             log.flush();
             if let Some(hook) = idle_hook {
                 let now = std::time::Instant::now();
-                let mut last = lock(&last_park);
-                if now.duration_since(*last) >= IDLE_HOOK_QUIET {
+                let started = STARTED.with(Cell::get);
+                let mut q = lock(&quiet);
+                if started != q.seen {
+                    *q = Quiet {
+                        seen: started,
+                        since: now,
+                        done: false,
+                    };
+                } else if !q.done && now.duration_since(q.since) >= IDLE_HOOK_QUIET {
+                    q.done = true;
+                    drop(q);
                     hook();
                 }
-                *last = now;
             }
         })
         .build()

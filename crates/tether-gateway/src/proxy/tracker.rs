@@ -70,6 +70,7 @@ impl Tracker {
         observer: Observer,
     ) -> Tracker {
         observer.metrics.request_started();
+        crate::listen::note_request();
         Tracker {
             rec: Box::new(rec),
             start: Instant::now(),
