@@ -4,7 +4,7 @@
 #   bench/compare/run.sh            full run (under 10 minutes on 2 cores, after the build)
 #   bench/compare/run.sh --quick    short run (under 2 minutes, after the build)
 #
-# Options: --proxies tether,nginx,haproxy,caddy   (subset; the direct baseline always runs)
+# Options: --proxies tether,nginx,haproxy,caddy   (subset; the direct baseline always runs for throughput)
 #          --no-install                             (do not apt-get missing tools)
 #          --no-build                               (use the binaries already in $CARGO_TARGET_DIR/release)
 #          --out DIR                                (where RESULTS.md and results.png go; default bench/)
@@ -34,13 +34,16 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$MODE" = quick ]; then
-  ROUNDS=1; T_LOAD=2; T_STREAM=2; CANCEL_N=60; MIX_S=2; IDLE_N=2000; IDLE_SETTLE=2; T_CPU=2; T_PERF=2
+  ROUNDS=1; T_LOAD=2; T_STREAM=2; CANCEL_N=60; MIX_S=2; IDLE_N=2000; IDLE_SETTLE=5; T_CPU=2; T_PERF=2
   CPU_ROUNDS=1
+  # The backend alone is the baseline for throughput; elsewhere only a reference, left out here.
+  REF=()
   WASTE_CASES="h1-h1 h2-h1"; CPU_CASES="h1"
 else
   ROUNDS=2; T_LOAD=6; T_STREAM=5; CANCEL_N=300; MIX_S=6; IDLE_N=10000; IDLE_SETTLE=5; T_CPU=5; T_PERF=4
   # The median of three: one round disturbed by other work on the machine does not decide it.
   CPU_ROUNDS=3
+  REF=(direct)
   WASTE_CASES="h1-h1 h2-h1 h2-h2"; CPU_CASES="h1 h2"
 fi
 
@@ -337,7 +340,7 @@ scenario_throughput() {
 # 2. Streaming a large body; peak RSS of a freshly started proxy.
 scenario_stream() {
   local proxy f m rss
-  for proxy in direct "${LIST[@]}"; do
+  for proxy in "${REF[@]}" "${LIST[@]}"; do
     start_proxy "$proxy"
     f="$RUN/stream.$proxy.txt"
     bounded $((T_STREAM + 30)) wrk -t1 -c4 -d"${T_STREAM}s" --timeout 20s \
@@ -358,7 +361,7 @@ scenario_stream() {
 # the time 100 sequential ones would take.
 scenario_cancel() {
   local proxy case port proto m
-  for proxy in direct "${LIST[@]}"; do
+  for proxy in "${REF[@]}" "${LIST[@]}"; do
     start_proxy "$proxy"
     for case in h1-h1 h2-h1 h2-h2; do
       case "$case" in
@@ -403,7 +406,7 @@ scenario_waste() {
 scenario_idle() {
   local proxy before early after ready cpid open m
   # direct: the backend itself (hyper), a reference for what a hyper server costs per connection.
-  for proxy in direct "${LIST[@]}"; do
+  for proxy in "${REF[@]}" "${LIST[@]}"; do
     start_proxy "$proxy"
     # Touch every worker's lazily allocated state before the baseline.
     bounded 20 h2load --h1 -c8 -n 2000 "http://127.0.0.1:$H1/" >/dev/null

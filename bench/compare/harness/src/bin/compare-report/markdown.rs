@@ -373,10 +373,10 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
     o.push_str(
         "N HTTP/1.1 connections, one `GET /` on each, then idle. RSS is summed over the proxy's \
          processes; per connection = (RSS with N idle − RSS before) / N, read once the \
-         connections have been idle for a few seconds (5 s; 2 s in `--quick`), and also 1 s after \
-         the last one opened (`1 s`: memory freed after the burst but not yet given back shows \
-         there). `direct` is the backend, a plain hyper server: what hyper and tokio alone cost \
-         per connection.\n\n",
+         connections have been idle for 5 s, and also 1 s after the last one opened (`1 s`: \
+         memory freed after the burst but not yet given back shows there; tether hands it back \
+         once a worker has started no request for 3 s). `direct` is the backend, a plain hyper \
+         server: what hyper and tokio alone cost per connection (not run with `--quick`).\n\n",
     );
     table(
         &mut o,
@@ -569,13 +569,14 @@ fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
             let _ = write!(
                 s,
                 ". The backend, a plain hyper server on tokio, costs {} KiB per idle connection. \
-                 tether parks an idle plain-TCP HTTP/1 connection after 200 ms: hyper's buffers, \
+                 tether parks an idle plain-TCP HTTP/1 connection after 500 ms: hyper's buffers, \
                  tether's per-connection state and the connection's task are freed, and the \
                  socket waits in its worker's own epoll set with a 104-byte entry (one timer per \
-                 worker). Much of the rest does not grow with the connections: the upstream pool \
-                 grows to 64 connections per worker during the burst, and hyper keeps each idle \
-                 upstream connection's buffers; bench/idle-memory.sh at 2 000, 5 000 and 10 000 \
-                 connections tells the fixed part from the part per connection",
+                 worker). A worker that has started no request for 3 s hands its free memory \
+                 back to the system, so a figure read sooner after the burst is higher. Much of \
+                 the rest does not grow with the connections: the upstream pool grows to 64 \
+                 connections per worker during the burst; bench/idle-memory.sh at 2 000, 5 000 \
+                 and 10 000 connections tells the fixed part from the part per connection",
                 num(d),
             );
         }
