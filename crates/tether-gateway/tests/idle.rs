@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{BOUND, Down, Env, Up, bounded};
 use test_support::behavior::{Behavior, script};
 use test_support::client::{Closed, H1Client};
+use tether_gateway::config::HalfClose;
 use tether_gateway::downstream::h1::PARK_AFTER;
 
 async fn env() -> Env {
@@ -251,6 +252,26 @@ async fn a_fin_while_parked_closes_the_connection() {
     c.fin().unwrap();
     assert_eq!(c.wait_closed(BOUND).await, Closed::Eof);
     env.wait_parked(0).await;
+    env.stop().await;
+}
+
+/// A request and a FIN in one go to a parked connection (one readiness event that says both):
+/// the request is served, not taken for a close. The route keeps serving half-closed clients.
+#[tokio::test]
+async fn a_request_then_a_fin_while_parked_is_served() {
+    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].routes[0].client_half_close = HalfClose::Continue;
+    })
+    .await;
+    let mut c = env.h1().await;
+    get_ok(&mut c, "/a").await;
+    env.wait_parked(1).await;
+    c.send_raw(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    c.fin().unwrap();
+    read_ok(&mut c).await;
+    assert_eq!(env.record("/b").await.status, 200);
     env.stop().await;
 }
 

@@ -56,9 +56,6 @@ impl DisconnectWatcher {
     /// Starts watching `socket`. Must be called inside a Tokio runtime.
     pub fn new(socket: &impl AsFd) -> io::Result<DisconnectWatcher> {
         let dup = socket.as_fd().try_clone_to_owned()?;
-        // O_NONBLOCK is shared with the original; set anyway, as the peek in `check_now` must
-        // not block if the caller's socket is blocking.
-        socket2::SockRef::from(&dup).set_nonblocking(true)?;
         let reg = Registration::new(&dup)?;
         Ok(DisconnectWatcher { dup, reg })
     }
@@ -85,7 +82,10 @@ impl DisconnectWatcher {
             return Some(gone);
         }
         let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-        match socket2::SockRef::from(&self.dup).peek(&mut byte) {
+        // MSG_DONTWAIT: never blocks, even on a socket its owner left blocking, and without
+        // changing the descriptor's flags (shared with the owner's).
+        let peek = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+        match socket2::SockRef::from(&self.dup).recv_with_flags(&mut byte, peek) {
             Ok(0) => Some(self.classify()),
             Ok(_) => None,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
@@ -134,6 +134,8 @@ mod reactor {
     impl Registration {
         pub(super) fn new(dup: &OwnedFd) -> io::Result<Registration> {
             let own = std::net::TcpStream::from(dup.try_clone()?);
+            // The reactor takes only non-blocking sockets (the flag is shared with the owner's).
+            own.set_nonblocking(true)?;
             Ok(Registration {
                 stream: TcpStream::from_std(own)?,
             })
@@ -473,6 +475,25 @@ mod tests {
         assert_eq!(w.check_now(), Some(PeerGone::Reset));
         // The pending error was consumed by that peek; the state still says reset.
         assert_eq!(w.check_now(), Some(PeerGone::Reset));
+    }
+
+    #[tokio::test]
+    async fn check_now_never_blocks_on_a_blocking_socket_nor_changes_it() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (server, _) = l.accept().unwrap();
+        server.set_nonblocking(false).unwrap();
+        let w = DisconnectWatcher::new(&server).unwrap();
+        // On a thread of its own, bounded: a blocking peek would never return.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(w.check_now());
+        });
+        let seen = rx.recv_timeout(Duration::from_secs(5));
+        assert_eq!(seen, Ok(None), "check_now blocked or saw a close");
+        // The owner's socket is still blocking: the watcher left the shared flags alone.
+        assert!(!socket2::SockRef::from(&server).nonblocking().unwrap());
+        drop(client);
     }
 
     #[tokio::test]

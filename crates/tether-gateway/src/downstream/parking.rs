@@ -236,7 +236,10 @@ impl Parking {
     }
 
     /// Handles the readiness events there are now. False once the set has none left (then the
-    /// readiness of the set's own descriptor must be cleared), true if there may be more.
+    /// readiness of the set's own descriptor must be cleared), true if there may be more: only
+    /// when they filled the buffer, so an ordinary wake costs one `epoll_wait`, not a second
+    /// that finds nothing. (An event that comes after that one marks the set's descriptor
+    /// ready again, so clearing its readiness loses nothing.)
     fn drain(&self, poll: &mut Poll, events: &mut Events) -> bool {
         match poll.poll(events, Some(Duration::ZERO)) {
             Ok(()) => {}
@@ -246,17 +249,19 @@ impl Parking {
                 return false;
             }
         }
-        if events.is_empty() {
-            return false;
-        }
+        let mut n = 0;
         for event in events.iter() {
-            self.wake(event.token().0 as u64);
+            n += 1;
+            // Readable with no close or error: bytes are there to serve.
+            let data = event.is_readable() && !event.is_read_closed() && !event.is_error();
+            self.wake(event.token().0 as u64, data);
         }
-        true
+        n == EVENTS
     }
 
-    /// The client of a parked connection sent bytes, closed or reset it.
-    fn wake(&self, token: u64) {
+    /// The client of a parked connection sent bytes (`data`: the event says so), or closed or
+    /// reset it.
+    fn wake(&self, token: u64, data: bool) {
         let mut lot = lock(&self.lot);
         let key = key_of(token);
         let Some(entry) = lot.conns.get(key) else {
@@ -266,18 +271,20 @@ impl Parking {
             return;
         }
         let mut byte = [0u8; 1];
-        let resume = match entry.tcp.peek(&mut byte) {
-            Ok(0) => false,
-            Ok(_) => true,
-            // Nothing to read after all; edge-triggered, so the next bytes report again.
-            Err(e)
-                if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted =>
-            {
-                return;
-            }
-            Err(_) => false,
-        };
+        // Otherwise a close, with or without a request before it: a peek tells.
+        let resume = data
+            || match entry.tcp.peek(&mut byte) {
+                Ok(0) => false,
+                Ok(_) => true,
+                // Nothing to read after all; edge-triggered, so the next bytes report again.
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    return;
+                }
+                Err(_) => false,
+            };
         let entry = lot.conns.remove(key);
         lot.leave_deadline_behind();
         drop(lot);
