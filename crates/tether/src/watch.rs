@@ -109,6 +109,15 @@ impl DisconnectWatcher {
     }
 }
 
+impl AsFd for DisconnectWatcher {
+    /// The watcher's own duplicate of the socket, open as long as the watcher: for setting socket
+    /// options (keepalive, user timeout) where the socket itself is out of reach, inside an HTTP
+    /// or TLS stack. Reading from it would take bytes from the socket's owner.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.dup.as_fd()
+    }
+}
+
 impl Drop for DisconnectWatcher {
     fn drop(&mut self) {
         // Before the duplicate closes, so the descriptor number is still this socket's.

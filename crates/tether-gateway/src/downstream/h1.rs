@@ -20,7 +20,6 @@
 //! once.
 
 use std::io;
-use std::os::fd::OwnedFd;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -39,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::Peer;
 use super::gate::Gate;
 use super::head_timeout::HeadWatch;
-use super::probe::{self, Activity, GuardedBody};
+use super::probe::{self, Activity, GuardedBody, ProbeSocket};
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ConfigSource, ConnPermit, ListenerShared, Worker};
 use crate::proxy;
@@ -75,7 +74,6 @@ pub async fn serve<I>(
     io: I,
     peer: Peer,
     watcher: Option<DisconnectWatcher>,
-    fd: Option<OwnedFd>,
     stop: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -87,7 +85,7 @@ pub async fn serve<I>(
         peer,
         stop: &stop,
     };
-    let _ = session(down, io, watcher, fd, Activity::new(), None, None).await;
+    let _ = session(down, io, watcher, Activity::new(), None, None).await;
 }
 
 /// An accepted plain-TCP HTTP/1 connection's parts: what it keeps while parked.
@@ -121,15 +119,13 @@ pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<In
             stop: &conn.stop,
         };
         let watcher = DisconnectWatcher::new(&tcp).ok();
-        let fd = super::probe_fd(&tcp, down.listener);
         let activity = Activity::new();
         let io = TokioIo::new(SessionIo {
             tcp,
             replay,
             activity: activity.clone(),
         });
-        let Some(parked) = session(down, io, watcher, fd, activity, park_after, head_by).await
-        else {
+        let Some(parked) = session(down, io, watcher, activity, park_after, head_by).await else {
             return;
         };
         let deadline = parked.idle_since + conn.listener.limits.header_read_timeout;
@@ -187,7 +183,6 @@ async fn session<I>(
     down: Downstream<'_>,
     io: I,
     watcher: Option<DisconnectWatcher>,
-    fd: Option<OwnedFd>,
     activity: Arc<Activity>,
     park_after: Option<Duration>,
     head_by: Option<Instant>,
@@ -233,7 +228,10 @@ where
         // A head larger than the buffer is answered with 431 by hyper.
         .max_buf_size(limits.max_header_bytes)
         .serve_connection(io, svc);
-    let probing = probe::run(fd, listener.dead_peer, activity.clone());
+    // Probing borrows the watcher's duplicate of the socket rather than making another.
+    let probe_socket =
+        probe::configured(&listener.dead_peer).then(|| ProbeSocket::Watcher(cancel.clone()));
+    let probing = probe::run(probe_socket, listener.dead_peer, activity.clone());
     let mut probing = pin!(probing);
     let parkable = park_after.is_some();
     let after = park_after.unwrap_or(Duration::MAX);

@@ -3,7 +3,6 @@
 //! ends the connection future, which cancels every stream on it with `connection_lost` before
 //! the streams' own tasks run.
 
-use std::os::fd::OwnedFd;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -15,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Peer;
 use super::gate::Gate;
-use super::probe::{self, Activity, GuardedBody};
+use super::probe::{self, Activity, GuardedBody, ProbeSocket};
 use crate::admission::CALM_DOWN_GRACE;
 use crate::cancel::{ConnCancel, DownstreamProtocol};
 use crate::listen::{ConfigSource, ListenerShared, Worker};
@@ -29,7 +28,7 @@ pub async fn serve<I>(
     source: ConfigSource,
     io: I,
     peer: Peer,
-    fd: Option<OwnedFd>,
+    fd: Option<ProbeSocket>,
     stop: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

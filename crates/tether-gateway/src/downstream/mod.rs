@@ -14,7 +14,7 @@ pub mod parking;
 pub mod probe;
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cancel::ConnCancel;
 use crate::listen::{ConfigSource, ConnPermit, ListenerShared, Worker};
 use crate::proxy::Conn;
+use probe::ProbeSocket;
 
 /// How long a client may take to finish the TLS handshake or send the first bytes.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,14 +46,14 @@ pub struct Peer {
     pub tls: bool,
 }
 
-/// The connection's socket as the dead-peer prober needs it: a duplicate descriptor (the
-/// original belongs to the TLS or HTTP stack), taken only when probing is configured.
-fn probe_fd(tcp: &TcpStream, listener: &ListenerShared) -> Option<OwnedFd> {
-    let dp = &listener.dead_peer;
-    if dp.tcp_keepalive.is_none() && dp.write_timeout.is_none() {
+/// An HTTP/2 connection's socket as the dead-peer prober needs it: a duplicate descriptor (the
+/// original belongs to the TLS or HTTP stack), taken only when probing is configured. (HTTP/1
+/// borrows its disconnect watcher's.)
+fn probe_socket(tcp: &TcpStream, listener: &ListenerShared) -> Option<ProbeSocket> {
+    if !probe::configured(&listener.dead_peer) {
         return None;
     }
-    tcp.as_fd().try_clone_to_owned().ok()
+    tcp.as_fd().try_clone_to_owned().ok().map(ProbeSocket::Own)
 }
 
 impl Peer {
@@ -102,7 +103,7 @@ pub async fn serve(
         _ => false,
     };
     if is_h2 {
-        let fd = probe_fd(&tcp, &listener);
+        let fd = probe_socket(&tcp, &listener);
         boxed(h2::serve(
             worker,
             listener,
@@ -149,7 +150,6 @@ async fn serve_tls(
         return;
     };
     let client = peer.client;
-    let fd = probe_fd(&tcp, &listener);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -164,6 +164,7 @@ async fn serve_tls(
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
         || (listener.protocols.h2 && !listener.protocols.http1);
     if is_h2 {
+        let fd = probe_socket(tls.get_ref().0, &listener);
         h2::serve(worker, listener, source, TokioIo::new(tls), peer, fd, stop).await;
     } else {
         let watcher = DisconnectWatcher::new(tls.get_ref().0).ok();
@@ -174,7 +175,6 @@ async fn serve_tls(
             TokioIo::new(tls),
             peer,
             watcher,
-            fd,
             stop,
         )
         .await;

@@ -15,7 +15,7 @@
 //! LIFECYCLE: idle (no options) → request in flight → after `arm_after`: armed (keepalive;
 //! plus the user timeout while a response body is being written) → nothing in flight: idle.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use socket2::SockRef;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::cancel::ConnCancel;
 use crate::config::DeadPeerConfig;
 
 /// What a connection has in flight.
@@ -260,17 +261,42 @@ where
     }
 }
 
+/// The socket the prober sets its options on. HTTP/1 borrows the disconnect watcher's duplicate,
+/// which lives as long as the connection's cancellation state; HTTP/2 has no watcher and takes a
+/// duplicate of its own.
+#[derive(Debug)]
+pub enum ProbeSocket {
+    /// A duplicate of the connection's socket.
+    Own(OwnedFd),
+    /// The connection's disconnect watcher's duplicate.
+    Watcher(Arc<ConnCancel>),
+}
+
+impl ProbeSocket {
+    fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            ProbeSocket::Own(fd) => Some(fd.as_fd()),
+            ProbeSocket::Watcher(c) => c.watcher().map(AsFd::as_fd),
+        }
+    }
+}
+
+/// Whether `cfg` asks for probing at all.
+pub fn configured(cfg: &DeadPeerConfig) -> bool {
+    cfg.tcp_keepalive.is_some() || cfg.write_timeout.is_some()
+}
+
 /// Switches the socket's probing on and off as requests come and go. Never returns; runs as a
 /// branch of the connection's loop, so it ends with the connection.
 ///
 /// A busy connection costs one timer per `arm_after`, not one per request: the timer runs from
 /// the start of a busy period and, when it fires, is moved to the current period's end of
 /// `arm_after` if the connection paused in between.
-pub async fn run(fd: Option<OwnedFd>, cfg: DeadPeerConfig, activity: Arc<Activity>) {
-    let Some(fd) = fd else {
+pub async fn run(socket: Option<ProbeSocket>, cfg: DeadPeerConfig, activity: Arc<Activity>) {
+    let Some(fd) = socket.as_ref().and_then(ProbeSocket::fd) else {
         return std::future::pending().await;
     };
-    if cfg.tcp_keepalive.is_none() && cfg.write_timeout.is_none() {
+    if !configured(&cfg) {
         return std::future::pending().await;
     }
     let sock = SockRef::from(&fd);
@@ -388,7 +414,7 @@ mod tests {
             ..Default::default()
         };
         let a = Activity::new();
-        let task = tokio::spawn(run(Some(dup), cfg, a.clone()));
+        let task = tokio::spawn(run(Some(ProbeSocket::Own(dup)), cfg, a.clone()));
         let sock = SockRef::from(&s);
         let g = a.begin();
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
