@@ -39,12 +39,18 @@ async fn read_ok(c: &mut H1Client) {
     assert_eq!(&body[..], b"hi");
 }
 
-#[tokio::test]
-async fn keep_alive_across_a_park() {
-    let env = env().await;
+/// A client whose connection served `GET /a` and is now parked.
+async fn parked_client(env: &Env) -> H1Client {
     let mut c = env.h1().await;
     get_ok(&mut c, "/a").await;
     env.wait_parked(1).await;
+    c
+}
+
+#[tokio::test]
+async fn keep_alive_across_a_park() {
+    let env = env().await;
+    let mut c = parked_client(&env).await;
     get_ok(&mut c, "/b").await;
     assert_eq!(env.parked(), 0, "served, so no longer parked");
     env.wait_parked(1).await;
@@ -95,9 +101,7 @@ async fn a_shorter_park_idle_after_parks_and_serves_again() {
         c.listeners[0].limits.park_idle_after = Some(Duration::from_millis(150))
     })
     .await;
-    let mut c = env.h1().await;
-    get_ok(&mut c, "/a").await;
-    env.wait_parked(1).await;
+    let mut c = parked_client(&env).await;
     get_ok(&mut c, "/b").await;
     env.stop().await;
 }
@@ -228,9 +232,7 @@ async fn the_idle_timeout_still_bounds_a_slow_head_after_a_park() {
 #[tokio::test]
 async fn shutdown_closes_parked_connections_at_once() {
     let env = env().await;
-    let mut c = env.h1().await;
-    get_ok(&mut c, "/a").await;
-    env.wait_parked(1).await;
+    let mut c = parked_client(&env).await;
     let started = tokio::time::Instant::now();
     // A long grace: a parked connection has nothing in flight and must not wait for it.
     let stopping = tokio::spawn(env.stop_with_grace(Duration::from_secs(30)));
@@ -246,9 +248,7 @@ async fn shutdown_closes_parked_connections_at_once() {
 #[tokio::test]
 async fn a_fin_while_parked_closes_the_connection() {
     let env = env().await;
-    let mut c = env.h1().await;
-    get_ok(&mut c, "/a").await;
-    env.wait_parked(1).await;
+    let mut c = parked_client(&env).await;
     c.fin().unwrap();
     assert_eq!(c.wait_closed(BOUND).await, Closed::Eof);
     env.wait_parked(0).await;
@@ -263,9 +263,7 @@ async fn a_request_then_a_fin_while_parked_is_served() {
         c.listeners[0].routes[0].client_half_close = HalfClose::Continue;
     })
     .await;
-    let mut c = env.h1().await;
-    get_ok(&mut c, "/a").await;
-    env.wait_parked(1).await;
+    let mut c = parked_client(&env).await;
     c.send_raw(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
