@@ -80,6 +80,7 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     // One pass over the names settles which headers are there; lookups that would miss are skipped.
     let found = headers::scan(req.headers(), Some(&DEFAULT_BUDGET));
+    // Looked up once per request: the request id, forwarding headers and budget all ask.
     let trusted = listener.trusts(conn.client.ip());
     let id = (trusted && found.request_id)
         .then(|| incoming_request_id(req.headers()))
@@ -109,7 +110,10 @@ pub async fn handle(
     let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
     // Boxed once here: the request's whole state machine is several KiB, and hyper moves the
     // service future into its slot, so an unboxed one would be copied on every request.
-    Ok(Box::pin(proxy(&worker, &listener, &conn, req, found, tracker)).await)
+    Ok(Box::pin(proxy(
+        &worker, &listener, &conn, req, found, trusted, tracker,
+    ))
+    .await)
 }
 
 /// The request's whole exchange. Written as a function returning an `async move` block rather
@@ -122,6 +126,7 @@ fn proxy<'a>(
     conn: &'a Conn,
     req: Request<Incoming>,
     found: headers::Found,
+    trusted: bool,
     mut t: Tracker,
 ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
     async move {
@@ -142,7 +147,6 @@ fn proxy<'a>(
             return fail(t, e);
         }
         conn.cancel.begin_h1_request(&t.ctx, route.half_close);
-        let trusted = listener.trusts(conn.client.ip());
         let budget_header = route.budget_header.as_ref();
         // Whether the client sent the route's budget header (stamping replaces or removes it).
         let budget_sent = match budget_header {
