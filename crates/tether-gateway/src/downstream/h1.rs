@@ -228,10 +228,10 @@ where
         // A head larger than the buffer is answered with 431 by hyper.
         .max_buf_size(limits.max_header_bytes)
         .serve_connection(io, svc);
-    // Probing borrows the watcher's duplicate of the socket rather than making another.
-    let probe_socket =
-        probe::configured(&listener.dead_peer).then(|| ProbeSocket::Watcher(cancel.clone()));
-    let probing = probe::run(probe_socket, listener.dead_peer, activity.clone());
+    // Probing borrows the watcher's duplicate of the socket rather than making another (and
+    // does nothing unless dead-peer probing is configured).
+    let probe_socket = ProbeSocket::Watcher(cancel.clone());
+    let probing = probe::run(Some(probe_socket), listener.dead_peer, activity.clone());
     let mut probing = pin!(probing);
     let parkable = park_after.is_some();
     let after = park_after.unwrap_or(Duration::MAX);

@@ -28,7 +28,7 @@ pub async fn serve<I>(
     source: ConfigSource,
     io: I,
     peer: Peer,
-    fd: Option<ProbeSocket>,
+    probe_socket: Option<ProbeSocket>,
     stop: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -73,7 +73,7 @@ pub async fn serve<I>(
         .keep_alive_timeout(dead_peer.h2_ping_timeout)
         .serve_connection(io, svc);
     let mut connection = pin!(connection);
-    let probing = probe::run(fd, dead_peer, probe_activity);
+    let probing = probe::run(probe_socket, dead_peer, probe_activity);
     let mut probing = pin!(probing);
     let mut stopping = false;
     let mut calming = false;

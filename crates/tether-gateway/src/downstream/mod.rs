@@ -103,14 +103,14 @@ pub async fn serve(
         _ => false,
     };
     if is_h2 {
-        let fd = probe_socket(&tcp, &listener);
+        let probe = probe_socket(&tcp, &listener);
         boxed(h2::serve(
             worker,
             listener,
             source,
             TokioIo::new(tcp),
             peer,
-            fd,
+            probe,
             stop,
         ))
         .await;
@@ -164,8 +164,17 @@ async fn serve_tls(
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
         || (listener.protocols.h2 && !listener.protocols.http1);
     if is_h2 {
-        let fd = probe_socket(tls.get_ref().0, &listener);
-        h2::serve(worker, listener, source, TokioIo::new(tls), peer, fd, stop).await;
+        let probe = probe_socket(tls.get_ref().0, &listener);
+        h2::serve(
+            worker,
+            listener,
+            source,
+            TokioIo::new(tls),
+            peer,
+            probe,
+            stop,
+        )
+        .await;
     } else {
         let watcher = DisconnectWatcher::new(tls.get_ref().0).ok();
         h1::serve(
