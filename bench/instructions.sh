@@ -3,7 +3,9 @@
 # valgrind's callgrind: a count, not a time, so it is the same on a busy machine as on an idle one
 # and shows per-request work that noisy CPU-time figures hide. A bare hyper proxy
 # (bench/compare/harness/src/bin/compare-bare.rs) is counted too: what hyper and tokio cost per
-# request before any of tether's own work, so the gap to nginx splits into the two.
+# request before any of tether's own work, so the gap to nginx splits into the two. nginx is
+# counted twice more as `nginx-same`, configured to do per request what tether does by default
+# (forwarding headers, a request id both ways, a JSON access-log line).
 #
 #   bench/instructions.sh [--no-build] [--requests N]
 #
@@ -70,8 +72,29 @@ max_idle_per_endpoint = 64
 idle_timeout = "60s"
 EOF
 
+# nginx_conf ACCESS_LOG [same]: `same` configures nginx to do per request what tether does by
+# default (as bench/compare/run.sh's nginx-same): the client's Host passed on, X-Forwarded-For,
+# X-Forwarded-Proto and Forwarded added, a request id sent upstream and returned to the client, a
+# JSON access-log line with the upstream timings.
 nginx_conf() {
   mkdir -p "$RUN/nginx/tmp"
+  local same="" same_log="" same_server="" format=""
+  if [ "${2:-}" = same ]; then
+    same_log=$(cat <<'NGINX'
+  log_format same escape=json '{"time_unix_ms":$msec,"request_id":"$request_id","client":"$remote_addr:$remote_port","local":"$server_addr:$server_port","protocol":"$server_protocol","method":"$request_method","authority":"$host","path":"$uri","status":$status,"bytes_sent":$body_bytes_sent,"bytes_received":$request_length,"duration":$request_time,"upstream":"backend","upstream_addr":"$upstream_addr","upstream_connect":"$upstream_connect_time","upstream_first_byte":"$upstream_header_time","upstream_time":"$upstream_response_time","connection_requests":$connection_requests}';
+NGINX
+)
+    same=$(cat <<'NGINX'
+  proxy_set_header Host $http_host;
+  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+  proxy_set_header X-Forwarded-Proto $scheme;
+  proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\"$http_host\"";
+  proxy_set_header X-Request-Id $request_id;
+NGINX
+)
+    same_server='    add_header X-Request-Id $request_id always;'
+    format=" same"
+  fi
   cat >"$RUN/nginx/nginx.conf" <<EOF
 daemon off;
 master_process off;
@@ -80,7 +103,8 @@ pid $RUN/nginx/nginx.pid;
 error_log $RUN/nginx/error.log warn;
 events { worker_connections 1024; }
 http {
-  access_log $1;
+$same_log
+  access_log $1$format;
   client_body_temp_path $RUN/nginx/tmp/body;
   proxy_temp_path $RUN/nginx/tmp/proxy;
   fastcgi_temp_path $RUN/nginx/tmp/fastcgi;
@@ -90,9 +114,11 @@ http {
   upstream backend { server 127.0.0.1:$BPORT; keepalive 64; }
   proxy_http_version 1.1;
   proxy_set_header Connection "";
+$same
   server {
     listen 127.0.0.1:$PPORT;
     listen 127.0.0.1:$P2PORT http2;
+$same_server
     location / { proxy_pass http://backend; }
   }
 }
@@ -143,6 +169,9 @@ measure "nginx" h1 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/ngi
 measure "nginx-h2" h2 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
 nginx_conf off
 measure "nginx-log-off" h1 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
+nginx_conf /dev/null same
+measure "nginx-same" h1 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
+measure "nginx-same-h2" h2 nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$RUN/nginx/error.log"
 
 # incl LABEL FUNCTION: FUNCTION's inclusive instructions per request in LABEL's profile (0 when the
 # name is not in it).
@@ -161,6 +190,7 @@ get() { local r; for r in "${ROWS[@]}"; do [ "${r%%|*}" = "$1" ] && { r=${r#*|};
 t=$(get tether); toff=$(get tether-log-off); n=$(get nginx); noff=$(get nginx-log-off)
 t2=$(get tether-h2); n2=$(get nginx-h2)
 b=$(get bare); b2=$(get bare-h2)
+ns=$(get nginx-same); ns2=$(get nginx-same-h2)
 {
   echo "# User-space instructions per request"
   echo
@@ -184,6 +214,18 @@ b=$(get bare); b2=$(get bare-h2)
   echo "| nginx | h2 | on | $n2 | 1.00× |"
   echo "| bare hyper proxy | h1 | none | $b | $(ratio "$b" "$noff")× (vs nginx, log off) |"
   echo "| bare hyper proxy | h2 | none | $b2 | $(ratio "$b2" "$n2")× |"
+  echo
+  echo "tether does more per request by default than nginx as configured above: it passes on the"
+  echo "client's Host, adds \`X-Forwarded-For\`, \`X-Forwarded-Proto\` and \`Forwarded\`, sends a request"
+  echo "id upstream and returns it to the client, and its access-log line is JSON with upstream"
+  echo "timings. \`nginx-same\` is nginx configured to do the same (\`proxy_set_header\` for each"
+  echo "header, \`\$request_id\`, \`add_header X-Request-Id\`, a \`log_format ... escape=json\` line; the"
+  echo "configuration is in [instructions.sh](instructions.sh)):"
+  echo
+  echo "| proxy | clients | access log | instructions per request | tether / this |"
+  echo "|---|---|---|---:|---:|"
+  echo "| nginx-same | h1 | on (JSON) | $ns | $(ratio "$t" "$ns")× |"
+  echo "| nginx-same | h2 | on (JSON) | $ns2 | $(ratio "$t2" "$ns2")× |"
   echo
   echo "The bare hyper proxy ([compare-bare.rs](compare/harness/src/bin/compare-bare.rs)) is what"
   echo "tether is built from and nothing more: hyper's HTTP/1.1 and HTTP/2 servers, hyper's HTTP/1.1"

@@ -185,8 +185,26 @@ EOF
       # The access log (one JSON line per request) goes to stdout; like the others', to /dev/null.
       "$TETHER" serve --config "$dir/tether.toml" >/dev/null 2>"$dir/stderr.log" &
       ;;
-    nginx)
+    nginx|nginx-same)
       mkdir -p "$dir/tmp"
+      # nginx-same: nginx doing per request what tether does by default (see SAME above). Quoted
+      # here-documents: nginx's variables are written as they are.
+      local same="" same_log="" same_server=""
+      if [ "$name" = nginx-same ]; then
+        same_log=$(cat <<'NGINX'
+  log_format same escape=json '{"time_unix_ms":$msec,"request_id":"$request_id","client":"$remote_addr:$remote_port","local":"$server_addr:$server_port","protocol":"$server_protocol","method":"$request_method","authority":"$host","path":"$uri","status":$status,"bytes_sent":$body_bytes_sent,"bytes_received":$request_length,"duration":$request_time,"upstream":"backend","upstream_addr":"$upstream_addr","upstream_connect":"$upstream_connect_time","upstream_first_byte":"$upstream_header_time","upstream_time":"$upstream_response_time","connection_requests":$connection_requests}';
+NGINX
+)
+        same=$(cat <<'NGINX'
+  proxy_set_header Host $http_host;
+  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+  proxy_set_header X-Forwarded-Proto $scheme;
+  proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\"$http_host\"";
+  proxy_set_header X-Request-Id $request_id;
+NGINX
+)
+        same_server='    add_header X-Request-Id $request_id always;'
+      fi
       cat >"$dir/nginx.conf" <<EOF
 daemon off;
 master_process on;
@@ -196,7 +214,8 @@ pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 events { worker_connections $((NOFILE - 100)); }
 http {
-  access_log /dev/null;
+$same_log
+  access_log /dev/null${same_log:+ same};
   client_body_temp_path $dir/tmp/body;
   proxy_temp_path $dir/tmp/proxy;
   fastcgi_temp_path $dir/tmp/fastcgi;
@@ -213,12 +232,15 @@ http {
   proxy_http_version 1.1;
   proxy_set_header Connection "";
   proxy_max_temp_file_size 0;
+$same
   server {
     listen 127.0.0.1:$H1;
+$same_server
     location / { proxy_pass http://backend; }
   }
   server {
     listen 127.0.0.1:$H2 http2;
+$same_server
     location / { proxy_pass http://backend; }
   }
 }
@@ -312,6 +334,13 @@ LIST=(); IFS=',' read -r -a LIST <<<"$PROXIES"
 if [ "$have_caddy" = 0 ]; then
   keep=(); for p in "${LIST[@]}"; do [ "$p" = caddy ] || keep+=("$p"); done; LIST=("${keep[@]}")
 fi
+# nginx-same: nginx configured to do per request what tether does by default (the client's Host
+# passed on; X-Forwarded-For, X-Forwarded-Proto and Forwarded added; a request id sent upstream and
+# returned to the client; a JSON access-log line with the upstream timings), beside nginx as
+# configured above. Measured for throughput and CPU at fixed load, in full mode only (the quick
+# run has no time for it). The targets are judged against plain nginx.
+SAME=()
+if [ "$MODE" = full ] && [[ " ${LIST[*]} " == *" nginx "* ]]; then SAME=(nginx-same); fi
 reversed() { local i; for ((i = $# ; i > 0 ; i--)); do echo "${!i}"; done; }
 
 # Bounded external tools: a hung tool must not hang the run.
@@ -491,9 +520,9 @@ scenario_cpu() {
 }
 
 # ---------------------------------------------------------------------------------------------
-log "mode $MODE: proxies ${LIST[*]}, $ROUNDS round(s)"
+log "mode $MODE: proxies ${LIST[*]} ${SAME[*]}, $ROUNDS round(s)"
 for r in $(seq 1 "$ROUNDS"); do
-  if [ $((r % 2)) = 1 ]; then order=(direct "${LIST[@]}"); else mapfile -t order < <(reversed direct "${LIST[@]}"); fi
+  if [ $((r % 2)) = 1 ]; then order=(direct "${LIST[@]}" "${SAME[@]}"); else mapfile -t order < <(reversed direct "${LIST[@]}" "${SAME[@]}"); fi
   scenario_throughput "$r" "${order[@]}"
 done
 scenario_stream
@@ -501,7 +530,7 @@ scenario_cancel
 scenario_waste
 scenario_idle
 for r in $(seq 1 "$CPU_ROUNDS"); do
-  if [ $((r % 2)) = 1 ]; then order=("${LIST[@]}"); else mapfile -t order < <(reversed "${LIST[@]}"); fi
+  if [ $((r % 2)) = 1 ]; then order=("${LIST[@]}" "${SAME[@]}"); else mapfile -t order < <(reversed "${LIST[@]}" "${SAME[@]}"); fi
   scenario_cpu "$r" "${order[@]}"
 done
 
@@ -525,6 +554,9 @@ settings=(
   "Everything on 127.0.0.1; h2 is cleartext h2c with prior knowledge on every proxy (no TLS in this run)."
   "Descriptor limit $NOFILE; idle-connection scenario with $IDLE_N connections."
 )
+if [ ${#SAME[@]} -gt 0 ]; then
+  settings+=("\`nginx-same\` (throughput and CPU at fixed load only): nginx configured to do per request what tether does by default: the client's Host passed on, \`X-Forwarded-For\`, \`X-Forwarded-Proto\` and \`Forwarded\` added, a request id (\`\$request_id\`) sent upstream and returned as \`X-Request-Id\`, and a JSON access-log line (\`escape=json\`) with the client and local addresses, request, status, sizes, durations and upstream timings. Plain \`nginx\` does none of this; the targets are judged against plain nginx.")
+fi
 settings_json=""
 for s in "${settings[@]}"; do settings_json+="${settings_json:+,}$(jstr "$s")"; done
 skipped_json=""

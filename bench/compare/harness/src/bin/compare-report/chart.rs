@@ -85,6 +85,7 @@ fn colour(proxy: &str) -> RGBColor {
         "direct" => RGBColor(150, 150, 150),
         "tether" => RGBColor(214, 39, 40),
         "nginx" => RGBColor(44, 160, 44),
+        "nginx-same" => RGBColor(152, 223, 138),
         "haproxy" => RGBColor(31, 119, 180),
         _ => RGBColor(255, 127, 14),
     }

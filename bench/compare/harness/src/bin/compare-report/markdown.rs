@@ -279,6 +279,10 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
         }
     }
 
+    if let Some(same) = same_work(t) {
+        o.push_str(&same);
+    }
+
     o.push_str("\n## 1. Throughput and latency, small responses\n\n");
     o.push_str(
         "`GET /` (100-byte body). h1: `wrk -t2 -c64` over keep-alive; h2: `h2load -t2 -c8 -m8` over \
@@ -453,6 +457,75 @@ pub fn render(t: &Table, meta: &Meta, png: Option<&str>) -> String {
     o
 }
 
+/// tether against nginx doing the same work per request (`nginx-same`), when that was measured:
+/// a table beside the targets, which stay judged against plain nginx.
+fn same_work(t: &Table) -> Option<String> {
+    // Scenario, case, metric, title, whether higher is better.
+    let rows: [(&str, &str, &str, &str, bool); 6] = [
+        ("throughput", "h1", "rps", "h1 req/s", true),
+        ("throughput", "h1", "p99_ms", "h1 p99 ms", false),
+        ("throughput", "h2", "rps", "h2 req/s", true),
+        ("throughput", "h2", "p99_ms", "h2 p99 ms", false),
+        (
+            "cpu",
+            "h1",
+            "cpu_us_per_req",
+            "h1 CPU µs/req, fixed load",
+            false,
+        ),
+        (
+            "cpu",
+            "h2",
+            "cpu_us_per_req",
+            "h2 CPU µs/req, fixed load",
+            false,
+        ),
+    ];
+    let mut body = String::new();
+    for (scenario, case, metric, title, higher_is_better) in rows {
+        let (Some(a), Some(b)) = (
+            t.get(scenario, case, "tether", metric),
+            t.get(scenario, case, "nginx-same", metric),
+        ) else {
+            continue;
+        };
+        let plain = t
+            .get(scenario, case, "nginx", metric)
+            .map_or("–".into(), num);
+        let ratio = if b != 0.0 {
+            format!("{:.2}×", a / b)
+        } else {
+            "–".into()
+        };
+        let better = if higher_is_better { a >= b } else { a <= b };
+        let _ = writeln!(
+            body,
+            "| {title} | {} | {} | {plain} | {ratio} ({}) |",
+            num(a),
+            num(b),
+            if better {
+                "tether ahead or level"
+            } else {
+                "tether behind"
+            }
+        );
+    }
+    if body.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "\n### Against nginx doing the same work\n\n\
+         tether does more per request by default than nginx as configured for the targets: it \
+         passes on the client's Host, adds `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`, \
+         sends a request id upstream and returns it to the client, and writes a JSON access-log \
+         line with upstream timings. `nginx-same` is nginx configured to do the same (see the \
+         settings above). The targets stay judged against plain nginx; this table shows how much of \
+         the difference is that extra work.\n\n\
+         | figure | tether | nginx-same | plain nginx | tether / nginx-same |\n|---|---:|---:|---:|---|\n\
+         {body}"
+    ))
+}
+
 /// One sentence per kind of shortfall, built from the run's own figures.
 fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
     let mut out = Vec::new();
@@ -519,6 +592,25 @@ fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
                 s,
                 " Split by where the time is spent, tether against nginx: {}.",
                 split.join("; ")
+            );
+        }
+        let same: Vec<String> = t
+            .cases("cpu", &["h1", "h2"])
+            .iter()
+            .filter_map(|c| {
+                let (a, b) = (
+                    g("cpu", c, "tether", "cpu_us_per_req")?,
+                    g("cpu", c, "nginx-same", "cpu_us_per_req")?,
+                );
+                Some(format!("{c} {} µs, tether {:.2}× of that", num(b), a / b))
+            })
+            .collect();
+        if !same.is_empty() {
+            let _ = write!(
+                s,
+                " nginx configured to do the same work per request as tether (`nginx-same`, the \
+                 table under the targets): {}.",
+                same.join("; ")
             );
         }
         if let Some((_, file)) = meta
@@ -694,6 +786,7 @@ fn rounds_line(t: &Table, scenario: &str, metric: &str, label: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use compare_harness::results::Row;
 
     #[test]
     fn buckets() {
@@ -705,6 +798,65 @@ mod tests {
             b.iter()
                 .any(|(n, p)| n.starts_with("access log") && *p == 2.96)
         );
+    }
+
+    fn row(scenario: &str, proxy: &str, case: &str, m: serde_json::Value) -> Row {
+        serde_json::from_value(serde_json::json!({
+            "scenario": scenario, "proxy": proxy, "case": case, "round": 1, "m": m
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn same_work_table_compares_tether_with_nginx_same() {
+        let rows = [
+            row(
+                "cpu",
+                "tether",
+                "h1",
+                serde_json::json!({"cpu_us_per_req": 36.0}),
+            ),
+            row(
+                "cpu",
+                "nginx",
+                "h1",
+                serde_json::json!({"cpu_us_per_req": 30.0}),
+            ),
+            row(
+                "cpu",
+                "nginx-same",
+                "h1",
+                serde_json::json!({"cpu_us_per_req": 40.0}),
+            ),
+            row(
+                "throughput",
+                "tether",
+                "h1",
+                serde_json::json!({"rps": 38000.0}),
+            ),
+            row(
+                "throughput",
+                "nginx-same",
+                "h1",
+                serde_json::json!({"rps": 40000.0}),
+            ),
+        ];
+        let text = same_work(&Table::new(&rows)).expect("measured");
+        assert!(
+            text.contains(
+                "| h1 CPU µs/req, fixed load | 36 | 40 | 30 | 0.90× (tether ahead or level) |"
+            ),
+            "{text}"
+        );
+        // No plain-nginx figure: a dash.
+        assert!(
+            text.contains("| h1 req/s | 38 000 | 40 000 | – | 0.95× (tether behind) |"),
+            "{text}"
+        );
+        // Figures not measured for both are left out.
+        assert!(!text.contains("h2"), "{text}");
+        // Without nginx-same, no table.
+        assert!(same_work(&Table::new(&rows[..2])).is_none());
     }
 
     #[test]
