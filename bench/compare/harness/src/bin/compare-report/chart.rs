@@ -157,7 +157,7 @@ fn draw_panel(
 
     if panel.log {
         let lo = 0.01f64;
-        let hi = (max * 3.0).max(10.0);
+        let hi = (max * 4.0).max(10.0);
         let mut chart = ChartBuilder::on(area)
             .caption(panel.title, ("sans-serif", 16))
             .margin(8)
@@ -173,14 +173,18 @@ fn draw_panel(
             .draw()?;
         for (ci, pi, v) in &bars {
             let x0 = x_of(*ci, *pi);
-            let top = v.max(lo);
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(x0, lo), (x0 + width, top)],
+                [(x0, lo), (x0 + width, v.max(lo))],
                 colour(PROXIES[*pi]).filled(),
             )))?;
+        }
+        // After every bar, so that no bar covers a label; every other one higher, so that
+        // neighbours' labels, wider than a bar, do not overlap.
+        for (ci, pi, v) in &bars {
+            let lift = if pi % 2 == 0 { 1.15 } else { 1.6 };
             chart.draw_series(std::iter::once(Text::new(
                 num(*v),
-                (x0, top * 1.15),
+                (x_of(*ci, *pi), v.max(lo) * lift),
                 label_style.clone(),
             )))?;
         }
@@ -192,7 +196,7 @@ fn draw_panel(
             )))?;
         }
     } else {
-        let hi = if max > 0.0 { max * 1.18 } else { 1.0 };
+        let hi = if max > 0.0 { max * 1.22 } else { 1.0 };
         let mut chart = ChartBuilder::on(area)
             .caption(panel.title, ("sans-serif", 16))
             .margin(8)
@@ -212,9 +216,13 @@ fn draw_panel(
                 [(x0, 0.0), (x0 + width, *v)],
                 colour(PROXIES[*pi]).filled(),
             )))?;
+        }
+        // As above: labels after the bars, every other one higher.
+        for (ci, pi, v) in &bars {
+            let lift = if pi % 2 == 0 { 0.03 } else { 0.08 };
             chart.draw_series(std::iter::once(Text::new(
                 num(*v),
-                (x0, v + hi * 0.04),
+                (x_of(*ci, *pi), v + hi * lift),
                 label_style.clone(),
             )))?;
         }

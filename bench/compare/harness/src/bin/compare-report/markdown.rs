@@ -497,17 +497,20 @@ fn same_work(t: &Table) -> Option<String> {
         } else {
             "–".into()
         };
-        let better = if higher_is_better { a >= b } else { a <= b };
+        // Within 1 %: level, as the ratio printed to two decimals shows.
+        let gain = if higher_is_better { a / b } else { b / a };
+        let standing = if !gain.is_finite() || (gain - 1.0).abs() < 0.01 {
+            "level"
+        } else if gain > 1.0 {
+            "tether ahead"
+        } else {
+            "tether behind"
+        };
         let _ = writeln!(
             body,
-            "| {title} | {} | {} | {plain} | {ratio} ({}) |",
+            "| {title} | {} | {} | {plain} | {ratio} ({standing}) |",
             num(a),
             num(b),
-            if better {
-                "tether ahead or level"
-            } else {
-                "tether behind"
-            }
         );
     }
     if body.is_empty() {
@@ -843,9 +846,7 @@ mod tests {
         ];
         let text = same_work(&Table::new(&rows)).expect("measured");
         assert!(
-            text.contains(
-                "| h1 CPU µs/req, fixed load | 36 | 40 | 30 | 0.90× (tether ahead or level) |"
-            ),
+            text.contains("| h1 CPU µs/req, fixed load | 36 | 40 | 30 | 0.90× (tether ahead) |"),
             "{text}"
         );
         // No plain-nginx figure: a dash.
@@ -853,6 +854,23 @@ mod tests {
             text.contains("| h1 req/s | 38 000 | 40 000 | – | 0.95× (tether behind) |"),
             "{text}"
         );
+        // Within 1 %: level.
+        let close = [
+            row(
+                "cpu",
+                "tether",
+                "h2",
+                serde_json::json!({"cpu_us_per_req": 43.8}),
+            ),
+            row(
+                "cpu",
+                "nginx-same",
+                "h2",
+                serde_json::json!({"cpu_us_per_req": 43.6}),
+            ),
+        ];
+        let level = same_work(&Table::new(&close)).expect("measured");
+        assert!(level.contains("| 1.00× (level) |"), "{level}");
         // Figures not measured for both are left out.
         assert!(!text.contains("h2"), "{text}");
         // Without nginx-same, no table.
