@@ -40,7 +40,9 @@ if [ "$MODE" = quick ]; then
   REF=()
   WASTE_CASES="h1-h1 h2-h1"; CPU_CASES="h1"
 else
-  ROUNDS=2; T_LOAD=6; T_STREAM=5; CANCEL_N=300; MIX_S=6; IDLE_N=10000; IDLE_SETTLE=5; T_CPU=5; T_PERF=4
+  # Windows sized so that the whole run, nginx-same included, measures in under 10 minutes on
+  # 2 cores.
+  ROUNDS=2; T_LOAD=5; T_STREAM=5; CANCEL_N=300; MIX_S=6; IDLE_N=10000; IDLE_SETTLE=5; T_CPU=5; T_PERF=4
   # The median of three: one round disturbed by other work on the machine does not decide it.
   CPU_ROUNDS=3
   REF=(direct)
