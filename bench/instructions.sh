@@ -73,26 +73,13 @@ idle_timeout = "60s"
 EOF
 
 # nginx_conf ACCESS_LOG [same]: `same` configures nginx to do per request what tether does by
-# default (as bench/compare/run.sh's nginx-same): the client's Host passed on, X-Forwarded-For,
-# X-Forwarded-Proto and Forwarded added, a request id sent upstream and returned to the client, a
-# JSON access-log line with the upstream timings.
+# default, as bench/compare/run.sh's nginx-same (nginx_same_http in lib.sh).
 nginx_conf() {
   mkdir -p "$RUN/nginx/tmp"
-  local same="" same_log="" same_server="" format=""
+  local same="" same_server="" format=""
   if [ "${2:-}" = same ]; then
-    same_log=$(cat <<'NGINX'
-  log_format same escape=json '{"time_unix_ms":$msec,"request_id":"$request_id","client":"$remote_addr:$remote_port","local":"$server_addr:$server_port","protocol":"$server_protocol","method":"$request_method","authority":"$host","path":"$uri","status":$status,"bytes_sent":$body_bytes_sent,"bytes_received":$request_length,"duration":$request_time,"upstream":"backend","upstream_addr":"$upstream_addr","upstream_connect":"$upstream_connect_time","upstream_first_byte":"$upstream_header_time","upstream_time":"$upstream_response_time","connection_requests":$connection_requests}';
-NGINX
-)
-    same=$(cat <<'NGINX'
-  proxy_set_header Host $http_host;
-  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-  proxy_set_header X-Forwarded-Proto $scheme;
-  proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\"$http_host\"";
-  proxy_set_header X-Request-Id $request_id;
-NGINX
-)
-    same_server='    add_header X-Request-Id $request_id always;'
+    same=$(nginx_same_http)
+    same_server=$(nginx_same_server)
     format=" same"
   fi
   cat >"$RUN/nginx/nginx.conf" <<EOF
@@ -103,7 +90,7 @@ pid $RUN/nginx/nginx.pid;
 error_log $RUN/nginx/error.log warn;
 events { worker_connections 1024; }
 http {
-$same_log
+$same
   access_log $1$format;
   client_body_temp_path $RUN/nginx/tmp/body;
   proxy_temp_path $RUN/nginx/tmp/proxy;
@@ -114,7 +101,6 @@ $same_log
   upstream backend { server 127.0.0.1:$BPORT; keepalive 64; }
   proxy_http_version 1.1;
   proxy_set_header Connection "";
-$same
   server {
     listen 127.0.0.1:$PPORT;
     listen 127.0.0.1:$P2PORT http2;

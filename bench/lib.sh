@@ -121,6 +121,27 @@ http {
 EOF
 }
 
+# nginx doing per request what tether does by default (`nginx-same` in the results): the client's
+# Host passed on, X-Forwarded-For, X-Forwarded-Proto and Forwarded added, a request id
+# ($request_id) sent upstream and returned to the client, and a JSON access-log line (format
+# `same`) with the upstream timings. nginx_same_http goes in `http {}` before the access_log that
+# names the format, nginx_same_server in each `server {}`. Quoted here-documents: nginx's
+# variables are written as they are.
+nginx_same_http() {
+  cat <<'NGINX'
+  log_format same escape=json '{"time_unix_ms":$msec,"request_id":"$request_id","client":"$remote_addr:$remote_port","local":"$server_addr:$server_port","protocol":"$server_protocol","method":"$request_method","authority":"$host","path":"$uri","status":$status,"bytes_sent":$body_bytes_sent,"bytes_received":$request_length,"duration":$request_time,"upstream":"backend","upstream_addr":"$upstream_addr","upstream_connect":"$upstream_connect_time","upstream_first_byte":"$upstream_header_time","upstream_time":"$upstream_response_time","connection_requests":$connection_requests}';
+  proxy_set_header Host $http_host;
+  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+  proxy_set_header X-Forwarded-Proto $scheme;
+  proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\"$http_host\"";
+  proxy_set_header X-Request-Id $request_id;
+NGINX
+}
+nginx_same_server() {
+  # shellcheck disable=SC2016
+  echo '    add_header X-Request-Id $request_id always;'
+}
+
 # PACKAGE...: installs the Debian packages named (nothing when none is), as root or with sudo.
 install_packages() {
   [ $# -gt 0 ] || return 0

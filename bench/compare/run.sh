@@ -189,23 +189,11 @@ EOF
       ;;
     nginx|nginx-same)
       mkdir -p "$dir/tmp"
-      # nginx-same: nginx doing per request what tether does by default (see SAME above). Quoted
-      # here-documents: nginx's variables are written as they are.
-      local same="" same_log="" same_server=""
+      # nginx-same: nginx doing per request what tether does by default (see SAME above).
+      local same="" same_server=""
       if [ "$name" = nginx-same ]; then
-        same_log=$(cat <<'NGINX'
-  log_format same escape=json '{"time_unix_ms":$msec,"request_id":"$request_id","client":"$remote_addr:$remote_port","local":"$server_addr:$server_port","protocol":"$server_protocol","method":"$request_method","authority":"$host","path":"$uri","status":$status,"bytes_sent":$body_bytes_sent,"bytes_received":$request_length,"duration":$request_time,"upstream":"backend","upstream_addr":"$upstream_addr","upstream_connect":"$upstream_connect_time","upstream_first_byte":"$upstream_header_time","upstream_time":"$upstream_response_time","connection_requests":$connection_requests}';
-NGINX
-)
-        same=$(cat <<'NGINX'
-  proxy_set_header Host $http_host;
-  proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-  proxy_set_header X-Forwarded-Proto $scheme;
-  proxy_set_header Forwarded "for=$remote_addr;proto=$scheme;host=\"$http_host\"";
-  proxy_set_header X-Request-Id $request_id;
-NGINX
-)
-        same_server='    add_header X-Request-Id $request_id always;'
+        same=$(nginx_same_http)
+        same_server=$(nginx_same_server)
       fi
       cat >"$dir/nginx.conf" <<EOF
 daemon off;
@@ -216,8 +204,8 @@ pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 events { worker_connections $((NOFILE - 100)); }
 http {
-$same_log
-  access_log /dev/null${same_log:+ same};
+$same
+  access_log /dev/null${same:+ same};
   client_body_temp_path $dir/tmp/body;
   proxy_temp_path $dir/tmp/proxy;
   fastcgi_temp_path $dir/tmp/fastcgi;
@@ -234,7 +222,6 @@ $same_log
   proxy_http_version 1.1;
   proxy_set_header Connection "";
   proxy_max_temp_file_size 0;
-$same
   server {
     listen 127.0.0.1:$H1;
 $same_server

@@ -533,16 +533,21 @@ fn same_work(t: &Table) -> Option<String> {
 fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
     let mut out = Vec::new();
     let g = |s: &str, c: &str, p: &str, m: &str| t.get(s, c, p, m);
-    let cpu: Vec<String> = t
-        .cases("cpu", &["h1", "h2"])
+    // (case, tether's, `anchor`'s) CPU µs per request, for the cases measured for both.
+    let cpu_against = |anchor: &str| -> Vec<(String, f64, f64)> {
+        t.cases("cpu", &["h1", "h2"])
+            .into_iter()
+            .filter_map(|c| {
+                let a = g("cpu", &c, "tether", "cpu_us_per_req")?;
+                let b = g("cpu", &c, anchor, "cpu_us_per_req")?;
+                Some((c, a, b))
+            })
+            .collect()
+    };
+    let cpu: Vec<String> = cpu_against("nginx")
         .iter()
-        .filter_map(|c| {
-            let (a, b) = (
-                g("cpu", c, "tether", "cpu_us_per_req")?,
-                g("cpu", c, "nginx", "cpu_us_per_req")?,
-            );
-            (a > b).then(|| format!("{c} {} µs vs {} µs ({:.2}×)", num(a), num(b), a / b))
-        })
+        .filter(|(_, a, b)| a > b)
+        .map(|(c, a, b)| format!("{c} {} µs vs {} µs ({:.2}×)", num(*a), num(*b), a / b))
         .collect();
     let slow_tp = ["h1", "h2"].iter().any(|c| {
         matches!(
@@ -597,16 +602,9 @@ fn shortfall_evidence(t: &Table, meta: &Meta) -> Vec<String> {
                 split.join("; ")
             );
         }
-        let same: Vec<String> = t
-            .cases("cpu", &["h1", "h2"])
+        let same: Vec<String> = cpu_against("nginx-same")
             .iter()
-            .filter_map(|c| {
-                let (a, b) = (
-                    g("cpu", c, "tether", "cpu_us_per_req")?,
-                    g("cpu", c, "nginx-same", "cpu_us_per_req")?,
-                );
-                Some(format!("{c} {} µs, tether {:.2}× of that", num(b), a / b))
-            })
+            .map(|(c, a, b)| format!("{c} {} µs, tether {:.2}× of that", num(*b), a / b))
             .collect();
         if !same.is_empty() {
             let _ = write!(
@@ -803,46 +801,23 @@ mod tests {
         );
     }
 
-    fn row(scenario: &str, proxy: &str, case: &str, m: serde_json::Value) -> Row {
+    /// One round's figure: `metric` = `v`.
+    fn row(scenario: &str, case: &str, proxy: &str, metric: &str, v: f64) -> Row {
         serde_json::from_value(serde_json::json!({
-            "scenario": scenario, "proxy": proxy, "case": case, "round": 1, "m": m
+            "scenario": scenario, "proxy": proxy, "case": case, "round": 1, "m": {metric: v}
         }))
         .unwrap()
     }
 
     #[test]
     fn same_work_table_compares_tether_with_nginx_same() {
+        let cpu = "cpu_us_per_req";
         let rows = [
-            row(
-                "cpu",
-                "tether",
-                "h1",
-                serde_json::json!({"cpu_us_per_req": 36.0}),
-            ),
-            row(
-                "cpu",
-                "nginx",
-                "h1",
-                serde_json::json!({"cpu_us_per_req": 30.0}),
-            ),
-            row(
-                "cpu",
-                "nginx-same",
-                "h1",
-                serde_json::json!({"cpu_us_per_req": 40.0}),
-            ),
-            row(
-                "throughput",
-                "tether",
-                "h1",
-                serde_json::json!({"rps": 38000.0}),
-            ),
-            row(
-                "throughput",
-                "nginx-same",
-                "h1",
-                serde_json::json!({"rps": 40000.0}),
-            ),
+            row("cpu", "h1", "tether", cpu, 36.0),
+            row("cpu", "h1", "nginx", cpu, 30.0),
+            row("cpu", "h1", "nginx-same", cpu, 40.0),
+            row("throughput", "h1", "tether", "rps", 38000.0),
+            row("throughput", "h1", "nginx-same", "rps", 40000.0),
         ];
         let text = same_work(&Table::new(&rows)).expect("measured");
         assert!(
@@ -856,18 +831,8 @@ mod tests {
         );
         // Within 1 %: level.
         let close = [
-            row(
-                "cpu",
-                "tether",
-                "h2",
-                serde_json::json!({"cpu_us_per_req": 43.8}),
-            ),
-            row(
-                "cpu",
-                "nginx-same",
-                "h2",
-                serde_json::json!({"cpu_us_per_req": 43.6}),
-            ),
+            row("cpu", "h2", "tether", cpu, 43.8),
+            row("cpu", "h2", "nginx-same", cpu, 43.6),
         ];
         let level = same_work(&Table::new(&close)).expect("measured");
         assert!(level.contains("| 1.00× (level) |"), "{level}");
