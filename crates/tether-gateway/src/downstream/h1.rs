@@ -204,10 +204,11 @@ where
     ));
     let (io, head) = HeadWatch::new(io, activity.clone());
     let limits = listener.limits;
+    let conn = peer.conn(cancel.clone());
     let svc = {
         let accepted = (worker.clone(), listener.clone());
         let source = source.clone();
-        let conn = peer.conn(cancel.clone());
+        let conn = conn.clone();
         let activity = activity.clone();
         service_fn(move |req| {
             let guard = activity.begin();
@@ -227,7 +228,9 @@ where
         .half_close(true)
         // A head larger than the buffer is answered with 431 by hyper.
         .max_buf_size(limits.max_header_bytes)
-        .serve_connection(io, svc);
+        .serve_connection(io, svc)
+        // A request that switches protocols (a WebSocket) hands the connection to its tunnel.
+        .with_upgrades();
     // Probing borrows the watcher's duplicate of the socket rather than making another (and
     // does nothing unless dead-peer probing is configured).
     let probe_socket = ProbeSocket::Watcher(cancel.clone());
@@ -351,10 +354,16 @@ where
             }
         }
     };
+    // `None`: hyper handed the connection to an upgrade. The connection is a tunnel now
+    // (`proxy::tunnel`), which ends with its request: the connection's cancellation is not
+    // fired, and the connection is counted as open until the tunnel ends.
+    let Some(parts) = connection.into_parts() else {
+        conn.tunnel_closed().await;
+        return None;
+    };
     if let Some((i, started)) = parking {
         // Parked only if hyper was idle: nothing read and no request started since.
         if result.is_ok() && activity.reads() == i.reads && activity.started() == started {
-            let parts = connection.into_parts();
             return Some(Parked {
                 io: parts.io.into_inner(),
                 read_ahead: parts.read_buf,

@@ -114,6 +114,32 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
+/// The protocols an HTTP/1.1 message asks to switch to (RFC 9110 §7.8): its `Upgrade` values,
+/// when its `Connection` header names `upgrade`. `None` for any other message.
+pub fn upgrade_of(headers: &HeaderMap) -> Option<Vec<HeaderValue>> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !asks {
+        return None;
+    }
+    let protocols: Vec<HeaderValue> = headers.get_all(header::UPGRADE).iter().cloned().collect();
+    (!protocols.is_empty()).then_some(protocols)
+}
+
+/// Puts an upgrade back once the hop-by-hop headers are gone: `Connection: upgrade` and the
+/// `Upgrade` values, for the next hop to switch protocols too.
+pub fn restore_upgrade(headers: &mut HeaderMap, protocols: &[HeaderValue]) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.remove(header::UPGRADE);
+    for p in protocols {
+        headers.append(header::UPGRADE, p.clone());
+    }
+}
+
 /// Removes forwarding headers (from a peer that is not trusted to set them).
 pub fn strip_forwarding(headers: &mut HeaderMap) {
     if scan(headers, None).forwarding {
@@ -246,6 +272,58 @@ const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn an_upgrade_is_asked_for_by_connection_upgrade_with_an_upgrade_header() {
+        let asked = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(
+            upgrade_of(&asked),
+            Some(vec![HeaderValue::from_static("websocket")])
+        );
+        // `Upgrade` alone, or `Connection: upgrade` alone, asks for nothing.
+        assert_eq!(upgrade_of(&map(&[("upgrade", "websocket")])), None);
+        assert_eq!(upgrade_of(&map(&[("connection", "upgrade")])), None);
+        assert_eq!(
+            upgrade_of(&map(&[
+                ("connection", "upgraded"),
+                ("upgrade", "websocket")
+            ])),
+            None
+        );
+    }
+
+    #[test]
+    fn an_upgrade_survives_hop_by_hop_removal_when_restored() {
+        let mut h = map(&[
+            ("connection", "Upgrade, x-private"),
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ]);
+        let protocols = upgrade_of(&h).unwrap();
+        remove_hop_by_hop(&mut h, false);
+        restore_upgrade(&mut h, &protocols);
+        assert_eq!(h["connection"], "upgrade");
+        let up: Vec<_> = h.get_all("upgrade").iter().collect();
+        assert_eq!(up, ["websocket", "h2c"]);
+        // Everything else `Connection` named, and the other hop-by-hop headers, stay removed;
+        // end-to-end headers stay.
+        assert!(!h.contains_key("x-private") && !h.contains_key("keep-alive"));
+        assert!(h.contains_key("sec-websocket-key"));
+    }
 
     #[test]
     fn a_clients_forwarding_text_is_its_address_as_display_writes_it() {

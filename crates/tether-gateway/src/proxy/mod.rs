@@ -7,6 +7,7 @@ pub mod request_body;
 pub mod response_body;
 pub mod retry;
 pub mod tracker;
+pub mod tunnel;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,7 +30,7 @@ use crate::listen::{ListenerShared, Worker};
 use crate::observe::access::{RequestRecord, RequestText};
 use crate::observe::trace_context;
 use crate::respond::{self, REQUEST_ID};
-use crate::upstream::{Checkout, Upstream};
+use crate::upstream::{Checkout, Upstream, Want};
 use request_body::RequestBody;
 use response_body::{PoolReturn, ProxyBody, Streaming};
 use tracker::{Teardown, Tracker};
@@ -51,6 +52,8 @@ pub struct Conn {
     pub cancel: Arc<ConnCancel>,
     /// Its forwarding header text, made for its first request.
     forwarding: OnceLock<headers::ClientForwarding>,
+    /// Ends when the tunnel the connection was handed to (an upgrade) ends.
+    tunnel: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl Conn {
@@ -62,6 +65,23 @@ impl Conn {
             tls,
             cancel,
             forwarding: OnceLock::new(),
+            tunnel: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Notes that the connection becomes a tunnel; it is over when the returned sender drops.
+    fn open_tunnel(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *crate::lock(&self.tunnel) = Some(rx);
+        tx
+    }
+
+    /// Waits for the end of the tunnel the connection was handed to, if it was: until then the
+    /// connection counts as open (toward the listener's limit and the drain at shutdown).
+    pub async fn tunnel_closed(&self) {
+        let rx = crate::lock(&self.tunnel).take();
+        if let Some(rx) = rx {
+            let _ = rx.await;
         }
     }
 
@@ -124,7 +144,7 @@ fn proxy<'a>(
     worker: &'a Worker,
     listener: &'a ListenerShared,
     conn: &'a Conn,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     found: headers::Found,
     trusted: bool,
     mut t: Tracker,
@@ -168,25 +188,39 @@ fn proxy<'a>(
         let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
         t.rec.upstream = Some(upstream.name.clone());
         t.rec.upstream_protocol = Some(upstream.protocol.as_str());
+        // An HTTP/1.1 request asking to switch protocols (WebSocket) is tunnelled when its
+        // upstream speaks HTTP/1.1 (see `tunnel`). An HTTP/2 upstream cannot switch: the request
+        // goes as a plain one, its hop-by-hop `Upgrade` dropped.
+        let may_upgrade =
+            found.hop_by_hop && req.version() == Version::HTTP_11 && !upstream.protocol.is_h2();
 
         let idle = route.timeouts.idle;
         // In a block: a binding left at the top of an async body keeps its bytes in the
         // request's state for as long as the request lives, even once moved out.
-        let (mut next_req, id_value, resendable) = {
+        let (mut next_req, id_value, resendable, on_upgrade) = {
+            let protocols = may_upgrade
+                .then(|| headers::upgrade_of(req.headers()))
+                .flatten();
+            // The client connection's side of the switch, taken before the request goes on.
+            let on_upgrade = protocols.is_some().then(|| hyper::upgrade::on(&mut req));
             let (mut up_req, id_value) = match build_upstream_request(
                 req, host, found, conn, listener, upstream, trusted, idle, &mut t,
             ) {
                 Ok(r) => r,
                 Err(e) => return fail(t, e),
             };
+            if let Some(protocols) = &protocols {
+                headers::restore_upgrade(up_req.headers_mut(), protocols);
+            }
             let ids =
                 trace_context::apply(up_req.headers_mut(), route.trace_context, found.traceparent);
             t.rec.trace_id = ids.trace_id;
             t.rec.span_id = ids.span_id;
             let resendable = retry::is_idempotent(method_of(&t))
                 && http_body::Body::is_end_stream(up_req.body());
-            (Some(up_req), id_value, resendable)
+            (Some(up_req), id_value, resendable, on_upgrade)
         };
+        let upgrading = on_upgrade.is_some();
 
         route.retry.on_request();
         // A copy to send again, taken only where a resend can follow a send (see below).
@@ -218,7 +252,7 @@ fn proxy<'a>(
             let (ep_idx, ep) = upstream.pick();
             // A pooled connection ready now needs no wait, so nothing to race. (The lookup is the
             // match's own operand, so it holds no place in the request's state.)
-            let (checkout, info) = match (!fresh_only && !t.ctx.is_cancelled())
+            let (checkout, info) = match (!fresh_only && !upgrading && !t.ctx.is_cancelled())
                 .then(|| upstream.take_ready(ep))
                 .flatten()
             {
@@ -229,7 +263,7 @@ fn proxy<'a>(
                         // becoming ready.
                         biased;
                         reason = t.ctx.cancelled() => return cancelled(t, reason),
-                        r = upstream.checkout(ep, route.timeouts.connect, !fresh_only) => r,
+                        r = upstream.checkout(ep, route.timeouts.connect, want(upgrading, fresh_only)) => r,
                     };
                     match r {
                         Ok(c) => {
@@ -382,6 +416,13 @@ fn proxy<'a>(
             }
         };
 
+        if let Some(downstream) = on_upgrade
+            && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+        {
+            drop(pool);
+            return tunnel::open(t, resp, downstream, route, id_value, conn.open_tunnel());
+        }
+
         // Stream the response back.
         t.stage = Stage::Body;
         let (mut parts, body) = resp.into_parts();
@@ -398,7 +439,8 @@ fn proxy<'a>(
         if let Some(v) = id_value {
             parts.headers.insert(REQUEST_ID, v);
         }
-        let pool = pool.map(|conn| PoolReturn {
+        // A connection made for an upgrade is not kept: it closes after this response.
+        let pool = pool.filter(|_| !upgrading).map(|conn| PoolReturn {
             upstream: upstream.clone(),
             endpoint: ep_idx,
             conn,
@@ -406,6 +448,16 @@ fn proxy<'a>(
         });
         let body = Streaming::new(body, t, route.timeouts.idle, pool);
         Response::from_parts(parts, ProxyBody::Stream(Box::new(body)))
+    }
+}
+
+/// The connection a request needs: one that can switch protocols for an upgrade, a new one after
+/// a pooled one failed, else any.
+fn want(upgrading: bool, fresh_only: bool) -> Want {
+    match (upgrading, fresh_only) {
+        (true, _) => Want::Upgradable,
+        (false, true) => Want::Fresh,
+        (false, false) => Want::Pooled,
     }
 }
 

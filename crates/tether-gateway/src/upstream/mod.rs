@@ -57,6 +57,17 @@ pub enum Checkout {
     H2(H2Conn),
 }
 
+/// What kind of connection a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// A pooled one if any is usable, else a new one.
+    Pooled,
+    /// A new one (after a pooled one turned out dead).
+    Fresh,
+    /// A new HTTP/1 one that can switch protocols: the request asks to upgrade.
+    Upgradable,
+}
+
 /// How a connection was obtained.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckoutInfo {
@@ -185,17 +196,21 @@ impl Upstream {
         ep.pool.take_h1_ready().map(pooled_h1)
     }
 
-    /// A connection to `ep`: pooled if one is usable, otherwise new.
+    /// A connection to `ep`: pooled if one is usable and `want` allows it, otherwise new.
     pub async fn checkout(
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
-        reuse: bool,
+        want: Want,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         if self.protocol.is_h2() {
-            return self.checkout_h2(ep, connect_timeout, reuse).await;
+            return self
+                .checkout_h2(ep, connect_timeout, want == Want::Pooled)
+                .await;
         }
-        if reuse && let Some(mut c) = ep.pool.take_h1() {
+        if want == Want::Pooled
+            && let Some(mut c) = ep.pool.take_h1()
+        {
             // A returned connection may still be finishing the previous exchange.
             if c.sender.ready().await.is_ok() {
                 return Ok(pooled_h1(c));
@@ -203,20 +218,25 @@ impl Upstream {
         }
         // Boxed: the connect path (DNS, address racing, TLS) is a large future, and inline it would
         // make every request's future as large, pooled or not.
-        Box::pin(self.connect_h1(ep, connect_timeout)).await
+        Box::pin(self.connect_h1(ep, connect_timeout, want == Want::Upgradable)).await
     }
 
-    /// A new HTTP/1 connection to `ep`.
+    /// A new HTTP/1 connection to `ep`; `upgradable`: one that can switch protocols (101).
     async fn connect_h1(
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
+        upgradable: bool,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         let started = Instant::now();
         let connected = self.connect(ep, connect_timeout).await?;
         let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
         let open = OpenConn::new(self.counts.clone());
-        let conn = pool::start_h1(connected.io, peer, local, open)?;
+        let conn = if upgradable {
+            pool::start_h1_upgradable(connected.io, peer, local, open)?
+        } else {
+            pool::start_h1(connected.io, peer, local, open)?
+        };
         Ok((
             Checkout::H1(conn),
             CheckoutInfo {

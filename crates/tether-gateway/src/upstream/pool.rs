@@ -134,6 +134,42 @@ pub fn start_h1(
     })
 }
 
+/// Starts driving an HTTP/1 connection that may switch protocols: a request asking to upgrade
+/// (WebSocket) is sent on it, and a `101` answer hands its transport to the tunnel. Never pooled
+/// (nor rested): the connection is used for that one request.
+pub fn start_h1_upgradable(
+    io: UpstreamIo,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    open: OpenConn,
+) -> Result<H1Conn, ProxyError> {
+    let failed = || ProxyError::upstream(Stage::Connect, ErrorKind::Protocol).with_target(peer);
+    let (sender, conn) = match ready_now(http1::Builder::new().handshake(TokioIo::new(io))) {
+        Some(Ok(pair)) => pair,
+        Some(Err(e)) => return Err(failed().with_source(e)),
+        None => {
+            return Err(failed().with_source(io::Error::other("handshake did not complete")));
+        }
+    };
+    let (tx, closed) = watch::channel(None);
+    tokio::spawn(async move {
+        // Ends when the connection closes or, after a 101, once its transport is handed over.
+        let _ = conn.with_upgrades().await;
+        drop(open);
+        let _ = tx.send(Some(Instant::now()));
+    });
+    Ok(H1Conn {
+        sender,
+        closed,
+        peer,
+        local,
+        handoff: Arc::new(Handoff {
+            rest: AtomicBool::new(false),
+            state: Mutex::new(HandoffState::Gone),
+        }),
+    })
+}
+
 /// `f`'s output if it is ready at the first poll.
 fn ready_now<F: Future>(f: F) -> Option<F::Output> {
     let mut f = pin!(f);

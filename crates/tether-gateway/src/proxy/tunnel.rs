@@ -1,0 +1,238 @@
+//! HTTP/1.1 upgrades (WebSocket, or any protocol a request names in `Upgrade`). The request goes
+//! upstream with its `Connection: upgrade` and `Upgrade` headers, on a connection of its own;
+//! when the upstream answers `101 Switching Protocols`, the client gets that answer and the two
+//! connections are joined byte for byte. The tunnel stays tied to the request: it ends when
+//! either side closes or fails (what that side sent is passed on, then the other side's
+//! connection is closed at once; with the route's `client_half_close = "continue"`, a side's FIN
+//! is passed on as a half-close instead and the tunnel lasts until both sides are done), when the
+//! route's deadline passes, when nothing crosses it for the route's `idle_timeout`, or at
+//! shutdown. Its access-log line (status 101) is written when it ends, with the bytes that
+//! crossed each way.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::HeaderValue;
+use http::{Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::headers;
+use super::response_body::ProxyBody;
+use super::tracker::{Teardown, Tracker};
+use crate::config::HalfClose;
+use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::respond::REQUEST_ID;
+use crate::route::Route;
+
+/// Answers the client with the upstream's `101` and joins the two connections in a task of their
+/// own, once hyper has handed both over. `downstream` is the client connection's upgrade,
+/// taken from its request before that was sent upstream; `open` is dropped when the tunnel ends.
+pub fn open(
+    mut t: Tracker,
+    mut resp: Response<Incoming>,
+    downstream: OnUpgrade,
+    route: &Route,
+    id_value: Option<HeaderValue>,
+    open: tokio::sync::oneshot::Sender<()>,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    let protocols = headers::upgrade_of(&parts.headers).unwrap_or_default();
+    headers::remove_hop_by_hop(&mut parts.headers, false);
+    headers::restore_upgrade(&mut parts.headers, &protocols);
+    parts.version = Version::HTTP_11;
+    if let Some(v) = id_value {
+        parts.headers.insert(REQUEST_ID, v);
+    }
+    t.rec.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    t.stage = Stage::Body;
+    // The upstream connection belongs to the tunnel now; its end is not waited for.
+    t.teardown = Teardown::None;
+    let (idle, half_close) = (route.timeouts.idle, route.half_close);
+    tokio::spawn(async move {
+        run(t, downstream, upstream, idle, half_close).await;
+        // The client connection's task, waiting for this, ends now (and its place in the
+        // listener's connection limit and the shutdown drain is given back).
+        drop(open);
+    });
+    Response::from_parts(parts, ProxyBody::empty())
+}
+
+/// Bytes and the last time any crossed, shared by both directions.
+#[derive(Debug)]
+struct Traffic {
+    /// Nanoseconds from `epoch` to the last read that returned bytes.
+    last: AtomicU64,
+    epoch: Instant,
+}
+
+impl Traffic {
+    fn note(&self) {
+        let n = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(n, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
+/// One side of the tunnel, counting what is read from it.
+struct Side {
+    io: TokioIo<Upgraded>,
+    read: u64,
+    traffic: Arc<Traffic>,
+}
+
+impl AsyncRead for Side {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read += n as u64;
+            self.traffic.note();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Side {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// How the tunnel ended.
+enum End {
+    /// A side closed or failed.
+    Closed,
+    /// Nothing crossed for the idle timeout.
+    Idle,
+    /// The request was cancelled (deadline, shutdown).
+    Cancelled(tether::CancelReason),
+    /// An upgrade was not handed over (a side closed before the switch).
+    NotUpgraded(ProxyError),
+}
+
+async fn run(
+    mut t: Tracker,
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+    idle: Option<Duration>,
+    half_close: HalfClose,
+) {
+    let traffic = Arc::new(Traffic {
+        last: AtomicU64::new(0),
+        epoch: Instant::now(),
+    });
+    let upgraded = tokio::select! {
+        biased;
+        reason = t.ctx.cancelled() => Err(End::Cancelled(reason)),
+        r = async { tokio::try_join!(downstream, upstream) } => r.map_err(|e| {
+            End::NotUpgraded(ProxyError::upstream(Stage::Body, ErrorKind::Reset).with_source(e))
+        }),
+    };
+    let (end, sides) = match upgraded {
+        Err(end) => (end, None),
+        Ok((down, up)) => {
+            let side = |io| Side {
+                io: TokioIo::new(io),
+                read: 0,
+                traffic: traffic.clone(),
+            };
+            let (mut down, mut up) = (side(down), side(up));
+            let end = match half_close {
+                // Each side's end of input is passed on as a half-close, and the tunnel lasts
+                // until both directions are done.
+                HalfClose::Continue => {
+                    let joined = tokio::io::copy_bidirectional(&mut down, &mut up);
+                    guarded(&t.ctx, idle, &traffic, joined).await
+                }
+                // The first side to close (or fail) ends the tunnel: what it sent is passed on,
+                // then both connections close, as a client's FIN aborts any other request.
+                HalfClose::Abort => {
+                    let (mut dr, mut dw) = tokio::io::split(down);
+                    let (mut ur, mut uw) = tokio::io::split(up);
+                    let first = async {
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut dr, &mut uw) => {}
+                            _ = tokio::io::copy(&mut ur, &mut dw) => {}
+                        }
+                    };
+                    let end = guarded(&t.ctx, idle, &traffic, first).await;
+                    (down, up) = (dr.unsplit(dw), ur.unsplit(uw));
+                    end
+                }
+            };
+            (end, Some((down, up)))
+        }
+    };
+    // Both connections close here, before the line is written.
+    if let Some((down, up)) = sides {
+        t.upload.bytes.store(down.read, Ordering::Relaxed);
+        t.rec.bytes_sent = up.read;
+    }
+    match end {
+        End::Closed => t.finish_ok(),
+        End::Idle => {
+            let err = ProxyError::upstream(Stage::Body, ErrorKind::Timeout);
+            t.ctx.cancel(tether::CancelReason::Deadline);
+            t.finish_error(&err, None);
+        }
+        End::Cancelled(reason) => t.finish_cancelled(reason),
+        End::NotUpgraded(err) => t.finish_error(&err, None),
+    }
+}
+
+/// Runs `work` (the copying) until it ends, the request is cancelled, or nothing has crossed
+/// for `idle`.
+async fn guarded(
+    ctx: &tether::RequestContext,
+    idle: Option<Duration>,
+    traffic: &Traffic,
+    work: impl Future,
+) -> End {
+    tokio::pin!(work);
+    let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::MAX));
+    tokio::pin!(idle_timer);
+    loop {
+        tokio::select! {
+            biased;
+            reason = ctx.cancelled() => return End::Cancelled(reason),
+            // However it ended (an error is the usual end of a tunnel: a reset), it is over.
+            _ = &mut work => return End::Closed,
+            _ = &mut idle_timer, if idle.is_some() => {
+                let due = traffic.last() + idle.unwrap_or_default();
+                if Instant::now() >= due {
+                    return End::Idle;
+                }
+                idle_timer.as_mut().reset(due);
+            }
+        }
+    }
+}

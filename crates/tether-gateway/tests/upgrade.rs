@@ -1,0 +1,420 @@
+//! HTTP/1.1 upgrades (WebSocket and the like): the request reaches an HTTP/1.1 upstream with its
+//! `Connection: upgrade` and `Upgrade` headers, the upstream's 101 joins client and upstream byte
+//! for byte, and the tunnel ends with either side, its idle timeout or its deadline, closing the
+//! other side's connection at once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use test_support::behavior::{Behavior, Reply, script};
+use tether_gateway::config::{HalfClose, RouteConfig};
+use tether_gateway::observe::access::Outcome;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// What the upgrade upstream saw.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// A request head: its path, `Connection` and `Upgrade` headers.
+    Request {
+        path: String,
+        connection: String,
+        upgrade: String,
+    },
+    /// The tunnel's read side ended (the client, through tether, closed).
+    TunnelEnd,
+}
+
+/// A hyper HTTP/1.1 server that switches to the `echo` protocol when a request asks for it
+/// (unless `refuse`): after its 101 it sends back whatever it reads, and closes when it reads
+/// `close`. Any other request is answered 200 `plain`.
+struct EchoUpstream {
+    addr: SocketAddr,
+    seen: mpsc::UnboundedReceiver<Seen>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for EchoUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EchoUpstream {
+    async fn start(refuse: bool) -> EchoUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, seen) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| serve(req, tx.clone(), refuse));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        EchoUpstream { addr, seen, task }
+    }
+
+    async fn next(&mut self) -> Seen {
+        bounded(BOUND, self.seen.recv()).await.unwrap()
+    }
+}
+
+async fn serve(
+    mut req: Request<Incoming>,
+    tx: mpsc::UnboundedSender<Seen>,
+    refuse: bool,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let header = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let (connection, upgrade) = (header("connection"), header("upgrade"));
+    let _ = tx.send(Seen::Request {
+        path: req.uri().path().to_owned(),
+        connection,
+        upgrade: upgrade.clone(),
+    });
+    if refuse || upgrade != "echo" {
+        return Ok(Response::new(Full::new(Bytes::from_static(b"plain"))));
+    }
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(up) = on.await else { return };
+        let mut io = TokioIo::new(up);
+        let mut buf = [0u8; 1024];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) if &buf[..n] == b"close" => {
+                    let _ = io.shutdown().await;
+                    return;
+                }
+                Ok(n) => {
+                    if io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Seen::TunnelEnd);
+    });
+    Ok(Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .header("x-from", "upstream")
+        .body(Full::new(Bytes::new()))
+        .unwrap())
+}
+
+/// A gateway whose only upstream is `up`; `tweak` adjusts the route.
+async fn gateway(up: &EchoUpstream, tweak: impl FnOnce(&mut RouteConfig)) -> Env {
+    let addr = up.addr;
+    Env::with(
+        Down::H1,
+        Up::H1,
+        script(|_| Behavior::Respond(Reply::ok("unused"))),
+        move |c| {
+            c.upstreams[0].addresses = vec![addr.into()];
+            tweak(&mut c.listeners[0].routes[0]);
+        },
+    )
+    .await
+}
+
+/// Sends an upgrade request for `path` and reads the response head.
+async fn ask_upgrade(addr: SocketAddr, path: &str) -> (TcpStream, String) {
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: keep-alive, Upgrade\r\nUpgrade: echo\r\n\r\n"
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut c).await;
+    (c, head)
+}
+
+/// Reads to the end of a response head, one byte at a time (nothing after it is taken).
+async fn read_head(c: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = bounded(BOUND, c.read(&mut b)).await.unwrap();
+        assert_eq!(n, 1, "connection closed in the response head: {head:?}");
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+async fn read_exact(c: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    bounded(BOUND, c.read_exact(&mut buf)).await.unwrap();
+    buf
+}
+
+/// Reads until EOF or an error, bounded: the other side closed the tunnel.
+async fn closed(c: &mut TcpStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match bounded(BOUND, c.read(&mut buf)).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_websocket_style_upgrade_is_tunnelled_and_ends_when_the_client_leaves() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(false).await;
+        let env = gateway(&up, |_| {}).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        assert!(head.contains("\r\nupgrade: echo\r\n"), "{head}");
+        assert!(head.contains("\r\nconnection: upgrade\r\n"), "{head}");
+        assert!(head.contains("\r\nx-from: upstream\r\n"), "{head}");
+        assert!(head.contains("\r\nx-request-id: "), "{head}");
+        // The upstream was asked to switch, with only `upgrade` left in `Connection`.
+        assert_eq!(
+            up.next().await,
+            Seen::Request {
+                path: "/ws".into(),
+                connection: "upgrade".into(),
+                upgrade: "echo".into(),
+            }
+        );
+        for msg in [&b"hello"[..], b"tunnel", b"bytes"] {
+            c.write_all(msg).await.unwrap();
+            assert_eq!(read_exact(&mut c, msg.len()).await, msg);
+        }
+        // The client leaves: the upstream's side of the tunnel ends at once.
+        drop(c);
+        assert_eq!(up.next().await, Seen::TunnelEnd);
+        let rec = env.record("/ws").await;
+        assert_eq!(rec.status, 101);
+        assert_eq!(rec.outcome, Outcome::Ok);
+        assert_eq!(rec.bytes_received, 16);
+        assert_eq!(rec.bytes_sent, 16);
+        assert_eq!(rec.upstream_reused, Some(false));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_upstream_closing_the_tunnel_closes_the_client_connection() {
+    bounded(Duration::from_secs(20), async {
+        let up = EchoUpstream::start(false).await;
+        let env = gateway(&up, |_| {}).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        c.write_all(b"ping").await.unwrap();
+        assert_eq!(read_exact(&mut c, 4).await, b"ping");
+        c.write_all(b"close").await.unwrap();
+        closed(&mut c).await;
+        let rec = env.record("/ws").await;
+        assert_eq!((rec.status, rec.outcome), (101, Outcome::Ok));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_upgrade_is_an_ordinary_response_and_the_connection_stays_http() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(true).await;
+        let env = gateway(&up, |_| {}).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        assert!(!head.contains("upgrade"), "{head}");
+        assert_eq!(read_exact(&mut c, 5).await, b"plain");
+        assert!(matches!(up.next().await, Seen::Request { upgrade, .. } if upgrade == "echo"));
+        // The same connection serves a plain request next.
+        c.write_all(b"GET /next HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            .await
+            .unwrap();
+        let head = read_head(&mut c).await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        assert_eq!(read_exact(&mut c, 5).await, b"plain");
+        assert!(matches!(up.next().await, Seen::Request { path, .. } if path == "/next"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_half_close_continue_a_clients_fin_is_passed_on_and_the_answer_still_arrives() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(false).await;
+        let env = gateway(&up, |r| r.client_half_close = HalfClose::Continue).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        let _ = up.next().await;
+        c.write_all(b"last words").await.unwrap();
+        c.shutdown().await.unwrap();
+        // The upstream reads them, then the FIN; its echo still reaches the client.
+        assert_eq!(read_exact(&mut c, 10).await, b"last words");
+        assert_eq!(up.next().await, Seen::TunnelEnd);
+        closed(&mut c).await;
+        let rec = env.record("/ws").await;
+        assert_eq!((rec.status, rec.outcome), (101, Outcome::Ok));
+        assert_eq!((rec.bytes_received, rec.bytes_sent), (10, 10));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_tunnel_is_closed_after_the_routes_idle_timeout() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(false).await;
+        let env = gateway(&up, |r| r.timeouts.idle = Some(Duration::from_millis(300))).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        let _ = up.next().await;
+        // Traffic keeps it open past the timeout...
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            c.write_all(b"tick").await.unwrap();
+            assert_eq!(read_exact(&mut c, 4).await, b"tick");
+        }
+        // ...and silence closes both sides.
+        let quiet = tokio::time::Instant::now();
+        closed(&mut c).await;
+        assert!(
+            quiet.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            quiet.elapsed()
+        );
+        assert_eq!(up.next().await, Seen::TunnelEnd);
+        let rec = env.record("/ws").await;
+        assert_eq!((rec.status, rec.outcome), (101, Outcome::Timeout));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_routes_deadline_ends_a_tunnel() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(false).await;
+        let env = gateway(&up, |r| r.timeouts.total = Some(Duration::from_millis(400))).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        let _ = up.next().await;
+        c.write_all(b"x").await.unwrap();
+        assert_eq!(read_exact(&mut c, 1).await, b"x");
+        closed(&mut c).await;
+        assert_eq!(up.next().await, Seen::TunnelEnd);
+        let rec = env.record("/ws").await;
+        assert_eq!(rec.abort_reason, Some(tether::CancelReason::Deadline));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_http2_upstream_gets_a_plain_request_without_the_upgrade() {
+    bounded(Duration::from_secs(20), async {
+        let s = script(|r| {
+            Behavior::Respond(
+                Reply::ok("h2").header("x-saw-upgrade", r.header("upgrade").unwrap_or("none")),
+            )
+        });
+        let env = Env::new(Down::H1, Up::H2c, s).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        assert!(head.contains("\r\nx-saw-upgrade: none\r\n"), "{head}");
+        assert_eq!(read_exact(&mut c, 2).await, b"h2");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tunnel_holds_its_place_in_the_listeners_connection_limit() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(false).await;
+        let addr = up.addr;
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            script(|_| Behavior::Respond(Reply::ok("unused"))),
+            move |c| {
+                c.upstreams[0].addresses = vec![addr.into()];
+                c.listeners[0].limits.max_connections = std::num::NonZeroUsize::new(1);
+            },
+        )
+        .await;
+        let (mut tunnel, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        let _ = up.next().await;
+        // A second client waits while the tunnel is open...
+        let mut other = TcpStream::connect(env.addr).await.unwrap();
+        other
+            .write_all(b"GET /next HTTP/1.1\r\nHost: example.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut b = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(400), other.read(&mut b)).await;
+        assert!(
+            early.is_err(),
+            "served while the tunnel held the only place: {early:?}"
+        );
+        // ...and is served once it closes.
+        tunnel.write_all(b"close").await.unwrap();
+        closed(&mut tunnel).await;
+        let head = read_head(&mut other).await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_gives_a_tunnel_the_grace_period_then_closes_it() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(false).await;
+        let env = gateway(&up, |_| {}).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        let _ = up.next().await;
+        let access = env.access.clone();
+        let started = tokio::time::Instant::now();
+        let stopping = tokio::spawn(env.stop_with_grace(Duration::from_millis(300)));
+        // Still open during the grace period.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.write_all(b"still").await.unwrap();
+        assert_eq!(read_exact(&mut c, 5).await, b"still");
+        closed(&mut c).await;
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(up.next().await, Seen::TunnelEnd);
+        bounded(BOUND, stopping).await.unwrap();
+        let rec = access
+            .records()
+            .into_iter()
+            .find(|r| r.path == "/ws")
+            .expect("the tunnel's line");
+        assert_eq!(rec.abort_reason, Some(tether::CancelReason::Shutdown));
+        assert_eq!(rec.status, 101);
+    })
+    .await;
+}
