@@ -130,9 +130,8 @@ async fn serve(
         .unwrap())
 }
 
-/// A gateway whose only upstream is `up`; `tweak` adjusts the route.
-async fn gateway(up: &EchoUpstream, tweak: impl FnOnce(&mut RouteConfig)) -> Env {
-    let addr = up.addr;
+/// A gateway whose only upstream is at `addr`; `tweak` adjusts the route.
+async fn gateway(addr: SocketAddr, tweak: impl FnOnce(&mut RouteConfig)) -> Env {
     Env::with(
         Down::H1,
         Up::H1,
@@ -189,7 +188,7 @@ async fn closed(c: &mut TcpStream) {
 async fn a_websocket_style_upgrade_is_tunnelled_and_ends_when_the_client_leaves() {
     bounded(Duration::from_secs(20), async {
         let mut up = EchoUpstream::start(false).await;
-        let env = gateway(&up, |_| {}).await;
+        let env = gateway(up.addr, |_| {}).await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
         assert!(head.contains("\r\nupgrade: echo\r\n"), "{head}");
@@ -226,7 +225,7 @@ async fn a_websocket_style_upgrade_is_tunnelled_and_ends_when_the_client_leaves(
 async fn the_upstream_closing_the_tunnel_closes_the_client_connection() {
     bounded(Duration::from_secs(20), async {
         let up = EchoUpstream::start(false).await;
-        let env = gateway(&up, |_| {}).await;
+        let env = gateway(up.addr, |_| {}).await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
         c.write_all(b"ping").await.unwrap();
@@ -243,7 +242,7 @@ async fn the_upstream_closing_the_tunnel_closes_the_client_connection() {
 async fn a_refused_upgrade_is_an_ordinary_response_and_the_connection_stays_http() {
     bounded(Duration::from_secs(20), async {
         let mut up = EchoUpstream::start(true).await;
-        let env = gateway(&up, |_| {}).await;
+        let env = gateway(up.addr, |_| {}).await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 200 "), "{head}");
         assert!(!head.contains("upgrade"), "{head}");
@@ -265,7 +264,7 @@ async fn a_refused_upgrade_is_an_ordinary_response_and_the_connection_stays_http
 async fn with_half_close_continue_a_clients_fin_is_passed_on_and_the_answer_still_arrives() {
     bounded(Duration::from_secs(20), async {
         let mut up = EchoUpstream::start(false).await;
-        let env = gateway(&up, |r| r.client_half_close = HalfClose::Continue).await;
+        let env = gateway(up.addr, |r| r.client_half_close = HalfClose::Continue).await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
         let _ = up.next().await;
@@ -286,7 +285,10 @@ async fn with_half_close_continue_a_clients_fin_is_passed_on_and_the_answer_stil
 async fn an_idle_tunnel_is_closed_after_the_routes_idle_timeout() {
     bounded(Duration::from_secs(20), async {
         let mut up = EchoUpstream::start(false).await;
-        let env = gateway(&up, |r| r.timeouts.idle = Some(Duration::from_millis(300))).await;
+        let env = gateway(up.addr, |r| {
+            r.timeouts.idle = Some(Duration::from_millis(300))
+        })
+        .await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
         let _ = up.next().await;
@@ -315,7 +317,10 @@ async fn an_idle_tunnel_is_closed_after_the_routes_idle_timeout() {
 async fn the_routes_deadline_ends_a_tunnel() {
     bounded(Duration::from_secs(20), async {
         let mut up = EchoUpstream::start(false).await;
-        let env = gateway(&up, |r| r.timeouts.total = Some(Duration::from_millis(400))).await;
+        let env = gateway(up.addr, |r| {
+            r.timeouts.total = Some(Duration::from_millis(400))
+        })
+        .await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
         let _ = up.next().await;
@@ -389,7 +394,7 @@ async fn a_tunnel_holds_its_place_in_the_listeners_connection_limit() {
 async fn shutdown_gives_a_tunnel_the_grace_period_then_closes_it() {
     bounded(Duration::from_secs(20), async {
         let mut up = EchoUpstream::start(false).await;
-        let env = gateway(&up, |_| {}).await;
+        let env = gateway(up.addr, |_| {}).await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
         let _ = up.next().await;
@@ -415,6 +420,48 @@ async fn shutdown_gives_a_tunnel_the_grace_period_then_closes_it() {
             .expect("the tunnel's line");
         assert_eq!(rec.abort_reason, Some(tether::CancelReason::Shutdown));
         assert_eq!(rec.status, 101);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bytes_the_upstream_sends_right_behind_its_101_reach_the_client() {
+    bounded(Duration::from_secs(20), async {
+        // A raw upstream: its 101 and the new protocol's first bytes in one write, so that they
+        // arrive together and tether's HTTP client reads past the head.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the request head ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\ngreetings",
+            )
+            .await
+            .unwrap();
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+                }
+            }
+        });
+        let env = gateway(addr, |_| {}).await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        assert_eq!(read_exact(&mut c, 9).await, b"greetings");
+        c.write_all(b"echo").await.unwrap();
+        assert_eq!(read_exact(&mut c, 4).await, b"echo");
+        drop(c);
+        bounded(BOUND, up).await.unwrap();
+        let rec = env.record("/ws").await;
+        assert_eq!((rec.bytes_received, rec.bytes_sent), (4, 13));
     })
     .await;
 }

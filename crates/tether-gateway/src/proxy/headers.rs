@@ -134,9 +134,22 @@ pub fn upgrade_of(headers: &HeaderMap) -> Option<Vec<HeaderValue>> {
 /// `Upgrade` values, for the next hop to switch protocols too.
 pub fn restore_upgrade(headers: &mut HeaderMap, protocols: &[HeaderValue]) {
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.remove(header::UPGRADE);
+    let mut protocols = protocols.iter().cloned();
+    let Some(first) = protocols.next() else {
+        headers.remove(header::UPGRADE);
+        return;
+    };
+    // Through the entry (not `append`, which parsing calls for every field): this runs only for
+    // an upgrade, and must not change how the per-request parsing is compiled.
+    let mut entry = match headers.entry(header::UPGRADE) {
+        header::Entry::Occupied(mut e) => {
+            e.insert(first);
+            e
+        }
+        header::Entry::Vacant(e) => e.insert_entry(first),
+    };
     for p in protocols {
-        headers.append(header::UPGRADE, p.clone());
+        entry.append(p);
     }
 }
 

@@ -230,7 +230,7 @@ fn proxy<'a>(
         let mut resent: u32 = 0;
         let mut fresh_only = false;
         t.upstream_started = Some(Instant::now());
-        let (resp, pool, ep_idx) = loop {
+        let (resp, mut pool, ep_idx) = loop {
             let Some(mut up_req) = next_req
                 .take()
                 .or_else(|| replay.as_ref().map(Replay::build))
@@ -418,9 +418,11 @@ fn proxy<'a>(
 
         if let Some(downstream) = on_upgrade
             && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            && let Some(upstream) = pool.as_mut().and_then(|c| c.take_switch())
         {
             drop(pool);
-            return tunnel::open(t, resp, downstream, route, id_value, conn.open_tunnel());
+            let open = conn.open_tunnel();
+            return tunnel::open(t, resp, downstream, upstream, route, id_value, open);
         }
 
         // Stream the response back.

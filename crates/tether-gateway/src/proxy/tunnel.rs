@@ -16,12 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::headers;
@@ -31,19 +33,25 @@ use crate::config::HalfClose;
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::respond::REQUEST_ID;
 use crate::route::Route;
+use crate::upstream::connect::UpstreamIo;
+use crate::upstream::pool::{OpenConn, Switched};
 
 /// Answers the client with the upstream's `101` and joins the two connections in a task of their
 /// own, once hyper has handed both over. `downstream` is the client connection's upgrade,
 /// taken from its request before that was sent upstream; `open` is dropped when the tunnel ends.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the request's parts, each used once"
+)]
 pub fn open(
     mut t: Tracker,
-    mut resp: Response<Incoming>,
+    resp: Response<Incoming>,
     downstream: OnUpgrade,
+    upstream: oneshot::Receiver<Switched>,
     route: &Route,
     id_value: Option<HeaderValue>,
-    open: tokio::sync::oneshot::Sender<()>,
+    open: oneshot::Sender<()>,
 ) -> Response<ProxyBody> {
-    let upstream = hyper::upgrade::on(&mut resp);
     let (mut parts, _) = resp.into_parts();
     let protocols = headers::upgrade_of(&parts.headers).unwrap_or_default();
     headers::remove_hop_by_hop(&mut parts.headers, false);
@@ -85,14 +93,55 @@ impl Traffic {
     }
 }
 
+/// The upstream's transport, with the bytes hyper read past the `101` first.
+struct Switch {
+    read_ahead: Bytes,
+    io: UpstreamIo,
+    /// Counted as an open upstream connection until the tunnel ends.
+    _open: OpenConn,
+}
+
+impl AsyncRead for Switch {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.read_ahead.is_empty() {
+            let n = self.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&self.read_ahead.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Switch {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// One side of the tunnel, counting what is read from it.
-struct Side {
-    io: TokioIo<Upgraded>,
+struct Side<T> {
+    io: T,
     read: u64,
     traffic: Arc<Traffic>,
 }
 
-impl AsyncRead for Side {
+impl<T: AsyncRead + Unpin> AsyncRead for Side<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -109,7 +158,7 @@ impl AsyncRead for Side {
     }
 }
 
-impl AsyncWrite for Side {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Side<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -142,7 +191,7 @@ enum End {
 async fn run(
     mut t: Tracker,
     downstream: OnUpgrade,
-    upstream: OnUpgrade,
+    upstream: oneshot::Receiver<Switched>,
     idle: Option<Duration>,
     half_close: HalfClose,
 ) {
@@ -150,22 +199,37 @@ async fn run(
         last: AtomicU64::new(0),
         epoch: Instant::now(),
     });
+    let switched = async {
+        let down = downstream.await.map_err(|e| {
+            ProxyError::downstream(Stage::ResponseWrite, ErrorKind::Reset).with_source(e)
+        })?;
+        let up = upstream
+            .await
+            .map_err(|_| ProxyError::upstream(Stage::Body, ErrorKind::Reset))?;
+        Ok::<_, ProxyError>((down, up))
+    };
     let upgraded = tokio::select! {
         biased;
         reason = t.ctx.cancelled() => Err(End::Cancelled(reason)),
-        r = async { tokio::try_join!(downstream, upstream) } => r.map_err(|e| {
-            End::NotUpgraded(ProxyError::upstream(Stage::Body, ErrorKind::Reset).with_source(e))
-        }),
+        r = switched => r.map_err(End::NotUpgraded),
     };
     let (end, sides) = match upgraded {
         Err(end) => (end, None),
         Ok((down, up)) => {
-            let side = |io| Side {
-                io: TokioIo::new(io),
+            let mut down = Side {
+                io: TokioIo::new(down),
                 read: 0,
                 traffic: traffic.clone(),
             };
-            let (mut down, mut up) = (side(down), side(up));
+            let mut up = Side {
+                io: Switch {
+                    read_ahead: up.read_ahead,
+                    io: up.io,
+                    _open: up.open,
+                },
+                read: 0,
+                traffic: traffic.clone(),
+            };
             let end = match half_close {
                 // Each side's end of input is passed on as a half-close, and the tunnel lasts
                 // until both directions are done.

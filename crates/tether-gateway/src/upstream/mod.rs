@@ -232,11 +232,7 @@ impl Upstream {
         let connected = self.connect(ep, connect_timeout).await?;
         let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
         let open = OpenConn::new(self.counts.clone());
-        let conn = if upgradable {
-            pool::start_h1_upgradable(connected.io, peer, local, open)?
-        } else {
-            pool::start_h1(connected.io, peer, local, open)?
-        };
+        let conn = pool::start_h1(connected.io, peer, local, open, upgradable)?;
         Ok((
             Checkout::H1(conn),
             CheckoutInfo {

@@ -23,10 +23,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::error::{ErrorKind, ProxyError, Stage};
@@ -84,14 +85,38 @@ pub struct H1Conn {
     /// tether's end of the connection.
     pub local: Option<SocketAddr>,
     handoff: Arc<Handoff>,
+    /// For a connection made for an upgrade: its transport, once a `101` switched it.
+    switched: Option<oneshot::Receiver<Switched>>,
 }
 
-/// Starts driving an HTTP/1 connection over `io` in a task of its own.
+impl H1Conn {
+    /// Where the transport comes once a `101` switched the connection (made for an upgrade).
+    pub fn take_switch(&mut self) -> Option<oneshot::Receiver<Switched>> {
+        self.switched.take()
+    }
+}
+
+/// The transport of a connection whose request switched protocols: the socket (or TLS session),
+/// the bytes hyper had read past the `101`, and the connection's place in the open count.
+#[derive(Debug)]
+pub struct Switched {
+    /// The transport.
+    pub io: UpstreamIo,
+    /// Read past the `101` head: the new protocol's first bytes.
+    pub read_ahead: Bytes,
+    /// Counted as open until dropped.
+    pub open: OpenConn,
+}
+
+/// Starts driving an HTTP/1 connection over `io` in a task of its own. `upgradable`: the
+/// connection is made for a request asking to upgrade; on a `101` its transport goes to
+/// whoever [takes the switch](H1Conn::take_switch), and it is never pooled.
 pub fn start_h1(
     io: UpstreamIo,
     peer: SocketAddr,
     local: Option<SocketAddr>,
     open: OpenConn,
+    upgradable: bool,
 ) -> Result<H1Conn, ProxyError> {
     let failed = || ProxyError::upstream(Stage::Connect, ErrorKind::Protocol).with_target(peer);
     // hyper's handshake only builds the connection's state: it is ready at the first poll.
@@ -108,10 +133,34 @@ pub fn start_h1(
         state: Mutex::new(HandoffState::Driving),
     });
     let theirs = handoff.clone();
+    let (switch, switched) = if upgradable {
+        let (tx, rx) = oneshot::channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let mut open = open;
     tokio::spawn(async move {
-        // Not hyper's own shutdown: a connection being rested keeps its socket open.
+        // Not hyper's own shutdown: a connection being rested keeps its socket open, and one
+        // that switched protocols is handed over (hyper's own upgrade would be another
+        // instance of its connection code in the binary, and a slower one for every request).
         if let Ok(parts) = conn.without_shutdown().await {
             let mut io = parts.io.into_inner();
+            // A tunnel waits for it only after a 101; otherwise nobody takes it, and it closes.
+            if let Some(switch) = switch {
+                let read_ahead = parts.read_buf.clone();
+                match switch.send(Switched {
+                    io,
+                    read_ahead,
+                    open,
+                }) {
+                    Ok(()) => {
+                        *lock(&theirs.state) = HandoffState::Gone;
+                        return;
+                    }
+                    Err(back) => (io, open) = (back.io, back.open),
+                }
+            }
             if theirs.rest.load(Ordering::Acquire) && parts.read_buf.is_empty() && io.drained() {
                 *lock(&theirs.state) = HandoffState::Rested(Rested { io, open });
                 return;
@@ -131,42 +180,7 @@ pub fn start_h1(
         peer,
         local,
         handoff,
-    })
-}
-
-/// Starts driving an HTTP/1 connection that may switch protocols: a request asking to upgrade
-/// (WebSocket) is sent on it, and a `101` answer hands its transport to the tunnel. Never pooled
-/// (nor rested): the connection is used for that one request.
-pub fn start_h1_upgradable(
-    io: UpstreamIo,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
-    open: OpenConn,
-) -> Result<H1Conn, ProxyError> {
-    let failed = || ProxyError::upstream(Stage::Connect, ErrorKind::Protocol).with_target(peer);
-    let (sender, conn) = match ready_now(http1::Builder::new().handshake(TokioIo::new(io))) {
-        Some(Ok(pair)) => pair,
-        Some(Err(e)) => return Err(failed().with_source(e)),
-        None => {
-            return Err(failed().with_source(io::Error::other("handshake did not complete")));
-        }
-    };
-    let (tx, closed) = watch::channel(None);
-    tokio::spawn(async move {
-        // Ends when the connection closes or, after a 101, once its transport is handed over.
-        let _ = conn.with_upgrades().await;
-        drop(open);
-        let _ = tx.send(Some(Instant::now()));
-    });
-    Ok(H1Conn {
-        sender,
-        closed,
-        peer,
-        local,
-        handoff: Arc::new(Handoff {
-            rest: AtomicBool::new(false),
-            state: Mutex::new(HandoffState::Gone),
-        }),
+        switched,
     })
 }
 
@@ -238,7 +252,7 @@ impl Resting {
         if !r.alive() {
             return None;
         }
-        start_h1(r.io, self.peer, self.local, r.open).ok()
+        start_h1(r.io, self.peer, self.local, r.open, false).ok()
     }
 }
 
