@@ -52,6 +52,9 @@ pub struct Conn {
     pub cancel: Arc<ConnCancel>,
     /// Its forwarding header text, made for its first request.
     forwarding: OnceLock<headers::ClientForwarding>,
+    /// The client's side of the switch an HTTP/1 request in flight asked for (one at a time):
+    /// kept here rather than in the request's state, which every request allocates.
+    upgrade: std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>,
     /// Ends when the tunnel the connection was handed to (an upgrade) ends.
     tunnel: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
@@ -65,6 +68,7 @@ impl Conn {
             tls,
             cancel,
             forwarding: OnceLock::new(),
+            upgrade: std::sync::Mutex::new(None),
             tunnel: std::sync::Mutex::new(None),
         }
     }
@@ -197,12 +201,14 @@ fn proxy<'a>(
         let idle = route.timeouts.idle;
         // In a block: a binding left at the top of an async body keeps its bytes in the
         // request's state for as long as the request lives, even once moved out.
-        let (mut next_req, id_value, resendable, on_upgrade) = {
+        let (mut next_req, id_value, resendable, upgrading) = {
             let protocols = may_upgrade
                 .then(|| headers::upgrade_of(req.headers()))
                 .flatten();
             // The client connection's side of the switch, taken before the request goes on.
-            let on_upgrade = protocols.is_some().then(|| hyper::upgrade::on(&mut req));
+            if protocols.is_some() {
+                *crate::lock(&conn.upgrade) = Some(hyper::upgrade::on(&mut req));
+            }
             let (mut up_req, id_value) = match build_upstream_request(
                 req, host, found, conn, listener, upstream, trusted, idle, &mut t,
             ) {
@@ -218,9 +224,8 @@ fn proxy<'a>(
             t.rec.span_id = ids.span_id;
             let resendable = retry::is_idempotent(method_of(&t))
                 && http_body::Body::is_end_stream(up_req.body());
-            (Some(up_req), id_value, resendable, on_upgrade)
+            (Some(up_req), id_value, resendable, protocols.is_some())
         };
-        let upgrading = on_upgrade.is_some();
 
         route.retry.on_request();
         // A copy to send again, taken only where a resend can follow a send (see below).
@@ -230,7 +235,7 @@ fn proxy<'a>(
         let mut resent: u32 = 0;
         let mut fresh_only = false;
         t.upstream_started = Some(Instant::now());
-        let (resp, mut pool, ep_idx) = loop {
+        let (resp, pool, ep_idx) = loop {
             let Some(mut up_req) = next_req
                 .take()
                 .or_else(|| replay.as_ref().map(Replay::build))
@@ -416,11 +421,13 @@ fn proxy<'a>(
             }
         };
 
-        if let Some(downstream) = on_upgrade
-            && resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
-            && let Some(upstream) = pool.as_mut().and_then(|c| c.take_switch())
+        let downstream = upgrading
+            .then(|| crate::lock(&conn.upgrade).take())
+            .flatten();
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            && let Some(downstream) = downstream
+            && let Some(upstream) = pool
         {
-            drop(pool);
             let open = conn.open_tunnel();
             return tunnel::open(t, resp, downstream, upstream, route, id_value, open);
         }

@@ -34,7 +34,7 @@ use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::respond::REQUEST_ID;
 use crate::route::Route;
 use crate::upstream::connect::UpstreamIo;
-use crate::upstream::pool::{OpenConn, Switched};
+use crate::upstream::pool::{H1Conn, OpenConn};
 
 /// Answers the client with the upstream's `101` and joins the two connections in a task of their
 /// own, once hyper has handed both over. `downstream` is the client connection's upgrade,
@@ -47,7 +47,7 @@ pub fn open(
     mut t: Tracker,
     resp: Response<Incoming>,
     downstream: OnUpgrade,
-    upstream: oneshot::Receiver<Switched>,
+    upstream: H1Conn,
     route: &Route,
     id_value: Option<HeaderValue>,
     open: oneshot::Sender<()>,
@@ -191,7 +191,7 @@ enum End {
 async fn run(
     mut t: Tracker,
     downstream: OnUpgrade,
-    upstream: oneshot::Receiver<Switched>,
+    upstream: H1Conn,
     idle: Option<Duration>,
     half_close: HalfClose,
 ) {
@@ -204,8 +204,9 @@ async fn run(
             ProxyError::downstream(Stage::ResponseWrite, ErrorKind::Reset).with_source(e)
         })?;
         let up = upstream
+            .switched()
             .await
-            .map_err(|_| ProxyError::upstream(Stage::Body, ErrorKind::Reset))?;
+            .ok_or_else(|| ProxyError::upstream(Stage::Body, ErrorKind::Reset))?;
         Ok::<_, ProxyError>((down, up))
     };
     let upgraded = tokio::select! {

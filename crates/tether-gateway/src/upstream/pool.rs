@@ -27,7 +27,7 @@ use bytes::Bytes;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{ErrorKind, ProxyError, Stage};
@@ -85,14 +85,22 @@ pub struct H1Conn {
     /// tether's end of the connection.
     pub local: Option<SocketAddr>,
     handoff: Arc<Handoff>,
-    /// For a connection made for an upgrade: its transport, once a `101` switched it.
-    switched: Option<oneshot::Receiver<Switched>>,
 }
 
 impl H1Conn {
-    /// Where the transport comes once a `101` switched the connection (made for an upgrade).
-    pub fn take_switch(&mut self) -> Option<oneshot::Receiver<Switched>> {
-        self.switched.take()
+    /// For a connection made for an upgrade, once its request was answered `101`: the
+    /// transport, when the connection's task has handed it over (`None` if the connection
+    /// closed instead, or was not made for an upgrade).
+    pub async fn switched(self) -> Option<Switched> {
+        if !self.handoff.upgradable {
+            return None;
+        }
+        let mut closed = self.closed;
+        let _ = closed.wait_for(|v| v.is_some()).await;
+        match std::mem::replace(&mut *lock(&self.handoff.state), HandoffState::Gone) {
+            HandoffState::Switched(s) => Some(s),
+            _ => None,
+        }
     }
 }
 
@@ -130,36 +138,27 @@ pub fn start_h1(
     let (tx, closed) = watch::channel(None);
     let handoff = Arc::new(Handoff {
         rest: AtomicBool::new(false),
+        upgradable,
         state: Mutex::new(HandoffState::Driving),
     });
     let theirs = handoff.clone();
-    let (switch, switched) = if upgradable {
-        let (tx, rx) = oneshot::channel();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
-    let mut open = open;
     tokio::spawn(async move {
         // Not hyper's own shutdown: a connection being rested keeps its socket open, and one
         // that switched protocols is handed over (hyper's own upgrade would be another
         // instance of its connection code in the binary, and a slower one for every request).
         if let Ok(parts) = conn.without_shutdown().await {
             let mut io = parts.io.into_inner();
-            // A tunnel waits for it only after a 101; otherwise nobody takes it, and it closes.
-            if let Some(switch) = switch {
-                let read_ahead = parts.read_buf.clone();
-                match switch.send(Switched {
+            // Kept for the tunnel, which takes it after a 101. Otherwise (the request was not
+            // switched, and the connection ended after its response) nobody holds the handoff
+            // any more, and the transport closes with it.
+            if theirs.upgradable {
+                *lock(&theirs.state) = HandoffState::Switched(Switched {
                     io,
-                    read_ahead,
+                    read_ahead: parts.read_buf,
                     open,
-                }) {
-                    Ok(()) => {
-                        *lock(&theirs.state) = HandoffState::Gone;
-                        return;
-                    }
-                    Err(back) => (io, open) = (back.io, back.open),
-                }
+                });
+                let _ = tx.send(Some(Instant::now()));
+                return;
             }
             if theirs.rest.load(Ordering::Acquire) && parts.read_buf.is_empty() && io.drained() {
                 *lock(&theirs.state) = HandoffState::Rested(Rested { io, open });
@@ -180,7 +179,6 @@ pub fn start_h1(
         peer,
         local,
         handoff,
-        switched,
     })
 }
 
@@ -198,6 +196,8 @@ fn ready_now<F: Future>(f: F) -> Option<F::Output> {
 struct Handoff {
     /// Set by the pool before it drops the connection's sender.
     rest: AtomicBool,
+    /// Made for an upgrade: the transport is kept for the tunnel when the task ends.
+    upgradable: bool,
     state: Mutex<HandoffState>,
 }
 
@@ -207,6 +207,8 @@ enum HandoffState {
     Driving,
     /// The task ended and left the transport.
     Rested(Rested),
+    /// The request switched protocols: the transport waits for its tunnel.
+    Switched(Switched),
     /// The task ended and closed the socket (or it was taken).
     Gone,
 }
@@ -239,7 +241,7 @@ impl Resting {
         match &*lock(&self.handoff.state) {
             HandoffState::Driving => true,
             HandoffState::Rested(r) => r.alive(),
-            HandoffState::Gone => false,
+            HandoffState::Switched(_) | HandoffState::Gone => false,
         }
     }
 
