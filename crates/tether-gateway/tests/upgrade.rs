@@ -144,6 +144,21 @@ async fn gateway(addr: SocketAddr, tweak: impl FnOnce(&mut RouteConfig)) -> Env 
     .await
 }
 
+/// An echo upstream, a gateway in front of it (its route adjusted by `tweak`) and a client it
+/// switched to `echo`; the upstream's record of the request is taken.
+async fn tunnel(tweak: impl FnOnce(&mut RouteConfig)) -> (EchoUpstream, Env, TcpStream) {
+    let mut up = EchoUpstream::start(false).await;
+    let env = gateway(up.addr, tweak).await;
+    let (c, head) = ask_upgrade(env.addr, "/ws").await;
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert!(matches!(up.next().await, Seen::Request { .. }));
+    (up, env, c)
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
 /// Sends an upgrade request for `path` and reads the response head.
 async fn ask_upgrade(addr: SocketAddr, path: &str) -> (TcpStream, String) {
     let mut c = TcpStream::connect(addr).await.unwrap();
@@ -263,11 +278,7 @@ async fn a_refused_upgrade_is_an_ordinary_response_and_the_connection_stays_http
 #[tokio::test]
 async fn with_half_close_continue_a_clients_fin_is_passed_on_and_the_answer_still_arrives() {
     bounded(Duration::from_secs(20), async {
-        let mut up = EchoUpstream::start(false).await;
-        let env = gateway(up.addr, |r| r.client_half_close = HalfClose::Continue).await;
-        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
-        assert!(head.starts_with("http/1.1 101 "), "{head}");
-        let _ = up.next().await;
+        let (mut up, env, mut c) = tunnel(|r| r.client_half_close = HalfClose::Continue).await;
         c.write_all(b"last words").await.unwrap();
         c.shutdown().await.unwrap();
         // The upstream reads them, then the FIN; its echo still reaches the client.
@@ -284,14 +295,7 @@ async fn with_half_close_continue_a_clients_fin_is_passed_on_and_the_answer_stil
 #[tokio::test]
 async fn an_idle_tunnel_is_closed_after_the_routes_idle_timeout() {
     bounded(Duration::from_secs(20), async {
-        let mut up = EchoUpstream::start(false).await;
-        let env = gateway(up.addr, |r| {
-            r.timeouts.idle = Some(Duration::from_millis(300))
-        })
-        .await;
-        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
-        assert!(head.starts_with("http/1.1 101 "), "{head}");
-        let _ = up.next().await;
+        let (mut up, env, mut c) = tunnel(|r| r.timeouts.idle = Some(ms(300))).await;
         // Traffic keeps it open past the timeout...
         for _ in 0..4 {
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -316,14 +320,7 @@ async fn an_idle_tunnel_is_closed_after_the_routes_idle_timeout() {
 #[tokio::test]
 async fn the_routes_deadline_ends_a_tunnel() {
     bounded(Duration::from_secs(20), async {
-        let mut up = EchoUpstream::start(false).await;
-        let env = gateway(up.addr, |r| {
-            r.timeouts.total = Some(Duration::from_millis(400))
-        })
-        .await;
-        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
-        assert!(head.starts_with("http/1.1 101 "), "{head}");
-        let _ = up.next().await;
+        let (mut up, env, mut c) = tunnel(|r| r.timeouts.total = Some(ms(400))).await;
         c.write_all(b"x").await.unwrap();
         assert_eq!(read_exact(&mut c, 1).await, b"x");
         closed(&mut c).await;
@@ -393,11 +390,7 @@ async fn a_tunnel_holds_its_place_in_the_listeners_connection_limit() {
 #[tokio::test]
 async fn shutdown_gives_a_tunnel_the_grace_period_then_closes_it() {
     bounded(Duration::from_secs(20), async {
-        let mut up = EchoUpstream::start(false).await;
-        let env = gateway(up.addr, |_| {}).await;
-        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
-        assert!(head.starts_with("http/1.1 101 "), "{head}");
-        let _ = up.next().await;
+        let (mut up, env, mut c) = tunnel(|_| {}).await;
         let access = env.access.clone();
         let started = tokio::time::Instant::now();
         let stopping = tokio::spawn(env.stop_with_grace(Duration::from_millis(300)));

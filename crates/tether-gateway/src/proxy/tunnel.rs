@@ -9,22 +9,19 @@
 //! shutdown. Its access-log line (status 101) is written when it ends, with the bytes that
 //! crossed each way.
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Response, StatusCode, Version};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::io::InspectReader;
 
 use super::headers;
 use super::response_body::ProxyBody;
@@ -33,8 +30,7 @@ use crate::config::HalfClose;
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::respond::REQUEST_ID;
 use crate::route::Route;
-use crate::upstream::connect::UpstreamIo;
-use crate::upstream::pool::{H1Conn, OpenConn};
+use crate::upstream::pool::{H1Conn, Switched};
 
 /// Answers the client with the upstream's `101` and joins the two connections in a task of their
 /// own, once hyper has handed both over. `downstream` is the client connection's upgrade,
@@ -74,18 +70,21 @@ pub fn open(
     Response::from_parts(parts, ProxyBody::empty())
 }
 
-/// Bytes and the last time any crossed, shared by both directions.
+/// Bytes read from each side, and the last time any crossed.
 #[derive(Debug)]
 struct Traffic {
+    from_client: AtomicU64,
+    from_upstream: AtomicU64,
     /// Nanoseconds from `epoch` to the last read that returned bytes.
     last: AtomicU64,
     epoch: Instant,
 }
 
 impl Traffic {
-    fn note(&self) {
-        let n = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(n, Ordering::Relaxed);
+    fn note(&self, side: &AtomicU64, n: usize) {
+        side.fetch_add(n as u64, Ordering::Relaxed);
+        let at = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(at, Ordering::Relaxed);
     }
 
     fn last(&self) -> Instant {
@@ -93,87 +92,23 @@ impl Traffic {
     }
 }
 
-/// The upstream's transport, with the bytes hyper read past the `101` first.
-struct Switch {
-    read_ahead: Bytes,
-    io: UpstreamIo,
-    /// Counted as an open upstream connection until the tunnel ends.
-    _open: OpenConn,
-}
-
-impl AsyncRead for Switch {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.read_ahead.is_empty() {
-            let n = self.read_ahead.len().min(buf.remaining());
-            buf.put_slice(&self.read_ahead.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Switch {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// One side of the tunnel, counting what is read from it.
-struct Side<T> {
+/// `io`, with what is read from it counted in `traffic` (`upstream`: as from the upstream).
+fn counted<T: AsyncRead>(
     io: T,
-    read: u64,
-    traffic: Arc<Traffic>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Side<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read += n as u64;
-            self.traffic.note();
+    traffic: &Arc<Traffic>,
+    upstream: bool,
+) -> InspectReader<T, impl FnMut(&[u8]) + use<T>> {
+    let traffic = traffic.clone();
+    InspectReader::new(io, move |read: &[u8]| {
+        if !read.is_empty() {
+            let side = if upstream {
+                &traffic.from_upstream
+            } else {
+                &traffic.from_client
+            };
+            traffic.note(side, read.len());
         }
-        r
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Side<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    })
 }
 
 /// How the tunnel ended.
@@ -196,6 +131,8 @@ async fn run(
     half_close: HalfClose,
 ) {
     let traffic = Arc::new(Traffic {
+        from_client: AtomicU64::new(0),
+        from_upstream: AtomicU64::new(0),
         last: AtomicU64::new(0),
         epoch: Instant::now(),
     });
@@ -214,28 +151,27 @@ async fn run(
         reason = t.ctx.cancelled() => Err(End::Cancelled(reason)),
         r = switched => r.map_err(End::NotUpgraded),
     };
-    let (end, sides) = match upgraded {
-        Err(end) => (end, None),
+    let end = match upgraded {
+        Err(end) => end,
         Ok((down, up)) => {
-            let mut down = Side {
-                io: TokioIo::new(down),
-                read: 0,
-                traffic: traffic.clone(),
-            };
-            let mut up = Side {
-                io: Switch {
-                    read_ahead: up.read_ahead,
-                    io: up.io,
-                    _open: up.open,
-                },
-                read: 0,
-                traffic: traffic.clone(),
-            };
-            let end = match half_close {
+            // `_open`: counted as an open upstream connection until the tunnel ends. What hyper
+            // read past the upstream's 101 is the new protocol's first bytes.
+            let Switched {
+                mut io,
+                read_ahead: ahead,
+                open: _open,
+            } = up;
+            traffic.note(&traffic.from_upstream, ahead.len());
+            let mut down = counted(TokioIo::new(down), &traffic, false);
+            let mut up = counted(&mut io, &traffic, true);
+            match half_close {
                 // Each side's end of input is passed on as a half-close, and the tunnel lasts
                 // until both directions are done.
                 HalfClose::Continue => {
-                    let joined = tokio::io::copy_bidirectional(&mut down, &mut up);
+                    let joined = async {
+                        down.write_all(&ahead).await?;
+                        tokio::io::copy_bidirectional(&mut down, &mut up).await
+                    };
                     guarded(&t.ctx, idle, &traffic, joined).await
                 }
                 // The first side to close (or fail) ends the tunnel: what it sent is passed on,
@@ -244,24 +180,23 @@ async fn run(
                     let (mut dr, mut dw) = tokio::io::split(down);
                     let (mut ur, mut uw) = tokio::io::split(up);
                     let first = async {
+                        dw.write_all(&ahead).await?;
                         tokio::select! {
-                            _ = tokio::io::copy(&mut dr, &mut uw) => {}
-                            _ = tokio::io::copy(&mut ur, &mut dw) => {}
+                            r = tokio::io::copy(&mut dr, &mut uw) => r,
+                            r = tokio::io::copy(&mut ur, &mut dw) => r,
                         }
                     };
-                    let end = guarded(&t.ctx, idle, &traffic, first).await;
-                    (down, up) = (dr.unsplit(dw), ur.unsplit(uw));
-                    end
+                    guarded(&t.ctx, idle, &traffic, first).await
                 }
-            };
-            (end, Some((down, up)))
+            }
+            // Both connections close here, before the line is written.
         }
     };
-    // Both connections close here, before the line is written.
-    if let Some((down, up)) = sides {
-        t.upload.bytes.store(down.read, Ordering::Relaxed);
-        t.rec.bytes_sent = up.read;
-    }
+    t.upload.bytes.store(
+        traffic.from_client.load(Ordering::Relaxed),
+        Ordering::Relaxed,
+    );
+    t.rec.bytes_sent = traffic.from_upstream.load(Ordering::Relaxed);
     match end {
         End::Closed => t.finish_ok(),
         End::Idle => {
