@@ -16,7 +16,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use test_support::behavior::{Behavior, Reply, script};
-use tether_gateway::config::{HalfClose, RouteConfig};
+use tether_gateway::config::{Config, HalfClose, RouteConfig, UpstreamTls};
 use tether_gateway::observe::access::Outcome;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -53,21 +53,43 @@ impl Drop for EchoUpstream {
 
 impl EchoUpstream {
     async fn start(refuse: bool) -> EchoUpstream {
+        Self::start_with(refuse, None).await
+    }
+
+    /// With `tls`, the upstream speaks HTTP/1.1 over TLS.
+    async fn start_with(
+        refuse: bool,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    ) -> EchoUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, seen) = mpsc::unbounded_channel();
+        let tls = tls.map(tokio_rustls::TlsAcceptor::from);
         let task = tokio::spawn(async move {
             loop {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
                 let tx = tx.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| serve(req, tx.clone(), refuse));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(sock), svc)
-                        .with_upgrades()
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        Some(tls) => {
+                            let Ok(sock) = tls.accept(sock).await else {
+                                return;
+                            };
+                            http.serve_connection(TokioIo::new(sock), svc)
+                                .with_upgrades()
+                                .await
+                        }
+                        None => {
+                            http.serve_connection(TokioIo::new(sock), svc)
+                                .with_upgrades()
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -132,16 +154,27 @@ async fn serve(
 
 /// A gateway whose only upstream is at `addr`; `tweak` adjusts the route.
 async fn gateway(addr: SocketAddr, tweak: impl FnOnce(&mut RouteConfig)) -> Env {
+    gateway_with(addr, |c| tweak(&mut c.listeners[0].routes[0])).await
+}
+
+/// A gateway whose only upstream is at `addr`; `tweak` adjusts the whole config.
+async fn gateway_with(addr: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Env {
     Env::with(
         Down::H1,
         Up::H1,
         script(|_| Behavior::Respond(Reply::ok("unused"))),
         move |c| {
             c.upstreams[0].addresses = vec![addr.into()];
-            tweak(&mut c.listeners[0].routes[0]);
+            tweak(c);
         },
     )
     .await
+}
+
+/// The status and outcome of the tunnel's access-log line.
+async fn ended(env: &Env) -> (u16, Outcome) {
+    let rec = env.record("/ws").await;
+    (rec.status, rec.outcome)
 }
 
 /// An echo upstream, a gateway in front of it (its route adjusted by `tweak`) and a client it
@@ -247,8 +280,7 @@ async fn the_upstream_closing_the_tunnel_closes_the_client_connection() {
         assert_eq!(read_exact(&mut c, 4).await, b"ping");
         c.write_all(b"close").await.unwrap();
         closed(&mut c).await;
-        let rec = env.record("/ws").await;
-        assert_eq!((rec.status, rec.outcome), (101, Outcome::Ok));
+        assert_eq!(ended(&env).await, (101, Outcome::Ok));
     })
     .await;
 }
@@ -311,8 +343,7 @@ async fn an_idle_tunnel_is_closed_after_the_routes_idle_timeout() {
             quiet.elapsed()
         );
         assert_eq!(up.next().await, Seen::TunnelEnd);
-        let rec = env.record("/ws").await;
-        assert_eq!((rec.status, rec.outcome), (101, Outcome::Timeout));
+        assert_eq!(ended(&env).await, (101, Outcome::Timeout));
     })
     .await;
 }
@@ -353,15 +384,9 @@ async fn a_tunnel_holds_its_place_in_the_listeners_connection_limit() {
     bounded(Duration::from_secs(20), async {
         let mut up = EchoUpstream::start(false).await;
         let addr = up.addr;
-        let env = Env::with(
-            Down::H1,
-            Up::H1,
-            script(|_| Behavior::Respond(Reply::ok("unused"))),
-            move |c| {
-                c.upstreams[0].addresses = vec![addr.into()];
-                c.listeners[0].limits.max_connections = std::num::NonZeroUsize::new(1);
-            },
-        )
+        let env = gateway_with(addr, |c| {
+            c.listeners[0].limits.max_connections = std::num::NonZeroUsize::new(1);
+        })
         .await;
         let (mut tunnel, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
@@ -455,6 +480,38 @@ async fn bytes_the_upstream_sends_right_behind_its_101_reach_the_client() {
         bounded(BOUND, up).await.unwrap();
         let rec = env.record("/ws").await;
         assert_eq!((rec.bytes_received, rec.bytes_sent), (4, 13));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_tunnel_to_an_upstream_over_tls() {
+    bounded(Duration::from_secs(20), async {
+        let pki = test_support::TestPki::generate().unwrap();
+        let tls = pki.server_config(&[b"http/1.1"]).unwrap();
+        let mut up = EchoUpstream::start_with(false, Some(tls)).await;
+        let ca = pki.ca_der();
+        let addr = up.addr;
+        let env = gateway_with(addr, |c| {
+            c.upstreams[0].tls = Some(UpstreamTls {
+                server_name: Some("localhost".into()),
+                ca: vec![ca],
+                insecure_skip_verify: false,
+            });
+        })
+        .await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        assert!(matches!(up.next().await, Seen::Request { upgrade, .. } if upgrade == "echo"));
+        c.write_all(b"over tls").await.unwrap();
+        assert_eq!(read_exact(&mut c, 8).await, b"over tls");
+        drop(c);
+        assert_eq!(up.next().await, Seen::TunnelEnd);
+        let rec = env.record("/ws").await;
+        assert_eq!(
+            (rec.status, rec.bytes_received, rec.bytes_sent),
+            (101, 8, 8)
+        );
     })
     .await;
 }
