@@ -118,7 +118,7 @@ pub struct Switched {
 
 /// Starts driving an HTTP/1 connection over `io` in a task of its own. `upgradable`: the
 /// connection is made for a request asking to upgrade; on a `101` its transport goes to
-/// whoever [takes the switch](H1Conn::take_switch), and it is never pooled.
+/// whoever [takes the switch](H1Conn::switched), and it is never pooled.
 pub fn start_h1(
     io: UpstreamIo,
     peer: SocketAddr,
