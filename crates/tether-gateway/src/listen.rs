@@ -537,9 +537,9 @@ pub(crate) fn note_request() {
     STARTED.with(|c| c.set(c.get().wrapping_add(1)));
 }
 
-/// Runs `hook` on a worker thread once it has started no request for a few seconds
-/// ([`IDLE_HOOK_QUIET`]): at the first time it runs out of work after that (the pool sweep wakes
-/// it every second), once per quiet spell. For per-thread housekeeping of process-wide state,
+/// Runs `hook` on a worker thread once it has started no request for 3 s (`IDLE_HOOK_QUIET`): at
+/// the first time it runs out of work after that (the pool sweep wakes it every second), once
+/// per quiet spell. For per-thread housekeeping of process-wide state,
 /// such as handing an allocator's free memory back to the system, which a worker still serving
 /// requests would only have to take back. The first hook set wins; set it before starting a
 /// gateway.

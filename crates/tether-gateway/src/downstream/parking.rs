@@ -1,7 +1,7 @@
 //! A worker's parked HTTP/1 connections: idle plain-TCP keep-alive connections held as a socket
 //! and a few fields each, with no task, no buffers and no registration with tokio's reactor.
 //!
-//! A connection parks once it has been idle for [`h1::PARK_AFTER`](super::h1::PARK_AFTER). Its
+//! A connection parks once it has been idle for [`h1::PARK_AFTER`]. Its
 //! socket moves to the worker's own epoll set (a `mio::Poll`, itself watched by tokio through one
 //! [`AsyncFd`]), and one timer per worker, on the earliest idle deadline, closes those that stay
 //! idle too long. A task per parked connection would cost its future and tokio's registration
