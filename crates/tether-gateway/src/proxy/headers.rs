@@ -86,21 +86,23 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
     }
 }
 
-/// [`strip_hop_by_hop`] once [`scan`] found one.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
-    let te_trailers = keep_te_trailers
-        && headers.get_all(header::TE).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            })
-        });
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
+/// The elements of the comma-separated lists in every `name` field (values that are not visible
+/// ASCII are skipped), trimmed.
+fn list_elements<'a>(headers: &'a HeaderMap, name: &HeaderName) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+}
+
+/// [`strip_hop_by_hop`] once [`scan`] found one.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
+    let te_trailers = keep_te_trailers
+        && list_elements(headers, &header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
+    let named: Vec<HeaderName> = list_elements(headers, &header::CONNECTION)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     for n in named {
         headers.remove(n);
@@ -117,13 +119,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_te_trailers: bool) {
 /// The protocols an HTTP/1.1 message asks to switch to (RFC 9110 §7.8): its `Upgrade` values,
 /// when its `Connection` header names `upgrade`. `None` for any other message.
 pub fn upgrade_of(headers: &HeaderMap) -> Option<Vec<HeaderValue>> {
-    let asks = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if !asks {
+    if !list_elements(headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
         return None;
     }
     let protocols: Vec<HeaderValue> = headers.get_all(header::UPGRADE).iter().cloned().collect();
