@@ -125,8 +125,7 @@ impl Streaming {
         self.teardown();
         let err = ProxyError::upstream(Stage::Body, ErrorKind::Timeout);
         if let Some(t) = self.tracker.take() {
-            t.ctx.cancel(CancelReason::Deadline);
-            t.finish_error(&err, None);
+            t.finish_idle(&err);
         }
         Poll::Ready(Some(Err(Box::new(err))))
     }

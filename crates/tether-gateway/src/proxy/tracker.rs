@@ -121,6 +121,13 @@ impl Tracker {
         self.close(None);
     }
 
+    /// Nothing crossed for the route's idle timeout (`err` says where): the request's context
+    /// is cancelled as past its deadline, and the request ends failed.
+    pub fn finish_idle(self, err: &ProxyError) {
+        self.ctx.cancel(CancelReason::Deadline);
+        self.finish_error(err, None);
+    }
+
     /// The request was cancelled with `reason` (or hyper dropped it: the reason is inferred).
     pub fn finish_cancelled(mut self, reason: CancelReason) {
         self.ctx.cancel(reason);

@@ -199,11 +199,7 @@ async fn run(
     t.rec.bytes_sent = traffic.from_upstream.load(Ordering::Relaxed);
     match end {
         End::Closed => t.finish_ok(),
-        End::Idle => {
-            let err = ProxyError::upstream(Stage::Body, ErrorKind::Timeout);
-            t.ctx.cancel(tether::CancelReason::Deadline);
-            t.finish_error(&err, None);
-        }
+        End::Idle => t.finish_idle(&ProxyError::upstream(Stage::Body, ErrorKind::Timeout)),
         End::Cancelled(reason) => t.finish_cancelled(reason),
         End::NotUpgraded(err) => t.finish_error(&err, None),
     }
