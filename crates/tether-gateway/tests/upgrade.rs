@@ -515,3 +515,53 @@ async fn a_tunnel_to_an_upstream_over_tls() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_connection_made_for_a_refused_upgrade_closes_cleanly_over_tls() {
+    bounded(Duration::from_secs(20), async {
+        // A raw TLS upstream that refuses the upgrade with a plain answer and then reports how
+        // tether closed the connection made for it: `Ok(0)` after a close_notify, an
+        // unexpected-EOF error after a bare FIN.
+        let pki = test_support::TestPki::generate().unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(pki.server_config(&[b"http/1.1"]).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let up = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            let mut s = tls.accept(sock).await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the request head ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+                .await
+                .unwrap();
+            s.flush().await.unwrap();
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e.kind()),
+                }
+            }
+        });
+        let ca = pki.ca_der();
+        let env = gateway_with(addr, |c| {
+            c.upstreams[0].tls = Some(UpstreamTls {
+                server_name: Some("localhost".into()),
+                ca: vec![ca],
+                insecure_skip_verify: false,
+            });
+        })
+        .await;
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 200 "), "{head}");
+        assert_eq!(read_exact(&mut c, 5).await, b"plain");
+        // Never pooled: closed once its response is through, with a close_notify first.
+        assert_eq!(bounded(BOUND, up).await.unwrap(), Ok(()));
+    })
+    .await;
+}

@@ -148,10 +148,11 @@ pub fn start_h1(
         // instance of its connection code in the binary, and a slower one for every request).
         if let Ok(parts) = conn.without_shutdown().await {
             let mut io = parts.io.into_inner();
-            // Kept for the tunnel, which takes it after a 101. Otherwise (the request was not
-            // switched, and the connection ended after its response) nobody holds the handoff
-            // any more, and the transport closes with it.
-            if theirs.upgradable {
+            // Kept for the tunnel, which holds the connection from the 101 until it takes the
+            // transport. When nobody else holds it (the request was answered without switching,
+            // and the connection ended after that response), it is closed as any other.
+            // (The connection's task runs on the worker that holds the connection: no race.)
+            if theirs.upgradable && Arc::strong_count(&theirs) > 1 {
                 *lock(&theirs.state) = HandoffState::Switched(Switched {
                     io,
                     read_ahead: parts.read_buf,
