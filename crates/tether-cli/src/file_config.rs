@@ -2,6 +2,7 @@
 //! [`tether_gateway::Config`], validated. Every error names the dotted key
 //! (`listeners[0].routes[1].upstream`) and its line; `docs/config.md` documents each key.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -13,9 +14,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Config, DeadPeerConfig, HalfClose, IpNet, ListenerConfig, ListenerLimits,
-    Protocols, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive, TraceContext, UpstreamAddress,
-    UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    AdminConfig, Config, DeadPeerConfig, HalfClose, HeaderRules, IpNet, ListenerConfig,
+    ListenerLimits, Protocols, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive, TraceContext,
+    UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -178,6 +179,42 @@ pub struct FileRoute {
     pub trace_context: Option<FileTraceContext>,
     /// Requests in flight at once; beyond it 503 with `Retry-After`.
     pub max_in_flight: Option<usize>,
+    /// Changes to upstream requests' headers.
+    #[serde(default)]
+    pub request_headers: FileHeaderRules,
+    /// Changes to responses' headers.
+    #[serde(default)]
+    pub response_headers: FileHeaderRules,
+}
+
+/// `request_headers` / `response_headers`: `{ remove = [..], set = { name = "value" }, add = { .. } }`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHeaderRules {
+    /// Header names removed.
+    #[serde(default)]
+    pub remove: Vec<String>,
+    /// Headers replaced (or added).
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Values added beside any already there.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+}
+
+impl FileHeaderRules {
+    fn rules(&self) -> HeaderRules {
+        let pairs = |m: &BTreeMap<String, String>| {
+            m.iter()
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect::<Vec<_>>()
+        };
+        HeaderRules {
+            remove: self.remove.clone(),
+            set: pairs(&self.set),
+            add: pairs(&self.add),
+        }
+    }
 }
 
 /// `trace_context` values.
@@ -728,6 +765,8 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     if let Some(n) = r.max_retries {
         cfg.max_retries = n;
     }
+    cfg.request_headers = r.request_headers.rules();
+    cfg.response_headers = r.response_headers.rules();
     if let Some(n) = r.max_in_flight {
         cfg.max_in_flight = Some(NonZeroUsize::new(n).ok_or_else(|| {
             KeyError::new(

@@ -372,6 +372,30 @@ pub struct RouteConfig {
     /// Requests in flight on this route at once, all workers together; beyond it requests are
     /// shed with 503 and `Retry-After`. Default: none.
     pub max_in_flight: Option<NonZeroUsize>,
+    /// Changes to the request's headers on the way upstream, made after tether's own (hop-by-hop
+    /// removal, forwarding headers, request id). Default: none.
+    pub request_headers: HeaderRules,
+    /// Changes to the upstream's response headers on the way to the client. Default: none.
+    pub response_headers: HeaderRules,
+}
+
+/// Header changes a route makes: `remove` first, then `set`, then `add`. Names are
+/// case-insensitive; values are sent as written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderRules {
+    /// Headers removed, every value.
+    pub remove: Vec<String>,
+    /// Headers given this value, replacing any already there.
+    pub set: Vec<(String, String)>,
+    /// Values added, keeping any already there.
+    pub add: Vec<(String, String)>,
+}
+
+impl HeaderRules {
+    /// True when the rules change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
 }
 
 /// Per-route timeouts; `None` disables one.
@@ -525,6 +549,8 @@ impl RouteConfig {
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
             trace_context: TraceContext::Passthrough,
             max_in_flight: None,
+            request_headers: HeaderRules::default(),
+            response_headers: HeaderRules::default(),
         }
     }
 }
@@ -634,6 +660,11 @@ impl Config {
                         format!("{h:?} is not a valid header name"),
                     ));
                 }
+                let budget = r.budget_header.as_deref();
+                crate::proxy::headers::Rewrite::request(&r.request_headers, budget)
+                    .map_err(|e| ConfigError::new(format!("{rkey}.request_headers"), e))?;
+                crate::proxy::headers::Rewrite::response(&r.response_headers)
+                    .map_err(|e| ConfigError::new(format!("{rkey}.response_headers"), e))?;
                 if !(0.0..=1000.0).contains(&r.retry_budget_ratio) {
                     return Err(ConfigError::new(
                         format!("{rkey}.retry_budget"),

@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use crate::config::{HalfClose, RouteConfig, RouteTimeouts, TraceContext};
 use crate::observe::metrics::{Metrics, RouteMetrics};
+use crate::proxy::headers::Rewrite;
 
 /// A route ready for matching.
 #[derive(Debug)]
@@ -26,6 +27,10 @@ pub struct Route {
     pub trace_context: TraceContext,
     /// Requests in flight at once, when limited (shared by every worker).
     pub in_flight: Option<Arc<crate::admission::Limit>>,
+    /// Changes to upstream requests' headers.
+    pub request_headers: Rewrite,
+    /// Changes to responses' headers.
+    pub response_headers: Rewrite,
     /// Its metric handles, made on its first request.
     metrics: OnceLock<Arc<RouteMetrics>>,
 }
@@ -47,7 +52,7 @@ pub struct Router {
 
 impl Router {
     /// Builds a router; `upstream_index` maps an upstream name to its index (validated config
-    /// guarantees it exists).
+    /// guarantees it exists, and that the header rules parse).
     pub fn new(routes: &[RouteConfig], upstream_index: impl Fn(&str) -> Option<usize>) -> Router {
         let routes = routes
             .iter()
@@ -73,6 +78,12 @@ impl Router {
                     in_flight: r
                         .max_in_flight
                         .map(|n| crate::admission::Limit::new(n.get())),
+                    request_headers: Rewrite::request(
+                        &r.request_headers,
+                        r.budget_header.as_deref(),
+                    )
+                    .ok()?,
+                    response_headers: Rewrite::response(&r.response_headers).ok()?,
                     metrics: OnceLock::new(),
                 })
             })

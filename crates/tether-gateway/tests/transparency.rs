@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use test_support::behavior::{Behavior, Ending, Reply, routes, script};
 use test_support::client::{empty, full};
 use test_support::{Checksum, EventKind};
+use tether_gateway::config::HeaderRules;
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
@@ -415,6 +416,87 @@ async fn hop_by_hop_removed_and_forwarding_headers_added() {
                 fwd.contains("for=") && fwd.contains("127.0.0.1"),
                 "{up:?}: forwarded {fwd:?}"
             );
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_routes_header_rules_change_the_request_and_the_response() {
+    bounded(Duration::from_secs(30), async {
+        for (down, up) in pairs() {
+            let reply = Reply::ok("ok")
+                .header("server", "app/1.2")
+                .header("x-powered-by", "framework")
+                .header("via", "1.1 app");
+            let env = Env::with(
+                down,
+                up,
+                routes(vec![("/r", Behavior::Respond(reply))]),
+                |c| {
+                    let route = &mut c.listeners[0].routes[0];
+                    let pair = |n: &str, v: &str| (n.to_owned(), v.to_owned());
+                    route.request_headers = HeaderRules {
+                        remove: vec!["Forwarded".into(), "x-debug".into()],
+                        set: vec![pair("host", "app.internal:8080"), pair("x-env", "prod")],
+                        add: vec![pair("x-tag", "edge")],
+                    };
+                    route.response_headers = HeaderRules {
+                        remove: vec!["x-powered-by".into(), "x-request-id".into()],
+                        set: vec![pair("server", "tether")],
+                        add: vec![pair("via", "1.1 tether")],
+                    };
+                },
+            )
+            .await;
+            let mut c = env.http().await;
+            let req = c
+                .request(Method::GET, "/r")
+                .header("x-env", "dev")
+                .header("x-debug", "1")
+                .header("x-tag", "client")
+                .body(empty())
+                .unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 200, "{down:?}->{up:?}");
+            assert_eq!(&body[..], b"ok", "{down:?}->{up:?}");
+            let all = |n: &str| -> Vec<&str> {
+                p.headers
+                    .get_all(n)
+                    .iter()
+                    .map(|v| v.to_str().unwrap())
+                    .collect()
+            };
+            assert_eq!(all("server"), ["tether"], "{down:?}->{up:?}");
+            assert!(all("x-powered-by").is_empty(), "{down:?}->{up:?}");
+            assert!(all("x-request-id").is_empty(), "{down:?}->{up:?}");
+            assert_eq!(all("via"), ["1.1 app", "1.1 tether"], "{down:?}->{up:?}");
+
+            let (_, headers) = env.log().requests("/r").remove(0);
+            let get = |n: &str| -> Vec<&str> {
+                headers
+                    .iter()
+                    .filter(|(k, _)| k == n)
+                    .map(|(_, v)| v.as_str())
+                    .collect()
+            };
+            let host = if up == Up::H1 { "host" } else { ":authority" };
+            assert_eq!(
+                get(host),
+                ["app.internal:8080"],
+                "{down:?}->{up:?}: {headers:?}"
+            );
+            assert_eq!(get("x-env"), ["prod"], "{down:?}->{up:?}");
+            assert!(get("x-debug").is_empty(), "{down:?}->{up:?}");
+            assert_eq!(get("x-tag"), ["client", "edge"], "{down:?}->{up:?}");
+            // Only what the rules name changes: tether's other forwarding headers stay.
+            assert!(get("forwarded").is_empty(), "{down:?}->{up:?}");
+            assert_eq!(get("x-forwarded-for"), ["127.0.0.1"], "{down:?}->{up:?}");
+            assert_eq!(get("x-request-id").len(), 1, "{down:?}->{up:?}");
+            // The access log keeps the host the client asked for.
+            let rec = env.record("/r").await;
+            assert_ne!(rec.authority.as_str(), "app.internal:8080");
             env.stop().await;
         }
     })

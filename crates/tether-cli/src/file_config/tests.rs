@@ -290,3 +290,40 @@ fn sub_second_keepalive_is_refused_with_its_key() {
     let e = err(&src);
     assert_eq!(e.key, "listeners[0].dead_peer.keepalive_idle");
 }
+
+#[test]
+fn header_rules_convert_and_bad_ones_name_their_key_and_line() {
+    let src = GOOD.replace(
+        "  name = \"fallback\"\n",
+        "  name = \"fallback\"\n  request_headers = { remove = [\"Forwarded\"], set = { host = \"app.internal\", x-env = \"prod\" } }\n  response_headers = { add = { via = \"1.1 tether\" } }\n",
+    );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    let r = &cfg.config.listeners[0].routes[1];
+    assert_eq!(r.request_headers.remove, ["Forwarded"]);
+    assert_eq!(
+        r.request_headers.set,
+        [
+            ("host".to_owned(), "app.internal".to_owned()),
+            ("x-env".to_owned(), "prod".to_owned())
+        ]
+    );
+    assert_eq!(
+        r.response_headers.add,
+        [("via".to_owned(), "1.1 tether".to_owned())]
+    );
+    assert!(cfg.config.listeners[0].routes[0].request_headers.is_empty());
+
+    let bad = GOOD.replace(
+        "  name = \"fallback\"\n",
+        "  name = \"fallback\"\n  response_headers = { set = { transfer-encoding = \"chunked\" } }\n",
+    );
+    let e = err(&bad);
+    assert_eq!(e.key, "listeners[0].routes[1].response_headers", "{e:?}");
+    assert_eq!(e.line, 22, "{e:?}");
+    assert!(e.message.contains("transfer-encoding"), "{e:?}");
+    let bad = GOOD.replace(
+        "  name = \"fallback\"\n",
+        "  name = \"fallback\"\n  request_headers = { sett = {} }\n",
+    );
+    assert!(err(&bad).message.contains("unknown field"));
+}

@@ -1,9 +1,12 @@
-//! Header rewriting between downstream and upstream: hop-by-hop removal and forwarding headers.
+//! Header rewriting between downstream and upstream: hop-by-hop removal, forwarding headers, and
+//! the changes a route's configuration asks for.
 
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::HeaderRules;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy ones
 /// proxies are expected to drop.
@@ -278,9 +281,212 @@ pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, ho
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
+/// Headers no configured rule may touch: they frame the message or describe the connection, and
+/// tether (with hyper) sets them itself.
+const FRAMING: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// A route's header changes ([`HeaderRules`]), checked and parsed once.
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+    /// The `host` a request rule sets: the upstream request's `Host`, or its `:authority` over
+    /// HTTP/2.
+    host: Option<HeaderValue>,
+}
+
+impl Rewrite {
+    /// Rules for upstream requests. `host` may only be set (a request carries exactly one);
+    /// `budget_header`, stamped on every attempt, is left to its own setting.
+    pub fn request(rules: &HeaderRules, budget_header: Option<&str>) -> Result<Rewrite, String> {
+        let mut r = Rewrite::parse(rules)?;
+        if r.remove.contains(&header::HOST) || r.add.iter().any(|(n, _)| n == header::HOST) {
+            return Err("\"host\" can only be set: a request carries exactly one".into());
+        }
+        if let Some(b) = budget_header
+            && let Some(n) = r.names().find(|n| n.as_str().eq_ignore_ascii_case(b))
+        {
+            return Err(format!(
+                "{:?} is the route's budget header, stamped on every attempt; set budget_header instead",
+                n.as_str()
+            ));
+        }
+        if let Some(i) = r.set.iter().position(|(n, _)| n == header::HOST) {
+            let host = r.set.remove(i).1;
+            // Also an HTTP/2 upstream's `:authority`.
+            if http::uri::Authority::try_from(host.as_bytes()).is_err() {
+                return Err(format!(
+                    "{host:?} is not a host (name or address, optional port)"
+                ));
+            }
+            r.host = Some(host);
+        }
+        Ok(r)
+    }
+
+    /// Rules for responses on their way to the client.
+    pub fn response(rules: &HeaderRules) -> Result<Rewrite, String> {
+        Rewrite::parse(rules)
+    }
+
+    fn parse(rules: &HeaderRules) -> Result<Rewrite, String> {
+        let name = |n: &str| {
+            let name = HeaderName::from_bytes(n.as_bytes())
+                .map_err(|_| format!("{n:?} is not a valid header name"))?;
+            if FRAMING.contains(&name.as_str()) {
+                return Err(format!(
+                    "{n:?} frames the message or describes the connection; tether sets it itself"
+                ));
+            }
+            Ok(name)
+        };
+        let pair = |(n, v): &(String, String)| {
+            let value = HeaderValue::from_str(v).map_err(|_| {
+                format!("the value for {n:?} has a character no header can carry (a control character or line break)")
+            })?;
+            Ok::<_, String>((name(n)?, value))
+        };
+        Ok(Rewrite {
+            remove: rules
+                .remove
+                .iter()
+                .map(|n| name(n))
+                .collect::<Result<_, _>>()?,
+            set: rules.set.iter().map(pair).collect::<Result<_, _>>()?,
+            add: rules.add.iter().map(pair).collect::<Result<_, _>>()?,
+            host: None,
+        })
+    }
+
+    fn names(&self) -> impl Iterator<Item = &HeaderName> {
+        let pairs = self.set.iter().chain(&self.add).map(|(n, _)| n);
+        self.remove.iter().chain(pairs)
+    }
+
+    /// True when [`Rewrite::apply`] changes nothing (a `host` is applied apart).
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
+    /// The `host` the rules set, if any.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
+    }
+
+    /// Removes, then sets, then adds.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for n in &self.remove {
+            headers.remove(n);
+        }
+        for (n, v) in &self.set {
+            headers.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            headers.append(n.clone(), v.clone());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rules(remove: &[&str], set: &[(&str, &str)], add: &[(&str, &str)]) -> HeaderRules {
+        let pairs = |p: &[(&str, &str)]| {
+            p.iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect()
+        };
+        HeaderRules {
+            remove: remove.iter().map(|n| n.to_string()).collect(),
+            set: pairs(set),
+            add: pairs(add),
+        }
+    }
+
+    #[test]
+    fn route_rules_remove_then_set_then_add() {
+        let r = Rewrite::response(&rules(
+            &["Server", "x-gone"],
+            &[("X-Env", "prod"), ("server", "edge")],
+            &[("via", "1.1 tether"), ("x-env", "extra")],
+        ))
+        .unwrap();
+        let mut h = map(&[
+            ("server", "app"),
+            ("x-gone", "1"),
+            ("x-gone", "2"),
+            ("x-env", "dev"),
+            ("via", "1.1 lb"),
+            ("x-kept", "yes"),
+        ]);
+        r.apply(&mut h);
+        let all =
+            |n: &str| -> Vec<&str> { h.get_all(n).iter().map(|v| v.to_str().unwrap()).collect() };
+        assert_eq!(all("server"), ["edge"]);
+        assert!(all("x-gone").is_empty());
+        assert_eq!(all("x-env"), ["prod", "extra"]);
+        assert_eq!(all("via"), ["1.1 lb", "1.1 tether"]);
+        assert_eq!(all("x-kept"), ["yes"]);
+        assert!(
+            Rewrite::response(&HeaderRules::default())
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_request_rule_setting_host_is_kept_apart_as_the_upstream_host() {
+        let r = Rewrite::request(&rules(&[], &[("Host", "app.internal:8080")], &[]), None).unwrap();
+        assert_eq!(
+            r.host().map(HeaderValue::as_bytes),
+            Some(&b"app.internal:8080"[..])
+        );
+        assert!(
+            r.is_empty(),
+            "host is applied by the request's builder, not by apply"
+        );
+        let mut h = map(&[("host", "client.example")]);
+        r.apply(&mut h);
+        assert_eq!(h["host"], "client.example");
+    }
+
+    #[test]
+    fn bad_route_rules_are_refused_with_the_reason() {
+        let refused =
+            |r: HeaderRules| Rewrite::request(&r, Some("x-request-timeout-ms")).unwrap_err();
+        for framing in [
+            "connection",
+            "Transfer-Encoding",
+            "content-length",
+            "upgrade",
+            "te",
+        ] {
+            let e = refused(rules(&[framing], &[], &[]));
+            assert!(e.contains("tether sets it itself"), "{framing}: {e}");
+        }
+        assert!(refused(rules(&[], &[("bad name", "v")], &[])).contains("not a valid header name"));
+        let e = refused(rules(&[], &[("x-a", "one\r\nx-b: two")], &[]));
+        assert!(e.contains("line break"), "{e}");
+        assert!(refused(rules(&["host"], &[], &[])).contains("can only be set"));
+        assert!(refused(rules(&[], &[], &[("host", "a")])).contains("can only be set"));
+        assert!(refused(rules(&[], &[("host", "a b")], &[])).contains("not a host"));
+        let e = refused(rules(&["X-Request-Timeout-Ms"], &[], &[]));
+        assert!(e.contains("budget header"), "{e}");
+        // Without a budget header the name is free, and a response may name any host.
+        assert!(Rewrite::request(&rules(&["x-request-timeout-ms"], &[], &[]), None).is_ok());
+        assert!(Rewrite::response(&rules(&["host"], &[], &[])).is_ok());
+    }
 
     fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -210,7 +210,16 @@ fn proxy<'a>(
                 *crate::lock(&conn.upgrade) = Some(hyper::upgrade::on(&mut req));
             }
             let (mut up_req, id_value) = match build_upstream_request(
-                req, host, found, conn, listener, upstream, trusted, idle, &mut t,
+                req,
+                host,
+                route.request_headers.host(),
+                found,
+                conn,
+                listener,
+                upstream,
+                trusted,
+                idle,
+                &mut t,
             ) {
                 Ok(r) => r,
                 Err(e) => return fail(t, e),
@@ -222,6 +231,10 @@ fn proxy<'a>(
                 trace_context::apply(up_req.headers_mut(), route.trace_context, found.traceparent);
             t.rec.trace_id = ids.trace_id;
             t.rec.span_id = ids.span_id;
+            // The route's own changes come last, so that they win over tether's.
+            if !route.request_headers.is_empty() {
+                route.request_headers.apply(up_req.headers_mut());
+            }
             let resendable = retry::is_idempotent(method_of(&t))
                 && http_body::Body::is_end_stream(up_req.body());
             (Some(up_req), id_value, resendable, protocols.is_some())
@@ -448,6 +461,9 @@ fn proxy<'a>(
         if let Some(v) = id_value {
             parts.headers.insert(REQUEST_ID, v);
         }
+        if !route.response_headers.is_empty() {
+            route.response_headers.apply(&mut parts.headers);
+        }
         // A connection made for an upgrade is not kept: it closes after this response.
         let pool = pool.filter(|_| !upgrading).map(|conn| PoolReturn {
             upstream: upstream.clone(),
@@ -614,6 +630,7 @@ impl Replay {
 fn build_upstream_request(
     req: Request<Incoming>,
     host: &[u8],
+    host_rule: Option<&HeaderValue>,
     found: headers::Found,
     conn: &Conn,
     listener: &ListenerShared,
@@ -652,7 +669,11 @@ fn build_upstream_request(
     };
     if upstream.protocol.is_h2() {
         let scheme = if upstream.is_tls() { "https" } else { "http" };
-        let authority: &[u8] = if host.is_empty() { b"localhost" } else { host };
+        let authority: &[u8] = match host_rule {
+            Some(h) => h.as_bytes(),
+            None if host.is_empty() => b"localhost",
+            None => host,
+        };
         parts.uri = Uri::builder()
             .scheme(scheme)
             .authority(authority)
@@ -666,7 +687,10 @@ fn build_upstream_request(
         uri.path_and_query = Some(path);
         parts.uri = Uri::from_parts(uri).map_err(|e| bad(e.into()))?;
         // A `Connection` header may have named Host: looked up again once one was removed.
-        let has_host = if found.hop_by_hop {
+        let has_host = if let Some(h) = host_rule {
+            parts.headers.insert(HOST, h.clone());
+            true
+        } else if found.hop_by_hop {
             parts.headers.contains_key(HOST)
         } else {
             found.host
