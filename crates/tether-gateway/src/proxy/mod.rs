@@ -134,10 +134,16 @@ pub async fn handle(
     let tracker = Tracker::new(rec, ctx, conn.cancel.clone(), worker.observer.clone());
     // Boxed once here: the request's whole state machine is several KiB, and hyper moves the
     // service future into its slot, so an unboxed one would be copied on every request.
-    Ok(Box::pin(proxy(
+    let resp = Box::pin(proxy(
         &worker, &listener, &conn, req, found, trusted, tracker,
     ))
-    .await)
+    .await;
+    // An upgrade request that failed or was cancelled before its answer left the client's side
+    // of the switch in the connection's slot; it is of no use past this point.
+    if found.hop_by_hop {
+        crate::lock(&conn.upgrade).take();
+    }
+    Ok(resp)
 }
 
 /// The request's whole exchange. Written as a function returning an `async move` block rather
