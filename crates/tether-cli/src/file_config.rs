@@ -179,6 +179,8 @@ pub struct FileRoute {
     pub trace_context: Option<FileTraceContext>,
     /// Requests in flight at once; beyond it 503 with `Retry-After`.
     pub max_in_flight: Option<usize>,
+    /// Replaces the matched path prefix upstream.
+    pub rewrite_prefix: Option<String>,
     /// Changes to upstream requests' headers.
     #[serde(default)]
     pub request_headers: FileHeaderRules,
@@ -765,6 +767,7 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     if let Some(n) = r.max_retries {
         cfg.max_retries = n;
     }
+    cfg.rewrite_prefix = r.rewrite_prefix.clone();
     cfg.request_headers = r.request_headers.rules();
     cfg.response_headers = r.response_headers.rules();
     if let Some(n) = r.max_in_flight {

@@ -8,6 +8,7 @@ use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::uri::PathAndQuery;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Everything the gateway runs from.
@@ -377,6 +378,9 @@ pub struct RouteConfig {
     pub request_headers: HeaderRules,
     /// Changes to the upstream's response headers on the way to the client. Default: none.
     pub response_headers: HeaderRules,
+    /// Replaces the matched `path_prefix` in the path sent upstream (`"/"` strips it). Default:
+    /// none, the path goes as it came.
+    pub rewrite_prefix: Option<String>,
 }
 
 /// Header changes a route makes: `remove` first, then `set`, then `add`. Names are
@@ -551,6 +555,7 @@ impl RouteConfig {
             max_in_flight: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
+            rewrite_prefix: None,
         }
     }
 }
@@ -658,6 +663,16 @@ impl Config {
                     return Err(ConfigError::new(
                         format!("{rkey}.budget_header"),
                         format!("{h:?} is not a valid header name"),
+                    ));
+                }
+                if let Some(p) = &r.rewrite_prefix
+                    && (!p.starts_with('/')
+                        || p.contains(['?', '#'])
+                        || PathAndQuery::try_from(p.as_str()).is_err())
+                {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.rewrite_prefix"),
+                        format!("{p:?} must be a path starting with '/', without a query"),
                     ));
                 }
                 let budget = r.budget_header.as_deref();

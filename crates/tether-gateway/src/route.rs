@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, OnceLock};
 
+use http::uri::PathAndQuery;
+
 use crate::config::{HalfClose, RouteConfig, RouteTimeouts, TraceContext};
 use crate::observe::metrics::{Metrics, RouteMetrics};
 use crate::proxy::headers::Rewrite;
@@ -31,11 +33,33 @@ pub struct Route {
     pub request_headers: Rewrite,
     /// Changes to responses' headers.
     pub response_headers: Rewrite,
+    /// What replaces the matched prefix in the path sent upstream (no trailing `/`; "" is the
+    /// root).
+    rewrite_prefix: Option<String>,
     /// Its metric handles, made on its first request.
     metrics: OnceLock<Arc<RouteMetrics>>,
 }
 
 impl Route {
+    /// The path and query to send upstream when the route rewrites its prefix: `path` (which
+    /// the route matched) with the matched prefix replaced. `None`: sent as it came.
+    pub fn upstream_path(&self, path: &PathAndQuery) -> Option<PathAndQuery> {
+        let to = self.rewrite_prefix.as_deref()?;
+        let rest = path.as_str().strip_prefix(self.prefix.as_str())?;
+        // The prefix matched whole segments, so `rest` is empty or starts with `/` or `?`;
+        // anything else (`OPTIONS *`) is not a path to rewrite.
+        if !(rest.is_empty() || rest.starts_with(['/', '?'])) {
+            return None;
+        }
+        let joined = if rest.starts_with('/') {
+            format!("{to}{rest}")
+        } else {
+            let base = if to.is_empty() { "/" } else { to };
+            format!("{base}{rest}")
+        };
+        PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined)).ok()
+    }
+
     /// This route's metric handles in `metrics`.
     pub fn metrics(&self, metrics: &Metrics) -> Arc<RouteMetrics> {
         self.metrics
@@ -84,6 +108,10 @@ impl Router {
                     )
                     .ok()?,
                     response_headers: Rewrite::response(&r.response_headers).ok()?,
+                    rewrite_prefix: r
+                        .rewrite_prefix
+                        .as_ref()
+                        .map(|p| p.trim_end_matches('/').to_owned()),
                     metrics: OnceLock::new(),
                 })
             })
@@ -170,6 +198,36 @@ mod tests {
             Some(1)
         );
         assert_eq!(r.select(None, "/api/x").map(|r| r.upstream), Some(1));
+    }
+
+    #[test]
+    fn a_rewritten_prefix_replaces_the_matched_one() {
+        let rewritten = |prefix: &str, to: &str, path: &'static str| {
+            let mut c = RouteConfig::new(prefix, "web");
+            c.rewrite_prefix = Some(to.into());
+            let r = Router::new(&[c], |_| Some(0));
+            let route = r.select(None, path).expect("route matches");
+            route
+                .upstream_path(&PathAndQuery::from_static(path))
+                .map(|p| p.as_str().to_owned())
+        };
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(rewritten("/api", "/", "/api/users?x=1"), some("/users?x=1"));
+        assert_eq!(rewritten("/api/", "/", "/api"), some("/"));
+        assert_eq!(rewritten("/api", "/", "/api?x=1"), some("/?x=1"));
+        assert_eq!(rewritten("/api", "/v2", "/api/users"), some("/v2/users"));
+        assert_eq!(rewritten("/api", "/v2/", "/api"), some("/v2"));
+        assert_eq!(rewritten("/api", "/v2", "/api?q"), some("/v2?q"));
+        assert_eq!(rewritten("/", "/base", "/x/y"), some("/base/x/y"));
+        assert_eq!(rewritten("/", "/", "/x"), some("/x"));
+        assert_eq!(rewritten("/", "/base", "*"), None);
+        let plain = Router::new(&[RouteConfig::new("/api", "web")], |_| Some(0));
+        let route = plain.select(None, "/api/x").unwrap();
+        assert!(
+            route
+                .upstream_path(&PathAndQuery::from_static("/api/x"))
+                .is_none()
+        );
     }
 
     #[test]

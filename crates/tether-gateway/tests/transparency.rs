@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use test_support::behavior::{Behavior, Ending, Reply, routes, script};
 use test_support::client::{empty, full};
 use test_support::{Checksum, EventKind};
-use tether_gateway::config::HeaderRules;
+use tether_gateway::config::{HeaderRules, RouteConfig};
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
@@ -497,6 +497,45 @@ async fn a_routes_header_rules_change_the_request_and_the_response() {
             // The access log keeps the host the client asked for.
             let rec = env.record("/r").await;
             assert_ne!(rec.authority.as_str(), "app.internal:8080");
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced() {
+    bounded(Duration::from_secs(30), async {
+        for up in ALL_UP {
+            // The upstream answers with the request target it saw.
+            let s = script(|r| Behavior::Respond(Reply::ok(r.target.clone())));
+            let env = Env::with(Down::H1, up, s, |c| {
+                let routes = &mut c.listeners[0].routes;
+                let mut api = RouteConfig::new("/api", "up");
+                api.rewrite_prefix = Some("/".into());
+                let mut v1 = RouteConfig::new("/v1", "up");
+                v1.rewrite_prefix = Some("/internal/v2".into());
+                routes.insert(0, v1);
+                routes.insert(0, api);
+            })
+            .await;
+            let mut c = env.http().await;
+            for (asked, seen) in [
+                ("/api/users?id=7", "/users?id=7"),
+                ("/api", "/"),
+                ("/api?q=1", "/?q=1"),
+                ("/apix", "/apix"),
+                ("/v1/items/3", "/internal/v2/items/3"),
+                ("/other/path", "/other/path"),
+            ] {
+                let req = c.request(Method::GET, asked).body(empty()).unwrap();
+                let (p, body, _) = c.fetch(req).await.unwrap();
+                assert_eq!(p.status, 200, "{up:?} {asked}");
+                assert_eq!(&body[..], seen.as_bytes(), "{up:?} {asked}");
+            }
+            // The access log keeps the path the client asked for.
+            let rec = env.record("/api/users").await;
+            assert_eq!(rec.route.as_deref(), Some("up"));
             env.stop().await;
         }
     })

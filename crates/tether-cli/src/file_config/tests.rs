@@ -327,3 +327,29 @@ fn header_rules_convert_and_bad_ones_name_their_key_and_line() {
     );
     assert!(err(&bad).message.contains("unknown field"));
 }
+
+#[test]
+fn rewrite_prefix_converts_and_a_bad_one_names_its_key() {
+    let src = GOOD.replace(
+        "  path_prefix = \"/api\"\n",
+        "  path_prefix = \"/api\"\n  rewrite_prefix = \"/\"\n",
+    );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[0].rewrite_prefix.as_deref(),
+        Some("/")
+    );
+    assert_eq!(cfg.config.listeners[0].routes[1].rewrite_prefix, None);
+    for bad in ["v2", "/v2?x=1", "/a b"] {
+        let src = GOOD.replace(
+            "  path_prefix = \"/api\"\n",
+            &format!("  path_prefix = \"/api\"\n  rewrite_prefix = {bad:?}\n"),
+        );
+        let e = err(&src);
+        assert_eq!(
+            e.key, "listeners[0].routes[0].rewrite_prefix",
+            "{bad}: {e:?}"
+        );
+        assert!(e.message.contains("must be a path"), "{bad}: {e:?}");
+    }
+}

@@ -30,6 +30,7 @@ use crate::listen::{ListenerShared, Worker};
 use crate::observe::access::{RequestRecord, RequestText};
 use crate::observe::trace_context;
 use crate::respond::{self, REQUEST_ID};
+use crate::route::Route;
 use crate::upstream::{Checkout, Upstream, Want};
 use request_body::RequestBody;
 use response_body::{PoolReturn, ProxyBody, Streaming};
@@ -216,16 +217,7 @@ fn proxy<'a>(
                 *crate::lock(&conn.upgrade) = Some(hyper::upgrade::on(&mut req));
             }
             let (mut up_req, id_value) = match build_upstream_request(
-                req,
-                host,
-                route.request_headers.host(),
-                found,
-                conn,
-                listener,
-                upstream,
-                trusted,
-                idle,
-                &mut t,
+                req, host, route, found, conn, listener, upstream, trusted, idle, &mut t,
             ) {
                 Ok(r) => r,
                 Err(e) => return fail(t, e),
@@ -636,7 +628,7 @@ impl Replay {
 fn build_upstream_request(
     req: Request<Incoming>,
     host: &[u8],
-    host_rule: Option<&HeaderValue>,
+    route: &Route,
     found: headers::Found,
     conn: &Conn,
     listener: &ListenerShared,
@@ -665,11 +657,16 @@ fn build_upstream_request(
     if let Some(v) = &id_value {
         parts.headers.insert(REQUEST_ID, v.clone());
     }
-    // The path and query are passed on as they came (no copy).
-    let path = std::mem::take(&mut parts.uri)
+    // The path and query are passed on as they came (no copy), unless the route rewrites the
+    // prefix it matched.
+    let mut path = std::mem::take(&mut parts.uri)
         .into_parts()
         .path_and_query
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if let Some(p) = route.upstream_path(&path) {
+        path = p;
+    }
+    let host_rule = route.request_headers.host();
     let bad = |e: http::Error| {
         ProxyError::downstream(Stage::RequestHead, ErrorKind::BadRequest).with_source(e)
     };
