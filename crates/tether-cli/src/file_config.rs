@@ -14,9 +14,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Config, DeadPeerConfig, HalfClose, HeaderRules, IpNet, ListenerConfig,
-    ListenerLimits, Protocols, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive, TraceContext,
-    UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    AdminConfig, Config, DeadPeerConfig, HalfClose, HeaderRules, HealthCheck, IpNet,
+    ListenerConfig, ListenerLimits, Protocols, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive,
+    TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -259,6 +259,24 @@ pub struct FileUpstream {
     pub max_fails: Option<u32>,
     /// How long an endpoint is skipped after `max_fails` failed attempts.
     pub fail_timeout: Option<String>,
+    /// Active health checks.
+    pub health_check: Option<FileHealthCheck>,
+}
+
+/// `health_check` of an upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    /// Path requested. Required.
+    pub path: String,
+    /// Between checks; default 5 s.
+    pub interval: Option<String>,
+    /// Longest a check may take; default 2 s.
+    pub timeout: Option<String>,
+    /// Failed checks in a row that take an endpoint out; default 2.
+    pub unhealthy_after: Option<u32>,
+    /// Passed checks in a row that put it back; default 2.
+    pub healthy_after: Option<u32>,
 }
 
 /// `protocol` values of an upstream.
@@ -872,6 +890,25 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
             ));
         }
         cfg.fail_timeout = d;
+    }
+    if let Some(h) = &u.health_check {
+        let mut check = HealthCheck::new(h.path.clone());
+        let hkey = format!("{key}.health_check");
+        if let Some(s) = &h.interval {
+            let k = format!("{hkey}.interval");
+            check.interval = parse_duration(s).map_err(|e| KeyError::new(k, e))?;
+        }
+        if let Some(s) = &h.timeout {
+            let k = format!("{hkey}.timeout");
+            check.timeout = parse_duration(s).map_err(|e| KeyError::new(k, e))?;
+        }
+        if let Some(n) = h.unhealthy_after {
+            check.unhealthy_after = n;
+        }
+        if let Some(n) = h.healthy_after {
+            check.healthy_after = n;
+        }
+        cfg.health_check = Some(check);
     }
     Ok(cfg)
 }

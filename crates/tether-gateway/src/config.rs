@@ -513,6 +513,40 @@ pub struct UpstreamConfig {
     pub max_fails: u32,
     /// How long an endpoint is skipped after `max_fails` failed attempts. Default 10 s.
     pub fail_timeout: Duration,
+    /// Active health checks of every endpoint; none by default (only the passive
+    /// [`max_fails`](Self::max_fails)).
+    pub health_check: Option<HealthCheck>,
+}
+
+/// Active health checks: every `interval`, each endpoint gets `GET path` on a connection of its
+/// own. An endpoint is taken out of rotation after `unhealthy_after` failed checks in a row (no
+/// connection, no answer within `timeout`, or a status outside 200–399) and put back after
+/// `healthy_after` passed ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Path (and query) requested.
+    pub path: String,
+    /// Between the end of one check and the start of the next.
+    pub interval: Duration,
+    /// Longest a check may take, connection included.
+    pub timeout: Duration,
+    /// Failed checks in a row that take an endpoint out.
+    pub unhealthy_after: u32,
+    /// Passed checks in a row that put it back.
+    pub healthy_after: u32,
+}
+
+impl HealthCheck {
+    /// Checks of `path` every 5 s with a 2 s timeout, 2 failures out and 2 passes back.
+    pub fn new(path: impl Into<String>) -> HealthCheck {
+        HealthCheck {
+            path: path.into(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            unhealthy_after: 2,
+            healthy_after: 2,
+        }
+    }
 }
 
 impl UpstreamConfig {
@@ -531,6 +565,7 @@ impl UpstreamConfig {
             idle_timeout: Duration::from_secs(4),
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
+            health_check: None,
         }
     }
 }
@@ -627,6 +662,9 @@ impl Config {
                     "\"h2c\" is cleartext; use protocol = \"h2\" for HTTP/2 over TLS",
                 ));
             }
+            if let Some(h) = &u.health_check {
+                validate_health_check(&format!("{key}.health_check"), h)?;
+            }
         }
         for (i, l) in self.listeners.iter().enumerate() {
             let key = format!("listeners[{i}]");
@@ -702,6 +740,35 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_health_check(key: &str, h: &HealthCheck) -> Result<(), ConfigError> {
+    if !h.path.starts_with('/') || PathAndQuery::try_from(h.path.as_str()).is_err() {
+        return Err(ConfigError::new(
+            format!("{key}.path"),
+            format!("{:?} must be a path starting with '/'", h.path),
+        ));
+    }
+    for (name, d) in [("interval", h.interval), ("timeout", h.timeout)] {
+        if d.is_zero() {
+            return Err(ConfigError::new(
+                format!("{key}.{name}"),
+                "must be greater than zero",
+            ));
+        }
+    }
+    for (name, n) in [
+        ("unhealthy_after", h.unhealthy_after),
+        ("healthy_after", h.healthy_after),
+    ] {
+        if n == 0 {
+            return Err(ConfigError::new(
+                format!("{key}.{name}"),
+                "must be at least 1",
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_listener_limits(key: &str, l: &ListenerConfig) -> Result<(), ConfigError> {

@@ -40,6 +40,7 @@ use crate::route::Router;
 use crate::upstream::Upstream;
 use crate::upstream::connect::TlsSetupError;
 use crate::upstream::dns::{DnsError, Resolver};
+use crate::upstream::health_check::{self, ActiveHealth};
 
 /// Listen backlog of the admin listener.
 const ADMIN_BACKLOG: i32 = 128;
@@ -93,6 +94,8 @@ pub enum StartError {
 struct Published {
     config: Arc<Config>,
     listeners: Vec<Arc<ListenerShared>>,
+    /// Per upstream (in configuration order), the state its active health checks keep.
+    health: Vec<Option<Arc<ActiveHealth>>>,
 }
 
 /// One worker's view of a configuration generation.
@@ -293,6 +296,10 @@ impl Gateway {
                 .map_err(StartError::Thread)?;
             threads.push(t);
         }
+        threads.push(
+            spawn_health_checks(updates, observer.metrics.clone(), stop.clone())
+                .map_err(StartError::Thread)?,
+        );
         Ok(RunningGateway {
             addrs,
             admin_addr,
@@ -313,9 +320,18 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
     // Fail on bad DNS or upstream TLS settings now, not on the first request.
     let resolver = Resolver::new(&config.dns).map_err(StartError::Dns)?;
     for (index, u) in config.upstreams.iter().enumerate() {
-        Upstream::new(u, resolver.clone(), Arc::default())
+        Upstream::new(u, resolver.clone(), Arc::default(), None)
             .map_err(|source| StartError::UpstreamTls { index, source })?;
     }
+    let health = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            u.health_check
+                .as_ref()
+                .map(|_| ActiveHealth::new(u.addresses.len()))
+        })
+        .collect();
     let mut listeners = Vec::new();
     for (index, l) in config.listeners.iter().enumerate() {
         let kept = previous
@@ -342,6 +358,7 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
     Ok(Published {
         config: Arc::new(config),
         listeners,
+        health,
     })
 }
 
@@ -677,6 +694,61 @@ fn run_worker(
     });
 }
 
+/// Runs the active health checks of every published configuration on a thread of its own, each
+/// reload's replacing the previous one's, until `stop`.
+fn spawn_health_checks(
+    mut updates: watch::Receiver<Arc<Published>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("tether-health".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "cannot run the health checks"),
+            };
+            rt.block_on(async move {
+                loop {
+                    let p = updates.borrow_and_update().clone();
+                    // Dropped (so aborted) when the next configuration is published.
+                    let mut checks = tokio::task::JoinSet::new();
+                    let targets: Vec<_> = p
+                        .config
+                        .upstreams
+                        .iter()
+                        .zip(&p.health)
+                        .filter_map(|(u, state)| {
+                            Some(health_check::Target {
+                                check: u.health_check.clone()?,
+                                state: state.clone()?,
+                                config: u.clone(),
+                            })
+                        })
+                        .collect();
+                    if !targets.is_empty() {
+                        match Resolver::new(&p.config.dns) {
+                            Ok(resolver) => {
+                                for t in targets {
+                                    health_check::start(&mut checks, t, resolver.clone(), &metrics);
+                                }
+                            }
+                            // Checked when the configuration was loaded.
+                            Err(e) => tracing::error!(error = %e, "cannot run the health checks"),
+                        }
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = updates.changed() => if r.is_err() { return },
+                    }
+                }
+            });
+        })
+}
+
 /// What every generation of one worker shares.
 #[derive(Clone, Copy)]
 struct Kept<'a> {
@@ -695,7 +767,8 @@ fn build_generation(
     let mut upstreams = Vec::new();
     for (index, u) in p.config.upstreams.iter().enumerate() {
         let counts = observer.metrics.conn_counts(&u.name);
-        let up = Upstream::new(u, resolver.clone(), counts)
+        let active = p.health.get(index).cloned().flatten();
+        let up = Upstream::new(u, resolver.clone(), counts, active)
             .map_err(|source| StartError::UpstreamTls { index, source })?;
         upstreams.push(Arc::new(up));
     }

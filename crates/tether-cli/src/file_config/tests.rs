@@ -353,3 +353,47 @@ fn rewrite_prefix_converts_and_a_bad_one_names_its_key() {
         assert!(e.message.contains("must be a path"), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn health_checks_convert_with_defaults_and_bad_ones_name_their_key() {
+    let src = GOOD.replace(
+        "idle_timeout = \"2s\"\n",
+        "idle_timeout = \"2s\"\nhealth_check = { path = \"/healthz\", interval = \"1s\", unhealthy_after = 3 }\n",
+    );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    let h = cfg.config.upstreams[0].health_check.clone().unwrap();
+    assert_eq!(h.path, "/healthz");
+    assert_eq!(h.interval, Duration::from_secs(1));
+    assert_eq!(h.timeout, Duration::from_secs(2));
+    assert_eq!((h.unhealthy_after, h.healthy_after), (3, 2));
+    for (bad, key, why) in [
+        (
+            "path = \"healthz\"",
+            "upstreams[0].health_check.path",
+            "must be a path",
+        ),
+        (
+            "path = \"/h\", interval = \"0s\"",
+            "upstreams[0].health_check.interval",
+            "greater than zero",
+        ),
+        (
+            "path = \"/h\", healthy_after = 0",
+            "upstreams[0].health_check.healthy_after",
+            "at least 1",
+        ),
+        (
+            "interval = \"1s\"",
+            "upstreams[0].health_check.path",
+            "missing field",
+        ),
+    ] {
+        let src = GOOD.replace(
+            "idle_timeout = \"2s\"\n",
+            &format!("idle_timeout = \"2s\"\nhealth_check = {{ {bad} }}\n"),
+        );
+        let e = err(&src);
+        assert_eq!(e.key, key, "{bad}: {e:?}");
+        assert!(e.message.contains(why), "{bad}: {e:?}");
+    }
+}

@@ -42,6 +42,12 @@ struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HealthCheckLabels {
+    upstream: String,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: String,
 }
@@ -100,6 +106,8 @@ pub struct Metrics {
     conn_counts: Mutex<Vec<(String, Arc<ConnCounts>)>>,
     accept_errors: Family<KindLabels, Counter>,
     endpoint_skips: Family<EndpointLabels, Counter>,
+    endpoint_healthy: Family<EndpointLabels, Gauge>,
+    health_checks: Family<HealthCheckLabels, Counter>,
     header_timeouts: Counter,
     /// Requests that matched no route, counted under the empty route name.
     unrouted: RouteMetrics,
@@ -204,6 +212,18 @@ impl Metrics {
             "Times an upstream endpoint was skipped for fail_timeout after max_fails failed connection attempts",
             endpoint_skips.clone(),
         );
+        let endpoint_healthy = Family::default();
+        registry.register(
+            "upstream_endpoint_healthy",
+            "1 while an actively checked upstream endpoint is in rotation, 0 while its health checks keep it out",
+            endpoint_healthy.clone(),
+        );
+        let health_checks = Family::default();
+        registry.register(
+            "upstream_health_checks",
+            "Active health checks by upstream and result (pass, fail)",
+            health_checks.clone(),
+        );
         let header_timeouts = Counter::default();
         registry.register(
             "header_read_timeouts",
@@ -231,6 +251,8 @@ impl Metrics {
             ),
             accept_errors,
             endpoint_skips,
+            endpoint_healthy,
+            health_checks,
             header_timeouts,
             unrouted: RouteMetrics::named(""),
         }
@@ -254,6 +276,26 @@ impl Metrics {
     /// A listener's accept failed; `kind` is from a closed set.
     pub fn accept_error(&self, kind: &'static str) {
         self.accept_errors.get_or_create(&KindLabels { kind }).inc();
+    }
+
+    /// Whether an actively checked endpoint is in rotation.
+    pub fn endpoint_health(&self, upstream: &str, endpoint: &str, healthy: bool) {
+        self.endpoint_healthy
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_owned(),
+                endpoint: endpoint.to_owned(),
+            })
+            .set(i64::from(healthy));
+    }
+
+    /// An active health check of one of `upstream`'s endpoints passed or failed.
+    pub fn health_check(&self, upstream: &str, passed: bool) {
+        self.health_checks
+            .get_or_create(&HealthCheckLabels {
+                upstream: upstream.to_owned(),
+                result: if passed { "pass" } else { "fail" },
+            })
+            .inc();
     }
 
     /// An upstream endpoint is skipped for its upstream's `fail_timeout`.

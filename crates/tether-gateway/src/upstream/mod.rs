@@ -3,6 +3,7 @@
 pub mod connect;
 pub mod dns;
 pub mod health;
+pub mod health_check;
 pub mod pool;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::observe::metrics::ConnCounts;
 use connect::{Connector, TlsSetupError};
 use health::EndpointHealth;
+use health_check::ActiveHealth;
 use pool::{EndpointPool, H1Conn, H2Conn, OpenConn};
 
 /// One named upstream as seen by one worker.
@@ -35,6 +37,8 @@ pub struct Upstream {
     fail_timeout: Duration,
     /// The origin of the endpoints' skip deadlines.
     born: Instant,
+    /// Which endpoints the active health checks took out of rotation, when the upstream has them.
+    active: Option<Arc<ActiveHealth>>,
 }
 
 /// One address of an upstream, with its pool.
@@ -82,11 +86,13 @@ pub struct CheckoutInfo {
 }
 
 impl Upstream {
-    /// Builds the worker-local view of `config`.
+    /// Builds the worker-local view of `config`; `active` is the state its health checks keep,
+    /// if it has them.
     pub fn new(
         config: &UpstreamConfig,
         resolver: dns::Resolver,
         counts: Arc<ConnCounts>,
+        active: Option<Arc<ActiveHealth>>,
     ) -> Result<Upstream, TlsSetupError> {
         let connector = Connector::new(config.protocol, config.tls.as_ref(), resolver)?;
         Ok(Upstream {
@@ -111,6 +117,7 @@ impl Upstream {
             max_fails: config.max_fails,
             fail_timeout: config.fail_timeout,
             born: Instant::now(),
+            active,
         })
     }
 
@@ -120,21 +127,29 @@ impl Upstream {
     }
 
     /// The next endpoint, round robin, with its index. Endpoints skipped after failed
-    /// connection attempts are passed over; if every endpoint is skipped, the round robin's
-    /// choice is tried anyway (the request fails only if it fails).
+    /// connection attempts, or taken out of rotation by the health checks, are passed over; if
+    /// every endpoint is, the round robin's choice is tried anyway (the request fails only if it
+    /// fails).
     pub fn pick(&self) -> (usize, &Endpoint) {
         let len = self.endpoints.len();
         let first = self.next.fetch_add(1, Ordering::Relaxed) % len;
-        if len > 1 && self.max_fails > 0 {
+        if len > 1 && (self.max_fails > 0 || self.active.is_some()) {
             let now = Instant::now();
             for i in 0..len {
                 let n = (first + i) % len;
-                if self.endpoints[n].health.available(self.born, now) {
+                if self.endpoints[n].health.available(self.born, now)
+                    && !self.active.as_ref().is_some_and(|a| a.is_down(n))
+                {
                     return (n, &self.endpoints[n]);
                 }
             }
         }
         (first, &self.endpoints[first])
+    }
+
+    /// Endpoint `i`.
+    pub fn endpoint(&self, i: usize) -> Option<&Endpoint> {
+        self.endpoints.get(i)
     }
 
     /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked). True

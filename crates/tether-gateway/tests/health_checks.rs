@@ -1,0 +1,240 @@
+//! Active health checks: an endpoint whose checks fail is taken out of rotation on every worker
+//! before a request finds it broken, and put back once its checks pass again. Two endpoints of
+//! one upstream, each a server that answers its own name and a health path whose status the test
+//! sets; passive health and retries are off, so only the checks decide.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use test_support::behavior::{Behavior, script};
+use tether_gateway::config::{AdminConfig, HealthCheck, UpstreamAddress};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// A server answering `GET /healthz` with `health`'s status and anything else with its name,
+/// over HTTP/1.1 or cleartext HTTP/2. It records the health checks' `Host` and `User-Agent`.
+struct Backend {
+    addr: SocketAddr,
+    health: Arc<AtomicU16>,
+    checks: Arc<Mutex<Vec<(String, String)>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    async fn start(name: &'static str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(AtomicU16::new(200));
+        let checks = Arc::new(Mutex::new(Vec::new()));
+        let (h, c) = (health.clone(), checks.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, c) = (h.clone(), c.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (h, c) = (h.clone(), c.clone());
+                        async move {
+                            if req.uri().path() != "/healthz" {
+                                return Ok::<_, Infallible>(Response::new(Full::new(
+                                    Bytes::from_static(name.as_bytes()),
+                                )));
+                            }
+                            let header = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_owned()
+                            };
+                            let host = req
+                                .uri()
+                                .authority()
+                                .map(|a| a.to_string())
+                                .unwrap_or_else(|| header("host"));
+                            c.lock().unwrap().push((host, header("user-agent")));
+                            let status = h.load(Ordering::Relaxed);
+                            Ok(Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from_static(b"health")))
+                                .unwrap())
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            health,
+            checks,
+            task,
+        }
+    }
+}
+
+/// A gateway in front of `addresses`, checking them every 50 ms (2 failures out, 2 passes back).
+async fn gateway(up: Up, addresses: Vec<UpstreamAddress>) -> Env {
+    Env::with(Down::H1, up, script(|_| Behavior::ok("unused")), move |c| {
+        let u = &mut c.upstreams[0];
+        u.addresses = addresses;
+        u.max_fails = 0;
+        let mut check = HealthCheck::new("/healthz");
+        check.interval = Duration::from_millis(50);
+        check.timeout = Duration::from_millis(500);
+        u.health_check = Some(check);
+        c.listeners[0].routes[0].max_retries = 0;
+        c.admin = Some(AdminConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+        });
+    })
+    .await
+}
+
+/// Waits until the metrics say `endpoint` is in rotation (`healthy`) or out of it.
+async fn wait_health(env: &Env, endpoint: SocketAddr, healthy: bool) {
+    let want = format!(
+        "tether_upstream_endpoint_healthy{{upstream=\"up\",endpoint=\"{endpoint}\"}} {}",
+        u8::from(healthy)
+    );
+    bounded(Duration::from_secs(10), async {
+        while !env.metrics_text().unwrap().lines().any(|l| l == want) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Sends `n` requests one after another: the bodies of those answered 200, and how many were
+/// answered 502.
+async fn answers(env: &Env, n: usize) -> (Vec<String>, usize) {
+    let mut client = env.http().await;
+    let (mut bodies, mut failed) = (Vec::new(), 0);
+    for i in 0..n {
+        let (parts, body) = client.get(&format!("/r{i}")).await.unwrap();
+        match parts.status.as_u16() {
+            200 => bodies.push(String::from_utf8(body.to_vec()).unwrap()),
+            502 => failed += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    (bodies, failed)
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_its_checks_leaves_rotation_and_comes_back_when_they_pass() {
+    bounded(Duration::from_secs(40), async {
+        for up in [Up::H1, Up::H2c] {
+            let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+            let env = gateway(up, vec![a.addr.into(), b.addr.into()]).await;
+            wait_health(&env, b.addr, true).await;
+            let (bodies, _) = answers(&env, 10).await;
+            assert!(bodies.iter().any(|b| b == "b"), "{up:?}: {bodies:?}");
+
+            b.health.store(503, Ordering::Relaxed);
+            wait_health(&env, b.addr, false).await;
+            let (bodies, failed) = answers(&env, 20).await;
+            assert_eq!(failed, 0, "{up:?}");
+            assert!(bodies.iter().all(|b| b == "a"), "{up:?}: {bodies:?}");
+
+            b.health.store(204, Ordering::Relaxed);
+            wait_health(&env, b.addr, true).await;
+            let (bodies, _) = answers(&env, 10).await;
+            assert!(bodies.iter().any(|b| b == "b"), "{up:?}: {bodies:?}");
+
+            // The checks name the endpoint they go to and themselves.
+            let seen = b.checks.lock().unwrap().clone();
+            assert!(seen.len() >= 4, "{up:?}: {seen:?}");
+            let want = (b.addr.to_string(), "tether-health-check".to_owned());
+            assert!(seen.iter().all(|s| *s == want), "{up:?}: {seen:?}");
+            let metrics = env.metrics_text().unwrap();
+            for result in ["pass", "fail"] {
+                let line = format!(
+                    "tether_upstream_health_checks_total{{upstream=\"up\",result=\"{result}\"}}"
+                );
+                assert!(metrics.contains(&line), "{up:?}: {result}: {metrics}");
+            }
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_endpoint_refusing_connections_is_out_of_rotation_before_a_request_finds_it() {
+    bounded(Duration::from_secs(20), async {
+        let a = Backend::start("a").await;
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let env = gateway(Up::H1, vec![a.addr.into(), dead.into()]).await;
+        wait_health(&env, dead, false).await;
+        let (bodies, failed) = answers(&env, 20).await;
+        assert_eq!(failed, 0, "a request went to the dead endpoint");
+        assert_eq!(bodies.len(), 20);
+        env.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_endpoint_that_answers_too_slowly_fails_its_checks() {
+    bounded(Duration::from_secs(20), async {
+        // Accepts connections and never answers.
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((s, _)) = silent.accept().await {
+                conns.push(s);
+            }
+        });
+        let a = Backend::start("a").await;
+        let env = gateway(Up::H1, vec![a.addr.into(), silent_addr.into()]).await;
+        wait_health(&env, silent_addr, false).await;
+        assert_eq!(answers(&env, 10).await.1, 0);
+        env.stop().await;
+        held.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_every_endpoint_out_of_rotation_requests_still_try_one() {
+    bounded(Duration::from_secs(20), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        a.health.store(500, Ordering::Relaxed);
+        b.health.store(500, Ordering::Relaxed);
+        let env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
+        wait_health(&env, a.addr, false).await;
+        wait_health(&env, b.addr, false).await;
+        // The checks may be wrong (a health path that broke alone): traffic is not refused.
+        let (bodies, failed) = answers(&env, 4).await;
+        assert_eq!((bodies.len(), failed), (4, 0));
+        env.stop().await;
+    })
+    .await;
+}
