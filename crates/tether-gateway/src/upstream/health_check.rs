@@ -13,7 +13,7 @@ use http::header::{HOST, HeaderValue, USER_AGENT};
 use http::{Method, Request, Uri};
 use tokio::task::JoinSet;
 
-use super::{Checkout, Upstream, Want, dns};
+use super::{Checkout, Upstream, dns};
 use crate::config::{HealthCheck, UpstreamConfig};
 use crate::observe::metrics::Metrics;
 use crate::proxy::request_body::RequestBody;
@@ -111,19 +111,20 @@ async fn endpoint(upstream: Arc<Upstream>, t: Target, i: usize, metrics: Arc<Met
 async fn check(upstream: &Upstream, i: usize, t: &Target) -> Result<(), String> {
     let timeout = t.check.timeout;
     let attempt = async {
-        let ep = upstream
-            .endpoint(i)
+        let address = upstream
+            .endpoint_address(i)
             .ok_or_else(|| "no such endpoint".to_owned())?;
-        let (checkout, _) = upstream
-            .checkout(ep, timeout, Want::Fresh)
+        let req = request(upstream, &t.config, address, &t.check.path)?;
+        let checkout = upstream
+            .connect_once(i, timeout)
             .await
             .map_err(|e| format!("{}: {e}", e.stage))?;
-        let req = request(upstream, &t.config, &ep.address, &t.check.path)?;
+        // `send_request`, not the `try_send_request` requests use: see `connect_once`.
         let resp = match checkout {
-            Checkout::H1(mut c) => c.sender.try_send_request(req).await,
-            Checkout::H2(mut c) => c.sender.try_send_request(req).await,
+            Checkout::H1(mut c) => c.sender.send_request(req).await,
+            Checkout::H2(mut c) => c.sender.send_request(req).await,
         }
-        .map_err(|e| format!("no answer: {}", e.into_error()))?;
+        .map_err(|e| format!("no answer: {e}"))?;
         let status = resp.status();
         // The body is not read: dropping it closes the connection (HTTP/1) or resets the
         // stream (HTTP/2).

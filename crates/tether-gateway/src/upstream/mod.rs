@@ -147,11 +147,6 @@ impl Upstream {
         (first, &self.endpoints[first])
     }
 
-    /// Endpoint `i`.
-    pub fn endpoint(&self, i: usize) -> Option<&Endpoint> {
-        self.endpoints.get(i)
-    }
-
     /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked). True
     /// when this failure made the endpoint skipped.
     pub fn report_connect(&self, idx: usize, error: Option<&ProxyError>) -> bool {
@@ -299,7 +294,26 @@ impl Upstream {
         }
         let started = Instant::now();
         let connected = Box::pin(self.connect(ep, connect_timeout)).await?;
-        let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
+        let timings = connected.timings;
+        let c = self.start_h2(connected).await?;
+        let local = c.local;
+        *slot = Some(c.clone());
+        Ok((
+            Checkout::H2(c),
+            CheckoutInfo {
+                reused: false,
+                connect: started.elapsed(),
+                timings: Some(timings),
+                local,
+            },
+        ))
+    }
+}
+
+impl Upstream {
+    /// Drives a new HTTP/2 connection in a task of its own.
+    async fn start_h2(&self, connected: connect::Connected) -> Result<H2Conn, ProxyError> {
+        let (peer, local) = (connected.peer, connected.local);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(20)))
@@ -316,21 +330,27 @@ impl Upstream {
             let _open = open;
             let _ = conn.await;
         });
-        let c = H2Conn {
+        Ok(H2Conn {
             sender,
             peer,
             local,
-        };
-        *slot = Some(c.clone());
-        Ok((
-            Checkout::H2(c),
-            CheckoutInfo {
-                reused: false,
-                connect: started.elapsed(),
-                timings: Some(timings),
-                local,
-            },
-        ))
+        })
+    }
+
+    /// A new connection to endpoint `i` for one exchange of its own, outside the pools (a health
+    /// check). Kept apart from [`Upstream::checkout`]: a second caller of the request path's
+    /// code would change how the compiler inlines it there.
+    pub async fn connect_once(&self, i: usize, timeout: Duration) -> Result<Checkout, ProxyError> {
+        let ep = self
+            .endpoints
+            .get(i)
+            .ok_or_else(|| ProxyError::upstream(Stage::Connect, ErrorKind::Refused))?;
+        if self.protocol.is_h2() {
+            let connected = self.connect(ep, timeout).await?;
+            return Ok(Checkout::H2(self.start_h2(connected).await?));
+        }
+        let (checkout, _) = Box::pin(self.connect_h1(ep, timeout, false)).await?;
+        Ok(checkout)
     }
 }
 
