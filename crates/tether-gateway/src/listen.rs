@@ -327,9 +327,19 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
         .upstreams
         .iter()
         .map(|u| {
-            u.health_check
-                .as_ref()
-                .map(|_| ActiveHealth::new(u.addresses.len()))
+            let check = u.health_check.as_ref()?;
+            // An upstream with the same endpoints, checked on the same path, keeps what its
+            // checks found: a reload does not put a failing endpoint back in rotation.
+            let kept = previous.and_then(|p| {
+                let (_, state) = p.config.upstreams.iter().zip(&p.health).find(|(old, _)| {
+                    old.name == u.name
+                        && old.addresses == u.addresses
+                        && old.protocol == u.protocol
+                        && old.health_check.as_ref().map(|c| &c.path) == Some(&check.path)
+                })?;
+                state.clone()
+            });
+            Some(kept.unwrap_or_else(|| ActiveHealth::new(u.addresses.len())))
         })
         .collect();
     let mut listeners = Vec::new();

@@ -238,3 +238,22 @@ async fn with_every_endpoint_out_of_rotation_requests_still_try_one() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_reload_that_keeps_the_upstream_keeps_an_endpoint_out_of_rotation() {
+    bounded(Duration::from_secs(20), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        b.health.store(503, Ordering::Relaxed);
+        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
+        wait_health(&env, b.addr, false).await;
+        // Checked rarely from now on: right after the reload only the state it kept decides.
+        env.reload(|c| {
+            c.listeners[0].routes[0].name = "renamed".into();
+            c.upstreams[0].health_check.as_mut().unwrap().interval = Duration::from_secs(30);
+        });
+        let (bodies, _) = answers(&env, 10).await;
+        assert!(bodies.iter().all(|b| b == "a"), "{bodies:?}");
+        env.stop().await;
+    })
+    .await;
+}

@@ -4,7 +4,7 @@
 //! connection, no answer within `timeout`, or a status outside 200–399) the endpoint is taken out
 //! of rotation on every worker; after `healthy_after` passed ones it is put back. Endpoints start
 //! in rotation. The checks run on a thread of their own (started by `listen`) and start again
-//! with each reload.
+//! with each reload; an upstream the reload leaves as it was keeps what they found.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +77,7 @@ async fn endpoint(upstream: Arc<Upstream>, t: Target, i: usize, metrics: Arc<Met
         return;
     };
     let endpoint = address.to_string();
-    metrics.endpoint_health(&upstream.name, &endpoint, true);
+    metrics.endpoint_health(&upstream.name, &endpoint, !t.state.is_down(i));
     let (mut fails, mut passes) = (0u32, 0u32);
     loop {
         let result = check(&upstream, i, &t).await;
@@ -89,7 +89,7 @@ async fn endpoint(upstream: Arc<Upstream>, t: Target, i: usize, metrics: Arc<Met
                 passes = passes.saturating_add(1);
                 if down && passes >= t.check.healthy_after {
                     t.state.set_down(i, false);
-                    metrics.endpoint_health(&upstream.name, &endpoint, true);
+                    metrics.endpoint_health(&upstream.name, &endpoint, !t.state.is_down(i));
                     tracing::info!(upstream = %upstream.name, endpoint, "endpoint passed its health checks and is back in rotation");
                 }
             }

@@ -73,6 +73,8 @@ pub struct Env {
     pub access: MemoryAccessLog,
     pub addr: SocketAddr,
     gw: Option<RunningGateway>,
+    /// The configuration the gateway runs.
+    config: Config,
 }
 
 /// A loopback address whose SYNs a [`BlackHole`] drops: a dead connect candidate.
@@ -168,7 +170,7 @@ impl Env {
         config.workers = NonZeroUsize::new(1);
         tweak(&mut config);
         let access = MemoryAccessLog::new();
-        let gw = Gateway::start(config, Arc::new(access.clone())).unwrap();
+        let gw = Gateway::start(config.clone(), Arc::new(access.clone())).unwrap();
         let addr = gw.listener_addrs()[0];
         Env {
             down,
@@ -178,7 +180,15 @@ impl Env {
             access,
             addr,
             gw: Some(gw),
+            config,
         }
+    }
+
+    /// Reloads the gateway with its configuration adjusted by `tweak`.
+    pub fn reload(&mut self, tweak: impl FnOnce(&mut Config)) {
+        tweak(&mut self.config);
+        let gw = self.gw.as_ref().expect("gateway running");
+        gw.reload(self.config.clone()).unwrap();
     }
 
     pub fn log(&self) -> &EventLog {
