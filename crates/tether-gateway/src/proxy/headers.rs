@@ -332,6 +332,9 @@ impl Rewrite {
                 ));
             }
             r.host = Some(host);
+            if r.set.iter().any(|(n, _)| n == header::HOST) {
+                return Err("\"host\" is set twice".into());
+            }
         }
         Ok(r)
     }
@@ -486,6 +489,7 @@ mod tests {
         assert!(refused(rules(&["host"], &[], &[])).contains("can only be set"));
         assert!(refused(rules(&[], &[], &[("host", "a")])).contains("can only be set"));
         assert!(refused(rules(&[], &[("host", "a b")], &[])).contains("not a host"));
+        assert!(refused(rules(&[], &[("Host", "a"), ("host", "b")], &[])).contains("set twice"));
         let e = refused(rules(&["X-Request-Timeout-Ms"], &[], &[]));
         assert!(e.contains("budget header"), "{e}");
         // Without a budget header the name is free, and a response may name any host.

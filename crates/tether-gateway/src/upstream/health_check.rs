@@ -89,7 +89,7 @@ async fn endpoint(upstream: Arc<Upstream>, t: Target, i: usize, metrics: Arc<Met
                 passes = passes.saturating_add(1);
                 if down && passes >= t.check.healthy_after {
                     t.state.set_down(i, false);
-                    metrics.endpoint_health(&upstream.name, &endpoint, !t.state.is_down(i));
+                    metrics.endpoint_health(&upstream.name, &endpoint, true);
                     tracing::info!(upstream = %upstream.name, endpoint, "endpoint passed its health checks and is back in rotation");
                 }
             }
