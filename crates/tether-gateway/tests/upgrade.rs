@@ -171,6 +171,18 @@ async fn gateway_with(addr: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Env 
     .await
 }
 
+/// A gateway whose only upstream is at `addr`, over TLS trusting `ca`.
+async fn tls_gateway(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'static>) -> Env {
+    gateway_with(addr, |c| {
+        c.upstreams[0].tls = Some(UpstreamTls {
+            server_name: Some("localhost".into()),
+            ca: vec![ca],
+            insecure_skip_verify: false,
+        });
+    })
+    .await
+}
+
 /// The status and outcome of the tunnel's access-log line.
 async fn ended(env: &Env) -> (u16, Outcome) {
     let rec = env.record("/ws").await;
@@ -213,6 +225,17 @@ async fn read_head(c: &mut TcpStream) -> String {
         head.push(b[0]);
     }
     String::from_utf8(head).unwrap().to_ascii_lowercase()
+}
+
+/// A raw upstream's read of a request head, in whatever pieces it arrives.
+async fn read_request_head(s: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before the request head ended");
+        head.extend_from_slice(&buf[..n]);
+    }
 }
 
 async fn read_exact(c: &mut TcpStream, n: usize) -> Vec<u8> {
@@ -451,13 +474,8 @@ async fn bytes_the_upstream_sends_right_behind_its_101_reach_the_client() {
         let addr = listener.local_addr().unwrap();
         let up = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
+            read_request_head(&mut s).await;
             let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                assert!(n > 0, "closed before the request head ended");
-                head.extend_from_slice(&buf[..n]);
-            }
             s.write_all(
                 b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\ngreetings",
             )
@@ -492,14 +510,7 @@ async fn a_tunnel_to_an_upstream_over_tls() {
         let mut up = EchoUpstream::start_with(false, Some(tls)).await;
         let ca = pki.ca_der();
         let addr = up.addr;
-        let env = gateway_with(addr, |c| {
-            c.upstreams[0].tls = Some(UpstreamTls {
-                server_name: Some("localhost".into()),
-                ca: vec![ca],
-                insecure_skip_verify: false,
-            });
-        })
-        .await;
+        let env = tls_gateway(addr, ca).await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 101 "), "{head}");
         assert!(matches!(up.next().await, Seen::Request { upgrade, .. } if upgrade == "echo"));
@@ -529,13 +540,8 @@ async fn a_connection_made_for_a_refused_upgrade_closes_cleanly_over_tls() {
         let up = tokio::spawn(async move {
             let (sock, _) = listener.accept().await.unwrap();
             let mut s = tls.accept(sock).await.unwrap();
-            let mut head = Vec::new();
+            read_request_head(&mut s).await;
             let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                assert!(n > 0, "closed before the request head ended");
-                head.extend_from_slice(&buf[..n]);
-            }
             s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
                 .await
                 .unwrap();
@@ -549,14 +555,7 @@ async fn a_connection_made_for_a_refused_upgrade_closes_cleanly_over_tls() {
             }
         });
         let ca = pki.ca_der();
-        let env = gateway_with(addr, |c| {
-            c.upstreams[0].tls = Some(UpstreamTls {
-                server_name: Some("localhost".into()),
-                ca: vec![ca],
-                insecure_skip_verify: false,
-            });
-        })
-        .await;
+        let env = tls_gateway(addr, ca).await;
         let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
         assert!(head.starts_with("http/1.1 200 "), "{head}");
         assert_eq!(read_exact(&mut c, 5).await, b"plain");

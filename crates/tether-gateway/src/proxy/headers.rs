@@ -281,18 +281,13 @@ pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, ho
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// Headers no configured rule may touch: they frame the message or describe the connection, and
-/// tether (with hyper) sets them itself.
-const FRAMING: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::CONTENT_LENGTH,
-];
+/// Whether a configured rule may not touch `name`: it frames the message or describes the
+/// connection, and tether (with hyper) sets it itself. (`Proxy-Authorization`, dropped from
+/// requests as hop-by-hop, may be set for the upstream.)
+fn is_framing(name: &HeaderName) -> bool {
+    *name == header::CONTENT_LENGTH
+        || (*name != header::PROXY_AUTHORIZATION && HOP_BY_HOP.contains(name))
+}
 
 /// A route's header changes ([`HeaderRules`]), checked and parsed once.
 #[derive(Debug, Clone, Default)]
@@ -348,7 +343,7 @@ impl Rewrite {
         let name = |n: &str| {
             let name = HeaderName::from_bytes(n.as_bytes())
                 .map_err(|_| format!("{n:?} is not a valid header name"))?;
-            if FRAMING.contains(&name) {
+            if is_framing(&name) {
                 return Err(format!(
                     "{n:?} frames the message or describes the connection; tether sets it itself"
                 ));
