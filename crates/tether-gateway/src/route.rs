@@ -2,6 +2,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use http::HeaderValue;
 use http::uri::PathAndQuery;
 
 use crate::config::{HalfClose, RouteConfig, RouteTimeouts, TraceContext};
@@ -41,6 +42,33 @@ pub struct Route {
 }
 
 impl Route {
+    /// Whether the route replaces its prefix in the paths it sends upstream.
+    pub fn rewrites_prefix(&self) -> bool {
+        self.rewrite_prefix.is_some()
+    }
+
+    /// A response's `Location` as the client must see it when the route rewrites its prefix: a
+    /// path under the upstream's prefix is moved back under the route's (`/login` from an
+    /// upstream behind `path_prefix = "/api"`, `rewrite_prefix = "/"` becomes `/api/login`).
+    /// `None`: left as it is (absolute URLs, other paths, or no rewrite).
+    pub fn client_location(&self, location: &HeaderValue) -> Option<HeaderValue> {
+        let to = self.rewrite_prefix.as_deref()?;
+        let loc = location.to_str().ok()?;
+        if !loc.starts_with('/') || loc.starts_with("//") {
+            return None;
+        }
+        let rest = loc.strip_prefix(to)?;
+        if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
+            return None;
+        }
+        let moved = match (self.prefix.is_empty(), rest.starts_with('/')) {
+            (true, true) => rest.to_owned(),
+            (true, false) => format!("/{rest}"),
+            (false, _) => format!("{}{rest}", self.prefix),
+        };
+        HeaderValue::from_str(&moved).ok()
+    }
+
     /// The path and query to send upstream when the route rewrites its prefix: `path` (which
     /// the route matched) with the matched prefix replaced. `None`: sent as it came.
     pub fn upstream_path(&self, path: &PathAndQuery) -> Option<PathAndQuery> {
@@ -228,6 +256,38 @@ mod tests {
                 .upstream_path(&PathAndQuery::from_static("/api/x"))
                 .is_none()
         );
+    }
+
+    #[test]
+    fn a_redirect_under_the_rewritten_prefix_moves_back_under_the_routes() {
+        let moved = |prefix: &str, to: &str, location: &'static str| {
+            let mut c = RouteConfig::new(prefix, "web");
+            c.rewrite_prefix = Some(to.into());
+            let r = Router::new(&[c], |_| Some(0));
+            let route = r
+                .select(None, if prefix == "/" { "/" } else { prefix })
+                .unwrap();
+            route
+                .client_location(&HeaderValue::from_static(location))
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            moved("/api", "/", "/login?next=%2F"),
+            some("/api/login?next=%2F")
+        );
+        assert_eq!(moved("/api", "/", "/"), some("/api/"));
+        assert_eq!(moved("/api", "/v2", "/v2/items/3"), some("/api/items/3"));
+        assert_eq!(moved("/api", "/v2", "/v2"), some("/api"));
+        assert_eq!(moved("/api", "/v2", "/v2?x"), some("/api?x"));
+        assert_eq!(moved("/", "/base", "/base/x"), some("/x"));
+        assert_eq!(moved("/", "/base", "/base"), some("/"));
+        // Not under the upstream's prefix, not a path, or another host: left alone.
+        assert_eq!(moved("/api", "/v2", "/v20/x"), None);
+        assert_eq!(moved("/api", "/v2", "/other"), None);
+        assert_eq!(moved("/api", "/", "https://example.com/x"), None);
+        assert_eq!(moved("/api", "/", "//example.com/x"), None);
+        assert_eq!(moved("/api", "/", "relative/x"), None);
     }
 
     #[test]

@@ -504,11 +504,18 @@ async fn a_routes_header_rules_change_the_request_and_the_response() {
 }
 
 #[tokio::test]
-async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced() {
+async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced_and_maps_redirects_back()
+ {
     bounded(Duration::from_secs(30), async {
         for up in ALL_UP {
-            // The upstream answers with the request target it saw.
-            let s = script(|r| Behavior::Respond(Reply::ok(r.target.clone())));
+            // The upstream answers with the request target it saw, and `/go` with a redirect
+            // to one of its own paths.
+            let s = script(|r| {
+                if r.path == "/go" {
+                    return Behavior::Respond(Reply::new(302, "").header("location", "/login?n=1"));
+                }
+                Behavior::Respond(Reply::ok(r.target.clone()))
+            });
             let env = Env::with(Down::H1, up, s, |c| {
                 let routes = &mut c.listeners[0].routes;
                 let mut api = RouteConfig::new("/api", "up");
@@ -533,6 +540,11 @@ async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced() {
                 assert_eq!(p.status, 200, "{up:?} {asked}");
                 assert_eq!(&body[..], seen.as_bytes(), "{up:?} {asked}");
             }
+            // A redirect to the upstream's path comes back under the route's prefix.
+            let req = c.request(Method::GET, "/api/go").body(empty()).unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 302, "{up:?}");
+            assert_eq!(p.headers["location"], "/api/login?n=1", "{up:?}");
             // The access log keeps the path the client asked for.
             let rec = env.record("/api/users").await;
             assert_eq!(rec.route.as_deref(), Some("up"));

@@ -459,6 +459,13 @@ fn proxy<'a>(
         if let Some(v) = id_value {
             parts.headers.insert(REQUEST_ID, v);
         }
+        // A redirect to the upstream's own path goes back through the route's prefix.
+        if route.rewrites_prefix()
+            && let Some(v) = parts.headers.get(http::header::LOCATION)
+            && let Some(v) = route.client_location(v)
+        {
+            parts.headers.insert(http::header::LOCATION, v);
+        }
         if !route.response_headers.is_empty() {
             route.response_headers.apply(&mut parts.headers);
         }
