@@ -19,6 +19,15 @@ use tether_gateway::config::{HeaderRules, RouteConfig};
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
+/// The values of header `n` among `headers` (as the upstream recorded them), in order.
+fn values<'a>(headers: &'a [(String, String)], n: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == n)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
 fn pairs() -> impl Iterator<Item = (Down, Up)> {
     ALL_DOWN
         .into_iter()
@@ -137,12 +146,11 @@ async fn repeated_headers_keep_every_value_in_order() {
             let multi: Vec<_> = p.headers.get_all("x-multi").iter().collect();
             assert_eq!(multi, ["one", "two"], "{down:?}->{up:?}");
             let (_, headers) = env.log().requests("/h").remove(0);
-            let sent: Vec<_> = headers
-                .iter()
-                .filter(|(n, _)| n == "x-req")
-                .map(|(_, v)| v.as_str())
-                .collect();
-            assert_eq!(sent, ["first", "second"], "{down:?}->{up:?}");
+            assert_eq!(
+                values(&headers, "x-req"),
+                ["first", "second"],
+                "{down:?}->{up:?}"
+            );
             env.stop().await;
         }
     })
@@ -385,13 +393,7 @@ async fn hop_by_hop_removed_and_forwarding_headers_added() {
             assert_eq!(h.header("keep-alive"), None, "{up:?}");
 
             let (_, headers) = env.log().requests("/f").remove(0);
-            let get = |n: &str| -> Vec<&str> {
-                headers
-                    .iter()
-                    .filter(|(k, _)| k == n)
-                    .map(|(_, v)| v.as_str())
-                    .collect()
-            };
+            let get = |n: &str| values(&headers, n);
             for hop in [
                 "connection",
                 "x-hop",
@@ -474,13 +476,7 @@ async fn a_routes_header_rules_change_the_request_and_the_response() {
             assert_eq!(all("via"), ["1.1 app", "1.1 tether"], "{down:?}->{up:?}");
 
             let (_, headers) = env.log().requests("/r").remove(0);
-            let get = |n: &str| -> Vec<&str> {
-                headers
-                    .iter()
-                    .filter(|(k, _)| k == n)
-                    .map(|(_, v)| v.as_str())
-                    .collect()
-            };
+            let get = |n: &str| values(&headers, n);
             let host = if up == Up::H1 { "host" } else { ":authority" };
             assert_eq!(
                 get(host),
