@@ -564,3 +564,40 @@ async fn a_connection_made_for_a_refused_upgrade_closes_cleanly_over_tls() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn tunnels_are_counted_open_and_their_bytes_as_they_cross() {
+    bounded(Duration::from_secs(20), async {
+        let up = EchoUpstream::start(false).await;
+        let env = gateway_with(up.addr, |c| {
+            c.admin = Some(tether_gateway::config::AdminConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+            });
+        })
+        .await;
+        let metric = |name: &str| -> Option<String> {
+            let text = env.metrics_text().unwrap();
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        let (mut c, head) = ask_upgrade(env.addr, "/ws").await;
+        assert!(head.starts_with("http/1.1 101 "), "{head}");
+        c.write_all(b"hello").await.unwrap();
+        assert_eq!(read_exact(&mut c, 5).await, b"hello");
+        // Counted while the tunnel is still open.
+        assert_eq!(metric("tether_tunnels_open ").as_deref(), Some("1"));
+        let bytes = |direction: &str| {
+            metric(&format!(
+                "tether_tunnel_bytes_total{{route=\"up\",direction=\"{direction}\"}}"
+            ))
+        };
+        assert_eq!(bytes("from_client").as_deref(), Some("5"));
+        assert_eq!(bytes("from_upstream").as_deref(), Some("5"));
+        drop(c);
+        ended(&env).await;
+        assert_eq!(metric("tether_tunnels_open ").as_deref(), Some("0"));
+    })
+    .await;
+}

@@ -42,6 +42,12 @@ struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    route: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HealthCheckLabels {
     upstream: String,
     result: &'static str,
@@ -87,6 +93,25 @@ pub struct ConnCounts {
     pub resting: AtomicI64,
 }
 
+/// A tunnel's byte counters, one per direction.
+#[derive(Debug, Clone, Default)]
+pub struct TunnelCounters {
+    /// Bytes the client sent.
+    pub from_client: Counter,
+    /// Bytes the upstream sent.
+    pub from_upstream: Counter,
+}
+
+/// An open tunnel, counted in `tether_tunnels_open` until dropped.
+#[derive(Debug)]
+pub struct TunnelOpen(Gauge);
+
+impl Drop for TunnelOpen {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The gateway's metrics and their registry.
 #[derive(Debug)]
 pub struct Metrics {
@@ -108,6 +133,8 @@ pub struct Metrics {
     endpoint_skips: Family<EndpointLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     health_checks: Family<HealthCheckLabels, Counter>,
+    tunnels_open: Gauge,
+    tunnel_bytes: Family<TunnelLabels, Counter>,
     header_timeouts: Counter,
     /// Requests that matched no route, counted under the empty route name.
     unrouted: RouteMetrics,
@@ -224,6 +251,18 @@ impl Metrics {
             "Active health checks by upstream and result (pass, fail)",
             health_checks.clone(),
         );
+        let tunnels_open = Gauge::default();
+        registry.register(
+            "tunnels_open",
+            "Tunnels open: connections joined after an upgrade (WebSocket)",
+            tunnels_open.clone(),
+        );
+        let tunnel_bytes = Family::default();
+        registry.register(
+            "tunnel_bytes",
+            "Bytes carried by tunnels, by route and direction (from_client, from_upstream), counted as they cross",
+            tunnel_bytes.clone(),
+        );
         let header_timeouts = Counter::default();
         registry.register(
             "header_read_timeouts",
@@ -253,6 +292,8 @@ impl Metrics {
             endpoint_skips,
             endpoint_healthy,
             health_checks,
+            tunnels_open,
+            tunnel_bytes,
             header_timeouts,
             unrouted: RouteMetrics::named(""),
         }
@@ -286,6 +327,28 @@ impl Metrics {
                 endpoint: endpoint.to_owned(),
             })
             .set(i64::from(healthy));
+    }
+
+    /// The byte counters of a tunnel on `route`.
+    pub fn tunnel_counters(&self, route: &str) -> TunnelCounters {
+        let counter = |direction| {
+            self.tunnel_bytes
+                .get_or_create(&TunnelLabels {
+                    route: route.to_owned(),
+                    direction,
+                })
+                .clone()
+        };
+        TunnelCounters {
+            from_client: counter("from_client"),
+            from_upstream: counter("from_upstream"),
+        }
+    }
+
+    /// Counts a tunnel as open until the returned guard drops.
+    pub fn tunnel_open(&self) -> TunnelOpen {
+        self.tunnels_open.inc();
+        TunnelOpen(self.tunnels_open.clone())
     }
 
     /// An active health check of one of `upstream`'s endpoints passed or failed.

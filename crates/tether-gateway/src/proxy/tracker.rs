@@ -62,6 +62,11 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &crate::observe::metrics::Metrics {
+        &self.observer.metrics
+    }
+
     /// Starts tracking a request.
     pub fn new(
         rec: RequestRecord,

@@ -7,7 +7,7 @@
 //! is passed on as a half-close instead and the tunnel lasts until both sides are done), when the
 //! route's deadline passes, when nothing crosses it for the route's `idle_timeout`, or at
 //! shutdown. Its access-log line (status 101) is written when it ends, with the bytes that
-//! crossed each way.
+//! crossed each way; the metrics count it open, and its bytes as they cross.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +28,7 @@ use super::response_body::ProxyBody;
 use super::tracker::{Teardown, Tracker};
 use crate::config::HalfClose;
 use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::observe::metrics::TunnelCounters;
 use crate::respond::REQUEST_ID;
 use crate::route::Route;
 use crate::upstream::pool::{H1Conn, Switched};
@@ -78,11 +79,19 @@ struct Traffic {
     /// Nanoseconds from `epoch` to the last read that returned bytes.
     last: AtomicU64,
     epoch: Instant,
+    /// The same bytes in the metrics, as they cross (a tunnel may last for hours).
+    counters: TunnelCounters,
 }
 
 impl Traffic {
-    fn note(&self, side: &AtomicU64, n: usize) {
+    fn note(&self, from_upstream: bool, n: usize) {
+        let (side, counter) = if from_upstream {
+            (&self.from_upstream, &self.counters.from_upstream)
+        } else {
+            (&self.from_client, &self.counters.from_client)
+        };
         side.fetch_add(n as u64, Ordering::Relaxed);
+        counter.inc_by(n as u64);
         let at = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.last.store(at, Ordering::Relaxed);
     }
@@ -101,12 +110,7 @@ fn counted<T: AsyncRead>(
     let traffic = traffic.clone();
     InspectReader::new(io, move |read: &[u8]| {
         if !read.is_empty() {
-            let side = if upstream {
-                &traffic.from_upstream
-            } else {
-                &traffic.from_client
-            };
-            traffic.note(side, read.len());
+            traffic.note(upstream, read.len());
         }
     })
 }
@@ -135,6 +139,9 @@ async fn run(
         from_upstream: AtomicU64::new(0),
         last: AtomicU64::new(0),
         epoch: Instant::now(),
+        counters: t
+            .metrics()
+            .tunnel_counters(t.rec.route.as_deref().unwrap_or("")),
     });
     let switched = async {
         let down = downstream.await.map_err(|e| {
@@ -161,7 +168,8 @@ async fn run(
                 read_ahead: ahead,
                 open: _open,
             } = up;
-            traffic.note(&traffic.from_upstream, ahead.len());
+            let _tunnel = t.metrics().tunnel_open();
+            traffic.note(true, ahead.len());
             let mut down = counted(TokioIo::new(down), &traffic, false);
             let mut up = counted(&mut io, &traffic, true);
             match half_close {
