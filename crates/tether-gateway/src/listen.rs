@@ -726,6 +726,7 @@ fn spawn_health_checks(
                     let p = updates.borrow_and_update().clone();
                     // Dropped (so aborted) when the next configuration is published.
                     let mut checks = tokio::task::JoinSet::new();
+                    metrics.reset_endpoint_health();
                     let targets: Vec<_> = p
                         .config
                         .upstreams

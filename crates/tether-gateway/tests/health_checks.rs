@@ -257,3 +257,24 @@ async fn a_reload_that_keeps_the_upstream_keeps_an_endpoint_out_of_rotation() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_endpoint_a_reload_removes_leaves_no_health_series() {
+    bounded(Duration::from_secs(20), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
+        wait_health(&env, b.addr, true).await;
+        let only_a: UpstreamAddress = a.addr.into();
+        env.reload(move |c| c.upstreams[0].addresses = vec![only_a]);
+        let gone = format!("endpoint=\"{}\"", b.addr);
+        bounded(Duration::from_secs(10), async {
+            while env.metrics_text().unwrap().contains(&gone) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        wait_health(&env, a.addr, true).await;
+        env.stop().await;
+    })
+    .await;
+}

@@ -351,6 +351,12 @@ impl Metrics {
         TunnelOpen(self.tunnels_open.clone())
     }
 
+    /// Forgets every endpoint's health gauge: a new configuration's checks set theirs again, and
+    /// endpoints it no longer has leave no series behind.
+    pub fn reset_endpoint_health(&self) {
+        self.endpoint_healthy.clear();
+    }
+
     /// An active health check of one of `upstream`'s endpoints passed or failed.
     pub fn health_check(&self, upstream: &str, passed: bool) {
         self.health_checks
