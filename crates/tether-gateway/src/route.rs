@@ -57,35 +57,15 @@ impl Route {
         if !loc.starts_with('/') || loc.starts_with("//") {
             return None;
         }
-        let rest = loc.strip_prefix(to)?;
-        if !(rest.is_empty() || rest.starts_with(['/', '?', '#'])) {
-            return None;
-        }
-        let moved = match (self.prefix.is_empty(), rest.starts_with('/')) {
-            (true, true) => rest.to_owned(),
-            (true, false) => format!("/{rest}"),
-            (false, _) => format!("{}{rest}", self.prefix),
-        };
-        HeaderValue::from_str(&moved).ok()
+        HeaderValue::from_str(&move_prefix(loc, to, &self.prefix)?).ok()
     }
 
     /// The path and query to send upstream when the route rewrites its prefix: `path` (which
     /// the route matched) with the matched prefix replaced. `None`: sent as it came.
     pub fn upstream_path(&self, path: &PathAndQuery) -> Option<PathAndQuery> {
         let to = self.rewrite_prefix.as_deref()?;
-        let rest = path.as_str().strip_prefix(self.prefix.as_str())?;
-        // The prefix matched whole segments, so `rest` is empty or starts with `/` or `?`;
-        // anything else (`OPTIONS *`) is not a path to rewrite.
-        if !(rest.is_empty() || rest.starts_with(['/', '?'])) {
-            return None;
-        }
-        let joined = if rest.starts_with('/') {
-            format!("{to}{rest}")
-        } else {
-            let base = if to.is_empty() { "/" } else { to };
-            format!("{base}{rest}")
-        };
-        PathAndQuery::from_maybe_shared(bytes::Bytes::from(joined)).ok()
+        let moved = move_prefix(path.as_str(), &self.prefix, to)?;
+        PathAndQuery::from_maybe_shared(bytes::Bytes::from(moved)).ok()
     }
 
     /// This route's metric handles in `metrics`.
@@ -166,6 +146,21 @@ impl Router {
     }
 }
 
+/// `path` with its prefix `from` replaced by `to` (both without a trailing `/`; "" is the root),
+/// when `from` covers whole segments of it: what follows is nothing, a `/`, a query or a fragment.
+/// `None` for any other path (`/v20` under `/v2`, or `OPTIONS *`).
+fn move_prefix(path: &str, from: &str, to: &str) -> Option<String> {
+    let rest = path.strip_prefix(from)?;
+    if rest.starts_with('/') {
+        return Some(format!("{to}{rest}"));
+    }
+    if !(rest.is_empty() || rest.starts_with(['?', '#'])) {
+        return None;
+    }
+    let base = if to.is_empty() { "/" } else { to };
+    Some(format!("{base}{rest}"))
+}
+
 fn strip_port(host: &[u8]) -> &[u8] {
     if let Some(rest) = host.strip_prefix(b"[") {
         // [v6]:port
@@ -228,12 +223,17 @@ mod tests {
         assert_eq!(r.select(None, "/api/x").map(|r| r.upstream), Some(1));
     }
 
+    /// One route under `prefix` that rewrites it to `to`.
+    fn rewriting(prefix: &str, to: &str) -> Router {
+        let mut c = RouteConfig::new(prefix, "web");
+        c.rewrite_prefix = Some(to.into());
+        Router::new(&[c], |_| Some(0))
+    }
+
     #[test]
     fn a_rewritten_prefix_replaces_the_matched_one() {
         let rewritten = |prefix: &str, to: &str, path: &'static str| {
-            let mut c = RouteConfig::new(prefix, "web");
-            c.rewrite_prefix = Some(to.into());
-            let r = Router::new(&[c], |_| Some(0));
+            let r = rewriting(prefix, to);
             let route = r.select(None, path).expect("route matches");
             route
                 .upstream_path(&PathAndQuery::from_static(path))
@@ -261,9 +261,7 @@ mod tests {
     #[test]
     fn a_redirect_under_the_rewritten_prefix_moves_back_under_the_routes() {
         let moved = |prefix: &str, to: &str, location: &'static str| {
-            let mut c = RouteConfig::new(prefix, "web");
-            c.rewrite_prefix = Some(to.into());
-            let r = Router::new(&[c], |_| Some(0));
+            let r = rewriting(prefix, to);
             let route = r
                 .select(None, if prefix == "/" { "/" } else { prefix })
                 .unwrap();
