@@ -711,52 +711,61 @@ fn spawn_health_checks(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> io::Result<JoinHandle<()>> {
+    on_own_thread("tether-health", async move {
+        loop {
+            let p = updates.borrow_and_update().clone();
+            // Dropped (so aborted) when the next configuration is published.
+            let mut checks = tokio::task::JoinSet::new();
+            metrics.reset_endpoint_health();
+            let targets: Vec<_> = p
+                .config
+                .upstreams
+                .iter()
+                .zip(&p.health)
+                .filter_map(|(u, state)| {
+                    Some(health_check::Target {
+                        check: u.health_check.clone()?,
+                        state: state.clone()?,
+                        config: u.clone(),
+                    })
+                })
+                .collect();
+            if !targets.is_empty() {
+                match Resolver::new(&p.config.dns) {
+                    Ok(resolver) => {
+                        for t in targets {
+                            health_check::start(&mut checks, t, resolver.clone(), &metrics);
+                        }
+                    }
+                    // Checked when the configuration was loaded.
+                    Err(e) => tracing::error!(error = %e, "cannot run the health checks"),
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = updates.changed() => if r.is_err() { return },
+            }
+        }
+    })
+}
+
+/// Runs `work` on a thread of its own, named `name`, in a current-thread runtime.
+fn on_own_thread(
+    name: &'static str,
+    work: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("tether-health".into())
+        .name(name.into())
         .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
+            match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
-                Ok(rt) => rt,
-                Err(e) => return tracing::error!(error = %e, "cannot run the health checks"),
-            };
-            rt.block_on(async move {
-                loop {
-                    let p = updates.borrow_and_update().clone();
-                    // Dropped (so aborted) when the next configuration is published.
-                    let mut checks = tokio::task::JoinSet::new();
-                    metrics.reset_endpoint_health();
-                    let targets: Vec<_> = p
-                        .config
-                        .upstreams
-                        .iter()
-                        .zip(&p.health)
-                        .filter_map(|(u, state)| {
-                            Some(health_check::Target {
-                                check: u.health_check.clone()?,
-                                state: state.clone()?,
-                                config: u.clone(),
-                            })
-                        })
-                        .collect();
-                    if !targets.is_empty() {
-                        match Resolver::new(&p.config.dns) {
-                            Ok(resolver) => {
-                                for t in targets {
-                                    health_check::start(&mut checks, t, resolver.clone(), &metrics);
-                                }
-                            }
-                            // Checked when the configuration was loaded.
-                            Err(e) => tracing::error!(error = %e, "cannot run the health checks"),
-                        }
-                    }
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        r = updates.changed() => if r.is_err() { return },
-                    }
+                Ok(rt) => rt.block_on(work),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot build a runtime for the {name} thread")
                 }
-            });
+            }
         })
 }
 
@@ -929,23 +938,12 @@ fn start_admin(
         draining: Default::default(),
     });
     let st = state.clone();
-    std::thread::Builder::new()
-        .name("tether-admin".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => return tracing::error!(error = %e, "cannot build admin runtime"),
-            };
-            rt.block_on(async move {
-                match TcpListener::from_std(sock) {
-                    Ok(l) => admin::serve(l, st, stop).await,
-                    Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
-                }
-            });
-        })
-        .map_err(StartError::Thread)?;
+    on_own_thread("tether-admin", async move {
+        match TcpListener::from_std(sock) {
+            Ok(l) => admin::serve(l, st, stop).await,
+            Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+        }
+    })
+    .map_err(StartError::Thread)?;
     Ok((addr, state))
 }
