@@ -14,9 +14,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Config, DeadPeerConfig, HalfClose, HeaderRules, HealthCheck, IpNet,
-    ListenerConfig, ListenerLimits, Protocols, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive,
-    TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    AdminConfig, Balance, Config, DeadPeerConfig, HalfClose, HeaderRules, HealthCheck, IpNet,
+    ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RouteConfig, RouteTimeouts, ServerTls,
+    TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -245,8 +245,10 @@ pub enum FileHalfClose {
 pub struct FileUpstream {
     /// Name routes refer to.
     pub name: String,
-    /// `host:port` or `[v6]:port` entries.
-    pub addresses: Vec<String>,
+    /// `host:port` or `[v6]:port` entries, each alone or with its weight.
+    pub addresses: Vec<FileAddress>,
+    /// `round_robin` (default) or `least_requests`.
+    pub balance: Option<FileBalance>,
     /// `http1` (default), `h2c` or `h2`.
     pub protocol: Option<FileUpstreamProtocol>,
     /// TLS towards the upstream.
@@ -261,6 +263,61 @@ pub struct FileUpstream {
     pub fail_timeout: Option<String>,
     /// Active health checks.
     pub health_check: Option<FileHealthCheck>,
+}
+
+/// An entry of an upstream's `addresses`: `"host:port"`, or
+/// `{ address = "host:port", weight = 3 }`.
+#[derive(Debug)]
+pub struct FileAddress {
+    /// `host:port`.
+    pub address: String,
+    /// Its share of the requests; default 1.
+    pub weight: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for FileAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FileAddress, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            weight: Option<u32>,
+        }
+        struct Entry;
+        impl<'de> serde::de::Visitor<'de> for Entry {
+            type Value = FileAddress;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"host:port\" or { address = \"host:port\", weight = N }")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<FileAddress, E> {
+                Ok(FileAddress {
+                    address: s.to_owned(),
+                    weight: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileAddress, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(FileAddress {
+                    address: t.address,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+/// `balance` values of an upstream.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileBalance {
+    /// In turn, by weight.
+    RoundRobin,
+    /// Fewest requests in flight for the weight.
+    LeastRequests,
 }
 
 /// `health_check` of an upstream.
@@ -843,8 +900,21 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         .addresses
         .iter()
         .enumerate()
-        .map(|(j, a)| upstream_address(&format!("{key}.addresses[{j}]"), a))
+        .map(|(j, a)| upstream_address(&format!("{key}.addresses[{j}]"), &a.address))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut weights = Vec::new();
+    if u.addresses.iter().any(|a| a.weight.is_some()) {
+        for (j, a) in u.addresses.iter().enumerate() {
+            let w = a.weight.unwrap_or(1);
+            if !(1..=MAX_WEIGHT).contains(&w) {
+                return Err(KeyError::new(
+                    format!("{key}.addresses[{j}].weight"),
+                    format!("must be from 1 to {MAX_WEIGHT}"),
+                ));
+            }
+            weights.push(w);
+        }
+    }
     let protocol = match u.protocol {
         None | Some(FileUpstreamProtocol::Http1) => UpstreamProtocol::Http1,
         Some(FileUpstreamProtocol::H2c) => UpstreamProtocol::H2c,
@@ -863,6 +933,11 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
     };
     let mut cfg = UpstreamConfig::new(u.name.clone(), addresses, protocol);
     cfg.tls = tls;
+    cfg.weights = weights;
+    cfg.balance = match u.balance {
+        None | Some(FileBalance::RoundRobin) => Balance::RoundRobin,
+        Some(FileBalance::LeastRequests) => Balance::LeastRequests,
+    };
     if let Some(n) = u.max_idle_per_endpoint {
         cfg.max_idle_per_endpoint = n;
     }

@@ -516,6 +516,38 @@ pub struct UpstreamConfig {
     /// Active health checks of every endpoint; none by default (only the passive
     /// [`max_fails`](Self::max_fails)).
     pub health_check: Option<HealthCheck>,
+    /// How each request's endpoint is chosen. Default round robin.
+    pub balance: Balance,
+    /// Each address's share of the requests, in the order of
+    /// [`addresses`](Self::addresses); empty: every address weighs 1. Each from 1 to
+    /// [`MAX_WEIGHT`].
+    pub weights: Vec<u32>,
+}
+
+/// The largest endpoint weight.
+pub const MAX_WEIGHT: u32 = 100;
+
+/// How an upstream's endpoint is chosen for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// In turn, each endpoint as often as its weight says (smooth weighted round robin, as
+    /// nginx's).
+    #[default]
+    RoundRobin,
+    /// The endpoint with the fewest requests in flight for its weight, counted over every
+    /// worker (nginx's `least_conn` rule); ties are broken by the weighted turns. A request counts from the moment its
+    /// endpoint is chosen until its response (or tunnel) ends, the client leaves, or it fails.
+    LeastRequests,
+}
+
+impl Balance {
+    /// The name used in the configuration file: `round_robin` or `least_requests`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastRequests => "least_requests",
+        }
+    }
 }
 
 /// Active health checks: every `interval`, each endpoint gets `GET path` on a connection of its
@@ -566,6 +598,8 @@ impl UpstreamConfig {
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
             health_check: None,
+            balance: Balance::RoundRobin,
+            weights: Vec::new(),
         }
     }
 }
@@ -664,6 +698,22 @@ impl Config {
             }
             if let Some(h) = &u.health_check {
                 validate_health_check(&format!("{key}.health_check"), h)?;
+            }
+            if !u.weights.is_empty() && u.weights.len() != u.addresses.len() {
+                return Err(ConfigError::new(
+                    format!("{key}.weights"),
+                    format!(
+                        "{} weights for {} addresses: give one per address, or none",
+                        u.weights.len(),
+                        u.addresses.len()
+                    ),
+                ));
+            }
+            if let Some(j) = u.weights.iter().position(|w| !(1..=MAX_WEIGHT).contains(w)) {
+                return Err(ConfigError::new(
+                    format!("{key}.weights[{j}]"),
+                    format!("must be from 1 to {MAX_WEIGHT}"),
+                ));
             }
         }
         for (i, l) in self.listeners.iter().enumerate() {
@@ -971,5 +1021,20 @@ mod tests {
         let mut c = base();
         c.upstreams[0].protocol = UpstreamProtocol::H2;
         assert_eq!(c.validate().unwrap_err().key, "upstreams[0].protocol");
+    }
+
+    #[test]
+    fn weights_need_one_per_address_within_range() {
+        let mut c = base();
+        c.upstreams[0].weights = vec![2];
+        c.validate().unwrap();
+        c.upstreams[0].weights = vec![2, 3];
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "upstreams[0].weights");
+        assert!(e.message.contains("2 weights for 1 addresses"), "{e:?}");
+        for bad in [0, MAX_WEIGHT + 1] {
+            c.upstreams[0].weights = vec![bad];
+            assert_eq!(c.validate().unwrap_err().key, "upstreams[0].weights[0]");
+        }
     }
 }

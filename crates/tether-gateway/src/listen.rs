@@ -28,7 +28,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ConfigError, ListenerConfig, Protocols};
+use crate::config::{Balance, Config, ConfigError, ListenerConfig, Protocols};
 use crate::downstream;
 use crate::downstream::parking::{Parking, Poller};
 use crate::lock;
@@ -227,6 +227,7 @@ pub struct RunningGateway {
     published: watch::Sender<Arc<Published>>,
     /// Every worker's parked connections.
     parked: Vec<Arc<Parking>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
@@ -309,6 +310,7 @@ impl Gateway {
             threads,
             published,
             parked,
+            metrics: observer.metrics,
         })
     }
 }
@@ -320,7 +322,7 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
     // Fail on bad DNS or upstream TLS settings now, not on the first request.
     let resolver = Resolver::new(&config.dns).map_err(StartError::Dns)?;
     for (index, u) in config.upstreams.iter().enumerate() {
-        Upstream::new(u, resolver.clone(), Arc::default(), None)
+        Upstream::new(u, resolver.clone(), Arc::default(), None, None)
             .map_err(|source| StartError::UpstreamTls { index, source })?;
     }
     let health = config
@@ -438,8 +440,9 @@ impl RunningGateway {
         {
             tracing::warn!("workers and admin settings take effect on restart only");
         }
-        let next = prepare(config, Some(&previous))?;
-        self.published.send_replace(Arc::new(next));
+        let next = Arc::new(prepare(config, Some(&previous))?);
+        self.published.send_replace(next.clone());
+        self.metrics.retain_endpoint_loads(&next.config);
         Ok(())
     }
 
@@ -788,7 +791,14 @@ fn build_generation(
     for (index, u) in p.config.upstreams.iter().enumerate() {
         let counts = observer.metrics.conn_counts(&u.name);
         let active = p.health.get(index).cloned().flatten();
-        let up = Upstream::new(u, resolver.clone(), counts, active)
+        // Every worker gets the same counts: the metrics hold them by upstream and endpoint.
+        let loads = (u.balance == Balance::LeastRequests).then(|| {
+            u.addresses
+                .iter()
+                .map(|a| observer.metrics.endpoint_load(&u.name, &a.to_string()))
+                .collect()
+        });
+        let up = Upstream::new(u, resolver.clone(), counts, active, loads)
             .map_err(|source| StartError::UpstreamTls { index, source })?;
         upstreams.push(Arc::new(up));
     }

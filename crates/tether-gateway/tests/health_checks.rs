@@ -6,94 +6,14 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http::{Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use test_support::behavior::{Behavior, script};
 use tether_gateway::config::{AdminConfig, HealthCheck, UpstreamAddress};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-
-/// A server answering `GET /healthz` with `health`'s status and anything else with its name,
-/// over HTTP/1.1 or cleartext HTTP/2. It records the health checks' `Host` and `User-Agent`.
-struct Backend {
-    addr: SocketAddr,
-    health: Arc<AtomicU16>,
-    checks: Arc<Mutex<Vec<(String, String)>>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Backend {
-    async fn start(name: &'static str) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let health = Arc::new(AtomicU16::new(200));
-        let checks = Arc::new(Mutex::new(Vec::new()));
-        let (h, c) = (health.clone(), checks.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((sock, _)) = listener.accept().await else {
-                    return;
-                };
-                let (h, c) = (h.clone(), c.clone());
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let (h, c) = (h.clone(), c.clone());
-                        async move {
-                            if req.uri().path() != "/healthz" {
-                                return Ok::<_, Infallible>(Response::new(Full::new(
-                                    Bytes::from_static(name.as_bytes()),
-                                )));
-                            }
-                            let header = |n: &str| {
-                                req.headers()
-                                    .get(n)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_owned()
-                            };
-                            let host = req
-                                .uri()
-                                .authority()
-                                .map(|a| a.to_string())
-                                .unwrap_or_else(|| header("host"));
-                            c.lock().unwrap().push((host, header("user-agent")));
-                            let status = h.load(Ordering::Relaxed);
-                            Ok(Response::builder()
-                                .status(status)
-                                .body(Full::new(Bytes::from_static(b"health")))
-                                .unwrap())
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(sock), svc)
-                        .await;
-                });
-            }
-        });
-        Backend {
-            addr,
-            health,
-            checks,
-            task,
-        }
-    }
-}
 
 /// A gateway in front of `addresses`, checking them every 50 ms (2 failures out, 2 passes back).
 async fn gateway(up: Up, addresses: Vec<UpstreamAddress>) -> Env {

@@ -397,3 +397,63 @@ fn health_checks_convert_with_defaults_and_bad_ones_name_their_key() {
         assert!(e.message.contains(why), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn balance_and_weights_convert_and_bad_ones_name_their_key() {
+    let cfg = parse(GOOD, Path::new(".")).unwrap();
+    let u = &cfg.config.upstreams[0];
+    assert_eq!(u.balance, Balance::RoundRobin);
+    assert!(u.weights.is_empty());
+
+    let src = GOOD
+        .replace("\"[::1]:9000\"", "{ address = \"[::1]:9000\", weight = 5 }")
+        .replace(
+            "protocol = \"h2c\"\n",
+            "protocol = \"h2c\"\nbalance = \"least_requests\"\n",
+        );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    let u = &cfg.config.upstreams[0];
+    assert_eq!(u.balance, Balance::LeastRequests);
+    assert_eq!(u.weights, [1, 5, 1]);
+    assert_eq!(u.addresses[1].to_string(), "[::1]:9000");
+
+    for (bad, key, why) in [
+        (
+            "{ address = \"[::1]:9000\", weight = 0 }",
+            "upstreams[0].addresses[1].weight",
+            "from 1 to 100",
+        ),
+        (
+            "{ address = \"[::1]:9000\", weight = 101 }",
+            "upstreams[0].addresses[1].weight",
+            "from 1 to 100",
+        ),
+        (
+            "{ address = \"[::1]:9000\", wieght = 2 }",
+            "upstreams[0].addresses[1].wieght",
+            "unknown field `wieght`",
+        ),
+        (
+            "{ weight = 2 }",
+            "upstreams[0].addresses[1].address",
+            "missing field `address`",
+        ),
+        ("7", "upstreams[0].addresses[1]", "\"host:port\" or"),
+        (
+            "{ address = \"[::1]\", weight = 2 }",
+            "upstreams[0].addresses[1]",
+            "",
+        ),
+    ] {
+        let e = err(&GOOD.replace("\"[::1]:9000\"", bad));
+        assert_eq!(e.key, key, "{bad}: {e:?}");
+        assert!(e.message.contains(why), "{bad}: {e:?}");
+        assert_eq!(e.line, 26, "{bad}: {e:?}");
+    }
+    let e = err(&GOOD.replace(
+        "protocol = \"h2c\"\n",
+        "protocol = \"h2c\"\nbalance = \"fastest\"\n",
+    ));
+    assert_eq!(e.key, "upstreams[0].balance", "{e:?}");
+    assert!(e.message.contains("least_requests"), "{e:?}");
+}

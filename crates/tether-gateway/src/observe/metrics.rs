@@ -13,6 +13,7 @@ use prometheus_client::registry::Registry;
 
 use crate::error::ProxyError;
 use crate::observe::access::{Outcome, RequestRecord};
+use crate::upstream::balance::Load;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -132,6 +133,9 @@ pub struct Metrics {
     accept_errors: Family<KindLabels, Counter>,
     endpoint_skips: Family<EndpointLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
+    endpoint_in_flight: Family<EndpointLabels, Gauge>,
+    /// The series of `endpoint_in_flight`, so that a reload can drop those it removed.
+    in_flight_series: Mutex<Vec<EndpointLabels>>,
     health_checks: Family<HealthCheckLabels, Counter>,
     tunnels_open: Gauge,
     tunnel_bytes: Family<TunnelLabels, Counter>,
@@ -245,6 +249,12 @@ impl Metrics {
             "1 while an actively checked upstream endpoint is in rotation, 0 while its health checks keep it out",
             endpoint_healthy.clone(),
         );
+        let endpoint_in_flight = Family::default();
+        registry.register(
+            "upstream_endpoint_in_flight",
+            "Requests in flight to an upstream endpoint (upstreams balanced by least_requests), over every worker",
+            endpoint_in_flight.clone(),
+        );
         let health_checks = Family::default();
         registry.register(
             "upstream_health_checks",
@@ -291,6 +301,8 @@ impl Metrics {
             accept_errors,
             endpoint_skips,
             endpoint_healthy,
+            endpoint_in_flight,
+            in_flight_series: Mutex::default(),
             health_checks,
             tunnels_open,
             tunnel_bytes,
@@ -349,6 +361,44 @@ impl Metrics {
     pub fn tunnel_open(&self) -> TunnelOpen {
         self.tunnels_open.inc();
         TunnelOpen(self.tunnels_open.clone())
+    }
+
+    /// The requests in flight to `upstream`'s `endpoint`, shared by every worker and every
+    /// configuration that has the endpoint.
+    pub fn endpoint_load(&self, upstream: &str, endpoint: &str) -> Load {
+        let labels = EndpointLabels {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+        };
+        let gauge = self.endpoint_in_flight.get_or_create_owned(&labels);
+        let mut series = self
+            .in_flight_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !series.contains(&labels) {
+            series.push(labels);
+        }
+        Load::new(gauge)
+    }
+
+    /// Drops the in-flight series of endpoints that `config` does not balance by
+    /// `least_requests`. Requests still in flight to them keep their own count.
+    pub fn retain_endpoint_loads(&self, config: &crate::config::Config) {
+        let mut series = self
+            .in_flight_series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        series.retain(|l| {
+            let kept = config.upstreams.iter().any(|u| {
+                u.name == l.upstream
+                    && u.balance == crate::config::Balance::LeastRequests
+                    && u.addresses.iter().any(|a| a.to_string() == l.endpoint)
+            });
+            if !kept {
+                self.endpoint_in_flight.remove(l);
+            }
+            kept
+        });
     }
 
     /// Forgets every endpoint's health gauge: a new configuration's checks set theirs again, and
@@ -550,6 +600,41 @@ impl RouteMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_loads_are_shared_by_label_and_dropped_with_their_endpoint() {
+        use crate::config::{Balance, Config, ListenerConfig, RouteConfig, UpstreamConfig};
+        let m = Metrics::new(&["app".to_owned()]);
+        // Two workers' views of one endpoint count together.
+        let (one, two) = (
+            m.endpoint_load("app", "a:80"),
+            m.endpoint_load("app", "a:80"),
+        );
+        let held = one.hold();
+        assert_eq!(two.get(), 1);
+        let mut up = UpstreamConfig::new(
+            "app",
+            vec![crate::config::UpstreamAddress {
+                host: "a".into(),
+                port: 80,
+            }],
+            crate::config::UpstreamProtocol::Http1,
+        );
+        up.balance = Balance::LeastRequests;
+        let listener = ListenerConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            vec![RouteConfig::new("/", "app")],
+        );
+        let config = Config::new(vec![listener], vec![up]);
+        m.retain_endpoint_loads(&config);
+        assert!(m.encode().contains("endpoint=\"a:80\"} 1"));
+        let mut config = config;
+        config.upstreams[0].balance = Balance::RoundRobin;
+        m.retain_endpoint_loads(&config);
+        assert!(!m.encode().contains("upstream_endpoint_in_flight{"));
+        drop(held);
+        assert_eq!(one.get(), 0);
+    }
 
     #[test]
     fn status_classes() {

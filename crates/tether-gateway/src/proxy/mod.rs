@@ -266,6 +266,9 @@ fn proxy<'a>(
             // Connect (or take a pooled connection).
             t.stage = Stage::Connect;
             let (ep_idx, ep) = upstream.pick();
+            // Counted from now: requests waiting for a connection load an endpoint too. A retry
+            // moves the count to its own endpoint.
+            t.endpoint_load = upstream.hold(ep_idx);
             // A pooled connection ready now needs no wait, so nothing to race. (The lookup is the
             // match's own operand, so it holds no place in the request's state.)
             let (checkout, info) = match (!fresh_only && !upgrading && !t.ctx.is_cancelled())

@@ -56,6 +56,9 @@ pub struct Tracker {
     pub head_at: Option<Instant>,
     /// The request's place in its route's in-flight limit, released with the tracker.
     pub admission: Option<crate::admission::Permit>,
+    /// The request counted in its endpoint's load (`least_requests` upstreams), released with
+    /// the tracker.
+    pub endpoint_load: Option<crate::upstream::balance::InFlight>,
     /// Its route's metric handles, once routed.
     pub route_metrics: Option<Arc<RouteMetrics>>,
     done: bool,
@@ -90,6 +93,7 @@ impl Tracker {
             sent_at: None,
             head_at: None,
             admission: None,
+            endpoint_load: None,
             route_metrics: None,
             done: false,
         }

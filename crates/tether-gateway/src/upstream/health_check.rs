@@ -60,7 +60,7 @@ pub fn start(checks: &mut JoinSet<()>, t: Target, resolver: dns::Resolver, metri
     // A view of the upstream of its own, with no idle connections: every check connects afresh.
     let mut config = t.config.clone();
     config.max_idle_per_endpoint = 0;
-    let upstream = match Upstream::new(&config, resolver, Arc::default(), None) {
+    let upstream = match Upstream::new(&config, resolver, Arc::default(), None, None) {
         Ok(u) => Arc::new(u),
         // Checked when the configuration was loaded.
         Err(e) => return tracing::error!(error = %e, upstream = %config.name, "cannot check"),

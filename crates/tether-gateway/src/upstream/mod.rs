@@ -1,5 +1,6 @@
 //! The upstream side: endpoints, their connector and pools, and handing a request a connection.
 
+pub mod balance;
 pub mod connect;
 pub mod dns;
 pub mod health;
@@ -14,9 +15,10 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use crate::config::{UpstreamAddress, UpstreamConfig, UpstreamProtocol};
+use crate::config::{Balance, UpstreamAddress, UpstreamConfig, UpstreamProtocol};
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::observe::metrics::ConnCounts;
+use balance::{InFlight, Load};
 use connect::{Connector, TlsSetupError};
 use health::EndpointHealth;
 use health_check::ActiveHealth;
@@ -31,6 +33,10 @@ pub struct Upstream {
     pub protocol: UpstreamProtocol,
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
+    /// The weighted turns (endpoint indexes); `None` when every weight is 1.
+    schedule: Option<Box<[u32]>>,
+    /// With `least_requests`: the endpoints' requests in flight over every worker.
+    loads: Option<Box<[Load]>>,
     connector: Connector,
     counts: Arc<ConnCounts>,
     max_fails: u32,
@@ -50,6 +56,8 @@ pub struct Endpoint {
     pub pool: EndpointPool,
     /// Failed connection attempts and whether it is skipped.
     pub health: EndpointHealth,
+    /// Its share of the requests.
+    pub weight: u32,
 }
 
 /// A connection handed to one request.
@@ -87,21 +95,29 @@ pub struct CheckoutInfo {
 
 impl Upstream {
     /// Builds the worker-local view of `config`; `active` is the state its health checks keep,
-    /// if it has them.
+    /// if it has them, and `loads` the endpoints' shared in-flight counts, compared when it
+    /// balances by `least_requests` (one per address; without them it balances in turn).
     pub fn new(
         config: &UpstreamConfig,
         resolver: dns::Resolver,
         counts: Arc<ConnCounts>,
         active: Option<Arc<ActiveHealth>>,
+        loads: Option<Box<[Load]>>,
     ) -> Result<Upstream, TlsSetupError> {
         let connector = Connector::new(config.protocol, config.tls.as_ref(), resolver)?;
+        let loads = loads.filter(|l| {
+            config.balance == Balance::LeastRequests && l.len() == config.addresses.len()
+        });
+        let weight = |i: usize| config.weights.get(i).copied().unwrap_or(1).max(1);
         Ok(Upstream {
             name: Arc::from(config.name.as_str()),
             protocol: config.protocol,
             endpoints: config
                 .addresses
                 .iter()
-                .map(|a| Endpoint {
+                .enumerate()
+                .map(|(i, a)| Endpoint {
+                    weight: weight(i),
                     address: a.clone(),
                     pool: EndpointPool::new(
                         config.max_idle_per_endpoint,
@@ -112,6 +128,12 @@ impl Upstream {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
+            schedule: if config.weights.is_empty() {
+                None
+            } else {
+                balance::schedule(&config.weights)
+            },
+            loads,
             connector,
             counts,
             max_fails: config.max_fails,
@@ -126,25 +148,49 @@ impl Upstream {
         self.connector.is_tls()
     }
 
-    /// The next endpoint, round robin, with its index. Endpoints skipped after failed
-    /// connection attempts, or taken out of rotation by the health checks, are passed over; if
-    /// every endpoint is, the round robin's choice is tried anyway (the request fails only if it
-    /// fails).
+    /// The endpoint for the next request, with its index: the next in turn (weighted round
+    /// robin), or with `least_requests` the one with the fewest requests in flight for its
+    /// weight (ties go in turn). Endpoints skipped after failed connection attempts, or taken
+    /// out of rotation by the health checks, are passed over; if every endpoint is, the one in
+    /// turn is tried anyway (the request fails only if it fails).
     pub fn pick(&self) -> (usize, &Endpoint) {
         let len = self.endpoints.len();
-        let first = self.next.fetch_add(1, Ordering::Relaxed) % len;
-        if len > 1 && (self.max_fails > 0 || self.active.is_some()) {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let first = match &self.schedule {
+            Some(order) => order[turn % order.len()] as usize % len,
+            None => turn % len,
+        };
+        if len > 1 && (self.max_fails > 0 || self.active.is_some() || self.loads.is_some()) {
             let now = Instant::now();
+            let mut best: Option<(usize, u64)> = None;
             for i in 0..len {
                 let n = (first + i) % len;
-                if self.endpoints[n].health.available(self.born, now)
-                    && !self.active.as_ref().is_some_and(|a| a.is_down(n))
+                let ep = &self.endpoints[n];
+                if !ep.health.available(self.born, now)
+                    || self.active.as_ref().is_some_and(|a| a.is_down(n))
                 {
-                    return (n, &self.endpoints[n]);
+                    continue;
                 }
+                let Some(loads) = &self.loads else {
+                    return (n, ep);
+                };
+                let load = loads[n].get();
+                if best.is_none_or(|(b, b_load)| {
+                    balance::lighter(load, ep.weight, b_load, self.endpoints[b].weight)
+                }) {
+                    best = Some((n, load));
+                }
+            }
+            if let Some((n, _)) = best {
+                return (n, &self.endpoints[n]);
             }
         }
         (first, &self.endpoints[first])
+    }
+
+    /// With `least_requests`, counts a request in endpoint `idx`'s load until the guard drops.
+    pub fn hold(&self, idx: usize) -> Option<InFlight> {
+        self.loads.as_ref()?.get(idx).map(Load::hold)
     }
 
     /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked). True

@@ -370,3 +370,114 @@ pub fn rss_bytes() -> u64 {
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
+
+/// A server of several endpoints' tests: it answers `GET /healthz` with `health`'s status,
+/// holds `/hold` requests until they are cancelled, and answers anything else with its name,
+/// over HTTP/1.1 or cleartext HTTP/2. It records the health checks' `Host` and `User-Agent`, and
+/// counts the `/hold` requests it is holding.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub health: Arc<std::sync::atomic::AtomicU16>,
+    pub checks: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    pub held: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One `/hold` request counted in [`Backend::held`] while its handler lives.
+struct Holding(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Backend {
+    pub async fn start(name: &'static str) -> Backend {
+        use bytes::Bytes;
+        use http_body_util::Full;
+        use hyper::{Request, Response, body::Incoming};
+        use std::sync::atomic::Ordering;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let checks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, c, hd) = (health.clone(), checks.clone(), held.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let (h, c, hd) = (h.clone(), c.clone(), hd.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (h, c, hd) = (h.clone(), c.clone(), hd.clone());
+                        async move {
+                            match req.uri().path() {
+                                "/healthz" => {}
+                                "/hold" => {
+                                    hd.fetch_add(1, Ordering::SeqCst);
+                                    let _holding = Holding(hd);
+                                    std::future::pending::<()>().await;
+                                }
+                                _ => {
+                                    return Ok::<_, std::convert::Infallible>(Response::new(
+                                        Full::new(Bytes::from_static(name.as_bytes())),
+                                    ));
+                                }
+                            }
+                            let header = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_owned()
+                            };
+                            let host = req
+                                .uri()
+                                .authority()
+                                .map(|a| a.to_string())
+                                .unwrap_or_else(|| header("host"));
+                            c.lock().unwrap().push((host, header("user-agent")));
+                            let status = h.load(Ordering::Relaxed);
+                            Ok(Response::builder()
+                                .status(status)
+                                .body(Full::new(Bytes::from_static(b"health")))
+                                .unwrap())
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(sock), svc)
+                    .await;
+                });
+            }
+        });
+        Backend {
+            addr,
+            health,
+            checks,
+            held,
+            task,
+        }
+    }
+
+    /// Waits until `n` `/hold` requests are being held.
+    pub async fn wait_held(&self, n: usize) {
+        bounded(Duration::from_secs(10), async {
+            while self.held.load(std::sync::atomic::Ordering::SeqCst) != n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,147 @@
+//! How an upstream's endpoints share the requests: `least_requests` sends them away from an
+//! endpoint busy with work until that work ends (the client leaving included), and weights set
+//! each endpoint's share. Two endpoints, each a server that answers its own name and holds
+//! `/hold` requests until they are cancelled.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use test_support::behavior::{Behavior, script};
+use tether_gateway::config::{AdminConfig, Balance, Config, UpstreamAddress};
+
+/// A gateway in front of `addresses`, with passive health and retries off so that only the
+/// balancing decides.
+async fn gateway(up: Up, addresses: Vec<UpstreamAddress>, tweak: impl FnOnce(&mut Config)) -> Env {
+    Env::with(Down::H1, up, script(|_| Behavior::ok("unused")), move |c| {
+        let u = &mut c.upstreams[0];
+        u.addresses = addresses;
+        u.max_fails = 0;
+        c.listeners[0].routes[0].max_retries = 0;
+        c.admin = Some(AdminConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+        });
+        tweak(c);
+    })
+    .await
+}
+
+/// The bodies of `n` requests sent one after another on one connection.
+async fn bodies(env: &Env, n: usize) -> Vec<String> {
+    let mut client = env.http().await;
+    let mut out = Vec::new();
+    for i in 0..n {
+        let (parts, body) = client.get(&format!("/r{i}")).await.unwrap();
+        assert_eq!(parts.status, 200);
+        out.push(String::from_utf8(body.to_vec()).unwrap());
+    }
+    out
+}
+
+fn in_flight(env: &Env, endpoint: &Backend) -> Option<f64> {
+    metric(
+        &env.metrics_text().unwrap(),
+        &format!(
+            "tether_upstream_endpoint_in_flight{{upstream=\"up\",endpoint=\"{}\"}}",
+            endpoint.addr
+        ),
+    )
+}
+
+#[tokio::test]
+async fn least_requests_keeps_requests_away_from_a_busy_endpoint_until_its_client_leaves() {
+    bounded(Duration::from_secs(40), async {
+        for up in [Up::H1, Up::H2c] {
+            let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+            let env = gateway(up, vec![a.addr.into(), b.addr.into()], |c| {
+                c.upstreams[0].balance = Balance::LeastRequests;
+                // The count is shared: the busy request and the others may be on either worker.
+                c.workers = NonZeroUsize::new(2);
+            })
+            .await;
+
+            let mut holder = env.http().await;
+            let held = tokio::spawn(async move { holder.get("/hold").await });
+            bounded(Duration::from_secs(10), async {
+                while a.held.load(Ordering::SeqCst) + b.held.load(Ordering::SeqCst) == 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            let (busy, idle) = if a.held.load(Ordering::SeqCst) == 1 {
+                (&a, &b)
+            } else {
+                (&b, &a)
+            };
+            let idle_name = if std::ptr::eq(idle, &a) { "a" } else { "b" };
+            let got = bodies(&env, 10).await;
+            assert!(got.iter().all(|n| n == idle_name), "{up:?}: {got:?}");
+            assert_eq!(in_flight(&env, busy), Some(1.0), "{up:?}");
+            assert_eq!(in_flight(&env, idle), Some(0.0), "{up:?}");
+
+            // The client gives up: the upstream work stops, and the endpoint is free again.
+            held.abort();
+            busy.wait_held(0).await;
+            bounded(Duration::from_secs(10), async {
+                while in_flight(&env, busy) != Some(0.0) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            let got = bodies(&env, 10).await;
+            assert!(got.iter().any(|n| n == "a"), "{up:?}: {got:?}");
+            assert!(got.iter().any(|n| n == "b"), "{up:?}: {got:?}");
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn weights_set_each_endpoints_share_in_turn() {
+    bounded(Duration::from_secs(30), async {
+        for balance in [Balance::RoundRobin, Balance::LeastRequests] {
+            let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+            let env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()], |c| {
+                c.upstreams[0].balance = balance;
+                c.upstreams[0].weights = vec![3, 1];
+            })
+            .await;
+            // One worker, one request at a time: the turns alone decide (least_requests finds
+            // every endpoint idle, a tie).
+            let got = bodies(&env, 40).await;
+            let to_a = got.iter().filter(|n| *n == "a").count();
+            assert_eq!((to_a, got.len() - to_a), (30, 10), "{balance:?}: {got:?}");
+            // Spread, not in blocks: never more than three in a row to the heavier endpoint.
+            assert!(
+                !got.windows(4).any(|w| w.iter().all(|n| n == "a")),
+                "{balance:?}: {got:?}"
+            );
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reload_removes_the_in_flight_series_of_endpoints_it_drops() {
+    bounded(Duration::from_secs(20), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()], |c| {
+            c.upstreams[0].balance = Balance::LeastRequests;
+        })
+        .await;
+        bodies(&env, 2).await;
+        assert_eq!(in_flight(&env, &b), Some(0.0));
+        env.reload(|c| c.upstreams[0].addresses = vec![a.addr.into()]);
+        bodies(&env, 2).await;
+        assert_eq!(in_flight(&env, &a), Some(0.0));
+        assert_eq!(in_flight(&env, &b), None);
+        env.stop().await;
+    })
+    .await;
+}
