@@ -334,6 +334,70 @@ pub struct FileHealthCheck {
     pub unhealthy_after: Option<u32>,
     /// Passed checks in a row that put it back; default 2.
     pub healthy_after: Option<u32>,
+    /// Statuses that pass: codes (`200`) and classes (`"2xx"`); default 200–399.
+    pub expect_status: Option<Vec<FileStatus>>,
+    /// Text the body must contain.
+    pub expect_body: Option<String>,
+    /// Headers each check sends.
+    pub headers: Option<BTreeMap<String, String>>,
+}
+
+/// An entry of `expect_status`: a status code, or a class such as `"2xx"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileStatus {
+    /// One status.
+    Code(i64),
+    /// A class, as written.
+    Class(String),
+}
+
+impl<'de> Deserialize<'de> for FileStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FileStatus, D::Error> {
+        struct Entry;
+        impl serde::de::Visitor<'_> for Entry {
+            type Value = FileStatus;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a status (200) or a class (\"2xx\")")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<FileStatus, E> {
+                Ok(FileStatus::Code(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<FileStatus, E> {
+                Ok(FileStatus::Class(s.to_owned()))
+            }
+        }
+        d.deserialize_any(Entry)
+    }
+}
+
+impl FileStatus {
+    /// The statuses it covers.
+    fn range(&self) -> Result<std::ops::RangeInclusive<u16>, String> {
+        let bad =
+            || format!("{self} is not a status from 100 to 599 or a class from \"1xx\" to \"5xx\"");
+        match self {
+            FileStatus::Code(n) => match u16::try_from(*n) {
+                Ok(n) if (100..=599).contains(&n) => Ok(n..=n),
+                _ => Err(bad()),
+            },
+            FileStatus::Class(c) => match c.as_bytes() {
+                [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                    let from = u16::from(d - b'0') * 100;
+                    Ok(from..=from + 99)
+                }
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl fmt::Display for FileStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileStatus::Code(n) => write!(f, "{n}"),
+            FileStatus::Class(c) => write!(f, "{c:?}"),
+        }
+    }
 }
 
 /// `protocol` values of an upstream.
@@ -983,6 +1047,14 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         if let Some(n) = h.healthy_after {
             check.healthy_after = n;
         }
+        for (j, status) in h.expect_status.iter().flatten().enumerate() {
+            let range = status
+                .range()
+                .map_err(|e| KeyError::new(format!("{hkey}.expect_status[{j}]"), e))?;
+            check.expect_status.push(range);
+        }
+        check.expect_body = h.expect_body.clone();
+        check.headers = h.headers.clone().unwrap_or_default().into_iter().collect();
         cfg.health_check = Some(check);
     }
     Ok(cfg)

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -552,8 +553,8 @@ impl Balance {
 
 /// Active health checks: every `interval`, each endpoint gets `GET path` on a connection of its
 /// own. An endpoint is taken out of rotation after `unhealthy_after` failed checks in a row (no
-/// connection, no answer within `timeout`, or a status outside 200–399) and put back after
-/// `healthy_after` passed ones.
+/// connection, no answer within `timeout`, a status not in `expect_status`, or a body without
+/// `expect_body`) and put back after `healthy_after` passed ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// Path (and query) requested.
@@ -566,7 +567,19 @@ pub struct HealthCheck {
     pub unhealthy_after: u32,
     /// Passed checks in a row that put it back.
     pub healthy_after: u32,
+    /// Statuses that pass, as inclusive ranges; empty: 200–399.
+    pub expect_status: Vec<RangeInclusive<u16>>,
+    /// Text the response body must contain, looked for in its first
+    /// [`HEALTH_BODY_LIMIT`] bytes; `None`: the body is not read.
+    pub expect_body: Option<String>,
+    /// Headers each check sends (name, value), replacing tether's own (`User-Agent`); `host`
+    /// sets the `Host`, or `:authority` over HTTP/2.
+    pub headers: Vec<(String, String)>,
 }
+
+/// How much of a health check's response body is searched for
+/// [`HealthCheck::expect_body`].
+pub const HEALTH_BODY_LIMIT: usize = 64 * 1024;
 
 impl HealthCheck {
     /// Checks of `path` every 5 s with a 2 s timeout, 2 failures out and 2 passes back.
@@ -577,7 +590,27 @@ impl HealthCheck {
             timeout: Duration::from_secs(2),
             unhealthy_after: 2,
             healthy_after: 2,
+            expect_status: Vec::new(),
+            expect_body: None,
+            headers: Vec::new(),
         }
+    }
+
+    /// Whether a check answered `status` passes on its status.
+    pub fn status_passes(&self, status: u16) -> bool {
+        if self.expect_status.is_empty() {
+            return (200..=399).contains(&status);
+        }
+        self.expect_status.iter().any(|r| r.contains(&status))
+    }
+
+    /// The checks' header changes, validated as a route's `request_headers` `set` rules are.
+    pub fn header_rules(&self) -> Result<crate::proxy::headers::Rewrite, String> {
+        let rules = HeaderRules {
+            set: self.headers.clone(),
+            ..HeaderRules::default()
+        };
+        crate::proxy::headers::Rewrite::request(&rules, None)
     }
 }
 
@@ -818,6 +851,22 @@ fn validate_health_check(key: &str, h: &HealthCheck) -> Result<(), ConfigError> 
             ));
         }
     }
+    for (j, r) in h.expect_status.iter().enumerate() {
+        if *r.start() < 100 || *r.end() > 599 || r.is_empty() {
+            return Err(ConfigError::new(
+                format!("{key}.expect_status[{j}]"),
+                "must be a status from 100 to 599, or a class from \"1xx\" to \"5xx\"",
+            ));
+        }
+    }
+    if h.expect_body.as_ref().is_some_and(String::is_empty) {
+        return Err(ConfigError::new(
+            format!("{key}.expect_body"),
+            "must not be empty",
+        ));
+    }
+    h.header_rules()
+        .map_err(|e| ConfigError::new(format!("{key}.headers"), e))?;
     Ok(())
 }
 

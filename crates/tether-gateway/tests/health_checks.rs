@@ -198,3 +198,43 @@ async fn an_endpoint_a_reload_removes_leaves_no_health_series() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn checks_can_expect_a_status_and_a_body_and_send_headers_of_their_own() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
+        wait_health(&env, b.addr, true).await;
+
+        // Only 204 passes now: b's 200 takes it out, and its 204 brings it back.
+        env.reload(|c| {
+            let check = c.upstreams[0].health_check.as_mut().unwrap();
+            check.expect_status = vec![204..=204];
+            check.headers = vec![
+                ("host".into(), "health.internal".into()),
+                ("user-agent".into(), "probe/1".into()),
+            ];
+        });
+        wait_health(&env, b.addr, false).await;
+        b.health.store(204, Ordering::Relaxed);
+        wait_health(&env, b.addr, true).await;
+        let last = b.checks.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(last, ("health.internal".into(), "probe/1".into()));
+
+        // The body ("health"; a 204 has none) must contain the text.
+        b.health.store(200, Ordering::Relaxed);
+        env.reload(|c| {
+            let check = c.upstreams[0].health_check.as_mut().unwrap();
+            check.expect_status.clear();
+            check.expect_body = Some("ready".into());
+        });
+        wait_health(&env, b.addr, false).await;
+        env.reload(|c| {
+            let check = c.upstreams[0].health_check.as_mut().unwrap();
+            check.expect_body = Some("alt".into());
+        });
+        wait_health(&env, b.addr, true).await;
+        env.stop().await;
+    })
+    .await;
+}

@@ -366,7 +366,56 @@ fn health_checks_convert_with_defaults_and_bad_ones_name_their_key() {
     assert_eq!(h.interval, Duration::from_secs(1));
     assert_eq!(h.timeout, Duration::from_secs(2));
     assert_eq!((h.unhealthy_after, h.healthy_after), (3, 2));
+    assert!(h.expect_status.is_empty() && h.expect_body.is_none() && h.headers.is_empty());
+
+    let src = GOOD.replace(
+        "idle_timeout = \"2s\"\n",
+        "idle_timeout = \"2s\"\nhealth_check = { path = \"/ready\", expect_status = [204, \"3xx\"], expect_body = \"ok\", headers = { host = \"app.internal\", authorization = \"Bearer t\" } }\n",
+    );
+    let h = parse(&src, Path::new(".")).unwrap().config.upstreams[0]
+        .health_check
+        .clone()
+        .unwrap();
+    assert_eq!(h.expect_status, [204..=204, 300..=399]);
+    assert_eq!(h.expect_body.as_deref(), Some("ok"));
+    assert_eq!(
+        h.headers,
+        [
+            ("authorization".to_owned(), "Bearer t".to_owned()),
+            ("host".to_owned(), "app.internal".to_owned())
+        ]
+    );
     for (bad, key, why) in [
+        (
+            "path = \"/h\", expect_status = [200, 99]",
+            "upstreams[0].health_check.expect_status[1]",
+            "99 is not a status",
+        ),
+        (
+            "path = \"/h\", expect_status = [\"6xx\"]",
+            "upstreams[0].health_check.expect_status[0]",
+            "\"6xx\" is not a status",
+        ),
+        (
+            "path = \"/h\", expect_status = [2.5]",
+            "upstreams[0].health_check.expect_status[0]",
+            "a status (200) or a class",
+        ),
+        (
+            "path = \"/h\", expect_body = \"\"",
+            "upstreams[0].health_check.expect_body",
+            "must not be empty",
+        ),
+        (
+            "path = \"/h\", headers = { connection = \"close\" }",
+            "upstreams[0].health_check.headers",
+            "describes the connection",
+        ),
+        (
+            "path = \"/h\", headers = { host = \"a b\" }",
+            "upstreams[0].health_check.headers",
+            "is not a host",
+        ),
         (
             "path = \"healthz\"",
             "upstreams[0].health_check.path",

@@ -128,7 +128,7 @@ fn hex(v: u64, digits: usize) -> String {
 
 /// A random non-zero u64. Trace and span ids must be unique, not secret: the standard library's
 /// randomly keyed SipHash over a counter and the clock is enough.
-fn random_nonzero() -> u64 {
+pub(crate) fn random_nonzero() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     loop {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();

@@ -1,21 +1,26 @@
-//! Active health checks. Every `interval`, each endpoint of an upstream with a `health_check`
-//! gets `GET path` on a connection of its own, made by the same connector (DNS, address racing,
-//! TLS) and HTTP client the requests use. After `unhealthy_after` failed checks in a row (no
-//! connection, no answer within `timeout`, or a status outside 200–399) the endpoint is taken out
-//! of rotation on every worker; after `healthy_after` passed ones it is put back. Endpoints start
-//! in rotation. The checks run on a thread of their own (started by `listen`) and start again
-//! with each reload; an upstream the reload leaves as it was keeps what they found.
+//! Active health checks. Every `interval` (plus up to a tenth of it at random, so that endpoints
+//! and gateways drift apart), each endpoint of an upstream with a `health_check` gets `GET path`
+//! on a connection of its own, made by the same connector (DNS, address racing, TLS) and HTTP
+//! client the requests use. After `unhealthy_after` failed checks in a row (no connection, no
+//! answer within `timeout`, a status not expected, or a body without the expected text) the
+//! endpoint is taken out of rotation on every worker; after `healthy_after` passed ones it is put
+//! back. Endpoints start in rotation. The checks run on a thread of their own (started by
+//! `listen`) and start again with each reload; an upstream the reload leaves as it was keeps what
+//! they found.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use http::header::{HOST, HeaderValue, USER_AGENT};
 use http::{Method, Request, Uri};
+use http_body_util::BodyExt;
 use tokio::task::JoinSet;
 
 use super::{Checkout, Upstream, dns};
-use crate::config::{HealthCheck, UpstreamConfig};
+use crate::config::{HEALTH_BODY_LIMIT, HealthCheck, UpstreamConfig};
 use crate::observe::metrics::Metrics;
+use crate::proxy::headers::Rewrite;
 use crate::proxy::request_body::RequestBody;
 
 /// Which endpoints of one upstream the checks took out of rotation, shared by every worker.
@@ -65,14 +70,32 @@ pub fn start(checks: &mut JoinSet<()>, t: Target, resolver: dns::Resolver, metri
         // Checked when the configuration was loaded.
         Err(e) => return tracing::error!(error = %e, upstream = %config.name, "cannot check"),
     };
+    let rules = match t.check.header_rules() {
+        Ok(r) => Arc::new(r),
+        // Checked when the configuration was loaded.
+        Err(e) => return tracing::error!(error = %e, upstream = %config.name, "cannot check"),
+    };
     for i in 0..config.addresses.len() {
-        let (upstream, t, metrics) = (upstream.clone(), t.clone(), metrics.clone());
-        checks.spawn(async move { endpoint(upstream, t, i, metrics).await });
+        let (upstream, t, rules, metrics) =
+            (upstream.clone(), t.clone(), rules.clone(), metrics.clone());
+        checks.spawn(async move { endpoint(upstream, t, rules, i, metrics).await });
     }
 }
 
+/// `interval` plus up to a tenth of it, from `random`.
+fn jittered(interval: Duration, random: u64) -> Duration {
+    let spread = u64::try_from(interval.as_micros() / 10).unwrap_or(u64::MAX);
+    interval + Duration::from_micros(random % spread.saturating_add(1))
+}
+
 /// Checks endpoint `i` until aborted, moving it in and out of rotation.
-async fn endpoint(upstream: Arc<Upstream>, t: Target, i: usize, metrics: Arc<Metrics>) {
+async fn endpoint(
+    upstream: Arc<Upstream>,
+    t: Target,
+    rules: Arc<Rewrite>,
+    i: usize,
+    metrics: Arc<Metrics>,
+) {
     let Some(address) = upstream.endpoint_address(i).cloned() else {
         return;
     };
@@ -80,7 +103,7 @@ async fn endpoint(upstream: Arc<Upstream>, t: Target, i: usize, metrics: Arc<Met
     metrics.endpoint_health(&upstream.name, &endpoint, !t.state.is_down(i));
     let (mut fails, mut passes) = (0u32, 0u32);
     loop {
-        let result = check(&upstream, i, &t).await;
+        let result = check(&upstream, i, &t, &rules).await;
         metrics.health_check(&upstream.name, result.is_ok());
         let down = t.state.is_down(i);
         match result {
@@ -103,18 +126,19 @@ async fn endpoint(upstream: Arc<Upstream>, t: Target, i: usize, metrics: Arc<Met
                 }
             }
         }
-        tokio::time::sleep(t.check.interval).await;
+        let random = crate::observe::trace_context::random_nonzero();
+        tokio::time::sleep(jittered(t.check.interval, random)).await;
     }
 }
 
 /// One check of endpoint `i`: `Err` says why it failed.
-async fn check(upstream: &Upstream, i: usize, t: &Target) -> Result<(), String> {
+async fn check(upstream: &Upstream, i: usize, t: &Target, rules: &Rewrite) -> Result<(), String> {
     let timeout = t.check.timeout;
     let attempt = async {
         let address = upstream
             .endpoint_address(i)
             .ok_or_else(|| "no such endpoint".to_owned())?;
-        let req = request(upstream, &t.config, address, &t.check.path)?;
+        let req = request(upstream, &t.config, address, &t.check.path, rules)?;
         let checkout = upstream
             .connect_once(i, timeout)
             .await
@@ -125,13 +149,15 @@ async fn check(upstream: &Upstream, i: usize, t: &Target) -> Result<(), String> 
             Checkout::H2(mut c) => c.sender.send_request(req).await,
         }
         .map_err(|e| format!("no answer: {e}"))?;
-        let status = resp.status();
-        // The body is not read: dropping it closes the connection (HTTP/1) or resets the
-        // stream (HTTP/2).
-        if status.is_success() || status.is_redirection() {
-            Ok(())
-        } else {
-            Err(format!("status {}", status.as_u16()))
+        let status = resp.status().as_u16();
+        if !t.check.status_passes(status) {
+            return Err(format!("status {status}"));
+        }
+        // Without an expected text the body is not read: dropping it closes the connection
+        // (HTTP/1) or resets the stream (HTTP/2).
+        match &t.check.expect_body {
+            None => Ok(()),
+            Some(text) => body_contains(resp.into_body(), text.as_bytes()).await,
         }
     };
     match tokio::time::timeout(timeout, attempt).await {
@@ -140,16 +166,53 @@ async fn check(upstream: &Upstream, i: usize, t: &Target) -> Result<(), String> 
     }
 }
 
-/// `GET path`, addressed to the endpoint (the TLS server name when one is set).
+/// Reads `body` until it contains `text`, ends, or passes [`HEALTH_BODY_LIMIT`] bytes.
+async fn body_contains<B>(mut body: B, text: &[u8]) -> Result<(), String>
+where
+    B: http_body::Body + Unpin,
+    B::Data: bytes::Buf,
+    B::Error: std::fmt::Display,
+{
+    let mut seen: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("body: {e}"))?;
+        let Ok(mut data) = frame.into_data() else {
+            continue;
+        };
+        let len = bytes::Buf::remaining(&data);
+        let data = bytes::Buf::copy_to_bytes(&mut data, len);
+        // Search only what can hold a new match: the last bytes seen and the new ones.
+        let from = seen.len().saturating_sub(text.len().saturating_sub(1));
+        let room = HEALTH_BODY_LIMIT.saturating_sub(seen.len());
+        seen.extend_from_slice(&data[..data.len().min(room)]);
+        if seen[from..].windows(text.len()).any(|w| w == text) {
+            return Ok(());
+        }
+        if seen.len() >= HEALTH_BODY_LIMIT {
+            break;
+        }
+    }
+    Err(format!(
+        "body does not contain {:?}",
+        String::from_utf8_lossy(text)
+    ))
+}
+
+/// `GET path`, addressed to the endpoint (the TLS server name when one is set) unless the
+/// check's headers set a `host`, with those headers.
 fn request(
     upstream: &Upstream,
     config: &UpstreamConfig,
     address: &crate::config::UpstreamAddress,
     path: &str,
+    rules: &Rewrite,
 ) -> Result<Request<RequestBody>, String> {
-    let host = match config.tls.as_ref().and_then(|t| t.server_name.as_deref()) {
-        Some(name) => name.to_owned(),
-        None => address.to_string(),
+    let host = match (
+        rules.host().and_then(|h| h.to_str().ok()),
+        config.tls.as_ref().and_then(|t| t.server_name.as_deref()),
+    ) {
+        (Some(host), _) | (None, Some(host)) => host.to_owned(),
+        (None, None) => address.to_string(),
     };
     let uri: Uri = if upstream.protocol.is_h2() {
         let scheme = if upstream.is_tls() { "https" } else { "http" };
@@ -167,12 +230,60 @@ fn request(
         let host = HeaderValue::from_str(&host).map_err(|e| format!("bad host: {e}"))?;
         headers.insert(HOST, host);
     }
+    rules.apply(headers);
     Ok(req)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body sent in the given chunks.
+    struct Chunks(std::collections::VecDeque<&'static [u8]>);
+
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+            let next = self.0.pop_front();
+            std::task::Poll::Ready(
+                next.map(|c| Ok(http_body::Frame::data(bytes::Bytes::from_static(c)))),
+            )
+        }
+    }
+
+    #[tokio::test]
+    async fn the_expected_text_is_found_across_chunks_within_the_limit() {
+        let found = |chunks: Vec<&'static [u8]>, text: &'static str| async move {
+            body_contains(Chunks(chunks.into()), text.as_bytes())
+                .await
+                .is_ok()
+        };
+        assert!(found(vec![b"{\"status\":", b"\"ready\"}"], "\"ready\"").await);
+        assert!(found(vec![b"re", b"a", b"dy"], "ready").await);
+        assert!(!found(vec![b"rea", b"d"], "ready").await);
+        assert!(!found(vec![], "ready").await);
+        // Past the first 64 KiB nothing is looked at.
+        static FILL: [u8; HEALTH_BODY_LIMIT] = [b'.'; HEALTH_BODY_LIMIT];
+        assert!(!found(vec![&FILL, b"ready"], "ready").await);
+        assert!(found(vec![&FILL[5..], b"ready"], "ready").await);
+    }
+
+    #[test]
+    fn checks_wait_their_interval_and_at_most_a_tenth_more() {
+        let interval = Duration::from_secs(5);
+        for random in [0, 1, 499_999, 500_000, 500_001, u64::MAX] {
+            let d = jittered(interval, random);
+            assert!(
+                d >= interval && d <= interval + interval / 10,
+                "{random}: {d:?}"
+            );
+        }
+        assert_eq!(jittered(Duration::ZERO, 7), Duration::ZERO);
+    }
 
     #[test]
     fn endpoints_start_in_rotation_and_out_of_range_is_never_down() {
