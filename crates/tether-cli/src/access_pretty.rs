@@ -27,6 +27,10 @@ impl AccessLog for Pretty {
     fn flush(&self) {
         self.out.flush();
     }
+
+    fn reopen(&self) -> std::io::Result<bool> {
+        self.out.reopen()
+    }
 }
 
 /// The line for one record, without the newline.

@@ -1,5 +1,6 @@
 //! `tether serve`: load the config (or build the embedded demo one), start the gateway, print
-//! where it listens, and run until SIGINT or SIGTERM. SIGHUP reloads the `--config` file.
+//! where it listens, and run until SIGINT or SIGTERM. SIGHUP reloads the `--config` file and
+//! reopens the `--access-log` file; SIGUSR1 only reopens it (after log rotation).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -36,7 +37,8 @@ pub struct ServeArgs {
     /// Access log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Json)]
     log_format: LogFormat,
-    /// Append the access log to FILE instead of writing it to stdout.
+    /// Append the access log to FILE instead of writing it to stdout. SIGUSR1 (and SIGHUP)
+    /// reopens FILE after log rotation renamed it.
     #[arg(long, value_name = "FILE")]
     access_log: Option<PathBuf>,
     /// Access-log bytes gathered before a write; lines are also written whenever a worker runs
@@ -127,7 +129,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
     // Before the listening lines: a SIGHUP sent once they are printed must not kill the process.
     let hangups = {
         let _rt = rt.enter();
-        hangup_signals()
+        control_signals()
     };
     let flush_log = log.clone();
     let running = match Gateway::start(config, log) {
@@ -149,6 +151,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         hangups,
         args.config.as_deref(),
         &mut grace,
+        &*flush_log,
     ));
     tracing::info!(signal, grace_ms = grace.as_millis() as u64, "shutting down");
     // A second signal during the drain ends the process at once.
@@ -234,52 +237,96 @@ fn keyed(e: &StartError) -> Option<(String, String)> {
     }
 }
 
-#[cfg(unix)]
-type Hangups = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangups = Option<std::convert::Infallible>;
+/// The signals that steer a running gateway: SIGHUP (reload and reopen the access log) and
+/// SIGUSR1 (reopen the access log).
+#[derive(Default)]
+struct Controls {
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    reopen: Option<tokio::signal::unix::Signal>,
+}
 
-/// Subscribes to SIGHUP; needs a runtime context.
-fn hangup_signals() -> Hangups {
+/// Subscribes to SIGHUP and SIGUSR1; needs a runtime context.
+fn control_signals() -> Controls {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::hangup()) {
+        let subscribe = |kind: SignalKind, name: &str, what: &str| match signal(kind) {
             Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading is off");
+                tracing::warn!(error = %e, "cannot listen for {name}; {what} is off");
                 None
             }
+        };
+        Controls {
+            hangup: subscribe(SignalKind::hangup(), "SIGHUP", "reloading"),
+            reopen: subscribe(
+                SignalKind::user_defined1(),
+                "SIGUSR1",
+                "reopening the access log",
+            ),
         }
     }
     #[cfg(not(unix))]
-    None
+    Controls::default()
 }
 
-/// Reloads on every SIGHUP until SIGINT or SIGTERM, and names the signal that stopped it.
+/// Waits for the next signal of `s`; never, if there is none.
+#[cfg(unix)]
+async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+    if let Some(sig) = s
+        && sig.recv().await.is_some()
+    {
+        return;
+    }
+    std::future::pending().await
+}
+
+/// Reloads on every SIGHUP and reopens the access log on SIGUSR1 (and SIGHUP) until SIGINT or
+/// SIGTERM, and names the signal that stopped it.
 async fn serve_signals(
     running: &RunningGateway,
-    hangups: Hangups,
+    controls: Controls,
     config: Option<&Path>,
     grace: &mut Duration,
+    log: &dyn AccessLog,
 ) -> &'static str {
     let stop = shutdown_signal();
     tokio::pin!(stop);
     #[cfg(unix)]
-    if let Some(mut hup) = hangups {
+    {
+        let Controls {
+            mut hangup,
+            mut reopen,
+        } = controls;
         loop {
             tokio::select! {
                 s = &mut stop => return s,
-                got = hup.recv() => match got {
-                    Some(()) => reload(running, config, grace),
-                    None => break,
-                },
+                () = next(&mut hangup) => {
+                    reload(running, config, grace);
+                    reopen_log(log);
+                }
+                () = next(&mut reopen) => reopen_log(log),
             }
         }
     }
     #[cfg(not(unix))]
-    let _ = (hangups, running, config, &grace);
-    stop.await
+    {
+        let _ = (controls, running, config, &grace, log);
+        stop.await
+    }
+}
+
+/// Opens the access log file again; on error the old one stays in use.
+fn reopen_log(log: &dyn AccessLog) {
+    match log.reopen() {
+        Ok(true) => tracing::info!("access log reopened"),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot reopen the access log; writing to the old file")
+        }
+    }
 }
 
 /// Re-reads the config file and switches to it; on any error the running config stays.

@@ -457,3 +457,53 @@ addresses = ["{addr}"]
         assert!(text.contains(&line), "no {line} in:\n{text}");
     }
 }
+
+/// Waits until the file at `path` contains `text`.
+fn wait_for_text(path: &std::path::Path, text: &str) {
+    let start = Instant::now();
+    loop {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(text)) {
+            return;
+        }
+        assert!(
+            start.elapsed() < LIMIT,
+            "{} never had {text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigusr1_and_sighup_reopen_the_access_log_after_rotation() {
+    let up = named_upstream("A");
+    let cfg = TempFile::new("reopen.toml", &reload_config(up));
+    let log = TempFile::new("reopen.log", "");
+    let rotated = [1, 2].map(|n| TempFile(log.0.with_extension(format!("log.{n}"))));
+    let t = Tether::spawn(&[
+        "serve",
+        "--config",
+        cfg.0.to_str().unwrap(),
+        "--access-log",
+        log.0.to_str().unwrap(),
+    ]);
+    let addr = t.listening();
+    assert_eq!(body_of(get_once(addr, "/before")), "A");
+    wait_for_text(&log.0, "\"/before\"");
+
+    // Rotation by rename, as logrotate does, then the signal: new lines go to a new file.
+    for (signal, path, file) in [
+        ("USR1", "/after-usr1", &rotated[0]),
+        ("HUP", "/after-hup", &rotated[1]),
+    ] {
+        std::fs::rename(&log.0, &file.0).unwrap();
+        t.signal(signal);
+        wait_line(&t.stderr, |l| l.contains("access log reopened"));
+        assert_eq!(body_of(get_once(addr, path)), "A");
+        wait_for_text(&log.0, path);
+        let old = std::fs::read_to_string(&file.0).unwrap();
+        assert!(!old.contains(path), "{signal}: {old}");
+    }
+    let first = std::fs::read_to_string(&rotated[0].0).unwrap();
+    assert!(first.contains("\"/before\""), "{first}");
+}

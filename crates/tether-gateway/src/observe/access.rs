@@ -565,6 +565,13 @@ pub trait AccessLog: Send + Sync + fmt::Debug + 'static {
 
     /// Writes out anything gathered. Called when a worker runs out of work and at shutdown.
     fn flush(&self) {}
+
+    /// Opens its file again, after log rotation moved it away (`tether serve` does this on
+    /// SIGUSR1 and SIGHUP); lines gathered before go to the old file. True when a file was
+    /// reopened; logs without a file have nothing to do.
+    fn reopen(&self) -> std::io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Where access-log lines go: standard output or a file opened for appending.
@@ -591,9 +598,18 @@ struct Output {
 #[derive(Debug)]
 enum Target {
     Stdout,
-    /// Opened with `O_APPEND` (log rotation by rename + reopen is not supported: use
-    /// copytruncate, or let the service manager collect stdout).
-    File(std::fs::File),
+    /// Opened with `O_APPEND` at `path`; [`LineSink::reopen`] opens `path` again after rotation.
+    File {
+        file: std::fs::File,
+        path: std::path::PathBuf,
+    },
+}
+
+fn open_append(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
 }
 
 /// The default batch size of a [`LineSink`].
@@ -607,11 +623,10 @@ impl LineSink {
 
     /// Appends to `path`, creating it if needed.
     pub fn append(path: &std::path::Path) -> std::io::Result<LineSink> {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        Ok(LineSink::new(Target::File(f)))
+        Ok(LineSink::new(Target::File {
+            file: open_append(path)?,
+            path: path.to_owned(),
+        }))
     }
 
     fn new(target: Target) -> LineSink {
@@ -655,7 +670,25 @@ impl LineSink {
         // `out` first: flushes are serialised, and each takes everything gathered before it, so
         // batches reach the target in order.
         let mut out = lock(&self.out);
-        let out = &mut *out;
+        self.flush_into(&mut out);
+    }
+
+    /// With a file: writes what was gathered to the file open now, then opens the path again
+    /// (a rotation renamed the file away: the new lines go to a new file at the path). On
+    /// error the old file stays in use. True when there was a file to reopen.
+    pub fn reopen(&self) -> std::io::Result<bool> {
+        let mut out = lock(&self.out);
+        self.flush_into(&mut out);
+        match &mut out.target {
+            Target::File { file, path } => {
+                *file = open_append(path)?;
+                Ok(true)
+            }
+            Target::Stdout => Ok(false),
+        }
+    }
+
+    fn flush_into(&self, out: &mut Output) {
         {
             let mut p = lock(&self.pending);
             if p.is_empty() {
@@ -666,7 +699,7 @@ impl LineSink {
         let bytes = &out.batch[..];
         let _ = match &mut out.target {
             Target::Stdout => std::io::stdout().lock().write_all(bytes),
-            Target::File(f) => f.write_all(bytes),
+            Target::File { file, .. } => file.write_all(bytes),
         };
         out.batch.clear();
     }
@@ -698,6 +731,10 @@ impl AccessLog for JsonLines {
 
     fn flush(&self) {
         self.out.flush();
+    }
+
+    fn reopen(&self) -> std::io::Result<bool> {
+        self.out.reopen()
     }
 }
 
@@ -821,6 +858,30 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "\"a\\\"b\\\\c\\n\\r\\t\\u0001\\u001fé\u{7f}\""
         );
+    }
+
+    #[test]
+    fn reopen_sends_new_lines_to_a_new_file_at_the_path() {
+        let dir = std::env::temp_dir().join(format!("tether-reopen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (path, rotated) = (dir.join("access.log"), dir.join("access.log.1"));
+        let sink = LineSink::append(&path).unwrap();
+        sink.write_line("one");
+        // Rotated away while a line is still gathered: it belongs to the old file.
+        std::fs::rename(&path, &rotated).unwrap();
+        sink.write_line("two");
+        assert!(sink.reopen().unwrap());
+        sink.write_line("three");
+        sink.flush();
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "one\ntwo\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "three\n");
+        // A path that cannot be opened keeps the file in use.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(sink.reopen().is_err());
+        sink.write_line("four");
+        sink.flush();
+        assert!(!LineSink::stdout().reopen().unwrap());
     }
 
     #[test]
