@@ -42,22 +42,40 @@ pub struct Route {
 }
 
 impl Route {
-    /// Whether the route replaces its prefix in the paths it sends upstream.
-    pub fn rewrites_prefix(&self) -> bool {
-        self.rewrite_prefix.is_some()
+    /// Whether a response's `Location` may need mapping back: the route rewrites its prefix, or
+    /// sends the upstream a `Host` of its own.
+    pub fn maps_location(&self) -> bool {
+        self.rewrite_prefix.is_some() || self.request_headers.host().is_some()
     }
 
-    /// A response's `Location` as the client must see it when the route rewrites its prefix: a
-    /// path under the upstream's prefix is moved back under the route's (`/login` from an
-    /// upstream behind `path_prefix = "/api"`, `rewrite_prefix = "/"` becomes `/api/login`).
-    /// `None`: left as it is (absolute URLs, other paths, or no rewrite).
+    /// A response's `Location` as the client must see it, as nginx's default `proxy_redirect`
+    /// maps it. An absolute URL to the `Host` the route sends the upstream instead of the
+    /// client's (`http://app.internal/login`) loses its scheme and authority, so the client
+    /// stays on the host it asked for (`/login`). When the route rewrites its prefix, a path under
+    /// the upstream's prefix is then moved back under the route's (`/login` from an upstream
+    /// behind `path_prefix = "/api"`, `rewrite_prefix = "/"` becomes `/api/login`). `None`:
+    /// left as it is (other hosts, other paths, or nothing to map).
     pub fn client_location(&self, location: &HeaderValue) -> Option<HeaderValue> {
-        let to = self.rewrite_prefix.as_deref()?;
         let loc = location.to_str().ok()?;
-        if !loc.starts_with('/') || loc.starts_with("//") {
-            return None;
+        let own = self
+            .request_headers
+            .host()
+            .and_then(|h| h.to_str().ok())
+            .and_then(|host| without_origin(loc, host));
+        let path = match own {
+            Some(path) => path,
+            None if loc.starts_with('/') && !loc.starts_with("//") => loc,
+            None => return None,
+        };
+        let mapped = match self.rewrite_prefix.as_deref() {
+            Some(to) => move_prefix(path, to, &self.prefix),
+            None => None,
+        };
+        match (mapped, own) {
+            (Some(m), _) => HeaderValue::from_str(&m).ok(),
+            (None, Some(path)) => HeaderValue::from_str(path).ok(),
+            (None, None) => None,
         }
-        HeaderValue::from_str(&move_prefix(loc, to, &self.prefix)?).ok()
     }
 
     /// The path and query to send upstream when the route rewrites its prefix: `path` (which
@@ -159,6 +177,28 @@ fn move_prefix(path: &str, from: &str, to: &str) -> Option<String> {
     }
     let base = if to.is_empty() { "/" } else { to };
     Some(format!("{base}{rest}"))
+}
+
+/// The path-absolute part of `url` when it is an `http` or `https` URL to `host` (compared
+/// case-insensitively, port included as written): `http://app.internal/a?b` gives `/a?b`, and
+/// `http://app.internal` gives `/`.
+fn without_origin<'a>(url: &'a str, host: &str) -> Option<&'a str> {
+    let scheme_end = url.find("://")?;
+    let scheme = &url[..scheme_end];
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let rest = &url[scheme_end + 3..];
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    if !rest[..end].eq_ignore_ascii_case(host) {
+        return None;
+    }
+    match &rest[end..] {
+        "" => Some("/"),
+        path if path.starts_with('/') => Some(path),
+        // `http://host?x`: a query on the root.
+        _ => None,
+    }
 }
 
 fn strip_port(host: &[u8]) -> &[u8] {
@@ -286,6 +326,52 @@ mod tests {
         assert_eq!(moved("/api", "/", "https://example.com/x"), None);
         assert_eq!(moved("/api", "/", "//example.com/x"), None);
         assert_eq!(moved("/api", "/", "relative/x"), None);
+    }
+
+    #[test]
+    fn a_redirect_to_the_host_the_route_sends_stays_on_the_clients() {
+        let mapped = |to: Option<&str>, location: &'static str| {
+            let mut c = RouteConfig::new("/api", "web");
+            c.rewrite_prefix = to.map(Into::into);
+            c.request_headers
+                .set
+                .push(("host".into(), "App.Internal:8080".into()));
+            let r = Router::new(&[c], |_| Some(0));
+            let route = r.select(None, "/api").unwrap();
+            assert!(route.maps_location());
+            route
+                .client_location(&HeaderValue::from_static(location))
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            mapped(None, "http://app.internal:8080/login?next=%2F"),
+            some("/login?next=%2F")
+        );
+        assert_eq!(mapped(None, "HTTPS://APP.INTERNAL:8080"), some("/"));
+        assert_eq!(mapped(None, "http://app.internal:8080#top"), None);
+        // With the prefix rewritten, the path then moves back under the route's.
+        assert_eq!(
+            mapped(Some("/"), "http://app.internal:8080/login"),
+            some("/api/login")
+        );
+        assert_eq!(
+            mapped(Some("/v2"), "http://app.internal:8080/v2/x"),
+            some("/api/x")
+        );
+        assert_eq!(
+            mapped(Some("/v2"), "http://app.internal:8080/x"),
+            some("/x")
+        );
+        assert_eq!(mapped(Some("/"), "/login"), some("/api/login"));
+        // Other hosts, ports and schemes are left alone, and so are paths without a rewrite.
+        assert_eq!(mapped(None, "http://app.internal/login"), None);
+        assert_eq!(mapped(None, "http://app.internal:8080.evil/x"), None);
+        assert_eq!(mapped(None, "http://other:8080/login"), None);
+        assert_eq!(mapped(None, "ftp://app.internal:8080/x"), None);
+        assert_eq!(mapped(None, "/login"), None);
+        let plain = Router::new(&[RouteConfig::new("/api", "web")], |_| Some(0));
+        assert!(!plain.select(None, "/api").unwrap().maps_location());
     }
 
     #[test]

@@ -510,6 +510,10 @@ async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced_and
                 if r.path == "/go" {
                     return Behavior::Respond(Reply::new(302, "").header("location", "/login?n=1"));
                 }
+                if r.path == "/go-abs" {
+                    let to = "http://app.internal:8080/login";
+                    return Behavior::Respond(Reply::new(302, "").header("location", to));
+                }
                 Behavior::Respond(Reply::ok(r.target.clone()))
             });
             let env = Env::with(Down::H1, up, s, |c| {
@@ -518,6 +522,14 @@ async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced_and
                 api.rewrite_prefix = Some("/".into());
                 let mut v1 = RouteConfig::new("/v1", "up");
                 v1.rewrite_prefix = Some("/internal/v2".into());
+                // An upstream that knows itself by another name.
+                let mut named = RouteConfig::new("/named", "up");
+                named.rewrite_prefix = Some("/".into());
+                named
+                    .request_headers
+                    .set
+                    .push(("host".into(), "app.internal:8080".into()));
+                routes.insert(0, named);
                 routes.insert(0, v1);
                 routes.insert(0, api);
             })
@@ -541,6 +553,21 @@ async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced_and
             let (p, _, _) = c.fetch(req).await.unwrap();
             assert_eq!(p.status, 302, "{up:?}");
             assert_eq!(p.headers["location"], "/api/login?n=1", "{up:?}");
+            // So does one to its own name, on the client's host.
+            let req = c
+                .request(Method::GET, "/named/go-abs")
+                .body(empty())
+                .unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 302, "{up:?}");
+            assert_eq!(p.headers["location"], "/named/login", "{up:?}");
+            // The same URL from a route that sends the client's host is not the upstream's own.
+            let req = c.request(Method::GET, "/go-abs").body(empty()).unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            assert_eq!(
+                p.headers["location"], "http://app.internal:8080/login",
+                "{up:?}"
+            );
             // The access log keeps the path the client asked for.
             let rec = env.record("/api/users").await;
             assert_eq!(rec.route.as_deref(), Some("up"));

@@ -462,8 +462,9 @@ fn proxy<'a>(
         if let Some(v) = id_value {
             parts.headers.insert(REQUEST_ID, v);
         }
-        // A redirect to the upstream's own path goes back through the route's prefix.
-        if route.rewrites_prefix()
+        // A redirect to the host or prefix the route sends upstream is mapped back to the
+        // client's.
+        if route.maps_location()
             && let Some(v) = parts.headers.get(http::header::LOCATION)
             && let Some(v) = route.client_location(v)
         {
