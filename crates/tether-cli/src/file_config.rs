@@ -15,8 +15,9 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
     AdminConfig, Balance, Config, DeadPeerConfig, HalfClose, HeaderRules, HealthCheck, IpNet,
-    ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RouteConfig, RouteTimeouts, ServerTls,
-    TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RateLimit, RouteConfig, RouteTimeouts,
+    ServerTls, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol,
+    UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -179,6 +180,8 @@ pub struct FileRoute {
     pub trace_context: Option<FileTraceContext>,
     /// Requests in flight at once; beyond it 503 with `Retry-After`.
     pub max_in_flight: Option<usize>,
+    /// Requests per client over time; beyond it 429 with `Retry-After`.
+    pub rate_limit: Option<FileRateLimit>,
     /// Replaces the matched path prefix upstream.
     pub rewrite_prefix: Option<String>,
     /// Changes to upstream requests' headers.
@@ -308,6 +311,18 @@ impl<'de> Deserialize<'de> for FileAddress {
         }
         d.deserialize_any(Entry)
     }
+}
+
+/// `rate_limit = { requests, per, burst }` of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRateLimit {
+    /// Requests allowed per `per`. Required.
+    pub requests: u32,
+    /// The period; default 1 s.
+    pub per: Option<String>,
+    /// Requests allowed at once beyond the steady rate; default 0.
+    pub burst: Option<u32>,
 }
 
 /// `balance` values of an upstream.
@@ -916,6 +931,19 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
                 "must be at least 1; omit it for no limit",
             )
         })?);
+    }
+    if let Some(rl) = &r.rate_limit {
+        let per = match &rl.per {
+            None => Duration::from_secs(1),
+            Some(s) => {
+                parse_duration(s).map_err(|e| KeyError::new(format!("{key}.rate_limit.per"), e))?
+            }
+        };
+        cfg.rate_limit = Some(RateLimit {
+            requests: rl.requests,
+            per,
+            burst: rl.burst.unwrap_or(0),
+        });
     }
     Ok(cfg)
 }

@@ -1,14 +1,19 @@
 //! Admission: how much work the gateway takes on. Connections per listener, requests in flight
-//! per route (beyond it: 503 with `Retry-After`, stage `admission`), and the budget of HTTP/2
-//! stream resets a client may spend per connection.
+//! per route (beyond it: 503 with `Retry-After`, stage `admission`), requests per client and route
+//! over time (beyond it: 429 with `Retry-After`), and the budget of HTTP/2 stream resets a client
+//! may spend per connection.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use http::HeaderMap;
 
 use tokio::time::Instant;
 
-use crate::config::ResetBudget;
+use crate::config::{RATE_LIMIT_CLIENTS, RateLimit, ResetBudget};
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::listen::ListenerShared;
 use crate::proxy::tracker::Tracker;
@@ -93,33 +98,178 @@ impl ResetBucket {
     }
 }
 
-/// Checks a routed request against the listener's body limit and the route's in-flight limit.
-/// On success the in-flight permit is stored in the tracker (released when the request ends);
-/// otherwise the error to answer with: 413 for a declared body over the limit, 503 (with
-/// `Retry-After`) when the route is full.
+/// Requests per client over time for one route, shared by every worker: the generic cell rate
+/// algorithm (a token bucket kept as one time per client). Each client has a theoretical
+/// arrival time; a request is allowed when that time is no more than `burst` intervals ahead of
+/// now, and moves it one interval on.
+#[derive(Debug)]
+pub struct RateLimiter {
+    /// Nanoseconds between requests at the steady rate.
+    interval: u64,
+    /// How far ahead of now a client's arrival time may run (`burst` intervals).
+    tolerance: u64,
+    origin: Instant,
+    /// Client → theoretical arrival time (nanoseconds after `origin`), split to keep workers
+    /// from waiting on one lock.
+    shards: Box<[Mutex<HashMap<u128, u64>>]>,
+    per_shard: usize,
+}
+
+const RATE_SHARDS: usize = 16;
+
+impl RateLimiter {
+    /// A limiter for `limit`.
+    pub fn new(limit: &RateLimit) -> Arc<RateLimiter> {
+        let per = u64::try_from(limit.per.as_nanos()).unwrap_or(u64::MAX);
+        let interval = (per / u64::from(limit.requests.max(1))).max(1);
+        Arc::new(RateLimiter {
+            interval,
+            tolerance: interval.saturating_mul(u64::from(limit.burst)),
+            origin: Instant::now(),
+            shards: (0..RATE_SHARDS).map(|_| Mutex::default()).collect(),
+            per_shard: RATE_LIMIT_CLIENTS / RATE_SHARDS,
+        })
+    }
+
+    /// Counts a request of `client` at `now`: `Err` with how long until it would be allowed.
+    pub fn check(&self, client: u128, now: Instant) -> Result<(), Duration> {
+        let now = u64::try_from(now.saturating_duration_since(self.origin).as_nanos())
+            .unwrap_or(u64::MAX);
+        // Fibonacci hashing of both halves: neighbouring addresses spread over the shards.
+        let mix = (client as u64 ^ (client >> 64) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let shard = &self.shards[(mix >> 60) as usize % RATE_SHARDS];
+        let mut clients = shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tat = clients.get(&client).map_or(now, |&t| t.max(now));
+        let ahead = tat - now;
+        if ahead > self.tolerance {
+            return Err(Duration::from_nanos(ahead - self.tolerance));
+        }
+        let next = tat.saturating_add(self.interval);
+        if clients.len() >= self.per_shard && !clients.contains_key(&client) {
+            // Clients whose allowance is whole again hold nothing worth keeping.
+            clients.retain(|_, t| *t > now);
+            if clients.len() >= self.per_shard
+                && let Some(&any) = clients.keys().next()
+            {
+                clients.remove(&any);
+            }
+        }
+        clients.insert(client, next);
+        Ok(())
+    }
+
+    /// Clients tracked now.
+    pub fn clients(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |c| c.len()))
+            .sum()
+    }
+}
+
+/// The client a rate limit counts a request against: `peer`'s address or, when `peer` is a
+/// trusted proxy, the nearest address in `X-Forwarded-For` that is not one (walking from the
+/// right, as each proxy appends the address it saw). IPv6 clients are counted by their /64, the
+/// block one host usually holds; IPv4-mapped addresses as IPv4.
+pub fn client_key(
+    peer: IpAddr,
+    trusted: bool,
+    headers: &HeaderMap,
+    is_trusted: impl Fn(IpAddr) -> bool,
+) -> u128 {
+    let client = if trusted {
+        forwarded_client(headers, is_trusted).unwrap_or(peer)
+    } else {
+        peer
+    };
+    match client.to_canonical() {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        // Tagged in the dropped half, so no IPv6 block can stand for an IPv4 address.
+        IpAddr::V6(v6) => (u128::from(v6) & !((1u128 << 64) - 1)) | (1 << 63),
+    }
+}
+
+/// The rightmost `X-Forwarded-For` address that `is_trusted` does not vouch for; `None` when an
+/// entry on the way is not an address, or every entry is trusted.
+fn forwarded_client(headers: &HeaderMap, is_trusted: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
+    let values: Vec<_> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+        let entry = entry.trim();
+        let ip = entry
+            .parse::<IpAddr>()
+            .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+            .ok()?;
+        if !is_trusted(ip) {
+            return Some(ip);
+        }
+    }
+    None
+}
+
+/// Why a request was not admitted: the error to answer with and, for a rate limit, how long the
+/// client should wait.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The error.
+    pub error: ProxyError,
+    /// Seconds for `Retry-After`, when they are the client's own.
+    pub retry_after: Option<u64>,
+}
+
+impl From<ProxyError> for Refusal {
+    fn from(error: ProxyError) -> Refusal {
+        Refusal {
+            error,
+            retry_after: None,
+        }
+    }
+}
+
+/// Checks a routed request against the listener's body limit, the route's rate limit for its
+/// client (`peer`, `trusted` as [`client_key`] takes them) and the route's in-flight limit. On
+/// success the in-flight permit is stored in the tracker (released when the request ends);
+/// otherwise why not: 413 for a declared body over the limit, 429 for a client over its rate,
+/// 503 (with `Retry-After`) when the route is full.
 pub fn admit(
     route: &Route,
     listener: &ListenerShared,
     req: &http::Request<hyper::body::Incoming>,
+    peer: IpAddr,
+    trusted: bool,
     t: &mut Tracker,
-) -> Option<ProxyError> {
+) -> Option<Refusal> {
     if let Some(max) = listener.limits.max_body_bytes
         && http_body::Body::size_hint(req.body())
             .exact()
             .is_some_and(|len| len > max)
     {
         t.stage = Stage::RequestBody;
-        return Some(ProxyError::downstream(
-            Stage::RequestBody,
-            ErrorKind::TooLarge,
-        ));
+        return Some(ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge).into());
+    }
+    if let Some(limiter) = &route.rate_limit {
+        let client = client_key(peer, trusted, req.headers(), |ip| listener.trusts(ip));
+        if let Err(wait) = limiter.check(client, Instant::now()) {
+            t.stage = Stage::Admission;
+            t.metrics().rate_limited(&route.name);
+            return Some(Refusal {
+                error: ProxyError::downstream(Stage::Admission, ErrorKind::RateLimited),
+                // Whole seconds, rounded up: a client that waits that long is let in.
+                retry_after: Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+            });
+        }
     }
     if let Some(limit) = &route.in_flight {
         match limit.try_acquire() {
             Some(p) => t.admission = Some(p),
             None => {
                 t.stage = Stage::Admission;
-                return Some(ProxyError::gateway(Stage::Admission, ErrorKind::Overloaded));
+                return Some(ProxyError::gateway(Stage::Admission, ErrorKind::Overloaded).into());
             }
         }
     }
@@ -142,6 +292,113 @@ mod tests {
         assert!(l.try_acquire().is_none());
         drop(a);
         assert!(l.try_acquire().is_some());
+    }
+
+    fn limiter(requests: u32, per_secs: u64, burst: u32) -> Arc<RateLimiter> {
+        RateLimiter::new(&RateLimit {
+            requests,
+            per: Duration::from_secs(per_secs),
+            burst,
+        })
+    }
+
+    #[test]
+    fn a_client_gets_its_burst_at_once_then_the_steady_rate() {
+        let l = limiter(2, 1, 3);
+        let t0 = Instant::now();
+        // 1 + burst at once.
+        for _ in 0..4 {
+            assert!(l.check(7, t0).is_ok());
+        }
+        // The next slot is one interval (500 ms) after the last one allowed.
+        assert_eq!(l.check(7, t0), Err(Duration::from_millis(500)));
+        assert!(l.check(7, t0 + Duration::from_millis(499)).is_err());
+        assert!(l.check(7, t0 + Duration::from_millis(500)).is_ok());
+        assert!(l.check(7, t0 + Duration::from_millis(500)).is_err());
+        // Another client is not held back, and a client idle long enough has it all back.
+        assert!(l.check(8, t0).is_ok());
+        let later = t0 + Duration::from_secs(10);
+        for _ in 0..4 {
+            assert!(l.check(7, later).is_ok());
+        }
+        assert!(l.check(7, later).is_err());
+    }
+
+    #[test]
+    fn refused_requests_do_not_use_the_allowance() {
+        let l = limiter(1, 1, 0);
+        let t0 = Instant::now();
+        assert!(l.check(1, t0).is_ok());
+        for _ in 0..100 {
+            assert!(l.check(1, t0 + Duration::from_millis(10)).is_err());
+        }
+        assert!(l.check(1, t0 + Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn the_client_table_is_bounded() {
+        let l = limiter(1, 3600, 0);
+        let t0 = Instant::now();
+        for c in 0..(RATE_LIMIT_CLIENTS as u128 + 5_000) {
+            let _ = l.check(c, t0);
+        }
+        assert!(l.clients() <= RATE_LIMIT_CLIENTS, "{}", l.clients());
+        // Once their allowance is whole again, clients hold no place.
+        let _ = l.check(u128::MAX, t0 + Duration::from_secs(7200));
+        assert!(l.clients() < RATE_LIMIT_CLIENTS, "{}", l.clients());
+    }
+
+    #[test]
+    fn clients_are_addresses_or_their_ipv6_64_and_trusted_proxies_are_looked_past() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let none = HeaderMap::new();
+        let trusted = |i: IpAddr| i == ip("10.0.0.1") || i == ip("10.0.0.2");
+        let key = |peer: &str, is_trusted: bool, h: &HeaderMap| {
+            client_key(ip(peer), is_trusted, h, trusted)
+        };
+        assert_eq!(key("192.0.2.1", false, &none), 0xC000_0201);
+        assert_eq!(
+            key("::ffff:192.0.2.1", false, &none),
+            key("192.0.2.1", false, &none)
+        );
+        assert_eq!(
+            key("2001:db8::1", false, &none),
+            key("2001:db8::ffff:1", false, &none)
+        );
+        assert_ne!(
+            key("2001:db8::1", false, &none),
+            key("2001:db8:0:1::1", false, &none)
+        );
+        assert!(key("::", false, &none) > u128::from(u32::MAX));
+
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            "198.51.100.9, 192.0.2.1".parse().unwrap(),
+        );
+        h.append("x-forwarded-for", "10.0.0.2".parse().unwrap());
+        // From a trusted peer: the rightmost address no trusted proxy stands for.
+        assert_eq!(key("10.0.0.1", true, &h), key("192.0.2.1", false, &none));
+        // From anyone else: the peer, whatever it claims.
+        assert_eq!(
+            key("203.0.113.5", false, &h),
+            key("203.0.113.5", false, &none)
+        );
+        // Ports and brackets as some proxies write them.
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "[2001:db8::1]:443".parse().unwrap());
+        assert_eq!(key("10.0.0.1", true, &h), key("2001:db8::1", false, &none));
+        h.insert("x-forwarded-for", "192.0.2.1:5000".parse().unwrap());
+        assert_eq!(key("10.0.0.1", true, &h), key("192.0.2.1", false, &none));
+        // Nothing usable: the peer.
+        for bad in ["unknown", "10.0.0.2", "192.0.2.1, junk"] {
+            h.insert("x-forwarded-for", bad.parse().unwrap());
+            assert_eq!(
+                key("10.0.0.1", true, &h),
+                key("10.0.0.1", false, &none),
+                "{bad}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -374,6 +374,8 @@ pub struct RouteConfig {
     /// Requests in flight on this route at once, all workers together; beyond it requests are
     /// shed with 503 and `Retry-After`. Default: none.
     pub max_in_flight: Option<NonZeroUsize>,
+    /// Requests each client may send on this route over time; none by default.
+    pub rate_limit: Option<RateLimit>,
     /// Changes to the request's headers on the way upstream, made after tether's own (hop-by-hop
     /// removal, forwarding headers, request id). Default: none.
     pub request_headers: HeaderRules,
@@ -525,6 +527,25 @@ pub struct UpstreamConfig {
     pub weights: Vec<u32>,
 }
 
+/// A per-client request rate: `requests` every `per` on average, and up to `burst` more at
+/// once (nginx's `limit_req` with `nodelay`). A client is its address (IPv6: its /64), or for a
+/// trusted peer the address it forwarded for. Requests beyond it are answered 429 with a
+/// `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests allowed per `per`.
+    pub requests: u32,
+    /// The period `requests` are counted over.
+    pub per: Duration,
+    /// Requests allowed at once beyond the steady rate.
+    pub burst: u32,
+}
+
+/// The most clients one route's rate limit keeps track of at once. Clients that have used none
+/// of their allowance hold no place; when the table is full anyway, an arbitrary client's count
+/// is forgotten.
+pub const RATE_LIMIT_CLIENTS: usize = 100_000;
+
 /// The largest endpoint weight.
 pub const MAX_WEIGHT: u32 = 100;
 
@@ -655,6 +676,7 @@ impl RouteConfig {
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
             trace_context: TraceContext::Passthrough,
             max_in_flight: None,
+            rate_limit: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
             rewrite_prefix: None,
@@ -796,6 +818,9 @@ impl Config {
                         format!("{p:?} must be a path starting with '/', without a query"),
                     ));
                 }
+                if let Some(rl) = &r.rate_limit {
+                    validate_rate_limit(&format!("{rkey}.rate_limit"), rl)?;
+                }
                 let budget = r.budget_header.as_deref();
                 crate::proxy::headers::Rewrite::request(&r.request_headers, budget)
                     .map_err(|e| ConfigError::new(format!("{rkey}.request_headers"), e))?;
@@ -823,6 +848,34 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_rate_limit(key: &str, rl: &RateLimit) -> Result<(), ConfigError> {
+    if rl.requests == 0 {
+        return Err(ConfigError::new(
+            format!("{key}.requests"),
+            "must be at least 1 (to refuse a route, leave it out)",
+        ));
+    }
+    if rl.per.is_zero() {
+        return Err(ConfigError::new(
+            format!("{key}.per"),
+            "must be greater than zero",
+        ));
+    }
+    if rl.per > Duration::from_secs(24 * 3600) {
+        return Err(ConfigError::new(
+            format!("{key}.per"),
+            "must be at most 24h",
+        ));
+    }
+    if rl.burst > 1_000_000 {
+        return Err(ConfigError::new(
+            format!("{key}.burst"),
+            "must be at most 1000000",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_health_check(key: &str, h: &HealthCheck) -> Result<(), ConfigError> {

@@ -104,6 +104,8 @@ pub enum ErrorKind {
     TooLarge,
     /// The gateway is at a configured capacity limit.
     Overloaded,
+    /// The client sent more requests than its rate limit allows.
+    RateLimited,
 }
 
 impl ErrorKind {
@@ -120,6 +122,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::RateLimited => "rate_limited",
         }
     }
 }
@@ -235,6 +238,9 @@ impl ProxyError {
         };
         match (self.stage, self.kind) {
             (S::Route, _) => c(404, "no_route", "destination_not_found", Retry::Never),
+            (S::Admission, K::RateLimited) => {
+                c(429, "rate_limited", "http_request_denied", Retry::Never)
+            }
             (S::Admission, _) => c(503, "no_capacity", "connection_limit_reached", Retry::Never),
             (S::RequestHead | S::RequestBody, K::TooLarge) => {
                 c(413, "request_too_large", "http_request_error", Retry::Never)
@@ -357,6 +363,10 @@ mod tests {
         assert_eq!(
             row(Stage::Admission, ErrorKind::Overloaded),
             (503, "no_capacity", Retry::Never)
+        );
+        assert_eq!(
+            row(Stage::Admission, ErrorKind::RateLimited),
+            (429, "rate_limited", Retry::Never)
         );
         assert_eq!(
             row(Stage::RequestBody, ErrorKind::TooLarge),

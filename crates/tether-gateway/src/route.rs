@@ -30,6 +30,8 @@ pub struct Route {
     pub trace_context: TraceContext,
     /// Requests in flight at once, when limited (shared by every worker).
     pub in_flight: Option<Arc<crate::admission::Limit>>,
+    /// Requests per client over time, when limited (shared by every worker).
+    pub rate_limit: Option<Arc<crate::admission::RateLimiter>>,
     /// Changes to upstream requests' headers.
     pub request_headers: Rewrite,
     /// Changes to responses' headers.
@@ -128,6 +130,10 @@ impl Router {
                     in_flight: r
                         .max_in_flight
                         .map(|n| crate::admission::Limit::new(n.get())),
+                    rate_limit: r
+                        .rate_limit
+                        .as_ref()
+                        .map(crate::admission::RateLimiter::new),
                     request_headers: Rewrite::request(
                         &r.request_headers,
                         r.budget_header.as_deref(),

@@ -11,7 +11,7 @@ use common::{BOUND, Down, Env, Up, bounded};
 use test_support::behavior::{Behavior, routes, script};
 use test_support::client::{Closed, H1Client};
 use test_support::{EventKind, Reply};
-use tether_gateway::config::{AdminConfig, Protocols};
+use tether_gateway::config::{AdminConfig, Protocols, RateLimit};
 
 fn no_request_reached(env: &Env) {
     let started = env
@@ -459,5 +459,96 @@ async fn h2_pseudo_header_abuse_is_not_forwarded() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     no_request_reached(&env);
     conn.abort();
+    env.stop().await;
+}
+
+/// `GET /` on `c` as the client `xff` names (through a trusted peer); the status, `Retry-After`
+/// and body.
+async fn get_as(c: &mut H1Client, xff: &str) -> (u16, Option<String>, bytes::Bytes) {
+    c.send_request("GET", "/", &[("x-forwarded-for", xff)], None, b"")
+        .await
+        .unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    let body = bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+    let retry_after = head.header("retry-after").map(str::to_owned);
+    (head.status, retry_after, body)
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_gets_429_with_its_own_wait_and_other_clients_do_not() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            let l = &mut c.listeners[0];
+            l.trusted_peers = vec!["127.0.0.1".parse().unwrap()];
+            // One request an hour, and two more at once.
+            l.routes[0].rate_limit = Some(RateLimit {
+                requests: 1,
+                per: Duration::from_secs(3600),
+                burst: 2,
+            });
+            c.admin = Some(AdminConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+            });
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(get_as(&mut c, "192.0.2.1").await.0, 200);
+    }
+    let (status, retry_after, body) = get_as(&mut c, "192.0.2.1").await;
+    assert_eq!(status, 429);
+    // The next request of this client is allowed in an hour.
+    assert_eq!(retry_after.as_deref(), Some("3600"));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (&v["error"], &v["stage"]),
+        (&"rate_limited".into(), &"admission".into())
+    );
+    assert_eq!(
+        env.log().requests("/").len(),
+        3,
+        "a refused request reached the upstream"
+    );
+
+    // Another client behind the same proxy has its own allowance; the proxy's own address
+    // (trusted) is looked past.
+    assert_eq!(get_as(&mut c, "192.0.2.2, 127.0.0.1").await.0, 200);
+    // IPv6 clients count by their /64.
+    for _ in 0..3 {
+        assert_eq!(get_as(&mut c, "2001:db8::1").await.0, 200);
+    }
+    assert_eq!(get_as(&mut c, "2001:db8::ffff").await.0, 429);
+    assert_eq!(get_as(&mut c, "2001:db8:0:1::1").await.0, 200);
+    let metrics = env.metrics_text().unwrap();
+    assert!(
+        metrics.contains("tether_rate_limited_total{route=\"up\"} 2"),
+        "{metrics}"
+    );
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn an_untrusted_client_cannot_escape_its_rate_limit_by_claiming_to_forward() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            c.listeners[0].routes[0].rate_limit = Some(RateLimit {
+                requests: 1,
+                per: Duration::from_secs(3600),
+                burst: 1,
+            });
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    assert_eq!(get_as(&mut c, "192.0.2.1").await.0, 200);
+    assert_eq!(get_as(&mut c, "192.0.2.2").await.0, 200);
+    assert_eq!(get_as(&mut c, "192.0.2.3").await.0, 429);
     env.stop().await;
 }

@@ -506,3 +506,58 @@ fn balance_and_weights_convert_and_bad_ones_name_their_key() {
     assert_eq!(e.key, "upstreams[0].balance", "{e:?}");
     assert!(e.message.contains("least_requests"), "{e:?}");
 }
+
+#[test]
+fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
+    let with = |rl: &str| {
+        GOOD.replace(
+            "  max_retries = 0\n",
+            &format!("  max_retries = 0\n  rate_limit = {{ {rl} }}\n"),
+        )
+    };
+    let cfg = parse(&with("requests = 100"), Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[1].rate_limit,
+        Some(RateLimit {
+            requests: 100,
+            per: Duration::from_secs(1),
+            burst: 0
+        })
+    );
+    let cfg = parse(
+        &with("requests = 5, per = \"1m\", burst = 10"),
+        Path::new("."),
+    )
+    .unwrap();
+    let rl = cfg.config.listeners[0].routes[1].rate_limit.unwrap();
+    assert_eq!((rl.per, rl.burst), (Duration::from_secs(60), 10));
+    for (bad, key, why) in [
+        ("requests = 0", "rate_limit.requests", "at least 1"),
+        (
+            "requests = 1, per = \"0s\"",
+            "rate_limit.per",
+            "greater than zero",
+        ),
+        ("requests = 1, per = \"2d\"", "rate_limit.per", ""),
+        (
+            "requests = 1, per = \"25h\"",
+            "rate_limit.per",
+            "at most 24h",
+        ),
+        (
+            "requests = 1, burst = 2000000",
+            "rate_limit.burst",
+            "at most",
+        ),
+        ("per = \"1s\"", "rate_limit.requests", "missing field"),
+        ("requests = 1, rate = 2", "rate_limit.rate", "unknown field"),
+    ] {
+        let e = err(&with(bad));
+        assert_eq!(
+            e.key,
+            format!("listeners[0].routes[1].{key}"),
+            "{bad}: {e:?}"
+        );
+        assert!(e.message.contains(why), "{bad}: {e:?}");
+    }
+}

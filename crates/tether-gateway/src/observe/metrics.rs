@@ -140,6 +140,7 @@ pub struct Metrics {
     tunnels_open: Gauge,
     tunnel_bytes: Family<TunnelLabels, Counter>,
     header_timeouts: Counter,
+    rate_limited: Family<RouteLabels, Counter>,
     /// Requests that matched no route, counted under the empty route name.
     unrouted: RouteMetrics,
 }
@@ -279,6 +280,12 @@ impl Metrics {
             "HTTP/1 connections closed because a request head arrived too slowly (logged as 408)",
             header_timeouts.clone(),
         );
+        let rate_limited = Family::default();
+        registry.register(
+            "rate_limited",
+            "Requests answered 429 because their client was over the route's rate_limit, by route",
+            rate_limited.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -307,6 +314,7 @@ impl Metrics {
             tunnels_open,
             tunnel_bytes,
             header_timeouts,
+            rate_limited,
             unrouted: RouteMetrics::named(""),
         }
     }
@@ -413,6 +421,15 @@ impl Metrics {
             .get_or_create(&HealthCheckLabels {
                 upstream: upstream.to_owned(),
                 result: if passed { "pass" } else { "fail" },
+            })
+            .inc();
+    }
+
+    /// A request of `route` was over its client's rate limit.
+    pub fn rate_limited(&self, route: &str) {
+        self.rate_limited
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
             })
             .inc();
     }

@@ -174,8 +174,10 @@ fn proxy<'a>(
         };
         t.rec.route = Some(route.name.clone());
         t.route_metrics = Some(route.metrics(&worker.observer.metrics));
-        if let Some(e) = crate::admission::admit(route, listener, &req, &mut t) {
-            return fail(t, e);
+        if let Some(refusal) =
+            crate::admission::admit(route, listener, &req, conn.client.ip(), trusted, &mut t)
+        {
+            return refuse(t, refusal);
         }
         conn.cancel.begin_h1_request(&t.ctx, route.half_close);
         let budget_header = route.budget_header.as_ref();
@@ -759,6 +761,17 @@ fn fail(t: Tracker, err: ProxyError) -> Response<ProxyBody> {
     let resp = respond::error_response(&err, &t.rec.request_id);
     let status = resp.status().as_u16();
     t.finish_error(&err, Some(status));
+    resp
+}
+
+/// The answer to a request admission refused; a rate-limited client is told its own wait.
+#[cold]
+fn refuse(t: Tracker, refusal: crate::admission::Refusal) -> Response<ProxyBody> {
+    let mut resp = fail(t, refusal.error);
+    if let Some(secs) = refusal.retry_after {
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+    }
     resp
 }
 
