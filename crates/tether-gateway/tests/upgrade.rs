@@ -26,19 +26,20 @@ use tokio::task::JoinHandle;
 /// What the upgrade upstream saw.
 #[derive(Debug, PartialEq, Eq)]
 enum Seen {
-    /// A request head: its path, `Connection` and `Upgrade` headers.
+    /// A request head: its path, `Connection`, `Upgrade` and `Sec-WebSocket-Key` headers.
     Request {
         path: String,
         connection: String,
         upgrade: String,
+        key: String,
     },
     /// The tunnel's read side ended (the client, through tether, closed).
     TunnelEnd,
 }
 
-/// A hyper HTTP/1.1 server that switches to the `echo` protocol when a request asks for it
-/// (unless `refuse`): after its 101 it sends back whatever it reads, and closes when it reads
-/// `close`. Any other request is answered 200 `plain`.
+/// A hyper HTTP/1.1 server that switches to the `echo` (or `websocket`) protocol when a request
+/// asks for it (unless `refuse`): after its 101 it sends back whatever it reads, and closes when
+/// it reads `close`. Any other request is answered 200 `plain`.
 struct EchoUpstream {
     addr: SocketAddr,
     seen: mpsc::UnboundedReceiver<Seen>,
@@ -114,12 +115,14 @@ async fn serve(
             .to_owned()
     };
     let (connection, upgrade) = (header("connection"), header("upgrade"));
+    let key = header("sec-websocket-key");
     let _ = tx.send(Seen::Request {
         path: req.uri().path().to_owned(),
         connection,
         upgrade: upgrade.clone(),
+        key: key.clone(),
     });
-    if refuse || upgrade != "echo" {
+    if refuse || (upgrade != "echo" && upgrade != "websocket") {
         return Ok(Response::new(Full::new(Bytes::from_static(b"plain"))));
     }
     let on = hyper::upgrade::on(&mut req);
@@ -143,13 +146,16 @@ async fn serve(
         }
         let _ = tx.send(Seen::TunnelEnd);
     });
-    Ok(Response::builder()
+    let mut resp = Response::builder()
         .status(101)
         .header("connection", "upgrade")
-        .header("upgrade", "echo")
-        .header("x-from", "upstream")
-        .body(Full::new(Bytes::new()))
-        .unwrap())
+        .header("upgrade", upgrade)
+        .header("x-from", "upstream");
+    if !key.is_empty() {
+        // (Not the real digest: nothing here checks it.)
+        resp = resp.header("sec-websocket-accept", format!("accept-{key}"));
+    }
+    Ok(resp.body(Full::new(Bytes::new())).unwrap())
 }
 
 /// A gateway whose only upstream is at `addr`; `tweak` adjusts the route.
@@ -273,6 +279,7 @@ async fn a_websocket_style_upgrade_is_tunnelled_and_ends_when_the_client_leaves(
                 path: "/ws".into(),
                 connection: "upgrade".into(),
                 upgrade: "echo".into(),
+                key: String::new(),
             }
         );
         for msg in [&b"hello"[..], b"tunnel", b"bytes"] {
@@ -598,6 +605,130 @@ async fn tunnels_are_counted_open_and_their_bytes_as_they_cross() {
         drop(c);
         ended(&env).await;
         assert_eq!(metric("tether_tunnels_open ").as_deref(), Some("0"));
+    })
+    .await;
+}
+
+/// An HTTP/2 cleartext connection to `addr` whose peer's settings have arrived (a first request
+/// to `warm_up` sees to it: extended CONNECT may only be sent once the server allowed it).
+async fn h2_connection(
+    addr: SocketAddr,
+    warm_up: &str,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let first = Request::get(format!("http://example.test{warm_up}"))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    bounded(BOUND, send.send_request(first)).await.unwrap();
+    send
+}
+
+/// An RFC 8441 extended CONNECT for `protocol` on `path`.
+fn extended_connect(protocol: &'static str, path: &str) -> Request<http_body_util::Empty<Bytes>> {
+    let mut req = Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://example.test{path}"))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static(protocol));
+    req
+}
+
+#[tokio::test]
+async fn an_http2_websocket_is_tunnelled_to_an_http1_upstream_on_a_stream_of_its_own() {
+    bounded(Duration::from_secs(20), async {
+        let mut up = EchoUpstream::start(false).await;
+        let env = gateway(up.addr, |_| {}).await;
+        let mut send = h2_connection(env.addr, "/warm-up").await;
+        assert!(matches!(up.next().await, Seen::Request { path, .. } if path == "/warm-up"));
+
+        let resp = bounded(
+            BOUND,
+            send.send_request(extended_connect("websocket", "/ws")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-from"], "upstream");
+        for gone in ["sec-websocket-accept", "upgrade", "connection"] {
+            assert!(
+                !resp.headers().contains_key(gone),
+                "{gone}: {:?}",
+                resp.headers()
+            );
+        }
+        // The upstream got an HTTP/1.1 WebSocket handshake, with a key of tether's making.
+        match up.next().await {
+            Seen::Request {
+                path,
+                connection,
+                upgrade,
+                key,
+            } => {
+                assert_eq!((path.as_str(), connection.as_str()), ("/ws", "upgrade"));
+                assert_eq!(upgrade, "websocket");
+                assert_eq!(key.len(), 24, "{key}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut ws = TokioIo::new(bounded(BOUND, hyper::upgrade::on(resp)).await.unwrap());
+        for msg in [&b"hello"[..], b"over h2"] {
+            ws.write_all(msg).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            bounded(BOUND, ws.read_exact(&mut back)).await.unwrap();
+            assert_eq!(back, msg);
+        }
+        // The connection serves other streams meanwhile.
+        let plain = Request::get("http://example.test/plain")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let r = bounded(BOUND, send.send_request(plain)).await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(matches!(up.next().await, Seen::Request { path, .. } if path == "/plain"));
+
+        // The client resets its stream: the upstream's side of the tunnel ends at once.
+        drop(ws);
+        assert_eq!(up.next().await, Seen::TunnelEnd);
+        let rec = env.record("/ws").await;
+        assert_eq!((rec.status, rec.outcome), (200, Outcome::Ok));
+        assert_eq!((rec.bytes_received, rec.bytes_sent), (12, 12));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_http2_connect_the_upstream_does_not_switch_for_is_answered_502() {
+    bounded(Duration::from_secs(20), async {
+        // An HTTP/1.1 upstream that refuses, and an HTTP/2 one (which cannot switch).
+        let up = EchoUpstream::start(true).await;
+        let h1 = gateway(up.addr, |_| {}).await;
+        let h2 = Env::new(
+            Down::H2c,
+            Up::H2c,
+            script(|_| Behavior::Respond(Reply::ok("plain"))),
+        )
+        .await;
+        for env in [&h1, &h2] {
+            let mut send = h2_connection(env.addr, "/warm-up").await;
+            let resp = bounded(
+                BOUND,
+                send.send_request(extended_connect("websocket", "/ws")),
+            )
+            .await
+            .unwrap();
+            assert_eq!(resp.status(), 502, "{:?}", env.up_kind);
+            let rec = env.record("/ws").await;
+            assert_eq!(rec.status, 502);
+        }
     })
     .await;
 }

@@ -71,6 +71,8 @@ pub async fn serve<I>(
         .max_local_error_reset_streams(limits.h2_max_local_error_resets)
         .keep_alive_interval(dead_peer.h2_ping_interval)
         .keep_alive_timeout(dead_peer.h2_ping_timeout)
+        // WebSockets over HTTP/2 (RFC 8441): tunnelled to HTTP/1.1 upstreams.
+        .enable_connect_protocol()
         .serve_connection(io, svc);
     let mut connection = pin!(connection);
     let probing = probe::run(probe_socket, dead_peer, probe_activity);

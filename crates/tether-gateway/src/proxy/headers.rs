@@ -152,6 +152,29 @@ pub fn restore_upgrade(headers: &mut HeaderMap, protocols: &[HeaderValue]) {
     }
 }
 
+/// Turns an HTTP/2 extended CONNECT (RFC 8441) into the request an HTTP/1.1 upstream expects:
+/// a `GET` (with `switching`, already carrying `Connection: upgrade` and the protocol in
+/// `Upgrade`). A WebSocket's HTTP/1.1 handshake needs a `Sec-WebSocket-Key`, which RFC 8441
+/// clients do not send: a fresh one is made. The upstream's `Sec-WebSocket-Accept` answers it,
+/// so it is not passed back.
+pub fn from_extended_connect<B>(req: &mut http::Request<B>, switching: bool) {
+    *req.method_mut() = http::Method::GET;
+    let websocket = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    if switching && websocket && !req.headers().contains_key(header::SEC_WEBSOCKET_KEY) {
+        use base64::Engine as _;
+        let mut nonce = [0u8; 16];
+        nonce[..8].copy_from_slice(&crate::observe::trace_context::random_nonzero().to_le_bytes());
+        nonce[8..].copy_from_slice(&crate::observe::trace_context::random_nonzero().to_le_bytes());
+        let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            req.headers_mut().insert(header::SEC_WEBSOCKET_KEY, v);
+        }
+    }
+}
+
 /// Removes forwarding headers (from a peer that is not trusted to set them).
 pub fn strip_forwarding(headers: &mut HeaderMap) {
     if scan(headers, None).forwarding {

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 
 use http::header::{HOST, HeaderValue};
 use http::uri::PathAndQuery;
-use http::{Request, Response, Uri, Version};
+use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::TrySendError;
 use tether::RequestId;
@@ -53,9 +53,10 @@ pub struct Conn {
     pub cancel: Arc<ConnCancel>,
     /// Its forwarding header text, made for its first request.
     forwarding: OnceLock<headers::ClientForwarding>,
-    /// The client's side of the switch an HTTP/1 request in flight asked for (one at a time):
-    /// kept here rather than in the request's state, which every request allocates.
-    upgrade: std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>,
+    /// The client's side of the switch each request in flight asked for (an HTTP/1 upgrade, one
+    /// at a time; HTTP/2 extended CONNECTs, one per stream), by [`upgrade_key`]: kept here
+    /// rather than in the request's state, which every request allocates.
+    upgrade: std::sync::Mutex<Vec<(usize, hyper::upgrade::OnUpgrade)>>,
     /// Ends when the tunnel the connection was handed to (an upgrade) ends.
     tunnel: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
@@ -69,7 +70,7 @@ impl Conn {
             tls,
             cancel,
             forwarding: OnceLock::new(),
-            upgrade: std::sync::Mutex::new(None),
+            upgrade: std::sync::Mutex::new(Vec::new()),
             tunnel: std::sync::Mutex::new(None),
         }
     }
@@ -88,6 +89,18 @@ impl Conn {
         if let Some(rx) = rx {
             let _ = rx.await;
         }
+    }
+
+    /// Keeps the client's side of the switch request `key` asked for.
+    fn hold_upgrade(&self, key: usize, on: hyper::upgrade::OnUpgrade) {
+        crate::lock(&self.upgrade).push((key, on));
+    }
+
+    /// Takes the client's side of the switch request `key` asked for, if it is still here.
+    fn take_upgrade(&self, key: usize) -> Option<hyper::upgrade::OnUpgrade> {
+        let mut slots = crate::lock(&self.upgrade);
+        let i = slots.iter().position(|(k, _)| *k == key)?;
+        Some(slots.swap_remove(i).1)
     }
 
     fn forwarding(&self) -> &headers::ClientForwarding {
@@ -119,6 +132,10 @@ pub async fn handle(
             .and_then(RequestText::header)
             .unwrap_or_default(),
     };
+    // A request that may ask to switch protocols leaves the client's side of the switch with the
+    // connection, under this key.
+    let upgrade_key =
+        (found.hop_by_hop || req.method() == Method::CONNECT).then(|| upgrade_key(&id.as_arc()));
     let rec = RequestRecord {
         method: Some(req.method().clone()),
         authority,
@@ -140,11 +157,27 @@ pub async fn handle(
     ))
     .await;
     // An upgrade request that failed or was cancelled before its answer left the client's side
-    // of the switch in the connection's slot; it is of no use past this point.
-    if found.hop_by_hop {
-        crate::lock(&conn.upgrade).take();
+    // of the switch with the connection; it is of no use past this point.
+    if let Some(key) = upgrade_key {
+        conn.take_upgrade(key);
     }
     Ok(resp)
+}
+
+/// A request's key among its connection's pending switches: the address of its id's text,
+/// unique while the request lives.
+fn upgrade_key(id: &Arc<str>) -> usize {
+    Arc::as_ptr(id).cast::<u8>() as usize
+}
+
+/// The protocol an HTTP/2 extended CONNECT (RFC 8441) asks the stream to carry, such as
+/// `websocket`.
+fn extended_connect(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.method() != Method::CONNECT {
+        return None;
+    }
+    let protocol = req.extensions().get::<hyper::ext::Protocol>()?;
+    HeaderValue::from_str(protocol.as_str()).ok()
 }
 
 /// The request's whole exchange. Written as a function returning an `async move` block rather
@@ -201,22 +234,28 @@ fn proxy<'a>(
         let upstream: &Arc<Upstream> = &worker.upstreams[route.upstream];
         t.rec.upstream = Some(upstream.name.clone());
         t.rec.upstream_protocol = Some(upstream.protocol.as_str());
-        // An HTTP/1.1 request asking to switch protocols (WebSocket) is tunnelled when its
-        // upstream speaks HTTP/1.1 (see `tunnel`). An HTTP/2 upstream cannot switch: the request
-        // goes as a plain one, its hop-by-hop `Upgrade` dropped.
-        let may_upgrade =
-            found.hop_by_hop && req.version() == Version::HTTP_11 && !upstream.protocol.is_h2();
+        // An HTTP/1.1 request asking to switch protocols (WebSocket), or an HTTP/2 extended
+        // CONNECT (RFC 8441: a WebSocket over an HTTP/2 stream), is tunnelled when its upstream
+        // speaks HTTP/1.1 (see `tunnel`). An HTTP/2 upstream cannot switch: the request goes as
+        // a plain one, its hop-by-hop `Upgrade` dropped.
+        let extended = extended_connect(&req);
+        let may_upgrade = (extended.is_some()
+            || (found.hop_by_hop && req.version() == Version::HTTP_11))
+            && !upstream.protocol.is_h2();
 
         let idle = route.timeouts.idle;
         // In a block: a binding left at the top of an async body keeps its bytes in the
         // request's state for as long as the request lives, even once moved out.
         let (mut next_req, id_value, resendable, upgrading) = {
-            let protocols = may_upgrade
-                .then(|| headers::upgrade_of(req.headers()))
-                .flatten();
+            let protocols = match &extended {
+                Some(p) => may_upgrade.then(|| vec![p.clone()]),
+                None => may_upgrade
+                    .then(|| headers::upgrade_of(req.headers()))
+                    .flatten(),
+            };
             // The client connection's side of the switch, taken before the request goes on.
             if protocols.is_some() {
-                *crate::lock(&conn.upgrade) = Some(hyper::upgrade::on(&mut req));
+                conn.hold_upgrade(upgrade_key(&t.rec.request_id), hyper::upgrade::on(&mut req));
             }
             let (mut up_req, id_value) = match build_upstream_request(
                 req, host, route, found, conn, listener, upstream, trusted, idle, &mut t,
@@ -226,6 +265,9 @@ fn proxy<'a>(
             };
             if let Some(protocols) = &protocols {
                 headers::restore_upgrade(up_req.headers_mut(), protocols);
+            }
+            if extended.is_some() {
+                headers::from_extended_connect(&mut up_req, protocols.is_some());
             }
             let ids =
                 trace_context::apply(up_req.headers_mut(), route.trace_context, found.traceparent);
@@ -438,14 +480,26 @@ fn proxy<'a>(
         };
 
         let downstream = upgrading
-            .then(|| crate::lock(&conn.upgrade).take())
+            .then(|| conn.take_upgrade(upgrade_key(&t.rec.request_id)))
             .flatten();
+        let connect = t.rec.method == Some(Method::CONNECT);
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS
             && let Some(downstream) = downstream
             && let Some(upstream) = pool
         {
-            let open = conn.open_tunnel();
+            // An HTTP/2 stream is not switched: its `200` to the CONNECT opens the tunnel, and
+            // the connection goes on serving others.
+            let open = (!connect).then(|| conn.open_tunnel());
             return tunnel::open(t, resp, downstream, upstream, route, id_value, open);
+        }
+        if connect && resp.status().is_success() {
+            // A success to a CONNECT opens a tunnel: an upstream that answered without
+            // switching must not pass for one that did.
+            drop((resp, pool));
+            return fail(
+                t,
+                ProxyError::upstream(Stage::FirstByte, ErrorKind::Protocol),
+            );
         }
 
         // Stream the response back.

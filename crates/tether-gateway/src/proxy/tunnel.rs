@@ -8,6 +8,11 @@
 //! route's deadline passes, when nothing crosses it for the route's `idle_timeout`, or at
 //! shutdown. Its access-log line (status 101) is written when it ends, with the bytes that
 //! crossed each way; the metrics count it open, and its bytes as they cross.
+//!
+//! A WebSocket over HTTP/2 (RFC 8441's extended CONNECT) is tunnelled the same way: the upstream
+//! gets an HTTP/1.1 upgrade, and its 101 becomes the `200` that opens the client's stream as the
+//! tunnel (status 200 in the log). Only that stream is joined to the upstream connection; the
+//! client's connection goes on serving other streams.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,9 +38,11 @@ use crate::respond::REQUEST_ID;
 use crate::route::Route;
 use crate::upstream::pool::{H1Conn, Switched};
 
-/// Answers the client with the upstream's `101` and joins the two connections in a task of their
-/// own, once hyper has handed both over. `downstream` is the client connection's upgrade,
-/// taken from its request before that was sent upstream; `open` is dropped when the tunnel ends.
+/// Answers the client with the upstream's `101` (or, for an HTTP/2 stream, `200`) and joins the
+/// two sides in a task of their own, once hyper has handed both over. `downstream` is the
+/// client's side of the switch, taken from its request before that was sent upstream; `open`,
+/// the HTTP/1 client connection's hold on the tunnel, is dropped when the tunnel ends (an HTTP/2
+/// stream has none: its connection serves on).
 #[allow(
     clippy::too_many_arguments,
     reason = "the request's parts, each used once"
@@ -47,17 +54,24 @@ pub fn open(
     upstream: H1Conn,
     route: &Route,
     id_value: Option<HeaderValue>,
-    open: oneshot::Sender<()>,
+    open: Option<oneshot::Sender<()>>,
 ) -> Response<ProxyBody> {
     let (mut parts, _) = resp.into_parts();
     let protocols = headers::upgrade_of(&parts.headers).unwrap_or_default();
     headers::remove_hop_by_hop(&mut parts.headers, false);
-    headers::restore_upgrade(&mut parts.headers, &protocols);
-    parts.version = Version::HTTP_11;
+    if open.is_some() {
+        headers::restore_upgrade(&mut parts.headers, &protocols);
+        parts.version = Version::HTTP_11;
+    } else {
+        // The stream's answer to its CONNECT. The accept answered tether's own key.
+        parts.status = StatusCode::OK;
+        parts.headers.remove(http::header::SEC_WEBSOCKET_ACCEPT);
+        parts.version = Version::HTTP_2;
+    }
     if let Some(v) = id_value {
         parts.headers.insert(REQUEST_ID, v);
     }
-    t.rec.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    t.rec.status = parts.status.as_u16();
     t.stage = Stage::Body;
     // The upstream connection belongs to the tunnel now; its end is not waited for.
     t.teardown = Teardown::None;
