@@ -238,8 +238,7 @@ fn proxy<'a>(
         // CONNECT (RFC 8441: a WebSocket over an HTTP/2 stream), is tunnelled when its upstream
         // speaks HTTP/1.1 (see `tunnel`). An HTTP/2 upstream cannot switch: the request goes as
         // a plain one, its hop-by-hop `Upgrade` dropped.
-        let extended = extended_connect(&req);
-        let may_upgrade = (extended.is_some()
+        let may_upgrade = (req.method() == Method::CONNECT
             || (found.hop_by_hop && req.version() == Version::HTTP_11))
             && !upstream.protocol.is_h2();
 
@@ -247,9 +246,10 @@ fn proxy<'a>(
         // In a block: a binding left at the top of an async body keeps its bytes in the
         // request's state for as long as the request lives, even once moved out.
         let (mut next_req, id_value, resendable, upgrading) = {
+            let extended = extended_connect(&req);
             let protocols = match &extended {
                 Some(p) => may_upgrade.then(|| vec![p.clone()]),
-                None => may_upgrade
+                None => (may_upgrade && req.method() != Method::CONNECT)
                     .then(|| headers::upgrade_of(req.headers()))
                     .flatten(),
             };
