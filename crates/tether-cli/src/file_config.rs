@@ -14,10 +14,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Balance, Config, DeadPeerConfig, HalfClose, HeaderRules, HealthCheck, IpNet,
-    ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RateLimit, RouteConfig, RouteTimeouts,
-    ServerTls, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol,
-    UpstreamTls,
+    AdminConfig, Balance, Config, DeadPeerConfig, HalfClose, HashKey, HeaderRules, HealthCheck,
+    IpNet, ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RateLimit, RouteConfig,
+    RouteTimeouts, ServerTls, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig,
+    UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -250,8 +250,10 @@ pub struct FileUpstream {
     pub name: String,
     /// `host:port` or `[v6]:port` entries, each alone or with its weight.
     pub addresses: Vec<FileAddress>,
-    /// `round_robin` (default) or `least_requests`.
+    /// `round_robin` (default), `least_requests` or `hash`.
     pub balance: Option<FileBalance>,
+    /// With `balance = "hash"`: `client_ip` (default), `path`, `header:NAME` or `cookie:NAME`.
+    pub hash_key: Option<String>,
     /// `http1` (default), `h2c` or `h2`.
     pub protocol: Option<FileUpstreamProtocol>,
     /// TLS towards the upstream.
@@ -333,6 +335,8 @@ pub enum FileBalance {
     RoundRobin,
     /// Fewest requests in flight for the weight.
     LeastRequests,
+    /// The same endpoint for the same key.
+    Hash,
 }
 
 /// `health_check` of an upstream.
@@ -948,6 +952,20 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     Ok(cfg)
 }
 
+/// Parses a `hash_key`: `client_ip` (the default), `path`, `header:NAME` or `cookie:NAME`.
+fn hash_key(s: Option<&str>) -> Result<HashKey, String> {
+    match s.map(|s| s.split_once(':').map_or((s, None), |(k, v)| (k, Some(v)))) {
+        None | Some(("client_ip", None)) => Ok(HashKey::ClientIp),
+        Some(("path", None)) => Ok(HashKey::Path),
+        Some(("header", Some(name))) => Ok(HashKey::Header(name.to_ascii_lowercase())),
+        Some(("cookie", Some(name))) => Ok(HashKey::Cookie(name.to_owned())),
+        _ => Err(format!(
+            "{:?} is not one of \"client_ip\", \"path\", \"header:NAME\", \"cookie:NAME\"",
+            s.unwrap_or_default()
+        )),
+    }
+}
+
 /// Parses `host:port` or `[v6]:port`.
 fn upstream_address(key: &str, s: &str) -> Result<UpstreamAddress, KeyError> {
     let bad = |why: &str| {
@@ -1026,9 +1044,16 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
     let mut cfg = UpstreamConfig::new(u.name.clone(), addresses, protocol);
     cfg.tls = tls;
     cfg.weights = weights;
-    cfg.balance = match u.balance {
-        None | Some(FileBalance::RoundRobin) => Balance::RoundRobin,
-        Some(FileBalance::LeastRequests) => Balance::LeastRequests,
+    let hkey = format!("{key}.hash_key");
+    cfg.balance = match (u.balance, &u.hash_key) {
+        (Some(FileBalance::Hash), k) => {
+            Balance::Hash(hash_key(k.as_deref()).map_err(|e| KeyError::new(&hkey, e))?)
+        }
+        (_, Some(_)) => {
+            return Err(KeyError::new(hkey, "only used with balance = \"hash\""));
+        }
+        (None | Some(FileBalance::RoundRobin), None) => Balance::RoundRobin,
+        (Some(FileBalance::LeastRequests), None) => Balance::LeastRequests,
     };
     if let Some(n) = u.max_idle_per_endpoint {
         cfg.max_idle_per_endpoint = n;

@@ -550,24 +550,42 @@ pub const RATE_LIMIT_CLIENTS: usize = 100_000;
 pub const MAX_WEIGHT: u32 = 100;
 
 /// How an upstream's endpoint is chosen for a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Balance {
     /// In turn, each endpoint as often as its weight says (smooth weighted round robin, as
     /// nginx's).
     #[default]
     RoundRobin,
     /// The endpoint with the fewest requests in flight for its weight, counted over every
-    /// worker (nginx's `least_conn` rule); ties are broken by the weighted turns. A request counts from the moment its
-    /// endpoint is chosen until its response (or tunnel) ends, the client leaves, or it fails.
+    /// worker (nginx's `least_conn` rule); ties are broken by the weighted turns.
     LeastRequests,
+    /// The same endpoint for the same key (session affinity): weighted rendezvous hashing of
+    /// the key, so that an endpoint leaving or coming back moves only its own share of keys.
+    /// Requests without the key go in turn.
+    Hash(HashKey),
+}
+
+/// What a [`Balance::Hash`] upstream hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's address (IPv6: its /64), or behind a trusted proxy the address it forwarded
+    /// for, as a rate limit counts clients.
+    ClientIp,
+    /// A request header's value (lowercase name).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    /// The request's path (without the query).
+    Path,
 }
 
 impl Balance {
-    /// The name used in the configuration file: `round_robin` or `least_requests`.
-    pub fn as_str(self) -> &'static str {
+    /// The name used in the configuration file: `round_robin`, `least_requests` or `hash`.
+    pub fn as_str(&self) -> &'static str {
         match self {
             Balance::RoundRobin => "round_robin",
             Balance::LeastRequests => "least_requests",
+            Balance::Hash(_) => "hash",
         }
     }
 }
@@ -762,6 +780,15 @@ impl Config {
                         u.weights.len(),
                         u.addresses.len()
                     ),
+                ));
+            }
+            if let Balance::Hash(HashKey::Header(name) | HashKey::Cookie(name)) = &u.balance
+                && (name.is_empty()
+                    || http::header::HeaderName::from_bytes(name.as_bytes()).is_err())
+            {
+                return Err(ConfigError::new(
+                    format!("{key}.hash_key"),
+                    format!("{name:?} is not a valid header or cookie name"),
                 ));
             }
             if let Some(j) = u.weights.iter().position(|w| !(1..=MAX_WEIGHT).contains(w)) {

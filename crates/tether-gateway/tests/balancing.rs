@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use test_support::behavior::{Behavior, script};
-use tether_gateway::config::{AdminConfig, Balance, Config, UpstreamAddress};
+use tether_gateway::config::{AdminConfig, Balance, Config, HashKey, HealthCheck, UpstreamAddress};
 
 /// A gateway in front of `addresses`, with passive health and retries off so that only the
 /// balancing decides.
@@ -107,7 +107,7 @@ async fn weights_set_each_endpoints_share_in_turn() {
         for balance in [Balance::RoundRobin, Balance::LeastRequests] {
             let (a, b) = (Backend::start("a").await, Backend::start("b").await);
             let env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()], |c| {
-                c.upstreams[0].balance = balance;
+                c.upstreams[0].balance = balance.clone();
                 c.upstreams[0].weights = vec![3, 1];
             })
             .await;
@@ -141,6 +141,111 @@ async fn a_reload_removes_the_in_flight_series_of_endpoints_it_drops() {
         bodies(&env, 2).await;
         assert_eq!(in_flight(&env, &a), Some(0.0));
         assert_eq!(in_flight(&env, &b), None);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// The body of `GET /` with header `name: value`, on `client`.
+async fn as_user(client: &mut test_support::client::HttpClient, name: &str, value: &str) -> String {
+    let req = client
+        .request(http::Method::GET, "/")
+        .header(name, value)
+        .body(test_support::client::empty())
+        .unwrap();
+    let (parts, body, _) = client.fetch(req).await.unwrap();
+    assert_eq!(parts.status, 200);
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn hash_keeps_each_key_on_one_endpoint_and_moves_only_the_keys_of_one_that_leaves() {
+    bounded(Duration::from_secs(40), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()], |c| {
+            c.upstreams[0].balance = Balance::Hash(HashKey::Header("x-user".into()));
+            let mut check = HealthCheck::new("/healthz");
+            check.interval = Duration::from_millis(50);
+            c.upstreams[0].health_check = Some(check);
+            c.workers = NonZeroUsize::new(2);
+        })
+        .await;
+        let users: Vec<String> = (0..20).map(|i| format!("user-{i}")).collect();
+        // Each user's requests, on connections of their own (so on either worker), reach one
+        // endpoint; the users are spread over both.
+        let mut home = Vec::new();
+        for u in &users {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let mut client = env.http().await;
+                seen.push(as_user(&mut client, "x-user", u).await);
+            }
+            assert!(seen.iter().all(|s| *s == seen[0]), "{u}: {seen:?}");
+            home.push(seen[0].clone());
+        }
+        assert!(
+            home.iter().any(|h| h == "a") && home.iter().any(|h| h == "b"),
+            "{home:?}"
+        );
+
+        // b fails its checks: its users move to a, a's stay.
+        b.health.store(503, Ordering::Relaxed);
+        let want = format!(
+            "tether_upstream_endpoint_healthy{{upstream=\"up\",endpoint=\"{}\"}} 0",
+            b.addr
+        );
+        bounded(Duration::from_secs(10), async {
+            while !env.metrics_text().unwrap().lines().any(|l| l == want) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let mut client = env.http().await;
+        for u in &users {
+            assert_eq!(as_user(&mut client, "x-user", u).await, "a", "{u}");
+        }
+        // Back: every user is home again.
+        b.health.store(200, Ordering::Relaxed);
+        let want = want.replace("} 0", "} 1");
+        bounded(Duration::from_secs(10), async {
+            while !env.metrics_text().unwrap().lines().any(|l| l == want) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        for (u, h) in users.iter().zip(&home) {
+            assert_eq!(&as_user(&mut client, "x-user", u).await, h, "{u}");
+        }
+        // Requests without the key go in turn.
+        let got = bodies(&env, 4).await;
+        assert!(
+            got.iter().any(|n| n == "a") && got.iter().any(|n| n == "b"),
+            "{got:?}"
+        );
+        env.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hash_by_cookie_follows_the_session() {
+    bounded(Duration::from_secs(20), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let env = gateway(Up::H2c, vec![a.addr.into(), b.addr.into()], |c| {
+            c.upstreams[0].balance = Balance::Hash(HashKey::Cookie("sid".into()));
+        })
+        .await;
+        let mut client = env.http().await;
+        let mut homes = std::collections::HashSet::new();
+        for s in 0..16 {
+            let cookie = format!("theme=dark; sid=s{s}");
+            let first = as_user(&mut client, "cookie", &cookie).await;
+            for _ in 0..3 {
+                assert_eq!(as_user(&mut client, "cookie", &cookie).await, first, "s{s}");
+            }
+            homes.insert(first);
+        }
+        assert_eq!(homes.len(), 2, "{homes:?}");
         env.stop().await;
     })
     .await;

@@ -309,7 +309,9 @@ fn proxy<'a>(
             }
             // Connect (or take a pooled connection).
             t.stage = Stage::Connect;
-            let (ep_idx, ep) = upstream.pick();
+            let key =
+                upstream.affinity(&up_req, conn.client.ip(), trusted, |ip| listener.trusts(ip));
+            let (ep_idx, ep) = upstream.pick(key);
             // Counted from now: requests waiting for a connection load an endpoint too. A retry
             // moves the count to its own endpoint.
             t.endpoint_load = upstream.hold(ep_idx);

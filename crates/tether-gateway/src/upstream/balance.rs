@@ -1,7 +1,15 @@
-//! Choosing an upstream's endpoint for a request: the weighted round-robin order, and the
-//! in-flight counts that `least_requests` compares.
+//! Choosing an upstream's endpoint for a request: the weighted round-robin order, the
+//! in-flight counts that `least_requests` compares, and the rendezvous hashing of `hash`.
 
+use std::hash::Hasher as _;
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use http::header::{COOKIE, HeaderName};
 use prometheus_client::metrics::gauge::Gauge;
+use siphasher::sip::SipHasher13;
+
+use crate::config::HashKey;
 
 /// The order in which endpoints with `weights` take their turns: smooth weighted round robin
 /// (nginx's), so that an endpoint of weight 3 beside one of weight 1 gets `a a b a`, not
@@ -68,6 +76,90 @@ pub fn lighter(load: u64, weight: u32, other_load: u64, other_weight: u32) -> bo
     u128::from(load) * u128::from(other_weight) < u128::from(other_load) * u128::from(weight)
 }
 
+/// Fixed keys: every worker, every restart and every tether in front of the same upstreams
+/// hashes a key to the same endpoint.
+const SIP_KEYS: (u64, u64) = (0x7465_7468_6572_2d68, 0x6173_682d_6b65_7973);
+
+/// A stable 64-bit hash of `bytes`.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h = SipHasher13::new_with_keys(SIP_KEYS.0, SIP_KEYS.1);
+    h.write(bytes);
+    h.finish()
+}
+
+/// What a `hash` upstream hashes, ready to read from requests.
+#[derive(Debug, Clone)]
+pub enum Affinity {
+    /// The client's address.
+    ClientIp,
+    /// A header's value.
+    Header(HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The path.
+    Path,
+}
+
+impl Affinity {
+    /// From the configuration; `None` for a header name that is not one (refused at load).
+    pub fn new(key: &HashKey) -> Option<Affinity> {
+        Some(match key {
+            HashKey::ClientIp => Affinity::ClientIp,
+            HashKey::Header(h) => Affinity::Header(HeaderName::from_bytes(h.as_bytes()).ok()?),
+            HashKey::Cookie(c) => Affinity::Cookie(c.clone()),
+            HashKey::Path => Affinity::Path,
+        })
+    }
+
+    /// The key's hash for a request with `headers` and `path` from `client` (`trusted`: a
+    /// trusted proxy, looked past through `X-Forwarded-For`); `None` when the request lacks the
+    /// header or cookie.
+    pub fn of(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+        client: IpAddr,
+        trusted: bool,
+        is_trusted: impl Fn(IpAddr) -> bool,
+    ) -> Option<u64> {
+        match self {
+            Affinity::ClientIp => {
+                let key = crate::admission::client_key(client, trusted, headers, is_trusted);
+                Some(stable_hash(&key.to_le_bytes()))
+            }
+            Affinity::Header(name) => headers.get(name).map(|v| stable_hash(v.as_bytes())),
+            Affinity::Cookie(name) => cookie(headers, name).map(stable_hash),
+            Affinity::Path => Some(stable_hash(path.as_bytes())),
+        }
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
+        .find_map(|pair| {
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            (pair[..eq].trim_ascii() == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+        })
+}
+
+/// Endpoint `seed`'s score for `key`, weighted (rendezvous hashing: the highest score wins, and
+/// each endpoint wins about its weight's share of keys): `weight / -ln(u)`, `u` the pair's
+/// hash mapped into (0, 1).
+pub fn score(key: u64, seed: u64, weight: u32) -> f64 {
+    // splitmix64's finaliser over the pair.
+    let mut z = key ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    f64::from(weight) / -u.ln()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,6 +199,74 @@ mod tests {
         // Two in flight of a weight 3 is lighter than one of a weight 1.
         assert!(lighter(2, 3, 1, 1));
         assert!(!lighter(3, 3, 1, 1));
+    }
+
+    #[test]
+    fn keys_spread_by_weight_and_a_leaving_endpoint_moves_only_its_own() {
+        let seeds: Vec<u64> = ["a:80", "b:80", "c:80"]
+            .iter()
+            .map(|a| stable_hash(a.as_bytes()))
+            .collect();
+        let pick = |key: u64, weights: &[u32], present: &[bool]| {
+            (0..seeds.len())
+                .filter(|&i| present[i])
+                .max_by(|&i, &j| {
+                    score(key, seeds[i], weights[i]).total_cmp(&score(key, seeds[j], weights[j]))
+                })
+                .unwrap()
+        };
+        let keys: Vec<u64> = (0..30_000u32)
+            .map(|k| stable_hash(&k.to_le_bytes()))
+            .collect();
+        let all = [true, true, true];
+        let mut counts = [0usize; 3];
+        for &k in &keys {
+            counts[pick(k, &[1, 1, 2], &all)] += 1;
+        }
+        // Shares of 1/4, 1/4 and 1/2, within a few percent.
+        for (c, want) in counts.iter().zip([7_500, 7_500, 15_000]) {
+            assert!(c.abs_diff(want) < 600, "{counts:?}");
+        }
+        // Without b, only b's keys move.
+        for &k in &keys {
+            let before = pick(k, &[1, 1, 2], &all);
+            let after = pick(k, &[1, 1, 2], &[true, false, true]);
+            assert!(before == 1 || before == after);
+        }
+    }
+
+    #[test]
+    fn a_key_is_read_from_the_client_a_header_a_cookie_or_the_path() {
+        let mut h = HeaderMap::new();
+        h.insert("x-user", "alice".parse().unwrap());
+        h.append(COOKIE, "theme=dark; session = s1 ".parse().unwrap());
+        h.append(COOKIE, "other=1".parse().unwrap());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let of = |a: Affinity| a.of(&h, "/p", ip, false, |_| false);
+        let header = HeaderName::from_static("x-user");
+        assert_eq!(of(Affinity::Header(header)), Some(stable_hash(b"alice")));
+        assert_eq!(
+            of(Affinity::Cookie("session".into())),
+            Some(stable_hash(b"s1"))
+        );
+        assert_eq!(
+            of(Affinity::Cookie("other".into())),
+            Some(stable_hash(b"1"))
+        );
+        assert_eq!(of(Affinity::Cookie("sess".into())), None);
+        assert_eq!(
+            of(Affinity::Header(HeaderName::from_static("x-none"))),
+            None
+        );
+        assert_eq!(of(Affinity::Path), Some(stable_hash(b"/p")));
+        // A client's /64 is one key.
+        let v6 = |s: &str| {
+            Affinity::ClientIp.of(&HeaderMap::new(), "/", s.parse().unwrap(), false, |_| false)
+        };
+        assert_eq!(v6("2001:db8::1"), v6("2001:db8::2"));
+        assert_ne!(v6("2001:db8::1"), v6("2001:db8:0:1::1"));
+        // The same on every run: the hash is keyed by constants.
+        assert_eq!(stable_hash(b"alice"), stable_hash(b"alice"));
     }
 
     #[test]

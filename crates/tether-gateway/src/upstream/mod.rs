@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::config::{Balance, UpstreamAddress, UpstreamConfig, UpstreamProtocol};
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::observe::metrics::ConnCounts;
-use balance::{InFlight, Load};
+use balance::{Affinity, InFlight, Load};
 use connect::{Connector, TlsSetupError};
 use health::EndpointHealth;
 use health_check::ActiveHealth;
@@ -37,6 +37,8 @@ pub struct Upstream {
     schedule: Option<Box<[u32]>>,
     /// With `least_requests`: the endpoints' requests in flight over every worker.
     loads: Option<Box<[Load]>>,
+    /// With `hash`: what is hashed.
+    affinity: Option<Affinity>,
     connector: Connector,
     counts: Arc<ConnCounts>,
     max_fails: u32,
@@ -58,6 +60,8 @@ pub struct Endpoint {
     pub health: EndpointHealth,
     /// Its share of the requests.
     pub weight: u32,
+    /// Its address's stable hash, for `hash` balancing.
+    seed: u64,
 }
 
 /// A connection handed to one request.
@@ -118,6 +122,7 @@ impl Upstream {
                 .enumerate()
                 .map(|(i, a)| Endpoint {
                     weight: weight(i),
+                    seed: balance::stable_hash(a.to_string().as_bytes()),
                     address: a.clone(),
                     pool: EndpointPool::new(
                         config.max_idle_per_endpoint,
@@ -134,6 +139,10 @@ impl Upstream {
                 balance::schedule(&config.weights)
             },
             loads,
+            affinity: match &config.balance {
+                Balance::Hash(key) => Affinity::new(key),
+                _ => None,
+            },
             connector,
             counts,
             max_fails: config.max_fails,
@@ -148,12 +157,18 @@ impl Upstream {
         self.connector.is_tls()
     }
 
-    /// The endpoint for the next request, with its index: the next in turn (weighted round
-    /// robin), or with `least_requests` the one with the fewest requests in flight for its
-    /// weight (ties go in turn). Endpoints skipped after failed connection attempts, or taken
-    /// out of rotation by the health checks, are passed over; if every endpoint is, the one in
-    /// turn is tried anyway (the request fails only if it fails).
-    pub fn pick(&self) -> (usize, &Endpoint) {
+    /// The endpoint for the next request, with its index: with `hash` and a request `key`
+    /// (see [`Upstream::affinity`]), the endpoint the key hashes to among those available;
+    /// otherwise the next in turn (weighted round robin), or with `least_requests` the one with
+    /// the fewest requests in flight for its weight (ties go in turn). Endpoints skipped after
+    /// failed connection attempts, or taken out of rotation by the health checks, are passed
+    /// over; if every endpoint is, the one in turn (or the key's) is tried anyway (the request
+    /// fails only if it fails).
+    pub fn pick(&self, key: Option<u64>) -> (usize, &Endpoint) {
+        if let Some(key) = key {
+            let n = self.hashed(key);
+            return (n, &self.endpoints[n]);
+        }
         let len = self.endpoints.len();
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let first = match &self.schedule {
@@ -186,6 +201,37 @@ impl Upstream {
             }
         }
         (first, &self.endpoints[first])
+    }
+
+    /// The endpoint `key` hashes to: the highest rendezvous score among the available endpoints,
+    /// or among all when none is.
+    #[cold]
+    fn hashed(&self, key: u64) -> usize {
+        let now = Instant::now();
+        let mut best: Option<(usize, f64, bool)> = None;
+        for (n, ep) in self.endpoints.iter().enumerate() {
+            let up = ep.health.available(self.born, now)
+                && !self.active.as_ref().is_some_and(|a| a.is_down(n));
+            let score = balance::score(key, ep.seed, ep.weight);
+            // An available endpoint beats any that is not; then the higher score.
+            if best.is_none_or(|(_, s, b_up)| (up, score) > (b_up, s)) {
+                best = Some((n, score, up));
+            }
+        }
+        best.map_or(0, |(n, _, _)| n)
+    }
+
+    /// With `hash` balancing, the hash of the request's key (its client, header, cookie or
+    /// path); `None` otherwise, or when the request lacks the key.
+    pub fn affinity<B>(
+        &self,
+        req: &http::Request<B>,
+        client: std::net::IpAddr,
+        trusted: bool,
+        is_trusted: impl Fn(std::net::IpAddr) -> bool,
+    ) -> Option<u64> {
+        let affinity = self.affinity.as_ref()?;
+        affinity.of(req.headers(), req.uri().path(), client, trusted, is_trusted)
     }
 
     /// With `least_requests`, counts a request in endpoint `idx`'s load until the guard drops.
