@@ -190,29 +190,14 @@ async fn hash_keeps_each_key_on_one_endpoint_and_moves_only_the_keys_of_one_that
 
         // b fails its checks: its users move to a, a's stay.
         b.health.store(503, Ordering::Relaxed);
-        let want = format!(
-            "tether_upstream_endpoint_healthy{{upstream=\"up\",endpoint=\"{}\"}} 0",
-            b.addr
-        );
-        bounded(Duration::from_secs(10), async {
-            while !env.metrics_text().unwrap().lines().any(|l| l == want) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        wait_health(&env, b.addr, false).await;
         let mut client = env.http().await;
         for u in &users {
             assert_eq!(as_user(&mut client, "x-user", u).await, "a", "{u}");
         }
         // Back: every user is home again.
         b.health.store(200, Ordering::Relaxed);
-        let want = want.replace("} 0", "} 1");
-        bounded(Duration::from_secs(10), async {
-            while !env.metrics_text().unwrap().lines().any(|l| l == want) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        wait_health(&env, b.addr, true).await;
         for (u, h) in users.iter().zip(&home) {
             assert_eq!(&as_user(&mut client, "x-user", u).await, h, "{u}");
         }

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -31,20 +30,6 @@ async fn gateway(up: Up, addresses: Vec<UpstreamAddress>) -> Env {
         });
     })
     .await
-}
-
-/// Waits until the metrics say `endpoint` is in rotation (`healthy`) or out of it.
-async fn wait_health(env: &Env, endpoint: SocketAddr, healthy: bool) {
-    let want = format!(
-        "tether_upstream_endpoint_healthy{{upstream=\"up\",endpoint=\"{endpoint}\"}} {}",
-        u8::from(healthy)
-    );
-    bounded(Duration::from_secs(10), async {
-        while !env.metrics_text().unwrap().lines().any(|l| l == want) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
 }
 
 /// Sends `n` requests one after another: the bodies of those answered 200, and how many were

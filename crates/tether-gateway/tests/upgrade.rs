@@ -107,13 +107,7 @@ async fn serve(
     tx: mpsc::UnboundedSender<Seen>,
     refuse: bool,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
-    let header = |n: &str| {
-        req.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
+    let header = |n: &str| header_text(&req, n);
     let (connection, upgrade) = (header("connection"), header("upgrade"));
     let key = header("sec-websocket-key");
     let _ = tx.send(Seen::Request {

@@ -434,19 +434,14 @@ impl Backend {
                                     ));
                                 }
                             }
-                            let header = |n: &str| {
-                                req.headers()
-                                    .get(n)
-                                    .and_then(|v| v.to_str().ok())
-                                    .unwrap_or("")
-                                    .to_owned()
-                            };
                             let host = req
                                 .uri()
                                 .authority()
                                 .map(|a| a.to_string())
-                                .unwrap_or_else(|| header("host"));
-                            c.lock().unwrap().push((host, header("user-agent")));
+                                .unwrap_or_else(|| header_text(&req, "host"));
+                            c.lock()
+                                .unwrap()
+                                .push((host, header_text(&req, "user-agent")));
                             let status = h.load(Ordering::Relaxed);
                             Ok(Response::builder()
                                 .status(status)
@@ -480,4 +475,28 @@ impl Backend {
         })
         .await;
     }
+}
+
+/// Waits until the metrics say `endpoint` of upstream `up` is in rotation (`healthy`) or out of
+/// it.
+pub async fn wait_health(env: &Env, endpoint: SocketAddr, healthy: bool) {
+    let want = format!(
+        "tether_upstream_endpoint_healthy{{upstream=\"up\",endpoint=\"{endpoint}\"}} {}",
+        u8::from(healthy)
+    );
+    bounded(Duration::from_secs(10), async {
+        while !env.metrics_text().unwrap().lines().any(|l| l == want) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// A request header's text, or "" when it is missing or not text.
+pub fn header_text<B>(req: &http::Request<B>, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
 }
