@@ -15,7 +15,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
     AdminConfig, Balance, Config, DeadPeerConfig, HalfClose, HashKey, HeaderRules, HealthCheck,
-    IpNet, ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RateLimit, RouteConfig,
+    IpNet, ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RateLimit, Redirect, RouteConfig,
     RouteTimeouts, ServerTls, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig,
     UpstreamProtocol, UpstreamTls,
 };
@@ -154,8 +154,10 @@ pub struct FileRoute {
     pub host: Option<String>,
     /// Path prefix on whole segments; default `/`.
     pub path_prefix: Option<String>,
-    /// Upstream name.
-    pub upstream: String,
+    /// Upstream name; required unless the route redirects.
+    pub upstream: Option<String>,
+    /// `{ to, status }`: answer with a redirect instead of proxying.
+    pub redirect: Option<FileRedirect>,
     /// Total deadline, or `"off"`.
     pub timeout: Option<String>,
     /// Upstream connect (and TLS handshake) timeout.
@@ -313,6 +315,16 @@ impl<'de> Deserialize<'de> for FileAddress {
         }
         d.deserialize_any(Entry)
     }
+}
+
+/// `redirect = { to, status }` of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRedirect {
+    /// The `Location` template. Required.
+    pub to: String,
+    /// 301, 302, 303, 307 or 308 (default).
+    pub status: Option<u16>,
 }
 
 /// `rate_limit = { requests, per, burst }` of a route.
@@ -894,10 +906,35 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             "must not be empty; omit it to match any host",
         ));
     }
+    let upstream = match (&r.upstream, &r.redirect) {
+        (Some(u), None) => u.clone(),
+        (None, Some(_)) => String::new(),
+        (Some(_), Some(_)) => {
+            return Err(KeyError::new(
+                format!("{key}.redirect"),
+                "a route either proxies to an upstream or redirects, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(KeyError::new(
+                format!("{key}.upstream"),
+                "missing field `upstream` (or a `redirect`)",
+            ));
+        }
+    };
     let mut cfg = RouteConfig::new(
         r.path_prefix.clone().unwrap_or_else(|| "/".into()),
-        r.upstream.clone(),
+        upstream,
     );
+    if let Some(rd) = &r.redirect {
+        let mut redirect = Redirect::new(rd.to.clone());
+        if let Some(status) = rd.status {
+            redirect.status = status;
+        }
+        cfg.redirect = Some(redirect);
+        // Named for the logs by where it sends clients.
+        cfg.name = "redirect".into();
+    }
     if let Some(n) = &r.name {
         cfg.name = n.clone();
     }

@@ -376,6 +376,9 @@ pub struct RouteConfig {
     pub max_in_flight: Option<NonZeroUsize>,
     /// Requests each client may send on this route over time; none by default.
     pub rate_limit: Option<RateLimit>,
+    /// Answer every request with this redirect instead of proxying it (then `upstream` is
+    /// empty). None by default.
+    pub redirect: Option<Redirect>,
     /// Changes to the request's headers on the way upstream, made after tether's own (hop-by-hop
     /// removal, forwarding headers, request id). Default: none.
     pub request_headers: HeaderRules,
@@ -525,6 +528,27 @@ pub struct UpstreamConfig {
     /// [`addresses`](Self::addresses); empty: every address weighs 1. Each from 1 to
     /// [`MAX_WEIGHT`].
     pub weights: Vec<u32>,
+}
+
+/// A route's redirect: `Location` is `to` with `{host}` (the request's host, without a port),
+/// `{path}` (its path) and `{uri}` (its path and query) filled in, e.g.
+/// `https://{host}{uri}`; `status` is 301, 302, 303, 307 or 308.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redirect {
+    /// The `Location` template.
+    pub to: String,
+    /// The status.
+    pub status: u16,
+}
+
+impl Redirect {
+    /// A permanent redirect that keeps the method (308) to `to`.
+    pub fn new(to: impl Into<String>) -> Redirect {
+        Redirect {
+            to: to.into(),
+            status: 308,
+        }
+    }
 }
 
 /// A per-client request rate: `requests` every `per` on average, and up to `burst` more at
@@ -695,6 +719,7 @@ impl RouteConfig {
             trace_context: TraceContext::Passthrough,
             max_in_flight: None,
             rate_limit: None,
+            redirect: None,
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
             rewrite_prefix: None,
@@ -821,11 +846,24 @@ impl Config {
                         format!("{:?} must start with '/'", r.path_prefix),
                     ));
                 }
-                if !names.contains(r.upstream.as_str()) {
-                    return Err(ConfigError::new(
-                        format!("{rkey}.upstream"),
-                        format!("no upstream named {:?}", r.upstream),
-                    ));
+                match &r.redirect {
+                    Some(redirect) => {
+                        if !r.upstream.is_empty() {
+                            return Err(ConfigError::new(
+                                format!("{rkey}.redirect"),
+                                "a route either proxies to an upstream or redirects, not both",
+                            ));
+                        }
+                        crate::route::RedirectTemplate::parse(redirect)
+                            .map_err(|e| ConfigError::new(format!("{rkey}.redirect"), e))?;
+                    }
+                    None if !names.contains(r.upstream.as_str()) => {
+                        return Err(ConfigError::new(
+                            format!("{rkey}.upstream"),
+                            format!("no upstream named {:?}", r.upstream),
+                        ));
+                    }
+                    None => {}
                 }
                 if let Some(h) = &r.budget_header
                     && http::header::HeaderName::from_bytes(h.as_bytes()).is_err()

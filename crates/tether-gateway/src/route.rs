@@ -30,6 +30,8 @@ pub struct Route {
     pub trace_context: TraceContext,
     /// Requests in flight at once, when limited (shared by every worker).
     pub in_flight: Option<Arc<crate::admission::Limit>>,
+    /// When set, every request is answered with this redirect (and `upstream` is not used).
+    pub redirect: Option<RedirectTemplate>,
     /// Requests per client over time, when limited (shared by every worker).
     pub rate_limit: Option<Arc<crate::admission::RateLimiter>>,
     /// Changes to upstream requests' headers.
@@ -96,6 +98,96 @@ impl Route {
     }
 }
 
+/// A route's redirect, its `Location` template parsed.
+#[derive(Debug, Clone)]
+pub struct RedirectTemplate {
+    parts: Vec<Part>,
+    /// The status answered.
+    pub status: http::StatusCode,
+}
+
+#[derive(Debug, Clone)]
+enum Part {
+    Text(String),
+    Host,
+    Path,
+    Uri,
+}
+
+impl RedirectTemplate {
+    /// Checks and parses `redirect`: a 3xx status that redirects, and a template whose only
+    /// placeholders are `{host}`, `{path}` and `{uri}`.
+    pub fn parse(redirect: &crate::config::Redirect) -> Result<RedirectTemplate, String> {
+        if ![301, 302, 303, 307, 308].contains(&redirect.status) {
+            return Err(format!(
+                "status {} is not a redirect (301, 302, 303, 307 or 308)",
+                redirect.status
+            ));
+        }
+        let status = http::StatusCode::from_u16(redirect.status).map_err(|e| e.to_string())?;
+        let mut parts = Vec::new();
+        let mut rest = redirect.to.as_str();
+        while let Some(open) = rest.find(['{', '}']) {
+            if rest[open..].starts_with('}') {
+                return Err(format!("{:?} has a '}}' without its '{{'", redirect.to));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("{:?} has a '{{' without its '}}'", redirect.to))?;
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_owned()));
+            }
+            parts.push(match &rest[open + 1..open + close] {
+                "host" => Part::Host,
+                "path" => Part::Path,
+                "uri" => Part::Uri,
+                other => {
+                    return Err(format!(
+                        "{{{other}}} is not one of {{host}}, {{path}}, {{uri}}"
+                    ));
+                }
+            });
+            rest = &rest[open + close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_owned()));
+        }
+        let texts = parts.iter().filter_map(|p| match p {
+            Part::Text(t) => Some(t),
+            _ => None,
+        });
+        for t in texts {
+            if HeaderValue::from_str(t).is_err() {
+                return Err(format!(
+                    "{:?} has a character no header can carry",
+                    redirect.to
+                ));
+            }
+        }
+        if parts.is_empty() {
+            return Err("the redirect's target is empty".into());
+        }
+        Ok(RedirectTemplate { parts, status })
+    }
+
+    /// The `Location` for a request to `host` (port dropped) with `uri`.
+    pub fn location(&self, host: &[u8], uri: &http::Uri) -> Option<HeaderValue> {
+        let mut out = Vec::new();
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.extend_from_slice(t.as_bytes()),
+                Part::Host => out.extend_from_slice(without_port(host)),
+                Part::Path => out.extend_from_slice(uri.path().as_bytes()),
+                Part::Uri => out.extend_from_slice(
+                    uri.path_and_query()
+                        .map_or(b"/".as_slice(), |p| p.as_str().as_bytes()),
+                ),
+            }
+        }
+        HeaderValue::from_bytes(&out).ok()
+    }
+}
+
 /// The routes of one listener.
 #[derive(Debug)]
 pub struct Router {
@@ -113,7 +205,15 @@ impl Router {
                     name: Arc::from(r.name.as_str()),
                     host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
                     prefix: r.path_prefix.trim_end_matches('/').to_owned(),
-                    upstream: upstream_index(&r.upstream)?,
+                    // A redirect route has no upstream; its index is never read.
+                    upstream: match r.redirect {
+                        Some(_) => usize::MAX,
+                        None => upstream_index(&r.upstream)?,
+                    },
+                    redirect: match &r.redirect {
+                        Some(redirect) => Some(RedirectTemplate::parse(redirect).ok()?),
+                        None => None,
+                    },
                     timeouts: r.timeouts,
                     half_close: r.client_half_close,
                     retry: crate::proxy::retry::RetryPolicy::new(
@@ -205,6 +305,18 @@ fn without_origin<'a>(url: &'a str, host: &str) -> Option<&'a str> {
         // `http://host?x`: a query on the root.
         _ => None,
     }
+}
+
+/// `host` without its port, an IPv6 literal keeping its brackets (as it goes in a URL).
+fn without_port(host: &[u8]) -> &[u8] {
+    if host.starts_with(b"[") {
+        let end = host
+            .iter()
+            .position(|&b| b == b']')
+            .map_or(host.len(), |i| i + 1);
+        return &host[..end];
+    }
+    strip_port(host)
 }
 
 fn strip_port(host: &[u8]) -> &[u8] {
@@ -378,6 +490,47 @@ mod tests {
         assert_eq!(mapped(None, "/login"), None);
         let plain = Router::new(&[RouteConfig::new("/api", "web")], |_| Some(0));
         assert!(!plain.select(None, "/api").unwrap().maps_location());
+    }
+
+    #[test]
+    fn a_redirect_template_fills_in_the_request_and_bad_ones_are_refused() {
+        let t = |to: &str| {
+            RedirectTemplate::parse(&crate::config::Redirect::new(to)).map(|t| {
+                let uri: http::Uri = "/a/b?c=1".parse().unwrap();
+                let v = t.location(b"Example.test:8080", &uri).unwrap();
+                v.to_str().unwrap().to_owned()
+            })
+        };
+        assert_eq!(
+            t("https://{host}{uri}").unwrap(),
+            "https://Example.test/a/b?c=1"
+        );
+        assert_eq!(
+            t("https://new.example{path}").unwrap(),
+            "https://new.example/a/b"
+        );
+        assert_eq!(t("/static").unwrap(), "/static");
+        assert_eq!(t("https://[{host}]x").unwrap(), "https://[Example.test]x");
+        for bad in [
+            "https://{hots}/",
+            "https://{host",
+            "https://host}/",
+            "",
+            "a\nb",
+        ] {
+            assert!(t(bad).is_err(), "{bad:?}");
+        }
+        let mut r = crate::config::Redirect::new("/x");
+        r.status = 200;
+        assert!(
+            RedirectTemplate::parse(&r)
+                .unwrap_err()
+                .contains("not a redirect")
+        );
+        // An IPv6 host keeps its brackets.
+        let t = RedirectTemplate::parse(&crate::config::Redirect::new("https://{host}/")).unwrap();
+        let uri: http::Uri = "/".parse().unwrap();
+        assert_eq!(t.location(b"[::1]:8443", &uri).unwrap(), "https://[::1]/");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use test_support::behavior::{Behavior, Ending, Reply, routes, script};
 use test_support::client::{empty, full};
 use test_support::{Checksum, EventKind};
-use tether_gateway::config::{HeaderRules, RouteConfig};
+use tether_gateway::config::{HeaderRules, Redirect, RouteConfig};
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
@@ -571,6 +571,75 @@ async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced_and
             // The access log keeps the path the client asked for.
             let rec = env.record("/api/users").await;
             assert_eq!(rec.route.as_deref(), Some("up"));
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_redirect_route_answers_itself_and_the_upstream_never_hears_of_it() {
+    bounded(Duration::from_secs(30), async {
+        for down in ALL_DOWN {
+            let env = Env::with(
+                down,
+                Up::H1,
+                script(|_| Behavior::Respond(Reply::ok("up"))),
+                |c| {
+                    let routes = &mut c.listeners[0].routes;
+                    let mut https = RouteConfig::new("/moved", "");
+                    https.name = "to-https".into();
+                    https.redirect = Some(Redirect::new("https://{host}{uri}"));
+                    https.response_headers.set =
+                        vec![("strict-transport-security".into(), "max-age=60".into())];
+                    let mut gone = RouteConfig::new("/gone", "");
+                    gone.name = "gone".into();
+                    gone.redirect = Some(Redirect {
+                        to: "/new{path}".into(),
+                        status: 301,
+                    });
+                    routes.insert(0, gone);
+                    routes.insert(0, https);
+                },
+            )
+            .await;
+            let mut c = env.http().await;
+            let req = c
+                .request(Method::POST, "/moved/x?y=1")
+                .body(full("data"))
+                .unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 308, "{down:?}");
+            assert_eq!(
+                p.headers["location"], "https://localhost/moved/x?y=1",
+                "{down:?}"
+            );
+            assert_eq!(p.headers["strict-transport-security"], "max-age=60");
+            assert!(p.headers.contains_key("x-request-id"));
+            assert!(body.is_empty());
+            let req = c.request(Method::GET, "/gone/a?b").body(empty()).unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 301, "{down:?}");
+            assert_eq!(p.headers["location"], "/new/gone/a", "{down:?}");
+            // Other routes still proxy, on the same connection.
+            let req = c.request(Method::GET, "/other").body(empty()).unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(
+                (p.status.as_u16(), &body[..]),
+                (200, &b"up"[..]),
+                "{down:?}"
+            );
+            let rec = env.record("/moved/x").await;
+            assert_eq!((rec.status, rec.outcome), (308, Outcome::Ok));
+            assert_eq!(rec.route.as_deref(), Some("to-https"));
+            assert_eq!(rec.upstream, None);
+            let upstream_saw = env
+                .log()
+                .events()
+                .into_iter()
+                .filter(|e| matches!(e.kind, EventKind::RequestStarted { .. }))
+                .count();
+            assert_eq!(upstream_saw, 1, "{down:?}");
             env.stop().await;
         }
     })

@@ -561,3 +561,61 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
         assert!(e.message.contains(why), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn redirect_routes_convert_and_bad_ones_name_their_key() {
+    let with = |route: &str| {
+        GOOD.replace(
+            "  [[listeners.routes]]\n  upstream = \"app\"\n  name = \"fallback\"\n",
+            &format!("  [[listeners.routes]]\n{route}\n  name = \"fallback\"\n"),
+        )
+    };
+    let cfg = parse(
+        &with("  redirect = { to = \"https://{host}{uri}\" }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = &cfg.config.listeners[0].routes[1];
+    assert_eq!(r.redirect, Some(Redirect::new("https://{host}{uri}")));
+    assert_eq!((r.upstream.as_str(), r.name.as_str()), ("", "fallback"));
+    let cfg = parse(
+        &with("  redirect = { to = \"/new\", status = 302 }")
+            .replace("  name = \"fallback\"\n", ""),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = &cfg.config.listeners[0].routes[1];
+    assert_eq!(r.redirect.as_ref().map(|r| r.status), Some(302));
+    assert_eq!(r.name, "redirect");
+    for (route, key, why) in [
+        (
+            "  upstream = \"app\"\n  redirect = { to = \"/x\" }",
+            "redirect",
+            "not both",
+        ),
+        ("  timeout = \"1s\"", "upstream", "missing field"),
+        (
+            "  redirect = { to = \"/x\", status = 200 }",
+            "redirect",
+            "not a redirect",
+        ),
+        (
+            "  redirect = { to = \"https://{hots}/\" }",
+            "redirect",
+            "{hots}",
+        ),
+        (
+            "  redirect = { status = 301 }",
+            "redirect.to",
+            "missing field",
+        ),
+    ] {
+        let e = err(&with(route));
+        assert_eq!(
+            e.key,
+            format!("listeners[0].routes[1].{key}"),
+            "{route}: {e:?}"
+        );
+        assert!(e.message.contains(why), "{route}: {e:?}");
+    }
+}

@@ -212,6 +212,9 @@ fn proxy<'a>(
         {
             return refuse(t, refusal);
         }
+        if let Some(redirect) = &route.redirect {
+            return redirected(t, route, redirect, host, req.uri());
+        }
         conn.cancel.begin_h1_request(&t.ctx, route.half_close);
         let budget_header = route.budget_header.as_ref();
         // Whether the client sent the route's budget header (stamping replaces or removes it).
@@ -817,6 +820,36 @@ fn fail(t: Tracker, err: ProxyError) -> Response<ProxyBody> {
     let resp = respond::error_response(&err, &t.rec.request_id);
     let status = resp.status().as_u16();
     t.finish_error(&err, Some(status));
+    resp
+}
+
+/// The answer of a route that redirects: its status and `Location`, with no body.
+#[cold]
+fn redirected(
+    mut t: Tracker,
+    route: &Route,
+    redirect: &crate::route::RedirectTemplate,
+    host: &[u8],
+    uri: &Uri,
+) -> Response<ProxyBody> {
+    let Some(location) = redirect.location(host, uri) else {
+        return fail(
+            t,
+            ProxyError::downstream(Stage::RequestHead, ErrorKind::BadRequest),
+        );
+    };
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = redirect.status;
+    let headers = resp.headers_mut();
+    headers.insert(http::header::LOCATION, location);
+    if let Some(v) = id_header(&t.rec.request_id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    if !route.response_headers.is_empty() {
+        route.response_headers.apply(headers);
+    }
+    t.rec.status = redirect.status.as_u16();
+    t.finish_ok();
     resp
 }
 
