@@ -268,6 +268,8 @@ pub struct FileUpstream {
     pub max_fails: Option<u32>,
     /// How long an endpoint is skipped after `max_fails` failed attempts.
     pub fail_timeout: Option<String>,
+    /// Response statuses that count as failures toward `max_fails`.
+    pub fail_statuses: Option<Vec<u16>>,
     /// Active health checks.
     pub health_check: Option<FileHealthCheck>,
 }
@@ -1120,6 +1122,7 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         }
         cfg.fail_timeout = d;
     }
+    cfg.fail_statuses = u.fail_statuses.clone().unwrap_or_default();
     if let Some(h) = &u.health_check {
         let mut check = HealthCheck::new(h.path.clone());
         let hkey = format!("{key}.health_check");

@@ -519,6 +519,9 @@ pub struct UpstreamConfig {
     pub max_fails: u32,
     /// How long an endpoint is skipped after `max_fails` failed attempts. Default 10 s.
     pub fail_timeout: Duration,
+    /// Response statuses that count as failures toward `max_fails` too (an endpoint that is up
+    /// but failing, e.g. `[502, 503, 504]`); any other answer clears the count. Default none.
+    pub fail_statuses: Vec<u16>,
     /// Active health checks of every endpoint; none by default (only the passive
     /// [`max_fails`](Self::max_fails)).
     pub health_check: Option<HealthCheck>,
@@ -693,6 +696,7 @@ impl UpstreamConfig {
             idle_timeout: Duration::from_secs(4),
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
+            fail_statuses: Vec::new(),
             health_check: None,
             balance: Balance::RoundRobin,
             weights: Vec::new(),
@@ -814,6 +818,16 @@ impl Config {
                 return Err(ConfigError::new(
                     format!("{key}.hash_key"),
                     format!("{name:?} is not a valid header or cookie name"),
+                ));
+            }
+            if let Some(j) = u
+                .fail_statuses
+                .iter()
+                .position(|s| !(100..=599).contains(s))
+            {
+                return Err(ConfigError::new(
+                    format!("{key}.fail_statuses[{j}]"),
+                    "must be a status from 100 to 599",
                 ));
             }
             if let Some(j) = u.weights.iter().position(|w| !(1..=MAX_WEIGHT).contains(w)) {

@@ -105,3 +105,58 @@ async fn max_fails_counts_failures_in_a_row() {
     })
     .await;
 }
+
+/// Two endpoints: the env's own upstream answering every request 503, and `a` answering 200
+/// `a`. `fail_statuses` and `max_fails` as given; `n` requests one after another: how many
+/// were answered 503.
+async fn answered_503(fail_statuses: Vec<u16>, max_fails: u32, n: usize) -> (usize, Env) {
+    let a = Backend::start("a").await;
+    let failing = script(|_| Behavior::Respond(test_support::Reply::new(503, "busy")));
+    let addr = a.addr;
+    let env = Env::with(Down::H1, Up::H1, failing, move |c| {
+        let u = &mut c.upstreams[0];
+        u.addresses.push(addr.into());
+        u.max_fails = max_fails;
+        u.fail_timeout = Duration::from_secs(30);
+        u.fail_statuses = fail_statuses;
+        c.listeners[0].routes[0].max_retries = 0;
+        c.admin = Some(AdminConfig {
+            address: "127.0.0.1:0".parse().unwrap(),
+        });
+    })
+    .await;
+    let mut client = env.http().await;
+    let mut busy = 0;
+    for i in 0..n {
+        let (parts, body) = client.get(&format!("/r{i}")).await.unwrap();
+        match parts.status.as_u16() {
+            200 => assert_eq!(&body[..], b"a"),
+            503 => busy += 1,
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    drop(a);
+    (busy, env)
+}
+
+#[tokio::test]
+async fn an_endpoint_answering_fail_statuses_is_skipped_after_max_fails_in_a_row() {
+    bounded(Duration::from_secs(20), async {
+        // Its answers alternate with the other endpoint's, and still count in a row.
+        let (busy, env) = answered_503(vec![502, 503, 504], 2, 20).await;
+        assert_eq!(busy, 2);
+        let metrics = env.metrics_text().unwrap();
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("tether_upstream_endpoint_skips_total{") && l.ends_with(" 1")
+            ),
+            "{metrics}"
+        );
+        env.stop().await;
+        // Without fail_statuses, a 503 is an answer like any other.
+        let (busy, env) = answered_503(Vec::new(), 2, 20).await;
+        assert_eq!(busy, 10);
+        env.stop().await;
+    })
+    .await;
+}

@@ -619,3 +619,20 @@ fn redirect_routes_convert_and_bad_ones_name_their_key() {
         assert!(e.message.contains(why), "{route}: {e:?}");
     }
 }
+
+#[test]
+fn fail_statuses_convert_and_bad_ones_name_their_key() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "idle_timeout = \"2s\"\n",
+            &format!("idle_timeout = \"2s\"\nfail_statuses = {v}\n"),
+        )
+    };
+    let cfg = parse(&with("[502, 503, 504]"), Path::new(".")).unwrap();
+    assert_eq!(cfg.config.upstreams[0].fail_statuses, [502, 503, 504]);
+    let e = err(&with("[503, 42]"));
+    assert_eq!(e.key, "upstreams[0].fail_statuses[1]", "{e:?}");
+    assert!(e.message.contains("from 100 to 599"), "{e:?}");
+    let e = err(&with("[\"5xx\"]"));
+    assert_eq!(e.key, "upstreams[0].fail_statuses[0]", "{e:?}");
+}

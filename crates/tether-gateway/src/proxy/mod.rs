@@ -341,13 +341,8 @@ fn proxy<'a>(
                             c
                         }
                         Err(e) => {
-                            if upstream.report_connect(ep_idx, Some(&e))
-                                && let Some(address) = upstream.endpoint_address(ep_idx)
-                            {
-                                worker
-                                    .observer
-                                    .metrics
-                                    .endpoint_skipped(&upstream.name, &address.to_string());
+                            if upstream.report_connect(ep_idx, Some(&e)) {
+                                skipped(worker, upstream, ep_idx);
                             }
                             // Nothing was sent: any request may go to the next endpoint.
                             if route.retry.may_retry(&e, attempt, true) {
@@ -409,6 +404,9 @@ fn proxy<'a>(
             match head {
                 Head::Response(r) => {
                     let status = r.status().as_u16();
+                    if upstream.report_status(ep_idx, status) {
+                        skipped(worker, upstream, ep_idx);
+                    }
                     if route.retry.retries_status(
                         status,
                         attempt,
@@ -821,6 +819,17 @@ fn fail(t: Tracker, err: ProxyError) -> Response<ProxyBody> {
     let status = resp.status().as_u16();
     t.finish_error(&err, Some(status));
     resp
+}
+
+/// Counts endpoint `idx` of `upstream` skipped for its `fail_timeout`.
+#[cold]
+fn skipped(worker: &Worker, upstream: &Upstream, idx: usize) {
+    if let Some(address) = upstream.endpoint_address(idx) {
+        worker
+            .observer
+            .metrics
+            .endpoint_skipped(&upstream.name, &address.to_string());
+    }
 }
 
 /// The answer of a route that redirects: its status and `Location`, with no body.

@@ -1,7 +1,8 @@
-//! Passive health of one endpoint: after `max_fails` failed connection attempts in a row (DNS,
-//! connect or TLS, so the endpoint never got the request) the endpoint is skipped for
-//! `fail_timeout`, then tried again. A fresh connection that works clears the count. Each worker
-//! keeps its own view, as its pools are its own.
+//! Passive health of one endpoint: after `max_fails` failures in a row (connection attempts that
+//! failed at DNS, connect or TLS, so the endpoint never got the request; and, with the upstream's
+//! `fail_statuses`, answers with one of them) the endpoint is skipped for `fail_timeout`, then
+//! tried again. A fresh connection that works, or an answer not in `fail_statuses`, clears the
+//! count. Each worker keeps its own view, as its pools are its own.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,7 +37,8 @@ impl EndpointHealth {
         until == 0 || millis_since(born, now) >= until
     }
 
-    /// A connection attempt failed. True when this failure made the endpoint skipped.
+    /// A connection attempt (or an answer) failed. True when this failure made the endpoint
+    /// skipped.
     pub fn failed(&self, born: Instant, max_fails: u32, fail_timeout: Duration) -> bool {
         if max_fails == 0 {
             return false;
@@ -51,7 +53,7 @@ impl EndpointHealth {
         true
     }
 
-    /// A fresh connection to the endpoint worked.
+    /// A fresh connection to the endpoint worked, or it answered well.
     pub fn succeeded(&self) {
         if self.fails.load(Ordering::Relaxed) != 0 {
             self.fails.store(0, Ordering::Relaxed);

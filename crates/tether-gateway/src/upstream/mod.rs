@@ -43,6 +43,8 @@ pub struct Upstream {
     counts: Arc<ConnCounts>,
     max_fails: u32,
     fail_timeout: Duration,
+    /// Response statuses that count as an endpoint's failures.
+    fail_statuses: Box<[u16]>,
     /// The origin of the endpoints' skip deadlines.
     born: Instant,
     /// Which endpoints the active health checks took out of rotation, when the upstream has them.
@@ -147,6 +149,7 @@ impl Upstream {
             counts,
             max_fails: config.max_fails,
             fail_timeout: config.fail_timeout,
+            fail_statuses: config.fail_statuses.clone().into_boxed_slice(),
             born: Instant::now(),
             active,
         })
@@ -242,30 +245,55 @@ impl Upstream {
     /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked). True
     /// when this failure made the endpoint skipped.
     pub fn report_connect(&self, idx: usize, error: Option<&ProxyError>) -> bool {
+        match error {
+            None => {
+                if let Some(ep) = self.endpoints.get(idx) {
+                    ep.health.succeeded();
+                }
+                false
+            }
+            Some(e) if health::counts_against_endpoint(e) => self.failed(idx, e),
+            Some(_) => false,
+        }
+    }
+
+    /// Reports the status endpoint `idx` answered: with `fail_statuses`, one of them counts as a
+    /// failure toward `max_fails`, and any other clears the count. True when this answer made
+    /// the endpoint skipped.
+    pub fn report_status(&self, idx: usize, status: u16) -> bool {
+        if self.fail_statuses.is_empty() {
+            return false;
+        }
+        if self.fail_statuses.contains(&status) {
+            return self.failed(idx, &format_args!("status {status}"));
+        }
+        if let Some(ep) = self.endpoints.get(idx) {
+            ep.health.succeeded();
+        }
+        false
+    }
+
+    /// Counts a failure of endpoint `idx` (`why`); true when it made the endpoint skipped.
+    #[cold]
+    fn failed(&self, idx: usize, why: &dyn std::fmt::Display) -> bool {
         let Some(ep) = self.endpoints.get(idx) else {
             return false;
         };
-        match error {
-            None => ep.health.succeeded(),
-            Some(e) if health::counts_against_endpoint(e) => {
-                // One address: nothing else to pick, so never skipped.
-                if self.endpoints.len() > 1
-                    && ep
-                        .health
-                        .failed(self.born, self.max_fails, self.fail_timeout)
-                {
-                    tracing::warn!(
-                        upstream = %self.name,
-                        endpoint = %ep.address,
-                        max_fails = self.max_fails,
-                        fail_timeout = ?self.fail_timeout,
-                        error = %e,
-                        "upstream endpoint unreachable; skipped for fail_timeout"
-                    );
-                    return true;
-                }
-            }
-            Some(_) => {}
+        // One address: nothing else to pick, so never skipped.
+        if self.endpoints.len() > 1
+            && ep
+                .health
+                .failed(self.born, self.max_fails, self.fail_timeout)
+        {
+            tracing::warn!(
+                upstream = %self.name,
+                endpoint = %ep.address,
+                max_fails = self.max_fails,
+                fail_timeout = ?self.fail_timeout,
+                error = %why,
+                "upstream endpoint failing; skipped for fail_timeout"
+            );
+            return true;
         }
         false
     }
