@@ -77,6 +77,9 @@ pub struct FileListener {
     /// Peers whose request id, forwarding and budget headers are believed.
     #[serde(default)]
     pub trusted_peers: Vec<String>,
+    /// Every connection starts with a PROXY protocol header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// `[[listeners.routes]]`, first match wins.
     #[serde(default)]
     pub routes: Vec<FileRoute>,
@@ -684,6 +687,7 @@ fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, 
     cfg.protocols = protocols;
     cfg.tls = tls;
     cfg.trusted_peers = trusted_peers;
+    cfg.proxy_protocol = l.proxy_protocol;
     if let Some(d) = &l.dead_peer {
         cfg.dead_peer = dead_peer(&format!("{key}.dead_peer"), d)?;
     }

@@ -61,6 +61,10 @@ pub struct ListenerConfig {
     /// Peers (proxies, load balancers) whose `X-Request-Id`, `X-Forwarded-For`, `Forwarded` and
     /// deadline budget headers are believed. From anyone else they are replaced. Default: none.
     pub trusted_peers: Vec<IpNet>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2) from a load balancer,
+    /// whose source address is then the client; a connection without one is closed. Off by
+    /// default.
+    pub proxy_protocol: bool,
     /// How clients that vanish without closing are detected.
     pub dead_peer: DeadPeerConfig,
     /// Connection, head, body and stream limits.
@@ -196,6 +200,7 @@ impl ListenerConfig {
             tls: None,
             routes,
             trusted_peers: Vec::new(),
+            proxy_protocol: false,
             dead_peer: DeadPeerConfig::default(),
             limits: ListenerLimits::default(),
         }

@@ -132,6 +132,8 @@ pub struct ListenerShared {
     pub limits: crate::config::ListenerLimits,
     /// Open connections, when limited; shared by every worker.
     pub conn_limit: Option<Arc<Semaphore>>,
+    /// Every connection starts with a PROXY protocol header naming the client.
+    pub proxy_protocol: bool,
 }
 
 impl ListenerShared {
@@ -362,6 +364,7 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
             tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
             protocols: l.protocols,
             trusted_peers: l.trusted_peers.clone(),
+            proxy_protocol: l.proxy_protocol,
             dead_peer: l.dead_peer,
             limits: l.limits,
             conn_limit,

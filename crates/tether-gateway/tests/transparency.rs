@@ -645,3 +645,64 @@ async fn a_redirect_route_answers_itself_and_the_upstream_never_hears_of_it() {
     })
     .await
 }
+
+#[tokio::test]
+async fn behind_a_proxy_protocol_balancer_the_client_is_the_one_its_header_names() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(Duration::from_secs(20), async {
+        let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+            c.listeners[0].proxy_protocol = true;
+        })
+        .await;
+        // HTTP/1.1 after a version 1 header.
+        let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+        s.write_all(
+            b"PROXY TCP4 192.0.2.7 10.0.0.1 5555 80\r\nGET /pp HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let rec = env.record("/pp").await;
+        assert_eq!(rec.client, "192.0.2.7:5555".parse().unwrap());
+        let (_, headers) = env.log().requests("/pp").remove(0);
+        assert_eq!(values(&headers, "x-forwarded-for"), ["192.0.2.7"]);
+
+        // HTTP/2 with prior knowledge after a version 2 header.
+        let client: std::net::SocketAddr = "[2001:db8::7]:443".parse().unwrap();
+        let to: std::net::SocketAddr = "[2001:db8::1]:80".parse().unwrap();
+        let header = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (client, to),
+        )
+        .build()
+        .unwrap();
+        let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+        s.write_all(&header).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(s),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://x/pp2")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = bounded(BOUND, send.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(env.record("/pp2").await.client, client);
+
+        // A connection without the header is closed unanswered.
+        let mut s = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+        s.write_all(b"GET /none HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = bounded(BOUND, s.read_to_end(&mut answer)).await;
+        assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+        assert!(env.records("/none").is_empty());
+        env.stop().await;
+    })
+    .await
+}

@@ -636,3 +636,19 @@ fn fail_statuses_convert_and_bad_ones_name_their_key() {
     let e = err(&with("[\"5xx\"]"));
     assert_eq!(e.key, "upstreams[0].fail_statuses[0]", "{e:?}");
 }
+
+#[test]
+fn proxy_protocol_is_off_unless_asked_for() {
+    let cfg = parse(GOOD, Path::new(".")).unwrap();
+    assert!(!cfg.config.listeners[0].proxy_protocol);
+    let src = GOOD.replace(
+        "protocols = [\"http1\", \"h2c\"]\n",
+        "protocols = [\"http1\", \"h2c\"]\nproxy_protocol = true\n",
+    );
+    assert!(parse(&src, Path::new(".")).unwrap().config.listeners[0].proxy_protocol);
+    let e = err(&GOOD.replace(
+        "protocols = [\"http1\", \"h2c\"]\n",
+        "protocols = [\"http1\", \"h2c\"]\nproxy_protocol = \"v2\"\n",
+    ));
+    assert_eq!(e.key, "listeners[0].proxy_protocol", "{e:?}");
+}

@@ -1,7 +1,8 @@
 //! The downstream side: a client connection, from TLS and protocol choice to hyper's HTTP/1 or
 //! HTTP/2 server with tether's cancellation hooks.
 //!
-//! LIFECYCLE: accepted → (TLS handshake, ALPN picks the protocol | cleartext: the HTTP/2
+//! LIFECYCLE: accepted → (with `proxy_protocol`: the balancer's header names the client) →
+//! (TLS handshake, ALPN picks the protocol | cleartext: the HTTP/2
 //! preface is sniffed when both protocols are on) → served by [`h1`] or [`h2`] → on shutdown:
 //! graceful close (HTTP/1: after the response in flight; HTTP/2: GOAWAY) → connection context
 //! cancelled with the reason the connection ended, which cancels whatever was still in flight.
@@ -12,6 +13,7 @@ pub mod h2;
 pub mod head_timeout;
 pub mod parking;
 pub mod probe;
+pub mod proxy_protocol;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -73,7 +75,7 @@ pub async fn serve(
     worker: Arc<Worker>,
     listener: Arc<ListenerShared>,
     source: ConfigSource,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     client: SocketAddr,
     stop: CancellationToken,
     permit: ConnPermit,
@@ -81,6 +83,21 @@ pub async fn serve(
     // Small responses must not wait for Nagle.
     let _ = tcp.set_nodelay(true);
     let local = tcp.local_addr().unwrap_or(client);
+    let client = if listener.proxy_protocol {
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, proxy_protocol::read(&mut tcp)).await {
+            Ok(Ok(named)) => named.unwrap_or(client),
+            Ok(Err(e)) => {
+                tracing::debug!(peer = %client, stage = "proxy_protocol", error = %e, "downstream connection refused");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(peer = %client, stage = "proxy_protocol", "no PROXY protocol header in time");
+                return;
+            }
+        }
+    } else {
+        client
+    };
     if listener.tls.is_some() {
         let peer = Peer {
             client,
