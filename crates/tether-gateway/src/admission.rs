@@ -150,10 +150,17 @@ impl RateLimiter {
         if clients.len() >= self.per_shard && !clients.contains_key(&client) {
             // Clients whose allowance is whole again hold nothing worth keeping.
             clients.retain(|_, t| *t > now);
-            if clients.len() >= self.per_shard
-                && let Some(&any) = clients.keys().next()
-            {
-                clients.remove(&any);
+            if clients.len() >= self.per_shard {
+                // Still full (many clients at once): an eighth goes, so that the clients coming
+                // next do not each pay for a sweep.
+                let gone: Vec<u128> = clients
+                    .keys()
+                    .take(self.per_shard / 8 + 1)
+                    .copied()
+                    .collect();
+                for c in gone {
+                    clients.remove(&c);
+                }
             }
         }
         clients.insert(client, next);

@@ -574,8 +574,8 @@ pub struct RateLimit {
 }
 
 /// The most clients one route's rate limit keeps track of at once. Clients that have used none
-/// of their allowance hold no place; when the table is full anyway, an arbitrary client's count
-/// is forgotten.
+/// of their allowance hold no place; when the table is full anyway, the counts of an arbitrary
+/// eighth of its clients are forgotten.
 pub const RATE_LIMIT_CLIENTS: usize = 100_000;
 
 /// The largest endpoint weight.
