@@ -161,6 +161,10 @@ pub struct FileRoute {
     pub upstream: Option<String>,
     /// `{ to, status }`: answer with a redirect instead of proxying.
     pub redirect: Option<FileRedirect>,
+    /// Methods the route is for; default any.
+    pub methods: Option<Vec<String>>,
+    /// Headers a request must carry (`*`: any value).
+    pub match_headers: Option<BTreeMap<String, String>>,
     /// Total deadline, or `"off"`.
     pub timeout: Option<String>,
     /// Upstream connect (and TLS handshake) timeout.
@@ -932,6 +936,13 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
         r.path_prefix.clone().unwrap_or_else(|| "/".into()),
         upstream,
     );
+    cfg.methods = r.methods.clone().unwrap_or_default();
+    cfg.match_headers = r
+        .match_headers
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     if let Some(rd) = &r.redirect {
         let mut redirect = Redirect::new(rd.to.clone());
         if let Some(status) = rd.status {

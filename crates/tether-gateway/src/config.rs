@@ -384,6 +384,11 @@ pub struct RouteConfig {
     /// Answer every request with this redirect instead of proxying it (then `upstream` is
     /// empty). None by default.
     pub redirect: Option<Redirect>,
+    /// Methods the route is for; empty: any.
+    pub methods: Vec<String>,
+    /// Headers a request must carry for the route to match (name, value; `*`: any value);
+    /// empty: none asked.
+    pub match_headers: Vec<(String, String)>,
     /// Changes to the request's headers on the way upstream, made after tether's own (hop-by-hop
     /// removal, forwarding headers, request id). Default: none.
     pub request_headers: HeaderRules,
@@ -729,6 +734,8 @@ impl RouteConfig {
             max_in_flight: None,
             rate_limit: None,
             redirect: None,
+            methods: Vec::new(),
+            match_headers: Vec::new(),
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
             rewrite_prefix: None,
@@ -904,6 +911,12 @@ impl Config {
                 }
                 if let Some(rl) = &r.rate_limit {
                     validate_rate_limit(&format!("{rkey}.rate_limit"), rl)?;
+                }
+                if let Err(e) = crate::route::check_condition(&r.methods, &[]) {
+                    return Err(ConfigError::new(format!("{rkey}.methods"), e));
+                }
+                if let Err(e) = crate::route::check_condition(&[], &r.match_headers) {
+                    return Err(ConfigError::new(format!("{rkey}.match_headers"), e));
                 }
                 let budget = r.budget_header.as_deref();
                 crate::proxy::headers::Rewrite::request(&r.request_headers, budget)

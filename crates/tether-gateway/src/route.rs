@@ -32,6 +32,8 @@ pub struct Route {
     pub in_flight: Option<Arc<crate::admission::Limit>>,
     /// When set, every request is answered with this redirect (and `upstream` is not used).
     pub redirect: Option<RedirectTemplate>,
+    /// Methods and headers a request must have too, if any.
+    condition: Option<Box<Condition>>,
     /// Requests per client over time, when limited (shared by every worker).
     pub rate_limit: Option<Arc<crate::admission::RateLimiter>>,
     /// Changes to upstream requests' headers.
@@ -244,6 +246,9 @@ impl Router {
                         .rewrite_prefix
                         .as_ref()
                         .map(|p| p.trim_end_matches('/').to_owned()),
+                    condition: Condition::new(&r.methods, &r.match_headers)
+                        .ok()?
+                        .map(Box::new),
                     metrics: OnceLock::new(),
                 })
             })
@@ -253,11 +258,18 @@ impl Router {
 
     /// The first route matching `host` (port ignored, case-insensitive) and `path`.
     pub fn select(&self, host: Option<&str>, path: &str) -> Option<&Route> {
-        self.select_host(host.map(str::as_bytes), path)
+        self.select_host(host.map(str::as_bytes), path, None)
     }
 
-    /// [`Router::select`] with the host as bytes (as a request carries it: no UTF-8 check).
-    pub fn select_host(&self, host: Option<&[u8]>, path: &str) -> Option<&Route> {
+    /// [`Router::select`] with the host as bytes (as a request carries it: no UTF-8 check) and
+    /// the request's method and headers, for routes that match on them (without them, such
+    /// routes do not match).
+    pub fn select_host(
+        &self,
+        host: Option<&[u8]>,
+        path: &str,
+        request: Option<(&http::Method, &http::HeaderMap)>,
+    ) -> Option<&Route> {
         let host = host.map(strip_port);
         self.routes.iter().find(|r| {
             let host_ok = match (&r.host, host) {
@@ -265,9 +277,72 @@ impl Router {
                 (Some(want), Some(have)) => want.as_bytes().eq_ignore_ascii_case(have),
                 (Some(_), None) => false,
             };
-            host_ok && prefix_matches(&r.prefix, path)
+            host_ok
+                && prefix_matches(&r.prefix, path)
+                && r.condition.as_ref().is_none_or(|c| c.matches(request))
         })
     }
+}
+
+/// What else a route asks of a request: one of its methods, and every header it names (with
+/// the value given, or any value for `*`).
+#[derive(Debug)]
+struct Condition {
+    methods: Vec<http::Method>,
+    headers: Vec<(http::HeaderName, Option<HeaderValue>)>,
+}
+
+impl Condition {
+    /// `None` when there is nothing to ask; `Err` says what in the configuration is wrong.
+    fn new(methods: &[String], headers: &[(String, String)]) -> Result<Option<Condition>, String> {
+        if methods.is_empty() && headers.is_empty() {
+            return Ok(None);
+        }
+        let methods = methods
+            .iter()
+            .map(|m| {
+                if m.bytes().any(|b| b.is_ascii_lowercase()) {
+                    // Methods are case-sensitive: "get" would never match a GET.
+                    return Err(format!(
+                        "{m:?}: methods are upper case ({:?})",
+                        m.to_ascii_uppercase()
+                    ));
+                }
+                http::Method::from_bytes(m.as_bytes()).map_err(|_| format!("{m:?} is not a method"))
+            })
+            .collect::<Result<_, _>>()?;
+        let headers = headers
+            .iter()
+            .map(|(n, v)| {
+                let name = http::HeaderName::from_bytes(n.as_bytes())
+                    .map_err(|_| format!("{n:?} is not a valid header name"))?;
+                let value = match v.as_str() {
+                    "*" => None,
+                    v => Some(HeaderValue::from_str(v).map_err(|_| {
+                        format!("the value for {n:?} has a character no header can carry")
+                    })?),
+                };
+                Ok::<_, String>((name, value))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(Condition { methods, headers }))
+    }
+
+    fn matches(&self, request: Option<(&http::Method, &http::HeaderMap)>) -> bool {
+        let Some((method, headers)) = request else {
+            return false;
+        };
+        (self.methods.is_empty() || self.methods.contains(method))
+            && self.headers.iter().all(|(name, want)| match want {
+                None => headers.contains_key(name),
+                Some(v) => headers.get_all(name).iter().any(|h| h == v),
+            })
+    }
+}
+
+/// Checks a route's `methods` and `match_headers`.
+pub fn check_condition(methods: &[String], headers: &[(String, String)]) -> Result<(), String> {
+    Condition::new(methods, headers).map(|_| ())
 }
 
 /// `path` with its prefix `from` replaced by `to` (both without a trailing `/`; "" is the root),
@@ -531,6 +606,54 @@ mod tests {
         let t = RedirectTemplate::parse(&crate::config::Redirect::new("https://{host}/")).unwrap();
         let uri: http::Uri = "/".parse().unwrap();
         assert_eq!(t.location(b"[::1]:8443", &uri).unwrap(), "https://[::1]/");
+    }
+
+    #[test]
+    fn routes_can_ask_for_methods_and_headers() {
+        let mut canary = RouteConfig::new("/", "canary");
+        canary.match_headers = vec![("x-canary".into(), "1".into())];
+        let mut writes = RouteConfig::new("/", "writes");
+        writes.methods = vec!["POST".into(), "PUT".into()];
+        let mut traced = RouteConfig::new("/", "traced");
+        traced.methods = vec!["GET".into()];
+        traced.match_headers = vec![("traceparent".into(), "*".into())];
+        let all = [canary, writes, traced, RouteConfig::new("/", "rest")];
+        let r = Router::new(&all, |u| {
+            ["canary", "writes", "traced", "rest"]
+                .iter()
+                .position(|n| *n == u)
+        });
+        let pick = |method: &str, headers: &[(&'static str, &'static str)]| {
+            let mut h = http::HeaderMap::new();
+            for (n, v) in headers {
+                h.append(*n, HeaderValue::from_static(v));
+            }
+            let m = http::Method::from_bytes(method.as_bytes()).unwrap();
+            r.select_host(None, "/x", Some((&m, &h)))
+                .map(|r| r.upstream)
+        };
+        assert_eq!(pick("GET", &[("x-canary", "1")]), Some(0));
+        assert_eq!(
+            pick("POST", &[("x-canary", "0"), ("x-canary", "1")]),
+            Some(0)
+        );
+        assert_eq!(pick("POST", &[("x-canary", "2")]), Some(1));
+        assert_eq!(pick("GET", &[("traceparent", "00-ab")]), Some(2));
+        assert_eq!(pick("HEAD", &[("traceparent", "00-ab")]), Some(3));
+        assert_eq!(pick("GET", &[]), Some(3));
+        // Without the request's method and headers, conditional routes do not match.
+        assert_eq!(r.select(None, "/x").map(|r| r.upstream), Some(3));
+        for (methods, headers) in [
+            (vec!["get".to_owned()], vec![]),
+            (vec!["G T".to_owned()], vec![]),
+            (vec![], vec![("bad name".to_owned(), "1".to_owned())]),
+            (vec![], vec![("x".to_owned(), "a\nb".to_owned())]),
+        ] {
+            assert!(
+                check_condition(&methods, &headers).is_err(),
+                "{methods:?} {headers:?}"
+            );
+        }
     }
 
     #[test]

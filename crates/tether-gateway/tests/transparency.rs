@@ -706,3 +706,48 @@ async fn behind_a_proxy_protocol_balancer_the_client_is_the_one_its_header_names
     })
     .await
 }
+
+#[tokio::test]
+async fn routes_matching_methods_and_headers_take_their_requests() {
+    bounded(Duration::from_secs(20), async {
+        for down in ALL_DOWN {
+            let env = Env::with(down, Up::H1, script(|_| Behavior::ok("up")), |c| {
+                let routes = &mut c.listeners[0].routes;
+                // Canary requests to a redirect, to tell them apart; writes to no route's
+                // upstream at all: a 404.
+                let mut canary = RouteConfig::new("/", "");
+                canary.name = "canary".into();
+                canary.match_headers = vec![("x-canary".into(), "1".into())];
+                canary.redirect = Some(Redirect::new("/canary{uri}"));
+                let mut reads = RouteConfig::new("/", "up");
+                reads.name = "reads".into();
+                reads.methods = vec!["GET".into(), "HEAD".into()];
+                routes.clear();
+                routes.push(canary);
+                routes.push(reads);
+            })
+            .await;
+            let mut c = env.http().await;
+            let req = c
+                .request(Method::GET, "/a")
+                .header("x-canary", "1")
+                .body(empty())
+                .unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 308, "{down:?}");
+            assert_eq!(p.headers["location"], "/canary/a");
+            let req = c.request(Method::GET, "/a").body(empty()).unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(
+                (p.status.as_u16(), &body[..]),
+                (200, &b"up"[..]),
+                "{down:?}"
+            );
+            let req = c.request(Method::DELETE, "/a").body(empty()).unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 404, "{down:?}");
+            env.stop().await;
+        }
+    })
+    .await
+}

@@ -652,3 +652,43 @@ fn proxy_protocol_is_off_unless_asked_for() {
     ));
     assert_eq!(e.key, "listeners[0].proxy_protocol", "{e:?}");
 }
+
+#[test]
+fn route_conditions_convert_and_bad_ones_name_their_key() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "  max_retries = 0\n",
+            &format!("  max_retries = 0\n  {extra}\n"),
+        )
+    };
+    let cfg = parse(
+        &with("methods = [\"GET\", \"HEAD\"]\n  match_headers = { x-canary = \"1\", traceparent = \"*\" }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = &cfg.config.listeners[0].routes[1];
+    assert_eq!(r.methods, ["GET", "HEAD"]);
+    assert_eq!(
+        r.match_headers,
+        [
+            ("traceparent".to_owned(), "*".to_owned()),
+            ("x-canary".to_owned(), "1".to_owned())
+        ]
+    );
+    for (extra, key, why) in [
+        ("methods = [\"get\"]", "methods", "upper case"),
+        (
+            "match_headers = { \"a b\" = \"1\" }",
+            "match_headers",
+            "not a valid header name",
+        ),
+    ] {
+        let e = err(&with(extra));
+        assert_eq!(
+            e.key,
+            format!("listeners[0].routes[1].{key}"),
+            "{extra}: {e:?}"
+        );
+        assert!(e.message.contains(why), "{extra}: {e:?}");
+    }
+}

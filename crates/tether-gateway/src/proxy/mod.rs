@@ -198,10 +198,11 @@ fn proxy<'a>(
         // header's text would be checked as UTF-8 again).
         let authority = t.rec.authority.clone();
         let host = authority.as_bytes();
-        let Some(route) = listener
-            .router
-            .select_host((!host.is_empty()).then_some(host), req.uri().path())
-        else {
+        let Some(route) = listener.router.select_host(
+            (!host.is_empty()).then_some(host),
+            req.uri().path(),
+            Some((req.method(), req.headers())),
+        ) else {
             t.stage = Stage::Route;
             return fail(t, ProxyError::gateway(Stage::Route, ErrorKind::NoRoute));
         };
