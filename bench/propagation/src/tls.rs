@@ -55,6 +55,7 @@ impl Material {
             server_name: Some(SERVER_NAME.to_string()),
             ca: vec![self.ca.clone()],
             insecure_skip_verify: false,
+            client_cert: None,
         }
     }
 

@@ -1,5 +1,6 @@
-//! A throwaway PKI generated at test time: one CA and one leaf for `localhost`, `127.0.0.1` and
-//! `::1`, with rustls configs for both ends. No key material lives in the repository.
+//! A throwaway PKI generated at test time: one CA, one server leaf for `localhost`, `127.0.0.1`
+//! and `::1`, and one client leaf, with rustls configs for both ends. No key material lives in
+//! the repository.
 
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub struct TestPki {
     ca_pem: String,
     leaf: CertificateDer<'static>,
     key: PrivatePkcs8KeyDer<'static>,
+    client_leaf: CertificateDer<'static>,
+    client_key: PrivatePkcs8KeyDer<'static>,
 }
 
 impl Clone for TestPki {
@@ -31,6 +34,8 @@ impl Clone for TestPki {
             ca_pem: self.ca_pem.clone(),
             leaf: self.leaf.clone(),
             key: self.key.clone_key(),
+            client_leaf: self.client_leaf.clone(),
+            client_key: self.client_key.clone_key(),
         }
     }
 }
@@ -71,11 +76,24 @@ impl TestPki {
             .push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
         let leaf = leaf_params.signed_by(&leaf_key, &issuer)?;
 
+        let client_key = KeyPair::generate()?;
+        let mut client_params = CertificateParams::new(Vec::<String>::new())?;
+        client_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tether test client");
+        client_params.use_authority_key_identifier_extension = true;
+        client_params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+        let client = client_params.signed_by(&client_key, &issuer)?;
+
         Ok(TestPki {
             ca: ca_cert.der().clone(),
             ca_pem: ca_cert.pem(),
             leaf: leaf.der().clone(),
             key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+            client_leaf: client.der().clone(),
+            client_key: PrivatePkcs8KeyDer::from(client_key.serialize_der()),
         })
     }
 
@@ -104,6 +122,37 @@ impl TestPki {
         let mut cfg = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
+            .with_single_cert(self.cert_chain(), self.key())?;
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(cfg))
+    }
+
+    /// The client leaf's chain (a client certificate signed by the CA).
+    pub fn client_chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.client_leaf.clone()]
+    }
+
+    /// The client leaf's private key.
+    pub fn client_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(self.client_key.clone_key())
+    }
+
+    /// A server config presenting the leaf that accepts only clients with a certificate the CA
+    /// signed (mutual TLS), offering `alpn`.
+    pub fn server_config_requiring_clients(
+        &self,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerConfig>, BoxError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca_der())?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()?;
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
             .with_single_cert(self.cert_chain(), self.key())?;
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(cfg))

@@ -463,6 +463,10 @@ pub struct FileUpstreamTls {
     /// Skip certificate verification (test setups only).
     #[serde(default)]
     pub insecure_skip_verify: bool,
+    /// PEM client certificate chain, for upstreams that ask for one.
+    pub cert: Option<String>,
+    /// PEM private key of `cert`.
+    pub key: Option<String>,
 }
 
 /// A config file that cannot be used, located in the file.
@@ -1093,6 +1097,29 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
                 Some(ca) => load_certs(&format!("{key}.tls.ca"), base, ca)?,
             },
             insecure_skip_verify: t.insecure_skip_verify,
+            client_cert: match (&t.cert, &t.key) {
+                (None, None) => None,
+                (Some(cert), Some(k)) => Some(server_tls(
+                    &format!("{key}.tls"),
+                    &FileServerTls {
+                        cert: cert.clone(),
+                        key: k.clone(),
+                    },
+                    base,
+                )?),
+                (Some(_), None) => {
+                    return Err(KeyError::new(
+                        format!("{key}.tls.key"),
+                        "a client certificate needs its key",
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(KeyError::new(
+                        format!("{key}.tls.cert"),
+                        "a key needs its client certificate",
+                    ));
+                }
+            },
         }),
     };
     let mut cfg = UpstreamConfig::new(u.name.clone(), addresses, protocol);

@@ -368,6 +368,7 @@ async fn trace(args: TraceArgs) -> Result<Trace, UsageError> {
         server_name: None,
         ca,
         insecure_skip_verify: args.insecure,
+        client_cert: None,
     });
     let connector = Connector::new(protocol, tls_settings.as_ref(), resolver.clone())
         .map_err(|e| UsageError::Setup(e.to_string()))?;

@@ -307,7 +307,8 @@ impl Protocols {
     };
 }
 
-/// A certificate chain and private key for TLS termination.
+/// A certificate chain and its private key: what tether presents when it terminates TLS, or
+/// to an upstream that asks for a client certificate.
 #[derive(Debug)]
 pub struct ServerTls {
     /// Leaf first.
@@ -506,6 +507,9 @@ pub struct UpstreamTls {
     pub ca: Vec<CertificateDer<'static>>,
     /// Skip certificate verification. Off by default; for test setups only.
     pub insecure_skip_verify: bool,
+    /// The client certificate presented to an upstream that asks for one (mutual TLS). None by
+    /// default.
+    pub client_cert: Option<ServerTls>,
 }
 
 /// A named group of upstream endpoints.

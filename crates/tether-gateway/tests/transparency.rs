@@ -751,3 +751,48 @@ async fn routes_matching_methods_and_headers_take_their_requests() {
     })
     .await
 }
+
+#[tokio::test]
+async fn an_upstream_that_asks_for_a_client_certificate_gets_the_configured_one() {
+    use test_support::TestPki;
+    use test_support::tls::ALPN_H2;
+    use tether_gateway::config::{ServerTls, UpstreamProtocol, UpstreamTls};
+    bounded(Duration::from_secs(20), async {
+        let pki = TestPki::generate().unwrap();
+        let up = test_support::UpstreamH2::start_tls(
+            script(|_| Behavior::ok("mutual")),
+            pki.server_config_requiring_clients(&[ALPN_H2]).unwrap(),
+        )
+        .await
+        .unwrap();
+        for with_cert in [true, false] {
+            let (pki, addr) = (pki.clone(), up.addr());
+            let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("unused")), |c| {
+                let u = &mut c.upstreams[0];
+                u.addresses = vec![addr.into()];
+                u.protocol = UpstreamProtocol::H2;
+                u.tls = Some(UpstreamTls {
+                    server_name: Some("localhost".into()),
+                    ca: vec![pki.ca_der()],
+                    insecure_skip_verify: false,
+                    client_cert: with_cert.then(|| ServerTls {
+                        cert_chain: pki.client_chain(),
+                        key: pki.client_key(),
+                    }),
+                });
+                c.listeners[0].routes[0].max_retries = 0;
+            })
+            .await;
+            let mut c = env.http().await;
+            let req = c.request(Method::GET, "/m").body(empty()).unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            if with_cert {
+                assert_eq!((p.status.as_u16(), &body[..]), (200, &b"mutual"[..]));
+            } else {
+                assert_eq!(p.status, 502);
+            }
+            env.stop().await;
+        }
+    })
+    .await
+}

@@ -178,6 +178,7 @@ async fn tls_gateway(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'st
             server_name: Some("localhost".into()),
             ca: vec![ca],
             insecure_skip_verify: false,
+            client_cert: None,
         });
     })
     .await

@@ -371,6 +371,7 @@ async fn a_rested_tls_connection_serves_the_next_request() {
             server_name: Some("localhost".into()),
             ca: vec![pki.ca_der()],
             insecure_skip_verify: false,
+            client_cert: None,
         });
     })
     .await;

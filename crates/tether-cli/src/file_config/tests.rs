@@ -692,3 +692,39 @@ fn route_conditions_convert_and_bad_ones_name_their_key() {
         assert!(e.message.contains(why), "{extra}: {e:?}");
     }
 }
+
+#[test]
+fn an_upstream_client_certificate_needs_both_files_and_they_must_load() {
+    let with = |tls: &str| {
+        GOOD.replace(
+            "protocol = \"h2c\"\n",
+            &format!("protocol = \"h2\"\ntls = {{ {tls} }}\n"),
+        )
+    };
+    let cfg = parse(&with("server_name = \"app.internal\""), Path::new(".")).unwrap();
+    assert!(
+        cfg.config.upstreams[0]
+            .tls
+            .as_ref()
+            .unwrap()
+            .client_cert
+            .is_none()
+    );
+    for (tls, key, why) in [
+        ("cert = \"c.pem\"", "tls.key", "needs its key"),
+        (
+            "key = \"k.pem\"",
+            "tls.cert",
+            "needs its client certificate",
+        ),
+        (
+            "cert = \"/nonexistent/c.pem\", key = \"/nonexistent/k.pem\"",
+            "tls.cert",
+            "cannot load certificates",
+        ),
+    ] {
+        let e = err(&with(tls));
+        assert_eq!(e.key, format!("upstreams[0].{key}"), "{tls}: {e:?}");
+        assert!(e.message.contains(why), "{tls}: {e:?}");
+    }
+}

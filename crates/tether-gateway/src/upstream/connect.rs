@@ -160,6 +160,9 @@ pub enum TlsSetupError {
     /// rustls refused the configuration.
     #[error("tls configuration: {0}")]
     Rustls(rustls::Error),
+    /// The client certificate or its key cannot be used.
+    #[error("unusable client certificate: {0}")]
+    ClientCert(rustls::Error),
 }
 
 impl Connector {
@@ -179,11 +182,10 @@ impl Connector {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(TlsSetupError::Rustls)?;
-        let mut config = if tls.insecure_skip_verify {
+        let builder = if tls.insecure_skip_verify {
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
-                .with_no_client_auth()
         } else {
             let mut roots = rustls::RootCertStore::empty();
             if tls.ca.is_empty() {
@@ -193,7 +195,13 @@ impl Connector {
                     roots.add(ca.clone()).map_err(TlsSetupError::Ca)?;
                 }
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
+        };
+        let mut config = match &tls.client_cert {
+            Some(c) => builder
+                .with_client_auth_cert(c.cert_chain.clone(), c.key.clone_key())
+                .map_err(TlsSetupError::ClientCert)?,
+            None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = match protocol {
             UpstreamProtocol::H2 => vec![b"h2".to_vec()],

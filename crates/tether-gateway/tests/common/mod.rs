@@ -154,6 +154,7 @@ impl Env {
                 server_name: Some("localhost".into()),
                 ca: vec![pki.ca_der()],
                 insecure_skip_verify: false,
+                client_cert: None,
             });
         }
         let mut listener = ListenerConfig::new(
