@@ -199,21 +199,19 @@ pub fn client_key(
 }
 
 /// The rightmost `X-Forwarded-For` address that `is_trusted` does not vouch for; `None` when an
-/// entry on the way is not an address, or every entry is trusted.
+/// entry on the way is not an address (or not text), or every entry is trusted.
 fn forwarded_client(headers: &HeaderMap, is_trusted: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
-    let values: Vec<_> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
-        let entry = entry.trim();
-        let ip = entry
-            .parse::<IpAddr>()
-            .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()))
-            .ok()?;
-        if !is_trusted(ip) {
-            return Some(ip);
+    let values: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+    for value in values.into_iter().rev() {
+        for entry in value.to_str().ok()?.rsplit(',') {
+            let entry = entry.trim();
+            let ip = entry
+                .parse::<IpAddr>()
+                .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()))
+                .ok()?;
+            if !is_trusted(ip) {
+                return Some(ip);
+            }
         }
     }
     None
@@ -406,6 +404,11 @@ mod tests {
                 "{bad}"
             );
         }
+        h.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_bytes(b"192.0.2.1, \xff").unwrap(),
+        );
+        assert_eq!(key("10.0.0.1", true, &h), key("10.0.0.1", false, &none));
     }
 
     #[tokio::test(start_paused = true)]
