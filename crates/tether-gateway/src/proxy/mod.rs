@@ -637,6 +637,11 @@ where
 }
 
 fn classify_send_error(e: hyper::Error, unsent: bool) -> ProxyError {
+    // A TLS 1.3 server checks a client certificate after the handshake has completed on tether's
+    // side, so refusing it (or any late TLS failure) shows up here: it is still TLS.
+    if crate::upstream::connect::tls_failure(&e) {
+        return ProxyError::upstream(Stage::Tls, ErrorKind::TlsFailed).with_source(e);
+    }
     let kind = if e.is_parse() || e.is_parse_status() {
         ErrorKind::Protocol
     } else if e.is_timeout() {

@@ -148,6 +148,24 @@ impl std::fmt::Debug for Connector {
     }
 }
 
+/// Whether `e` comes from TLS (an alert from the upstream, or a TLS protocol error), which an
+/// I/O error carries inside itself.
+#[cold]
+pub fn tls_failure(e: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = src {
+        let inner = s
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|i| i as &(dyn std::error::Error + 'static));
+        if s.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        src = s.source();
+    }
+    false
+}
+
 /// A TLS setting that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {

@@ -448,7 +448,13 @@ impl Upstream {
         let open = OpenConn::new(self.counts.clone());
         tokio::spawn(async move {
             let _open = open;
-            let _ = conn.await;
+            // A TLS failure after the handshake (a client certificate the upstream refused)
+            // ends the connection, not one request: its requests fail as sent or unanswered.
+            if let Err(e) = conn.await
+                && connect::tls_failure(&e)
+            {
+                tracing::warn!(%peer, error = %e, "upstream HTTP/2 connection failed in TLS");
+            }
         });
         Ok(H2Conn {
             sender,
