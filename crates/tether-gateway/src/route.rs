@@ -314,15 +314,11 @@ impl Condition {
         let headers = headers
             .iter()
             .map(|(n, v)| {
-                let name = http::HeaderName::from_bytes(n.as_bytes())
-                    .map_err(|_| format!("{n:?} is not a valid header name"))?;
                 let value = match v.as_str() {
                     "*" => None,
-                    v => Some(HeaderValue::from_str(v).map_err(|_| {
-                        format!("the value for {n:?} has a character no header can carry")
-                    })?),
+                    v => Some(crate::proxy::headers::header_value(n, v)?),
                 };
-                Ok::<_, String>((name, value))
+                Ok::<_, String>((crate::proxy::headers::header_name(n)?, value))
             })
             .collect::<Result<_, _>>()?;
         Ok(Some(Condition { methods, headers }))

@@ -312,6 +312,18 @@ fn is_framing(name: &HeaderName) -> bool {
         || (*name != header::PROXY_AUTHORIZATION && HOP_BY_HOP.contains(name))
 }
 
+/// A configured header name, or why it is not one.
+pub fn header_name(n: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(n.as_bytes()).map_err(|_| format!("{n:?} is not a valid header name"))
+}
+
+/// A configured value of header `n`, or why no header can carry it.
+pub fn header_value(n: &str, v: &str) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(v).map_err(|_| {
+        format!("the value for {n:?} has a character no header can carry (a control character or line break)")
+    })
+}
+
 /// A route's header changes ([`HeaderRules`]), checked and parsed once.
 #[derive(Debug, Clone, Default)]
 pub struct Rewrite {
@@ -364,8 +376,7 @@ impl Rewrite {
 
     fn parse(rules: &HeaderRules) -> Result<Rewrite, String> {
         let name = |n: &str| {
-            let name = HeaderName::from_bytes(n.as_bytes())
-                .map_err(|_| format!("{n:?} is not a valid header name"))?;
+            let name = header_name(n)?;
             if is_framing(&name) {
                 return Err(format!(
                     "{n:?} frames the message or describes the connection; tether sets it itself"
@@ -373,12 +384,7 @@ impl Rewrite {
             }
             Ok(name)
         };
-        let pair = |(n, v): &(String, String)| {
-            let value = HeaderValue::from_str(v).map_err(|_| {
-                format!("the value for {n:?} has a character no header can carry (a control character or line break)")
-            })?;
-            Ok::<_, String>((name(n)?, value))
-        };
+        let pair = |(n, v): &(String, String)| Ok::<_, String>((name(n)?, header_value(n, v)?));
         Ok(Rewrite {
             remove: rules
                 .remove
