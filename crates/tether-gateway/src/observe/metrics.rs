@@ -42,6 +42,15 @@ struct EndpointLabels {
     endpoint: String,
 }
 
+impl EndpointLabels {
+    fn new(upstream: &str, endpoint: &str) -> EndpointLabels {
+        EndpointLabels {
+            upstream: upstream.to_owned(),
+            endpoint: endpoint.to_owned(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
     route: String,
@@ -342,10 +351,7 @@ impl Metrics {
     /// Whether an actively checked endpoint is in rotation.
     pub fn endpoint_health(&self, upstream: &str, endpoint: &str, healthy: bool) {
         self.endpoint_healthy
-            .get_or_create(&EndpointLabels {
-                upstream: upstream.to_owned(),
-                endpoint: endpoint.to_owned(),
-            })
+            .get_or_create(&EndpointLabels::new(upstream, endpoint))
             .set(i64::from(healthy));
     }
 
@@ -374,10 +380,7 @@ impl Metrics {
     /// The requests in flight to `upstream`'s `endpoint`, shared by every worker and every
     /// configuration that has the endpoint.
     pub fn endpoint_load(&self, upstream: &str, endpoint: &str) -> Load {
-        let labels = EndpointLabels {
-            upstream: upstream.to_owned(),
-            endpoint: endpoint.to_owned(),
-        };
+        let labels = EndpointLabels::new(upstream, endpoint);
         let gauge = self.endpoint_in_flight.get_or_create_owned(&labels);
         let mut series = self
             .in_flight_series
@@ -437,10 +440,7 @@ impl Metrics {
     /// An upstream endpoint is skipped for its upstream's `fail_timeout`.
     pub fn endpoint_skipped(&self, upstream: &str, endpoint: &str) {
         self.endpoint_skips
-            .get_or_create(&EndpointLabels {
-                upstream: upstream.to_owned(),
-                endpoint: endpoint.to_owned(),
-            })
+            .get_or_create(&EndpointLabels::new(upstream, endpoint))
             .inc();
     }
 
