@@ -219,7 +219,7 @@ fn gateway_config(
         vec![RouteConfig::new("/", "origin")],
     );
     listener.protocols = protocols;
-    listener.tls = tls;
+    listener.tls = tls.map(Into::into);
     let mut config = Config::new(vec![listener], vec![upstream]);
     config.workers = NonZeroUsize::new(workers);
     config

@@ -88,18 +88,32 @@ impl H1Client {
         Self::connect_inner(addr, Some(tls)).await
     }
 
+    /// Connects over TLS, asking for and verifying `server_name`.
+    pub async fn connect_tls_as(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<H1Client, BoxError> {
+        let (io, handle, _) = net::connect_as(addr, Some(tls), server_name).await?;
+        Ok(Self::over(io, handle))
+    }
+
     async fn connect_inner(
         addr: SocketAddr,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<H1Client, BoxError> {
         let (io, handle, _) = net::connect(addr, tls).await?;
+        Ok(Self::over(io, handle))
+    }
+
+    fn over(io: net::BoxIo, handle: net::SocketHandle) -> H1Client {
         let (rd, wr) = tokio::io::split(io);
-        Ok(H1Client {
+        H1Client {
             rd,
             wr,
             buf: BytesMut::new(),
             handle,
-        })
+        }
     }
 
     /// Writes raw bytes.
@@ -264,12 +278,29 @@ impl H2Client {
         Self::connect_inner(addr, Some(tls)).await
     }
 
+    /// Connects over TLS, asking for and verifying `server_name`; ALPN must pick `h2`.
+    pub async fn connect_tls_as(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        server_name: &str,
+    ) -> Result<H2Client, BoxError> {
+        Self::connect_inner_as(addr, Some(tls), server_name).await
+    }
+
     async fn connect_inner(
         addr: SocketAddr,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<H2Client, BoxError> {
+        Self::connect_inner_as(addr, tls, "localhost").await
+    }
+
+    async fn connect_inner_as(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        server_name: &str,
+    ) -> Result<H2Client, BoxError> {
         let is_tls = tls.is_some();
-        let (io, handle, alpn) = net::connect(addr, tls).await?;
+        let (io, handle, alpn) = net::connect_as(addr, tls, server_name).await?;
         if is_tls && alpn.as_deref() != Some(crate::tls::ALPN_H2) {
             return Err("server did not choose ALPN h2".into());
         }

@@ -63,13 +63,22 @@ pub async fn connect(
     addr: SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<(BoxIo, SocketHandle, Option<Vec<u8>>), BoxError> {
+    connect_as(addr, tls, "localhost").await
+}
+
+/// [`connect`], with TLS asking for and verifying `server_name` (an IP address sends no SNI).
+pub async fn connect_as(
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    server_name: &str,
+) -> Result<(BoxIo, SocketHandle, Option<Vec<u8>>), BoxError> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let handle = SocketHandle::of(&tcp)?;
     match tls {
         None => Ok((Box::new(tcp), handle, None)),
         Some(cfg) => {
-            let name = ServerName::try_from("localhost")?;
+            let name = ServerName::try_from(server_name)?.to_owned();
             let s = tokio_rustls::TlsConnector::from(cfg)
                 .connect(name, tcp)
                 .await?;

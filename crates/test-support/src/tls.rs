@@ -21,6 +21,8 @@ pub const ALPN_HTTP1: &[u8] = b"http/1.1";
 pub struct TestPki {
     ca: CertificateDer<'static>,
     ca_pem: String,
+    ca_key: PrivatePkcs8KeyDer<'static>,
+    ca_params: CertificateParams,
     leaf: CertificateDer<'static>,
     key: PrivatePkcs8KeyDer<'static>,
     client_leaf: CertificateDer<'static>,
@@ -32,6 +34,8 @@ impl Clone for TestPki {
         TestPki {
             ca: self.ca.clone(),
             ca_pem: self.ca_pem.clone(),
+            ca_key: self.ca_key.clone_key(),
+            ca_params: self.ca_params.clone(),
             leaf: self.leaf.clone(),
             key: self.key.clone_key(),
             client_leaf: self.client_leaf.clone(),
@@ -59,7 +63,8 @@ impl TestPki {
             KeyUsagePurpose::CrlSign,
         ];
         let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, ca_key);
+        let ca_key_der = PrivatePkcs8KeyDer::from(ca_key.serialize_der());
+        let issuer = Issuer::new(ca_params.clone(), ca_key);
 
         let leaf_key = KeyPair::generate()?;
         let mut leaf_params = CertificateParams::new(vec![
@@ -90,11 +95,19 @@ impl TestPki {
         Ok(TestPki {
             ca: ca_cert.der().clone(),
             ca_pem: ca_cert.pem(),
+            ca_key: ca_key_der,
+            ca_params,
             leaf: leaf.der().clone(),
             key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
             client_leaf: client.der().clone(),
             client_key: PrivatePkcs8KeyDer::from(client_key.serialize_der()),
         })
+    }
+
+    /// The CA as the issuer of new certificates.
+    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, BoxError> {
+        let key = KeyPair::try_from(&PrivateKeyDer::Pkcs8(self.ca_key.clone_key()))?;
+        Ok(Issuer::new(self.ca_params.clone(), key))
     }
 
     /// The CA certificate (a trust anchor for clients).
@@ -160,14 +173,55 @@ impl TestPki {
 
     /// A client config trusting only the test CA, offering `alpn`.
     pub fn client_config(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, BoxError> {
+        self.client_config_presenting(alpn, None)
+    }
+
+    /// [`TestPki::client_config`], presenting `cert` (a chain and its key) when the server
+    /// asks for a client certificate.
+    pub fn client_config_presenting(
+        &self,
+        alpn: &[&[u8]],
+        cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    ) -> Result<Arc<ClientConfig>, BoxError> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca_der())?;
-        let mut cfg = ClientConfig::builder_with_provider(provider())
+        let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut cfg = match cert {
+            Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+            None => builder.with_no_client_auth(),
+        };
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(cfg))
+    }
+
+    /// A new server leaf for `names` (DNS names or IP addresses), with `common_name`, signed by
+    /// the CA: its chain and key.
+    pub fn issue(
+        &self,
+        names: &[&str],
+        common_name: &str,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), BoxError> {
+        let key = KeyPair::generate()?;
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.use_authority_key_identifier_extension = true;
+        params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+        let cert = params.signed_by(&key, &self.issuer()?)?;
+        Ok((
+            vec![cert.der().clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        ))
     }
 }
 

@@ -8,19 +8,21 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Balance, Config, DeadPeerConfig, HalfClose, HashKey, HeaderRules, HealthCheck,
-    IpNet, ListenerConfig, ListenerLimits, MAX_WEIGHT, Protocols, RateLimit, Redirect, RouteConfig,
-    RouteTimeouts, ServerTls, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig,
-    UpstreamProtocol, UpstreamTls,
+    AdminConfig, Balance, ClientAuth, Config, DeadPeerConfig, HalfClose, HashKey, HeaderRules,
+    HealthCheck, IpNet, ListenerConfig, ListenerLimits, ListenerTls, MAX_WEIGHT, Protocols,
+    RateLimit, Redirect, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive, TraceContext,
+    UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
+use tether_gateway::downstream::tls;
 
 /// Default grace period for draining in-flight requests on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -73,7 +75,7 @@ pub struct FileListener {
     /// `http1`, `h2c` (cleartext) or `h2` (TLS).
     pub protocols: Option<Vec<String>>,
     /// TLS termination.
-    pub tls: Option<FileServerTls>,
+    pub tls: Option<FileListenerTls>,
     /// Peers whose request id, forwarding and budget headers are believed.
     #[serde(default)]
     pub trusted_peers: Vec<String>,
@@ -137,7 +139,7 @@ pub struct FileLimits {
     pub h2_reset_per_second: Option<u32>,
 }
 
-/// `tls = { cert, key }` on a listener.
+/// A certificate and its key: `{ cert, key }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileServerTls {
@@ -145,6 +147,22 @@ pub struct FileServerTls {
     pub cert: String,
     /// PEM private key.
     pub key: String,
+}
+
+/// `tls = { cert, key, certificates, client_ca, client_auth }` on a listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListenerTls {
+    /// PEM certificate chain, leaf first: the default certificate.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// More certificates, chosen by the server name a client asks for.
+    pub certificates: Option<Vec<FileServerTls>>,
+    /// PEM trust anchors client certificates are verified against.
+    pub client_ca: Option<String>,
+    /// `"required"` (default) or `"optional"`.
+    pub client_auth: Option<String>,
 }
 
 /// `[[listeners.routes]]`.
@@ -634,7 +652,7 @@ fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, 
     let address = socket_addr(&format!("{key}.address"), &l.address)?;
     let tls = match &l.tls {
         None => None,
-        Some(t) => Some(server_tls(&format!("{key}.tls"), t, base)?),
+        Some(t) => Some(listener_tls(&format!("{key}.tls"), t, base)?),
     };
     let protocols = match &l.protocols {
         None => Protocols::BOTH,
@@ -860,6 +878,59 @@ fn server_tls(key: &str, t: &FileServerTls, base: &Path) -> Result<ServerTls, Ke
     Ok(ServerTls {
         cert_chain,
         key: private,
+    })
+}
+
+fn listener_tls(key: &str, t: &FileListenerTls, base: &Path) -> Result<ListenerTls, KeyError> {
+    let default = FileServerTls {
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Checked here as the listener will serve them, so that an error names the file's key.
+    let checked = |k: &str, c: &FileServerTls, default: bool| {
+        let cert = server_tls(k, c, base)?;
+        tls::check_certificate(&cert, default, &provider)
+            .map_err(|e| KeyError::new(format!("{k}.cert"), e.to_string()))?;
+        Ok::<_, KeyError>(cert)
+    };
+    let mut certificates = vec![checked(key, &default, true)?];
+    for (i, c) in t.certificates.iter().flatten().enumerate() {
+        certificates.push(checked(&format!("{key}.certificates[{i}]"), c, false)?);
+    }
+    let required = match t.client_auth.as_deref() {
+        None | Some("required") => true,
+        Some("optional") => false,
+        Some(other) => {
+            return Err(KeyError::new(
+                format!("{key}.client_auth"),
+                format!("unknown client_auth {other:?}; expected \"required\" or \"optional\""),
+            ));
+        }
+    };
+    let client_auth = match &t.client_ca {
+        Some(ca) => {
+            let ca_key = format!("{key}.client_ca");
+            let auth = ClientAuth {
+                ca: load_certs(&ca_key, base, ca)?,
+                required,
+            };
+            tls::client_verifier(&auth, provider.clone()).map_err(|e| {
+                KeyError::new(ca_key, format!("cannot verify clients with it: {e}"))
+            })?;
+            Some(auth)
+        }
+        None if t.client_auth.is_some() => {
+            return Err(KeyError::new(
+                format!("{key}.client_auth"),
+                "client certificates need client_ca, the trust anchors they are verified against",
+            ));
+        }
+        None => None,
+    };
+    Ok(ListenerTls {
+        certificates,
+        client_auth,
     })
 }
 

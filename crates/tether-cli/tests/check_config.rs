@@ -223,3 +223,53 @@ fn passive_health_settings() {
     );
     assert!(msg.contains("max_fails = 0"), "{msg}");
 }
+
+#[test]
+fn tls_listener_with_more_certificates_and_client_certificates() {
+    let dir = TempDir::new();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(data.join(f), dir.0.join(f)).unwrap();
+    }
+    let with = |tls: &str| {
+        GOOD.replace(
+            "protocols = [\"http1\", \"h2c\"]",
+            &format!("tls = {{ cert = \"cert.pem\", key = \"key.pem\", {tls} }}"),
+        )
+    };
+    let good = with(
+        "certificates = [{ cert = \"cert.pem\", key = \"key.pem\" }], client_ca = \"cert.pem\", client_auth = \"optional\"",
+    );
+    let out = check(&dir.write("good.toml", &good));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (tls, key, why) in [
+        (
+            "client_ca = \"cert.pem\", client_auth = \"sometimes\"",
+            "listeners[0].tls.client_auth",
+            "\"required\" or \"optional\"",
+        ),
+        (
+            "client_auth = \"required\"",
+            "listeners[0].tls.client_auth",
+            "need client_ca",
+        ),
+        (
+            "client_ca = \"missing.pem\"",
+            "listeners[0].tls.client_ca",
+            "missing.pem",
+        ),
+        (
+            "certificates = [{ cert = \"cert.pem\", key = \"missing.pem\" }]",
+            "listeners[0].tls.certificates[0].key",
+            "missing.pem",
+        ),
+    ] {
+        let msg = assert_rejected(&dir.write("bad.toml", &with(tls)), 3, key);
+        assert!(msg.contains(why), "{tls}: {msg}");
+    }
+}

@@ -55,7 +55,7 @@ pub struct ListenerConfig {
     /// Which HTTP versions are served.
     pub protocols: Protocols,
     /// TLS termination; cleartext when `None`.
-    pub tls: Option<ServerTls>,
+    pub tls: Option<ListenerTls>,
     /// Routes, first match wins.
     pub routes: Vec<RouteConfig>,
     /// Peers (proxies, load balancers) whose `X-Request-Id`, `X-Forwarded-For`, `Forwarded` and
@@ -324,6 +324,39 @@ impl Clone for ServerTls {
             key: self.key.clone_key(),
         }
     }
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    /// The certificates served. Each is chosen for the server names (SNI) its leaf's subject
+    /// alternative names cover, exact names before wildcards and earlier certificates before
+    /// later ones; the first is also served to clients whose name none covers, or who send none.
+    /// At least one.
+    pub certificates: Vec<ServerTls>,
+    /// Client certificates asked for and verified; `None` asks for none.
+    pub client_auth: Option<ClientAuth>,
+}
+
+impl From<ServerTls> for ListenerTls {
+    /// One certificate for every client, no client certificates.
+    fn from(cert: ServerTls) -> ListenerTls {
+        ListenerTls {
+            certificates: vec![cert],
+            client_auth: None,
+        }
+    }
+}
+
+/// Client certificates on a TLS listener (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct ClientAuth {
+    /// Trust anchors a client's chain must lead to.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// Whether a client without a certificate is refused in the handshake. When not, it is
+    /// served and its requests carry no client certificate; a certificate that fails
+    /// verification is refused either way.
+    pub required: bool,
 }
 
 /// What to do when an HTTP/1 client half-closes (FIN) with its request in flight.
@@ -862,6 +895,22 @@ impl Config {
                 ));
             }
             validate_listener_limits(&key, l)?;
+            if let Some(tls) = &l.tls {
+                if tls.certificates.iter().any(|c| c.cert_chain.is_empty())
+                    || tls.certificates.is_empty()
+                {
+                    return Err(ConfigError::new(
+                        format!("{key}.tls"),
+                        "at least one certificate, each with its chain, is required",
+                    ));
+                }
+                if tls.client_auth.as_ref().is_some_and(|c| c.ca.is_empty()) {
+                    return Err(ConfigError::new(
+                        format!("{key}.tls.client_ca"),
+                        "at least one trust anchor is required to verify clients",
+                    ));
+                }
+            }
             if l.routes.is_empty() {
                 return Err(ConfigError::new(
                     format!("{key}.routes"),

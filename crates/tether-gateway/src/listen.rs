@@ -28,7 +28,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Balance, Config, ConfigError, ListenerConfig, Protocols};
+use crate::config::{Balance, Config, ConfigError, Protocols};
 use crate::downstream;
 use crate::downstream::parking::{Parking, Poller};
 use crate::lock;
@@ -61,13 +61,13 @@ pub enum StartError {
         /// Cause.
         source: io::Error,
     },
-    /// A listener's certificate or key was rejected.
+    /// A listener's certificates, keys or client trust anchors were rejected.
     #[error("listeners[{index}].tls: {source}")]
     ListenerTls {
         /// Listener index.
         index: usize,
         /// Cause.
-        source: rustls::Error,
+        source: crate::downstream::tls::TlsSetupError,
     },
     /// An upstream's TLS settings were rejected.
     #[error("upstreams[{index}].tls: {source}")]
@@ -361,7 +361,8 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
             router: Router::new(&l.routes, |name| {
                 config.upstreams.iter().position(|u| u.name == name)
             }),
-            tls: tls_acceptor(l).map_err(|source| StartError::ListenerTls { index, source })?,
+            tls: crate::downstream::tls::acceptor(l)
+                .map_err(|source| StartError::ListenerTls { index, source })?,
             protocols: l.protocols,
             trusted_peers: l.trusted_peers.clone(),
             proxy_protocol: l.proxy_protocol,
@@ -525,23 +526,6 @@ fn listening(sock: Socket, backlog: i32) -> io::Result<std::net::TcpListener> {
     sock.listen(backlog)?;
     sock.set_nonblocking(true)?;
     Ok(sock.into())
-}
-
-fn tls_acceptor(l: &ListenerConfig) -> Result<Option<TlsAcceptor>, rustls::Error> {
-    let Some(tls) = &l.tls else {
-        return Ok(None);
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(tls.cert_chain.clone(), tls.key.clone_key())?;
-    sc.alpn_protocols = match (l.protocols.h2, l.protocols.http1) {
-        (true, true) => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-        (true, false) => vec![b"h2".to_vec()],
-        _ => vec![b"http/1.1".to_vec()],
-    };
-    Ok(Some(TlsAcceptor::from(Arc::new(sc))))
 }
 
 /// What every worker thread gets from the gateway.

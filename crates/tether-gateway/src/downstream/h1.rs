@@ -58,7 +58,7 @@ struct Downstream<'a> {
     listener: &'a Arc<ListenerShared>,
     /// Each request's configuration: a reload applies to the next request on the connection.
     source: &'a ConfigSource,
-    peer: Peer,
+    peer: &'a Peer,
     stop: &'a CancellationToken,
 }
 
@@ -82,7 +82,7 @@ pub async fn serve<I>(
         worker: &worker,
         listener: &listener,
         source: &source,
-        peer,
+        peer: &peer,
         stop: &stop,
     };
     let _ = session(down, io, watcher, Activity::new(), None, None).await;
@@ -115,7 +115,7 @@ pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<In
             worker: &conn.worker,
             listener: &conn.listener,
             source: &conn.source,
-            peer: conn.peer,
+            peer: &conn.peer,
             stop: &conn.stop,
         };
         let watcher = DisconnectWatcher::new(&tcp).ok();
@@ -343,7 +343,7 @@ where
                     head_timer.as_mut().reset(due);
                 } else {
                     match head.partial_head() {
-                        Some(took) => head.record(worker, &peer, took),
+                        Some(took) => head.record(worker, peer, took),
                         None => {
                             tracing::trace!(client = %peer.client, "idle keep-alive connection timed out")
                         }

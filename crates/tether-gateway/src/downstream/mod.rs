@@ -14,6 +14,7 @@ pub mod head_timeout;
 pub mod parking;
 pub mod probe;
 pub mod proxy_protocol;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -38,7 +39,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Where a connection came from.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Peer {
     /// Client address.
     pub client: SocketAddr,
@@ -46,6 +47,9 @@ pub struct Peer {
     pub local: SocketAddr,
     /// TLS or cleartext.
     pub tls: bool,
+    /// The `X-Forwarded-Client-Cert` element for the certificate the client presented, if it
+    /// presented one (verified: the listener asks only when it has trust anchors).
+    pub client_cert: Option<http::HeaderValue>,
 }
 
 /// An HTTP/2 connection's socket as the dead-peer prober needs it: a duplicate descriptor (the
@@ -61,7 +65,9 @@ fn probe_socket(tcp: &TcpStream, listener: &ListenerShared) -> Option<ProbeSocke
 impl Peer {
     /// What the requests on this connection know about it.
     pub fn conn(&self, cancel: Arc<ConnCancel>) -> Arc<Conn> {
-        Arc::new(Conn::new(self.client, self.local, self.tls, cancel))
+        let mut conn = Conn::new(self.client, self.local, self.tls, cancel);
+        conn.client_cert = self.client_cert.clone();
+        Arc::new(conn)
     }
 }
 
@@ -103,6 +109,7 @@ pub async fn serve(
             client,
             local,
             tls: true,
+            client_cert: None,
         };
         return boxed(serve_tls(worker, listener, source, tcp, peer, stop)).await;
     }
@@ -110,6 +117,7 @@ pub async fn serve(
         client,
         local,
         tls: false,
+        client_cert: None,
     };
     let is_h2 = match (listener.protocols.http1, listener.protocols.h2) {
         (true, true) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, sniff_h2(&tcp)).await {
@@ -160,7 +168,7 @@ async fn serve_tls(
     listener: Arc<ListenerShared>,
     source: ConfigSource,
     tcp: TcpStream,
-    peer: Peer,
+    mut peer: Peer,
     stop: CancellationToken,
 ) {
     let Some(acceptor) = &listener.tls else {
@@ -178,6 +186,7 @@ async fn serve_tls(
             return;
         }
     };
+    peer.client_cert = tls::forwarded_client_cert(tls.get_ref().1);
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
         || (listener.protocols.h2 && !listener.protocols.http1);
     if is_h2 {

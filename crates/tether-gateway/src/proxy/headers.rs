@@ -22,11 +22,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Forwarding headers, which only a trusted peer may set.
-const FORWARDING: [HeaderName; 4] = [
+const FORWARDING: [HeaderName; 5] = [
     X_FORWARDED_FOR,
     header::FORWARDED,
     X_FORWARDED_PROTO,
     HeaderName::from_static("x-forwarded-host"),
+    X_FORWARDED_CLIENT_CERT,
 ];
 
 /// What one pass over a message's header names found.
@@ -65,9 +66,11 @@ pub fn scan(headers: &HeaderMap, extra: Option<&HeaderName>) -> Found {
             | "upgrade"
             | "proxy-authorization"
             | "proxy-authenticate" => found.hop_by_hop = true,
-            "x-forwarded-for" | "forwarded" | "x-forwarded-proto" | "x-forwarded-host" => {
-                found.forwarding = true
-            }
+            "x-forwarded-for"
+            | "forwarded"
+            | "x-forwarded-proto"
+            | "x-forwarded-host"
+            | "x-forwarded-client-cert" => found.forwarding = true,
             "x-request-id" => found.request_id = true,
             "content-type" => found.content_type = true,
             "traceparent" => found.traceparent = true,
@@ -303,6 +306,9 @@ pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, ho
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The client certificate a TLS listener verified (Envoy's format); from an untrusted peer,
+/// removed with the other forwarding headers.
+pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// Whether a configured rule may not touch `name`: it frames the message or describes the
 /// connection, and tether (with hyper) sets it itself. (`Proxy-Authorization`, dropped from
@@ -722,6 +728,7 @@ mod tests {
             "forwarded",
             "x-forwarded-proto",
             "x-forwarded-host",
+            "x-forwarded-client-cert",
         ] {
             h.insert(name, HeaderValue::from_static("spoofed"));
         }

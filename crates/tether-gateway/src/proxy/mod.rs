@@ -49,6 +49,9 @@ pub struct Conn {
     pub local: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
+    /// The `X-Forwarded-Client-Cert` element for the client's verified certificate, if it
+    /// presented one.
+    pub client_cert: Option<HeaderValue>,
     /// Its cancellation state.
     pub cancel: Arc<ConnCancel>,
     /// Its forwarding header text, made for its first request.
@@ -68,6 +71,7 @@ impl Conn {
             client,
             local,
             tls,
+            client_cert: None,
             cancel,
             forwarding: OnceLock::new(),
             upgrade: std::sync::Mutex::new(Vec::new()),
@@ -728,6 +732,11 @@ fn build_upstream_request(
         conn.forwarding(),
         (!host.is_empty()).then_some(host),
     );
+    if let Some(cert) = &conn.client_cert {
+        parts
+            .headers
+            .append(headers::X_FORWARDED_CLIENT_CERT, cert.clone());
+    }
     // Also the response's: the second use is a reference count, not a copy.
     let id_value = id_header(&t.rec.request_id);
     if let Some(v) = &id_value {

@@ -162,10 +162,13 @@ impl Env {
             vec![RouteConfig::new("/", "up")],
         );
         if down == Down::H2Tls {
-            listener.tls = Some(ServerTls {
-                cert_chain: pki.cert_chain(),
-                key: pki.key(),
-            });
+            listener.tls = Some(
+                ServerTls {
+                    cert_chain: pki.cert_chain(),
+                    key: pki.key(),
+                }
+                .into(),
+            );
         }
         let mut config = Config::new(vec![listener], vec![upstream]);
         config.workers = NonZeroUsize::new(1);
