@@ -209,6 +209,10 @@ pub struct FileRoute {
     pub max_in_flight: Option<usize>,
     /// Requests per client over time; beyond it 429 with `Retry-After`.
     pub rate_limit: Option<FileRateLimit>,
+    /// Addresses or networks of the clients served; others get 403.
+    pub allow_clients: Option<Vec<String>>,
+    /// Addresses or networks of clients answered 403.
+    pub deny_clients: Option<Vec<String>>,
     /// Replaces the matched path prefix upstream.
     pub rewrite_prefix: Option<String>,
     /// Changes to upstream requests' headers.
@@ -700,15 +704,7 @@ fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, 
         .enumerate()
         .map(|(j, r)| route(&format!("{key}.routes[{j}]"), r))
         .collect::<Result<Vec<_>, _>>()?;
-    let trusted_peers = l
-        .trusted_peers
-        .iter()
-        .enumerate()
-        .map(|(j, p)| {
-            p.parse::<IpNet>()
-                .map_err(|e| KeyError::new(format!("{key}.trusted_peers[{j}]"), e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let trusted_peers = networks(&format!("{key}.trusted_peers"), &l.trusted_peers)?;
     let mut cfg = ListenerConfig::new(address, routes);
     cfg.protocols = protocols;
     cfg.tls = tls;
@@ -1078,7 +1074,30 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             burst: rl.burst.unwrap_or(0),
         });
     }
+    if let Some(list) = &r.allow_clients {
+        if list.is_empty() {
+            return Err(KeyError::new(
+                format!("{key}.allow_clients"),
+                "an empty list would refuse every client; omit it to serve all",
+            ));
+        }
+        cfg.allow_clients = networks(&format!("{key}.allow_clients"), list)?;
+    }
+    if let Some(list) = &r.deny_clients {
+        cfg.deny_clients = networks(&format!("{key}.deny_clients"), list)?;
+    }
     Ok(cfg)
+}
+
+/// Parses a list of addresses or networks (`"10.0.0.0/8"`, `"::1"`).
+fn networks(key: &str, list: &[String]) -> Result<Vec<IpNet>, KeyError> {
+    list.iter()
+        .enumerate()
+        .map(|(j, p)| {
+            p.parse::<IpNet>()
+                .map_err(|e| KeyError::new(format!("{key}[{j}]"), e))
+        })
+        .collect()
 }
 
 /// Parses a `hash_key`: `client_ip` (the default), `path`, `header:NAME` or `cookie:NAME`.

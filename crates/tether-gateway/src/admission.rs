@@ -13,7 +13,7 @@ use http::HeaderMap;
 
 use tokio::time::Instant;
 
-use crate::config::{RATE_LIMIT_CLIENTS, RateLimit, ResetBudget};
+use crate::config::{IpNet, RATE_LIMIT_CLIENTS, RateLimit, ResetBudget, RouteConfig};
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::listen::ListenerShared;
 use crate::proxy::tracker::Tracker;
@@ -186,15 +186,51 @@ pub fn client_key(
     headers: &HeaderMap,
     is_trusted: impl Fn(IpAddr) -> bool,
 ) -> u128 {
+    match client_ip(peer, trusted, headers, is_trusted) {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        // Tagged in the dropped half, so no IPv6 block can stand for an IPv4 address.
+        IpAddr::V6(v6) => (u128::from(v6) & !((1u128 << 64) - 1)) | (1 << 63),
+    }
+}
+
+/// The client a request is from: `peer`'s address or, when `peer` is a trusted proxy, the
+/// nearest address in `X-Forwarded-For` that is not one. IPv4-mapped addresses as IPv4.
+pub fn client_ip(
+    peer: IpAddr,
+    trusted: bool,
+    headers: &HeaderMap,
+    is_trusted: impl Fn(IpAddr) -> bool,
+) -> IpAddr {
     let client = if trusted {
         forwarded_client(headers, is_trusted).unwrap_or(peer)
     } else {
         peer
     };
-    match client.to_canonical() {
-        IpAddr::V4(v4) => u128::from(u32::from(v4)),
-        // Tagged in the dropped half, so no IPv6 block can stand for an IPv4 address.
-        IpAddr::V6(v6) => (u128::from(v6) & !((1u128 << 64) - 1)) | (1 << 63),
+    client.to_canonical()
+}
+
+/// The clients a route serves: `allow_clients` (when any) less `deny_clients`.
+#[derive(Debug, Clone)]
+pub struct ClientAccess {
+    allow: Vec<IpNet>,
+    deny: Vec<IpNet>,
+}
+
+impl ClientAccess {
+    /// The route's access rules; `None` when it serves every client.
+    pub fn of(r: &RouteConfig) -> Option<Box<ClientAccess>> {
+        (!r.allow_clients.is_empty() || !r.deny_clients.is_empty()).then(|| {
+            Box::new(ClientAccess {
+                allow: r.allow_clients.clone(),
+                deny: r.deny_clients.clone(),
+            })
+        })
+    }
+
+    /// Whether the route serves `client`.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        !self.deny.iter().any(|n| n.contains(client))
+            && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(client)))
     }
 }
 
@@ -236,11 +272,12 @@ impl From<ProxyError> for Refusal {
     }
 }
 
-/// Checks a routed request against the listener's body limit, the route's rate limit for its
-/// client (`peer`, `trusted` as [`client_key`] takes them) and the route's in-flight limit. On
-/// success the in-flight permit is stored in the tracker (released when the request ends);
-/// otherwise why not: 413 for a declared body over the limit, 429 for a client over its rate,
-/// 503 (with `Retry-After`) when the route is full.
+/// Checks a routed request against the route's client rules, the listener's body limit, the
+/// route's rate limit for its client (`peer`, `trusted` as [`client_key`] takes them) and the
+/// route's in-flight limit. On success the in-flight permit is stored in the tracker (released
+/// when the request ends); otherwise why not: 403 for a client the route does not serve, 413
+/// for a declared body over the limit, 429 for a client over its rate, 503 (with `Retry-After`)
+/// when the route is full.
 pub fn admit(
     route: &Route,
     listener: &ListenerShared,
@@ -249,6 +286,15 @@ pub fn admit(
     trusted: bool,
     t: &mut Tracker,
 ) -> Option<Refusal> {
+    if let Some(access) = &route.access
+        && !access.admits(client_ip(peer, trusted, req.headers(), |ip| {
+            listener.trusts(ip)
+        }))
+    {
+        t.stage = Stage::Admission;
+        t.metrics().client_denied(&route.name);
+        return Some(ProxyError::downstream(Stage::Admission, ErrorKind::Forbidden).into());
+    }
     if let Some(max) = listener.limits.max_body_bytes
         && http_body::Body::size_hint(req.body())
             .exact()
@@ -351,6 +397,28 @@ mod tests {
         // Once their allowance is whole again, clients hold no place.
         let _ = l.check(u128::MAX, t0 + Duration::from_secs(7200));
         assert!(l.clients() < RATE_LIMIT_CLIENTS, "{}", l.clients());
+    }
+
+    #[test]
+    fn access_is_the_allowed_networks_less_the_denied_ones() {
+        let mut r = RouteConfig::new("/", "up");
+        assert!(ClientAccess::of(&r).is_none(), "no rules: no check at all");
+        r.deny_clients = vec!["192.0.2.0/24".parse().unwrap()];
+        let deny_only = ClientAccess::of(&r).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(deny_only.admits(ip("198.51.100.1")));
+        assert!(!deny_only.admits(ip("192.0.2.9")));
+        assert!(
+            !deny_only.admits(ip("::ffff:192.0.2.9")),
+            "an IPv4-mapped client is its IPv4 address"
+        );
+        r.allow_clients = vec!["192.0.0.0/16".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        let both = ClientAccess::of(&r).unwrap();
+        assert!(both.admits(ip("192.0.3.1")));
+        assert!(!both.admits(ip("192.0.2.1")), "denied wins over allowed");
+        assert!(both.admits(ip("fd12::1")));
+        assert!(!both.admits(ip("198.51.100.1")));
+        assert!(!both.admits(ip("fe80::1")));
     }
 
     #[test]

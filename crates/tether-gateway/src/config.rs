@@ -415,6 +415,12 @@ pub struct RouteConfig {
     pub max_in_flight: Option<NonZeroUsize>,
     /// Requests each client may send on this route over time; none by default.
     pub rate_limit: Option<RateLimit>,
+    /// The clients the route serves, by address or network; others are answered 403. Empty:
+    /// every client. The client is the one `rate_limit` counts (behind `trusted_peers`, the
+    /// address they forwarded).
+    pub allow_clients: Vec<IpNet>,
+    /// Clients the route answers 403, even those `allow_clients` lists. Empty by default.
+    pub deny_clients: Vec<IpNet>,
     /// Answer every request with this redirect instead of proxying it (then `upstream` is
     /// empty). None by default.
     pub redirect: Option<Redirect>,
@@ -770,6 +776,8 @@ impl RouteConfig {
             trace_context: TraceContext::Passthrough,
             max_in_flight: None,
             rate_limit: None,
+            allow_clients: Vec::new(),
+            deny_clients: Vec::new(),
             redirect: None,
             methods: Vec::new(),
             match_headers: Vec::new(),

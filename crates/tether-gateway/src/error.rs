@@ -106,6 +106,8 @@ pub enum ErrorKind {
     Overloaded,
     /// The client sent more requests than its rate limit allows.
     RateLimited,
+    /// The route does not serve this client (`allow_clients`, `deny_clients`).
+    Forbidden,
 }
 
 impl ErrorKind {
@@ -123,6 +125,7 @@ impl ErrorKind {
             ErrorKind::TooLarge => "too_large",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::Forbidden => "forbidden",
         }
     }
 }
@@ -240,6 +243,9 @@ impl ProxyError {
             (S::Route, _) => c(404, "no_route", "destination_not_found", Retry::Never),
             (S::Admission, K::RateLimited) => {
                 c(429, "rate_limited", "http_request_denied", Retry::Never)
+            }
+            (S::Admission, K::Forbidden) => {
+                c(403, "forbidden", "http_request_denied", Retry::Never)
             }
             (S::Admission, _) => c(503, "no_capacity", "connection_limit_reached", Retry::Never),
             (S::RequestHead | S::RequestBody, K::TooLarge) => {
@@ -367,6 +373,10 @@ mod tests {
         assert_eq!(
             row(Stage::Admission, ErrorKind::RateLimited),
             (429, "rate_limited", Retry::Never)
+        );
+        assert_eq!(
+            row(Stage::Admission, ErrorKind::Forbidden),
+            (403, "forbidden", Retry::Never)
         );
         assert_eq!(
             row(Stage::RequestBody, ErrorKind::TooLarge),

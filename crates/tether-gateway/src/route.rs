@@ -36,6 +36,8 @@ pub struct Route {
     condition: Option<Box<Condition>>,
     /// Requests per client over time, when limited (shared by every worker).
     pub rate_limit: Option<Arc<crate::admission::RateLimiter>>,
+    /// Which clients the route serves, when it does not serve all.
+    pub access: Option<Box<crate::admission::ClientAccess>>,
     /// Changes to upstream requests' headers.
     pub request_headers: Rewrite,
     /// Changes to responses' headers.
@@ -236,6 +238,7 @@ impl Router {
                         .rate_limit
                         .as_ref()
                         .map(crate::admission::RateLimiter::new),
+                    access: crate::admission::ClientAccess::of(r),
                     request_headers: Rewrite::request(
                         &r.request_headers,
                         r.budget_header.as_deref(),

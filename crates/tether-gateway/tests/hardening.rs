@@ -532,6 +532,61 @@ async fn a_client_over_its_rate_gets_429_with_its_own_wait_and_other_clients_do_
 }
 
 #[tokio::test]
+async fn a_route_serves_only_the_clients_it_allows_and_not_those_it_denies() {
+    let mut env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            let l = &mut c.listeners[0];
+            l.trusted_peers = vec!["127.0.0.1".parse().unwrap()];
+            l.routes[0].allow_clients = vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ];
+            l.routes[0].deny_clients = vec!["10.6.6.6".parse().unwrap()];
+            c.admin = Some(AdminConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+            });
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    // Behind the trusted proxy (127.0.0.1), the client is the address it forwarded.
+    assert_eq!(get_as(&mut c, "10.1.2.3").await.0, 200);
+    assert_eq!(get_as(&mut c, "2001:db8::7, 127.0.0.1").await.0, 200);
+    let (status, _, body) = get_as(&mut c, "10.6.6.6").await;
+    assert_eq!(status, 403, "a denied client inside an allowed network");
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (&v["error"], &v["stage"]),
+        (&"forbidden".into(), &"admission".into())
+    );
+    assert_eq!(get_as(&mut c, "192.0.2.1").await.0, 403);
+    // The proxy forwarding no one is the client itself, and not allowed.
+    c.send_request("GET", "/", &[], None, b"").await.unwrap();
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 403);
+    bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+    assert_eq!(
+        env.log().requests("/").len(),
+        2,
+        "a refused request reached the upstream"
+    );
+    let metrics = env.metrics_text().unwrap();
+    assert!(
+        metrics.contains("tether_client_denied_total{route=\"up\"} 3"),
+        "{metrics}"
+    );
+
+    // From a peer that is not trusted, a forwarded address is not believed.
+    env.reload(|c| c.listeners[0].trusted_peers.clear());
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    assert_eq!(get_as(&mut c, "10.1.2.3").await.0, 403);
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn an_untrusted_client_cannot_escape_its_rate_limit_by_claiming_to_forward() {
     let env = Env::with(
         Down::H1,

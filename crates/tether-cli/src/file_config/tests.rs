@@ -728,3 +728,48 @@ fn an_upstream_client_certificate_needs_both_files_and_they_must_load() {
         assert!(e.message.contains(why), "{tls}: {e:?}");
     }
 }
+
+#[test]
+fn client_rules_convert_and_bad_ones_name_their_key() {
+    let with = |rules: &str| {
+        GOOD.replace(
+            "  max_retries = 0\n",
+            &format!("  max_retries = 0\n{rules}"),
+        )
+    };
+    let cfg = parse(
+        &with("  allow_clients = [\"10.0.0.0/8\", \"::1\"]\n  deny_clients = [\"10.6.6.6\"]\n"),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = &cfg.config.listeners[0].routes[1];
+    let text =
+        |v: &[tether_gateway::config::IpNet]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(text(&r.allow_clients), ["10.0.0.0/8", "::1/128"]);
+    assert_eq!(text(&r.deny_clients), ["10.6.6.6/32"]);
+    for (bad, key, why) in [
+        (
+            "  allow_clients = []\n",
+            "allow_clients",
+            "refuse every client",
+        ),
+        (
+            "  allow_clients = [\"10.0.0.0/33\"]\n",
+            "allow_clients[0]",
+            "",
+        ),
+        (
+            "  deny_clients = [\"::1\", \"nope\"]\n",
+            "deny_clients[1]",
+            "",
+        ),
+    ] {
+        let e = err(&with(bad));
+        assert_eq!(
+            e.key,
+            format!("listeners[0].routes[1].{key}"),
+            "{bad}: {e:?}"
+        );
+        assert!(e.message.contains(why), "{bad}: {e:?}");
+    }
+}

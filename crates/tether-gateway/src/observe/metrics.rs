@@ -150,6 +150,8 @@ pub struct Metrics {
     tunnel_bytes: Family<TunnelLabels, Counter>,
     header_timeouts: Counter,
     rate_limited: Family<RouteLabels, Counter>,
+    /// Requests answered 403 by a route's client rules, by route.
+    client_denied: Family<RouteLabels, Counter>,
     /// Requests that matched no route, counted under the empty route name.
     unrouted: RouteMetrics,
 }
@@ -295,6 +297,12 @@ impl Metrics {
             "Requests answered 429 because their client was over the route's rate_limit, by route",
             rate_limited.clone(),
         );
+        let client_denied = Family::default();
+        registry.register(
+            "client_denied",
+            "Requests answered 403 because the route does not serve their client (allow_clients, deny_clients), by route",
+            client_denied.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -324,6 +332,7 @@ impl Metrics {
             tunnel_bytes,
             header_timeouts,
             rate_limited,
+            client_denied,
             unrouted: RouteMetrics::named(""),
         }
     }
@@ -431,6 +440,15 @@ impl Metrics {
     /// A request of `route` was over its client's rate limit.
     pub fn rate_limited(&self, route: &str) {
         self.rate_limited
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A request of `route` came from a client the route does not serve.
+    pub fn client_denied(&self, route: &str) {
+        self.client_denied
             .get_or_create(&RouteLabels {
                 route: route.to_owned(),
             })
