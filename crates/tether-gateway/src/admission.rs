@@ -25,7 +25,8 @@ pub const RETRY_AFTER_SECS: u32 = 1;
 /// A cap on concurrent holders, shared by every worker.
 #[derive(Debug)]
 pub struct Limit {
-    max: usize,
+    /// Changed by a reload that keeps the limit (and its holders).
+    max: AtomicUsize,
     current: AtomicUsize,
 }
 
@@ -33,16 +34,23 @@ impl Limit {
     /// A limit of `max` holders.
     pub fn new(max: usize) -> Arc<Limit> {
         Arc::new(Limit {
-            max,
+            max: AtomicUsize::new(max),
             current: AtomicUsize::new(0),
         })
     }
 
+    /// Changes the cap; holders beyond a lowered one keep their permits, and no new one is
+    /// given until they are below it.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
     /// A permit if the limit is not reached.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Permit> {
+        let max = self.max.load(Ordering::Relaxed);
         self.current
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()
             .map(|_| Permit(self.clone()))
@@ -120,15 +128,27 @@ const RATE_SHARDS: usize = 16;
 impl RateLimiter {
     /// A limiter for `limit`.
     pub fn new(limit: &RateLimit) -> Arc<RateLimiter> {
-        let per = u64::try_from(limit.per.as_nanos()).unwrap_or(u64::MAX);
-        let interval = (per / u64::from(limit.requests.max(1))).max(1);
+        let (interval, tolerance) = Self::timing(limit);
         Arc::new(RateLimiter {
             interval,
-            tolerance: interval.saturating_mul(u64::from(limit.burst)),
+            tolerance,
             origin: Instant::now(),
             shards: (0..RATE_SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: RATE_LIMIT_CLIENTS / RATE_SHARDS,
         })
+    }
+
+    /// The interval and tolerance of `limit`, in nanoseconds.
+    fn timing(limit: &RateLimit) -> (u64, u64) {
+        let per = u64::try_from(limit.per.as_nanos()).unwrap_or(u64::MAX);
+        let interval = (per / u64::from(limit.requests.max(1))).max(1);
+        (interval, interval.saturating_mul(u64::from(limit.burst)))
+    }
+
+    /// Whether this limiter enforces `limit`: a reload that leaves a route's limit as it was
+    /// keeps the limiter, and with it what each client has used.
+    pub fn enforces(&self, limit: &RateLimit) -> bool {
+        Self::timing(limit) == (self.interval, self.tolerance)
     }
 
     /// Counts a request of `client` at `now`: `Err` with how long until it would be allowed.

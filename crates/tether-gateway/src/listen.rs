@@ -358,9 +358,13 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
                 .map(|n| Arc::new(Semaphore::new(n.get())))
         });
         listeners.push(Arc::new(ListenerShared {
-            router: Router::new(&l.routes, |name| {
-                config.upstreams.iter().position(|u| u.name == name)
-            }),
+            router: Router::reloaded(
+                &l.routes,
+                previous
+                    .and_then(|p| p.listeners.get(index))
+                    .map(|old| &old.router),
+                |name| config.upstreams.iter().position(|u| u.name == name),
+            ),
             tls: crate::downstream::tls::acceptor(l)
                 .map_err(|source| StartError::ListenerTls { index, source })?,
             protocols: l.protocols,

@@ -202,13 +202,39 @@ impl Router {
     /// Builds a router; `upstream_index` maps an upstream name to its index (validated config
     /// guarantees it exists, and that the header rules parse).
     pub fn new(routes: &[RouteConfig], upstream_index: impl Fn(&str) -> Option<usize>) -> Router {
+        Router::reloaded(routes, None, upstream_index)
+    }
+
+    /// [`Router::new`] for a reload of `previous`: a route with the same name, host, prefix,
+    /// methods and headers keeps its in-flight count (the requests it holds still count, under
+    /// the new `max_in_flight`) and, when its `rate_limit` is unchanged, what each client has
+    /// used.
+    pub fn reloaded(
+        routes: &[RouteConfig],
+        previous: Option<&Router>,
+        upstream_index: impl Fn(&str) -> Option<usize>,
+    ) -> Router {
         let routes = routes
             .iter()
             .filter_map(|r| {
+                let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
+                let prefix = r.path_prefix.trim_end_matches('/').to_owned();
+                let condition = Condition::new(&r.methods, &r.match_headers)
+                    .ok()?
+                    .map(Box::new);
+                // The same route: it matches the same requests, under the same name.
+                let old = previous.and_then(|p| {
+                    p.routes.iter().find(|o| {
+                        *o.name == *r.name
+                            && o.host == host
+                            && o.prefix == prefix
+                            && o.condition == condition
+                    })
+                });
                 Some(Route {
                     name: Arc::from(r.name.as_str()),
-                    host: r.host.as_ref().map(|h| h.to_ascii_lowercase()),
-                    prefix: r.path_prefix.trim_end_matches('/').to_owned(),
+                    host,
+                    prefix,
                     // A redirect route has no upstream; its index is never read.
                     upstream: match r.redirect {
                         Some(_) => usize::MAX,
@@ -231,13 +257,20 @@ impl Router {
                         .as_ref()
                         .and_then(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok()),
                     trace_context: r.trace_context,
-                    in_flight: r
-                        .max_in_flight
-                        .map(|n| crate::admission::Limit::new(n.get())),
-                    rate_limit: r
-                        .rate_limit
-                        .as_ref()
-                        .map(crate::admission::RateLimiter::new),
+                    in_flight: r.max_in_flight.map(|n| {
+                        match old.and_then(|o| o.in_flight.clone()) {
+                            Some(kept) => {
+                                kept.set_max(n.get());
+                                kept
+                            }
+                            None => crate::admission::Limit::new(n.get()),
+                        }
+                    }),
+                    rate_limit: r.rate_limit.as_ref().map(|limit| {
+                        old.and_then(|o| o.rate_limit.clone())
+                            .filter(|kept| kept.enforces(limit))
+                            .unwrap_or_else(|| crate::admission::RateLimiter::new(limit))
+                    }),
                     access: crate::admission::ClientAccess::of(r),
                     request_headers: Rewrite::request(
                         &r.request_headers,
@@ -249,9 +282,7 @@ impl Router {
                         .rewrite_prefix
                         .as_ref()
                         .map(|p| p.trim_end_matches('/').to_owned()),
-                    condition: Condition::new(&r.methods, &r.match_headers)
-                        .ok()?
-                        .map(Box::new),
+                    condition,
                     metrics: OnceLock::new(),
                 })
             })
@@ -289,7 +320,7 @@ impl Router {
 
 /// What else a route asks of a request: one of its methods, and every header it names (with
 /// the value given, or any value for `*`).
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 struct Condition {
     methods: Vec<http::Method>,
     headers: Vec<(http::HeaderName, Option<HeaderValue>)>,
@@ -653,6 +684,61 @@ mod tests {
                 "{methods:?} {headers:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_reload_keeps_a_routes_in_flight_count_and_unchanged_rate_limit() {
+        use crate::config::RateLimit;
+        use std::time::Duration;
+        use tokio::time::Instant;
+        let hourly = |requests| {
+            Some(RateLimit {
+                requests,
+                per: Duration::from_secs(3600),
+                burst: 0,
+            })
+        };
+        let mut c = RouteConfig::new("/api", "web");
+        c.max_in_flight = std::num::NonZeroUsize::new(2);
+        c.rate_limit = hourly(1);
+        let old = Router::new(std::slice::from_ref(&c), |_| Some(0));
+        let _held = old.routes[0]
+            .in_flight
+            .as_ref()
+            .unwrap()
+            .try_acquire()
+            .unwrap();
+        let limiter = |r: &Router| r.routes[0].rate_limit.clone().unwrap();
+        limiter(&old).check(7, Instant::now()).unwrap();
+
+        // Lowered to one: the request still held fills it. Client 7 has used its allowance.
+        c.max_in_flight = std::num::NonZeroUsize::new(1);
+        let new = Router::reloaded(std::slice::from_ref(&c), Some(&old), |_| Some(0));
+        assert!(
+            new.routes[0]
+                .in_flight
+                .as_ref()
+                .unwrap()
+                .try_acquire()
+                .is_none()
+        );
+        assert!(limiter(&new).check(7, Instant::now()).is_err());
+
+        // A changed rate starts afresh; so does a route that is not the same one.
+        c.rate_limit = hourly(2);
+        let changed = Router::reloaded(std::slice::from_ref(&c), Some(&new), |_| Some(0));
+        assert!(limiter(&changed).check(7, Instant::now()).is_ok());
+        let mut other = c.clone();
+        other.path_prefix = "/other".into();
+        let moved = Router::reloaded(&[other], Some(&changed), |_| Some(0));
+        assert!(
+            moved.routes[0]
+                .in_flight
+                .as_ref()
+                .unwrap()
+                .try_acquire()
+                .is_some()
+        );
     }
 
     #[test]

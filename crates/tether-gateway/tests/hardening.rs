@@ -587,6 +587,38 @@ async fn a_route_serves_only_the_clients_it_allows_and_not_those_it_denies() {
 }
 
 #[tokio::test]
+async fn a_reload_that_keeps_a_rate_limit_keeps_what_clients_have_used() {
+    let mut env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            c.listeners[0].routes[0].rate_limit = Some(RateLimit {
+                requests: 1,
+                per: Duration::from_secs(3600),
+                burst: 0,
+            });
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    assert_eq!(get_as(&mut c, "-").await.0, 200);
+    // A reload that changes something else: the client's allowance stays spent.
+    env.reload(|c| c.listeners[0].routes[0].timeouts.total = Some(Duration::from_secs(20)));
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    assert_eq!(get_as(&mut c, "-").await.0, 429);
+    // A reload that changes the limit starts it afresh.
+    env.reload(|c| {
+        if let Some(rl) = &mut c.listeners[0].routes[0].rate_limit {
+            rl.requests = 2;
+        }
+    });
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    assert_eq!(get_as(&mut c, "-").await.0, 200);
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn an_untrusted_client_cannot_escape_its_rate_limit_by_claiming_to_forward() {
     let env = Env::with(
         Down::H1,
