@@ -235,3 +235,38 @@ async fn hash_by_cookie_follows_the_session() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_hashed_request_retries_on_its_keys_next_endpoint() {
+    bounded(Duration::from_secs(20), async {
+        let a = Backend::start("a").await;
+        // A port nothing listens on: connections are refused.
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        // max_fails = 0 (as `gateway` sets it): nothing takes the dead endpoint out of rotation,
+        // so only the retry's choice keeps its keys served.
+        let env = gateway(Up::H1, vec![a.addr.into(), dead.into()], |c| {
+            c.upstreams[0].balance = Balance::Hash(HashKey::Header("x-user".into()));
+            c.listeners[0].routes[0].max_retries = 1;
+        })
+        .await;
+        let mut client = env.http().await;
+        for i in 0..20 {
+            assert_eq!(
+                as_user(&mut client, "x-user", &format!("user-{i}")).await,
+                "a"
+            );
+        }
+        let retried = env
+            .access
+            .records()
+            .iter()
+            .filter(|r| r.retries > 0)
+            .count();
+        assert!(retried > 0, "no key hashed to the dead endpoint");
+        env.stop().await;
+    })
+    .await;
+}

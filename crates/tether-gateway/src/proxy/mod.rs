@@ -319,7 +319,7 @@ fn proxy<'a>(
             t.stage = Stage::Connect;
             let key =
                 upstream.affinity(&up_req, conn.client.ip(), trusted, |ip| listener.trusts(ip));
-            let (ep_idx, ep) = upstream.pick(key);
+            let (ep_idx, ep) = upstream.pick(key, attempt);
             // Counted from now: requests waiting for a connection load an endpoint too. A retry
             // moves the count to its own endpoint.
             t.endpoint_load = upstream.hold(ep_idx);

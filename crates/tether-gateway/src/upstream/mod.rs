@@ -166,10 +166,12 @@ impl Upstream {
     /// the fewest requests in flight for its weight (ties go in turn). Endpoints skipped after
     /// failed connection attempts, or taken out of rotation by the health checks, are passed
     /// over; if every endpoint is, the one in turn (or the key's) is tried anyway (the request
-    /// fails only if it fails).
-    pub fn pick(&self, key: Option<u64>) -> (usize, &Endpoint) {
+    /// fails only if it fails). `attempt` counts the request's retries: a hashed request's retry
+    /// goes to the key's next endpoint, so that one endpoint failing does not fail all its keys'
+    /// retries too.
+    pub fn pick(&self, key: Option<u64>, attempt: u32) -> (usize, &Endpoint) {
         if let Some(key) = key {
-            let n = self.hashed(key);
+            let n = self.hashed(key, attempt as usize);
             return (n, &self.endpoints[n]);
         }
         let len = self.endpoints.len();
@@ -207,10 +209,35 @@ impl Upstream {
     }
 
     /// The endpoint `key` hashes to: the highest rendezvous score among the available endpoints,
-    /// or among all when none is.
+    /// or among all when none is. For the `nth` retry, the `nth` next in that order (in turn
+    /// among the available ones).
     #[cold]
-    fn hashed(&self, key: u64) -> usize {
+    fn hashed(&self, key: u64, nth: usize) -> usize {
         let now = Instant::now();
+        if nth > 0 {
+            let mut ranked: Vec<(bool, f64, usize)> = self
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(n, ep)| {
+                    let up = ep.health.available(self.born, now)
+                        && !self.active.as_ref().is_some_and(|a| a.is_down(n));
+                    (up, balance::score(key, ep.seed, ep.weight), n)
+                })
+                .collect();
+            ranked.sort_by(|a, b| {
+                (b.0, b.1)
+                    .partial_cmp(&(a.0, a.1))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
+            let available = ranked.iter().filter(|r| r.0).count();
+            let among = if available > 0 {
+                available
+            } else {
+                ranked.len()
+            };
+            return ranked.get(nth % among.max(1)).map_or(0, |r| r.2);
+        }
         let mut best: Option<(usize, f64, bool)> = None;
         for (n, ep) in self.endpoints.iter().enumerate() {
             let up = ep.health.available(self.born, now)
