@@ -803,13 +803,11 @@ async fn an_upstream_that_asks_for_a_client_certificate_gets_the_configured_one(
             } else {
                 assert_eq!(p.status, 502, "{protocol:?}");
                 // Refused after the handshake (TLS 1.3): over HTTP/1.1 the request's own read
-                // fails with the alert, and is still placed at TLS. (Over HTTP/2 the connection
-                // fails, and its requests with it.)
-                if protocol == UpstreamProtocol::Http1 {
-                    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-                    assert_eq!(v["error"], "upstream_tls_failed", "{v}");
-                    assert_eq!(env.record("/m").await.stage, Some("tls"));
-                }
+                // fails with the alert; over HTTP/2 the connection fails, and its requests with
+                // it. Either way the request is placed at TLS.
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(v["error"], "upstream_tls_failed", "{protocol:?}: {v}");
+                assert_eq!(env.record("/m").await.stage, Some("tls"), "{protocol:?}");
             }
             env.stop().await;
         }

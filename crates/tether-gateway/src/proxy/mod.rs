@@ -400,10 +400,15 @@ fn proxy<'a>(
                 Checkout::H2(mut c) => {
                     t.rec.upstream_addr = Some(c.peer);
                     t.teardown = Teardown::H2;
-                    (
-                        await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await,
-                        None,
-                    )
+                    let mut head =
+                        await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await;
+                    // The stream sees only that the connection ended; its transport saw why.
+                    if let Head::Failed(err, _) = &mut head
+                        && c.tls_failed.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        (err.stage, err.kind) = (Stage::Tls, ErrorKind::TlsFailed);
+                    }
+                    (head, None)
                 }
             };
             match head {

@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -104,6 +105,113 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(s) => s.is_write_vectored(),
             UpstreamIo::Tls(s) => s.is_write_vectored(),
         }
+    }
+}
+
+/// An HTTP/2 connection's transport, noting a TLS failure (an alert after the handshake): h2
+/// keeps only the text of an I/O error, so neither the connection's error nor its streams' say
+/// it was TLS.
+#[derive(Debug)]
+pub struct TlsWatch {
+    io: UpstreamIo,
+    failed: Arc<AtomicBool>,
+}
+
+impl TlsWatch {
+    /// Watches `io`.
+    pub fn new(io: UpstreamIo) -> TlsWatch {
+        TlsWatch {
+            io,
+            failed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Set once a read or write failed in TLS.
+    pub fn failed(&self) -> Arc<AtomicBool> {
+        self.failed.clone()
+    }
+
+    fn note<T>(&self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &r
+            && e.get_ref().is_some_and(|i| i.is::<rustls::Error>())
+        {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// [`TlsWatch::note`], and more. An upstream that refuses the connection in TLS sends an
+    /// alert and closes; a write (or the write TLS does before a read) can fail on the closed
+    /// socket before the alert is read, so on such a failure whatever the socket still holds is
+    /// read now and given to TLS (the connection is over either way). Read from the socket
+    /// itself: the runtime may not know yet that it is readable.
+    fn note_closed<T>(&mut self, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if let Poll::Ready(Err(e)) = &r
+            && matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            )
+            && let UpstreamIo::Tls(s) = &mut self.io
+        {
+            let (tcp, tls) = s.get_mut();
+            let mut scratch = [0u8; 1024];
+            let sock = socket2::SockRef::from(&*tcp);
+            if let Ok(n) = std::io::Read::read(&mut &*sock, &mut scratch)
+                && tls.read_tls(&mut &scratch[..n]).is_ok()
+                && tls.process_new_packets().is_err()
+            {
+                self.failed.store(true, Ordering::Relaxed);
+            }
+        }
+        self.note(r)
+    }
+}
+
+impl AsyncRead for TlsWatch {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.note_closed(r)
+    }
+}
+
+impl AsyncWrite for TlsWatch {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.note_closed(r)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.note_closed(r)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.note_closed(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 

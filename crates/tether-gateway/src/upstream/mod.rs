@@ -461,11 +461,13 @@ impl Upstream {
     /// Drives a new HTTP/2 connection in a task of its own.
     async fn start_h2(&self, connected: connect::Connected) -> Result<H2Conn, ProxyError> {
         let (peer, local) = (connected.peer, connected.local);
+        let io = connect::TlsWatch::new(connected.io);
+        let tls_failed = io.failed();
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(20)))
             .keep_alive_timeout(Duration::from_secs(10))
-            .handshake(TokioIo::new(connected.io))
+            .handshake(TokioIo::new(io))
             .await
             .map_err(|e| {
                 ProxyError::upstream(Stage::Connect, ErrorKind::Protocol)
@@ -473,12 +475,13 @@ impl Upstream {
                     .with_source(e)
             })?;
         let open = OpenConn::new(self.counts.clone());
+        let failed = tls_failed.clone();
         tokio::spawn(async move {
             let _open = open;
             // A TLS failure after the handshake (a client certificate the upstream refused)
-            // ends the connection, not one request: its requests fail as sent or unanswered.
+            // ends the connection, not one request.
             if let Err(e) = conn.await
-                && connect::tls_failure(&e)
+                && failed.load(std::sync::atomic::Ordering::Relaxed)
             {
                 tracing::warn!(%peer, error = %e, "upstream HTTP/2 connection failed in TLS");
             }
@@ -487,6 +490,7 @@ impl Upstream {
             sender,
             peer,
             local,
+            tls_failed,
         })
     }
 

@@ -314,6 +314,9 @@ pub struct H2Conn {
     pub peer: SocketAddr,
     /// tether's end of the connection.
     pub local: Option<SocketAddr>,
+    /// Set when TLS ended the connection after the handshake (a client certificate the
+    /// upstream refused): its streams see only that the connection ended.
+    pub tls_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Connections of one endpoint on one worker.
