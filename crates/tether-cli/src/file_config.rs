@@ -15,10 +15,10 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Balance, ClientAuth, Config, DeadPeerConfig, HalfClose, HashKey, HeaderRules,
-    HealthCheck, IpNet, ListenerConfig, ListenerLimits, ListenerTls, MAX_WEIGHT, Protocols,
-    RateLimit, Redirect, RouteConfig, RouteTimeouts, ServerTls, TcpKeepalive, TraceContext,
-    UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding, DeadPeerConfig,
+    HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig, ListenerLimits,
+    ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, RouteConfig, RouteTimeouts, ServerTls,
+    TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -213,6 +213,8 @@ pub struct FileRoute {
     pub allow_clients: Option<Vec<String>>,
     /// Addresses or networks of clients answered 403.
     pub deny_clients: Option<Vec<String>>,
+    /// Response compression.
+    pub compression: Option<FileCompression>,
     /// Replaces the matched path prefix upstream.
     pub rewrite_prefix: Option<String>,
     /// Changes to upstream requests' headers.
@@ -368,6 +370,18 @@ pub struct FileRateLimit {
     pub per: Option<String>,
     /// Requests allowed at once beyond the steady rate; default 0.
     pub burst: Option<u32>,
+}
+
+/// `compression = { encodings, types, min_bytes }` of a route; `{}` takes every default.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCompression {
+    /// `"br"` and/or `"gzip"`, in order of preference.
+    pub encodings: Option<Vec<String>>,
+    /// Media types compressed.
+    pub types: Option<Vec<String>>,
+    /// Smallest declared length compressed.
+    pub min_bytes: Option<u64>,
 }
 
 /// `balance` values of an upstream.
@@ -1085,6 +1099,30 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     }
     if let Some(list) = &r.deny_clients {
         cfg.deny_clients = networks(&format!("{key}.deny_clients"), list)?;
+    }
+    if let Some(c) = &r.compression {
+        let mut compression = Compression::default();
+        if let Some(encodings) = &c.encodings {
+            compression.encodings = encodings
+                .iter()
+                .enumerate()
+                .map(|(i, e)| match e.as_str() {
+                    "br" => Ok(ContentCoding::Brotli),
+                    "gzip" => Ok(ContentCoding::Gzip),
+                    other => Err(KeyError::new(
+                        format!("{key}.compression.encodings[{i}]"),
+                        format!("unknown encoding {other:?}; expected \"br\" or \"gzip\""),
+                    )),
+                })
+                .collect::<Result<_, _>>()?;
+        }
+        if let Some(types) = &c.types {
+            compression.types = types.iter().map(|t| t.to_ascii_lowercase()).collect();
+        }
+        if let Some(n) = c.min_bytes {
+            compression.min_bytes = n;
+        }
+        cfg.compression = Some(compression);
     }
     Ok(cfg)
 }

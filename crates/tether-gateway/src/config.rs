@@ -421,6 +421,8 @@ pub struct RouteConfig {
     pub allow_clients: Vec<IpNet>,
     /// Clients the route answers 403, even those `allow_clients` lists. Empty by default.
     pub deny_clients: Vec<IpNet>,
+    /// Compress responses for clients that accept it; off by default.
+    pub compression: Option<Compression>,
     /// Answer every request with this redirect instead of proxying it (then `upstream` is
     /// empty). None by default.
     pub redirect: Option<Redirect>,
@@ -621,6 +623,71 @@ pub struct RateLimit {
     pub burst: u32,
 }
 
+/// Response compression on a route (nginx's `gzip`, Caddy's `encode`): a response is compressed
+/// with the first of `encodings` the client accepts (by its `Accept-Encoding` q-values) when
+/// its type is among `types`, it is not already encoded, and it is not declared smaller than
+/// `min_bytes`. Each chunk is compressed as it arrives and flushed, so streams stay streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compression {
+    /// Content codings offered, in tether's order of preference. At least one.
+    pub encodings: Vec<ContentCoding>,
+    /// Media types compressed: `type/subtype`, or `type/*`; lower case, compared without
+    /// parameters.
+    pub types: Vec<String>,
+    /// Responses whose `Content-Length` is below this are sent as they are.
+    pub min_bytes: u64,
+}
+
+impl Default for Compression {
+    fn default() -> Compression {
+        Compression {
+            encodings: vec![ContentCoding::Brotli, ContentCoding::Gzip],
+            types: DEFAULT_COMPRESSED_TYPES
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect(),
+            min_bytes: 1024,
+        }
+    }
+}
+
+/// Text types compressed by default.
+pub const DEFAULT_COMPRESSED_TYPES: &[&str] = &[
+    "text/html",
+    "text/css",
+    "text/plain",
+    "text/javascript",
+    "text/xml",
+    "text/csv",
+    "text/markdown",
+    "application/javascript",
+    "application/json",
+    "application/xml",
+    "application/wasm",
+    "application/manifest+json",
+    "application/ld+json",
+    "image/svg+xml",
+];
+
+/// A content coding tether can compress with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentCoding {
+    /// `br` (RFC 7932).
+    Brotli,
+    /// `gzip` (RFC 1952).
+    Gzip,
+}
+
+impl ContentCoding {
+    /// The coding's token in `Accept-Encoding` and `Content-Encoding`.
+    pub fn token(self) -> &'static str {
+        match self {
+            ContentCoding::Brotli => "br",
+            ContentCoding::Gzip => "gzip",
+        }
+    }
+}
+
 /// The most clients one route's rate limit keeps track of at once. Clients that have used none
 /// of their allowance hold no place; when the table is full anyway, the counts of an arbitrary
 /// eighth of its clients are forgotten.
@@ -778,6 +845,7 @@ impl RouteConfig {
             rate_limit: None,
             allow_clients: Vec::new(),
             deny_clients: Vec::new(),
+            compression: None,
             redirect: None,
             methods: Vec::new(),
             match_headers: Vec::new(),
@@ -973,6 +1041,9 @@ impl Config {
                 if let Some(rl) = &r.rate_limit {
                     validate_rate_limit(&format!("{rkey}.rate_limit"), rl)?;
                 }
+                if let Some(c) = &r.compression {
+                    validate_compression(&format!("{rkey}.compression"), c)?;
+                }
                 if let Err(e) = crate::route::check_condition(&r.methods, &[]) {
                     return Err(ConfigError::new(format!("{rkey}.methods"), e));
                 }
@@ -1006,6 +1077,33 @@ impl Config {
         }
         Ok(())
     }
+}
+
+fn validate_compression(key: &str, c: &Compression) -> Result<(), ConfigError> {
+    if c.encodings.is_empty() {
+        return Err(ConfigError::new(
+            format!("{key}.encodings"),
+            "at least one encoding is required",
+        ));
+    }
+    for (i, t) in c.types.iter().enumerate() {
+        let ok = t.split_once('/').is_some_and(|(ty, sub)| {
+            let token = |s: &str| {
+                !s.is_empty()
+                    && s.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$&-^_.+".contains(&b)
+                    })
+            };
+            token(ty) && (sub == "*" || token(sub))
+        });
+        if !ok {
+            return Err(ConfigError::new(
+                format!("{key}.types[{i}]"),
+                format!("{t:?} is not a lower-case media type (\"text/html\", \"text/*\")"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_rate_limit(key: &str, rl: &RateLimit) -> Result<(), ConfigError> {

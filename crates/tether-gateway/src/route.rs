@@ -38,6 +38,8 @@ pub struct Route {
     pub rate_limit: Option<Arc<crate::admission::RateLimiter>>,
     /// Which clients the route serves, when it does not serve all.
     pub access: Option<Box<crate::admission::ClientAccess>>,
+    /// Response compression, when on.
+    pub compression: Option<Box<crate::config::Compression>>,
     /// Changes to upstream requests' headers.
     pub request_headers: Rewrite,
     /// Changes to responses' headers.
@@ -272,6 +274,7 @@ impl Router {
                             .unwrap_or_else(|| crate::admission::RateLimiter::new(limit))
                     }),
                     access: crate::admission::ClientAccess::of(r),
+                    compression: r.compression.clone().map(Box::new),
                     request_headers: Rewrite::request(
                         &r.request_headers,
                         r.budget_header.as_deref(),

@@ -773,3 +773,50 @@ fn client_rules_convert_and_bad_ones_name_their_key() {
         assert!(e.message.contains(why), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn compression_takes_defaults_and_bad_settings_name_their_key() {
+    use tether_gateway::config::{Compression, ContentCoding};
+    let with = |c: &str| {
+        GOOD.replace(
+            "  max_retries = 0\n",
+            &format!("  max_retries = 0\n  compression = {{ {c} }}\n"),
+        )
+    };
+    let cfg = parse(&with(""), Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[1].compression,
+        Some(Compression::default())
+    );
+    let cfg = parse(
+        &with("encodings = [\"gzip\"], types = [\"Text/*\"], min_bytes = 0"),
+        Path::new("."),
+    )
+    .unwrap();
+    let c = cfg.config.listeners[0].routes[1]
+        .compression
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (c.encodings, c.types, c.min_bytes),
+        (vec![ContentCoding::Gzip], vec!["text/*".to_owned()], 0)
+    );
+    for (bad, key, why) in [
+        (
+            "encodings = [\"gzip\", \"zstd\"]",
+            "compression.encodings[1]",
+            "unknown encoding",
+        ),
+        ("encodings = []", "compression.encodings", "at least one"),
+        ("types = [\"html\"]", "compression.types[0]", "media type"),
+        ("level = 9", "compression.level", "unknown field"),
+    ] {
+        let e = err(&with(bad));
+        assert_eq!(
+            e.key,
+            format!("listeners[0].routes[1].{key}"),
+            "{bad}: {e:?}"
+        );
+        assert!(e.message.contains(why), "{bad}: {e:?}");
+    }
+}

@@ -2,6 +2,7 @@
 //! for the head, stream the body back. Every wait is raced against the request's context, so a
 //! client that leaves (or a deadline that passes) stops the upstream work at once.
 
+pub mod compress;
 pub mod headers;
 pub mod request_body;
 pub mod response_body;
@@ -251,6 +252,11 @@ fn proxy<'a>(
             && !upstream.protocol.is_h2();
 
         let idle = route.timeouts.idle;
+        // Chosen from the request, used on the response.
+        let coding = route
+            .compression
+            .as_ref()
+            .and_then(|c| compress::negotiate(c, req.method(), req.headers()));
         // In a block: a binding left at the top of an async body keeps its bytes in the
         // request's state for as long as the request lives, even once moved out.
         let (mut next_req, id_value, resendable, upgrading) = {
@@ -539,6 +545,13 @@ fn proxy<'a>(
         {
             parts.headers.insert(http::header::LOCATION, v);
         }
+        let compressing = match (coding, &route.compression) {
+            (Some(coding), Some(c)) if compress::applies(c, parts.status, &parts.headers) => {
+                compress::mark(&mut parts.headers, coding);
+                Some(Box::new(compress::Compressing::new(coding)))
+            }
+            _ => None,
+        };
         if !route.response_headers.is_empty() {
             route.response_headers.apply(&mut parts.headers);
         }
@@ -549,7 +562,7 @@ fn proxy<'a>(
             conn,
             keep_alive,
         });
-        let body = Streaming::new(body, t, route.timeouts.idle, pool);
+        let body = Streaming::new(body, t, route.timeouts.idle, pool, compressing);
         Response::from_parts(parts, ProxyBody::Stream(Box::new(body)))
     }
 }

@@ -15,6 +15,7 @@ use tether::{CancelReason, Cancelled};
 use tokio::time::{Instant, Sleep};
 
 use crate::error::{BoxError, ErrorKind, ProxyError, Stage};
+use crate::proxy::compress::Compressing;
 use crate::proxy::tracker::Tracker;
 use crate::upstream::Upstream;
 use crate::upstream::pool::H1Conn;
@@ -65,6 +66,8 @@ pub struct Streaming {
     idle_timeout: Option<Duration>,
     idle: Option<Pin<Box<Sleep>>>,
     pool: Option<PoolReturn>,
+    /// The body's compression, when the response is compressed.
+    compressing: Option<Box<Compressing>>,
 }
 
 impl std::fmt::Debug for Streaming {
@@ -82,6 +85,7 @@ impl Streaming {
         tracker: Tracker,
         idle_timeout: Option<Duration>,
         pool: Option<PoolReturn>,
+        compressing: Option<Box<Compressing>>,
     ) -> Streaming {
         Streaming {
             inner: Some(inner),
@@ -90,6 +94,7 @@ impl Streaming {
             idle_timeout,
             idle: None,
             pool,
+            compressing,
         }
     }
 
@@ -120,6 +125,20 @@ impl Streaming {
         Poll::Ready(Some(Err(Box::new(Cancelled { reason }))))
     }
 
+    /// Ends the body because compressing it failed.
+    fn compression_failed(
+        &mut self,
+        e: std::io::Error,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.teardown();
+        let err = ProxyError::gateway(Stage::Body, ErrorKind::Protocol).with_source(e);
+        let msg = err.to_string();
+        if let Some(t) = self.tracker.take() {
+            t.finish_error(&err, None);
+        }
+        Poll::Ready(Some(Err(msg.into())))
+    }
+
     /// Ends the body because the upstream sent nothing for the idle timeout.
     fn idle_expired(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.teardown();
@@ -140,6 +159,11 @@ impl Body for Streaming {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(c) = this.compressing.as_mut()
+            && let Some(trailers) = c.take_trailers()
+        {
+            return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+        }
         if this.inner.is_none() {
             return Poll::Ready(None);
         }
@@ -159,6 +183,21 @@ impl Body for Streaming {
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                let frame = match this.compressing.as_mut() {
+                    None => frame,
+                    Some(c) => {
+                        let last = this.inner.as_ref().is_some_and(|b| b.is_end_stream());
+                        match c.frame(frame, last) {
+                            // Nothing to send yet: asked for the next frame at once.
+                            Ok(f) if f.data_ref().is_some_and(|d| d.is_empty()) && !last => {
+                                cx.waker().wake_by_ref();
+                                return Poll::Pending;
+                            }
+                            Ok(f) => f,
+                            Err(e) => return this.compression_failed(e),
+                        }
+                    }
+                };
                 if let Some(t) = this.tracker.as_mut()
                     && let Some(d) = frame.data_ref()
                 {
@@ -187,6 +226,20 @@ impl Body for Streaming {
                 Poll::Ready(Some(Err(msg.into())))
             }
             Poll::Ready(None) => {
+                // A compressed body's end is sent before the body ends.
+                if let Some(c) = this.compressing.as_mut()
+                    && c.unfinished()
+                {
+                    let tail = match c.finish() {
+                        Ok(tail) => Bytes::from(tail),
+                        Err(e) => return this.compression_failed(e),
+                    };
+                    if let Some(t) = this.tracker.as_mut() {
+                        t.rec.bytes_sent += tail.len() as u64;
+                    }
+                    this.complete();
+                    return Poll::Ready(Some(Ok(Frame::data(tail))));
+                }
                 this.complete();
                 Poll::Ready(None)
             }
@@ -219,11 +272,17 @@ impl Body for Streaming {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        match &self.compressing {
+            // The upstream's end is not the compressed body's: that comes after it.
+            Some(c) => self.inner.is_none() && !c.has_trailers(),
+            None => self.inner.as_ref().is_none_or(|b| b.is_end_stream()),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
+            // A compressed body's size is known only at its end.
+            _ if self.compressing.is_some() => SizeHint::default(),
             Some(b) => b.size_hint(),
             None => SizeHint::with_exact(0),
         }
