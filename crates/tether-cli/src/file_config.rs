@@ -293,6 +293,10 @@ pub struct FileUpstream {
     pub tls: Option<FileUpstreamTls>,
     /// Idle pooled connections per endpoint and worker; 0 disables pooling.
     pub max_idle_per_endpoint: Option<usize>,
+    /// Requests in flight per endpoint, all workers together; more wait their turn.
+    pub max_in_flight_per_endpoint: Option<u32>,
+    /// How long a request waits for room at a full endpoint.
+    pub queue_timeout: Option<String>,
     /// How long an idle pooled connection is kept.
     pub idle_timeout: Option<String>,
     /// Failed connection attempts in a row before an endpoint is skipped; 0 never skips.
@@ -1266,6 +1270,25 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
     };
     if let Some(n) = u.max_idle_per_endpoint {
         cfg.max_idle_per_endpoint = n;
+    }
+    if let Some(n) = u.max_in_flight_per_endpoint {
+        cfg.max_in_flight_per_endpoint = Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
+            KeyError::new(
+                format!("{key}.max_in_flight_per_endpoint"),
+                "must be at least 1; omit it for no limit",
+            )
+        })?);
+    }
+    if let Some(s) = &u.queue_timeout {
+        let qkey = format!("{key}.queue_timeout");
+        if cfg.max_in_flight_per_endpoint.is_none() {
+            return Err(KeyError::new(
+                qkey,
+                "only used with max_in_flight_per_endpoint",
+            ));
+        }
+        // Zero is allowed: no waiting, a full upstream answers 503 at once.
+        cfg.queue_timeout = parse_duration(s).map_err(|e| KeyError::new(&qkey, e))?;
     }
     if let Some(s) = &u.idle_timeout {
         let ikey = format!("{key}.idle_timeout");

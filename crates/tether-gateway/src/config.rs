@@ -586,6 +586,13 @@ pub struct UpstreamConfig {
     /// [`addresses`](Self::addresses); empty: every address weighs 1. Each from 1 to
     /// [`MAX_WEIGHT`].
     pub weights: Vec<u32>,
+    /// Requests in flight to each endpoint at once, all workers together (HAProxy's `maxconn`,
+    /// nginx's `max_conns`). A full endpoint is passed over for one with room; when every one is
+    /// full, a request waits its turn for up to [`queue_timeout`](Self::queue_timeout), then
+    /// gets 503. None by default.
+    pub max_in_flight_per_endpoint: Option<std::num::NonZeroU32>,
+    /// How long a request may wait for room at a full endpoint. Default 5 s.
+    pub queue_timeout: Duration,
 }
 
 /// A route's redirect: `Location` is `to` with `{host}` (the request's host, without a port),
@@ -801,6 +808,11 @@ impl HealthCheck {
 }
 
 impl UpstreamConfig {
+    /// Whether requests in flight to each endpoint are counted (for `least_requests`, or a cap).
+    pub fn counts_in_flight(&self) -> bool {
+        self.balance == Balance::LeastRequests || self.max_in_flight_per_endpoint.is_some()
+    }
+
     /// An upstream with default pool settings.
     pub fn new(
         name: impl Into<String>,
@@ -813,6 +825,8 @@ impl UpstreamConfig {
             protocol,
             tls: None,
             max_idle_per_endpoint: 64,
+            max_in_flight_per_endpoint: None,
+            queue_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(4),
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),

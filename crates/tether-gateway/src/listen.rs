@@ -28,7 +28,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Balance, Config, ConfigError, Protocols};
+use crate::config::{Config, ConfigError, Protocols};
 use crate::downstream;
 use crate::downstream::parking::{Parking, Poller};
 use crate::lock;
@@ -783,7 +783,7 @@ fn build_generation(
         let counts = observer.metrics.conn_counts(&u.name);
         let active = p.health.get(index).cloned().flatten();
         // Every worker gets the same counts: the metrics hold them by upstream and endpoint.
-        let loads = (u.balance == Balance::LeastRequests).then(|| {
+        let loads = u.counts_in_flight().then(|| {
             u.addresses
                 .iter()
                 .map(|a| observer.metrics.endpoint_load(&u.name, &a.to_string()))

@@ -270,3 +270,89 @@ async fn a_hashed_request_retries_on_its_keys_next_endpoint() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_full_endpoint_is_passed_over_and_when_all_are_full_requests_wait_their_turn() {
+    bounded(Duration::from_secs(40), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()], |c| {
+            c.upstreams[0].max_in_flight_per_endpoint = std::num::NonZeroU32::new(1);
+            c.upstreams[0].queue_timeout = Duration::from_secs(10);
+            // The cap is shared: the requests below may be on either worker.
+            c.workers = NonZeroUsize::new(2);
+        })
+        .await;
+        // One endpoint busy: every request goes to the other, not in turn.
+        let first = hold(&env).await;
+        bounded(Duration::from_secs(10), async {
+            while a.held.load(Ordering::SeqCst) + b.held.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let (busy, free) = if a.held.load(Ordering::SeqCst) == 1 {
+            (&a, "b")
+        } else {
+            (&b, "a")
+        };
+        let got = bodies(&env, 6).await;
+        assert!(got.iter().all(|n| n == free), "{got:?}");
+
+        // Both busy: the next requests wait. One whose client leaves while waiting is gone from
+        // the queue and never reaches an upstream; the other is served once a place frees.
+        let second = hold(&env).await;
+        bounded(Duration::from_secs(10), async {
+            while a.held.load(Ordering::SeqCst) + b.held.load(Ordering::SeqCst) != 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let mut waiting = env.http().await;
+        let waiting = tokio::spawn(async move { waiting.get("/waits").await });
+        let mut leaving = env.http().await;
+        let leaving = tokio::spawn(async move { leaving.get("/leaves").await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished() && !leaving.is_finished());
+        leaving.abort();
+        let gone = env.record("/leaves").await;
+        assert_eq!(gone.status, 499);
+        assert_eq!(gone.upstream_addr, None, "it reached an upstream");
+        first.abort();
+        busy.wait_held(0).await;
+        let (parts, body) = waiting.await.unwrap().unwrap();
+        assert_eq!(parts.status, 200);
+        assert!(body == "a" || body == "b");
+
+        // No room within queue_timeout: 503, and nothing sent upstream.
+        env.reload(|c| c.upstreams[0].queue_timeout = Duration::from_millis(100));
+        let third = hold(&env).await;
+        bounded(Duration::from_secs(10), async {
+            while a.held.load(Ordering::SeqCst) + b.held.load(Ordering::SeqCst) != 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let mut c = env.http().await;
+        let (parts, body) = c.get("/shed").await.unwrap();
+        assert_eq!(parts.status, 503);
+        assert_eq!(parts.headers["retry-after"], "1");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (&v["error"], &v["stage"]),
+            (&"no_capacity".into(), &"admission".into())
+        );
+        second.abort();
+        third.abort();
+        env.stop().await;
+    })
+    .await;
+}
+
+/// A `/hold` request sent on a connection of its own, held until the task is aborted.
+async fn hold(
+    env: &Env,
+) -> tokio::task::JoinHandle<Result<(http::response::Parts, bytes::Bytes), test_support::BoxError>>
+{
+    let mut c = env.http().await;
+    tokio::spawn(async move { c.get("/hold").await })
+}

@@ -820,3 +820,42 @@ fn compression_takes_defaults_and_bad_settings_name_their_key() {
         assert!(e.message.contains(why), "{bad}: {e:?}");
     }
 }
+
+#[test]
+fn an_endpoint_cap_and_its_queue_timeout_convert_and_bad_ones_name_their_key() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "protocol = \"h2c\"\n",
+            &format!("protocol = \"h2c\"\n{extra}"),
+        )
+    };
+    let cfg = parse(
+        &with("max_in_flight_per_endpoint = 8\nqueue_timeout = \"0s\"\n"),
+        Path::new("."),
+    )
+    .unwrap();
+    let u = &cfg.config.upstreams[0];
+    assert_eq!(u.max_in_flight_per_endpoint.map(|n| n.get()), Some(8));
+    assert_eq!(u.queue_timeout, Duration::ZERO);
+    for (bad, key, why) in [
+        (
+            "max_in_flight_per_endpoint = 0\n",
+            "max_in_flight_per_endpoint",
+            "at least 1",
+        ),
+        (
+            "queue_timeout = \"1s\"\n",
+            "queue_timeout",
+            "only used with",
+        ),
+        (
+            "max_in_flight_per_endpoint = 1\nqueue_timeout = \"soon\"\n",
+            "queue_timeout",
+            "",
+        ),
+    ] {
+        let e = err(&with(bad));
+        assert_eq!(e.key, format!("upstreams[0].{key}"), "{bad}: {e:?}");
+        assert!(e.message.contains(why), "{bad}: {e:?}");
+    }
+}

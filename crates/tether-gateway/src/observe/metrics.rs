@@ -144,7 +144,8 @@ pub struct Metrics {
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
     /// The series of `endpoint_in_flight`, so that a reload can drop those it removed.
-    in_flight_series: Mutex<Vec<EndpointLabels>>,
+    /// With the wake-up each series' waiters share.
+    in_flight_series: Mutex<Vec<(EndpointLabels, Arc<crate::upstream::balance::Room>)>>,
     health_checks: Family<HealthCheckLabels, Counter>,
     tunnels_open: Gauge,
     tunnel_bytes: Family<TunnelLabels, Counter>,
@@ -395,23 +396,29 @@ impl Metrics {
             .in_flight_series
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !series.contains(&labels) {
-            series.push(labels);
+        // One wake-up for all of an upstream's endpoints.
+        let freed = series
+            .iter()
+            .find(|(l, _)| l.upstream == labels.upstream)
+            .map(|(_, freed)| freed.clone())
+            .unwrap_or_default();
+        if !series.iter().any(|(l, _)| *l == labels) {
+            series.push((labels, freed.clone()));
         }
-        Load::new(gauge)
+        Load::new(gauge, freed)
     }
 
-    /// Drops the in-flight series of endpoints that `config` does not balance by
-    /// `least_requests`. Requests still in flight to them keep their own count.
+    /// Drops the in-flight series of endpoints that `config` neither balances by
+    /// `least_requests` nor caps. Requests still in flight to them keep their own count.
     pub fn retain_endpoint_loads(&self, config: &crate::config::Config) {
         let mut series = self
             .in_flight_series
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        series.retain(|l| {
+        series.retain(|(l, _)| {
             let kept = config.upstreams.iter().any(|u| {
                 u.name == l.upstream
-                    && u.balance == crate::config::Balance::LeastRequests
+                    && u.counts_in_flight()
                     && u.addresses.iter().any(|a| a.to_string() == l.endpoint)
             });
             if !kept {

@@ -325,10 +325,37 @@ fn proxy<'a>(
             t.stage = Stage::Connect;
             let key =
                 upstream.affinity(&up_req, conn.client.ip(), trusted, |ip| listener.trusts(ip));
-            let (ep_idx, ep) = upstream.pick(key, attempt);
+            let (mut ep_idx, mut ep) = upstream.pick(key, attempt);
             // Counted from now: requests waiting for a connection load an endpoint too. A retry
-            // moves the count to its own endpoint.
-            t.endpoint_load = upstream.hold(ep_idx);
+            // moves the count to its own endpoint (given up first: it may be the same one).
+            t.endpoint_load = None;
+            t.endpoint_load = match upstream.hold(ep_idx) {
+                Ok(held) => held,
+                Err(crate::upstream::Full) => {
+                    // Every endpoint is full: wait for room, or for the client to leave.
+                    t.stage = Stage::Admission;
+                    let room = Box::pin(upstream.wait_for_room(key, attempt));
+                    let held = tokio::select! {
+                        biased;
+                        reason = t.ctx.cancelled() => return cancelled(t, reason),
+                        held = room => held,
+                    };
+                    match held.and_then(|(idx, held)| Some((idx, upstream.endpoint(idx)?, held))) {
+                        Some((idx, endpoint, held)) => {
+                            t.stage = Stage::Connect;
+                            (ep_idx, ep) = (idx, endpoint);
+                            Some(held)
+                        }
+                        None => {
+                            return fail(
+                                t,
+                                ProxyError::gateway(Stage::Admission, ErrorKind::Overloaded)
+                                    .with_target(ep.address.to_string()),
+                            );
+                        }
+                    }
+                }
+            };
             // A pooled connection ready now needs no wait, so nothing to race. (The lookup is the
             // match's own operand, so it holds no place in the request's state.)
             let (checkout, info) = match (!fresh_only && !upgrading && !t.ctx.is_cancelled())

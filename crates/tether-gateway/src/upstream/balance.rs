@@ -6,8 +6,12 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 use http::header::{COOKIE, HeaderName};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use prometheus_client::metrics::gauge::Gauge;
 use siphasher::sip::SipHasher13;
+use tokio::sync::Notify;
 
 use crate::config::HashKey;
 
@@ -36,35 +40,115 @@ pub fn schedule(weights: &[u32]) -> Option<Box<[u32]>> {
 }
 
 /// Requests in flight to one endpoint, over every worker and configuration generation: the
-/// `tether_upstream_endpoint_in_flight` gauge itself, so what is compared is what is shown.
+/// `tether_upstream_endpoint_in_flight` gauge itself, so what is compared (and capped) is what
+/// is shown.
 #[derive(Debug, Clone)]
-pub struct Load(Gauge);
+pub struct Load {
+    gauge: Gauge,
+    /// Where requests waiting for room under a cap are woken: one for all the endpoints of an
+    /// upstream, as a waiting request may take any of them.
+    freed: Arc<Room>,
+}
+
+/// Requests waiting for room at an upstream's endpoints, woken as requests end.
+#[derive(Debug, Default)]
+pub struct Room {
+    notify: Notify,
+    /// How many wait: with none, a request that ends wakes no one (the common case costs no
+    /// lock).
+    waiting: AtomicUsize,
+}
+
+impl Room {
+    /// Waits until `take` gives a place (it is asked again each time a request ends).
+    pub async fn wait<T>(&self, mut take: impl FnMut() -> Option<T>) -> T {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before looking: a place freed in between still wakes this wait.
+            notified.as_mut().enable();
+            if let Some(held) = take() {
+                return held;
+            }
+            notified.await;
+        }
+    }
+
+    fn freed(&self) {
+        // Ordered after the count's decrement: a waiter that registered after this looked
+        // sees the room itself.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            // Every waiter looks again: each may be waiting for a different endpoint.
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// One waiter counted in [`Room::waiting`].
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 impl Load {
-    /// A count kept in `gauge`.
-    pub fn new(gauge: Gauge) -> Load {
-        Load(gauge)
+    /// A count kept in `gauge`; `freed` is shared by every endpoint of the upstream.
+    pub fn new(gauge: Gauge, freed: Arc<Room>) -> Load {
+        Load { gauge, freed }
+    }
+
+    /// Where requests wait for room at any endpoint of the upstream.
+    pub fn room(&self) -> &Room {
+        &self.freed
     }
 
     /// Requests in flight now.
     pub fn get(&self) -> u64 {
-        u64::try_from(self.0.get()).unwrap_or(0)
+        u64::try_from(self.gauge.get()).unwrap_or(0)
     }
 
     /// Counts one more request until the returned guard is dropped.
     pub fn hold(&self) -> InFlight {
-        self.0.inc();
-        InFlight(self.0.clone())
+        self.gauge.inc();
+        self.guard()
+    }
+
+    /// [`Load::hold`] if fewer than `cap` requests are in flight.
+    pub fn try_hold(&self, cap: u64) -> Option<InFlight> {
+        // Counted first, then checked: two requests racing for the last place cannot both
+        // take it.
+        let before = u64::try_from(self.gauge.inc()).unwrap_or(0);
+        if before >= cap {
+            self.gauge.dec();
+            return None;
+        }
+        Some(self.guard())
+    }
+
+    fn guard(&self) -> InFlight {
+        InFlight {
+            gauge: self.gauge.clone(),
+            freed: self.freed.clone(),
+        }
     }
 }
 
 /// One request counted in its endpoint's [`Load`] while it lives.
 #[derive(Debug)]
-pub struct InFlight(Gauge);
+pub struct InFlight {
+    gauge: Gauge,
+    freed: Arc<Room>,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.dec();
+        self.gauge.dec();
+        self.freed.freed();
     }
 }
 
@@ -163,6 +247,34 @@ pub fn score(key: u64, seed: u64, weight: u32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_cap_holds_its_count_and_a_request_ending_lets_a_waiter_in() {
+        let room = Arc::new(Room::default());
+        let load = Load::new(Gauge::default(), room.clone());
+        let first = load.try_hold(2).unwrap();
+        let _second = load.try_hold(2).unwrap();
+        assert!(load.try_hold(2).is_none());
+        assert_eq!(load.get(), 2, "a refused request is not counted");
+        let waiter = {
+            let load = load.clone();
+            tokio::spawn(async move {
+                let room = load.room();
+                room.wait(|| load.try_hold(2)).await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        drop(first);
+        let third = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter was not let in")
+            .unwrap();
+        assert_eq!(load.get(), 2);
+        drop(third);
+        assert_eq!(load.get(), 1);
+        assert_eq!(room.waiting.load(Ordering::SeqCst), 0);
+    }
 
     fn turns(weights: &[u32]) -> Vec<u32> {
         schedule(weights).map(|s| s.to_vec()).unwrap_or_default()
@@ -271,7 +383,7 @@ mod tests {
 
     #[test]
     fn a_hold_counts_until_dropped() {
-        let load = Load::new(Gauge::default());
+        let load = Load::new(Gauge::default(), Arc::default());
         let a = load.hold();
         let b = load.hold();
         assert_eq!(load.get(), 2);

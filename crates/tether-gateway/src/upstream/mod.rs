@@ -35,8 +35,14 @@ pub struct Upstream {
     next: AtomicUsize,
     /// The weighted turns (endpoint indexes); `None` when every weight is 1.
     schedule: Option<Box<[u32]>>,
-    /// With `least_requests`: the endpoints' requests in flight over every worker.
+    /// With `least_requests` or a cap: the endpoints' requests in flight over every worker.
     loads: Option<Box<[Load]>>,
+    /// Balancing by `least_requests` (the loads are compared).
+    least: bool,
+    /// Requests in flight allowed per endpoint, when capped.
+    cap: Option<u64>,
+    /// How long a request waits for room at a full endpoint.
+    pub queue_timeout: Duration,
     /// With `hash`: what is hashed.
     affinity: Option<Affinity>,
     connector: Connector,
@@ -65,6 +71,10 @@ pub struct Endpoint {
     /// Its address's stable hash, for `hash` balancing.
     seed: u64,
 }
+
+/// An endpoint at its `max_in_flight_per_endpoint`.
+#[derive(Debug, Clone, Copy)]
+pub struct Full;
 
 /// A connection handed to one request.
 #[derive(Debug)]
@@ -101,8 +111,9 @@ pub struct CheckoutInfo {
 
 impl Upstream {
     /// Builds the worker-local view of `config`; `active` is the state its health checks keep,
-    /// if it has them, and `loads` the endpoints' shared in-flight counts, compared when it
-    /// balances by `least_requests` (one per address; without them it balances in turn).
+    /// if it has them, and `loads` the endpoints' shared in-flight counts (one per address),
+    /// compared when it balances by `least_requests` and checked against
+    /// `max_in_flight_per_endpoint`; without them it balances in turn, uncapped.
     pub fn new(
         config: &UpstreamConfig,
         resolver: dns::Resolver,
@@ -111,9 +122,9 @@ impl Upstream {
         loads: Option<Box<[Load]>>,
     ) -> Result<Upstream, TlsSetupError> {
         let connector = Connector::new(config.protocol, config.tls.as_ref(), resolver)?;
-        let loads = loads.filter(|l| {
-            config.balance == Balance::LeastRequests && l.len() == config.addresses.len()
-        });
+        let loads =
+            loads.filter(|l| config.counts_in_flight() && l.len() == config.addresses.len());
+        let counted = loads.is_some();
         let weight = |i: usize| config.weights.get(i).copied().unwrap_or(1).max(1);
         Ok(Upstream {
             name: Arc::from(config.name.as_str()),
@@ -141,6 +152,12 @@ impl Upstream {
                 balance::schedule(&config.weights)
             },
             loads,
+            least: counted && config.balance == Balance::LeastRequests,
+            cap: config
+                .max_in_flight_per_endpoint
+                .filter(|_| counted)
+                .map(|n| u64::from(n.get())),
+            queue_timeout: config.queue_timeout,
             affinity: match &config.balance {
                 Balance::Hash(key) => Affinity::new(key),
                 _ => None,
@@ -195,6 +212,13 @@ impl Upstream {
                     return (n, ep);
                 };
                 let load = loads[n].get();
+                // A full endpoint is passed over like one out of rotation.
+                if self.cap.is_some_and(|cap| load >= cap) {
+                    continue;
+                }
+                if !self.least {
+                    return (n, ep);
+                }
                 if best.is_none_or(|(b, b_load)| {
                     balance::lighter(load, ep.weight, b_load, self.endpoints[b].weight)
                 }) {
@@ -264,9 +288,34 @@ impl Upstream {
         affinity.of(req.headers(), req.uri().path(), client, trusted, is_trusted)
     }
 
-    /// With `least_requests`, counts a request in endpoint `idx`'s load until the guard drops.
-    pub fn hold(&self, idx: usize) -> Option<InFlight> {
-        self.loads.as_ref()?.get(idx).map(Load::hold)
+    /// Counts a request in endpoint `idx`'s load until the guard drops (`None` when loads are
+    /// not counted); `Err` when the endpoint is at its cap (see [`Upstream::wait_for_room`]).
+    pub fn hold(&self, idx: usize) -> Result<Option<InFlight>, Full> {
+        let Some(load) = self.loads.as_ref().and_then(|l| l.get(idx)) else {
+            return Ok(None);
+        };
+        match self.cap {
+            None => Ok(Some(load.hold())),
+            Some(cap) => load.try_hold(cap).map(Some).ok_or(Full),
+        }
+    }
+
+    /// Waits, for up to the upstream's `queue_timeout`, until an endpoint `pick(key, attempt)`
+    /// would choose has room, and holds a place there; `None` when the time ran out.
+    pub async fn wait_for_room(&self, key: Option<u64>, attempt: u32) -> Option<(usize, InFlight)> {
+        let room = self.loads.as_ref()?.first()?.room();
+        let take = || {
+            let (idx, _) = self.pick(key, attempt);
+            self.hold(idx).ok().flatten().map(|held| (idx, held))
+        };
+        tokio::time::timeout(self.queue_timeout, room.wait(take))
+            .await
+            .ok()
+    }
+
+    /// Endpoint `idx`.
+    pub fn endpoint(&self, idx: usize) -> Option<&Endpoint> {
+        self.endpoints.get(idx)
     }
 
     /// Reports how a fresh connection attempt to endpoint `idx` went (`None`: it worked). True
