@@ -304,6 +304,13 @@ pub fn add_forwarding_for(headers: &mut HeaderMap, client: &ClientForwarding, ho
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.proto));
 }
 
+/// Appends the client certificate's `X-Forwarded-Client-Cert` element. Out of line: only
+/// mutual-TLS listeners call it, and inlined it costs every request.
+#[cold]
+pub fn add_client_cert(headers: &mut HeaderMap, element: &HeaderValue) {
+    headers.append(X_FORWARDED_CLIENT_CERT, element.clone());
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// The client certificate a TLS listener verified (Envoy's format); from an untrusted peer,

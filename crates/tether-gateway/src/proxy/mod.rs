@@ -778,9 +778,7 @@ fn build_upstream_request(
         (!host.is_empty()).then_some(host),
     );
     if let Some(cert) = &conn.client_cert {
-        parts
-            .headers
-            .append(headers::X_FORWARDED_CLIENT_CERT, cert.clone());
+        headers::add_client_cert(&mut parts.headers, cert);
     }
     // Also the response's: the second use is a reference count, not a copy.
     let id_value = id_header(&t.rec.request_id);
