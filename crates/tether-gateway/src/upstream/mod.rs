@@ -186,6 +186,7 @@ impl Upstream {
     /// fails only if it fails). `attempt` counts the request's retries: a hashed request's retry
     /// goes to the key's next endpoint, so that one endpoint failing does not fail all its keys'
     /// retries too.
+    #[inline]
     pub fn pick(&self, key: Option<u64>, attempt: u32) -> (usize, &Endpoint) {
         if let Some(key) = key {
             let n = self.hashed(key, attempt as usize);
