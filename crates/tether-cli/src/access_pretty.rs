@@ -139,6 +139,7 @@ mod tests {
             abort_reason: Some(CancelReason::ClientClosed),
             stage: Some("first_byte"),
             upstream_connect: None,
+            queued: None,
             upstream_first_byte: None,
             upstream_time: None,
             propagation: Some(Duration::from_micros(200)),

@@ -52,6 +52,13 @@ fn in_flight(env: &Env, endpoint: &Backend) -> Option<f64> {
     )
 }
 
+fn queued(env: &Env) -> Option<f64> {
+    metric(
+        &env.metrics_text().unwrap(),
+        "tether_upstream_queued{upstream=\"up\"}",
+    )
+}
+
 #[tokio::test]
 async fn least_requests_keeps_requests_away_from_a_busy_endpoint_until_its_client_leaves() {
     bounded(Duration::from_secs(40), async {
@@ -141,6 +148,12 @@ async fn a_reload_removes_the_in_flight_series_of_endpoints_it_drops() {
         bodies(&env, 2).await;
         assert_eq!(in_flight(&env, &a), Some(0.0));
         assert_eq!(in_flight(&env, &b), None);
+        assert_eq!(queued(&env), Some(0.0));
+        // Nothing counted any more: no series left for the upstream.
+        env.reload(|c| c.upstreams[0].balance = Balance::RoundRobin);
+        bodies(&env, 2).await;
+        assert_eq!(in_flight(&env, &a), None);
+        assert_eq!(queued(&env), None);
         env.stop().await;
     })
     .await;
@@ -311,17 +324,40 @@ async fn a_full_endpoint_is_passed_over_and_when_all_are_full_requests_wait_thei
         let waiting = tokio::spawn(async move { waiting.get("/waits").await });
         let mut leaving = env.http().await;
         let leaving = tokio::spawn(async move { leaving.get("/leaves").await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        bounded(Duration::from_secs(10), async {
+            while queued(&env) != Some(2.0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
         assert!(!waiting.is_finished() && !leaving.is_finished());
         leaving.abort();
         let gone = env.record("/leaves").await;
         assert_eq!(gone.status, 499);
         assert_eq!(gone.upstream_addr, None, "it reached an upstream");
+        assert!(gone.queued.is_some(), "its wait is not in the log");
+        bounded(Duration::from_secs(10), async {
+            while queued(&env) != Some(1.0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
         first.abort();
         busy.wait_held(0).await;
         let (parts, body) = waiting.await.unwrap().unwrap();
         assert_eq!(parts.status, 200);
         assert!(body == "a" || body == "b");
+        let served = env.record("/waits").await;
+        // It waited from before the 100 ms pause until `first` ended.
+        assert!(
+            served
+                .queued
+                .is_some_and(|q| q >= Duration::from_millis(100)),
+            "{:?}",
+            served.queued
+        );
+        assert_eq!(queued(&env), Some(0.0));
 
         // No room within queue_timeout: 503, and nothing sent upstream.
         env.reload(|c| c.upstreams[0].queue_timeout = Duration::from_millis(100));

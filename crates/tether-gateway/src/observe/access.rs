@@ -92,6 +92,9 @@ pub struct RequestRecord {
     pub stage: Option<&'static str>,
     /// Time to connect to the upstream (zero on a reused connection).
     pub upstream_connect: Option<Duration>,
+    /// Time spent waiting for room at an upstream whose endpoints were all full; `None` when
+    /// the request did not wait.
+    pub queued: Option<Duration>,
     /// From sending the request upstream to its response head.
     pub upstream_first_byte: Option<Duration>,
     /// Time the upstream spent on this request (first attempt start to end or abort).
@@ -249,6 +252,7 @@ impl RequestRecord {
             abort_reason: None,
             stage: None,
             upstream_connect: None,
+            queued: None,
             upstream_first_byte: None,
             upstream_time: None,
             propagation: None,
@@ -314,6 +318,10 @@ impl RequestRecord {
         o.label(k!("abort_reason"), self.abort_reason.map(|r| r.as_str()));
         o.label(k!("stage"), self.stage);
         o.num(k!("upstream_connect_us"), self.upstream_connect.map(micros));
+        // Only requests that waited have it: most never do.
+        if let Some(q) = self.queued {
+            o.num(k!("queue_us"), Some(micros(q)));
+        }
         o.num(
             k!("upstream_first_byte_us"),
             self.upstream_first_byte.map(micros),
@@ -797,6 +805,7 @@ mod tests {
             abort_reason: Some(CancelReason::StreamReset),
             stage: Some("body"),
             upstream_connect: None,
+            queued: None,
             upstream_first_byte: Some(Duration::from_micros(42)),
             upstream_time: None,
             propagation: Some(Duration::from_micros(7)),

@@ -143,6 +143,7 @@ pub struct Metrics {
     endpoint_skips: Family<EndpointLabels, Counter>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
+    upstream_queued: Family<UpstreamLabels, Gauge>,
     /// The series of `endpoint_in_flight`, so that a reload can drop those it removed.
     /// With the wake-up each series' waiters share.
     in_flight_series: Mutex<Vec<(EndpointLabels, Arc<crate::upstream::balance::Room>)>>,
@@ -265,8 +266,14 @@ impl Metrics {
         let endpoint_in_flight = Family::default();
         registry.register(
             "upstream_endpoint_in_flight",
-            "Requests in flight to an upstream endpoint (upstreams balanced by least_requests), over every worker",
+            "Requests in flight to an upstream endpoint (upstreams balanced by least_requests or capped by max_in_flight_per_endpoint), over every worker",
             endpoint_in_flight.clone(),
+        );
+        let upstream_queued = Family::default();
+        registry.register(
+            "upstream_queued",
+            "Requests waiting for room at an upstream whose endpoints are all at max_in_flight_per_endpoint",
+            upstream_queued.clone(),
         );
         let health_checks = Family::default();
         registry.register(
@@ -327,6 +334,7 @@ impl Metrics {
             endpoint_skips,
             endpoint_healthy,
             endpoint_in_flight,
+            upstream_queued,
             in_flight_series: Mutex::default(),
             health_checks,
             tunnels_open,
@@ -401,7 +409,12 @@ impl Metrics {
             .iter()
             .find(|(l, _)| l.upstream == labels.upstream)
             .map(|(_, freed)| freed.clone())
-            .unwrap_or_default();
+            .unwrap_or_else(|| {
+                let queued = self.upstream_queued.get_or_create_owned(&UpstreamLabels {
+                    upstream: upstream.to_owned(),
+                });
+                Arc::new(crate::upstream::balance::Room::new(queued))
+            });
         if !series.iter().any(|(l, _)| *l == labels) {
             series.push((labels, freed.clone()));
         }
@@ -415,6 +428,9 @@ impl Metrics {
             .in_flight_series
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut before: Vec<String> = series.iter().map(|(l, _)| l.upstream.clone()).collect();
+        before.sort_unstable();
+        before.dedup();
         series.retain(|(l, _)| {
             let kept = config.upstreams.iter().any(|u| {
                 u.name == l.upstream
@@ -426,6 +442,12 @@ impl Metrics {
             }
             kept
         });
+        // An upstream left with no counted endpoint has no queue either.
+        for upstream in before {
+            if !series.iter().any(|(l, _)| l.upstream == upstream) {
+                self.upstream_queued.remove(&UpstreamLabels { upstream });
+            }
+        }
     }
 
     /// Forgets every endpoint's health gauge: a new configuration's checks set theirs again, and

@@ -334,11 +334,17 @@ fn proxy<'a>(
                 Err(crate::upstream::Full) => {
                     // Every endpoint is full: wait for room, or for the client to leave.
                     t.stage = Stage::Admission;
+                    let since = Instant::now();
                     let room = Box::pin(upstream.wait_for_room(key, attempt));
                     let held = tokio::select! {
                         biased;
-                        reason = t.ctx.cancelled() => return cancelled(t, reason),
-                        held = room => held,
+                        reason = t.ctx.cancelled() => Err(reason),
+                        held = room => Ok(held),
+                    };
+                    t.rec.queued = Some(t.rec.queued.unwrap_or_default() + since.elapsed());
+                    let held = match held {
+                        Ok(held) => held,
+                        Err(reason) => return cancelled(t, reason),
                     };
                     match held.and_then(|(idx, held)| Some((idx, upstream.endpoint(idx)?, held))) {
                         Some((idx, endpoint, held)) => {

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use http::HeaderMap;
 use http::header::{COOKIE, HeaderName};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use prometheus_client::metrics::gauge::Gauge;
 use siphasher::sip::SipHasher13;
@@ -54,15 +54,26 @@ pub struct Load {
 #[derive(Debug, Default)]
 pub struct Room {
     notify: Notify,
-    /// How many wait: with none, a request that ends wakes no one (the common case costs no
-    /// lock).
-    waiting: AtomicUsize,
+    /// How many wait (the `tether_upstream_queued` gauge): with none, a request that ends
+    /// wakes no one, so the common case costs no lock.
+    waiting: Gauge,
 }
 
 impl Room {
+    /// Waiters counted in `waiting`.
+    pub fn new(waiting: Gauge) -> Room {
+        Room {
+            notify: Notify::new(),
+            waiting,
+        }
+    }
+
     /// Waits until `take` gives a place (it is asked again each time a request ends).
     pub async fn wait<T>(&self, mut take: impl FnMut() -> Option<T>) -> T {
-        self.waiting.fetch_add(1, Ordering::SeqCst);
+        self.waiting.inc();
+        // The gauge counts with relaxed order; this pairs with the fence in `freed` so that
+        // either this wait sees the place freed or `freed` sees this wait.
+        std::sync::atomic::fence(Ordering::SeqCst);
         let _waiting = Waiting(&self.waiting);
         loop {
             let notified = self.notify.notified();
@@ -80,7 +91,7 @@ impl Room {
         // Ordered after the count's decrement: a waiter that registered after this looked
         // sees the room itself.
         std::sync::atomic::fence(Ordering::SeqCst);
-        if self.waiting.load(Ordering::SeqCst) > 0 {
+        if self.waiting.get() > 0 {
             // Every waiter looks again: each may be waiting for a different endpoint.
             self.notify.notify_waiters();
         }
@@ -88,11 +99,11 @@ impl Room {
 }
 
 /// One waiter counted in [`Room::waiting`].
-struct Waiting<'a>(&'a AtomicUsize);
+struct Waiting<'a>(&'a Gauge);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.dec();
     }
 }
 
@@ -273,7 +284,7 @@ mod tests {
         assert_eq!(load.get(), 2);
         drop(third);
         assert_eq!(load.get(), 1);
-        assert_eq!(room.waiting.load(Ordering::SeqCst), 0);
+        assert_eq!(room.waiting.get(), 0);
     }
 
     fn turns(weights: &[u32]) -> Vec<u32> {
