@@ -43,6 +43,9 @@ pub fn format_record(rec: &RequestRecord) -> String {
         rec.protocol,
         rec.outcome
     );
+    if let Some(code) = rec.grpc_status {
+        let _ = write!(s, " grpc-status={code}");
+    }
     if let Some(r) = rec.abort_reason {
         let _ = write!(s, " reason={r}");
     }
@@ -140,6 +143,7 @@ mod tests {
             stage: Some("first_byte"),
             upstream_connect: None,
             queued: None,
+            grpc_status: None,
             upstream_first_byte: None,
             upstream_time: None,
             propagation: Some(Duration::from_micros(200)),
@@ -157,6 +161,21 @@ mod tests {
             format_record(&rec),
             "499 GET /work HTTP/1.1 client_abort reason=client_closed stage=first_byte 1002ms \
              prop=200us upstream=demo ttfb=1001ms sent=0B client=127.0.0.1:5000 id=r1"
+        );
+        // tether's own answer to a gRPC request: the code beside the status it stands for.
+        let grpc = RequestRecord {
+            status: 504,
+            outcome: Outcome::Timeout,
+            abort_reason: Some(CancelReason::Deadline),
+            grpc_status: Some(4),
+            propagation: None,
+            ..rec
+        };
+        assert!(
+            format_record(&grpc)
+                .starts_with("504 GET /work HTTP/1.1 timeout grpc-status=4 reason=deadline "),
+            "{}",
+            format_record(&grpc)
         );
     }
 

@@ -3,7 +3,7 @@
 //! the request sent upstream, so the backend can stop on time without a cancel signal.
 
 use http::HeaderMap;
-use http::header::{CONTENT_TYPE, HeaderName};
+use http::header::HeaderName;
 use tether::budget::{
     GRPC_TIMEOUT_HEADER, format_budget_ms, format_grpc_timeout, parse_budget_header,
     parse_grpc_timeout_header,
@@ -13,12 +13,10 @@ use tokio::time::Instant;
 
 use crate::route::Route;
 
-/// Whether the request is gRPC (its `grpc-timeout` is honoured and re-stamped).
+/// Whether the request is gRPC, gRPC-Web included (its `grpc-timeout` is honoured and
+/// re-stamped).
 pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("application/grpc"))
+    crate::grpc::Flavor::of(headers).is_some()
 }
 
 /// The deadline for a request whose head arrived at `started`, if any applies. `budget`: the

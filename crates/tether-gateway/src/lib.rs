@@ -15,6 +15,7 @@ pub mod config;
 pub mod deadline;
 pub mod downstream;
 pub mod error;
+pub mod grpc;
 pub mod listen;
 pub mod observe;
 pub mod proxy;

@@ -49,6 +49,22 @@ pub fn error_response(err: &ProxyError, request_id: &str) -> Response<ProxyBody>
     resp
 }
 
+/// `resp`, tether's answer `err` to a request, as a gRPC client understands it: a trailers-only
+/// response with the code of its status (`deadline`: the request's deadline passed) and a
+/// message naming the failure and its stage. Returns the code too, for the access log.
+pub fn for_grpc(
+    resp: Response<ProxyBody>,
+    err: &ProxyError,
+    flavor: crate::grpc::Flavor,
+    deadline: bool,
+) -> (Response<ProxyBody>, crate::grpc::Code) {
+    let (mut parts, _) = resp.into_parts();
+    let code = crate::grpc::Code::for_status(parts.status.as_u16(), deadline);
+    let message = format!("tether: {} at {}", err.classify().code, err.stage.as_str());
+    crate::grpc::trailers_only(&mut parts, flavor, code, &message);
+    (Response::from_parts(parts, ProxyBody::empty()), code)
+}
+
 /// The response returned to hyper for a request whose client left: never delivered, since the
 /// connection or stream is gone, but hyper needs one.
 pub fn client_gone() -> Response<ProxyBody> {

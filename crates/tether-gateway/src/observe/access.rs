@@ -92,6 +92,9 @@ pub struct RequestRecord {
     pub stage: Option<&'static str>,
     /// Time to connect to the upstream (zero on a reused connection).
     pub upstream_connect: Option<Duration>,
+    /// The `grpc-status` of tether's own answer to a gRPC request (`status` is then the HTTP
+    /// status other clients get for the same failure).
+    pub grpc_status: Option<u8>,
     /// Time spent waiting for room at an upstream whose endpoints were all full; `None` when
     /// the request did not wait.
     pub queued: Option<Duration>,
@@ -253,6 +256,7 @@ impl RequestRecord {
             stage: None,
             upstream_connect: None,
             queued: None,
+            grpc_status: None,
             upstream_first_byte: None,
             upstream_time: None,
             propagation: None,
@@ -306,6 +310,9 @@ impl RequestRecord {
         o.str(k!("authority"), Some(self.authority.as_bytes()));
         o.str(k!("path"), Some(self.path.as_bytes()));
         o.num(k!("status"), Some(u64::from(self.status)));
+        if let Some(code) = self.grpc_status {
+            o.num(k!("grpc_status"), Some(u64::from(code)));
+        }
         o.num(k!("bytes_sent"), Some(self.bytes_sent));
         o.num(k!("bytes_received"), Some(self.bytes_received));
         o.num(k!("duration_us"), Some(micros(self.duration)));
@@ -806,6 +813,7 @@ mod tests {
             stage: Some("body"),
             upstream_connect: None,
             queued: None,
+            grpc_status: None,
             upstream_first_byte: Some(Duration::from_micros(42)),
             upstream_time: None,
             propagation: Some(Duration::from_micros(7)),
@@ -911,5 +919,18 @@ mod tests {
         assert_eq!(v["dns_us"], Value::Null);
         assert_eq!(v.as_object().unwrap().len(), 34);
         assert!(!line.contains('\n'), "one line per record");
+
+        // The fields only some requests have.
+        let mut rec = record();
+        rec.grpc_status = Some(4);
+        rec.queued = Some(Duration::from_micros(1500));
+        let mut line = String::new();
+        rec.write_json(&mut line);
+        let v: Value = serde_json::from_str(&line).expect("valid JSON");
+        assert_eq!(
+            (&v["grpc_status"], &v["queue_us"]),
+            (&4.into(), &1500.into())
+        );
+        assert_eq!(v.as_object().unwrap().len(), 36);
     }
 }

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::cancel::ConnCancel;
 use crate::deadline;
-use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::error::{ErrorKind, ProxyError, Side, Stage};
 use crate::listen::{ListenerShared, Worker};
 use crate::observe::access::{RequestRecord, RequestText};
 use crate::observe::trace_context;
@@ -203,6 +203,9 @@ fn proxy<'a>(
         // header's text would be checked as UTF-8 again).
         let authority = t.rec.authority.clone();
         let host = authority.as_bytes();
+        if found.content_type {
+            t.grpc = crate::grpc::Flavor::of(req.headers());
+        }
         let Some(route) = listener.router.select_host(
             (!host.is_empty()).then_some(host),
             req.uri().path(),
@@ -229,7 +232,7 @@ fn proxy<'a>(
             Some(n) if *n == DEFAULT_BUDGET => found.extra,
             Some(n) => req.headers().contains_key(n),
         };
-        let grpc = found.content_type && deadline::is_grpc(req.headers());
+        let grpc = t.grpc.is_some();
         // The deadline runs from the arrival of the request head, not from the end of its body.
         if let Some(d) = deadline::request_deadline(
             route,
@@ -878,10 +881,37 @@ fn method_of(t: &Tracker) -> &str {
     t.rec.method.as_ref().map_or("", http::Method::as_str)
 }
 
-fn fail(t: Tracker, err: ProxyError) -> Response<ProxyBody> {
+fn fail(mut t: Tracker, err: ProxyError) -> Response<ProxyBody> {
     let resp = respond::error_response(&err, &t.rec.request_id);
     let status = resp.status().as_u16();
+    let resp = grpc_answer(&mut t, resp, &err, false);
     t.finish_error(&err, Some(status));
+    resp
+}
+
+/// A gRPC request's answer as a gRPC status (see [`crate::grpc`]); others' as they are.
+fn grpc_answer(
+    t: &mut Tracker,
+    resp: Response<ProxyBody>,
+    err: &ProxyError,
+    deadline: bool,
+) -> Response<ProxyBody> {
+    match t.grpc {
+        None => resp,
+        Some(flavor) => grpc_answered(t, resp, err, flavor, deadline),
+    }
+}
+
+#[cold]
+fn grpc_answered(
+    t: &mut Tracker,
+    resp: Response<ProxyBody>,
+    err: &ProxyError,
+    flavor: crate::grpc::Flavor,
+    deadline: bool,
+) -> Response<ProxyBody> {
+    let (resp, code) = respond::for_grpc(resp, err, flavor, deadline);
+    t.rec.grpc_status = Some(code.as_u8());
     resp
 }
 
@@ -956,6 +986,8 @@ fn cancelled(t: Tracker, reason: tether::CancelReason) -> Response<ProxyBody> {
     let resp = respond::error_response(&err, &t.rec.request_id);
     let mut t = t;
     t.rec.status = resp.status().as_u16();
+    let deadline = reason == tether::CancelReason::Deadline && err.side == Side::Upstream;
+    let resp = grpc_answer(&mut t, resp, &err, deadline);
     t.finish_cancelled(reason);
     resp
 }

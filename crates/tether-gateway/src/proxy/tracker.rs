@@ -61,6 +61,8 @@ pub struct Tracker {
     pub endpoint_load: Option<crate::upstream::balance::InFlight>,
     /// Its route's metric handles, once routed.
     pub route_metrics: Option<Arc<RouteMetrics>>,
+    /// The request is gRPC: tether's own answers to it are gRPC statuses.
+    pub grpc: Option<crate::grpc::Flavor>,
     done: bool,
 }
 
@@ -95,6 +97,7 @@ impl Tracker {
             admission: None,
             endpoint_load: None,
             route_metrics: None,
+            grpc: None,
             done: false,
         }
     }

@@ -1,0 +1,178 @@
+//! gRPC clients: which requests are gRPC, and how tether's own answers reach them. A gRPC client
+//! reads a call's outcome from `grpc-status`, not from the HTTP status: a 504 with a JSON body
+//! would surface as `UNAVAILABLE: unexpected HTTP status code` whatever happened. So a gRPC
+//! request that tether answers itself (no route, admission, a failed upstream, its deadline) gets
+//! a trailers-only response: HTTP 200, `grpc-status` and `grpc-message` in the head, no body.
+
+use http::HeaderMap;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
+
+/// The status code header of a gRPC response.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
+/// The status message header of a gRPC response (percent-encoded).
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+
+/// The kind of gRPC a request speaks, by its `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// `application/grpc`, `application/grpc+proto`, ...
+    Grpc,
+    /// gRPC-Web: `application/grpc-web`, `application/grpc-web+proto`.
+    Web,
+    /// gRPC-Web in base64: `application/grpc-web-text`.
+    WebText,
+}
+
+impl Flavor {
+    /// The flavor of a request with these headers, or `None` when it is not gRPC.
+    pub fn of(headers: &HeaderMap) -> Option<Flavor> {
+        let ct = headers.get(CONTENT_TYPE)?.as_bytes();
+        let rest = strip_prefix_ignore_case(ct, b"application/grpc")?;
+        let flavor = if let Some(rest) = strip_prefix_ignore_case(rest, b"-web-text") {
+            (Flavor::WebText, rest)
+        } else if let Some(rest) = strip_prefix_ignore_case(rest, b"-web") {
+            (Flavor::Web, rest)
+        } else {
+            (Flavor::Grpc, rest)
+        };
+        // `application/grpcfoo` is some other type.
+        matches!(flavor.1.first(), None | Some(b'+' | b';' | b' ')).then_some(flavor.0)
+    }
+
+    /// The `Content-Type` of tether's answers to this flavor.
+    fn content_type(self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Flavor::Grpc => "application/grpc",
+            Flavor::Web => "application/grpc-web",
+            Flavor::WebText => "application/grpc-web-text",
+        })
+    }
+}
+
+fn strip_prefix_ignore_case<'a>(s: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// gRPC status codes tether answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Code {
+    /// 2: the failure has no closer code.
+    Unknown = 2,
+    /// 4: the call's own deadline passed (the route's `timeout`, the client's `grpc-timeout`).
+    DeadlineExceeded = 4,
+    /// 7: the route does not serve this client.
+    PermissionDenied = 7,
+    /// 8: a rate limit or a size limit.
+    ResourceExhausted = 8,
+    /// 12: no route serves the call.
+    Unimplemented = 12,
+    /// 13: the request was malformed.
+    Internal = 13,
+    /// 14: the upstream could not be reached, failed, was too slow, or had no room; another
+    /// try may succeed.
+    Unavailable = 14,
+}
+
+impl Code {
+    /// The code of tether's answer `status` (the HTTP status it gives other clients);
+    /// `deadline`: the request's deadline passed, rather than one of its upstream timeouts.
+    /// Follows gRPC's HTTP-to-gRPC mapping, made more precise where tether knows more.
+    pub fn for_status(status: u16, deadline: bool) -> Code {
+        match status {
+            _ if deadline => Code::DeadlineExceeded,
+            408 => Code::DeadlineExceeded,
+            400 => Code::Internal,
+            403 => Code::PermissionDenied,
+            404 => Code::Unimplemented,
+            413 | 429 | 431 => Code::ResourceExhausted,
+            502..=504 => Code::Unavailable,
+            _ => Code::Unknown,
+        }
+    }
+
+    /// The numeric code.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+/// Turns a head of tether's own answer into a trailers-only gRPC response head: status 200,
+/// `grpc-status`, and `grpc-message` saying what failed where (`upstream_timeout at first_byte`).
+/// The other headers (`Proxy-Status`, `X-Request-Id`, `Retry-After`) stay.
+pub fn trailers_only(parts: &mut http::response::Parts, flavor: Flavor, code: Code, message: &str) {
+    parts.status = http::StatusCode::OK;
+    let h = &mut parts.headers;
+    h.remove(http::header::CONTENT_LENGTH);
+    h.insert(CONTENT_TYPE, flavor.content_type());
+    h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code.as_u8())));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
+        h.insert(GRPC_MESSAGE, v);
+    }
+}
+
+/// gRPC's message encoding: bytes outside printable ASCII, and `%`, as `%XX`.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flavor(ct: &'static str) -> Option<Flavor> {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static(ct));
+        Flavor::of(&h)
+    }
+
+    #[test]
+    fn flavors_are_told_by_content_type() {
+        assert_eq!(flavor("application/grpc"), Some(Flavor::Grpc));
+        assert_eq!(flavor("application/grpc+proto"), Some(Flavor::Grpc));
+        assert_eq!(flavor("Application/GRPC+json"), Some(Flavor::Grpc));
+        assert_eq!(flavor("application/grpc-web"), Some(Flavor::Web));
+        assert_eq!(flavor("application/grpc-web+proto"), Some(Flavor::Web));
+        assert_eq!(flavor("application/grpc-web-text"), Some(Flavor::WebText));
+        assert_eq!(
+            flavor("application/grpc-web-text+proto"),
+            Some(Flavor::WebText)
+        );
+        assert_eq!(flavor("application/grpcx"), None);
+        assert_eq!(flavor("application/json"), None);
+        assert_eq!(flavor("application/grp"), None);
+        assert_eq!(Flavor::of(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn statuses_map_to_codes() {
+        assert_eq!(Code::for_status(504, true), Code::DeadlineExceeded);
+        assert_eq!(Code::for_status(504, false), Code::Unavailable);
+        assert_eq!(Code::for_status(503, false), Code::Unavailable);
+        assert_eq!(Code::for_status(502, false), Code::Unavailable);
+        assert_eq!(Code::for_status(429, false), Code::ResourceExhausted);
+        assert_eq!(Code::for_status(413, false), Code::ResourceExhausted);
+        assert_eq!(Code::for_status(404, false), Code::Unimplemented);
+        assert_eq!(Code::for_status(403, false), Code::PermissionDenied);
+        assert_eq!(Code::for_status(400, false), Code::Internal);
+        assert_eq!(Code::for_status(408, false), Code::DeadlineExceeded);
+        assert_eq!(Code::for_status(500, false), Code::Unknown);
+    }
+
+    #[test]
+    fn messages_are_percent_encoded() {
+        assert_eq!(percent_encode("a b%c"), "a b%25c");
+        assert_eq!(percent_encode("é\n"), "%C3%A9%0A");
+    }
+}

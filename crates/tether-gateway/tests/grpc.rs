@@ -1,0 +1,297 @@
+//! gRPC clients through tether, judged by a real gRPC client (tonic): tether's own answers reach
+//! it as gRPC statuses (trailers-only responses), an upstream's gRPC responses pass untouched,
+//! and a gRPC-Web client over HTTP/1.1 finds the status in the response head.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes};
+use common::*;
+use test_support::EventKind;
+use test_support::behavior::{Behavior, Reply, routes};
+use tether::CancelReason;
+use tether_gateway::observe::access::Outcome;
+use tonic::Code;
+use tonic::codec::{DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// Messages as raw bytes: the tests need gRPC's framing and statuses, not a schema.
+#[derive(Debug, Clone, Copy, Default)]
+struct Raw;
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = Raw;
+    type Decoder = Raw;
+
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
+}
+
+impl Encoder for Raw {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put(item);
+        Ok(())
+    }
+}
+
+impl Decoder for Raw {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+/// One unary call to `path` through the gateway, over a connection of its own.
+async fn call(env: &Env, path: &'static str) -> Result<tonic::Response<Bytes>, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", env.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(Bytes::from_static(b"ping")),
+        http::uri::PathAndQuery::from_static(path),
+        Raw,
+    )
+    .await
+}
+
+/// A gRPC message frame: uncompressed, length-prefixed.
+fn frame(message: &[u8]) -> Bytes {
+    let mut b = bytes::BytesMut::new();
+    b.put_u8(0);
+    b.put_u32(u32::try_from(message.len()).unwrap());
+    b.put_slice(message);
+    b.freeze()
+}
+
+/// The route's deadline passes while the upstream works: the client is told DEADLINE_EXCEEDED
+/// (not UNAVAILABLE, as a bare 504 would read), the upstream's work is stopped, and the log keeps
+/// the 504 it stands for beside the gRPC code.
+#[tokio::test]
+async fn a_passed_deadline_reaches_the_client_as_deadline_exceeded() {
+    bounded(Duration::from_secs(30), async {
+        for up in [Up::H1, Up::H2c] {
+            let env = Env::with(
+                Down::H2c,
+                up,
+                routes(vec![("/test.Echo/Slow", Behavior::Never)]),
+                |c| c.listeners[0].routes[0].timeouts.total = Some(Duration::from_millis(300)),
+            )
+            .await;
+            let status = call(&env, "/test.Echo/Slow").await.unwrap_err();
+            assert_eq!(status.code(), Code::DeadlineExceeded, "{up:?}: {status:?}");
+            assert_eq!(
+                status.message(),
+                "tether: upstream_timeout at first_byte",
+                "{up:?}"
+            );
+            let md = status.metadata();
+            assert!(md.get("x-request-id").is_some(), "{up:?}: {md:?}");
+            assert!(
+                md.get("proxy-status")
+                    .is_some_and(|v| v.to_str().unwrap().starts_with("tether;")),
+                "{up:?}: {md:?}"
+            );
+            let stopped = env
+                .log()
+                .wait_for(BOUND, |e| {
+                    e.path == "/test.Echo/Slow"
+                        && (e.kind.is_h1_close() || matches!(e.kind, EventKind::StreamReset { .. }))
+                })
+                .await;
+            assert!(stopped.is_some(), "{up:?}: {:?}", env.log().events());
+            let rec = env.record("/test.Echo/Slow").await;
+            assert_eq!(rec.status, 504, "{up:?}");
+            assert_eq!(rec.grpc_status, Some(4), "{up:?}");
+            assert_eq!(rec.outcome, Outcome::Timeout, "{up:?}");
+            assert_eq!(rec.abort_reason, Some(CancelReason::Deadline), "{up:?}");
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+/// Each of tether's refusals and upstream failures is a gRPC status a client can act on:
+/// UNAVAILABLE (retry elsewhere) for an upstream that cannot be reached, UNIMPLEMENTED for a call
+/// no route serves, PERMISSION_DENIED for a client the route refuses, RESOURCE_EXHAUSTED for one
+/// over its rate limit.
+#[tokio::test]
+async fn refusals_and_failures_reach_the_client_as_grpc_statuses() {
+    bounded(Duration::from_secs(30), async {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        let env = Env::with(
+            Down::H2c,
+            Up::H2c,
+            routes(vec![("/", Behavior::ok("unused"))]),
+            |c| {
+                let mut unreachable = c.upstreams[0].clone();
+                unreachable.name = "dead".into();
+                unreachable.addresses = vec![dead.into()];
+                unreachable.max_fails = 0;
+                c.upstreams.push(unreachable);
+                let l = &mut c.listeners[0];
+                let base = l.routes[0].clone();
+                let mut to_dead = base.clone();
+                to_dead.name = "dead".into();
+                to_dead.path_prefix = "/test.Dead/".into();
+                to_dead.upstream = "dead".into();
+                to_dead.max_retries = 0;
+                let mut denied = base.clone();
+                denied.name = "denied".into();
+                denied.path_prefix = "/test.Denied/".into();
+                denied.deny_clients = vec!["127.0.0.0/8".parse().unwrap()];
+                let mut limited = base.clone();
+                limited.name = "limited".into();
+                limited.path_prefix = "/test.Limited/".into();
+                limited.rate_limit = Some(tether_gateway::config::RateLimit {
+                    requests: 1,
+                    per: Duration::from_secs(60),
+                    burst: 0,
+                });
+                let mut served = base;
+                served.path_prefix = "/test.Echo/".into();
+                l.routes = vec![to_dead, denied, limited, served];
+            },
+        )
+        .await;
+        let cases: [(&'static str, Code, &str); 3] = [
+            (
+                "/test.Dead/Call",
+                Code::Unavailable,
+                "tether: upstream_connect_failed at connect",
+            ),
+            (
+                "/test.Nowhere/Call",
+                Code::Unimplemented,
+                "tether: no_route at route",
+            ),
+            (
+                "/test.Denied/Call",
+                Code::PermissionDenied,
+                "tether: forbidden at admission",
+            ),
+        ];
+        for (path, code, message) in cases {
+            let status = call(&env, path).await.unwrap_err();
+            assert_eq!((status.code(), status.message()), (code, message), "{path}");
+        }
+        // The first call of the limited route reaches the (non-gRPC) upstream; the next is
+        // refused by tether.
+        let _ = call(&env, "/test.Limited/Call").await;
+        let status = call(&env, "/test.Limited/Call").await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.metadata().get("retry-after").is_some());
+        let rec = env.record("/test.Dead/Call").await;
+        assert_eq!((rec.status, rec.grpc_status), (502, Some(14)));
+        assert_eq!(env.record("/test.Nowhere/Call").await.grpc_status, Some(12));
+        env.stop().await;
+    })
+    .await;
+}
+
+/// The upstream's own gRPC response, status in its trailers, passes through as it was sent.
+#[tokio::test]
+async fn an_upstream_grpc_response_passes_untouched() {
+    bounded(Duration::from_secs(20), async {
+        let reply = Reply::ok(frame(b"pong"))
+            .header("content-type", "application/grpc")
+            .trailer("grpc-status", "0");
+        let failing = Reply::ok(Bytes::new())
+            .header("content-type", "application/grpc")
+            .trailer("grpc-status", "5")
+            .trailer("grpc-message", "no such key");
+        let env = Env::with(
+            Down::H2c,
+            Up::H2c,
+            routes(vec![
+                ("/test.Echo/Ping", Behavior::Respond(reply)),
+                ("/test.Echo/Missing", Behavior::Respond(failing)),
+            ]),
+            |_| {},
+        )
+        .await;
+        let got = call(&env, "/test.Echo/Ping").await.unwrap();
+        assert_eq!(got.into_inner(), Bytes::from_static(b"pong"));
+        let status = call(&env, "/test.Echo/Missing").await.unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::NotFound, "no such key")
+        );
+        assert_eq!(env.record("/test.Echo/Missing").await.grpc_status, None);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// A gRPC-Web client (HTTP/1.1) reads the status from the head of a bodiless 200, with the
+/// gRPC-Web content type; a plain HTTP client still gets the JSON error body.
+#[tokio::test]
+async fn a_grpc_web_client_gets_the_status_in_the_response_head() {
+    bounded(Duration::from_secs(20), async {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = closed.local_addr().unwrap();
+        drop(closed);
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            routes(vec![("/", Behavior::ok("unused"))]),
+            |c| {
+                c.upstreams[0].addresses = vec![dead.into()];
+                c.upstreams[0].max_fails = 0;
+                c.listeners[0].routes[0].max_retries = 0;
+            },
+        )
+        .await;
+        let mut c = env.h1().await;
+        c.send_request(
+            "POST",
+            "/test.Echo/Ping",
+            &[("content-type", "application/grpc-web+proto")],
+            None,
+            &frame(b"ping"),
+        )
+        .await
+        .unwrap();
+        let head = c.read_final_head().await.unwrap();
+        assert_eq!(head.status, 200);
+        let header = |name: &str| {
+            head.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(header("content-type"), Some("application/grpc-web"));
+        assert_eq!(header("grpc-status"), Some("14"));
+        assert_eq!(
+            header("grpc-message"),
+            Some("tether: upstream_connect_failed at connect")
+        );
+        assert_eq!(header("content-length"), Some("0"));
+
+        c.send_request("GET", "/plain", &[], None, b"")
+            .await
+            .unwrap();
+        let head = c.read_final_head().await.unwrap();
+        assert_eq!(head.status, 502);
+        env.stop().await;
+    })
+    .await;
+}
