@@ -45,7 +45,13 @@ impl Drop for UpstreamH2 {
 impl UpstreamH2 {
     /// Starts an h2c (prior knowledge) upstream on `127.0.0.1:0`.
     pub async fn start(script: Script) -> Result<UpstreamH2, BoxError> {
-        Self::start_inner(script, None).await
+        Self::start_inner(script, None, None).await
+    }
+
+    /// Starts an h2c upstream whose connections allow at most `max_streams` concurrent streams
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub async fn start_limited(script: Script, max_streams: u32) -> Result<UpstreamH2, BoxError> {
+        Self::start_inner(script, None, Some(max_streams)).await
     }
 
     /// Starts an h2-over-TLS upstream; the config should offer ALPN `h2`.
@@ -53,12 +59,13 @@ impl UpstreamH2 {
         script: Script,
         tls: Arc<rustls::ServerConfig>,
     ) -> Result<UpstreamH2, BoxError> {
-        Self::start_inner(script, Some(tls)).await
+        Self::start_inner(script, Some(tls), None).await
     }
 
     async fn start_inner(
         script: Script,
         tls: Option<Arc<rustls::ServerConfig>>,
+        max_streams: Option<u32>,
     ) -> Result<UpstreamH2, BoxError> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -69,7 +76,7 @@ impl UpstreamH2 {
                 listener,
                 tls,
                 move || l1.accept(),
-                move |a, conn| serve(a, conn, l2.clone(), script.clone()),
+                move |a, conn| serve(a, conn, l2.clone(), script.clone(), max_streams),
             )
             .await;
         });
@@ -87,9 +94,13 @@ impl UpstreamH2 {
     }
 }
 
-async fn serve(a: Accepted, conn: u64, log: EventLog, script: Script) {
+async fn serve(a: Accepted, conn: u64, log: EventLog, script: Script, max_streams: Option<u32>) {
     let Accepted { io, handle } = a;
-    let Ok(mut h2) = h2::server::Builder::new().handshake::<_, Bytes>(io).await else {
+    let mut builder = h2::server::Builder::new();
+    if let Some(n) = max_streams {
+        builder.max_concurrent_streams(n);
+    }
+    let Ok(mut h2) = builder.handshake::<_, Bytes>(io).await else {
         log.push(conn, 0, "", EventKind::ConnectionClosed);
         return;
     };

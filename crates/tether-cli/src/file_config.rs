@@ -297,6 +297,8 @@ pub struct FileUpstream {
     pub max_in_flight_per_endpoint: Option<u32>,
     /// How long a request waits for room at a full endpoint.
     pub queue_timeout: Option<String>,
+    /// HTTP/2: streams per connection before another connection is opened.
+    pub max_streams_per_connection: Option<u32>,
     /// How long an idle pooled connection is kept.
     pub idle_timeout: Option<String>,
     /// Failed connection attempts in a row before an endpoint is skipped; 0 never skips.
@@ -1289,6 +1291,17 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         }
         // Zero is allowed: no waiting, a full upstream answers 503 at once.
         cfg.queue_timeout = parse_duration(s).map_err(|e| KeyError::new(&qkey, e))?;
+    }
+    if let Some(n) = u.max_streams_per_connection {
+        let skey = format!("{key}.max_streams_per_connection");
+        if !protocol.is_h2() {
+            return Err(KeyError::new(
+                skey,
+                "only used with protocol = \"h2\" or \"h2c\"",
+            ));
+        }
+        cfg.max_streams_per_connection = std::num::NonZeroU32::new(n)
+            .ok_or_else(|| KeyError::new(skey, "must be at least 1"))?;
     }
     if let Some(s) = &u.idle_timeout {
         let ikey = format!("{key}.idle_timeout");

@@ -593,6 +593,10 @@ pub struct UpstreamConfig {
     pub max_in_flight_per_endpoint: Option<std::num::NonZeroU32>,
     /// How long a request may wait for room at a full endpoint. Default 5 s.
     pub queue_timeout: Duration,
+    /// HTTP/2 upstreams: streams one connection carries at once before tether opens another to
+    /// the same endpoint. At or below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`: beyond
+    /// it, requests would wait inside the connection.
+    pub max_streams_per_connection: std::num::NonZeroU32,
 }
 
 /// A route's redirect: `Location` is `to` with `{host}` (the request's host, without a port),
@@ -807,6 +811,14 @@ impl HealthCheck {
     }
 }
 
+/// The default of [`UpstreamConfig::max_streams_per_connection`]: the fewest streams RFC 9113
+/// (6.5.2) recommends a server allow.
+pub const DEFAULT_H2_STREAMS_PER_CONNECTION: std::num::NonZeroU32 =
+    match std::num::NonZeroU32::new(100) {
+        Some(n) => n,
+        None => std::num::NonZeroU32::MIN,
+    };
+
 impl UpstreamConfig {
     /// Whether requests in flight to each endpoint are counted (for `least_requests`, or a cap).
     pub fn counts_in_flight(&self) -> bool {
@@ -827,6 +839,7 @@ impl UpstreamConfig {
             max_idle_per_endpoint: 64,
             max_in_flight_per_endpoint: None,
             queue_timeout: Duration::from_secs(5),
+            max_streams_per_connection: DEFAULT_H2_STREAMS_PER_CONNECTION,
             idle_timeout: Duration::from_secs(4),
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),

@@ -489,3 +489,90 @@ async fn a_rested_connection_the_upstream_closed_is_not_used() {
     .await
     .expect("bounded");
 }
+
+/// An HTTP/2 upstream that allows 2 streams per connection, with `max_streams_per_connection`
+/// set to match: a third request at once opens a second connection and reaches the upstream at
+/// once, rather than waiting inside the first connection for a stream to end (unseen by
+/// timeouts and balancing). Once traffic is back to one stream at a time, the extra connection
+/// is closed after `idle_timeout`, and the first one keeps serving.
+#[tokio::test]
+async fn streams_past_the_per_connection_limit_open_another_h2_connection() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let up = test_support::UpstreamH2::start_limited(
+            script(|r| {
+                if r.path.starts_with("/hold") {
+                    Behavior::Never
+                } else {
+                    Behavior::ok("ok")
+                }
+            }),
+            2,
+        )
+        .await
+        .unwrap();
+        let (gw, addr, _admin, _) = gateway_to(up.addr(), 1, 8, Duration::from_millis(300), |u| {
+            u.protocol = UpstreamProtocol::H2c;
+            u.max_streams_per_connection = std::num::NonZeroU32::new(2).unwrap();
+        });
+        let started = |up: &test_support::UpstreamH2| {
+            up.log()
+                .events()
+                .iter()
+                .filter(|e| {
+                    e.path.starts_with("/hold")
+                        && matches!(e.kind, EventKind::RequestStarted { .. })
+                })
+                .count()
+        };
+        let mut holds = Vec::new();
+        for i in 0..3 {
+            holds.push(tokio::spawn(async move {
+                let mut c = H1Client::connect(addr).await.unwrap();
+                c.get(&format!("/hold/{i}")).await
+            }));
+        }
+        // Bounded well below the test's limit: queued inside a connection, the third request
+        // would never start, as the holds never end.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while started(&up) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "{} of 3 requests reached the upstream over {} connections",
+                started(&up),
+                up.log().accepted()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(up.log().accepted(), 2);
+        for h in holds {
+            h.abort();
+        }
+
+        // One stream at a time from now on: the extra connection goes idle and is closed.
+        let closed = |up: &test_support::UpstreamH2| {
+            up.log()
+                .events()
+                .iter()
+                .filter(|e| e.kind == EventKind::ConnectionClosed)
+                .count()
+        };
+        let mut c = H1Client::connect(addr).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while closed(&up) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the extra connection stayed open"
+            );
+            let (head, _) = c.get("/one").await.unwrap();
+            assert_eq!(head.status, 200);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (head, _) = c.get("/after").await.unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(closed(&up), 1, "{:?}", up.log().events());
+        assert_eq!(up.log().accepted(), 2, "a connection was opened again");
+        drop(gw);
+    })
+    .await
+    .expect("bounded");
+}

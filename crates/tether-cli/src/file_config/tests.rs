@@ -822,6 +822,33 @@ fn compression_takes_defaults_and_bad_settings_name_their_key() {
 }
 
 #[test]
+fn streams_per_connection_convert_for_http2_upstreams_only() {
+    let cfg = parse(GOOD, Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.upstreams[0].max_streams_per_connection.get(),
+        100
+    );
+    let with = |extra: &str| {
+        GOOD.replace(
+            "protocol = \"h2c\"\n",
+            &format!("protocol = \"h2c\"\nmax_streams_per_connection = {extra}\n"),
+        )
+    };
+    let cfg = parse(&with("250"), Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.upstreams[0].max_streams_per_connection.get(),
+        250
+    );
+    let e = err(&with("0"));
+    assert_eq!(e.key, "upstreams[0].max_streams_per_connection");
+    assert!(e.message.contains("at least 1"), "{e:?}");
+    let h1 = with("8").replace("protocol = \"h2c\"", "protocol = \"http1\"");
+    let e = err(&h1);
+    assert_eq!(e.key, "upstreams[0].max_streams_per_connection");
+    assert!(e.message.contains("only used with"), "{e:?}");
+}
+
+#[test]
 fn an_endpoint_cap_and_its_queue_timeout_convert_and_bad_ones_name_their_key() {
     let with = |extra: &str| {
         GOOD.replace(

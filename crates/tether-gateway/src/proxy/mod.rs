@@ -439,9 +439,9 @@ fn proxy<'a>(
                         await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await;
                     (head, Some(c))
                 }
-                Checkout::H2(mut c) => {
+                Checkout::H2(mut c, place) => {
                     t.rec.upstream_addr = Some(c.peer);
-                    t.teardown = Teardown::H2;
+                    t.teardown = Teardown::H2(place);
                     let mut head =
                         await_head(&t.ctx, c.sender.try_send_request(up_req), first_byte).await;
                     // The stream sees only that the connection ended; its transport saw why.

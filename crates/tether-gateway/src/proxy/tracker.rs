@@ -26,7 +26,8 @@ pub enum Teardown {
     /// An HTTP/1 connection: propagation ends when its task closed the socket.
     H1(watch::Receiver<Option<Instant>>),
     /// An HTTP/2 stream: propagation ends when its handles were dropped (RST_STREAM queued).
-    H2,
+    /// Holds the stream's place on its connection until the exchange ends.
+    H2(crate::upstream::pool::StreamPlace),
 }
 
 /// See the [module docs](self).
@@ -211,7 +212,7 @@ impl Tracker {
                 }
                 Err(_) => self.report(),
             },
-            (Some(at), Teardown::H2 | Teardown::None) if self.upstream_started.is_some() => {
+            (Some(at), Teardown::H2(_) | Teardown::None) if self.upstream_started.is_some() => {
                 self.rec.propagation = Some(now.saturating_duration_since(at));
                 self.report();
             }

@@ -146,7 +146,7 @@ async fn check(upstream: &Upstream, i: usize, t: &Target, rules: &Rewrite) -> Re
         // `send_request`, not the `try_send_request` requests use: see `connect_once`.
         let resp = match checkout {
             Checkout::H1(mut c) => c.sender.send_request(req).await,
-            Checkout::H2(mut c) => c.sender.send_request(req).await,
+            Checkout::H2(mut c, _place) => c.sender.send_request(req).await,
         }
         .map_err(|e| format!("no answer: {e}"))?;
         let status = resp.status().as_u16();

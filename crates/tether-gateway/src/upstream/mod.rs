@@ -22,7 +22,7 @@ use balance::{Affinity, InFlight, Load};
 use connect::{Connector, TlsSetupError};
 use health::EndpointHealth;
 use health_check::ActiveHealth;
-use pool::{EndpointPool, H1Conn, H2Conn, OpenConn};
+use pool::{EndpointPool, H1Conn, H2Conn, OpenConn, StreamPlace};
 
 /// One named upstream as seen by one worker.
 #[derive(Debug)]
@@ -43,6 +43,8 @@ pub struct Upstream {
     cap: Option<u64>,
     /// How long a request waits for room at a full endpoint.
     pub queue_timeout: Duration,
+    /// Streams one HTTP/2 connection takes before another is opened.
+    max_streams: usize,
     /// With `hash`: what is hashed.
     affinity: Option<Affinity>,
     connector: Connector,
@@ -81,8 +83,8 @@ pub struct Full;
 pub enum Checkout {
     /// An HTTP/1 connection owned by the request until its response ends.
     H1(H1Conn),
-    /// A handle on the shared HTTP/2 connection.
-    H2(H2Conn),
+    /// A handle on a shared HTTP/2 connection, and the request's place among its streams.
+    H2(H2Conn, StreamPlace),
 }
 
 /// What kind of connection a request needs.
@@ -158,6 +160,8 @@ impl Upstream {
                 .filter(|_| counted)
                 .map(|n| u64::from(n.get())),
             queue_timeout: config.queue_timeout,
+            max_streams: usize::try_from(config.max_streams_per_connection.get())
+                .unwrap_or(usize::MAX),
             affinity: match &config.balance {
                 Balance::Hash(key) => Affinity::new(key),
                 _ => None,
@@ -475,17 +479,15 @@ impl Upstream {
         reuse: bool,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         let mut slot = ep.pool.h2_slot().lock().await;
-        if let Some(c) = slot.as_ref()
-            && reuse
-            && !c.sender.is_closed()
-        {
+        if reuse && let Some((c, place)) = slot.take(self.max_streams, ep.pool.idle_timeout()) {
+            let local = c.local;
             return Ok((
-                Checkout::H2(c.clone()),
+                Checkout::H2(c, place),
                 CheckoutInfo {
                     reused: true,
                     connect: Duration::ZERO,
                     timings: None,
-                    local: c.local,
+                    local,
                 },
             ));
         }
@@ -494,9 +496,9 @@ impl Upstream {
         let timings = connected.timings;
         let c = self.start_h2(connected).await?;
         let local = c.local;
-        *slot = Some(c.clone());
+        let place = slot.add(c.clone());
         Ok((
-            Checkout::H2(c),
+            Checkout::H2(c, place),
             CheckoutInfo {
                 reused: false,
                 connect: started.elapsed(),
@@ -537,6 +539,7 @@ impl Upstream {
             }
         });
         Ok(H2Conn {
+            streams: Arc::default(),
             sender,
             peer,
             local,
@@ -554,7 +557,9 @@ impl Upstream {
             .ok_or_else(|| ProxyError::upstream(Stage::Connect, ErrorKind::Refused))?;
         if self.protocol.is_h2() {
             let connected = self.connect(ep, timeout).await?;
-            return Ok(Checkout::H2(self.start_h2(connected).await?));
+            let c = self.start_h2(connected).await?;
+            let place = c.place();
+            return Ok(Checkout::H2(c, place));
         }
         let (checkout, _) = Box::pin(self.connect_h1(ep, timeout, false)).await?;
         Ok(checkout)

@@ -1,5 +1,6 @@
-//! Upstream connections kept for reuse: an idle list of HTTP/1 connections and one shared
-//! multiplexed HTTP/2 connection per endpoint. Pools are per worker thread, so their locks are
+//! Upstream connections kept for reuse: an idle list of HTTP/1 connections and the shared
+//! multiplexed HTTP/2 connections of each endpoint (one, and more while one has as many streams
+//! open as `max_streams_per_connection` allows). Pools are per worker thread, so their locks are
 //! never contended.
 //!
 //! LIFECYCLE (HTTP/1): connect → handshake → a task drives the connection → checked out for one
@@ -18,7 +19,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -305,9 +306,11 @@ impl IdleH1 {
     }
 }
 
-/// The shared HTTP/2 connection of an endpoint.
+/// A shared HTTP/2 connection of an endpoint.
 #[derive(Debug, Clone)]
 pub struct H2Conn {
+    /// Streams open on it now, shared by its handles.
+    pub streams: Arc<Streams>,
     /// hyper's request sender (clones share the connection).
     pub sender: http2::SendRequest<RequestBody>,
     /// Remote address.
@@ -319,10 +322,126 @@ pub struct H2Conn {
     pub tls_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// The streams open on one HTTP/2 connection.
+#[derive(Debug, Default)]
+pub struct Streams(AtomicUsize);
+
+impl Streams {
+    /// How many are open.
+    pub fn open(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// One stream's place on its connection, given back when dropped: when the request's exchange
+/// ended, failed, or was reset.
+#[derive(Debug)]
+pub struct StreamPlace(Arc<Streams>);
+
+impl Drop for StreamPlace {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl H2Conn {
+    /// A place for one more stream, whatever the count.
+    pub fn place(&self) -> StreamPlace {
+        self.streams.0.fetch_add(1, Ordering::Relaxed);
+        StreamPlace(self.streams.clone())
+    }
+}
+
+/// The HTTP/2 connections of one endpoint on one worker, the preferred first. Streams past a
+/// server's `SETTINGS_MAX_CONCURRENT_STREAMS` would wait inside the connection, unseen by
+/// timeouts and balancing alike, so a connection takes at most `max` streams (set at or below
+/// the upstream's limit) and one more connection is opened when all are full. Connections beyond
+/// the first are closed once idle for the pool's `idle_timeout`.
+#[derive(Debug, Default)]
+pub struct H2Conns {
+    conns: Vec<PooledH2>,
+}
+
+#[derive(Debug)]
+struct PooledH2 {
+    conn: H2Conn,
+    /// When a look found it without streams; `None` while in use.
+    idle_since: Option<Instant>,
+}
+
+impl H2Conns {
+    /// A place on the first open connection with fewer than `max` streams, or `None` when every
+    /// connection is full (or there is none). Drops closed connections, and those beyond the
+    /// first idle for longer than `idle_timeout`. Places are taken only under the endpoint's
+    /// lock, so no two requests both take the last one.
+    pub fn take(&mut self, max: usize, idle_timeout: Duration) -> Option<(H2Conn, StreamPlace)> {
+        // The common case: one connection, with room.
+        if let [only] = self.conns.as_slice()
+            && only.conn.streams.open() < max
+            && !only.conn.sender.is_closed()
+        {
+            let c = only.conn.clone();
+            let place = c.place();
+            return Some((c, place));
+        }
+        self.conns.retain(|p| !p.conn.sender.is_closed());
+        let now = Instant::now();
+        let mut chosen = None;
+        for (i, p) in self.conns.iter_mut().enumerate() {
+            let open = p.conn.streams.open();
+            if chosen.is_none() && open < max {
+                chosen = Some(i);
+                p.idle_since = None;
+            } else if open == 0 {
+                p.idle_since.get_or_insert(now);
+            } else {
+                p.idle_since = None;
+            }
+        }
+        let mut i = 0;
+        self.conns.retain(|p| {
+            let keep = i == 0
+                || chosen == Some(i)
+                || p.idle_since
+                    .is_none_or(|s| now.saturating_duration_since(s) < idle_timeout);
+            i += 1;
+            keep
+        });
+        // Connections before the chosen one are never dropped (only those beyond the first that
+        // are idle, and an idle one has room, so it would have been chosen).
+        let c = self.conns.get(chosen?)?.conn.clone();
+        let place = c.place();
+        Some((c, place))
+    }
+
+    /// Adds a new connection, preferred from now on, with a place taken on it.
+    pub fn add(&mut self, conn: H2Conn) -> StreamPlace {
+        let place = conn.place();
+        self.conns.insert(
+            0,
+            PooledH2 {
+                conn,
+                idle_since: None,
+            },
+        );
+        place
+    }
+
+    /// Open connections.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+}
+
 /// Connections of one endpoint on one worker.
 pub struct EndpointPool {
     idle: Mutex<Vec<IdleH1>>,
-    h2: tokio::sync::Mutex<Option<H2Conn>>,
+    h2: tokio::sync::Mutex<H2Conns>,
     max_idle: usize,
     idle_timeout: Duration,
     counts: Arc<ConnCounts>,
@@ -342,7 +461,7 @@ impl EndpointPool {
     pub fn new(max_idle: usize, idle_timeout: Duration, counts: Arc<ConnCounts>) -> EndpointPool {
         EndpointPool {
             idle: Mutex::new(Vec::new()),
-            h2: tokio::sync::Mutex::new(None),
+            h2: tokio::sync::Mutex::new(H2Conns::default()),
             max_idle,
             idle_timeout,
             counts,
@@ -453,10 +572,15 @@ impl EndpointPool {
         });
     }
 
-    /// The shared HTTP/2 connection slot; hold the guard while (re)connecting so that concurrent
+    /// The shared HTTP/2 connections; hold the guard while connecting so that concurrent
     /// requests share one new connection instead of racing to open many.
-    pub fn h2_slot(&self) -> &tokio::sync::Mutex<Option<H2Conn>> {
+    pub fn h2_slot(&self) -> &tokio::sync::Mutex<H2Conns> {
         &self.h2
+    }
+
+    /// How long a pooled connection may stay idle.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 }
 
