@@ -17,8 +17,9 @@ use serde::Deserialize;
 use tether_gateway::config::{
     AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding, DeadPeerConfig,
     HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig, ListenerLimits,
-    ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, RouteConfig, RouteTimeouts, ServerTls,
-    TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, Respond, RouteConfig, RouteTimeouts,
+    ServerTls, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol,
+    UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -175,10 +176,12 @@ pub struct FileRoute {
     pub host: Option<String>,
     /// Path prefix on whole segments; default `/`.
     pub path_prefix: Option<String>,
-    /// Upstream name; required unless the route redirects.
+    /// Upstream name; required unless the route redirects or responds.
     pub upstream: Option<String>,
     /// `{ to, status }`: answer with a redirect instead of proxying.
     pub redirect: Option<FileRedirect>,
+    /// `{ status, body, content_type }`: answer with a fixed response instead of proxying.
+    pub respond: Option<FileRespond>,
     /// Methods the route is for; default any.
     pub methods: Option<Vec<String>>,
     /// Headers a request must carry (`*`: any value).
@@ -364,6 +367,18 @@ pub struct FileRedirect {
     pub to: String,
     /// 301, 302, 303, 307 or 308 (default).
     pub status: Option<u16>,
+}
+
+/// `respond = { status, body, content_type }` of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRespond {
+    /// 200 (default) to 599.
+    pub status: Option<u16>,
+    /// The body; default empty.
+    pub body: Option<String>,
+    /// The body's type; default `text/plain; charset=utf-8`.
+    pub content_type: Option<String>,
 }
 
 /// `rate_limit = { requests, per, burst }` of a route.
@@ -1007,19 +1022,25 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             "must not be empty; omit it to match any host",
         ));
     }
-    let upstream = match (&r.upstream, &r.redirect) {
-        (Some(u), None) => u.clone(),
-        (None, Some(_)) => String::new(),
-        (Some(_), Some(_)) => {
+    let upstream = match (&r.upstream, &r.redirect, &r.respond) {
+        (Some(u), None, None) => u.clone(),
+        (None, Some(_), None) | (None, None, Some(_)) => String::new(),
+        (Some(_), Some(_), None) => {
             return Err(KeyError::new(
                 format!("{key}.redirect"),
                 "a route either proxies to an upstream or redirects, not both",
             ));
         }
-        (None, None) => {
+        (_, _, Some(_)) => {
+            return Err(KeyError::new(
+                format!("{key}.respond"),
+                "a route proxies to an upstream, redirects or responds: one of them",
+            ));
+        }
+        (None, None, None) => {
             return Err(KeyError::new(
                 format!("{key}.upstream"),
-                "missing field `upstream` (or a `redirect`)",
+                "missing field `upstream` (or a `redirect` or `respond`)",
             ));
         }
     };
@@ -1042,6 +1063,19 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
         cfg.redirect = Some(redirect);
         // Named for the logs by where it sends clients.
         cfg.name = "redirect".into();
+    }
+    if let Some(rs) = &r.respond {
+        let mut respond = Respond::new(
+            rs.status.unwrap_or(200),
+            rs.body.clone().unwrap_or_default(),
+        );
+        if let Some(ct) = &rs.content_type {
+            respond.content_type = ct.clone();
+        }
+        tether_gateway::route::FixedResponse::parse(&respond)
+            .map_err(|e| KeyError::new(format!("{key}.respond"), e))?;
+        cfg.respond = Some(respond);
+        cfg.name = "respond".into();
     }
     if let Some(n) = &r.name {
         cfg.name = n.clone();

@@ -423,6 +423,9 @@ pub struct RouteConfig {
     pub deny_clients: Vec<IpNet>,
     /// Compress responses for clients that accept it; off by default.
     pub compression: Option<Compression>,
+    /// Answer every request with this fixed response instead of proxying it (then `upstream`
+    /// is empty).
+    pub respond: Option<Respond>,
     /// Answer every request with this redirect instead of proxying it (then `upstream` is
     /// empty). None by default.
     pub redirect: Option<Redirect>,
@@ -597,6 +600,30 @@ pub struct UpstreamConfig {
     /// the same endpoint. At or below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`: beyond
     /// it, requests would wait inside the connection.
     pub max_streams_per_connection: std::num::NonZeroU32,
+}
+
+/// A route's fixed response (nginx's `return 503 "..."`, Caddy's `respond`, Envoy's
+/// `direct_response`): for a maintenance page, a path that must never reach the upstream, or a
+/// health check answered by tether itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Respond {
+    /// The status: 200 to 599.
+    pub status: u16,
+    /// The body; empty for 204 and 304.
+    pub body: String,
+    /// The body's `Content-Type`.
+    pub content_type: String,
+}
+
+impl Respond {
+    /// A `status` response with `body` as plain UTF-8 text.
+    pub fn new(status: u16, body: impl Into<String>) -> Respond {
+        Respond {
+            status,
+            body: body.into(),
+            content_type: "text/plain; charset=utf-8".into(),
+        }
+    }
 }
 
 /// A route's redirect: `Location` is `to` with `{host}` (the request's host, without a port),
@@ -873,6 +900,7 @@ impl RouteConfig {
             allow_clients: Vec::new(),
             deny_clients: Vec::new(),
             compression: None,
+            respond: None,
             redirect: None,
             methods: Vec::new(),
             match_headers: Vec::new(),
@@ -1028,6 +1056,16 @@ impl Config {
                         format!("{:?} must start with '/'", r.path_prefix),
                     ));
                 }
+                if let Some(respond) = &r.respond {
+                    if !r.upstream.is_empty() || r.redirect.is_some() {
+                        return Err(ConfigError::new(
+                            format!("{rkey}.respond"),
+                            "a route proxies to an upstream, redirects or responds: one of them",
+                        ));
+                    }
+                    crate::route::FixedResponse::parse(respond)
+                        .map_err(|e| ConfigError::new(format!("{rkey}.respond"), e))?;
+                }
                 match &r.redirect {
                     Some(redirect) => {
                         if !r.upstream.is_empty() {
@@ -1039,6 +1077,7 @@ impl Config {
                         crate::route::RedirectTemplate::parse(redirect)
                             .map_err(|e| ConfigError::new(format!("{rkey}.redirect"), e))?;
                     }
+                    None if r.respond.is_some() => {}
                     None if !names.contains(r.upstream.as_str()) => {
                         return Err(ConfigError::new(
                             format!("{rkey}.upstream"),

@@ -49,6 +49,19 @@ pub fn error_response(err: &ProxyError, request_id: &str) -> Response<ProxyBody>
     resp
 }
 
+/// `resp` as the answer to a HEAD request: the same head, its `Content-Length` the body's, and
+/// no body. hyper drops a HEAD response's body over HTTP/1.1 but sends it over HTTP/2, where the
+/// client must treat it as a protocol error.
+pub fn head_only(resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    if let Some(len) = http_body::Body::size_hint(&body).exact() {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Response::from_parts(parts, ProxyBody::empty())
+}
+
 /// `resp`, tether's answer `err` to a request, as a gRPC client understands it: a trailers-only
 /// response with the code of its status (`deadline`: the request's deadline passed) and a
 /// message naming the failure and its stage. Returns the code too, for the access log.

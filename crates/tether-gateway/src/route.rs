@@ -32,6 +32,8 @@ pub struct Route {
     pub in_flight: Option<Arc<crate::admission::Limit>>,
     /// When set, every request is answered with this redirect (and `upstream` is not used).
     pub redirect: Option<RedirectTemplate>,
+    /// When set, every request is answered with this response (and `upstream` is not used).
+    pub respond: Option<Box<FixedResponse>>,
     /// Methods and headers a request must have too, if any.
     condition: Option<Box<Condition>>,
     /// Requests per client over time, when limited (shared by every worker).
@@ -101,6 +103,48 @@ impl Route {
         self.metrics
             .get_or_init(|| Arc::new(metrics.route(&self.name)))
             .clone()
+    }
+}
+
+/// A route's fixed response, ready to send.
+#[derive(Debug, Clone)]
+pub struct FixedResponse {
+    /// The status.
+    pub status: http::StatusCode,
+    /// The body.
+    pub body: bytes::Bytes,
+    /// Its type; `None` for an empty body.
+    pub content_type: Option<http::HeaderValue>,
+}
+
+impl FixedResponse {
+    /// Checks and prepares `respond`: a final status (200 to 599), no body where the status
+    /// forbids one, a content type that is a valid header value.
+    pub fn parse(respond: &crate::config::Respond) -> Result<FixedResponse, String> {
+        if !(200..=599).contains(&respond.status) {
+            return Err(format!(
+                "status {} is not a final status (200 to 599)",
+                respond.status
+            ));
+        }
+        let status = http::StatusCode::from_u16(respond.status).map_err(|e| e.to_string())?;
+        if matches!(respond.status, 204 | 304) && !respond.body.is_empty() {
+            return Err(format!("a {} response has no body", respond.status));
+        }
+        let content_type = if respond.body.is_empty() {
+            None
+        } else {
+            Some(
+                http::HeaderValue::from_str(&respond.content_type).map_err(|_| {
+                    format!("{:?} is not a valid content type", respond.content_type)
+                })?,
+            )
+        };
+        Ok(FixedResponse {
+            status,
+            body: bytes::Bytes::from(respond.body.clone().into_bytes()),
+            content_type,
+        })
     }
 }
 
@@ -237,10 +281,16 @@ impl Router {
                     name: Arc::from(r.name.as_str()),
                     host,
                     prefix,
-                    // A redirect route has no upstream; its index is never read.
-                    upstream: match r.redirect {
-                        Some(_) => usize::MAX,
-                        None => upstream_index(&r.upstream)?,
+                    // A route that redirects or responds has no upstream; its index is never
+                    // read.
+                    upstream: if r.redirect.is_some() || r.respond.is_some() {
+                        usize::MAX
+                    } else {
+                        upstream_index(&r.upstream)?
+                    },
+                    respond: match &r.respond {
+                        Some(respond) => Some(Box::new(FixedResponse::parse(respond).ok()?)),
+                        None => None,
                     },
                     redirect: match &r.redirect {
                         Some(redirect) => Some(RedirectTemplate::parse(redirect).ok()?),

@@ -15,7 +15,7 @@ use http_body_util::BodyExt;
 use test_support::behavior::{Behavior, Ending, Reply, routes, script};
 use test_support::client::{empty, full};
 use test_support::{Checksum, EventKind};
-use tether_gateway::config::{HeaderRules, Redirect, RouteConfig};
+use tether_gateway::config::{HeaderRules, Redirect, Respond, RouteConfig};
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
@@ -640,6 +640,129 @@ async fn a_redirect_route_answers_itself_and_the_upstream_never_hears_of_it() {
                 .filter(|e| matches!(e.kind, EventKind::RequestStarted { .. }))
                 .count();
             assert_eq!(upstream_saw, 1, "{down:?}");
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+/// A route with a fixed response answers every request itself, with its status, type and body
+/// (HEAD: the same head, no body), its response headers and a request id; a request body it
+/// never reads does not spoil the connection, and the upstream hears of none of it.
+#[tokio::test]
+async fn a_route_with_a_fixed_response_answers_itself() {
+    bounded(Duration::from_secs(30), async {
+        for down in ALL_DOWN {
+            let env = Env::with(
+                down,
+                Up::H1,
+                script(|_| Behavior::Respond(Reply::ok("up"))),
+                |c| {
+                    let routes = &mut c.listeners[0].routes;
+                    let mut maintenance = RouteConfig::new("/shop", "");
+                    maintenance.name = "maintenance".into();
+                    maintenance.respond = Some(Respond::new(503, "down for maintenance\n"));
+                    maintenance.response_headers.set = vec![("retry-after".into(), "600".into())];
+                    let mut blocked = RouteConfig::new("/internal", "");
+                    blocked.respond = Some(Respond {
+                        status: 403,
+                        body: "{\"error\":\"forbidden\"}".into(),
+                        content_type: "application/json".into(),
+                    });
+                    let mut ping = RouteConfig::new("/ping", "");
+                    ping.respond = Some(Respond::new(204, ""));
+                    routes.insert(0, ping);
+                    routes.insert(0, blocked);
+                    routes.insert(0, maintenance);
+                },
+            )
+            .await;
+            let mut c = env.http().await;
+            let req = c.request(Method::GET, "/shop/cart").body(empty()).unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 503, "{down:?}");
+            assert_eq!(&body[..], b"down for maintenance\n", "{down:?}");
+            assert_eq!(p.headers["content-type"], "text/plain; charset=utf-8");
+            assert_eq!(p.headers["content-length"], "21", "{down:?}");
+            assert_eq!(p.headers["retry-after"], "600");
+            assert!(p.headers.contains_key("x-request-id"));
+            let req = c.request(Method::HEAD, "/shop").body(empty()).unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!((p.status.as_u16(), body.len()), (503, 0), "{down:?}");
+            assert_eq!(p.headers["content-length"], "21", "{down:?}");
+            let req = c
+                .request(Method::POST, "/internal/admin")
+                .body(full("a body that is never read"))
+                .unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 403, "{down:?}");
+            assert_eq!(p.headers["content-type"], "application/json");
+            assert_eq!(&body[..], br#"{"error":"forbidden"}"#);
+            let req = c.request(Method::GET, "/ping").body(empty()).unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!((p.status.as_u16(), body.len()), (204, 0), "{down:?}");
+            assert!(!p.headers.contains_key("content-type"));
+            // Other routes still proxy, on the same connection.
+            let req = c.request(Method::GET, "/other").body(empty()).unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(
+                (p.status.as_u16(), &body[..]),
+                (200, &b"up"[..]),
+                "{down:?}"
+            );
+            let rec = env.record("/shop/cart").await;
+            assert_eq!((rec.status, rec.outcome), (503, Outcome::Ok));
+            assert_eq!(rec.route.as_deref(), Some("maintenance"));
+            assert_eq!((rec.upstream, rec.bytes_sent), (None, 21));
+            let upstream_saw = env
+                .log()
+                .events()
+                .into_iter()
+                .filter(|e| matches!(e.kind, EventKind::RequestStarted { .. }))
+                .count();
+            assert_eq!(upstream_saw, 1, "{down:?}");
+            env.stop().await;
+        }
+    })
+    .await
+}
+
+/// tether's own error answer to a HEAD request is its head alone, the length of the body a GET
+/// would get included: over HTTP/2 a body after a HEAD's response is a protocol error the client
+/// must reset the stream for.
+#[tokio::test]
+async fn a_head_request_tether_answers_itself_gets_no_body() {
+    bounded(Duration::from_secs(30), async {
+        for down in ALL_DOWN {
+            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let dead = closed.local_addr().unwrap();
+            drop(closed);
+            let env = Env::with(down, Up::H1, script(|_| Behavior::ok("up")), |c| {
+                c.upstreams[0].addresses = vec![dead.into()];
+                c.upstreams[0].max_fails = 0;
+                c.listeners[0].routes[0].path_prefix = "/app".into();
+                c.listeners[0].routes[0].max_retries = 0;
+            })
+            .await;
+            let mut c = env.http().await;
+            for (path, status) in [("/nowhere", 404), ("/app/x", 502)] {
+                let req = c.request(Method::GET, path).body(empty()).unwrap();
+                let (p, body, _) = c.fetch(req).await.unwrap();
+                assert_eq!(p.status, status, "{down:?} GET {path}");
+                let req = c.request(Method::HEAD, path).body(empty()).unwrap();
+                let (h, none, _) = c
+                    .fetch(req)
+                    .await
+                    .unwrap_or_else(|e| panic!("{down:?} HEAD {path}: {e}"));
+                assert_eq!(h.status, status, "{down:?} HEAD {path}");
+                assert!(none.is_empty(), "{down:?} HEAD {path}");
+                assert_eq!(
+                    h.headers["content-length"],
+                    body.len().to_string().as_str(),
+                    "{down:?} HEAD {path}"
+                );
+                assert_eq!(h.headers["content-type"], "application/json");
+            }
             env.stop().await;
         }
     })

@@ -621,6 +621,72 @@ fn redirect_routes_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn respond_routes_convert_and_bad_ones_name_their_key() {
+    let with = |route: &str| {
+        GOOD.replace(
+            "  [[listeners.routes]]\n  upstream = \"app\"\n  name = \"fallback\"\n",
+            &format!("  [[listeners.routes]]\n{route}\n"),
+        )
+    };
+    let cfg = parse(
+        &with("  respond = { status = 503, body = \"down for maintenance\" }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = &cfg.config.listeners[0].routes[1];
+    assert_eq!(r.respond, Some(Respond::new(503, "down for maintenance")));
+    assert_eq!((r.upstream.as_str(), r.name.as_str()), ("", "respond"));
+    let cfg = parse(
+        &with("  respond = { body = \"{}\", content_type = \"application/json\" }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = cfg.config.listeners[0].routes[1].respond.clone().unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str(), r.content_type.as_str()),
+        (200, "{}", "application/json")
+    );
+    for (route, key, why) in [
+        (
+            "  upstream = \"app\"\n  respond = { status = 403 }",
+            "respond",
+            "one of them",
+        ),
+        (
+            "  redirect = { to = \"/x\" }\n  respond = { status = 403 }",
+            "respond",
+            "one of them",
+        ),
+        ("  respond = { status = 101 }", "respond", "final status"),
+        ("  respond = { status = 700 }", "respond", "final status"),
+        (
+            "  respond = { status = 204, body = \"x\" }",
+            "respond",
+            "no body",
+        ),
+        (
+            "  respond = { body = \"x\", content_type = \"a\\nb\" }",
+            "respond",
+            "content type",
+        ),
+        (
+            "  respond = { stauts = 200 }",
+            "respond.stauts",
+            "unknown field",
+        ),
+        ("  timeout = \"1s\"", "upstream", "respond"),
+    ] {
+        let e = err(&with(route));
+        assert_eq!(
+            e.key,
+            format!("listeners[0].routes[1].{key}"),
+            "{route}: {e:?}"
+        );
+        assert!(e.message.contains(why), "{route}: {e:?}");
+    }
+}
+
+#[test]
 fn fail_statuses_convert_and_bad_ones_name_their_key() {
     let with = |v: &str| {
         GOOD.replace(

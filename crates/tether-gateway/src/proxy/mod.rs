@@ -224,6 +224,9 @@ fn proxy<'a>(
         if let Some(redirect) = &route.redirect {
             return redirected(t, route, redirect, host, req.uri());
         }
+        if let Some(fixed) = &route.respond {
+            return responded(t, route, fixed);
+        }
         conn.cancel.begin_h1_request(&t.ctx, route.half_close);
         let budget_header = route.budget_header.as_ref();
         // Whether the client sent the route's budget header (stamping replaces or removes it).
@@ -885,6 +888,11 @@ fn fail(mut t: Tracker, err: ProxyError) -> Response<ProxyBody> {
     let resp = respond::error_response(&err, &t.rec.request_id);
     let status = resp.status().as_u16();
     let resp = grpc_answer(&mut t, resp, &err, false);
+    let resp = if t.rec.method == Some(Method::HEAD) {
+        respond::head_only(resp)
+    } else {
+        resp
+    };
     t.finish_error(&err, Some(status));
     resp
 }
@@ -956,6 +964,39 @@ fn redirected(
     resp
 }
 
+/// The answer of a route that responds itself: its fixed status, type and body.
+#[cold]
+fn responded(
+    mut t: Tracker,
+    route: &Route,
+    fixed: &crate::route::FixedResponse,
+) -> Response<ProxyBody> {
+    let mut resp = Response::new(if fixed.body.is_empty() {
+        ProxyBody::empty()
+    } else {
+        ProxyBody::full(fixed.body.clone())
+    });
+    *resp.status_mut() = fixed.status;
+    let headers = resp.headers_mut();
+    if let Some(ct) = &fixed.content_type {
+        headers.insert(http::header::CONTENT_TYPE, ct.clone());
+    }
+    if let Some(v) = id_header(&t.rec.request_id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    if !route.response_headers.is_empty() {
+        route.response_headers.apply(headers);
+    }
+    t.rec.status = fixed.status.as_u16();
+    if t.rec.method == Some(Method::HEAD) {
+        t.finish_ok();
+        return respond::head_only(resp);
+    }
+    t.rec.bytes_sent = fixed.body.len() as u64;
+    t.finish_ok();
+    resp
+}
+
 /// The answer to a request admission refused; a rate-limited client is told its own wait.
 #[cold]
 fn refuse(t: Tracker, refusal: crate::admission::Refusal) -> Response<ProxyBody> {
@@ -988,6 +1029,11 @@ fn cancelled(t: Tracker, reason: tether::CancelReason) -> Response<ProxyBody> {
     t.rec.status = resp.status().as_u16();
     let deadline = reason == tether::CancelReason::Deadline && err.side == Side::Upstream;
     let resp = grpc_answer(&mut t, resp, &err, deadline);
+    let resp = if t.rec.method == Some(Method::HEAD) {
+        respond::head_only(resp)
+    } else {
+        resp
+    };
     t.finish_cancelled(reason);
     resp
 }
