@@ -18,8 +18,8 @@ use tether_gateway::config::{
     AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding, DeadPeerConfig,
     HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig, ListenerLimits,
     ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, Respond, RouteConfig, RouteTimeouts,
-    ServerTls, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol,
-    UpstreamTls,
+    ServerTls, SplitTarget, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig,
+    UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -182,6 +182,8 @@ pub struct FileRoute {
     pub redirect: Option<FileRedirect>,
     /// `{ status, body, content_type }`: answer with a fixed response instead of proxying.
     pub respond: Option<FileRespond>,
+    /// `[{ upstream, weight }, ...]`: spread requests over several upstreams.
+    pub split: Option<Vec<FileSplitTarget>>,
     /// Methods the route is for; default any.
     pub methods: Option<Vec<String>>,
     /// Headers a request must carry (`*`: any value).
@@ -367,6 +369,16 @@ pub struct FileRedirect {
     pub to: String,
     /// 301, 302, 303, 307 or 308 (default).
     pub status: Option<u16>,
+}
+
+/// One `{ upstream, weight }` of a route's `split`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSplitTarget {
+    /// The upstream's name. Required.
+    pub upstream: String,
+    /// Its share, 0 to 100. Required.
+    pub weight: u32,
 }
 
 /// `respond = { status, body, content_type }` of a route.
@@ -1022,7 +1034,20 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             "must not be empty; omit it to match any host",
         ));
     }
+    if let Some(split) = &r.split {
+        let skey = format!("{key}.split");
+        if r.upstream.is_some() || r.redirect.is_some() || r.respond.is_some() {
+            return Err(KeyError::new(
+                skey,
+                "a route proxies to an upstream, splits, redirects or responds: one of them",
+            ));
+        }
+        if split.is_empty() {
+            return Err(KeyError::new(skey, "must name at least one upstream"));
+        }
+    }
     let upstream = match (&r.upstream, &r.redirect, &r.respond) {
+        (None, None, None) if r.split.is_some() => String::new(),
         (Some(u), None, None) => u.clone(),
         (None, Some(_), None) | (None, None, Some(_)) => String::new(),
         (Some(_), Some(_), None) => {
@@ -1040,7 +1065,7 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
         (None, None, None) => {
             return Err(KeyError::new(
                 format!("{key}.upstream"),
-                "missing field `upstream` (or a `redirect` or `respond`)",
+                "missing field `upstream` (or a `split`, `redirect` or `respond`)",
             ));
         }
     };
@@ -1063,6 +1088,17 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
         cfg.redirect = Some(redirect);
         // Named for the logs by where it sends clients.
         cfg.name = "redirect".into();
+    }
+    if let Some(split) = &r.split {
+        cfg.split = split
+            .iter()
+            .map(|t| SplitTarget {
+                upstream: t.upstream.clone(),
+                weight: t.weight,
+            })
+            .collect();
+        // Named for the logs after the upstream it mainly sends to.
+        cfg.name = split[0].upstream.clone();
     }
     if let Some(rs) = &r.respond {
         let mut respond = Respond::new(

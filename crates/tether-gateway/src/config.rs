@@ -426,6 +426,9 @@ pub struct RouteConfig {
     /// Answer every request with this fixed response instead of proxying it (then `upstream`
     /// is empty).
     pub respond: Option<Respond>,
+    /// Spread the route's requests over several upstreams by weight instead of sending them to
+    /// `upstream` (then empty): a canary release, a migration.
+    pub split: Vec<SplitTarget>,
     /// Answer every request with this redirect instead of proxying it (then `upstream` is
     /// empty). None by default.
     pub redirect: Option<Redirect>,
@@ -600,6 +603,16 @@ pub struct UpstreamConfig {
     /// the same endpoint. At or below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`: beyond
     /// it, requests would wait inside the connection.
     pub max_streams_per_connection: std::num::NonZeroU32,
+}
+
+/// One upstream of a route's `split`, and its share of the requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitTarget {
+    /// The upstream's name.
+    pub upstream: String,
+    /// Its share: requests go to each target in proportion to its weight, 0 to [`MAX_WEIGHT`]
+    /// (0: none, while it stays in the configuration).
+    pub weight: u32,
 }
 
 /// A route's fixed response (nginx's `return 503 "..."`, Caddy's `respond`, Envoy's
@@ -901,6 +914,7 @@ impl RouteConfig {
             deny_clients: Vec::new(),
             compression: None,
             respond: None,
+            split: Vec::new(),
             redirect: None,
             methods: Vec::new(),
             match_headers: Vec::new(),
@@ -1056,6 +1070,41 @@ impl Config {
                         format!("{:?} must start with '/'", r.path_prefix),
                     ));
                 }
+                if !r.split.is_empty() {
+                    let skey = format!("{rkey}.split");
+                    if !r.upstream.is_empty() || r.redirect.is_some() || r.respond.is_some() {
+                        return Err(ConfigError::new(
+                            skey,
+                            "a route proxies to an upstream, splits, redirects or responds: one of them",
+                        ));
+                    }
+                    for (k, t) in r.split.iter().enumerate() {
+                        if !names.contains(t.upstream.as_str()) {
+                            return Err(ConfigError::new(
+                                format!("{skey}[{k}].upstream"),
+                                format!("no upstream named {:?}", t.upstream),
+                            ));
+                        }
+                        if r.split[..k].iter().any(|o| o.upstream == t.upstream) {
+                            return Err(ConfigError::new(
+                                format!("{skey}[{k}].upstream"),
+                                format!("{:?} is already in the split", t.upstream),
+                            ));
+                        }
+                        if t.weight > MAX_WEIGHT {
+                            return Err(ConfigError::new(
+                                format!("{skey}[{k}].weight"),
+                                format!("must be from 0 to {MAX_WEIGHT}"),
+                            ));
+                        }
+                    }
+                    if r.split.iter().all(|t| t.weight == 0) {
+                        return Err(ConfigError::new(
+                            skey,
+                            "at least one weight must be above 0",
+                        ));
+                    }
+                }
                 if let Some(respond) = &r.respond {
                     if !r.upstream.is_empty() || r.redirect.is_some() {
                         return Err(ConfigError::new(
@@ -1077,7 +1126,7 @@ impl Config {
                         crate::route::RedirectTemplate::parse(redirect)
                             .map_err(|e| ConfigError::new(format!("{rkey}.redirect"), e))?;
                     }
-                    None if r.respond.is_some() => {}
+                    None if r.respond.is_some() || !r.split.is_empty() => {}
                     None if !names.contains(r.upstream.as_str()) => {
                         return Err(ConfigError::new(
                             format!("{rkey}.upstream"),

@@ -34,6 +34,8 @@ pub struct Route {
     pub redirect: Option<RedirectTemplate>,
     /// When set, every request is answered with this response (and `upstream` is not used).
     pub respond: Option<Box<FixedResponse>>,
+    /// When set, requests are spread over these upstreams (and `upstream` is not used).
+    split: Option<Box<Split>>,
     /// Methods and headers a request must have too, if any.
     condition: Option<Box<Condition>>,
     /// Requests per client over time, when limited (shared by every worker).
@@ -53,7 +55,59 @@ pub struct Route {
     metrics: OnceLock<Arc<RouteMetrics>>,
 }
 
+/// A route's requests spread over several upstreams by weight, in a smooth order (weights 3
+/// and 1 give `a a b a`), every worker taking the next turn.
+#[derive(Debug)]
+struct Split {
+    /// The upstreams' indexes.
+    upstreams: Box<[usize]>,
+    /// Positions in `upstreams`, one per unit of weight.
+    order: Box<[u32]>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Split {
+    fn new(
+        targets: &[crate::config::SplitTarget],
+        upstream_index: &impl Fn(&str) -> Option<usize>,
+    ) -> Option<Split> {
+        let upstreams = targets
+            .iter()
+            .map(|t| upstream_index(&t.upstream))
+            .collect::<Option<Box<[usize]>>>()?;
+        let weights: Vec<u32> = targets.iter().map(|t| t.weight).collect();
+        let order = crate::upstream::balance::schedule(&weights).unwrap_or_else(|| {
+            (0..targets.len())
+                .filter_map(|i| u32::try_from(i).ok())
+                .collect()
+        });
+        if order.is_empty() {
+            return None;
+        }
+        Some(Split {
+            upstreams,
+            order,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    fn pick(&self) -> usize {
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.order.len();
+        let at = self.order.get(turn).map_or(0, |&i| i as usize);
+        self.upstreams.get(at).copied().unwrap_or(usize::MAX)
+    }
+}
+
 impl Route {
+    /// The upstream (index) of the route's next request: its own, or its split's next turn.
+    #[inline]
+    pub fn next_upstream(&self) -> usize {
+        match &self.split {
+            None => self.upstream,
+            Some(split) => split.pick(),
+        }
+    }
+
     /// Whether a response's `Location` may need mapping back: the route rewrites its prefix, or
     /// sends the upstream a `Host` of its own.
     pub fn maps_location(&self) -> bool {
@@ -281,12 +335,18 @@ impl Router {
                     name: Arc::from(r.name.as_str()),
                     host,
                     prefix,
-                    // A route that redirects or responds has no upstream; its index is never
-                    // read.
-                    upstream: if r.redirect.is_some() || r.respond.is_some() {
+                    // A route that splits, redirects or responds has no upstream of its own;
+                    // its index is never read.
+                    upstream: if r.redirect.is_some() || r.respond.is_some() || !r.split.is_empty()
+                    {
                         usize::MAX
                     } else {
                         upstream_index(&r.upstream)?
+                    },
+                    split: if r.split.is_empty() {
+                        None
+                    } else {
+                        Some(Box::new(Split::new(&r.split, &upstream_index)?))
                     },
                     respond: match &r.respond {
                         Some(respond) => Some(Box::new(FixedResponse::parse(respond).ok()?)),

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use common::*;
 use test_support::behavior::{Behavior, script};
-use tether_gateway::config::{AdminConfig, Balance, Config, HashKey, HealthCheck, UpstreamAddress};
+use tether_gateway::config::{
+    AdminConfig, Balance, Config, HashKey, HealthCheck, SplitTarget, UpstreamAddress,
+};
 
 /// A gateway in front of `addresses`, with passive health and retries off so that only the
 /// balancing decides.
@@ -130,6 +132,58 @@ async fn weights_set_each_endpoints_share_in_turn() {
             );
             env.stop().await;
         }
+    })
+    .await;
+}
+
+/// A route's split sends each upstream its weight's share of the requests, spread out; each
+/// request is logged with the upstream that served it, and a reload that sets a target's
+/// weight to 0 sends it nothing more.
+#[tokio::test]
+async fn a_split_route_gives_each_upstream_its_share() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (
+            Backend::start("stable").await,
+            Backend::start("canary").await,
+        );
+        let split = |weights: [u32; 2]| {
+            vec![
+                SplitTarget {
+                    upstream: "up".into(),
+                    weight: weights[0],
+                },
+                SplitTarget {
+                    upstream: "canary".into(),
+                    weight: weights[1],
+                },
+            ]
+        };
+        let mut env = gateway(Up::H1, vec![a.addr.into()], |c| {
+            let mut canary = c.upstreams[0].clone();
+            canary.name = "canary".into();
+            canary.addresses = vec![b.addr.into()];
+            c.upstreams.push(canary);
+            let r = &mut c.listeners[0].routes[0];
+            r.upstream = String::new();
+            r.split = split([3, 1]);
+        })
+        .await;
+        let got = bodies(&env, 40).await;
+        let stable = got.iter().filter(|n| *n == "stable").count();
+        assert_eq!((stable, got.len() - stable), (30, 10), "{got:?}");
+        assert!(
+            !got.windows(4).any(|w| w.iter().all(|n| n == "stable")),
+            "{got:?}"
+        );
+        for (i, body) in got.iter().enumerate() {
+            let rec = env.record(&format!("/r{i}")).await;
+            let want = if body == "stable" { "up" } else { "canary" };
+            assert_eq!(rec.upstream.as_deref(), Some(want), "/r{i}");
+        }
+        env.reload(|c| c.listeners[0].routes[0].split = split([1, 0]));
+        let got = bodies(&env, 10).await;
+        assert!(got.iter().all(|n| n == "stable"), "{got:?}");
+        env.stop().await;
     })
     .await;
 }

@@ -621,6 +621,79 @@ fn redirect_routes_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn split_routes_convert_and_bad_ones_name_their_key() {
+    let with = |route: &str| {
+        GOOD.replace(
+            "  [[listeners.routes]]\n  upstream = \"app\"\n  name = \"fallback\"\n",
+            &format!("  [[listeners.routes]]\n{route}\n"),
+        ) + "\n[[upstreams]]\nname = \"canary\"\naddresses = [\"127.0.0.1:9001\"]\n"
+    };
+    let cfg = parse(
+        &with(
+            "  split = [{ upstream = \"app\", weight = 95 }, { upstream = \"canary\", weight = 5 }]",
+        ),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = &cfg.config.listeners[0].routes[1];
+    assert_eq!(
+        r.split,
+        vec![
+            SplitTarget {
+                upstream: "app".into(),
+                weight: 95
+            },
+            SplitTarget {
+                upstream: "canary".into(),
+                weight: 5
+            },
+        ]
+    );
+    assert_eq!((r.upstream.as_str(), r.name.as_str()), ("", "app"));
+    for (route, key, why) in [
+        (
+            "  upstream = \"app\"\n  split = [{ upstream = \"canary\", weight = 1 }]",
+            "split",
+            "one of them",
+        ),
+        ("  split = []", "split", "at least one"),
+        (
+            "  split = [{ upstream = \"app\", weight = 1 }, { upstream = \"nope\", weight = 1 }]",
+            "split[1].upstream",
+            "no upstream named",
+        ),
+        (
+            "  split = [{ upstream = \"app\", weight = 1 }, { upstream = \"app\", weight = 1 }]",
+            "split[1].upstream",
+            "already in the split",
+        ),
+        (
+            "  split = [{ upstream = \"app\", weight = 101 }]",
+            "split[0].weight",
+            "from 0 to 100",
+        ),
+        (
+            "  split = [{ upstream = \"app\", weight = 0 }]",
+            "split",
+            "above 0",
+        ),
+        (
+            "  split = [{ upstream = \"app\" }]",
+            "split[0].weight",
+            "missing field `weight`",
+        ),
+    ] {
+        let e = err(&with(route));
+        assert_eq!(
+            e.key,
+            format!("listeners[0].routes[1].{key}"),
+            "{route}: {e:?}"
+        );
+        assert!(e.message.contains(why), "{route}: {e:?}");
+    }
+}
+
+#[test]
 fn respond_routes_convert_and_bad_ones_name_their_key() {
     let with = |route: &str| {
         GOOD.replace(
