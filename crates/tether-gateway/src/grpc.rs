@@ -3,6 +3,10 @@
 //! would surface as `UNAVAILABLE: unexpected HTTP status code` whatever happened. So a gRPC
 //! request that tether answers itself (no route, admission, a failed upstream, its deadline) gets
 //! a trailers-only response: HTTP 200, `grpc-status` and `grpc-message` in the head, no body.
+//!
+//! A response tether has to cut once it has started (its deadline passed, the upstream failed
+//! or went idle) ends with `grpc-status` trailers when it is cut between two messages, as
+//! [`Framing`] follows them; cut inside a message it is reset, as any other response.
 
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
@@ -100,6 +104,58 @@ impl Code {
     }
 }
 
+/// Where a gRPC response body is among its length-prefixed messages (a flag byte, a 4-byte
+/// big-endian length, the message).
+#[derive(Debug, Default, Clone)]
+pub struct Framing {
+    /// The current message's prefix, as far as it has arrived.
+    prefix: [u8; 5],
+    /// Prefix bytes seen.
+    have: usize,
+    /// Message bytes still to come.
+    left: u64,
+}
+
+impl Framing {
+    /// Follows `data`, the body's next bytes.
+    pub fn advance(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.left > 0 {
+                let n = data
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= n as u64;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.have).min(data.len());
+            self.prefix[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 5 {
+                let [_, a, b, c, d] = self.prefix;
+                self.left = u64::from(u32::from_be_bytes([a, b, c, d]));
+                self.have = 0;
+            }
+        }
+    }
+
+    /// Whether every message so far arrived whole: the body can end here.
+    pub fn between_messages(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+}
+
+/// Trailers that end a gRPC response with `code` and `message`.
+pub fn trailers(code: Code, message: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code.as_u8())));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
+        h.insert(GRPC_MESSAGE, v);
+    }
+    h
+}
+
 /// Turns a head of tether's own answer into a trailers-only gRPC response head: status 200,
 /// `grpc-status`, and `grpc-message` saying what failed where (`upstream_timeout at first_byte`).
 /// The other headers (`Proxy-Status`, `X-Request-Id`, `Retry-After`) stay.
@@ -168,6 +224,30 @@ mod tests {
         assert_eq!(Code::for_status(400, false), Code::Internal);
         assert_eq!(Code::for_status(408, false), Code::DeadlineExceeded);
         assert_eq!(Code::for_status(500, false), Code::Unknown);
+    }
+
+    #[test]
+    fn framing_follows_messages_across_chunks() {
+        let mut f = Framing::default();
+        assert!(f.between_messages());
+        // Two messages (3 bytes, then empty), cut at every possible point.
+        let body = [0u8, 0, 0, 0, 3, b'a', b'b', b'c', 0, 0, 0, 0, 0];
+        for cut in 0..=body.len() {
+            let mut f = Framing::default();
+            f.advance(&body[..cut]);
+            assert_eq!(
+                f.between_messages(),
+                matches!(cut, 0 | 8 | 13),
+                "cut at {cut}"
+            );
+            f.advance(&body[cut..]);
+            assert!(f.between_messages(), "cut at {cut}");
+        }
+        // Byte by byte.
+        for (i, b) in body.iter().enumerate() {
+            f.advance(std::slice::from_ref(b));
+            assert_eq!(f.between_messages(), matches!(i + 1, 8 | 13), "after {i}");
+        }
     }
 
     #[test]

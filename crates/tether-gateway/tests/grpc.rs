@@ -295,3 +295,115 @@ async fn a_grpc_web_client_gets_the_status_in_the_response_head() {
     })
     .await;
 }
+
+/// A server-streaming call whose deadline passes mid-stream: cut between two messages, the
+/// response ends with trailers, so the client reads every message sent and then
+/// DEADLINE_EXCEEDED (not a reset, which it would report as an internal error); the upstream
+/// stream is stopped. Cut inside a message, the response can only be reset.
+#[tokio::test]
+async fn a_stream_cut_between_messages_ends_with_a_grpc_status() {
+    bounded(Duration::from_secs(30), async {
+        for up in [Up::H1, Up::H2c] {
+            // Whole messages, or a prefix promising more than ever comes.
+            let whole = frame(b"tick");
+            let partial = Bytes::from_static(&[0, 0, 0, 1, 0, b'x']);
+            let env = Env::with(
+                Down::H2c,
+                up,
+                routes(vec![
+                    ("/test.Clock/Ticks", Behavior::stream(whole, 100, 50)),
+                    ("/test.Clock/Broken", Behavior::stream(partial, 100, 50)),
+                ]),
+                |c| {
+                    let r = &mut c.listeners[0].routes[0];
+                    r.timeouts.total = Some(Duration::from_millis(400));
+                    // The test upstream sends no content type of its own.
+                    r.response_headers.set =
+                        vec![("content-type".into(), "application/grpc".into())];
+                },
+            )
+            .await;
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", env.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let mut stream = grpc
+                .server_streaming(
+                    tonic::Request::new(Bytes::from_static(b"")),
+                    http::uri::PathAndQuery::from_static("/test.Clock/Ticks"),
+                    Raw,
+                )
+                .await
+                .unwrap()
+                .into_inner();
+            let mut ticks = 0;
+            let status = loop {
+                match stream.message().await {
+                    Ok(Some(m)) => {
+                        assert_eq!(m, Bytes::from_static(b"tick"), "{up:?}");
+                        ticks += 1;
+                    }
+                    Ok(None) => panic!("{up:?}: the stream ended without a status"),
+                    Err(status) => break status,
+                }
+            };
+            assert!((2..20).contains(&ticks), "{up:?}: {ticks} messages");
+            assert_eq!(
+                (status.code(), status.message()),
+                (Code::DeadlineExceeded, "tether: deadline at body"),
+                "{up:?}"
+            );
+            let rec = env.record("/test.Clock/Ticks").await;
+            assert_eq!(
+                (rec.outcome, rec.grpc_status, rec.stage),
+                (Outcome::Timeout, Some(4), Some("body")),
+                "{up:?}"
+            );
+            let stopped = env
+                .log()
+                .wait_for(BOUND, |e| {
+                    e.path == "/test.Clock/Ticks"
+                        && (e.kind.is_h1_close() || matches!(e.kind, EventKind::StreamReset { .. }))
+                })
+                .await;
+            assert!(stopped.is_some(), "{up:?}: {:?}", env.log().events());
+
+            let mut grpc = tonic::client::Grpc::new(
+                tonic::transport::Endpoint::from_shared(format!("http://{}", env.addr))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            );
+            grpc.ready().await.unwrap();
+            let mut stream = grpc
+                .server_streaming(
+                    tonic::Request::new(Bytes::from_static(b"")),
+                    http::uri::PathAndQuery::from_static("/test.Clock/Broken"),
+                    Raw,
+                )
+                .await
+                .unwrap()
+                .into_inner();
+            let status = loop {
+                match stream.message().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("{up:?}: a cut message ended cleanly"),
+                    Err(status) => break status,
+                }
+            };
+            assert_ne!(status.code(), Code::DeadlineExceeded, "{up:?}: {status:?}");
+            let rec = env.record("/test.Clock/Broken").await;
+            assert_eq!(
+                (rec.outcome, rec.grpc_status),
+                (Outcome::Timeout, None),
+                "{up:?}"
+            );
+            env.stop().await;
+        }
+    })
+    .await;
+}

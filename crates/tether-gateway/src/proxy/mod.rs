@@ -601,7 +601,18 @@ fn proxy<'a>(
             conn,
             keep_alive,
         });
+        // gRPC over HTTP/2 reads its status from trailers: a response cut between messages can
+        // still end with one.
+        let grpc_framing = t.grpc == Some(crate::grpc::Flavor::Grpc)
+            && compressing.is_none()
+            && conn.cancel.protocol() == crate::cancel::DownstreamProtocol::H2
+            && crate::grpc::Flavor::of(&parts.headers) == Some(crate::grpc::Flavor::Grpc);
         let body = Streaming::new(body, t, route.timeouts.idle, pool, compressing);
+        let body = if grpc_framing {
+            body.with_grpc_framing()
+        } else {
+            body
+        };
         Response::from_parts(parts, ProxyBody::Stream(Box::new(body)))
     }
 }

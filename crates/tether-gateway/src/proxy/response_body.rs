@@ -68,6 +68,9 @@ pub struct Streaming {
     pool: Option<PoolReturn>,
     /// The body's compression, when the response is compressed.
     compressing: Option<Box<Compressing>>,
+    /// For a gRPC response to an HTTP/2 client: where it is among its messages, so that one cut
+    /// between two ends with a `grpc-status` instead of a reset.
+    grpc: Option<Box<crate::grpc::Framing>>,
 }
 
 impl std::fmt::Debug for Streaming {
@@ -95,7 +98,29 @@ impl Streaming {
             idle: None,
             pool,
             compressing,
+            grpc: None,
         }
+    }
+
+    /// Follows the body's gRPC messages (see [`Streaming::grpc`]).
+    pub fn with_grpc_framing(mut self) -> Streaming {
+        self.grpc = Some(Box::default());
+        self
+    }
+
+    /// For a gRPC response cut between two messages: the trailers that end it with `code`
+    /// (recorded with the request) instead of a reset.
+    fn grpc_end(&mut self, code: crate::grpc::Code, what: &str) -> Option<Frame<Bytes>> {
+        if !self.grpc.as_ref()?.between_messages() {
+            return None;
+        }
+        if let Some(t) = self.tracker.as_mut() {
+            t.rec.grpc_status = Some(code.as_u8());
+        }
+        Some(Frame::trailers(crate::grpc::trailers(
+            code,
+            &format!("tether: {what} at body"),
+        )))
     }
 
     /// The upstream body ended cleanly: the connection goes back to the pool, the request is done.
@@ -119,10 +144,22 @@ impl Streaming {
     /// Ends the body because the request was cancelled.
     fn cancel(&mut self, reason: CancelReason) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.teardown();
+        // A client that is gone reads nothing more; one whose deadline passed or whose gateway
+        // is shutting down is told so.
+        let end = match reason {
+            CancelReason::Deadline => {
+                self.grpc_end(crate::grpc::Code::DeadlineExceeded, "deadline")
+            }
+            CancelReason::Shutdown => self.grpc_end(crate::grpc::Code::Unavailable, "shutdown"),
+            _ => None,
+        };
         if let Some(t) = self.tracker.take() {
             t.finish_cancelled(reason);
         }
-        Poll::Ready(Some(Err(Box::new(Cancelled { reason }))))
+        match end {
+            Some(trailers) => Poll::Ready(Some(Ok(trailers))),
+            None => Poll::Ready(Some(Err(Box::new(Cancelled { reason })))),
+        }
     }
 
     /// Ends the body because compressing it failed.
@@ -143,10 +180,14 @@ impl Streaming {
     fn idle_expired(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.teardown();
         let err = ProxyError::upstream(Stage::Body, ErrorKind::Timeout);
+        let end = self.grpc_end(crate::grpc::Code::Unavailable, err.classify().code);
         if let Some(t) = self.tracker.take() {
             t.finish_idle(&err);
         }
-        Poll::Ready(Some(Err(Box::new(err))))
+        match end {
+            Some(trailers) => Poll::Ready(Some(Ok(trailers))),
+            None => Poll::Ready(Some(Err(Box::new(err)))),
+        }
     }
 }
 
@@ -202,6 +243,9 @@ impl Body for Streaming {
                     && let Some(d) = frame.data_ref()
                 {
                     t.rec.bytes_sent += d.len() as u64;
+                    if let Some(g) = this.grpc.as_mut() {
+                        g.advance(d);
+                    }
                 }
                 if let (Some(d), Some(sleep)) = (this.idle_timeout, this.idle.as_mut()) {
                     sleep.as_mut().reset(Instant::now() + d);
@@ -217,8 +261,12 @@ impl Body for Streaming {
                 this.teardown();
                 let err = ProxyError::upstream(Stage::Body, ErrorKind::Reset).with_source(e);
                 let msg = err.to_string();
+                let end = this.grpc_end(crate::grpc::Code::Unavailable, err.classify().code);
                 if let Some(t) = this.tracker.take() {
                     t.finish_error(&err, None);
+                }
+                if let Some(trailers) = end {
+                    return Poll::Ready(Some(Ok(trailers)));
                 }
                 // Returning an error makes hyper end the downstream response abnormally (HTTP/1:
                 // connection closed without the final chunk; HTTP/2: RST_STREAM), never a clean
