@@ -308,10 +308,7 @@ async fn a_hashed_request_retries_on_its_keys_next_endpoint() {
     bounded(Duration::from_secs(20), async {
         let a = Backend::start("a").await;
         // A port nothing listens on: connections are refused.
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let dead = refused_addr();
         // max_fails = 0 (as `gateway` sets it): nothing takes the dead endpoint out of rotation,
         // so only the retry's choice keeps its keys served.
         let env = gateway(Up::H1, vec![a.addr.into(), dead.into()], |c| {

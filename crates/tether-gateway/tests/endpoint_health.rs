@@ -13,8 +13,7 @@ use tether_gateway::config::{AdminConfig, UpstreamAddress};
 
 /// An address nothing listens on (connections to it are refused).
 fn refused() -> UpstreamAddress {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().into()
+    refused_addr().into()
 }
 
 async fn env(max_fails: u32, fail_timeout: Duration) -> Env {

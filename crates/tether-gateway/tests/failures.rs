@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,12 +46,6 @@ fn assert_record(rec: &RequestRecord, status: u16, stage: &str, outcome: Outcome
     assert_eq!(rec.status, status, "{rec:?}");
     assert_eq!(rec.stage, Some(stage), "{rec:?}");
     assert_eq!(rec.outcome, outcome, "{rec:?}");
-}
-
-/// A loopback port nobody listens on.
-fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 async fn get(env: &Env, path: &str) -> (Parts, Bytes) {

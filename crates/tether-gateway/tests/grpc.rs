@@ -54,8 +54,8 @@ impl Decoder for Raw {
     }
 }
 
-/// One unary call to `path` through the gateway, over a connection of its own.
-async fn call(env: &Env, path: &'static str) -> Result<tonic::Response<Bytes>, tonic::Status> {
+/// A gRPC client of the gateway, on a connection of its own.
+async fn client(env: &Env) -> tonic::client::Grpc<tonic::transport::Channel> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", env.addr))
         .unwrap()
         .connect()
@@ -63,6 +63,12 @@ async fn call(env: &Env, path: &'static str) -> Result<tonic::Response<Bytes>, t
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
+    grpc
+}
+
+/// One unary call to `path` through the gateway, over a connection of its own.
+async fn call(env: &Env, path: &'static str) -> Result<tonic::Response<Bytes>, tonic::Status> {
+    let mut grpc = client(env).await;
     grpc.unary(
         tonic::Request::new(Bytes::from_static(b"ping")),
         http::uri::PathAndQuery::from_static(path),
@@ -134,9 +140,7 @@ async fn a_passed_deadline_reaches_the_client_as_deadline_exceeded() {
 #[tokio::test]
 async fn refusals_and_failures_reach_the_client_as_grpc_statuses() {
     bounded(Duration::from_secs(30), async {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let dead = closed.local_addr().unwrap();
-        drop(closed);
+        let dead = refused_addr();
         let env = Env::with(
             Down::H2c,
             Up::H2c,
@@ -246,9 +250,7 @@ async fn an_upstream_grpc_response_passes_untouched() {
 #[tokio::test]
 async fn a_grpc_web_client_gets_the_status_in_the_response_head() {
     bounded(Duration::from_secs(20), async {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let dead = closed.local_addr().unwrap();
-        drop(closed);
+        let dead = refused_addr();
         let env = Env::with(
             Down::H1,
             Up::H1,
@@ -323,13 +325,7 @@ async fn a_stream_cut_between_messages_ends_with_a_grpc_status() {
                 },
             )
             .await;
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", env.addr))
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut grpc = tonic::client::Grpc::new(channel);
-            grpc.ready().await.unwrap();
+            let mut grpc = client(&env).await;
             let mut stream = grpc
                 .server_streaming(
                     tonic::Request::new(Bytes::from_static(b"")),
@@ -371,14 +367,7 @@ async fn a_stream_cut_between_messages_ends_with_a_grpc_status() {
                 .await;
             assert!(stopped.is_some(), "{up:?}: {:?}", env.log().events());
 
-            let mut grpc = tonic::client::Grpc::new(
-                tonic::transport::Endpoint::from_shared(format!("http://{}", env.addr))
-                    .unwrap()
-                    .connect()
-                    .await
-                    .unwrap(),
-            );
-            grpc.ready().await.unwrap();
+            let mut grpc = client(&env).await;
             let mut stream = grpc
                 .server_streaming(
                     tonic::Request::new(Bytes::from_static(b"")),

@@ -91,10 +91,7 @@ async fn an_endpoint_failing_its_checks_leaves_rotation_and_comes_back_when_they
 async fn an_endpoint_refusing_connections_is_out_of_rotation_before_a_request_finds_it() {
     bounded(Duration::from_secs(20), async {
         let a = Backend::start("a").await;
-        let dead = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let dead = refused_addr();
         let env = gateway(Up::H1, vec![a.addr.into(), dead.into()]).await;
         wait_health(&env, dead, false).await;
         let (bodies, failed) = answers(&env, 20).await;

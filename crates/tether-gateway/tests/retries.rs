@@ -144,10 +144,7 @@ async fn retry_budget_holds_retries_to_the_ratio() {
 #[tokio::test]
 async fn backoff_grows_between_connect_attempts() {
     bounded(Duration::from_secs(10), async {
-        let refused = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap()
-        };
+        let refused = refused_addr();
         let stub = DnsStub::start(&[("refused.test", vec![refused.ip()])])
             .await
             .unwrap();

@@ -734,9 +734,7 @@ async fn a_route_with_a_fixed_response_answers_itself() {
 async fn a_head_request_tether_answers_itself_gets_no_body() {
     bounded(Duration::from_secs(30), async {
         for down in ALL_DOWN {
-            let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let dead = closed.local_addr().unwrap();
-            drop(closed);
+            let dead = refused_addr();
             let env = Env::with(down, Up::H1, script(|_| Behavior::ok("up")), |c| {
                 c.upstreams[0].addresses = vec![dead.into()];
                 c.upstreams[0].max_fails = 0;

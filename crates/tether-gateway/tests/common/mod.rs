@@ -316,6 +316,13 @@ impl Env {
     }
 }
 
+/// A loopback address nothing listens on (bound, then released): connections to it are
+/// refused.
+pub fn refused_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
 /// Runs `f` bounded by `limit`; a hang is a test failure with a clear message.
 pub async fn bounded<F: std::future::Future>(limit: Duration, f: F) -> F::Output {
     match tokio::time::timeout(limit, f).await {
