@@ -86,6 +86,12 @@ pub fn format_record(rec: &RequestRecord) -> String {
         " sent={}B client={} id={}",
         rec.bytes_sent, rec.client, rec.request_id
     );
+    if let Some(tls) = &rec.tls {
+        let _ = write!(s, " tls={}", tls.version);
+        if let Some(name) = &tls.server_name {
+            let _ = write!(s, " sni={name}");
+        }
+    }
     if let Some(t) = &rec.trace_id {
         let _ = write!(s, " trace={t}");
     }
@@ -144,6 +150,7 @@ mod tests {
             upstream_connect: None,
             queued: None,
             grpc_status: None,
+            tls: None,
             upstream_first_byte: None,
             upstream_time: None,
             propagation: Some(Duration::from_micros(200)),

@@ -140,7 +140,22 @@ async fn a_verified_client_certificate_reaches_the_upstream_and_a_forged_one_doe
             .await
             .unwrap();
         assert_eq!(s.response().await.unwrap().status, 200);
-        assert_eq!(upstream_values(&env, "/h2", XFCC), [expected]);
+        assert_eq!(
+            upstream_values(&env, "/h2", XFCC),
+            std::slice::from_ref(&expected)
+        );
+        // The access log names the session, and who the client was.
+        for path in ["/h1", "/h2"] {
+            let tls = env.record(path).await.tls.expect("a TLS session");
+            assert_eq!(tls.version, "TLSv1.3", "{path}");
+            assert!(tls.cipher.starts_with("TLS13_"), "{path}: {}", tls.cipher);
+            assert_eq!(tls.server_name.as_deref(), Some("localhost"), "{path}");
+            assert_eq!(
+                tls.client_cert.as_ref().map(|v| v.to_str().unwrap()),
+                Some(expected.as_str()),
+                "{path}"
+            );
+        }
 
         // No certificate, or one from another CA: refused in the handshake (under TLS 1.3 the
         // client learns it at its first read), and nothing reaches the upstream.

@@ -47,9 +47,8 @@ pub struct Peer {
     pub local: SocketAddr,
     /// TLS or cleartext.
     pub tls: bool,
-    /// The `X-Forwarded-Client-Cert` element for the certificate the client presented, if it
-    /// presented one (verified: the listener asks only when it has trust anchors).
-    pub client_cert: Option<http::HeaderValue>,
+    /// What its TLS handshake settled, once done.
+    pub tls_session: Option<Arc<tls::TlsSession>>,
 }
 
 /// An HTTP/2 connection's socket as the dead-peer prober needs it: a duplicate descriptor (the
@@ -66,7 +65,7 @@ impl Peer {
     /// What the requests on this connection know about it.
     pub fn conn(&self, cancel: Arc<ConnCancel>) -> Arc<Conn> {
         let mut conn = Conn::new(self.client, self.local, self.tls, cancel);
-        conn.client_cert = self.client_cert.clone();
+        conn.tls_session = self.tls_session.clone();
         Arc::new(conn)
     }
 }
@@ -109,7 +108,7 @@ pub async fn serve(
             client,
             local,
             tls: true,
-            client_cert: None,
+            tls_session: None,
         };
         return boxed(serve_tls(worker, listener, source, tcp, peer, stop)).await;
     }
@@ -117,7 +116,7 @@ pub async fn serve(
         client,
         local,
         tls: false,
-        client_cert: None,
+        tls_session: None,
     };
     let is_h2 = match (listener.protocols.http1, listener.protocols.h2) {
         (true, true) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, sniff_h2(&tcp)).await {
@@ -186,7 +185,7 @@ async fn serve_tls(
             return;
         }
     };
-    peer.client_cert = tls::forwarded_client_cert(tls.get_ref().1);
+    peer.tls_session = Some(Arc::new(tls::TlsSession::of(tls.get_ref().1)));
     let is_h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice())
         || (listener.protocols.h2 && !listener.protocols.http1);
     if is_h2 {

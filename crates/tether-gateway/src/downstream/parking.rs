@@ -318,7 +318,7 @@ impl Parking {
             client,
             local: tcp.local_addr().unwrap_or(client),
             tls: false,
-            client_cert: None,
+            tls_session: None,
         };
         let conn = TcpConn {
             worker,

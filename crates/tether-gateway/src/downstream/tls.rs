@@ -185,6 +185,40 @@ fn dns_names(der: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// What a client's TLS handshake settled: for the access log, and the client certificate for
+/// the upstream request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSession {
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub version: &'static str,
+    /// The cipher suite (`TLS13_AES_128_GCM_SHA256`, ...).
+    pub cipher: &'static str,
+    /// The server name the client asked for (SNI), if it sent one.
+    pub server_name: Option<Box<str>>,
+    /// The `X-Forwarded-Client-Cert` element of the certificate the client presented, if it
+    /// presented one (verified: the listener asks only when it has trust anchors).
+    pub client_cert: Option<HeaderValue>,
+}
+
+impl TlsSession {
+    /// The session of a connection whose handshake is done.
+    pub fn of(conn: &rustls::ServerConnection) -> TlsSession {
+        TlsSession {
+            version: match conn.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                _ => "unknown",
+            },
+            cipher: conn
+                .negotiated_cipher_suite()
+                .and_then(|s| s.suite().as_str())
+                .unwrap_or("unknown"),
+            server_name: conn.server_name().map(Box::from),
+            client_cert: forwarded_client_cert(conn),
+        }
+    }
+}
+
 /// The `X-Forwarded-Client-Cert` element for the verified certificate a client presented, in
 /// Envoy's format: `Hash=<SHA-256 of the DER, hex>;Subject="<RFC 4514 name>"`, then a `URI=` and
 /// a `DNS=` for each such subject alternative name. `None` when the client sent none.

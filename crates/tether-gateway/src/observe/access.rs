@@ -92,6 +92,9 @@ pub struct RequestRecord {
     pub stage: Option<&'static str>,
     /// Time to connect to the upstream (zero on a reused connection).
     pub upstream_connect: Option<Duration>,
+    /// The client connection's TLS session (version, cipher, SNI, client certificate); `None`
+    /// for cleartext.
+    pub tls: Option<std::sync::Arc<crate::downstream::tls::TlsSession>>,
     /// The `grpc-status` of tether's own answer to a gRPC request (`status` is then the HTTP
     /// status other clients get for the same failure).
     pub grpc_status: Option<u8>,
@@ -257,6 +260,7 @@ impl RequestRecord {
             upstream_connect: None,
             queued: None,
             grpc_status: None,
+            tls: None,
             upstream_first_byte: None,
             upstream_time: None,
             propagation: None,
@@ -345,6 +349,14 @@ impl RequestRecord {
         o.num(k!("retries"), Some(u64::from(self.retries)));
         o.str(k!("trace_id"), self.trace_id.as_deref().map(str::as_bytes));
         o.str(k!("span_id"), self.span_id.as_deref().map(str::as_bytes));
+        if let Some(tls) = &self.tls {
+            o.label(k!("tls_version"), Some(tls.version));
+            o.label(k!("tls_cipher"), Some(tls.cipher));
+            o.str(k!("sni"), tls.server_name.as_deref().map(str::as_bytes));
+            if let Some(cert) = &tls.client_cert {
+                o.str(k!("client_cert"), Some(cert.as_bytes()));
+            }
+        }
         o.end();
     }
 }
@@ -814,6 +826,7 @@ mod tests {
             upstream_connect: None,
             queued: None,
             grpc_status: None,
+            tls: None,
             upstream_first_byte: Some(Duration::from_micros(42)),
             upstream_time: None,
             propagation: Some(Duration::from_micros(7)),
@@ -924,6 +937,12 @@ mod tests {
         let mut rec = record();
         rec.grpc_status = Some(4);
         rec.queued = Some(Duration::from_micros(1500));
+        rec.tls = Some(std::sync::Arc::new(crate::downstream::tls::TlsSession {
+            version: "TLSv1.3",
+            cipher: "TLS13_AES_128_GCM_SHA256",
+            server_name: Some("api.example".into()),
+            client_cert: Some(http::HeaderValue::from_static("Hash=ab;Subject=\"CN=c\"")),
+        }));
         let mut line = String::new();
         rec.write_json(&mut line);
         let v: Value = serde_json::from_str(&line).expect("valid JSON");
@@ -931,6 +950,15 @@ mod tests {
             (&v["grpc_status"], &v["queue_us"]),
             (&4.into(), &1500.into())
         );
-        assert_eq!(v.as_object().unwrap().len(), 36);
+        assert_eq!(
+            (&v["tls_version"], &v["tls_cipher"], &v["sni"]),
+            (
+                &"TLSv1.3".into(),
+                &"TLS13_AES_128_GCM_SHA256".into(),
+                &"api.example".into()
+            )
+        );
+        assert_eq!(v["client_cert"], "Hash=ab;Subject=\"CN=c\"");
+        assert_eq!(v.as_object().unwrap().len(), 40);
     }
 }

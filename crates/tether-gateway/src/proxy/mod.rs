@@ -50,9 +50,8 @@ pub struct Conn {
     pub local: SocketAddr,
     /// Whether the connection is TLS.
     pub tls: bool,
-    /// The `X-Forwarded-Client-Cert` element for the client's verified certificate, if it
-    /// presented one.
-    pub client_cert: Option<HeaderValue>,
+    /// What the connection's TLS handshake settled (the client's certificate included).
+    pub tls_session: Option<Arc<crate::downstream::tls::TlsSession>>,
     /// Its cancellation state.
     pub cancel: Arc<ConnCancel>,
     /// Its forwarding header text, made for its first request.
@@ -72,7 +71,7 @@ impl Conn {
             client,
             local,
             tls,
-            client_cert: None,
+            tls_session: None,
             cancel,
             forwarding: OnceLock::new(),
             upgrade: std::sync::Mutex::new(Vec::new()),
@@ -145,6 +144,7 @@ pub async fn handle(
         method: Some(req.method().clone()),
         authority,
         path: RequestText::path(req.uri()),
+        tls: conn.tls_session.clone(),
         ..RequestRecord::new(
             SystemTime::now(),
             id.as_arc(),
@@ -800,7 +800,11 @@ fn build_upstream_request(
         conn.forwarding(),
         (!host.is_empty()).then_some(host),
     );
-    if let Some(cert) = &conn.client_cert {
+    if let Some(cert) = conn
+        .tls_session
+        .as_ref()
+        .and_then(|s| s.client_cert.as_ref())
+    {
         headers::add_client_cert(&mut parts.headers, cert);
     }
     // Also the response's: the second use is a reference count, not a copy.
