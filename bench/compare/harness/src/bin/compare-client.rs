@@ -878,10 +878,33 @@ fn parse_h2load(file: &std::path::Path, log: Option<&std::path::Path>) -> Result
 }
 
 fn free_ports(n: usize) -> Result<Value, BoxError> {
+    // Below the kernel's ephemeral range: a port from it could be taken by an outgoing
+    // connection (a load generator's, thousands per run) between being chosen here and being
+    // bound by the proxy that is given it.
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 10_000;
+    let span = u32::from(ephemeral_low.saturating_sub(LOW));
     // Hold all of them until every one is chosen, so the N are distinct.
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    if span > 0 {
+        // Start somewhere different each run, so that runs side by side rarely meet.
+        let start = std::process::id() % span;
+        for i in 0..span {
+            if listeners.len() == n {
+                break;
+            }
+            let port = LOW + u16::try_from((start + i) % span).unwrap_or(0);
+            if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+                listeners.push(l);
+            }
+        }
+    }
+    while listeners.len() < n {
+        listeners.push(std::net::TcpListener::bind("127.0.0.1:0")?);
+    }
     for l in &listeners {
         println!("{}", l.local_addr()?.port());
     }
