@@ -212,6 +212,8 @@ pub struct FileRoute {
     pub trace_context: Option<FileTraceContext>,
     /// Requests in flight at once; beyond it 503 with `Retry-After`.
     pub max_in_flight: Option<usize>,
+    /// The largest request body, in place of the listener's.
+    pub max_body_bytes: Option<u64>,
     /// Requests per client over time; beyond it 429 with `Retry-After`.
     pub rate_limit: Option<FileRateLimit>,
     /// Addresses or networks of the clients served; others get 403.
@@ -1143,6 +1145,7 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     cfg.rewrite_prefix = r.rewrite_prefix.clone();
     cfg.request_headers = r.request_headers.rules();
     cfg.response_headers = r.response_headers.rules();
+    cfg.max_body_bytes = r.max_body_bytes;
     if let Some(n) = r.max_in_flight {
         cfg.max_in_flight = Some(NonZeroUsize::new(n).ok_or_else(|| {
             KeyError::new(

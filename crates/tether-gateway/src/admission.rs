@@ -315,7 +315,7 @@ pub fn admit(
         t.metrics().client_denied(&route.name);
         return Some(ProxyError::downstream(Stage::Admission, ErrorKind::Forbidden).into());
     }
-    if let Some(max) = listener.limits.max_body_bytes
+    if let Some(max) = route.max_body_bytes.or(listener.limits.max_body_bytes)
         && http_body::Body::size_hint(req.body())
             .exact()
             .is_some_and(|len| len > max)

@@ -413,6 +413,10 @@ pub struct RouteConfig {
     /// Requests in flight on this route at once, all workers together; beyond it requests are
     /// shed with 503 and `Retry-After`. Default: none.
     pub max_in_flight: Option<NonZeroUsize>,
+    /// The largest request body on this route, in place of its listener's
+    /// `limits.max_body_bytes` (larger for an upload route, smaller for an API). Default: the
+    /// listener's.
+    pub max_body_bytes: Option<u64>,
     /// Requests each client may send on this route over time; none by default.
     pub rate_limit: Option<RateLimit>,
     /// The clients the route serves, by address or network; others are answered 403. Empty:
@@ -909,6 +913,7 @@ impl RouteConfig {
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
             trace_context: TraceContext::Passthrough,
             max_in_flight: None,
+            max_body_bytes: None,
             rate_limit: None,
             allow_clients: Vec::new(),
             deny_clients: Vec::new(),

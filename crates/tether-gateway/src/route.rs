@@ -30,6 +30,8 @@ pub struct Route {
     pub trace_context: TraceContext,
     /// Requests in flight at once, when limited (shared by every worker).
     pub in_flight: Option<Arc<crate::admission::Limit>>,
+    /// The largest request body, when the route sets its own (else the listener's).
+    pub max_body_bytes: Option<u64>,
     /// When set, every request is answered with this redirect (and `upstream` is not used).
     pub redirect: Option<RedirectTemplate>,
     /// When set, every request is answered with this response (and `upstream` is not used).
@@ -369,6 +371,7 @@ impl Router {
                         .as_ref()
                         .and_then(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok()),
                     trace_context: r.trace_context,
+                    max_body_bytes: r.max_body_bytes,
                     in_flight: r.max_in_flight.map(|n| {
                         match old.and_then(|o| o.in_flight.clone()) {
                             Some(kept) => {

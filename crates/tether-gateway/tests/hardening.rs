@@ -77,6 +77,72 @@ async fn declared_body_over_limit_gets_413_json_and_nothing_is_forwarded() {
     env.stop().await;
 }
 
+/// A route's own `max_body_bytes` replaces the listener's: an upload route takes bodies the
+/// listener's limit would refuse, a strict route refuses bodies it would take, declared or
+/// streamed.
+#[tokio::test]
+async fn a_routes_body_limit_replaces_the_listeners() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![
+            ("/upload", Behavior::Summary),
+            ("/api", Behavior::Summary),
+            ("/other", Behavior::Summary),
+        ]),
+        |c| {
+            let l = &mut c.listeners[0];
+            l.limits.max_body_bytes = Some(1000);
+            let base = l.routes[0].clone();
+            let mut upload = base.clone();
+            upload.path_prefix = "/upload".into();
+            upload.max_body_bytes = Some(10_000);
+            let mut api = base;
+            api.path_prefix = "/api".into();
+            api.max_body_bytes = Some(100);
+            l.routes.insert(0, api);
+            l.routes.insert(0, upload);
+        },
+    )
+    .await;
+    for (path, len, status) in [
+        ("/upload", 5000, 200),
+        ("/upload", 20_000, 413),
+        ("/api", 50, 200),
+        ("/api", 500, 413),
+        ("/other", 500, 200),
+        ("/other", 5000, 413),
+    ] {
+        let mut c = H1Client::connect(env.addr).await.unwrap();
+        c.send_request("POST", path, &[], Some(len), &vec![b'x'; len as usize])
+            .await
+            .ok();
+        let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+        assert_eq!(head.status, status, "{path} with {len} bytes");
+    }
+    // Streamed (chunked) past the route's limit: cut, never complete upstream.
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    c.send_raw(b"POST /api HTTP/1.1\r\nhost: l\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = c.send_raw(b"c8\r\n").await;
+    let _ = c.send_raw(&[b'y'; 200]).await;
+    let _ = c.send_raw(b"\r\n0\r\n\r\n").await;
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 413);
+    let completed = env
+        .log()
+        .events()
+        .iter()
+        .filter(|e| e.path == "/api" && matches!(e.kind, EventKind::BodyComplete { .. }))
+        .count();
+    assert_eq!(
+        completed, 1,
+        "only the 50-byte body reached the upstream whole"
+    );
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn chunked_body_over_limit_is_cut_and_never_completes_upstream() {
     let env = Env::with(

@@ -621,6 +621,25 @@ fn redirect_routes_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn a_routes_body_limit_converts() {
+    let src = GOOD.replace(
+        "  name = \"fallback\"\n",
+        "  name = \"fallback\"\n  max_body_bytes = 104857600\n",
+    );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    let r = &cfg.config.listeners[0].routes;
+    assert_eq!(
+        (r[0].max_body_bytes, r[1].max_body_bytes),
+        (None, Some(104_857_600))
+    );
+    let e = err(&GOOD.replace(
+        "  name = \"fallback\"\n",
+        "  name = \"fallback\"\n  max_body_bytes = -1\n",
+    ));
+    assert_eq!(e.key, "listeners[0].routes[1].max_body_bytes");
+}
+
+#[test]
 fn split_routes_convert_and_bad_ones_name_their_key() {
     let with = |route: &str| {
         GOOD.replace(

@@ -868,7 +868,7 @@ fn build_upstream_request(
         conn.cancel.clone(),
         t.upload.clone(),
         idle,
-        listener.limits.max_body_bytes,
+        route.max_body_bytes.or(listener.limits.max_body_bytes),
     );
     Ok((Request::from_parts(parts, body), id_value))
 }

@@ -426,16 +426,6 @@ impl H2Conns {
         );
         place
     }
-
-    /// Open connections.
-    pub fn len(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.conns.is_empty()
-    }
 }
 
 /// Connections of one endpoint on one worker.
