@@ -15,11 +15,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
-    AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding, DeadPeerConfig,
-    HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig, ListenerLimits,
-    ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, Respond, RouteConfig, RouteTimeouts,
-    ServerTls, SplitTarget, TcpKeepalive, TraceContext, UpstreamAddress, UpstreamConfig,
-    UpstreamProtocol, UpstreamTls,
+    AccessLogMode, AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding,
+    DeadPeerConfig, HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig,
+    ListenerLimits, ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, Respond, RouteConfig,
+    RouteTimeouts, ServerTls, SplitTarget, TcpKeepalive, TraceContext, UpstreamAddress,
+    UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -210,6 +210,8 @@ pub struct FileRoute {
     pub retry_budget_min_per_second: Option<u32>,
     /// `passthrough` or `span`.
     pub trace_context: Option<FileTraceContext>,
+    /// `all`, `errors` or `off`: which requests get an access-log line.
+    pub access_log: Option<FileAccessLog>,
     /// Requests in flight at once; beyond it 503 with `Retry-After`.
     pub max_in_flight: Option<usize>,
     /// The largest request body, in place of the listener's.
@@ -260,6 +262,18 @@ impl FileHeaderRules {
             add: pairs(&self.add),
         }
     }
+}
+
+/// A route's `access_log` values.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileAccessLog {
+    /// Every request.
+    All,
+    /// Only those that did not end well.
+    Errors,
+    /// None.
+    Off,
 }
 
 /// `trace_context` values.
@@ -1121,6 +1135,11 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     cfg.host = r.host.clone();
     cfg.timeouts = timeouts;
     cfg.client_half_close = client_half_close;
+    cfg.access_log = match r.access_log {
+        None | Some(FileAccessLog::All) => AccessLogMode::All,
+        Some(FileAccessLog::Errors) => AccessLogMode::Errors,
+        Some(FileAccessLog::Off) => AccessLogMode::Off,
+    };
     cfg.trace_context = match r.trace_context {
         None | Some(FileTraceContext::Passthrough) => TraceContext::Passthrough,
         Some(FileTraceContext::Span) => TraceContext::Span,

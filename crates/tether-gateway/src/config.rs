@@ -381,6 +381,32 @@ pub enum TraceContext {
     Span,
 }
 
+/// Which of a route's requests get an access-log line. Metrics count every request either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AccessLogMode {
+    /// Every request.
+    #[default]
+    All,
+    /// Only requests that did not end well: a status of 400 or more, or an outcome other than
+    /// `ok` (an abort, a timeout, an upstream error). For a health-check route: quiet while it
+    /// passes, seen when it fails.
+    Errors,
+    /// None.
+    Off,
+}
+
+impl AccessLogMode {
+    /// Whether a request that ended with `status` and `ok` (its outcome) gets a line.
+    #[inline]
+    pub fn logs(self, status: u16, ok: bool) -> bool {
+        match self {
+            AccessLogMode::All => true,
+            AccessLogMode::Errors => status >= 400 || !ok,
+            AccessLogMode::Off => false,
+        }
+    }
+}
+
 /// One route: which requests go to which upstream, and under which limits.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -413,6 +439,8 @@ pub struct RouteConfig {
     /// Requests in flight on this route at once, all workers together; beyond it requests are
     /// shed with 503 and `Retry-After`. Default: none.
     pub max_in_flight: Option<NonZeroUsize>,
+    /// Which requests get an access-log line. Default: all.
+    pub access_log: AccessLogMode,
     /// The largest request body on this route, in place of its listener's
     /// `limits.max_body_bytes` (larger for an upload route, smaller for an API). Default: the
     /// listener's.
@@ -912,6 +940,7 @@ impl RouteConfig {
             retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
             trace_context: TraceContext::Passthrough,
+            access_log: AccessLogMode::All,
             max_in_flight: None,
             max_body_bytes: None,
             rate_limit: None,

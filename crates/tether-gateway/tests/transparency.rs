@@ -727,6 +727,76 @@ async fn a_route_with_a_fixed_response_answers_itself() {
     .await
 }
 
+/// A route's `access_log` decides which of its requests get a line: `off` none, `errors` only
+/// those that did not end well; the rest of the routes log every request.
+#[tokio::test]
+async fn a_routes_access_log_setting_picks_its_lines() {
+    use tether_gateway::config::AccessLogMode;
+    bounded(Duration::from_secs(30), async {
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            script(|r| {
+                if r.path.ends_with("/fail") {
+                    Behavior::Respond(Reply::new(503, "down"))
+                } else {
+                    Behavior::Respond(Reply::ok("up"))
+                }
+            }),
+            |c| {
+                let routes = &mut c.listeners[0].routes;
+                let mut health = routes[0].clone();
+                health.path_prefix = "/healthz".into();
+                health.name = "health".into();
+                health.access_log = AccessLogMode::Off;
+                let mut quiet = routes[0].clone();
+                quiet.path_prefix = "/quiet".into();
+                quiet.access_log = AccessLogMode::Errors;
+                routes.insert(0, quiet);
+                routes.insert(0, health);
+                c.admin = Some(tether_gateway::config::AdminConfig {
+                    address: "127.0.0.1:0".parse().unwrap(),
+                });
+            },
+        )
+        .await;
+        let mut c = env.http().await;
+        for path in [
+            "/healthz",
+            "/healthz/fail",
+            "/quiet",
+            "/quiet/fail",
+            "/other",
+        ] {
+            let req = c.request(Method::GET, path).body(empty()).unwrap();
+            c.fetch(req).await.unwrap();
+        }
+        // The last request's line is there: every line before it has been written.
+        env.record("/other").await;
+        let logged: Vec<String> = env
+            .access
+            .records()
+            .into_iter()
+            .map(|r| r.path.to_string())
+            .collect();
+        assert_eq!(logged, ["/quiet/fail", "/other"]);
+        // Counted all the same.
+        let metrics = env.metrics_text().unwrap();
+        for class in ["2xx", "5xx"] {
+            let series =
+                format!("tether_requests_total{{route=\"health\",status_class=\"{class}\"");
+            assert!(
+                metrics
+                    .lines()
+                    .any(|l| l.starts_with(&series) && l.ends_with(" 1")),
+                "{series}: {metrics}"
+            );
+        }
+        env.stop().await;
+    })
+    .await
+}
+
 /// tether's own error answer to a HEAD request is its head alone, the length of the body a GET
 /// would get included: over HTTP/2 a body after a HEAD's response is a protocol error the client
 /// must reset the stream for.

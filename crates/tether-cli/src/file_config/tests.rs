@@ -621,6 +621,31 @@ fn redirect_routes_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn a_routes_access_log_setting_converts() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "  name = \"fallback\"\n",
+            &format!("  name = \"fallback\"\n  access_log = \"{v}\"\n"),
+        )
+    };
+    for (v, mode) in [
+        ("all", AccessLogMode::All),
+        ("errors", AccessLogMode::Errors),
+        ("off", AccessLogMode::Off),
+    ] {
+        let cfg = parse(&with(v), Path::new(".")).unwrap();
+        let r = &cfg.config.listeners[0].routes;
+        assert_eq!(
+            (r[0].access_log, r[1].access_log),
+            (AccessLogMode::All, mode)
+        );
+    }
+    let e = err(&with("some"));
+    assert_eq!(e.key, "listeners[0].routes[1].access_log");
+    assert!(e.message.contains("errors"), "{e:?}");
+}
+
+#[test]
 fn a_routes_body_limit_converts() {
     let src = GOOD.replace(
         "  name = \"fallback\"\n",

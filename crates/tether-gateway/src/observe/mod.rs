@@ -21,9 +21,12 @@ pub struct Observer {
 }
 
 impl Observer {
-    /// Reports one finished request; `route` holds its route's metric handles, if it was routed.
-    pub fn finished(&self, rec: &RequestRecord, route: Option<&RouteMetrics>) {
+    /// Reports one finished request; `route` holds its route's metric handles, if it was routed;
+    /// `log`: it gets an access-log line (its route's `access_log` says).
+    pub fn finished(&self, rec: &RequestRecord, route: Option<&RouteMetrics>, log: bool) {
         self.metrics.request_finished(rec, route);
-        self.log.record(rec);
+        if log {
+            self.log.record(rec);
+        }
     }
 }

@@ -216,6 +216,7 @@ fn proxy<'a>(
         };
         t.rec.route = Some(route.name.clone());
         t.route_metrics = Some(route.metrics(&worker.observer.metrics));
+        t.access_log = route.access_log;
         if let Some(refusal) =
             crate::admission::admit(route, listener, &req, conn.client.ip(), trusted, &mut t)
         {

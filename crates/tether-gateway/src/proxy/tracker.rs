@@ -64,6 +64,8 @@ pub struct Tracker {
     pub route_metrics: Option<Arc<RouteMetrics>>,
     /// The request is gRPC: tether's own answers to it are gRPC statuses.
     pub grpc: Option<crate::grpc::Flavor>,
+    /// Which outcomes get an access-log line (its route's setting, once routed).
+    pub access_log: crate::config::AccessLogMode,
     done: bool,
 }
 
@@ -99,6 +101,7 @@ impl Tracker {
             endpoint_load: None,
             route_metrics: None,
             grpc: None,
+            access_log: crate::config::AccessLogMode::All,
             done: false,
         }
     }
@@ -202,12 +205,13 @@ impl Tracker {
                 Ok(h) => {
                     let mut rec = self.rec.clone();
                     let observer = self.observer.clone();
+                    let log = self.logs();
                     let route = self.route_metrics.take();
                     h.spawn(async move {
                         if let Some(closed) = closed_at(rx, Duration::from_secs(2)).await {
                             rec.propagation = Some(closed.saturating_duration_since(at));
                         }
-                        observer.finished(&rec, route.as_deref());
+                        observer.finished(&rec, route.as_deref(), log);
                     });
                 }
                 Err(_) => self.report(),
@@ -222,9 +226,15 @@ impl Tracker {
 }
 
 impl Tracker {
+    /// Whether the request gets an access-log line.
+    fn logs(&self) -> bool {
+        self.access_log
+            .logs(self.rec.status, self.rec.outcome == Outcome::Ok)
+    }
+
     fn report(&self) {
         self.observer
-            .finished(&self.rec, self.route_metrics.as_deref());
+            .finished(&self.rec, self.route_metrics.as_deref(), self.logs());
     }
 
     /// Splits the last attempt's exchange into send, first byte and body, ending the stage the
