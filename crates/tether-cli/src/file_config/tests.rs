@@ -39,6 +39,13 @@ fn err(src: &str) -> Located {
     }
 }
 
+/// Asserts that `src` is refused at `key` with a message containing `why`.
+fn refused(src: &str, key: &str, why: &str) {
+    let e = err(src);
+    assert_eq!(e.key, key, "{e:?}");
+    assert!(e.message.contains(why), "{e:?}");
+}
+
 #[test]
 fn good_config_converts() {
     let l = parse(GOOD, Path::new(".")).unwrap();
@@ -552,13 +559,7 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
         ("per = \"1s\"", "rate_limit.requests", "missing field"),
         ("requests = 1, rate = 2", "rate_limit.rate", "unknown field"),
     ] {
-        let e = err(&with(bad));
-        assert_eq!(
-            e.key,
-            format!("listeners[0].routes[1].{key}"),
-            "{bad}: {e:?}"
-        );
-        assert!(e.message.contains(why), "{bad}: {e:?}");
+        refused(&with(bad), &format!("listeners[0].routes[1].{key}"), why);
     }
 }
 
@@ -610,13 +611,7 @@ fn redirect_routes_convert_and_bad_ones_name_their_key() {
             "missing field",
         ),
     ] {
-        let e = err(&with(route));
-        assert_eq!(
-            e.key,
-            format!("listeners[0].routes[1].{key}"),
-            "{route}: {e:?}"
-        );
-        assert!(e.message.contains(why), "{route}: {e:?}");
+        refused(&with(route), &format!("listeners[0].routes[1].{key}"), why);
     }
 }
 
@@ -727,13 +722,7 @@ fn split_routes_convert_and_bad_ones_name_their_key() {
             "missing field `weight`",
         ),
     ] {
-        let e = err(&with(route));
-        assert_eq!(
-            e.key,
-            format!("listeners[0].routes[1].{key}"),
-            "{route}: {e:?}"
-        );
-        assert!(e.message.contains(why), "{route}: {e:?}");
+        refused(&with(route), &format!("listeners[0].routes[1].{key}"), why);
     }
 }
 
@@ -793,13 +782,7 @@ fn respond_routes_convert_and_bad_ones_name_their_key() {
         ),
         ("  timeout = \"1s\"", "upstream", "respond"),
     ] {
-        let e = err(&with(route));
-        assert_eq!(
-            e.key,
-            format!("listeners[0].routes[1].{key}"),
-            "{route}: {e:?}"
-        );
-        assert!(e.message.contains(why), "{route}: {e:?}");
+        refused(&with(route), &format!("listeners[0].routes[1].{key}"), why);
     }
 }
 
@@ -866,13 +849,7 @@ fn route_conditions_convert_and_bad_ones_name_their_key() {
             "not a valid header name",
         ),
     ] {
-        let e = err(&with(extra));
-        assert_eq!(
-            e.key,
-            format!("listeners[0].routes[1].{key}"),
-            "{extra}: {e:?}"
-        );
-        assert!(e.message.contains(why), "{extra}: {e:?}");
+        refused(&with(extra), &format!("listeners[0].routes[1].{key}"), why);
     }
 }
 
@@ -947,13 +924,7 @@ fn client_rules_convert_and_bad_ones_name_their_key() {
             "",
         ),
     ] {
-        let e = err(&with(bad));
-        assert_eq!(
-            e.key,
-            format!("listeners[0].routes[1].{key}"),
-            "{bad}: {e:?}"
-        );
-        assert!(e.message.contains(why), "{bad}: {e:?}");
+        refused(&with(bad), &format!("listeners[0].routes[1].{key}"), why);
     }
 }
 
@@ -994,13 +965,7 @@ fn compression_takes_defaults_and_bad_settings_name_their_key() {
         ("types = [\"html\"]", "compression.types[0]", "media type"),
         ("level = 9", "compression.level", "unknown field"),
     ] {
-        let e = err(&with(bad));
-        assert_eq!(
-            e.key,
-            format!("listeners[0].routes[1].{key}"),
-            "{bad}: {e:?}"
-        );
-        assert!(e.message.contains(why), "{bad}: {e:?}");
+        refused(&with(bad), &format!("listeners[0].routes[1].{key}"), why);
     }
 }
 
