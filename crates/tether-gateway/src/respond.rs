@@ -54,7 +54,11 @@ pub fn error_response(err: &ProxyError, request_id: &str) -> Response<ProxyBody>
 /// client must treat it as a protocol error.
 pub fn head_only(resp: Response<ProxyBody>) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
-    if let Some(len) = http_body::Body::size_hint(&body).exact() {
+    // A 204 or 304 never carries a length (RFC 9110 8.6).
+    let bodiless = matches!(parts.status.as_u16(), 204 | 304);
+    if let Some(len) = http_body::Body::size_hint(&body).exact()
+        && !bodiless
+    {
         parts
             .headers
             .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));

@@ -698,10 +698,21 @@ async fn a_route_with_a_fixed_response_answers_itself() {
             assert_eq!(p.status, 403, "{down:?}");
             assert_eq!(p.headers["content-type"], "application/json");
             assert_eq!(&body[..], br#"{"error":"forbidden"}"#);
-            let req = c.request(Method::GET, "/ping").body(empty()).unwrap();
-            let (p, body, _) = c.fetch(req).await.unwrap();
-            assert_eq!((p.status.as_u16(), body.len()), (204, 0), "{down:?}");
-            assert!(!p.headers.contains_key("content-type"));
+            for method in [Method::GET, Method::HEAD] {
+                let req = c.request(method.clone(), "/ping").body(empty()).unwrap();
+                let (p, body, _) = c.fetch(req).await.unwrap();
+                assert_eq!(
+                    (p.status.as_u16(), body.len()),
+                    (204, 0),
+                    "{down:?} {method}"
+                );
+                assert!(!p.headers.contains_key("content-type"));
+                assert!(
+                    !p.headers.contains_key("content-length"),
+                    "{down:?} {method}: {:?}",
+                    p.headers
+                );
+            }
             // Other routes still proxy, on the same connection.
             let req = c.request(Method::GET, "/other").body(empty()).unwrap();
             let (p, body, _) = c.fetch(req).await.unwrap();
