@@ -903,26 +903,27 @@ fn method_of(t: &Tracker) -> &str {
 fn fail(mut t: Tracker, err: ProxyError) -> Response<ProxyBody> {
     let resp = respond::error_response(&err, &t.rec.request_id);
     let status = resp.status().as_u16();
-    let resp = grpc_answer(&mut t, resp, &err, false);
-    let resp = if t.rec.method == Some(Method::HEAD) {
-        respond::head_only(resp)
-    } else {
-        resp
-    };
+    let resp = as_asked(&mut t, resp, &err, false);
     t.finish_error(&err, Some(status));
     resp
 }
 
-/// A gRPC request's answer as a gRPC status (see [`crate::grpc`]); others' as they are.
-fn grpc_answer(
+/// tether's answer `resp` to the request, in the form it asked for: a gRPC status for a gRPC
+/// request (see [`crate::grpc`]; `deadline`: its deadline passed), the head alone for a HEAD.
+fn as_asked(
     t: &mut Tracker,
     resp: Response<ProxyBody>,
     err: &ProxyError,
     deadline: bool,
 ) -> Response<ProxyBody> {
-    match t.grpc {
+    let resp = match t.grpc {
         None => resp,
         Some(flavor) => grpc_answered(t, resp, err, flavor, deadline),
+    };
+    if t.rec.method == Some(Method::HEAD) {
+        respond::head_only(resp)
+    } else {
+        resp
     }
 }
 
@@ -1044,12 +1045,7 @@ fn cancelled(t: Tracker, reason: tether::CancelReason) -> Response<ProxyBody> {
     let mut t = t;
     t.rec.status = resp.status().as_u16();
     let deadline = reason == tether::CancelReason::Deadline && err.side == Side::Upstream;
-    let resp = grpc_answer(&mut t, resp, &err, deadline);
-    let resp = if t.rec.method == Some(Method::HEAD) {
-        respond::head_only(resp)
-    } else {
-        resp
-    };
+    let resp = as_asked(&mut t, resp, &err, deadline);
     t.finish_cancelled(reason);
     resp
 }
