@@ -13,16 +13,10 @@ use tokio::time::Instant;
 
 use crate::route::Route;
 
-/// Whether the request is gRPC, gRPC-Web included (its `grpc-timeout` is honoured and
-/// re-stamped).
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    crate::grpc::Flavor::of(headers).is_some()
-}
-
 /// The deadline for a request whose head arrived at `started`, if any applies. `budget`: the
 /// request carries the route's budget header and comes from a trusted peer; `grpc`: it is a gRPC
-/// request (see [`is_grpc`]), so its own `grpc-timeout` counts. Both are known from the header
-/// scan, so no header is looked up that is not there.
+/// request (gRPC-Web included, see [`crate::grpc::Flavor`]), so its own `grpc-timeout` counts.
+/// Both are known from the header scan, so no header is looked up that is not there.
 pub fn request_deadline(
     route: &Route,
     started: Instant,
@@ -96,6 +90,10 @@ mod tests {
         let mut r = RouteConfig::new("/", "up");
         r.timeouts.total = total;
         Router::new(&[r], |_| Some(0))
+    }
+
+    fn is_grpc(h: &HeaderMap) -> bool {
+        crate::grpc::Flavor::of(h).is_some()
     }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -149,11 +149,16 @@ impl Framing {
 /// Trailers that end a gRPC response with `code` and `message`.
 pub fn trailers(code: Code, message: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
+    put_status(&mut h, code, message);
+    h
+}
+
+/// Sets `grpc-status` and `grpc-message` in `h`.
+fn put_status(h: &mut HeaderMap, code: Code, message: &str) {
     h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code.as_u8())));
     if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
         h.insert(GRPC_MESSAGE, v);
     }
-    h
 }
 
 /// Turns a head of tether's own answer into a trailers-only gRPC response head: status 200,
@@ -164,10 +169,7 @@ pub fn trailers_only(parts: &mut http::response::Parts, flavor: Flavor, code: Co
     let h = &mut parts.headers;
     h.remove(http::header::CONTENT_LENGTH);
     h.insert(CONTENT_TYPE, flavor.content_type());
-    h.insert(GRPC_STATUS, HeaderValue::from(u16::from(code.as_u8())));
-    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
-        h.insert(GRPC_MESSAGE, v);
-    }
+    put_status(h, code, message);
 }
 
 /// gRPC's message encoding: bytes outside printable ASCII, and `%`, as `%XX`.
