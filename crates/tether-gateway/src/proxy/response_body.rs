@@ -102,7 +102,8 @@ impl Streaming {
         }
     }
 
-    /// Follows the body's gRPC messages (see [`Streaming::grpc`]).
+    /// Follows the body's gRPC messages, so that a gRPC response cut between two ends with a
+    /// `grpc-status` instead of a reset.
     pub fn with_grpc_framing(mut self) -> Streaming {
         self.grpc = Some(Box::default());
         self

@@ -208,9 +208,7 @@ impl Upstream {
             for i in 0..len {
                 let n = (first + i) % len;
                 let ep = &self.endpoints[n];
-                if !ep.health.available(self.born, now)
-                    || self.active.as_ref().is_some_and(|a| a.is_down(n))
-                {
+                if !self.in_rotation(n, ep, now) {
                     continue;
                 }
                 let Some(loads) = &self.loads else {
@@ -237,6 +235,13 @@ impl Upstream {
         (first, &self.endpoints[first])
     }
 
+    /// Whether endpoint `n` (`ep`) may be chosen: not skipped after failures (`max_fails`), nor
+    /// out of rotation by its health checks.
+    #[inline]
+    fn in_rotation(&self, n: usize, ep: &Endpoint, now: Instant) -> bool {
+        ep.health.available(self.born, now) && !self.active.as_ref().is_some_and(|a| a.is_down(n))
+    }
+
     /// The endpoint `key` hashes to: the highest rendezvous score among the available endpoints,
     /// or among all when none is. For the `nth` retry, the `nth` next in that order (in turn
     /// among the available ones).
@@ -249,9 +254,11 @@ impl Upstream {
                 .iter()
                 .enumerate()
                 .map(|(n, ep)| {
-                    let up = ep.health.available(self.born, now)
-                        && !self.active.as_ref().is_some_and(|a| a.is_down(n));
-                    (up, balance::score(key, ep.seed, ep.weight), n)
+                    (
+                        self.in_rotation(n, ep, now),
+                        balance::score(key, ep.seed, ep.weight),
+                        n,
+                    )
                 })
                 .collect();
             ranked.sort_by(|a, b| {
@@ -269,8 +276,7 @@ impl Upstream {
         }
         let mut best: Option<(usize, f64, bool)> = None;
         for (n, ep) in self.endpoints.iter().enumerate() {
-            let up = ep.health.available(self.born, now)
-                && !self.active.as_ref().is_some_and(|a| a.is_down(n));
+            let up = self.in_rotation(n, ep, now);
             let score = balance::score(key, ep.seed, ep.weight);
             // An available endpoint beats any that is not; then the higher score.
             if best.is_none_or(|(_, s, b_up)| (up, score) > (b_up, s)) {
