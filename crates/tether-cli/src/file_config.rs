@@ -1050,41 +1050,22 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             "must not be empty; omit it to match any host",
         ));
     }
-    if let Some(split) = &r.split {
-        let skey = format!("{key}.split");
-        if r.upstream.is_some() || r.redirect.is_some() || r.respond.is_some() {
-            return Err(KeyError::new(
-                skey,
-                "a route proxies to an upstream, splits, redirects or responds: one of them",
-            ));
-        }
-        if split.is_empty() {
-            return Err(KeyError::new(skey, "must name at least one upstream"));
-        }
+    // `split = []` is not the absence of a split: said here, as the converted route cannot
+    // tell them apart. Which of upstream, split, redirect and respond a route may combine is
+    // the validation's to say.
+    if r.split.as_ref().is_some_and(Vec::is_empty) {
+        return Err(KeyError::new(
+            format!("{key}.split"),
+            "must name at least one upstream",
+        ));
     }
-    let upstream = match (&r.upstream, &r.redirect, &r.respond) {
-        (None, None, None) if r.split.is_some() => String::new(),
-        (Some(u), None, None) => u.clone(),
-        (None, Some(_), None) | (None, None, Some(_)) => String::new(),
-        (Some(_), Some(_), None) => {
-            return Err(KeyError::new(
-                format!("{key}.redirect"),
-                "a route either proxies to an upstream or redirects, not both",
-            ));
-        }
-        (_, _, Some(_)) => {
-            return Err(KeyError::new(
-                format!("{key}.respond"),
-                "a route proxies to an upstream, redirects or responds: one of them",
-            ));
-        }
-        (None, None, None) => {
-            return Err(KeyError::new(
-                format!("{key}.upstream"),
-                "missing field `upstream` (or a `split`, `redirect` or `respond`)",
-            ));
-        }
-    };
+    if r.upstream.is_none() && r.split.is_none() && r.redirect.is_none() && r.respond.is_none() {
+        return Err(KeyError::new(
+            format!("{key}.upstream"),
+            "missing field `upstream` (or a `split`, `redirect` or `respond`)",
+        ));
+    }
+    let upstream = r.upstream.clone().unwrap_or_default();
     let mut cfg = RouteConfig::new(
         r.path_prefix.clone().unwrap_or_else(|| "/".into()),
         upstream,
@@ -1124,8 +1105,6 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
         if let Some(ct) = &rs.content_type {
             respond.content_type = ct.clone();
         }
-        tether_gateway::route::FixedResponse::parse(&respond)
-            .map_err(|e| KeyError::new(format!("{key}.respond"), e))?;
         cfg.respond = Some(respond);
         cfg.name = "respond".into();
     }
