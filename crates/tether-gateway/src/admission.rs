@@ -206,7 +206,12 @@ pub fn client_key(
     headers: &HeaderMap,
     is_trusted: impl Fn(IpAddr) -> bool,
 ) -> u128 {
-    match client_ip(peer, trusted, headers, is_trusted) {
+    key_of(client_ip(peer, trusted, headers, is_trusted))
+}
+
+/// The rate-limit key of `client` (a [`client_ip`]): its IPv4 address, or its IPv6 /64.
+fn key_of(client: IpAddr) -> u128 {
+    match client {
         IpAddr::V4(v4) => u128::from(u32::from(v4)),
         // Tagged in the dropped half, so no IPv6 block can stand for an IPv4 address.
         IpAddr::V6(v6) => (u128::from(v6) & !((1u128 << 64) - 1)) | (1 << 63),
@@ -306,10 +311,12 @@ pub fn admit(
     trusted: bool,
     t: &mut Tracker,
 ) -> Option<Refusal> {
-    if let Some(access) = &route.access
-        && !access.admits(client_ip(peer, trusted, req.headers(), |ip| {
-            listener.trusts(ip)
-        }))
+    // Who the client is, looked for (an `X-Forwarded-For` walk) once, and only when a rule
+    // asks.
+    let client = (route.access.is_some() || route.rate_limit.is_some())
+        .then(|| client_ip(peer, trusted, req.headers(), |ip| listener.trusts(ip)));
+    if let (Some(access), Some(client)) = (&route.access, client)
+        && !access.admits(client)
     {
         t.stage = Stage::Admission;
         t.metrics().client_denied(&route.name);
@@ -323,17 +330,16 @@ pub fn admit(
         t.stage = Stage::RequestBody;
         return Some(ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge).into());
     }
-    if let Some(limiter) = &route.rate_limit {
-        let client = client_key(peer, trusted, req.headers(), |ip| listener.trusts(ip));
-        if let Err(wait) = limiter.check(client, Instant::now()) {
-            t.stage = Stage::Admission;
-            t.metrics().rate_limited(&route.name);
-            return Some(Refusal {
-                error: ProxyError::downstream(Stage::Admission, ErrorKind::RateLimited),
-                // Whole seconds, rounded up: a client that waits that long is let in.
-                retry_after: Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
-            });
-        }
+    if let (Some(limiter), Some(client)) = (&route.rate_limit, client)
+        && let Err(wait) = limiter.check(key_of(client), Instant::now())
+    {
+        t.stage = Stage::Admission;
+        t.metrics().rate_limited(&route.name);
+        return Some(Refusal {
+            error: ProxyError::downstream(Stage::Admission, ErrorKind::RateLimited),
+            // Whole seconds, rounded up: a client that waits that long is let in.
+            retry_after: Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+        });
     }
     if let Some(limit) = &route.in_flight {
         match limit.try_acquire() {
