@@ -297,9 +297,9 @@ impl From<ProxyError> for Refusal {
     }
 }
 
-/// Checks a routed request against the route's client rules, the listener's body limit, the
-/// route's rate limit for its client (`peer`, `trusted` as [`client_key`] takes them) and the
-/// route's in-flight limit. On success the in-flight permit is stored in the tracker (released
+/// Checks a routed request against the route's client rules, its body limit (its own or its
+/// listener's), its rate limit for the client (`peer`, `trusted` as [`client_key`] takes them)
+/// and its in-flight limit. On success the in-flight permit is stored in the tracker (released
 /// when the request ends); otherwise why not: 403 for a client the route does not serve, 413
 /// for a declared body over the limit, 429 for a client over its rate, 503 (with `Retry-After`)
 /// when the route is full.

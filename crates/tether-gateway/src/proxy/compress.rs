@@ -10,6 +10,7 @@ use http::{Method, StatusCode};
 use http_body::Frame;
 
 use crate::config::{Compression, ContentCoding};
+use crate::proxy::headers::list_elements;
 
 /// gzip level: about zlib's default ratio at less CPU, for a proxy compressing as it streams.
 const GZIP_LEVEL: u32 = 5;
@@ -98,12 +99,8 @@ pub fn applies(c: &Compression, status: StatusCode, headers: &HeaderMap) -> bool
     {
         return false;
     }
-    let no_transform = headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|d| d.trim().eq_ignore_ascii_case("no-transform"));
+    let no_transform = list_elements(headers, &header::CACHE_CONTROL)
+        .any(|d| d.eq_ignore_ascii_case("no-transform"));
     if no_transform {
         return false;
     }
@@ -148,12 +145,8 @@ pub fn mark(headers: &mut HeaderMap, coding: ContentCoding) {
         header::CONTENT_ENCODING,
         HeaderValue::from_static(coding.token()),
     );
-    let varies = headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|v| v.trim() == "*" || v.trim().eq_ignore_ascii_case("accept-encoding"));
+    let varies = list_elements(headers, &header::VARY)
+        .any(|v| v == "*" || v.eq_ignore_ascii_case("accept-encoding"));
     if !varies {
         headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
     }
