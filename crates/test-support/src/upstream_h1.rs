@@ -59,6 +59,11 @@ impl UpstreamH1 {
         Self::start_inner(script, None, options).await
     }
 
+    /// Starts a cleartext upstream on `addr` (a loopback address; port 0 for any).
+    pub async fn start_on(addr: SocketAddr, script: Script) -> Result<UpstreamH1, BoxError> {
+        Self::start_inner_on(addr, script, None, H1Options::default()).await
+    }
+
     /// Starts a TLS upstream (use a server config with ALPN `http/1.1` or none).
     pub async fn start_tls(
         script: Script,
@@ -72,7 +77,17 @@ impl UpstreamH1 {
         tls: Option<Arc<rustls::ServerConfig>>,
         options: H1Options,
     ) -> Result<UpstreamH1, BoxError> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_inner_on(any, script, tls, options).await
+    }
+
+    async fn start_inner_on(
+        addr: SocketAddr,
+        script: Script,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        options: H1Options,
+    ) -> Result<UpstreamH1, BoxError> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let log = EventLog::new();
         let (l1, l2) = (log.clone(), log.clone());

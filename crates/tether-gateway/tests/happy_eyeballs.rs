@@ -6,12 +6,14 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::*;
-use test_support::EventKind;
 use test_support::behavior::{Behavior, routes};
 use test_support::blackhole::syn_sent_to;
+use test_support::{DnsStub, EventKind, EventLog, UpstreamH1};
+use tether_gateway::config::UpstreamAddress;
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
@@ -103,6 +105,93 @@ async fn the_dead_candidate_is_attempted_during_the_stagger() {
         }
         assert!(seen, "no connect attempt towards {} seen", hole.addr());
         assert_eq!(req.await.unwrap().unwrap(), 200);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// A name resolving to two live addresses: each new upstream connection starts with the next
+/// one, so both share the name's connections (as nginx's servers from one name do).
+#[tokio::test]
+async fn a_names_addresses_take_turns_at_new_connections() {
+    bounded(Duration::from_secs(15), async {
+        let script = routes(vec![("/turn", Behavior::ok("ok"))]);
+        let stub = DnsStub::start(&[(
+            "pair.test",
+            vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
+        )])
+        .await
+        .unwrap();
+        let mut port = 0;
+        let env = Env::with(Down::H1, Up::H1, script.clone(), |c| {
+            port = c.upstreams[0].addresses[0].port;
+            c.dns.nameservers = vec![stub.addr()];
+            c.upstreams[0].addresses = vec![UpstreamAddress {
+                host: "pair.test".into(),
+                port,
+            }];
+            // Every request on a connection of its own.
+            c.upstreams[0].max_idle_per_endpoint = 0;
+        })
+        .await;
+        // The same port on the other loopback address (taken on 127.0.0.1, so free on any).
+        let second = UpstreamH1::start_on(SocketAddr::from(([127, 0, 0, 2], port)), script)
+            .await
+            .unwrap();
+
+        let mut client = env.http().await;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let (parts, _) = client.get("/turn").await.unwrap();
+            assert_eq!(parts.status, 200);
+        }
+        for rec in env.access.records() {
+            seen.push(rec.upstream_addr.unwrap().ip().to_string());
+        }
+        let accepted = |log: &EventLog| {
+            log.events()
+                .iter()
+                .filter(|e| e.kind == EventKind::Accepted)
+                .count()
+        };
+        assert_eq!(accepted(env.log()), 2, "{seen:?}");
+        assert_eq!(accepted(second.log()), 2, "{seen:?}");
+        assert_eq!(seen.len(), 4);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// An address that lost a race (here: never answered while the other one did) is tried after
+/// the name's other addresses for a while: only the first new connection waits out the stagger,
+/// although the turns come back round to the dead address.
+#[tokio::test]
+async fn an_address_that_lost_a_race_is_tried_last_for_a_while() {
+    bounded(Duration::from_secs(15), async {
+        let paths = ["/lost1", "/lost2", "/lost3"];
+        let DeadFirst {
+            env,
+            stub: _stub,
+            hole: _hole,
+        } = DeadFirst::start(
+            "lost.test",
+            routes(paths.iter().map(|p| (*p, Behavior::ok("ok"))).collect()),
+            |c| c.upstreams[0].max_idle_per_endpoint = 0,
+        )
+        .await;
+        let mut client = env.http().await;
+        for p in paths {
+            let (parts, _) = client.get(p).await.unwrap();
+            assert_eq!(parts.status, 200);
+        }
+        let first = env.record(paths[0]).await.upstream_connect.unwrap();
+        assert!(first >= Duration::from_millis(240), "{first:?}");
+        for p in &paths[1..] {
+            let rec = env.record(p).await;
+            assert_eq!(rec.upstream_reused, Some(false), "{rec:?}");
+            let connect = rec.upstream_connect.unwrap();
+            assert!(connect < Duration::from_millis(240), "{p}: {connect:?}");
+        }
         env.stop().await;
     })
     .await;

@@ -246,6 +246,92 @@ pub struct ConnectTimings {
 pub struct Connector {
     tls: Option<(TlsConnector, Option<ServerName<'static>>)>,
     resolver: Resolver,
+    spread: Arc<std::sync::Mutex<Spread>>,
+}
+
+/// How long an address that lost a race (failed, or did not answer while another did) is tried
+/// after its name's other addresses.
+pub const LOSER_MEMORY: Duration = Duration::from_secs(30);
+
+/// What a connector remembers of names that resolve to several addresses: whose turn it is to be
+/// tried first, and which addresses lately lost a race.
+#[derive(Debug, Default)]
+struct Spread {
+    /// Connections opened so far to each name (host and port).
+    turns: Vec<((Arc<str>, u16), usize)>,
+    /// Addresses that lost a race, and when.
+    losers: Vec<(SocketAddr, Instant)>,
+}
+
+/// At most this many names and losers are remembered; the oldest make room.
+const SPREAD_LIMIT: usize = 256;
+
+impl Spread {
+    /// The order in which to try `found` (the resolver's answer for `addr`, two or more): each
+    /// new connection starts one further along the list, so that a name's connections share its
+    /// addresses (as nginx's servers from one name, or Envoy's hosts from one DNS answer), and
+    /// addresses that lost a race within [`LOSER_MEMORY`] come last.
+    fn order(
+        &mut self,
+        addr: &UpstreamAddress,
+        found: Vec<SocketAddr>,
+        now: Instant,
+    ) -> Vec<SocketAddr> {
+        let turn = match self
+            .turns
+            .iter_mut()
+            .find(|((h, p), _)| **h == *addr.host && *p == addr.port)
+        {
+            Some((_, n)) => {
+                *n = n.wrapping_add(1);
+                *n
+            }
+            None => {
+                if self.turns.len() >= SPREAD_LIMIT {
+                    self.turns.remove(0);
+                }
+                self.turns
+                    .push(((Arc::from(addr.host.as_str()), addr.port), 0));
+                0
+            }
+        };
+        self.losers
+            .retain(|(_, at)| now.saturating_duration_since(*at) < LOSER_MEMORY);
+        order(found, turn, |a| self.losers.iter().any(|(l, _)| l == a))
+    }
+
+    /// Remembers the addresses that lost a race to another one; forgets the winner's losses.
+    fn lost(&mut self, winner: SocketAddr, losers: impl Iterator<Item = SocketAddr>, now: Instant) {
+        self.losers.retain(|(l, _)| *l != winner);
+        for a in losers {
+            match self.losers.iter_mut().find(|(l, _)| *l == a) {
+                Some((_, at)) => *at = now,
+                None => {
+                    if self.losers.len() >= SPREAD_LIMIT {
+                        self.losers.remove(0);
+                    }
+                    self.losers.push((a, now));
+                }
+            }
+        }
+    }
+}
+
+/// `found` rotated by `turn`, the addresses `lost` says lost a race moved after the others, and
+/// each part's families alternated (RFC 8305), starting with its first address's.
+fn order(
+    mut found: Vec<SocketAddr>,
+    turn: usize,
+    lost: impl Fn(&SocketAddr) -> bool,
+) -> Vec<SocketAddr> {
+    if found.len() > 1 {
+        let n = turn % found.len();
+        found.rotate_left(n);
+    }
+    let (losers, fresh): (Vec<_>, Vec<_>) = found.into_iter().partition(|a| lost(a));
+    let mut out = interleave(fresh);
+    out.extend(interleave(losers));
+    out
 }
 
 impl std::fmt::Debug for Connector {
@@ -302,6 +388,7 @@ impl Connector {
             return Ok(Connector {
                 tls: None,
                 resolver,
+                spread: Arc::default(),
             });
         };
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -343,11 +430,13 @@ impl Connector {
         Ok(Connector {
             tls: Some((TlsConnector::from(Arc::new(config)), name)),
             resolver,
+            spread: Arc::default(),
         })
     }
 
     /// Resolves `addr`, connects to the first candidate that answers, and handshakes TLS when
-    /// configured. The whole attempt is bounded by `timeout`.
+    /// configured. The whole attempt is bounded by `timeout`. A name's addresses take turns at
+    /// being tried first, and those that lost a race in the last [`LOSER_MEMORY`] go last.
     pub async fn connect(
         &self,
         addr: &UpstreamAddress,
@@ -367,13 +456,23 @@ impl Connector {
         addr: &UpstreamAddress,
         start: Instant,
     ) -> Result<Connected, ProxyError> {
-        let candidates = self.resolve(addr).await?;
+        let mut candidates = self.resolve(addr).await?;
         let dns = start.elapsed();
         let racing = Instant::now();
-        let (tcp, peer) = race(candidates, HAPPY_EYEBALLS_STAGGER)
-            .await
-            .map_err(|failures| race_error(addr, failures))?;
+        let several = candidates.len() > 1;
+        if several {
+            candidates = crate::lock(&self.spread).order(addr, candidates, racing);
+        }
+        let report = race_reporting(candidates, HAPPY_EYEBALLS_STAGGER).await;
+        let Some((tcp, peer)) = report.winner else {
+            return Err(race_error(addr, report.failures));
+        };
         let connect = racing.elapsed();
+        if several {
+            let losers = report.failures.iter().map(|(a, _)| *a);
+            let losers = losers.chain(report.abandoned.iter().copied());
+            crate::lock(&self.spread).lost(peer, losers, Instant::now());
+        }
         let local = tcp.local_addr().ok();
         let handshaking = Instant::now();
         let io = self.handshake(tcp, peer, addr).await?;
@@ -631,6 +730,81 @@ mod tests {
             .collect();
         let out: Vec<String> = interleave(v).iter().map(|a| a.to_string()).collect();
         assert_eq!(out, ["[::1]:1", "127.0.0.1:1", "[::2]:1", "127.0.0.2:1"]);
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn shown(list: &[SocketAddr]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn each_connection_starts_one_further_along_and_losers_go_last() {
+        let found = addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
+        let none = |_: &SocketAddr| false;
+        assert_eq!(
+            shown(&order(found.clone(), 0, none)),
+            ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
+        );
+        assert_eq!(
+            shown(&order(found.clone(), 4, none)),
+            ["10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"]
+        );
+        let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert_eq!(
+            shown(&order(found, 1, |a| *a == second)),
+            ["10.0.0.3:80", "10.0.0.1:80", "10.0.0.2:80"]
+        );
+        // Families still alternate, within the fresh addresses and within the losers.
+        let dual = addrs(&["[::1]:80", "[::2]:80", "10.0.0.1:80", "10.0.0.2:80"]);
+        let v6_second: SocketAddr = "[::2]:80".parse().unwrap();
+        assert_eq!(
+            shown(&order(dual, 0, |a| *a == v6_second)),
+            ["[::1]:80", "10.0.0.1:80", "10.0.0.2:80", "[::2]:80"]
+        );
+    }
+
+    #[test]
+    fn turns_are_kept_per_name_and_losses_fade() {
+        let mut spread = Spread::default();
+        let a = UpstreamAddress {
+            host: "a.test".into(),
+            port: 80,
+        };
+        let b = UpstreamAddress {
+            host: "b.test".into(),
+            port: 80,
+        };
+        let found = addrs(&["10.0.0.1:80", "10.0.0.2:80"]);
+        let t0 = Instant::now();
+        // Connections to another name in between do not take a's turns.
+        let mut firsts = Vec::new();
+        for _ in 0..4 {
+            firsts.push(spread.order(&a, found.clone(), t0)[0].to_string());
+            spread.order(&b, found.clone(), t0);
+        }
+        assert_eq!(
+            firsts,
+            ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80", "10.0.0.2:80"]
+        );
+        // 10.0.0.1 lost to 10.0.0.2: last until the memory fades, or until it wins a race.
+        let (one, two) = (found[0], found[1]);
+        spread.lost(two, [one].into_iter(), t0);
+        assert_eq!(spread.order(&a, found.clone(), t0)[0], two);
+        assert_eq!(spread.order(&a, found.clone(), t0)[0], two);
+        let later = t0 + LOSER_MEMORY;
+        let after: Vec<_> = (0..2)
+            .map(|_| spread.order(&a, found.clone(), later)[0])
+            .collect();
+        assert!(after.contains(&one), "{after:?}");
+        spread.lost(two, [one].into_iter(), t0);
+        spread.lost(one, std::iter::empty(), t0);
+        let after: Vec<_> = (0..2)
+            .map(|_| spread.order(&a, found.clone(), t0)[0])
+            .collect();
+        assert!(after.contains(&one), "{after:?}");
     }
 
     #[tokio::test]
