@@ -212,6 +212,8 @@ pub struct FileRoute {
     pub trace_context: Option<FileTraceContext>,
     /// `all`, `errors` or `off`: which requests get an access-log line.
     pub access_log: Option<FileAccessLog>,
+    /// The share of successful requests logged (0 < share ≤ 1); the others are always logged.
+    pub access_log_sample: Option<f64>,
     /// Requests in flight at once; beyond it 503 with `Retry-After`.
     pub max_in_flight: Option<usize>,
     /// The largest request body, in place of the listener's.
@@ -1114,10 +1116,34 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
     cfg.host = r.host.clone();
     cfg.timeouts = timeouts;
     cfg.client_half_close = client_half_close;
-    cfg.access_log = match r.access_log {
-        None | Some(FileAccessLog::All) => AccessLogMode::All,
-        Some(FileAccessLog::Errors) => AccessLogMode::Errors,
-        Some(FileAccessLog::Off) => AccessLogMode::Off,
+    cfg.access_log = match (r.access_log, r.access_log_sample) {
+        (None | Some(FileAccessLog::All), None) => AccessLogMode::All,
+        (Some(FileAccessLog::Errors), None) => AccessLogMode::Errors,
+        (Some(FileAccessLog::Off), None) => AccessLogMode::Off,
+        (None | Some(FileAccessLog::All), Some(share)) => {
+            let key = format!("{key}.access_log_sample");
+            if !(share > 0.0 && share <= 1.0) {
+                return Err(KeyError::new(
+                    key,
+                    format!("{share} is not a share of requests: from 0.000001 to 1"),
+                ));
+            }
+            // In [1, 1e6] once checked: no truncation can surprise.
+            let per_million = (share * 1_000_000.0).round() as u32;
+            if per_million == 0 {
+                return Err(KeyError::new(
+                    key,
+                    format!("{share} logs no request: at least 0.000001"),
+                ));
+            }
+            AccessLogMode::Sampled { per_million }
+        }
+        (Some(_), Some(_)) => {
+            return Err(KeyError::new(
+                format!("{key}.access_log_sample"),
+                "samples the successful requests that access_log = \"all\" logs; with \"errors\" or \"off\" none are logged to sample",
+            ));
+        }
     };
     cfg.trace_context = match r.trace_context {
         None | Some(FileTraceContext::Passthrough) => TraceContext::Passthrough,

@@ -393,18 +393,41 @@ pub enum AccessLogMode {
     Errors,
     /// None.
     Off,
+    /// Every request that did not end well (as [`AccessLogMode::Errors`]), and of those that
+    /// did, `per_million` in a million. Which ones is decided by the request id, so that
+    /// gateways passing the id on to each other log the same requests.
+    Sampled {
+        /// Successful requests logged per million, 1 to 1 000 000.
+        per_million: u32,
+    },
 }
 
 impl AccessLogMode {
-    /// Whether a request that ended with `status` and `ok` (its outcome) gets a line.
+    /// Whether a request with id `id` that ended with `status` and `ok` (its outcome) gets a
+    /// line.
     #[inline]
-    pub fn logs(self, status: u16, ok: bool) -> bool {
+    pub fn logs(self, status: u16, ok: bool, id: &str) -> bool {
         match self {
             AccessLogMode::All => true,
             AccessLogMode::Errors => status >= 400 || !ok,
             AccessLogMode::Off => false,
+            AccessLogMode::Sampled { per_million } => {
+                status >= 400 || !ok || sample_point(id) < u64::from(per_million)
+            }
         }
     }
+}
+
+/// Where request id `id` falls in 0..1 000 000: FNV-1a over its bytes, then a splitmix64
+/// finish so that ids differing in one digit land far apart.
+fn sample_point(id: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (h ^ (h >> 31)) % 1_000_000
 }
 
 /// One route: which requests go to which upstream, and under which limits.
@@ -1187,6 +1210,14 @@ impl Config {
                         format!("{p:?} must be a path starting with '/', without a query"),
                     ));
                 }
+                if let AccessLogMode::Sampled { per_million } = r.access_log
+                    && !(1..=1_000_000).contains(&per_million)
+                {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.access_log"),
+                        "a sample must log from 1 to 1 000 000 successful requests in a million",
+                    ));
+                }
                 if let Some(rl) = &r.rate_limit {
                     validate_rate_limit(&format!("{rkey}.rate_limit"), rl)?;
                 }
@@ -1520,6 +1551,53 @@ mod tests {
                 )
             };
             let _ = n.contains(probe);
+        }
+    }
+
+    #[test]
+    fn a_sample_logs_its_share_of_successes_and_every_failure() {
+        let ids: Vec<String> = (0..10_000).map(|i| format!("{i:016x}")).collect();
+        let logged = |per_million| {
+            let mode = AccessLogMode::Sampled { per_million };
+            ids.iter().filter(|id| mode.logs(200, true, id)).count()
+        };
+        assert_eq!(logged(1_000_000), 10_000);
+        assert!(logged(1) <= 2, "{}", logged(1));
+        let tenth = logged(100_000);
+        assert!((800..=1200).contains(&tenth), "{tenth}");
+        let mode = AccessLogMode::Sampled { per_million: 1 };
+        assert!(
+            ids.iter()
+                .all(|id| mode.logs(502, false, id) && mode.logs(200, false, id))
+        );
+        // The same id, the same answer.
+        let mode = AccessLogMode::Sampled {
+            per_million: 500_000,
+        };
+        assert!(
+            ids.iter()
+                .all(|id| mode.logs(200, true, id) == mode.logs(200, true, id))
+        );
+        let mut c = Config::new(
+            vec![ListenerConfig::new(
+                "127.0.0.1:0".parse().unwrap(),
+                vec![RouteConfig::new("/", "up")],
+            )],
+            vec![UpstreamConfig::new(
+                "up",
+                vec![
+                    "127.0.0.1:1"
+                        .parse::<std::net::SocketAddr>()
+                        .unwrap()
+                        .into(),
+                ],
+                UpstreamProtocol::Http1,
+            )],
+        );
+        for bad in [0, 1_000_001] {
+            c.listeners[0].routes[0].access_log = AccessLogMode::Sampled { per_million: bad };
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, "listeners[0].routes[0].access_log", "{e:?}");
         }
     }
 

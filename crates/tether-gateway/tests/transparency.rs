@@ -808,6 +808,70 @@ async fn a_routes_access_log_setting_picks_its_lines() {
     .await
 }
 
+/// A sampled route logs every request that did not end well and a share of the others, picked
+/// by request id (the same id is logged or not wherever it goes).
+#[tokio::test]
+async fn a_sampled_route_logs_its_failures_and_a_share_of_its_successes() {
+    use tether_gateway::config::AccessLogMode;
+    bounded(Duration::from_secs(60), async {
+        let mode = AccessLogMode::Sampled {
+            per_million: 250_000,
+        };
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            script(|r| {
+                if r.path.ends_with("/fail") {
+                    Behavior::Respond(Reply::new(503, "down"))
+                } else {
+                    Behavior::Respond(Reply::ok("up"))
+                }
+            }),
+            |c| c.listeners[0].routes[0].access_log = mode,
+        )
+        .await;
+        let mut c = env.http().await;
+        let mut ok_ids = Vec::new();
+        for i in 0..220 {
+            let path = if i % 11 == 10 { "/s/fail" } else { "/s/ok" };
+            let req = c.request(Method::GET, path).body(empty()).unwrap();
+            let (p, _, _) = c.fetch(req).await.unwrap();
+            if p.status == 200 {
+                let id = p.headers["x-request-id"].to_str().unwrap().to_owned();
+                ok_ids.push(id);
+            }
+        }
+        assert_eq!(ok_ids.len(), 200);
+        // A last failure: once its line is there, every line before it has been written.
+        let req = c.request(Method::GET, "/last/fail").body(empty()).unwrap();
+        c.fetch(req).await.unwrap();
+        env.record("/last/fail").await;
+        let records = env.access.records();
+        let failed = records.iter().filter(|r| r.status == 503).count();
+        assert_eq!(failed, 21, "every failure is logged");
+        let mut logged: Vec<String> = records
+            .iter()
+            .filter(|r| r.status == 200)
+            .map(|r| r.request_id.to_string())
+            .collect();
+        let mut expected: Vec<String> = ok_ids
+            .into_iter()
+            .filter(|id| mode.logs(200, true, id))
+            .collect();
+        logged.sort();
+        expected.sort();
+        assert_eq!(logged, expected);
+        // A quarter of 200, give or take five standard deviations.
+        assert!(
+            (20..=80).contains(&logged.len()),
+            "{} of 200 logged",
+            logged.len()
+        );
+        env.stop().await;
+    })
+    .await
+}
+
 /// tether's own error answer to a HEAD request is its head alone, the length of the body a GET
 /// would get included: over HTTP/2 a body after a HEAD's response is a protocol error the client
 /// must reset the stream for.

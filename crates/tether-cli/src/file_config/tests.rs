@@ -641,6 +641,50 @@ fn a_routes_access_log_setting_converts() {
 }
 
 #[test]
+fn a_routes_access_log_sample_converts_and_bad_shares_are_refused() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "  name = \"fallback\"\n",
+            &format!("  name = \"fallback\"\n{extra}\n"),
+        )
+    };
+    for (src, per_million) in [
+        ("  access_log_sample = 0.05", 50_000),
+        ("  access_log = \"all\"\n  access_log_sample = 1", 1_000_000),
+        ("  access_log_sample = 0.000001", 1),
+    ] {
+        let cfg = parse(&with(src), Path::new(".")).unwrap();
+        assert_eq!(
+            cfg.config.listeners[0].routes[1].access_log,
+            AccessLogMode::Sampled { per_million },
+            "{src}"
+        );
+    }
+    let key = "listeners[0].routes[1].access_log_sample";
+    refused(&with("  access_log_sample = 0"), key, "from 0.000001 to 1");
+    refused(
+        &with("  access_log_sample = 1.5"),
+        key,
+        "from 0.000001 to 1",
+    );
+    refused(
+        &with("  access_log_sample = -0.1"),
+        key,
+        "from 0.000001 to 1",
+    );
+    refused(
+        &with("  access_log_sample = 0.0000001"),
+        key,
+        "at least 0.000001",
+    );
+    refused(
+        &with("  access_log = \"errors\"\n  access_log_sample = 0.5"),
+        key,
+        "none are logged to sample",
+    );
+}
+
+#[test]
 fn a_routes_body_limit_converts() {
     let src = GOOD.replace(
         "  name = \"fallback\"\n",

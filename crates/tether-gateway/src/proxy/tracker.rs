@@ -228,8 +228,11 @@ impl Tracker {
 impl Tracker {
     /// Whether the request gets an access-log line.
     fn logs(&self) -> bool {
-        self.access_log
-            .logs(self.rec.status, self.rec.outcome == Outcome::Ok)
+        self.access_log.logs(
+            self.rec.status,
+            self.rec.outcome == Outcome::Ok,
+            &self.rec.request_id,
+        )
     }
 
     fn report(&self) {
