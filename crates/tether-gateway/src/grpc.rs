@@ -6,7 +6,9 @@
 //!
 //! A response tether has to cut once it has started (its deadline passed, the upstream failed
 //! or went idle) ends with `grpc-status` trailers when it is cut between two messages, as
-//! [`Framing`] follows them; cut inside a message it is reset, as any other response.
+//! [`Framing`] follows them; cut inside a message it is reset, as any other response. A
+//! gRPC-Web response (binary, without a `Content-Length`) ends the same way with the trailers
+//! frame gRPC-Web clients read from the body ([`web_trailers`]), over HTTP/1.1 as over HTTP/2.
 
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
@@ -114,9 +116,26 @@ pub struct Framing {
     have: usize,
     /// Message bytes still to come.
     left: u64,
+    /// gRPC-Web: the status goes in a trailers frame of the body, not in HTTP trailers.
+    web: bool,
+    /// A gRPC-Web trailers frame (flag bit 0x80) has begun: the upstream sent its status.
+    trailers_sent: bool,
 }
 
 impl Framing {
+    /// Follows a gRPC-Web body, which ends with a trailers frame rather than HTTP trailers.
+    pub fn web() -> Framing {
+        Framing {
+            web: true,
+            ..Framing::default()
+        }
+    }
+
+    /// Whether the body is gRPC-Web's.
+    pub fn is_web(&self) -> bool {
+        self.web
+    }
+
     /// Follows `data`, the body's next bytes.
     pub fn advance(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
@@ -133,17 +152,35 @@ impl Framing {
             self.have += n;
             data = &data[n..];
             if self.have == 5 {
-                let [_, a, b, c, d] = self.prefix;
+                let [flags, a, b, c, d] = self.prefix;
+                self.trailers_sent |= flags & 0x80 != 0;
                 self.left = u64::from(u32::from_be_bytes([a, b, c, d]));
                 self.have = 0;
             }
         }
     }
 
-    /// Whether every message so far arrived whole: the body can end here.
+    /// Whether every message so far arrived whole, and none was the upstream's own gRPC-Web
+    /// trailers: the body can end here with tether's status.
     pub fn between_messages(&self) -> bool {
-        self.have == 0 && self.left == 0
+        self.have == 0 && self.left == 0 && !self.trailers_sent
     }
+}
+
+/// gRPC-Web's trailers frame, the last of a body: flag 0x80, the length, and `grpc-status` and
+/// `grpc-message` as header lines.
+pub fn web_trailers(code: Code, message: &str) -> bytes::Bytes {
+    let block = format!(
+        "grpc-status:{}\r\ngrpc-message:{}\r\n",
+        code.as_u8(),
+        percent_encode(message)
+    );
+    let len = u32::try_from(block.len()).unwrap_or(u32::MAX);
+    let mut out = Vec::with_capacity(5 + block.len());
+    out.push(0x80);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(block.as_bytes());
+    bytes::Bytes::from(out)
 }
 
 /// Trailers that end a gRPC response with `code` and `message`.
@@ -250,6 +287,17 @@ mod tests {
             f.advance(std::slice::from_ref(b));
             assert_eq!(f.between_messages(), matches!(i + 1, 8 | 13), "after {i}");
         }
+    }
+
+    #[test]
+    fn a_web_body_that_sent_its_own_trailers_is_not_given_more() {
+        let mut f = Framing::web();
+        f.advance(&[0, 0, 0, 0, 1, b'a']);
+        assert!(f.between_messages());
+        let t = web_trailers(Code::Unavailable, "tether: upstream_reset at body");
+        assert_eq!(&t[..], b"\x80\x00\x00\x00\x3dgrpc-status:14\r\ngrpc-message:tether: upstream_reset at body\r\n");
+        f.advance(&t);
+        assert!(!f.between_messages());
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, Bytes};
 use common::*;
 use test_support::EventKind;
-use test_support::behavior::{Behavior, Reply, routes};
+use test_support::behavior::{Behavior, Ending, Reply, routes};
+use test_support::client::{HttpClient, full};
 use tether::CancelReason;
 use tether_gateway::observe::access::Outcome;
 use tonic::Code;
@@ -391,6 +392,111 @@ async fn a_stream_cut_between_messages_ends_with_a_grpc_status() {
                 (Outcome::Timeout, None),
                 "{up:?}"
             );
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+/// A gRPC-Web server stream whose deadline passes mid-stream, cut between two messages: the
+/// body ends cleanly with a trailers frame carrying DEADLINE_EXCEEDED (what gRPC-Web clients
+/// read their status from), over HTTP/1.1 and HTTP/2. A response with a `Content-Length` has no
+/// room for the frame and is cut as before.
+#[tokio::test]
+async fn a_grpc_web_stream_cut_between_messages_ends_with_a_trailers_frame() {
+    bounded(Duration::from_secs(30), async {
+        // Two whole messages, then the upstream connection ends mid-response.
+        let broken = |content_length| Behavior::Truncate {
+            content_length,
+            sent: [frame(b"tick"), frame(b"tick")].concat().into(),
+            ending: Ending::Fin,
+        };
+        for down in [Down::H1, Down::H2c] {
+            let env = Env::with(
+                down,
+                Up::H1,
+                routes(vec![
+                    (
+                        "/test.Clock/Ticks",
+                        Behavior::stream(frame(b"tick"), 100, 50),
+                    ),
+                    ("/test.Clock/Broken", broken(None)),
+                    ("/test.Clock/Sized", broken(Some(1000))),
+                ]),
+                |c| {
+                    let r = &mut c.listeners[0].routes[0];
+                    r.timeouts.total = Some(Duration::from_millis(400));
+                    r.response_headers.set =
+                        vec![("content-type".into(), "application/grpc-web+proto".into())];
+                },
+            )
+            .await;
+            let mut c = env.http().await;
+            let req = c
+                .request(http::Method::POST, "/test.Clock/Ticks")
+                .header("content-type", "application/grpc-web+proto")
+                .body(full(frame(b"")))
+                .unwrap();
+            let (parts, mut body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(parts.status, 200, "{down:?}");
+            let mut ticks = 0;
+            let trailers = loop {
+                assert!(
+                    body.len() >= 5,
+                    "{down:?}: the body ended without a trailers frame"
+                );
+                let flags = body.get_u8();
+                let len = body.get_u32() as usize;
+                let message = body.split_to(len);
+                if flags & 0x80 != 0 {
+                    break message;
+                }
+                assert_eq!(&message[..], b"tick", "{down:?}");
+                ticks += 1;
+            };
+            assert!(
+                body.is_empty(),
+                "{down:?}: {body:?} after the trailers frame"
+            );
+            assert!((2..20).contains(&ticks), "{down:?}: {ticks} messages");
+            assert_eq!(
+                &trailers[..],
+                b"grpc-status:4\r\ngrpc-message:tether: deadline at body\r\n",
+                "{down:?}"
+            );
+            let rec = env.record("/test.Clock/Ticks").await;
+            assert_eq!(
+                (rec.outcome, rec.grpc_status, rec.stage),
+                (Outcome::Timeout, Some(4), Some("body")),
+                "{down:?}"
+            );
+
+            // The upstream failing between messages: UNAVAILABLE, saying what failed.
+            let call = |c: &HttpClient, path: &'static str| {
+                c.request(http::Method::POST, path)
+                    .header("content-type", "application/grpc-web+proto")
+                    .body(full(frame(b"")))
+                    .unwrap()
+            };
+            let req = call(&c, "/test.Clock/Broken");
+            let (_, body, _) = c.fetch(req).await.unwrap();
+            let mut want = [frame(b"tick"), frame(b"tick")].concat();
+            let end = b"grpc-status:14\r\ngrpc-message:tether: upstream_body_failed at body\r\n";
+            want.push(0x80);
+            want.extend_from_slice(&(end.len() as u32).to_be_bytes());
+            want.extend_from_slice(end);
+            assert_eq!(&body[..], &want[..], "{down:?}");
+            assert_eq!(
+                env.record("/test.Clock/Broken").await.grpc_status,
+                Some(14),
+                "{down:?}"
+            );
+
+            // With a Content-Length there is no room for the frame: the response is cut.
+            let mut c = env.http().await;
+            let req = call(&c, "/test.Clock/Sized");
+            assert!(c.fetch(req).await.is_err(), "{down:?}");
+            assert_eq!(env.record("/test.Clock/Sized").await.grpc_status, None);
             env.stop().await;
         }
     })

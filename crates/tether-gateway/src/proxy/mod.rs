@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use crate::cancel::ConnCancel;
 use crate::deadline;
 use crate::error::{ErrorKind, ProxyError, Side, Stage};
+use crate::grpc::Flavor;
 use crate::listen::{ListenerShared, Worker};
 use crate::observe::access::{RequestRecord, RequestText};
 use crate::observe::trace_context;
@@ -602,19 +603,36 @@ fn proxy<'a>(
             conn,
             keep_alive,
         });
-        // gRPC over HTTP/2 reads its status from trailers: a response cut between messages can
-        // still end with one.
-        let grpc_framing = t.grpc == Some(crate::grpc::Flavor::Grpc)
-            && compressing.is_none()
-            && conn.cancel.protocol() == crate::cancel::DownstreamProtocol::H2
-            && crate::grpc::Flavor::of(&parts.headers) == Some(crate::grpc::Flavor::Grpc);
-        let body = Streaming::new(body, t, route.timeouts.idle, pool, compressing);
-        let body = if grpc_framing {
-            body.with_grpc_framing()
-        } else {
-            body
+        // A gRPC response cut between messages can still end with a status: in trailers for
+        // gRPC over HTTP/2, in a last body frame for binary gRPC-Web (unless a Content-Length
+        // leaves no room for one).
+        let grpc_framing = match t.grpc {
+            _ if compressing.is_some() => None,
+            Some(Flavor::Grpc)
+                if conn.cancel.protocol() == crate::cancel::DownstreamProtocol::H2
+                    && Flavor::of(&parts.headers) == Some(Flavor::Grpc) =>
+            {
+                Some(false)
+            }
+            Some(Flavor::Web)
+                if Flavor::of(&parts.headers) == Some(Flavor::Web)
+                    && !parts.headers.contains_key(http::header::CONTENT_LENGTH) =>
+            {
+                Some(true)
+            }
+            _ => None,
         };
-        Response::from_parts(parts, ProxyBody::Stream(Box::new(body)))
+        let mut body = Box::new(Streaming::new(
+            body,
+            t,
+            route.timeouts.idle,
+            pool,
+            compressing,
+        ));
+        if let Some(web) = grpc_framing {
+            body.frame_grpc(web);
+        }
+        Response::from_parts(parts, ProxyBody::Stream(body))
     }
 }
 

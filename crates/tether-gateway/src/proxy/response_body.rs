@@ -103,25 +103,37 @@ impl Streaming {
     }
 
     /// Follows the body's gRPC messages, so that a gRPC response cut between two ends with a
-    /// `grpc-status` instead of a reset.
-    pub fn with_grpc_framing(mut self) -> Streaming {
-        self.grpc = Some(Box::default());
-        self
+    /// `grpc-status` instead of a reset: in HTTP trailers, or for gRPC-Web (`web`) in a
+    /// trailers frame of the body.
+    pub fn frame_grpc(&mut self, web: bool) {
+        self.grpc = Some(Box::new(if web {
+            crate::grpc::Framing::web()
+        } else {
+            crate::grpc::Framing::default()
+        }));
     }
 
-    /// For a gRPC response cut between two messages: the trailers that end it with `code`
-    /// (recorded with the request) instead of a reset.
+    /// For a gRPC response cut between two messages: the trailers (or gRPC-Web's trailers frame)
+    /// that end it with `code` (recorded with the request) instead of a reset.
     fn grpc_end(&mut self, code: crate::grpc::Code, what: &str) -> Option<Frame<Bytes>> {
-        if !self.grpc.as_ref()?.between_messages() {
+        let framing = self.grpc.as_ref()?;
+        if !framing.between_messages() {
             return None;
         }
+        let message = format!("tether: {what} at body");
+        let end = if framing.is_web() {
+            let frame = crate::grpc::web_trailers(code, &message);
+            if let Some(t) = self.tracker.as_mut() {
+                t.rec.bytes_sent += frame.len() as u64;
+            }
+            Frame::data(frame)
+        } else {
+            Frame::trailers(crate::grpc::trailers(code, &message))
+        };
         if let Some(t) = self.tracker.as_mut() {
             t.rec.grpc_status = Some(code.as_u8());
         }
-        Some(Frame::trailers(crate::grpc::trailers(
-            code,
-            &format!("tether: {what} at body"),
-        )))
+        Some(end)
     }
 
     /// The upstream body ended cleanly: the connection goes back to the pool, the request is done.
