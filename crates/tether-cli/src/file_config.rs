@@ -184,6 +184,9 @@ pub struct FileRoute {
     pub respond: Option<FileRespond>,
     /// `[{ upstream, weight }, ...]`: spread requests over several upstreams.
     pub split: Option<Vec<FileSplitTarget>>,
+    /// `client_ip`, `path`, `header:NAME` or `cookie:NAME`: keeps a key's requests on one
+    /// upstream of the split.
+    pub split_key: Option<String>,
     /// Methods the route is for; default any.
     pub methods: Option<Vec<String>>,
     /// Headers a request must carry (`*`: any value).
@@ -1098,6 +1101,10 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             .collect();
         // Named for the logs after the upstream it mainly sends to.
         cfg.name = split[0].upstream.clone();
+    }
+    if let Some(k) = &r.split_key {
+        cfg.split_key =
+            Some(hash_key(Some(k)).map_err(|e| KeyError::new(format!("{key}.split_key"), e))?);
     }
     if let Some(rs) = &r.respond {
         let mut respond = Respond::new(

@@ -484,6 +484,12 @@ pub struct RouteConfig {
     /// Spread the route's requests over several upstreams by weight instead of sending them to
     /// `upstream` (then empty): a canary release, a migration.
     pub split: Vec<SplitTarget>,
+    /// With `split`: requests carrying this key (a user's cookie or header, the client's
+    /// address) always go to the same upstream of the split, picked by weighted rendezvous
+    /// hashing of the key over the upstreams' names, so that raising one weight moves keys only
+    /// towards it. Requests without the key take the next turn. Default: none (every request
+    /// takes the next turn).
+    pub split_key: Option<HashKey>,
     /// Answer every request with this redirect instead of proxying it (then `upstream` is
     /// empty). None by default.
     pub redirect: Option<Redirect>,
@@ -972,6 +978,7 @@ impl RouteConfig {
             compression: None,
             respond: None,
             split: Vec::new(),
+            split_key: None,
             redirect: None,
             methods: Vec::new(),
             match_headers: Vec::new(),
@@ -1127,6 +1134,12 @@ impl Config {
                         format!("{:?} must start with '/'", r.path_prefix),
                     ));
                 }
+                if r.split_key.is_some() && r.split.is_empty() {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.split_key"),
+                        "keeps a key's requests on one upstream of a split: the route has no split",
+                    ));
+                }
                 if !r.split.is_empty() {
                     let skey = format!("{rkey}.split");
                     if !r.upstream.is_empty() || r.redirect.is_some() || r.respond.is_some() {
@@ -1154,6 +1167,14 @@ impl Config {
                                 format!("must be from 0 to {MAX_WEIGHT}"),
                             ));
                         }
+                    }
+                    if let Some(HashKey::Header(name)) = &r.split_key
+                        && http::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+                    {
+                        return Err(ConfigError::new(
+                            format!("{rkey}.split_key"),
+                            format!("{name:?} is not a header name"),
+                        ));
                     }
                     if r.split.iter().all(|t| t.weight == 0) {
                         return Err(ConfigError::new(

@@ -60,7 +60,8 @@ pub struct Route {
 }
 
 /// A route's requests spread over several upstreams by weight, in a smooth order (weights 3
-/// and 1 give `a a b a`), every worker taking the next turn.
+/// and 1 give `a a b a`), every worker taking the next turn; or, for a request carrying the
+/// split's key, always the same upstream for that key.
 #[derive(Debug)]
 struct Split {
     /// The upstreams' indexes.
@@ -68,11 +69,16 @@ struct Split {
     /// Positions in `upstreams`, one per unit of weight.
     order: Box<[u32]>,
     next: std::sync::atomic::AtomicUsize,
+    /// What keeps a request on one upstream, when the split has a key.
+    key: Option<crate::upstream::balance::Affinity>,
+    /// Each target's hash seed (from its upstream's name: the same everywhere) and weight.
+    seeds: Box<[(u64, u32)]>,
 }
 
 impl Split {
     fn new(
         targets: &[crate::config::SplitTarget],
+        key: Option<&crate::config::HashKey>,
         upstream_index: &impl Fn(&str) -> Option<usize>,
     ) -> Option<Split> {
         let upstreams = targets
@@ -88,27 +94,60 @@ impl Split {
         if order.is_empty() {
             return None;
         }
+        let key = match key {
+            Some(k) => Some(crate::upstream::balance::Affinity::new(k)?),
+            None => None,
+        };
+        let seeds = targets
+            .iter()
+            .map(|t| {
+                let seed = crate::upstream::balance::stable_hash(t.upstream.as_bytes());
+                (seed, t.weight)
+            })
+            .collect();
         Some(Split {
             upstreams,
             order,
             next: std::sync::atomic::AtomicUsize::new(0),
+            key,
+            seeds,
         })
     }
 
-    fn pick(&self) -> usize {
-        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.order.len();
-        let at = self.order.get(turn).map_or(0, |&i| i as usize);
+    /// The next turn's upstream, or `hashed`'s: the target with the highest weighted score for
+    /// that key (a weight of 0 is never chosen).
+    fn pick(&self, hashed: Option<u64>) -> usize {
+        let at = match hashed {
+            Some(h) => self
+                .seeds
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, w))| *w > 0)
+                .map(|(i, &(seed, w))| (i, crate::upstream::balance::score(h, seed, w)))
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map_or(0, |(i, _)| i),
+            None => {
+                let turn =
+                    self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.order.len();
+                self.order.get(turn).map_or(0, |&i| i as usize)
+            }
+        };
         self.upstreams.get(at).copied().unwrap_or(usize::MAX)
     }
 }
 
 impl Route {
-    /// The upstream (index) of the route's next request: its own, or its split's next turn.
+    /// The upstream (index) of the route's next request: its own, or its split's choice.
+    /// `key_of` reads a split's key from the request (a hash, or `None` without the key); it is
+    /// called only for a split that has one.
     #[inline]
-    pub fn next_upstream(&self) -> usize {
+    pub fn next_upstream(
+        &self,
+        key_of: impl FnOnce(&crate::upstream::balance::Affinity) -> Option<u64>,
+    ) -> usize {
         match &self.split {
             None => self.upstream,
-            Some(split) => split.pick(),
+            Some(split) => split.pick(split.key.as_ref().and_then(key_of)),
         }
     }
 
@@ -350,7 +389,11 @@ impl Router {
                     split: if r.split.is_empty() {
                         None
                     } else {
-                        Some(Box::new(Split::new(&r.split, &upstream_index)?))
+                        Some(Box::new(Split::new(
+                            &r.split,
+                            r.split_key.as_ref(),
+                            &upstream_index,
+                        )?))
                     },
                     respond: match &r.respond {
                         Some(respond) => Some(Box::new(FixedResponse::parse(respond).ok()?)),
@@ -568,6 +611,47 @@ fn prefix_matches(prefix: &str, path: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(weights: &[u32]) -> Split {
+        let targets: Vec<crate::config::SplitTarget> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &weight)| crate::config::SplitTarget {
+                upstream: format!("u{i}"),
+                weight,
+            })
+            .collect();
+        let key = crate::config::HashKey::Path;
+        Split::new(&targets, Some(&key), &|n: &str| n[1..].parse().ok()).unwrap()
+    }
+
+    #[test]
+    fn a_keyed_split_keeps_each_key_on_one_upstream_by_weight() {
+        let keys: Vec<u64> = (0..20_000u32)
+            .map(|k| crate::upstream::balance::stable_hash(&k.to_le_bytes()))
+            .collect();
+        let canary5 = split(&[95, 5]);
+        let picks5: Vec<usize> = keys.iter().map(|&k| canary5.pick(Some(k))).collect();
+        // The same key, the same upstream.
+        assert!(
+            keys.iter()
+                .zip(&picks5)
+                .all(|(&k, &p)| canary5.pick(Some(k)) == p)
+        );
+        let share = picks5.iter().filter(|&&p| p == 1).count();
+        assert!((700..=1300).contains(&share), "{share} of 20000");
+        // Raising the canary's weight moves keys towards it only.
+        let canary10 = split(&[90, 10]);
+        let picks10: Vec<usize> = keys.iter().map(|&k| canary10.pick(Some(k))).collect();
+        assert!(picks5.iter().zip(&picks10).all(|(&a, &b)| a == b || b == 1));
+        assert!(picks10.iter().filter(|&&p| p == 1).count() > share);
+        // A weight of 0 gets no key; requests without a key take turns.
+        let drained = split(&[1, 0]);
+        assert!(keys.iter().all(|&k| drained.pick(Some(k)) == 0));
+        let even = split(&[1, 1]);
+        let turns: Vec<usize> = (0..4).map(|_| even.pick(None)).collect();
+        assert_eq!(turns.iter().filter(|&&p| p == 0).count(), 2, "{turns:?}");
+    }
 
     fn router() -> Router {
         let mut api = RouteConfig::new("/api", "api");

@@ -188,6 +188,65 @@ async fn a_split_route_gives_each_upstream_its_share() {
     .await;
 }
 
+/// A split with a key keeps each user on one side of a canary (each user's requests all reach
+/// the same upstream, whichever worker takes them), raising the canary's weight only moves
+/// users to it, and requests without the key still take turns.
+#[tokio::test]
+async fn a_keyed_split_keeps_each_user_on_one_side_of_the_canary() {
+    bounded(Duration::from_secs(40), async {
+        let (a, b) = (
+            Backend::start("stable").await,
+            Backend::start("canary").await,
+        );
+        let split = |canary: u32| {
+            vec![
+                SplitTarget {
+                    upstream: "up".into(),
+                    weight: 100 - canary,
+                },
+                SplitTarget {
+                    upstream: "canary".into(),
+                    weight: canary,
+                },
+            ]
+        };
+        let mut env = gateway(Up::H1, vec![a.addr.into()], |c| {
+            let mut canary = c.upstreams[0].clone();
+            canary.name = "canary".into();
+            canary.addresses = vec![b.addr.into()];
+            c.upstreams.push(canary);
+            let r = &mut c.listeners[0].routes[0];
+            r.upstream = String::new();
+            r.split = split(20);
+            r.split_key = Some(HashKey::Header("x-user".into()));
+            c.workers = NonZeroUsize::new(2);
+        })
+        .await;
+        let users: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+        let before = sides(&env, &users).await;
+        let on_canary = before.iter().filter(|s| *s == "canary").count();
+        assert!(
+            (1..30).contains(&on_canary),
+            "{on_canary} of 60 on the canary"
+        );
+        env.reload(|c| c.listeners[0].routes[0].split = split(50));
+        let after = sides(&env, &users).await;
+        for (i, (was, is)) in before.iter().zip(&after).enumerate() {
+            assert!(
+                was == is || is == "canary",
+                "user-{i} moved from {was} to {is}"
+            );
+        }
+        assert!(after.iter().filter(|s| *s == "canary").count() > on_canary);
+        // Without the key: the weighted turns (1 in 2 now).
+        let got = bodies(&env, 20).await;
+        let canary = got.iter().filter(|n| *n == "canary").count();
+        assert_eq!(canary, 10, "{got:?}");
+        env.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_reload_removes_the_in_flight_series_of_endpoints_it_drops() {
     bounded(Duration::from_secs(20), async {
@@ -211,6 +270,22 @@ async fn a_reload_removes_the_in_flight_series_of_endpoints_it_drops() {
         env.stop().await;
     })
     .await;
+}
+
+/// The upstream each user's requests reached, checking that all three of them reached the same
+/// one (each on a connection of its own: another worker may take it).
+async fn sides(env: &Env, users: &[String]) -> Vec<String> {
+    let mut sides = Vec::new();
+    for u in users {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let mut c = env.http().await;
+            seen.push(as_user(&mut c, "x-user", u).await);
+        }
+        assert!(seen.iter().all(|s| *s == seen[0]), "{u}: {seen:?}");
+        sides.push(seen[0].clone());
+    }
+    sides
 }
 
 /// The body of `GET /` with header `name: value`, on `client`.

@@ -733,6 +733,37 @@ fn split_routes_convert_and_bad_ones_name_their_key() {
         ]
     );
     assert_eq!((r.upstream.as_str(), r.name.as_str()), ("", "app"));
+    assert_eq!(r.split_key, None);
+    let two =
+        "  split = [{ upstream = \"app\", weight = 1 }, { upstream = \"canary\", weight = 1 }]";
+    let cfg = parse(
+        &with(&format!("{two}\n  split_key = \"cookie:uid\"")),
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[1].split_key,
+        Some(HashKey::Cookie("uid".into()))
+    );
+    for (route, key, why) in [
+        (
+            format!("{two}\n  split_key = \"session\""),
+            "split_key",
+            "is not one of",
+        ),
+        (
+            format!("{two}\n  split_key = \"header:\""),
+            "split_key",
+            "not a header name",
+        ),
+        (
+            "  upstream = \"app\"\n  split_key = \"client_ip\"".to_owned(),
+            "split_key",
+            "has no split",
+        ),
+    ] {
+        refused(&with(&route), &format!("listeners[0].routes[1].{key}"), why);
+    }
     for (route, key, why) in [
         (
             "  upstream = \"app\"\n  split = [{ upstream = \"canary\", weight = 1 }]",

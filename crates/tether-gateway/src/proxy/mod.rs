@@ -248,7 +248,15 @@ fn proxy<'a>(
         ) {
             t.ctx = t.ctx.child_with_deadline(d);
         }
-        let upstream: &Arc<Upstream> = &worker.upstreams[route.next_upstream()];
+        let upstream: &Arc<Upstream> = &worker.upstreams[route.next_upstream(|key| {
+            key.of(
+                req.headers(),
+                req.uri().path(),
+                conn.client.ip(),
+                trusted,
+                |ip| listener.trusts(ip),
+            )
+        })];
         t.rec.upstream = Some(upstream.name.clone());
         t.rec.upstream_protocol = Some(upstream.protocol.as_str());
         // An HTTP/1.1 request asking to switch protocols (WebSocket), or an HTTP/2 extended
