@@ -1219,9 +1219,12 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
                 .map(|(i, e)| match e.as_str() {
                     "br" => Ok(ContentCoding::Brotli),
                     "gzip" => Ok(ContentCoding::Gzip),
+                    "zstd" => Ok(ContentCoding::Zstd),
                     other => Err(KeyError::new(
                         format!("{key}.compression.encodings[{i}]"),
-                        format!("unknown encoding {other:?}; expected \"br\" or \"gzip\""),
+                        format!(
+                            "unknown encoding {other:?}; expected \"br\", \"gzip\" or \"zstd\""
+                        ),
                     )),
                 })
                 .collect::<Result<_, _>>()?;

@@ -788,6 +788,8 @@ pub enum ContentCoding {
     Brotli,
     /// `gzip` (RFC 1952).
     Gzip,
+    /// `zstd` (RFC 8878).
+    Zstd,
 }
 
 impl ContentCoding {
@@ -796,6 +798,7 @@ impl ContentCoding {
         match self {
             ContentCoding::Brotli => "br",
             ContentCoding::Gzip => "gzip",
+            ContentCoding::Zstd => "zstd",
         }
     }
 }

@@ -144,6 +144,9 @@ fn decode(coding: &str, bytes: &[u8]) -> Vec<u8> {
     let _ = match coding {
         "gzip" => flate2::read::GzDecoder::new(bytes).read_to_end(&mut out),
         "br" => brotli::Decompressor::new(bytes, 4096).read_to_end(&mut out),
+        "zstd" => zstd::stream::read::Decoder::new(bytes)
+            .unwrap()
+            .read_to_end(&mut out),
         other => panic!("unexpected coding {other}"),
     };
     out
@@ -252,6 +255,41 @@ async fn responses_that_must_not_change_pass_as_they_are() {
     .await
 }
 
+/// zstd, when the route offers it, for the clients that accept it (a browser's
+/// `gzip, deflate, br, zstd`); the others still get what they accept.
+#[tokio::test]
+async fn zstd_is_sent_to_clients_that_accept_it_when_the_route_offers_it() {
+    bounded(Duration::from_secs(30), async {
+        let (addr, _origin) = origin().await;
+        let env = Env::with(Down::H2c, Up::H1, script(|_| Behavior::ok("unused")), |c| {
+            c.upstreams[0].addresses = vec![addr.into()];
+            c.listeners[0].routes[0].compression = Some(Compression {
+                encodings: vec![
+                    ContentCoding::Zstd,
+                    ContentCoding::Brotli,
+                    ContentCoding::Gzip,
+                ],
+                ..Compression::default()
+            });
+        })
+        .await;
+        for (accept, coding) in [("gzip, deflate, br, zstd", "zstd"), ("gzip, br", "br")] {
+            let mut c = env.http().await;
+            let req = c
+                .request(Method::GET, "/page")
+                .header("accept-encoding", accept)
+                .body(empty())
+                .unwrap();
+            let (p, body, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.headers["content-encoding"], coding, "{accept}");
+            assert!(body.len() < 1000, "{coding}: {} bytes", body.len());
+            assert_eq!(decode(coding, &body), page(5000), "{accept}");
+        }
+        env.stop().await;
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_compressed_stream_reaches_the_client_event_by_event_and_its_client_leaving_cancels_it() {
     bounded(Duration::from_secs(30), async {
@@ -261,12 +299,18 @@ async fn a_compressed_stream_reaches_the_client_event_by_event_and_its_client_le
         for (down, coding) in [
             (Down::H1, ContentCoding::Gzip),
             (Down::H2c, ContentCoding::Brotli),
+            (Down::H1, ContentCoding::Zstd),
         ] {
             let types = types.clone();
             let env = Env::with(down, Up::H1, script(|_| Behavior::ok("unused")), |c| {
                 c.upstreams[0].addresses = vec![addr.into()];
                 c.listeners[0].routes[0].compression = Some(Compression {
                     types,
+                    encodings: vec![
+                        ContentCoding::Zstd,
+                        ContentCoding::Brotli,
+                        ContentCoding::Gzip,
+                    ],
                     ..Compression::default()
                 });
             })

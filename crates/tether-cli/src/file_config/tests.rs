@@ -1030,9 +1030,26 @@ fn compression_takes_defaults_and_bad_settings_name_their_key() {
         (c.encodings, c.types, c.min_bytes),
         (vec![ContentCoding::Gzip], vec!["text/*".to_owned()], 0)
     );
+    let cfg = parse(
+        &with("encodings = [\"zstd\", \"br\", \"gzip\"]"),
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[1]
+            .compression
+            .as_ref()
+            .unwrap()
+            .encodings,
+        [
+            ContentCoding::Zstd,
+            ContentCoding::Brotli,
+            ContentCoding::Gzip
+        ]
+    );
     for (bad, key, why) in [
         (
-            "encodings = [\"gzip\", \"zstd\"]",
+            "encodings = [\"gzip\", \"deflate\"]",
             "compression.encodings[1]",
             "unknown encoding",
         ),

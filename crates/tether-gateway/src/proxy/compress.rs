@@ -18,6 +18,9 @@ const GZIP_LEVEL: u32 = 5;
 /// with a few hundred KiB of state per response rather than brotli's default megabytes.
 const BROTLI_QUALITY: u32 = 4;
 const BROTLI_WINDOW_BITS: u32 = 18;
+/// zstd level and window (2^18 bytes): zstd's default level, its state bounded as brotli's.
+const ZSTD_LEVEL: i32 = 3;
+const ZSTD_WINDOW_LOG: u32 = 18;
 
 /// The coding a request's response may be compressed with: the one of `c.encodings` the client
 /// gives the highest `q` (`*` counts for codings it does not name), ties going to tether's order.
@@ -172,6 +175,7 @@ pub struct Compressing {
 enum Encoder {
     Gzip(flate2::write::GzEncoder<Vec<u8>>),
     Brotli(Box<brotli::CompressorWriter<Vec<u8>>>),
+    Zstd(Box<zstd::stream::write::Encoder<'static, Vec<u8>>>),
 }
 
 impl std::fmt::Debug for Compressing {
@@ -184,7 +188,7 @@ impl std::fmt::Debug for Compressing {
 
 impl Compressing {
     /// A body compressed with `coding`.
-    pub fn new(coding: ContentCoding) -> Compressing {
+    pub fn new(coding: ContentCoding) -> io::Result<Compressing> {
         let encoder = match coding {
             ContentCoding::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
                 Vec::new(),
@@ -196,11 +200,18 @@ impl Compressing {
                 BROTLI_QUALITY,
                 BROTLI_WINDOW_BITS,
             ))),
+            ContentCoding::Zstd => {
+                let mut e = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL)?;
+                e.window_log(ZSTD_WINDOW_LOG)?;
+                // Lets a decoder check the body it rebuilt.
+                e.include_checksum(true)?;
+                Encoder::Zstd(Box::new(e))
+            }
         };
-        Compressing {
+        Ok(Compressing {
             encoder: Some(encoder),
             trailers: None,
-        }
+        })
     }
 
     /// The frame to send for the upstream's `frame`; `last` when the upstream body ends with it.
@@ -251,6 +262,11 @@ impl Compressing {
                 e.flush()?;
                 Ok(std::mem::take(e.get_mut()))
             }
+            Encoder::Zstd(e) => {
+                e.write_all(data)?;
+                e.flush()?;
+                Ok(std::mem::take(e.get_mut()))
+            }
         }
     }
 
@@ -260,6 +276,7 @@ impl Compressing {
             None => Ok(Vec::new()),
             Some(Encoder::Gzip(e)) => e.finish(),
             Some(Encoder::Brotli(e)) => Ok(e.into_inner()),
+            Some(Encoder::Zstd(e)) => e.finish(),
         }
     }
 }
@@ -397,14 +414,24 @@ mod tests {
                     .read_to_end(&mut out)
                     .unwrap();
             }
+            ContentCoding::Zstd => {
+                zstd::stream::read::Decoder::new(bytes)
+                    .unwrap()
+                    .read_to_end(&mut out)
+                    .unwrap();
+            }
         }
         out
     }
 
     #[test]
     fn each_chunk_is_decodable_as_it_comes_and_the_whole_body_round_trips() {
-        for coding in [ContentCoding::Gzip, ContentCoding::Brotli] {
-            let mut c = Compressing::new(coding);
+        for coding in [
+            ContentCoding::Gzip,
+            ContentCoding::Brotli,
+            ContentCoding::Zstd,
+        ] {
+            let mut c = Compressing::new(coding).unwrap();
             let chunks = ["data: one\n\n", "data: two\n\n", "data: three\n\n"];
             let mut sent = Vec::new();
             for (i, chunk) in chunks.iter().enumerate() {
@@ -422,6 +449,9 @@ mod tests {
                     ContentCoding::Brotli => {
                         brotli::Decompressor::new(so_far, 4096).read_to_end(&mut partial)
                     }
+                    ContentCoding::Zstd => zstd::stream::read::Decoder::new(so_far)
+                        .unwrap()
+                        .read_to_end(&mut partial),
                 };
                 assert_eq!(partial, chunks[..=i].concat().as_bytes(), "{coding:?}");
             }

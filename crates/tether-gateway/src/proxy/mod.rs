@@ -596,8 +596,17 @@ fn proxy<'a>(
         }
         let compressing = match (coding, &route.compression) {
             (Some(coding), Some(c)) if compress::applies(c, parts.status, &parts.headers) => {
-                compress::mark(&mut parts.headers, coding);
-                Some(Box::new(compress::Compressing::new(coding)))
+                match compress::Compressing::new(coding) {
+                    Ok(compressing) => {
+                        compress::mark(&mut parts.headers, coding);
+                        Some(Box::new(compressing))
+                    }
+                    // The encoder could not be set up (out of memory): sent as it is.
+                    Err(e) => {
+                        tracing::warn!(error = %e, coding = coding.token(), "cannot compress a response");
+                        None
+                    }
+                }
             }
             _ => None,
         };
