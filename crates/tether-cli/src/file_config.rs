@@ -424,6 +424,9 @@ pub struct FileRateLimit {
     pub per: Option<String>,
     /// Requests allowed at once beyond the steady rate; default 0.
     pub burst: Option<u32>,
+    /// What requests are counted by: `client_ip` (the default), `header:NAME`, `cookie:NAME`
+    /// or `path`.
+    pub key: Option<String>,
 }
 
 /// `compression = { encodings, types, min_bytes }` of a route; `{}` takes every default.
@@ -1192,10 +1195,17 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
                 parse_duration(s).map_err(|e| KeyError::new(format!("{key}.rate_limit.per"), e))?
             }
         };
+        let counted_by = match &rl.key {
+            None => None,
+            Some(k) => Some(
+                hash_key(Some(k)).map_err(|e| KeyError::new(format!("{key}.rate_limit.key"), e))?,
+            ),
+        };
         cfg.rate_limit = Some(RateLimit {
             requests: rl.requests,
             per,
             burst: rl.burst.unwrap_or(0),
+            key: counted_by,
         });
     }
     if let Some(list) = &r.allow_clients {

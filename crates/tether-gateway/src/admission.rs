@@ -121,6 +121,10 @@ pub struct RateLimiter {
     /// from waiting on one lock.
     shards: Box<[Mutex<HashMap<u128, u64>>]>,
     per_shard: usize,
+    /// What requests are counted by, when not their client's address.
+    key: Option<crate::upstream::balance::Affinity>,
+    /// The configured key, to tell whether a reload changed it.
+    configured: Option<crate::config::HashKey>,
 }
 
 const RATE_SHARDS: usize = 16;
@@ -129,13 +133,37 @@ impl RateLimiter {
     /// A limiter for `limit`.
     pub fn new(limit: &RateLimit) -> Arc<RateLimiter> {
         let (interval, tolerance) = Self::timing(limit);
+        // Counting by the client's address needs no key of its own.
+        let configured = limit
+            .key
+            .clone()
+            .filter(|k| *k != crate::config::HashKey::ClientIp);
         Arc::new(RateLimiter {
             interval,
             tolerance,
             origin: Instant::now(),
             shards: (0..RATE_SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: RATE_LIMIT_CLIENTS / RATE_SHARDS,
+            key: configured
+                .as_ref()
+                .and_then(crate::upstream::balance::Affinity::new),
+            configured,
         })
+    }
+
+    /// What `req` from `client` is counted against: its key's value, when the limit has a key
+    /// and the request carries it, else its client.
+    fn counted(&self, req: &http::Request<hyper::body::Incoming>, client: IpAddr) -> u128 {
+        let hashed = self
+            .key
+            .as_ref()
+            .and_then(|k| k.of(req.headers(), req.uri().path(), client, false, |_| false));
+        match hashed {
+            // In the high half, tagged with a bit no address key sets (an IPv4 key is below
+            // 2^32, an IPv6 key's low half is exactly bit 63): a key never counts as an address.
+            Some(h) => (u128::from(h) << 64) | (1 << 62),
+            None => key_of(client),
+        }
     }
 
     /// The interval and tolerance of `limit`, in nanoseconds.
@@ -148,7 +176,11 @@ impl RateLimiter {
     /// Whether this limiter enforces `limit`: a reload that leaves a route's limit as it was
     /// keeps the limiter, and with it what each client has used.
     pub fn enforces(&self, limit: &RateLimit) -> bool {
-        Self::timing(limit) == (self.interval, self.tolerance)
+        let key = limit
+            .key
+            .as_ref()
+            .filter(|k| **k != crate::config::HashKey::ClientIp);
+        Self::timing(limit) == (self.interval, self.tolerance) && key == self.configured.as_ref()
     }
 
     /// Counts a request of `client` at `now`: `Err` with how long until it would be allowed.
@@ -331,7 +363,7 @@ pub fn admit(
         return Some(ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge).into());
     }
     if let (Some(limiter), Some(client)) = (&route.rate_limit, client)
-        && let Err(wait) = limiter.check(key_of(client), Instant::now())
+        && let Err(wait) = limiter.check(limiter.counted(req, client), Instant::now())
     {
         t.stage = Stage::Admission;
         t.metrics().rate_limited(&route.name);
@@ -376,7 +408,30 @@ mod tests {
             requests,
             per: Duration::from_secs(per_secs),
             burst,
+            key: None,
         })
+    }
+
+    #[test]
+    fn a_keyed_limit_is_kept_by_a_reload_only_with_the_same_key() {
+        use crate::config::HashKey;
+        let mut limit = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(1),
+            burst: 0,
+            key: Some(HashKey::Header("x-api-key".into())),
+        };
+        let l = RateLimiter::new(&limit);
+        assert!(l.enforces(&limit));
+        limit.key = Some(HashKey::Cookie("x-api-key".into()));
+        assert!(!l.enforces(&limit));
+        limit.key = None;
+        assert!(!l.enforces(&limit));
+        // The client's address is the default key by another name.
+        assert!(limiter(1, 1, 0).enforces(&RateLimit {
+            key: Some(HashKey::ClientIp),
+            ..limit
+        }));
     }
 
     #[test]

@@ -723,9 +723,9 @@ impl Redirect {
 
 /// A per-client request rate: `requests` every `per` on average, and up to `burst` more at
 /// once (nginx's `limit_req` with `nodelay`). A client is its address (IPv6: its /64), or for a
-/// trusted peer the address it forwarded for. Requests beyond it are answered 429 with a
-/// `Retry-After`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// trusted peer the address it forwarded for; or, with a `key`, the key's value. Requests
+/// beyond it are answered 429 with a `Retry-After`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimit {
     /// Requests allowed per `per`.
     pub requests: u32,
@@ -733,6 +733,9 @@ pub struct RateLimit {
     pub per: Duration,
     /// Requests allowed at once beyond the steady rate.
     pub burst: u32,
+    /// What the requests are counted by, when not the client's address: an API key's header, a
+    /// session cookie, the path. A request without it is counted by its client's address.
+    pub key: Option<HashKey>,
 }
 
 /// Response compression on a route (nginx's `gzip`, Caddy's `encode`): a response is compressed
@@ -1333,6 +1336,14 @@ fn validate_rate_limit(key: &str, rl: &RateLimit) -> Result<(), ConfigError> {
         return Err(ConfigError::new(
             format!("{key}.burst"),
             "must be at most 1000000",
+        ));
+    }
+    if let Some(HashKey::Header(name)) = &rl.key
+        && http::header::HeaderName::from_bytes(name.as_bytes()).is_err()
+    {
+        return Err(ConfigError::new(
+            format!("{key}.key"),
+            format!("{name:?} is not a header name"),
         ));
     }
     Ok(())

@@ -899,6 +899,7 @@ mod tests {
                 requests,
                 per: Duration::from_secs(3600),
                 burst: 0,
+                key: None,
             })
         };
         let mut c = RouteConfig::new("/api", "web");

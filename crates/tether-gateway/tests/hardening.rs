@@ -11,7 +11,7 @@ use common::{BOUND, Down, Env, Up, bounded};
 use test_support::behavior::{Behavior, routes, script};
 use test_support::client::{Closed, H1Client};
 use test_support::{EventKind, Reply};
-use tether_gateway::config::{AdminConfig, Protocols, RateLimit};
+use tether_gateway::config::{AdminConfig, HashKey, Protocols, RateLimit};
 
 fn no_request_reached(env: &Env) {
     let started = env
@@ -554,6 +554,7 @@ async fn a_client_over_its_rate_gets_429_with_its_own_wait_and_other_clients_do_
                 requests: 1,
                 per: Duration::from_secs(3600),
                 burst: 2,
+                key: None,
             });
             c.admin = Some(AdminConfig {
                 address: "127.0.0.1:0".parse().unwrap(),
@@ -663,6 +664,7 @@ async fn a_reload_that_keeps_a_rate_limit_keeps_what_clients_have_used() {
                 requests: 1,
                 per: Duration::from_secs(3600),
                 burst: 0,
+                key: None,
             });
         },
     )
@@ -684,6 +686,44 @@ async fn a_reload_that_keeps_a_rate_limit_keeps_what_clients_have_used() {
     env.stop().await;
 }
 
+/// A rate limit counted by an API key: each key has its own allowance, whatever address its
+/// requests come from, and a request without a key is counted by its client's address.
+#[tokio::test]
+async fn a_rate_limit_by_key_counts_each_key_apart_and_keyless_requests_by_address() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| {
+            c.listeners[0].routes[0].rate_limit = Some(RateLimit {
+                requests: 1,
+                per: Duration::from_secs(3600),
+                burst: 0,
+                key: Some(HashKey::Header("x-api-key".into())),
+            });
+        },
+    )
+    .await;
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    let mut get = async |headers: &[(&str, &str)]| {
+        c.send_request("GET", "/", headers, None, b"")
+            .await
+            .unwrap();
+        let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+        bounded(BOUND, c.read_body("GET", &head)).await.unwrap();
+        head.status
+    };
+    assert_eq!(get(&[("x-api-key", "alpha")]).await, 200);
+    assert_eq!(get(&[("x-api-key", "alpha")]).await, 429);
+    // Another key from the same address has its own allowance.
+    assert_eq!(get(&[("x-api-key", "beta")]).await, 200);
+    // No key: the address, which has used nothing yet.
+    assert_eq!(get(&[]).await, 200);
+    assert_eq!(get(&[]).await, 429);
+    assert_eq!(get(&[("x-api-key", "beta")]).await, 429);
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn an_untrusted_client_cannot_escape_its_rate_limit_by_claiming_to_forward() {
     let env = Env::with(
@@ -695,6 +735,7 @@ async fn an_untrusted_client_cannot_escape_its_rate_limit_by_claiming_to_forward
                 requests: 1,
                 per: Duration::from_secs(3600),
                 burst: 1,
+                key: None,
             });
         },
     )

@@ -528,7 +528,8 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
         Some(RateLimit {
             requests: 100,
             per: Duration::from_secs(1),
-            burst: 0
+            burst: 0,
+            key: None,
         })
     );
     let cfg = parse(
@@ -536,9 +537,32 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
         Path::new("."),
     )
     .unwrap();
-    let rl = cfg.config.listeners[0].routes[1].rate_limit.unwrap();
+    let rl = cfg.config.listeners[0].routes[1]
+        .rate_limit
+        .clone()
+        .unwrap();
     assert_eq!((rl.per, rl.burst), (Duration::from_secs(60), 10));
+    let cfg = parse(
+        &with("requests = 5, key = \"header:X-Api-Key\""),
+        Path::new("."),
+    )
+    .unwrap();
+    let rl = cfg.config.listeners[0].routes[1]
+        .rate_limit
+        .clone()
+        .unwrap();
+    assert_eq!(rl.key, Some(HashKey::Header("x-api-key".into())));
     for (bad, key, why) in [
+        (
+            "requests = 1, key = \"api-key\"",
+            "rate_limit.key",
+            "is not one of",
+        ),
+        (
+            "requests = 1, key = \"header:a b\"",
+            "rate_limit.key",
+            "not a header name",
+        ),
         ("requests = 0", "rate_limit.requests", "at least 1"),
         (
             "requests = 1, per = \"0s\"",
