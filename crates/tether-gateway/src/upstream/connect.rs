@@ -253,51 +253,52 @@ pub struct Connector {
 /// after its name's other addresses.
 pub const LOSER_MEMORY: Duration = Duration::from_secs(30);
 
-/// What a connector remembers of names that resolve to several addresses: whose turn it is to be
-/// tried first, and which addresses lately lost a race.
+/// What a connector remembers of names that resolve to several addresses: how often each
+/// address was tried first, and which addresses lately lost a race.
 #[derive(Debug, Default)]
 struct Spread {
-    /// Connections opened so far to each name (host and port).
-    turns: Vec<((Arc<str>, u16), usize)>,
+    /// Connections for which each address was the first candidate.
+    firsts: Vec<(SocketAddr, u64)>,
     /// Addresses that lost a race, and when.
     losers: Vec<(SocketAddr, Instant)>,
 }
 
-/// At most this many names and losers are remembered; the oldest make room.
+/// At most this many addresses and losers are remembered; past that the counts start afresh
+/// and the oldest loser makes room.
 const SPREAD_LIMIT: usize = 256;
 
 impl Spread {
-    /// The order in which to try `found` (the resolver's answer for `addr`, two or more): each
-    /// new connection starts one further along the list, so that a name's connections share its
-    /// addresses (as nginx's servers from one name, or Envoy's hosts from one DNS answer), and
-    /// addresses that lost a race within [`LOSER_MEMORY`] come last.
-    fn order(
-        &mut self,
-        addr: &UpstreamAddress,
-        found: Vec<SocketAddr>,
-        now: Instant,
-    ) -> Vec<SocketAddr> {
-        let turn = match self
-            .turns
-            .iter_mut()
-            .find(|((h, p), _)| **h == *addr.host && *p == addr.port)
-        {
-            Some((_, n)) => {
-                *n = n.wrapping_add(1);
-                *n
-            }
-            None => {
-                if self.turns.len() >= SPREAD_LIMIT {
-                    self.turns.remove(0);
-                }
-                self.turns
-                    .push(((Arc::from(addr.host.as_str()), addr.port), 0));
-                0
-            }
-        };
+    /// The order in which to try `found` (a resolver's answer, two or more addresses): first the
+    /// address tried first least often (the resolver's first among equals), so that a name's
+    /// new connections share its addresses (as nginx's servers from one name, or Envoy's hosts
+    /// from one DNS answer) whatever order the resolver answers in; an address that lost a race
+    /// within [`LOSER_MEMORY`] last. An address new to the name starts level with the others,
+    /// not below them, so that one added to a busy name is not handed every connection.
+    fn order(&mut self, found: Vec<SocketAddr>, now: Instant) -> Vec<SocketAddr> {
         self.losers
             .retain(|(_, at)| now.saturating_duration_since(*at) < LOSER_MEMORY);
-        order(found, turn, |a| self.losers.iter().any(|(l, _)| l == a))
+        if self.firsts.len() + found.len() > SPREAD_LIMIT {
+            self.firsts.clear();
+        }
+        let count = |firsts: &[(SocketAddr, u64)], a: &SocketAddr| {
+            firsts.iter().find(|(f, _)| f == a).map(|(_, n)| *n)
+        };
+        let level = found
+            .iter()
+            .filter_map(|a| count(&self.firsts, a))
+            .min()
+            .unwrap_or(0);
+        for a in &found {
+            if count(&self.firsts, a).is_none() {
+                self.firsts.push((*a, level));
+            }
+        }
+        let losers = &self.losers;
+        order(
+            found,
+            |a| losers.iter().any(|(l, _)| l == a),
+            &mut self.firsts,
+        )
     }
 
     /// Remembers the addresses that lost a race to another one; forgets the winner's losses.
@@ -317,18 +318,34 @@ impl Spread {
     }
 }
 
-/// `found` rotated by `turn`, the addresses `lost` says lost a race moved after the others, and
-/// each part's families alternated (RFC 8305), starting with its first address's.
+/// `found` in the order to try it: the address `firsts` counts first least often among those
+/// `lost` does not name (its count goes up), the others of them after it, then those `lost`
+/// names (led the same way when every address is one); each part's families alternated (RFC
+/// 8305), starting with its first address's. Ties go to the resolver's order.
 fn order(
-    mut found: Vec<SocketAddr>,
-    turn: usize,
+    found: Vec<SocketAddr>,
     lost: impl Fn(&SocketAddr) -> bool,
+    firsts: &mut [(SocketAddr, u64)],
 ) -> Vec<SocketAddr> {
-    if found.len() > 1 {
-        let n = turn % found.len();
-        found.rotate_left(n);
+    let (mut losers, mut fresh): (Vec<_>, Vec<_>) = found.into_iter().partition(|a| lost(a));
+    let lead = if fresh.is_empty() {
+        &mut losers
+    } else {
+        &mut fresh
+    };
+    let count = |a: &SocketAddr| firsts.iter().position(|(f, _)| f == a);
+    let least = lead
+        .iter()
+        .enumerate()
+        .min_by_key(|(i, a)| (count(a).map_or(0, |at| firsts[at].1), *i))
+        .map(|(i, _)| i);
+    if let Some(i) = least {
+        let first = lead.remove(i);
+        if let Some(at) = count(&first) {
+            firsts[at].1 += 1;
+        }
+        lead.insert(0, first);
     }
-    let (losers, fresh): (Vec<_>, Vec<_>) = found.into_iter().partition(|a| lost(a));
     let mut out = interleave(fresh);
     out.extend(interleave(losers));
     out
@@ -461,7 +478,7 @@ impl Connector {
         let racing = Instant::now();
         let several = candidates.len() > 1;
         if several {
-            candidates = crate::lock(&self.spread).order(addr, candidates, racing);
+            candidates = crate::lock(&self.spread).order(candidates, racing);
         }
         let report = race_reporting(candidates, HAPPY_EYEBALLS_STAGGER).await;
         let Some((tcp, peer)) = report.winner else {
@@ -741,70 +758,74 @@ mod tests {
     }
 
     #[test]
-    fn each_connection_starts_one_further_along_and_losers_go_last() {
+    fn the_address_first_least_often_leads_and_losers_go_last() {
         let found = addrs(&["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]);
         let none = |_: &SocketAddr| false;
+        let mut firsts: Vec<(SocketAddr, u64)> = found.iter().map(|a| (*a, 0)).collect();
+        // Ties go to the resolver's order; the others keep it.
         assert_eq!(
-            shown(&order(found.clone(), 0, none)),
+            shown(&order(found.clone(), none, &mut firsts)),
             ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"]
         );
         assert_eq!(
-            shown(&order(found.clone(), 4, none)),
-            ["10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"]
+            shown(&order(found.clone(), none, &mut firsts)),
+            ["10.0.0.2:80", "10.0.0.1:80", "10.0.0.3:80"]
         );
         let second: SocketAddr = "10.0.0.2:80".parse().unwrap();
         assert_eq!(
-            shown(&order(found, 1, |a| *a == second)),
+            shown(&order(found.clone(), |a| *a == second, &mut firsts)),
             ["10.0.0.3:80", "10.0.0.1:80", "10.0.0.2:80"]
+        );
+        assert_eq!(firsts.iter().map(|f| f.1).collect::<Vec<_>>(), [1, 1, 1]);
+        // Every address a loser: led the same way.
+        assert_eq!(
+            shown(&order(found, |_| true, &mut firsts))[0],
+            "10.0.0.1:80"
         );
         // Families still alternate, within the fresh addresses and within the losers.
         let dual = addrs(&["[::1]:80", "[::2]:80", "10.0.0.1:80", "10.0.0.2:80"]);
         let v6_second: SocketAddr = "[::2]:80".parse().unwrap();
         assert_eq!(
-            shown(&order(dual, 0, |a| *a == v6_second)),
+            shown(&order(dual, |a| *a == v6_second, &mut [])),
             ["[::1]:80", "10.0.0.1:80", "10.0.0.2:80", "[::2]:80"]
         );
     }
 
     #[test]
-    fn turns_are_kept_per_name_and_losses_fade() {
+    fn first_choices_balance_whatever_order_the_resolver_answers_in_and_losses_fade() {
         let mut spread = Spread::default();
-        let a = UpstreamAddress {
-            host: "a.test".into(),
-            port: 80,
-        };
-        let b = UpstreamAddress {
-            host: "b.test".into(),
-            port: 80,
-        };
-        let found = addrs(&["10.0.0.1:80", "10.0.0.2:80"]);
-        let t0 = Instant::now();
-        // Connections to another name in between do not take a's turns.
-        let mut firsts = Vec::new();
-        for _ in 0..4 {
-            firsts.push(spread.order(&a, found.clone(), t0)[0].to_string());
-            spread.order(&b, found.clone(), t0);
-        }
-        assert_eq!(
-            firsts,
-            ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.1:80", "10.0.0.2:80"]
+        let (a, b) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
         );
-        // 10.0.0.1 lost to 10.0.0.2: last until the memory fades, or until it wins a race.
-        let (one, two) = (found[0], found[1]);
-        spread.lost(two, [one].into_iter(), t0);
-        assert_eq!(spread.order(&a, found.clone(), t0)[0], two);
-        assert_eq!(spread.order(&a, found.clone(), t0)[0], two);
+        let t0 = Instant::now();
+        // A resolver that rotates its answers itself.
+        let mut firsts = Vec::new();
+        for i in 0..6 {
+            let found = if i % 2 == 0 { vec![a, b] } else { vec![b, a] };
+            firsts.push(spread.order(found, t0)[0]);
+        }
+        assert_eq!(firsts.iter().filter(|f| **f == a).count(), 3, "{firsts:?}");
+        // An address new to the name starts level with the others: it does not take every
+        // connection until it has caught up.
+        let c: SocketAddr = "10.0.0.3:80".parse().unwrap();
+        let next: Vec<_> = (0..3).map(|_| spread.order(vec![a, b, c], t0)[0]).collect();
+        assert!(
+            next.contains(&a) && next.contains(&b) && next.contains(&c),
+            "{next:?}"
+        );
+        // a lost to b: last until the memory fades, or until it wins a race.
+        spread.lost(b, [a].into_iter(), t0);
+        for _ in 0..3 {
+            assert_eq!(*spread.order(vec![a, b], t0).last().unwrap(), a);
+        }
         let later = t0 + LOSER_MEMORY;
-        let after: Vec<_> = (0..2)
-            .map(|_| spread.order(&a, found.clone(), later)[0])
-            .collect();
-        assert!(after.contains(&one), "{after:?}");
-        spread.lost(two, [one].into_iter(), t0);
-        spread.lost(one, std::iter::empty(), t0);
-        let after: Vec<_> = (0..2)
-            .map(|_| spread.order(&a, found.clone(), t0)[0])
-            .collect();
-        assert!(after.contains(&one), "{after:?}");
+        let after: Vec<_> = (0..2).map(|_| spread.order(vec![a, b], later)[0]).collect();
+        assert!(after.contains(&a), "{after:?}");
+        spread.lost(b, [a].into_iter(), t0);
+        spread.lost(a, std::iter::empty(), t0);
+        let after: Vec<_> = (0..2).map(|_| spread.order(vec![a, b], t0)[0]).collect();
+        assert!(after.contains(&a), "{after:?}");
     }
 
     #[tokio::test]
