@@ -207,6 +207,8 @@ pub struct FileRoute {
     pub budget_header: Option<String>,
     /// 5xx statuses on which idempotent bodiless requests are retried.
     pub retry_statuses: Option<Vec<u16>>,
+    /// An idempotent request's declared body up to this size is read whole, to be sent again.
+    pub retry_body_bytes: Option<u64>,
     /// Retries as a fraction of requests.
     pub retry_budget: Option<f64>,
     /// Retries always allowed per second.
@@ -1163,6 +1165,9 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
         None => {}
         Some("off") => cfg.budget_header = None,
         Some(h) => cfg.budget_header = Some(h.to_ascii_lowercase()),
+    }
+    if let Some(n) = r.retry_body_bytes {
+        cfg.retry_body_bytes = n;
     }
     if let Some(v) = &r.retry_statuses {
         cfg.retry_statuses = v.clone();

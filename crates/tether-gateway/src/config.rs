@@ -430,6 +430,12 @@ fn sample_point(id: &str) -> u64 {
     (h ^ (h >> 31)) % 1_000_000
 }
 
+/// The default [`RouteConfig::retry_body_bytes`].
+pub const DEFAULT_RETRY_BODY_BYTES: u64 = 64 * 1024;
+
+/// The largest [`RouteConfig::retry_body_bytes`]: a body read whole is held in memory.
+pub const MAX_RETRY_BODY_BYTES: u64 = 16 * 1024 * 1024;
+
 /// One route: which requests go to which upstream, and under which limits.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -447,8 +453,15 @@ pub struct RouteConfig {
     pub client_half_close: HalfClose,
     /// Extra attempts after a failure that is provably safe to retry. Default 2; 0 disables.
     pub max_retries: u32,
-    /// Response statuses on which idempotent, bodiless requests are retried. Default none.
+    /// Response statuses on which idempotent requests are retried (bodiless, or with a body
+    /// read whole, see `retry_body_bytes`). Default none.
     pub retry_statuses: Vec<u16>,
+    /// An idempotent request (PUT, DELETE, ...) declaring a body of at most this many bytes is
+    /// read whole before it is sent, so that it can be sent again: after a stale keep-alive
+    /// connection, or on a `retry_statuses` answer. Larger bodies, bodies without a declared
+    /// length and `Expect: 100-continue` requests stream and are not sent twice. Default 64 KiB;
+    /// 0 streams every body.
+    pub retry_body_bytes: u64,
     /// Retries allowed as a fraction of requests (the retry budget). Default 0.2.
     pub retry_budget_ratio: f64,
     /// Retries always allowed per second, whatever the ratio says. Default 10.
@@ -971,6 +984,7 @@ impl RouteConfig {
             client_half_close: HalfClose::Abort,
             max_retries: 2,
             retry_statuses: Vec::new(),
+            retry_body_bytes: DEFAULT_RETRY_BODY_BYTES,
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
@@ -1235,6 +1249,14 @@ impl Config {
                     return Err(ConfigError::new(
                         format!("{rkey}.rewrite_prefix"),
                         format!("{p:?} must be a path starting with '/', without a query"),
+                    ));
+                }
+                if r.retry_body_bytes > MAX_RETRY_BODY_BYTES {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.retry_body_bytes"),
+                        format!(
+                            "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory"
+                        ),
                     ));
                 }
                 if let AccessLogMode::Sampled { per_million } = r.access_log

@@ -32,6 +32,8 @@ pub struct Route {
     pub in_flight: Option<Arc<crate::admission::Limit>>,
     /// The largest request body, when the route sets its own (else the listener's).
     pub max_body_bytes: Option<u64>,
+    /// An idempotent request's declared body up to this size is read whole before it is sent.
+    pub retry_body_bytes: u64,
     /// Which requests get an access-log line.
     pub access_log: crate::config::AccessLogMode,
     /// When set, every request is answered with this redirect (and `upstream` is not used).
@@ -417,6 +419,7 @@ impl Router {
                         .and_then(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok()),
                     trace_context: r.trace_context,
                     max_body_bytes: r.max_body_bytes,
+                    retry_body_bytes: r.retry_body_bytes,
                     access_log: r.access_log,
                     in_flight: r.max_in_flight.map(|n| {
                         match old.and_then(|o| o.in_flight.clone()) {

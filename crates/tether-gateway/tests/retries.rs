@@ -100,6 +100,84 @@ async fn get_is_retried_on_a_configured_status_post_is_not() {
     .await;
 }
 
+/// A PUT with a small body answered 503 is sent again, body and all (it was read whole before
+/// the first send); one whose body is over the route's `retry_body_bytes` streams, and its 503
+/// reaches the client.
+#[tokio::test]
+async fn a_put_with_a_small_body_is_retried_on_a_configured_status_a_larger_one_is_not() {
+    bounded(Duration::from_secs(10), async {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            script(move |_| {
+                if counter.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) {
+                    Behavior::Respond(Reply::new(503, "busy"))
+                } else {
+                    Behavior::Summary
+                }
+            }),
+            |c| {
+                let r = &mut c.listeners[0].routes[0];
+                r.retry_statuses = vec![503];
+                r.retry_body_bytes = 16;
+            },
+        )
+        .await;
+        let mut client = env.http().await;
+        let mut sum = test_support::Checksum::new();
+        sum.update(b"payload");
+        let req = client
+            .request(Method::PUT, "/small")
+            .body(full("payload"))
+            .unwrap();
+        let (parts, body, _) = client.fetch(req).await.unwrap();
+        assert_eq!(parts.status, 200);
+        assert_eq!(body, format!("7 {}", sum.value()).as_bytes());
+        assert_eq!(env.log().requests("/small").len(), 2);
+        let rec = env.record("/small").await;
+        assert_eq!((rec.retries, rec.bytes_received), (1, 7), "{rec:?}");
+
+        let large = "x".repeat(17);
+        let req = client
+            .request(Method::PUT, "/large")
+            .body(full(large))
+            .unwrap();
+        let (parts, body, _) = client.fetch(req).await.unwrap();
+        assert_eq!((parts.status.as_u16(), &body[..]), (503, &b"busy"[..]));
+        assert_eq!(env.log().requests("/large").len(), 1);
+        assert_eq!(env.record("/large").await.retries, 0);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// A client that leaves while its PUT's small body is being read whole: nothing reached the
+/// upstream, not even a connection, and the abort is logged at stage `request_body`.
+#[tokio::test]
+async fn a_client_leaving_while_its_body_is_read_whole_costs_the_upstream_nothing() {
+    bounded(Duration::from_secs(10), async {
+        let env = Env::new(Down::H1, Up::H1, routes(vec![("/put", Behavior::Summary)])).await;
+        let mut c = env.h1().await;
+        c.send_request("PUT", "/put", &[], Some(100), b"only ten..")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.rst().unwrap();
+        let rec = env.record("/put").await;
+        assert_eq!(
+            (rec.outcome, rec.stage, rec.bytes_received),
+            (Outcome::ClientAbort, Some("request_body"), 10),
+            "{rec:?}"
+        );
+        assert_eq!(rec.abort_reason, Some(tether::CancelReason::ClientReset));
+        assert!(env.log().events().is_empty(), "{:?}", env.log().events());
+        env.stop().await;
+    })
+    .await;
+}
+
 /// Under 100 % failure, a budget of 10 % (and no per-second floor) holds retries to a tenth of
 /// the requests, however many attempts each request would be allowed.
 #[tokio::test]

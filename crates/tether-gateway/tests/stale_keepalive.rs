@@ -45,6 +45,7 @@ struct Run {
 async fn start(
     up: &UpstreamH1,
     lanes: usize,
+    retry_body_bytes: u64,
 ) -> (RunningGateway, MemoryAccessLog, std::net::SocketAddr) {
     let upstreams = (0..lanes)
         .map(|i| {
@@ -63,6 +64,7 @@ async fn start(
             r.max_retries = 0;
             r.retry_budget_ratio = 0.0;
             r.retry_budget_min_per_second = 0;
+            r.retry_body_bytes = retry_body_bytes;
             r
         })
         .collect();
@@ -75,9 +77,29 @@ async fn start(
     (gw, access, addr)
 }
 
-/// `clients` keep-alive clients, each sending `per_client` GETs with gaps drawn from `gap_ms`.
-async fn hammer(up: &UpstreamH1, clients: usize, per_client: usize, gap_ms: (u64, u64)) -> Run {
-    let (gw, access, addr) = start(up, clients).await;
+/// How the clients ask.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    /// `GET`, no body.
+    Get,
+    /// `PUT` with a small body, read whole before it is sent when `retry_body_bytes` allows.
+    Put { retry_body_bytes: u64 },
+}
+
+/// `clients` keep-alive clients, each sending `per_client` requests with gaps drawn from
+/// `gap_ms`.
+async fn hammer(
+    up: &UpstreamH1,
+    clients: usize,
+    per_client: usize,
+    gap_ms: (u64, u64),
+    ask: Ask,
+) -> Run {
+    let retry_body_bytes = match ask {
+        Ask::Get => DEFAULT_RETRY_BODY_BYTES,
+        Ask::Put { retry_body_bytes } => retry_body_bytes,
+    };
+    let (gw, access, addr) = start(up, clients, retry_body_bytes).await;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..clients {
         tasks.spawn(async move {
@@ -88,7 +110,17 @@ async fn hammer(up: &UpstreamH1, clients: usize, per_client: usize, gap_ms: (u64
             tokio::time::sleep(Duration::from_millis(rng.next_in(0, gap_ms.1))).await;
             let path = format!("/lane{i}/ka");
             for n in 0..per_client {
-                match client.get(&path).await {
+                let sent = match ask {
+                    Ask::Get => client.get(&path).await,
+                    Ask::Put { .. } => {
+                        let req = client
+                            .request(http::Method::PUT, &path)
+                            .body(test_support::client::full("state"))
+                            .unwrap();
+                        client.fetch(req).await.map(|(p, b, _)| (p, b))
+                    }
+                };
+                match sent {
                     Ok((p, b)) if p.status == 200 && &b[..] == b"alive" => {}
                     Ok((p, b)) => errors.push(format!(
                         "client {i} request {n}: {} {}",
@@ -156,7 +188,7 @@ async fn unannounced_idle_close_never_reaches_the_client() {
         )
         .await
         .unwrap();
-        let run = hammer(&up, 50, 20, (170, 230)).await;
+        let run = hammer(&up, 50, 20, (170, 230), Ask::Get).await;
         eprintln!(
             "stale keep-alive (unannounced 200 ms): {} requests, {} errors, {} reused, \
              {} retried sends on {} requests, {} upstream connections",
@@ -197,7 +229,7 @@ async fn announced_keep_alive_timeout_is_honoured() {
         )
         .await
         .unwrap();
-        let run = hammer(&up, 20, 6, (900, 1100)).await;
+        let run = hammer(&up, 20, 6, (900, 1100), Ask::Get).await;
         eprintln!(
             "stale keep-alive (announced 1 s): {} requests, {} errors, {} reused, {} retried sends",
             run.records,
@@ -208,6 +240,72 @@ async fn announced_keep_alive_timeout_is_honoured() {
         assert!(run.errors.is_empty(), "{:#?}", run.errors);
         assert_eq!(run.records, 120);
         assert_eq!(run.retries, 0, "no stale connection was ever used");
+    })
+    .await;
+}
+
+/// The same race with PUTs carrying a small body: the body is read whole before the send, so a
+/// PUT lost on a connection the upstream closed as it arrived is sent again, body and all. With
+/// `retry_body_bytes = 0` the body streams, cannot be sent twice, and such a PUT fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_with_a_small_body_survives_the_race_too() {
+    bounded(Duration::from_secs(60), async {
+        let up = || {
+            UpstreamH1::start_with(
+                script(|_| Behavior::ok("alive")),
+                H1Options {
+                    idle_timeout: Some(Duration::from_millis(200)),
+                },
+            )
+        };
+        let up_whole = up().await.unwrap();
+        let whole = hammer(
+            &up_whole,
+            50,
+            20,
+            (170, 230),
+            Ask::Put {
+                retry_body_bytes: DEFAULT_RETRY_BODY_BYTES,
+            },
+        )
+        .await;
+        let up_streamed = up().await.unwrap();
+        let streamed = hammer(
+            &up_streamed,
+            50,
+            20,
+            (170, 230),
+            Ask::Put {
+                retry_body_bytes: 0,
+            },
+        )
+        .await;
+        eprintln!(
+            "stale keep-alive, PUT: read whole {} errors and {} resends, streamed {} errors and {} resends",
+            whole.errors.len(),
+            whole.retries,
+            streamed.errors.len(),
+            streamed.retries
+        );
+        assert!(
+            whole.errors.is_empty(),
+            "{} errors: {:#?}",
+            whole.errors.len(),
+            &whole.errors[..whole.errors.len().min(10)]
+        );
+        assert_eq!(whole.records, 1000);
+        assert!(whole.reused > 100, "only {} reused", whole.reused);
+        // Every body reached the upstream whole: 1,000 requests and their resends.
+        let bodies: Vec<u64> = up_whole
+            .log()
+            .events()
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::BodyComplete { len, .. } => Some(len),
+                _ => None,
+            })
+            .collect();
+        assert!(bodies.len() >= 1000 && bodies.iter().all(|&n| n == 5), "{bodies:?}");
     })
     .await;
 }

@@ -728,6 +728,27 @@ fn a_routes_body_limit_converts() {
 }
 
 #[test]
+fn a_routes_retry_body_bytes_converts_within_its_bound() {
+    let with = |n: &str| {
+        GOOD.replace(
+            "  name = \"fallback\"\n",
+            &format!("  name = \"fallback\"\n  retry_body_bytes = {n}\n"),
+        )
+    };
+    let cfg = parse(&with("0"), Path::new(".")).unwrap();
+    let r = &cfg.config.listeners[0].routes;
+    assert_eq!(
+        (r[0].retry_body_bytes, r[1].retry_body_bytes),
+        (tether_gateway::config::DEFAULT_RETRY_BODY_BYTES, 0)
+    );
+    refused(
+        &with("16777217"),
+        "listeners[0].routes[1].retry_body_bytes",
+        "at most",
+    );
+}
+
+#[test]
 fn split_routes_convert_and_bad_ones_name_their_key() {
     let with = |route: &str| {
         GOOD.replace(

@@ -307,8 +307,34 @@ fn proxy<'a>(
             if !route.request_headers.is_empty() {
                 route.request_headers.apply(up_req.headers_mut());
             }
-            let resendable = retry::is_idempotent(method_of(&t))
-                && http_body::Body::is_end_stream(up_req.body());
+            let idempotent = retry::is_idempotent(method_of(&t));
+            let mut resendable = idempotent && http_body::Body::is_end_stream(up_req.body());
+            // A small body of an idempotent request is read whole before the send, so that a
+            // stale connection or a retryable status can have it sent again.
+            if idempotent && !resendable && protocols.is_none() && reads_whole(route, &up_req) {
+                t.stage = Stage::RequestBody;
+                let read = tokio::select! {
+                    biased;
+                    reason = t.ctx.cancelled() => return cancelled(t, reason),
+                    read = up_req.body_mut().read_whole() => read,
+                };
+                if read.is_err() {
+                    if t.upload
+                        .too_large
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        let err = ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge);
+                        return fail(t, err);
+                    }
+                    // The body's failure cancelled the request, saying why.
+                    let reason = match t.ctx.check() {
+                        Err(c) => c.reason,
+                        Ok(()) => conn.cancel.fallback_reason(),
+                    };
+                    return cancelled(t, reason);
+                }
+                resendable = true;
+            }
             (Some(up_req), id_value, resendable, protocols.is_some())
         };
 
@@ -784,21 +810,33 @@ struct Replay {
     uri: Uri,
     version: Version,
     headers: http::HeaderMap,
+    /// The body, read whole; `None` for a request without one.
+    body: Option<request_body::Whole>,
 }
 
 impl Replay {
-    /// `Some` when the request has no body, so it can be rebuilt exactly.
+    /// `Some` when the request has no body, or one read whole, so it can be rebuilt exactly.
     fn of(req: &Request<RequestBody>) -> Option<Replay> {
-        http_body::Body::is_end_stream(req.body()).then(|| Replay {
+        let body = match req.body().whole() {
+            Some(whole) => Some(whole.clone()),
+            None if http_body::Body::is_end_stream(req.body()) => None,
+            None => return None,
+        };
+        Some(Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
             headers: req.headers().clone(),
+            body,
         })
     }
 
     fn build(&self) -> Request<RequestBody> {
-        let mut r = Request::new(RequestBody::empty());
+        let body = match &self.body {
+            Some(whole) => RequestBody::from_whole(whole.clone()),
+            None => RequestBody::empty(),
+        };
+        let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
         *r.uri_mut() = self.uri.clone();
         *r.version_mut() = self.version;
@@ -907,6 +945,20 @@ fn build_upstream_request(
         route.max_body_bytes.or(listener.limits.max_body_bytes),
     );
     Ok((Request::from_parts(parts, body), id_value))
+}
+
+/// Whether `req`'s body is read whole before it is sent: it declares a length within the
+/// route's `retry_body_bytes`, and the client does not wait to hear whether to send it
+/// (`Expect: 100-continue` lets the upstream answer first).
+fn reads_whole(route: &Route, req: &Request<RequestBody>) -> bool {
+    route.retry_body_bytes > 0
+        && http_body::Body::size_hint(req.body())
+            .exact()
+            .is_some_and(|n| n <= route.retry_body_bytes)
+        && !req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// The request id as a header value that shares the id's text.

@@ -53,6 +53,24 @@ pub struct RequestBody {
     progress: Arc<UploadProgress>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     limit: Option<u64>,
+    /// A body read whole before it is sent (so that it can be sent again), and what of it is
+    /// still to send.
+    whole: Option<Box<(Whole, WholeLeft)>>,
+}
+
+/// A request body read whole: its bytes and trailers. Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub struct Whole {
+    data: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+/// What of a [`Whole`] body is still to be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WholeLeft {
+    Data,
+    Trailers,
+    Nothing,
 }
 
 impl RequestBody {
@@ -72,6 +90,7 @@ impl RequestBody {
             progress,
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             limit,
+            whole: None,
         }
     }
 
@@ -83,7 +102,37 @@ impl RequestBody {
             progress: Arc::default(),
             idle: None,
             limit: None,
+            whole: None,
         }
+    }
+
+    /// A body read whole before: `whole` again.
+    pub fn from_whole(whole: Whole) -> Self {
+        RequestBody {
+            whole: Some(Box::new((whole, WholeLeft::Data))),
+            ..RequestBody::empty()
+        }
+    }
+
+    /// Reads the client's body to its end (its idle timeout, size limit and the client leaving
+    /// apply as when it streams) and keeps it, to be sent and sent again. `Err` when the body
+    /// failed: the request's context says why.
+    pub async fn read_whole(&mut self) -> Result<Whole, BoxError> {
+        use http_body_util::BodyExt;
+        let streaming = std::mem::replace(self, RequestBody::empty());
+        let collected = streaming.collect().await?;
+        let trailers = collected.trailers().cloned();
+        let whole = Whole {
+            data: collected.to_bytes(),
+            trailers,
+        };
+        *self = RequestBody::from_whole(whole.clone());
+        Ok(whole)
+    }
+
+    /// The body, when it was read whole.
+    pub fn whole(&self) -> Option<&Whole> {
+        self.whole.as_deref().map(|(w, _)| w)
     }
 }
 
@@ -96,6 +145,20 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if let Some(whole) = this.whole.as_deref_mut() {
+            let (body, left) = whole;
+            return Poll::Ready(match *left {
+                WholeLeft::Data => {
+                    *left = WholeLeft::Trailers;
+                    Some(Ok(Frame::data(body.data.clone())))
+                }
+                WholeLeft::Trailers => {
+                    *left = WholeLeft::Nothing;
+                    body.trailers.clone().map(|t| Ok(Frame::trailers(t)))
+                }
+                WholeLeft::Nothing => None,
+            });
+        }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
@@ -157,13 +220,22 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        match self.whole.as_deref() {
+            Some((w, left)) => match left {
+                WholeLeft::Data => w.data.is_empty() && w.trailers.is_none(),
+                WholeLeft::Trailers => w.trailers.is_none(),
+                WholeLeft::Nothing => true,
+            },
+            None => self.inner.as_ref().is_none_or(|b| b.is_end_stream()),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(b) => b.size_hint(),
-            None => SizeHint::with_exact(0),
+        match (self.whole.as_deref(), &self.inner) {
+            (Some((w, WholeLeft::Data)), _) => SizeHint::with_exact(w.data.len() as u64),
+            (Some(_), _) => SizeHint::with_exact(0),
+            (None, Some(b)) => b.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
         }
     }
 }

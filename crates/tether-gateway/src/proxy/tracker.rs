@@ -246,10 +246,11 @@ impl Tracker {
         let Some(sent) = self.sent_at else { return };
         let head = self.head_at.unwrap_or(now);
         let sent_end = if self.expects_body {
+            // A body read whole before the send ends with the send.
             self.upload
                 .completed_at
                 .get()
-                .copied()
+                .map(|&c| c.max(sent))
                 .filter(|&c| c <= head)
         } else {
             Some(sent)
