@@ -201,4 +201,15 @@ impl EventLog {
             })
             .collect()
     }
+
+    /// The length of every request body received whole, in order.
+    pub fn body_lengths(&self) -> Vec<u64> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e.kind {
+                EventKind::BodyComplete { len, .. } => Some(len),
+                _ => None,
+            })
+            .collect()
+    }
 }

@@ -296,15 +296,7 @@ async fn a_put_with_a_small_body_survives_the_race_too() {
         assert_eq!(whole.records, 1000);
         assert!(whole.reused > 100, "only {} reused", whole.reused);
         // Every body reached the upstream whole: 1,000 requests and their resends.
-        let bodies: Vec<u64> = up_whole
-            .log()
-            .events()
-            .into_iter()
-            .filter_map(|e| match e.kind {
-                EventKind::BodyComplete { len, .. } => Some(len),
-                _ => None,
-            })
-            .collect();
+        let bodies = up_whole.log().body_lengths();
         assert!(bodies.len() >= 1000 && bodies.iter().all(|&n| n == 5), "{bodies:?}");
     })
     .await;

@@ -71,15 +71,7 @@ async fn methods_and_head() {
                 ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"],
                 "{down:?}->{up:?}"
             );
-            let bodies: Vec<u64> = env
-                .log()
-                .events()
-                .into_iter()
-                .filter_map(|e| match e.kind {
-                    EventKind::BodyComplete { len, .. } => Some(len),
-                    _ => None,
-                })
-                .collect();
+            let bodies = env.log().body_lengths();
             assert_eq!(bodies, [0, 4, 4, 0, 0, 0], "{down:?}->{up:?}");
             env.stop().await;
         }
