@@ -412,7 +412,10 @@ pub struct FileRespond {
     pub status: Option<u16>,
     /// The body; default empty.
     pub body: Option<String>,
-    /// The body's type; default `text/plain; charset=utf-8`.
+    /// A file holding the body (UTF-8 text, at most 1 MiB), read when the configuration loads.
+    pub body_file: Option<String>,
+    /// The body's type; default `text/plain; charset=utf-8` (`text/html` for an `.html` file,
+    /// `application/json` for a `.json` one).
     pub content_type: Option<String>,
 }
 
@@ -775,7 +778,7 @@ fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, 
         .routes
         .iter()
         .enumerate()
-        .map(|(j, r)| route(&format!("{key}.routes[{j}]"), r))
+        .map(|(j, r)| route(&format!("{key}.routes[{j}]"), r, base))
         .collect::<Result<Vec<_>, _>>()?;
     let trusted_peers = networks(&format!("{key}.trusted_peers"), &l.trusted_peers)?;
     let mut cfg = ListenerConfig::new(address, routes);
@@ -904,6 +907,36 @@ fn limits(key: &str, l: &FileLimits) -> Result<ListenerLimits, KeyError> {
     Ok(cfg)
 }
 
+/// The largest `respond.body_file`.
+const MAX_BODY_FILE: u64 = 1024 * 1024;
+
+/// The text of a fixed response's `body_file` and the type its name suggests.
+fn body_file(base: &Path, file: &str) -> Result<(String, String), String> {
+    use std::io::Read;
+    let path = resolve(base, file);
+    let cannot = |e: &dyn fmt::Display| format!("cannot read {}: {e}", path.display());
+    let f = std::fs::File::open(&path).map_err(|e| cannot(&e))?;
+    let mut bytes = Vec::new();
+    f.take(MAX_BODY_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| cannot(&e))?;
+    if bytes.len() as u64 > MAX_BODY_FILE {
+        return Err(format!("{} is larger than 1 MiB", path.display()));
+    }
+    let text =
+        String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let ty = match ext.as_deref() {
+        Some("html" | "htm") => "text/html; charset=utf-8",
+        Some("json") => "application/json",
+        _ => "text/plain; charset=utf-8",
+    };
+    Ok((text, ty.to_owned()))
+}
+
 fn resolve(base: &Path, p: &str) -> PathBuf {
     let p = Path::new(p);
     if p.is_absolute() {
@@ -1025,7 +1058,7 @@ fn opt_timeout(
     }
 }
 
-fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
+fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError> {
     let defaults = RouteTimeouts::default();
     let connect = match &r.connect_timeout {
         None => defaults.connect,
@@ -1112,11 +1145,22 @@ fn route(key: &str, r: &FileRoute) -> Result<RouteConfig, KeyError> {
             Some(hash_key(Some(k)).map_err(|e| KeyError::new(format!("{key}.split_key"), e))?);
     }
     if let Some(rs) = &r.respond {
-        let mut respond = Respond::new(
-            rs.status.unwrap_or(200),
-            rs.body.clone().unwrap_or_default(),
-        );
-        if let Some(ct) = &rs.content_type {
+        let (body, file_type) = match (&rs.body, &rs.body_file) {
+            (Some(_), Some(_)) => {
+                return Err(KeyError::new(
+                    format!("{key}.respond.body_file"),
+                    "a fixed response has a body or a body_file, not both",
+                ));
+            }
+            (None, Some(file)) => {
+                let (body, ty) = body_file(base, file)
+                    .map_err(|e| KeyError::new(format!("{key}.respond.body_file"), e))?;
+                (body, Some(ty))
+            }
+            (body, None) => (body.clone().unwrap_or_default(), None),
+        };
+        let mut respond = Respond::new(rs.status.unwrap_or(200), body);
+        if let Some(ct) = rs.content_type.as_ref().or(file_type.as_ref()) {
             respond.content_type = ct.clone();
         }
         cfg.respond = Some(respond);

@@ -847,6 +847,51 @@ fn split_routes_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn a_fixed_response_body_comes_from_a_file_beside_the_config() {
+    let dir = std::env::temp_dir().join(format!("tether-body-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("maintenance.html"), "<h1>back soon</h1>").unwrap();
+    std::fs::write(dir.join("big.txt"), vec![b'x'; 1024 * 1024 + 1]).unwrap();
+    std::fs::write(dir.join("binary.txt"), [0xff, 0xfe]).unwrap();
+    let with = |respond: &str| {
+        GOOD.replace(
+            "  [[listeners.routes]]\n  upstream = \"app\"\n  name = \"fallback\"\n",
+            &format!("  [[listeners.routes]]\n  respond = {{ {respond} }}\n"),
+        )
+    };
+    let cfg = parse(
+        &with("status = 503, body_file = \"maintenance.html\""),
+        &dir,
+    )
+    .unwrap();
+    let r = cfg.config.listeners[0].routes[1].respond.clone().unwrap();
+    assert_eq!(
+        (r.status, r.body.as_str(), r.content_type.as_str()),
+        (503, "<h1>back soon</h1>", "text/html; charset=utf-8")
+    );
+    // A type given wins over the file's name.
+    let cfg = parse(
+        &with("body_file = \"maintenance.html\", content_type = \"text/plain\""),
+        &dir,
+    )
+    .unwrap();
+    let r = cfg.config.listeners[0].routes[1].respond.clone().unwrap();
+    assert_eq!(r.content_type, "text/plain");
+    let key = "listeners[0].routes[1].respond.body_file";
+    for (respond, why) in [
+        ("body_file = \"missing.html\"", "cannot read"),
+        ("body_file = \"big.txt\"", "larger than 1 MiB"),
+        ("body_file = \"binary.txt\"", "not UTF-8"),
+        ("body = \"x\", body_file = \"maintenance.html\"", "not both"),
+    ] {
+        let e = parse(&with(respond), &dir).unwrap_err();
+        assert_eq!(e.key, key, "{e:?}");
+        assert!(e.message.contains(why), "{e:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn respond_routes_convert_and_bad_ones_name_their_key() {
     let with = |route: &str| {
         GOOD.replace(
