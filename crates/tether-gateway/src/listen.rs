@@ -130,10 +130,71 @@ pub struct ListenerShared {
     pub dead_peer: crate::config::DeadPeerConfig,
     /// Limits.
     pub limits: crate::config::ListenerLimits,
-    /// Open connections, when limited; shared by every worker.
-    pub conn_limit: Option<Arc<Semaphore>>,
+    /// Open connections, when limited; shared by every worker and kept across reloads.
+    pub conn_limit: Option<Arc<ConnLimit>>,
     /// Every connection starts with a PROXY protocol header naming the client.
     pub proxy_protocol: bool,
+}
+
+/// A listener's `max_connections`: one permit per open connection. A reload resizes it rather
+/// than replacing it, so that the connections already open count against the new limit.
+#[derive(Debug)]
+pub struct ConnLimit {
+    permits: Arc<Semaphore>,
+    /// The configured limit.
+    max: std::sync::atomic::AtomicUsize,
+    /// Permits still to withdraw after the limit was lowered below what is in use: each one
+    /// returned by a closing connection is withdrawn until none is owed.
+    owed: std::sync::atomic::AtomicUsize,
+}
+
+impl ConnLimit {
+    /// A limit of `max` connections.
+    pub fn new(max: usize) -> Arc<ConnLimit> {
+        Arc::new(ConnLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max: max.into(),
+            owed: 0.into(),
+        })
+    }
+
+    /// Changes the limit to `max`, the open connections counting against it.
+    pub fn resize(&self, max: usize) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let was = self.max.swap(max, AcqRel);
+        if max > was {
+            // Raising first forgives what is owed.
+            let more = max - was;
+            let forgiven = match self
+                .owed
+                .fetch_update(AcqRel, Acquire, |o| Some(o.saturating_sub(more)))
+            {
+                Ok(o) | Err(o) => o.min(more),
+            };
+            self.permits.add_permits(more - forgiven);
+        } else if max < was {
+            let less = was - max;
+            let withdrawn = self.permits.forget_permits(less);
+            self.owed.fetch_add(less - withdrawn, AcqRel);
+        }
+    }
+
+    /// A permit for one more connection, once there is room.
+    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        loop {
+            let permit = self.permits.clone().acquire_owned().await?;
+            if self
+                .owed
+                .fetch_update(AcqRel, Acquire, |o| o.checked_sub(1))
+                .is_ok()
+            {
+                permit.forget();
+                continue;
+            }
+            return Ok(permit);
+        }
+    }
 }
 
 impl ListenerShared {
@@ -350,13 +411,15 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
     for (index, l) in config.listeners.iter().enumerate() {
         let kept = previous
             .and_then(|p| p.listeners.get(index))
-            .filter(|old| old.limits.max_connections == l.limits.max_connections)
             .and_then(|old| old.conn_limit.clone());
-        let conn_limit = kept.or_else(|| {
-            l.limits
-                .max_connections
-                .map(|n| Arc::new(Semaphore::new(n.get())))
-        });
+        let conn_limit = match (kept, l.limits.max_connections) {
+            (Some(limit), Some(n)) => {
+                limit.resize(n.get());
+                Some(limit)
+            }
+            (None, Some(n)) => Some(ConnLimit::new(n.get())),
+            (_, None) => None,
+        };
         listeners.push(Arc::new(ListenerShared {
             router: Router::reloaded(
                 &l.routes,
@@ -820,7 +883,7 @@ async fn accept_loop(listener: TcpListener, slot: Slot, index: usize, stop: Canc
             Some(limit) => tokio::select! {
                 biased;
                 _ = stop.cancelled() => return,
-                p = limit.acquire_owned() => match p {
+                p = limit.acquire() => match p {
                     Ok(p) => Some(p),
                     Err(_) => return,
                 },
@@ -947,4 +1010,33 @@ fn start_admin(
     })
     .map_err(StartError::Thread)?;
     Ok((addr, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_limit_resized_below_its_use_withdraws_what_comes_back() {
+        let limit = ConnLimit::new(2);
+        let (a, b) = (
+            limit.acquire().await.unwrap(),
+            limit.acquire().await.unwrap(),
+        );
+        limit.resize(1);
+        drop(a);
+        // The permit `a` gave back was owed: still no room while `b` is open.
+        let more = tokio::time::timeout(Duration::from_millis(50), limit.acquire()).await;
+        assert!(more.is_err());
+        drop(b);
+        let c = limit.acquire().await.unwrap();
+        assert_eq!(limit.permits.available_permits(), 0);
+        // Lowered and raised again before anything came back: nothing is owed any more.
+        limit.resize(0);
+        limit.resize(1);
+        drop(c);
+        assert_eq!(limit.permits.available_permits(), 1);
+        limit.resize(3);
+        assert_eq!(limit.permits.available_permits(), 3);
+    }
 }

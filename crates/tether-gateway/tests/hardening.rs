@@ -251,6 +251,42 @@ async fn connection_limit_stops_accepting_until_one_closes() {
     env.stop().await;
 }
 
+/// A reload that changes `max_connections` counts the connections already open: lowered below
+/// them, no new connection is served until enough have closed; raised, new ones are served at
+/// once.
+#[tokio::test]
+async fn a_reload_changing_the_connection_limit_counts_the_open_connections() {
+    let mut env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(vec![("/", Behavior::ok("hi"))]),
+        |c| c.listeners[0].limits.max_connections = NonZeroUsize::new(2),
+    )
+    .await;
+    let served = async |c: &mut H1Client| {
+        c.send_request("GET", "/", &[], None, b"").await.unwrap();
+        tokio::time::timeout(Duration::from_millis(300), c.read_final_head())
+            .await
+            .is_ok_and(|h| h.is_ok_and(|h| h.status == 200))
+    };
+    let mut a = H1Client::connect(env.addr).await.unwrap();
+    let mut b = H1Client::connect(env.addr).await.unwrap();
+    assert!(served(&mut a).await && served(&mut b).await);
+    env.reload(|c| c.listeners[0].limits.max_connections = NonZeroUsize::new(1));
+    drop(a);
+    // `b` is still open, and the limit is 1 now.
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    assert!(!served(&mut c).await, "served beyond the lowered limit");
+    drop(b);
+    let head = bounded(BOUND, c.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    env.reload(|c| c.listeners[0].limits.max_connections = NonZeroUsize::new(3));
+    let mut d = H1Client::connect(env.addr).await.unwrap();
+    let mut e = H1Client::connect(env.addr).await.unwrap();
+    assert!(served(&mut d).await && served(&mut e).await);
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn slow_head_is_closed_after_the_header_read_timeout() {
     let env = Env::with(
