@@ -16,6 +16,9 @@ use tokio::net::TcpStream;
 /// (at most 216) and its TLVs, which load balancers keep short.
 const MAX_HEADER: usize = 4096;
 
+/// The longest v1 header, its line end included.
+const V1_MAX: usize = 107;
+
 /// Why a connection's PROXY protocol header was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
@@ -44,8 +47,17 @@ pub async fn read(tcp: &mut TcpStream) -> Result<Option<SocketAddr>, HeaderError
                 std::io::ErrorKind::UnexpectedEof.into(),
             ));
         }
-        let header = HeaderResult::parse(&buf[..n]);
-        if header.is_incomplete() {
+        let seen = &buf[..n];
+        // A v1 header is one line: until its end has arrived, a part of it can read as a
+        // wrong one ("... 5555 " has no destination port yet), so it is not parsed before.
+        let v1_unfinished = seen.starts_with(b"PROXY") && !seen.windows(2).any(|w| w == b"\r\n");
+        if v1_unfinished && n >= V1_MAX {
+            return Err(HeaderError::Invalid(format!(
+                "no end of line within {V1_MAX} bytes"
+            )));
+        }
+        let header = HeaderResult::parse(seen);
+        if v1_unfinished || header.is_incomplete() {
             if n == buf.len() {
                 return Err(HeaderError::TooLong);
             }
@@ -153,7 +165,7 @@ mod tests {
             (v2(v2::Command::Proxy, (v6, to6)), Some(v6)),
             (v2(v2::Command::Local, (client, to)), None),
         ] {
-            for chunk in [1, 7, 4096] {
+            for chunk in [1, 7, 35, 4096] {
                 let (got, rest) = read_sent(with_rest(sent.clone()), chunk).await;
                 assert_eq!(got, Ok(want), "{sent:?} in pieces of {chunk}");
                 assert_eq!(rest, b"GET / HTTP/1.1\r\n");
@@ -176,5 +188,13 @@ mod tests {
         assert_eq!(got, Err("never complete".to_owned()));
         let (got, _) = read_sent(vec![b'P'; 10_000], 4096).await;
         assert!(got.is_err(), "{got:?}");
+        // A v1 line that does not end where the longest one must.
+        let mut long = b"PROXY TCP4 192.0.2.7 10.0.0.1 5555 80".to_vec();
+        long.extend_from_slice(&[b' '; 100]);
+        let (got, _) = read_sent(long, 4096).await;
+        assert_eq!(
+            got,
+            Err("not a PROXY protocol header: no end of line within 107 bytes".to_owned())
+        );
     }
 }
