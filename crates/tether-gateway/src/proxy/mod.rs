@@ -522,7 +522,16 @@ fn proxy<'a>(
                     t.head_at = Some(head_at);
                     break (r, pool, ep_idx);
                 }
-                Head::Cancelled(reason) => return cancelled(t, reason),
+                Head::Cancelled(reason) => {
+                    // The exchange was dropped with the wait: its upstream connection's task
+                    // (closing an HTTP/1 socket, resetting an HTTP/2 stream) is woken. It runs
+                    // first, before this task writes the answer and tidies the client's
+                    // connection up, so the upstream hears of the abort a few system calls
+                    // sooner.
+                    drop(pool);
+                    tokio::task::yield_now().await;
+                    return cancelled(t, reason);
+                }
                 Head::Failed(_, _)
                     if t.upload
                         .too_large
