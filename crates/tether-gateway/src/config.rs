@@ -1089,14 +1089,8 @@ impl Config {
                     ),
                 ));
             }
-            if let Balance::Hash(HashKey::Header(name) | HashKey::Cookie(name)) = &u.balance
-                && (name.is_empty()
-                    || http::header::HeaderName::from_bytes(name.as_bytes()).is_err())
-            {
-                return Err(ConfigError::new(
-                    format!("{key}.hash_key"),
-                    format!("{name:?} is not a valid header or cookie name"),
-                ));
+            if let Balance::Hash(k) = &u.balance {
+                validate_hash_key(&format!("{key}.hash_key"), k)?;
             }
             if let Some(j) = u
                 .fail_statuses
@@ -1188,13 +1182,8 @@ impl Config {
                             ));
                         }
                     }
-                    if let Some(HashKey::Header(name)) = &r.split_key
-                        && http::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-                    {
-                        return Err(ConfigError::new(
-                            format!("{rkey}.split_key"),
-                            format!("{name:?} is not a header name"),
-                        ));
+                    if let Some(k) = &r.split_key {
+                        validate_hash_key(&format!("{rkey}.split_key"), k)?;
                     }
                     if r.split.iter().all(|t| t.weight == 0) {
                         return Err(ConfigError::new(
@@ -1360,12 +1349,25 @@ fn validate_rate_limit(key: &str, rl: &RateLimit) -> Result<(), ConfigError> {
             "must be at most 1000000",
         ));
     }
-    if let Some(HashKey::Header(name)) = &rl.key
-        && http::header::HeaderName::from_bytes(name.as_bytes()).is_err()
-    {
+    if let Some(k) = &rl.key {
+        validate_hash_key(&format!("{key}.key"), k)?;
+    }
+    Ok(())
+}
+
+/// A hashed key's header or cookie name must be a token (the characters of a header name);
+/// an empty or malformed one would key nothing. One check for every place a key is named
+/// (an upstream's `hash_key`, a split's `split_key`, a rate limit's `key`).
+fn validate_hash_key(key: &str, k: &HashKey) -> Result<(), ConfigError> {
+    let (name, what) = match k {
+        HashKey::Header(name) => (name, "header"),
+        HashKey::Cookie(name) => (name, "cookie"),
+        HashKey::ClientIp | HashKey::Path => return Ok(()),
+    };
+    if http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
         return Err(ConfigError::new(
-            format!("{key}.key"),
-            format!("{name:?} is not a header name"),
+            key,
+            format!("{name:?} is not a {what} name"),
         ));
     }
     Ok(())

@@ -802,6 +802,11 @@ fn split_routes_convert_and_bad_ones_name_their_key() {
             "not a header name",
         ),
         (
+            format!("{two}\n  split_key = \"cookie:\""),
+            "split_key",
+            "not a cookie name",
+        ),
+        (
             "  upstream = \"app\"\n  split_key = \"client_ip\"".to_owned(),
             "split_key",
             "has no split",
