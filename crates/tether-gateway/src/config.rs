@@ -418,16 +418,10 @@ impl AccessLogMode {
     }
 }
 
-/// Where request id `id` falls in 0..1 000 000: FNV-1a over its bytes, then a splitmix64
-/// finish so that ids differing in one digit land far apart.
+/// Where request id `id` falls in 0..1 000 000, by the stable hash that keys balancing: the same
+/// in every tether.
 fn sample_point(id: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.bytes() {
-        h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (h ^ (h >> 31)) % 1_000_000
+    crate::upstream::balance::stable_hash(id.as_bytes()) % 1_000_000
 }
 
 /// The default [`RouteConfig::retry_body_bytes`].
