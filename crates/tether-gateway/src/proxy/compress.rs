@@ -252,21 +252,9 @@ impl Compressing {
             return Ok(Vec::new());
         };
         match encoder {
-            Encoder::Gzip(e) => {
-                e.write_all(data)?;
-                e.flush()?;
-                Ok(std::mem::take(e.get_mut()))
-            }
-            Encoder::Brotli(e) => {
-                e.write_all(data)?;
-                e.flush()?;
-                Ok(std::mem::take(e.get_mut()))
-            }
-            Encoder::Zstd(e) => {
-                e.write_all(data)?;
-                e.flush()?;
-                Ok(std::mem::take(e.get_mut()))
-            }
+            Encoder::Gzip(e) => flushed(e, data, flate2::write::GzEncoder::get_mut),
+            Encoder::Brotli(e) => flushed(&mut **e, data, brotli::CompressorWriter::get_mut),
+            Encoder::Zstd(e) => flushed(&mut **e, data, zstd::stream::write::Encoder::get_mut),
         }
     }
 
@@ -279,6 +267,18 @@ impl Compressing {
             Some(Encoder::Zstd(e)) => e.finish(),
         }
     }
+}
+
+/// `data` through encoder `e`, flushed, and the compressed bytes taken from the buffer
+/// `output` reaches inside it.
+fn flushed<W: Write>(
+    e: &mut W,
+    data: &[u8],
+    output: fn(&mut W) -> &mut Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    e.write_all(data)?;
+    e.flush()?;
+    Ok(std::mem::take(output(e)))
 }
 
 #[cfg(test)]
