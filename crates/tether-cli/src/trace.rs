@@ -27,7 +27,7 @@ use rustls_pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use tether_gateway::config::{UpstreamAddress, UpstreamProtocol, UpstreamTls};
 use tether_gateway::upstream::connect::{
-    Connector, HAPPY_EYEBALLS_STAGGER, UpstreamIo, interleave, race_reporting,
+    Connector, HAPPY_EYEBALLS_STAGGER, UpstreamIo, interleave, race,
 };
 use tether_gateway::upstream::dns::{DnsConfig, Resolver};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -464,7 +464,7 @@ async fn run_stages(
     let s = Instant::now();
     let raced = tokio::time::timeout(
         args.connect_timeout,
-        race_reporting(candidates.clone(), HAPPY_EYEBALLS_STAGGER),
+        race(candidates.clone(), HAPPY_EYEBALLS_STAGGER),
     )
     .await;
     let report = match raced {

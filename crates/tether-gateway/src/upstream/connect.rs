@@ -480,7 +480,7 @@ impl Connector {
         if several {
             candidates = crate::lock(&self.spread).order(candidates, racing);
         }
-        let report = race_reporting(candidates, HAPPY_EYEBALLS_STAGGER).await;
+        let report = race(candidates, HAPPY_EYEBALLS_STAGGER).await;
         let Some((tcp, peer)) = report.winner else {
             return Err(race_error(addr, report.failures));
         };
@@ -606,17 +606,6 @@ pub fn interleave(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 
 type Attempt = (SocketAddr, io::Result<TcpStream>);
 
-/// Happy Eyeballs (RFC 8305): start a connection attempt, start the next one if it has not
-/// succeeded after `stagger` (or at once if it failed), first to connect wins. The losers are
-/// aborted, which closes their sockets. When every candidate fails, each one's error is returned.
-pub async fn race(
-    candidates: Vec<SocketAddr>,
-    stagger: Duration,
-) -> Result<(TcpStream, SocketAddr), Vec<(SocketAddr, io::Error)>> {
-    let r = race_reporting(candidates, stagger).await;
-    r.winner.ok_or(r.failures)
-}
-
 /// What a race did: the winner, if any, and every candidate that failed before the end.
 #[derive(Debug)]
 pub struct RaceReport {
@@ -628,8 +617,12 @@ pub struct RaceReport {
     pub abandoned: Vec<SocketAddr>,
 }
 
-/// [`race`], also reporting the candidates that lost (for `tether trace`).
-pub async fn race_reporting(candidates: Vec<SocketAddr>, stagger: Duration) -> RaceReport {
+/// Happy Eyeballs (RFC 8305): start a connection attempt, start the next one if it has not
+/// succeeded after `stagger` (or at once if it failed), first to connect wins. The losers are
+/// aborted, which closes their sockets. The report names the winner and every candidate that
+/// lost (each failure's error; the attempts abandoned), for the connector's memory of losers
+/// and for `tether trace`.
+pub async fn race(candidates: Vec<SocketAddr>, stagger: Duration) -> RaceReport {
     let mut pending = candidates.into_iter();
     let mut attempts: tokio::task::JoinSet<Attempt> = tokio::task::JoinSet::new();
     let mut started = Vec::new();
@@ -838,11 +831,12 @@ mod tests {
         };
         let (_, peer) = race(vec![dead, live_addr], HAPPY_EYEBALLS_STAGGER)
             .await
+            .winner
             .unwrap();
         assert_eq!(peer, live_addr);
-        let failures = race(vec![dead, dead], HAPPY_EYEBALLS_STAGGER)
-            .await
-            .unwrap_err();
+        let lost = race(vec![dead, dead], HAPPY_EYEBALLS_STAGGER).await;
+        assert!(lost.winner.is_none());
+        let failures = lost.failures;
         assert_eq!(failures.len(), 2);
         assert!(
             failures
