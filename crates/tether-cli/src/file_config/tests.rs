@@ -522,9 +522,12 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
             &format!("  max_retries = 0\n  rate_limit = {{ {rl} }}\n"),
         )
     };
-    let cfg = parse(&with("requests = 100"), Path::new(".")).unwrap();
+    let limit = |settings: &str| {
+        let cfg = parse(&with(settings), Path::new(".")).unwrap();
+        cfg.config.listeners[0].routes[1].rate_limit.clone()
+    };
     assert_eq!(
-        cfg.config.listeners[0].routes[1].rate_limit,
+        limit("requests = 100"),
         Some(RateLimit {
             requests: 100,
             per: Duration::from_secs(1),
@@ -532,25 +535,9 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
             key: None,
         })
     );
-    let cfg = parse(
-        &with("requests = 5, per = \"1m\", burst = 10"),
-        Path::new("."),
-    )
-    .unwrap();
-    let rl = cfg.config.listeners[0].routes[1]
-        .rate_limit
-        .clone()
-        .unwrap();
+    let rl = limit("requests = 5, per = \"1m\", burst = 10").unwrap();
     assert_eq!((rl.per, rl.burst), (Duration::from_secs(60), 10));
-    let cfg = parse(
-        &with("requests = 5, key = \"header:X-Api-Key\""),
-        Path::new("."),
-    )
-    .unwrap();
-    let rl = cfg.config.listeners[0].routes[1]
-        .rate_limit
-        .clone()
-        .unwrap();
+    let rl = limit("requests = 5, key = \"header:X-Api-Key\"").unwrap();
     assert_eq!(rl.key, Some(HashKey::Header("x-api-key".into())));
     for (bad, key, why) in [
         (
