@@ -419,7 +419,7 @@ pub struct FileRespond {
     pub content_type: Option<String>,
 }
 
-/// `rate_limit = { requests, per, burst }` of a route.
+/// `rate_limit = { requests, per, burst, queue, key }` of a route.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileRateLimit {
@@ -429,6 +429,8 @@ pub struct FileRateLimit {
     pub per: Option<String>,
     /// Requests allowed at once beyond the steady rate; default 0.
     pub burst: Option<u32>,
+    /// Requests beyond `burst` that wait for their turn; default 0.
+    pub queue: Option<u32>,
     /// What requests are counted by: `client_ip` (the default), `header:NAME`, `cookie:NAME`
     /// or `path`.
     pub key: Option<String>,
@@ -1254,6 +1256,7 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
             requests: rl.requests,
             per,
             burst: rl.burst.unwrap_or(0),
+            queue: rl.queue.unwrap_or(0),
             key: counted_by,
         });
     }

@@ -1,6 +1,7 @@
 //! Admission: how much work the gateway takes on. Connections per listener, requests in flight
 //! per route (beyond it: 503 with `Retry-After`, stage `admission`), requests per client and route
-//! over time (beyond it: 429 with `Retry-After`), and the budget of HTTP/2 stream resets a client
+//! over time (beyond it: a wait for the client's turn, up to the limit's `queue`, then 429 with
+//! `Retry-After`), and the budget of HTTP/2 stream resets a client
 //! may spend per connection.
 
 use std::collections::HashMap;
@@ -109,13 +110,16 @@ impl ResetBucket {
 /// Requests per client over time for one route, shared by every worker: the generic cell rate
 /// algorithm (a token bucket kept as one time per client). Each client has a theoretical
 /// arrival time; a request is allowed when that time is no more than `burst` intervals ahead of
-/// now, and moves it one interval on.
+/// now, and moves it one interval on. Up to `queue` intervals further ahead, a request takes
+/// the next slot and waits for it.
 #[derive(Debug)]
 pub struct RateLimiter {
     /// Nanoseconds between requests at the steady rate.
     interval: u64,
     /// How far ahead of now a client's arrival time may run (`burst` intervals).
     tolerance: u64,
+    /// How much further ahead a request may still be queued (`queue` intervals).
+    queue: u64,
     origin: Instant,
     /// Client → theoretical arrival time (nanoseconds after `origin`), split to keep workers
     /// from waiting on one lock.
@@ -132,7 +136,7 @@ const RATE_SHARDS: usize = 16;
 impl RateLimiter {
     /// A limiter for `limit`.
     pub fn new(limit: &RateLimit) -> Arc<RateLimiter> {
-        let (interval, tolerance) = Self::timing(limit);
+        let (interval, tolerance, queue) = Self::timing(limit);
         // Counting by the client's address needs no key of its own.
         let configured = limit
             .key
@@ -141,6 +145,7 @@ impl RateLimiter {
         Arc::new(RateLimiter {
             interval,
             tolerance,
+            queue,
             origin: Instant::now(),
             shards: (0..RATE_SHARDS).map(|_| Mutex::default()).collect(),
             per_shard: RATE_LIMIT_CLIENTS / RATE_SHARDS,
@@ -166,11 +171,15 @@ impl RateLimiter {
         }
     }
 
-    /// The interval and tolerance of `limit`, in nanoseconds.
-    fn timing(limit: &RateLimit) -> (u64, u64) {
+    /// The interval, tolerance and queue span of `limit`, in nanoseconds.
+    fn timing(limit: &RateLimit) -> (u64, u64, u64) {
         let per = u64::try_from(limit.per.as_nanos()).unwrap_or(u64::MAX);
         let interval = (per / u64::from(limit.requests.max(1))).max(1);
-        (interval, interval.saturating_mul(u64::from(limit.burst)))
+        (
+            interval,
+            interval.saturating_mul(u64::from(limit.burst)),
+            interval.saturating_mul(u64::from(limit.queue)),
+        )
     }
 
     /// Whether this limiter enforces `limit`: a reload that leaves a route's limit as it was
@@ -180,23 +189,30 @@ impl RateLimiter {
             .key
             .as_ref()
             .filter(|k| **k != crate::config::HashKey::ClientIp);
-        Self::timing(limit) == (self.interval, self.tolerance) && key == self.configured.as_ref()
+        Self::timing(limit) == (self.interval, self.tolerance, self.queue)
+            && key == self.configured.as_ref()
     }
 
-    /// Counts a request of `client` at `now`: `Err` with how long until it would be allowed.
-    pub fn check(&self, client: u128, now: Instant) -> Result<(), Duration> {
-        let now = u64::try_from(now.saturating_duration_since(self.origin).as_nanos())
-            .unwrap_or(u64::MAX);
+    /// The table `client` is kept in.
+    fn shard(&self, client: u128) -> std::sync::MutexGuard<'_, HashMap<u128, u64>> {
         // Fibonacci hashing of both halves: neighbouring addresses spread over the shards.
         let mix = (client as u64 ^ (client >> 64) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let shard = &self.shards[(mix >> 60) as usize % RATE_SHARDS];
-        let mut clients = shard
+        self.shards[(mix >> 60) as usize % RATE_SHARDS]
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a request of `client` at `now`: `Ok` with how long it must wait for its slot
+    /// (zero: none; more only with a queue), `Err` with how long until it would be taken.
+    pub fn check(&self, client: u128, now: Instant) -> Result<Duration, Duration> {
+        let now = u64::try_from(now.saturating_duration_since(self.origin).as_nanos())
+            .unwrap_or(u64::MAX);
+        let mut clients = self.shard(client);
         let tat = clients.get(&client).map_or(now, |&t| t.max(now));
         let ahead = tat - now;
-        if ahead > self.tolerance {
-            return Err(Duration::from_nanos(ahead - self.tolerance));
+        let room = self.tolerance.saturating_add(self.queue);
+        if ahead > room {
+            return Err(Duration::from_nanos(ahead - room));
         }
         let next = tat.saturating_add(self.interval);
         if clients.len() >= self.per_shard && !clients.contains_key(&client) {
@@ -216,7 +232,15 @@ impl RateLimiter {
             }
         }
         clients.insert(client, next);
-        Ok(())
+        Ok(Duration::from_nanos(ahead.saturating_sub(self.tolerance)))
+    }
+
+    /// A request of `client` that took a slot will not use it (its client left while it waited
+    /// its turn): the client's next request may come one interval sooner.
+    fn give_back(&self, client: u128) {
+        if let Some(t) = self.shard(client).get_mut(&client) {
+            *t = t.saturating_sub(self.interval);
+        }
     }
 
     /// Clients tracked now.
@@ -329,12 +353,48 @@ impl From<ProxyError> for Refusal {
     }
 }
 
+/// A request over its client's rate that took a later slot (the limit's `queue`) and must wait
+/// for it before anything else is done for it.
+#[derive(Debug)]
+pub struct Turn {
+    limiter: Arc<RateLimiter>,
+    client: u128,
+    /// How long until the slot.
+    pub wait: Duration,
+}
+
+impl Turn {
+    /// The request will not use its slot (its client left, or its deadline comes first).
+    pub fn give_back(self) {
+        self.limiter.give_back(self.client);
+    }
+
+    /// The request cannot wait for its slot: its deadline comes first. The slot is given back
+    /// and the client answered 429, told to come back once its wait is over.
+    pub fn refuse(self, t: &mut Tracker, route: &Route) -> Refusal {
+        let wait = self.wait;
+        self.give_back();
+        rate_limited(t, route, wait)
+    }
+}
+
+fn rate_limited(t: &mut Tracker, route: &Route, wait: Duration) -> Refusal {
+    t.stage = Stage::Admission;
+    t.metrics().rate_limited(&route.name);
+    Refusal {
+        error: ProxyError::downstream(Stage::Admission, ErrorKind::RateLimited),
+        // Whole seconds, rounded up: a client that waits that long is let in.
+        retry_after: Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
+    }
+}
+
 /// Checks a routed request against the route's client rules, its body limit (its own or its
 /// listener's), its rate limit for the client (`peer`, `trusted` as [`client_key`] takes them)
-/// and its in-flight limit. On success the in-flight permit is stored in the tracker (released
-/// when the request ends); otherwise why not: 403 for a client the route does not serve, 413
-/// for a declared body over the limit, 429 for a client over its rate, 503 (with `Retry-After`)
-/// when the route is full.
+/// and its in-flight limit. `Ok` when it may go on: at once, or after waiting its [`Turn`]
+/// (then [`admit_in_flight`] is left for after the wait); the in-flight permit is stored in the
+/// tracker (released when the request ends). Otherwise why not: 403 for a client the route
+/// does not serve, 413 for a declared body over the limit, 429 for a client over its rate, 503
+/// (with `Retry-After`) when the route is full.
 pub fn admit(
     route: &Route,
     listener: &ListenerShared,
@@ -342,7 +402,7 @@ pub fn admit(
     peer: IpAddr,
     trusted: bool,
     t: &mut Tracker,
-) -> Option<Refusal> {
+) -> Result<Option<Turn>, Refusal> {
     // Who the client is, looked for (an `X-Forwarded-For` walk) once, and only when a rule
     // asks.
     let client = (route.access.is_some() || route.rate_limit.is_some())
@@ -352,7 +412,7 @@ pub fn admit(
     {
         t.stage = Stage::Admission;
         t.metrics().client_denied(&route.name);
-        return Some(ProxyError::downstream(Stage::Admission, ErrorKind::Forbidden).into());
+        return Err(ProxyError::downstream(Stage::Admission, ErrorKind::Forbidden).into());
     }
     if let Some(max) = route.max_body_bytes.or(listener.limits.max_body_bytes)
         && http_body::Body::size_hint(req.body())
@@ -360,29 +420,38 @@ pub fn admit(
             .is_some_and(|len| len > max)
     {
         t.stage = Stage::RequestBody;
-        return Some(ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge).into());
+        return Err(ProxyError::downstream(Stage::RequestBody, ErrorKind::TooLarge).into());
     }
-    if let (Some(limiter), Some(client)) = (&route.rate_limit, client)
-        && let Err(wait) = limiter.check(limiter.counted(req, client), Instant::now())
-    {
-        t.stage = Stage::Admission;
-        t.metrics().rate_limited(&route.name);
-        return Some(Refusal {
-            error: ProxyError::downstream(Stage::Admission, ErrorKind::RateLimited),
-            // Whole seconds, rounded up: a client that waits that long is let in.
-            retry_after: Some(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)),
-        });
+    if let (Some(limiter), Some(client)) = (&route.rate_limit, client) {
+        let counted = limiter.counted(req, client);
+        match limiter.check(counted, Instant::now()) {
+            Err(wait) => return Err(rate_limited(t, route, wait)),
+            Ok(wait) if !wait.is_zero() => {
+                // The route's in-flight limit is for requests being worked on, not waiting.
+                return Ok(Some(Turn {
+                    limiter: Arc::clone(limiter),
+                    client: counted,
+                    wait,
+                }));
+            }
+            Ok(_) => {}
+        }
     }
+    admit_in_flight(route, t).map(|()| None)
+}
+
+/// Takes a place under the route's in-flight limit, if it has one: 503 when it is full.
+pub fn admit_in_flight(route: &Route, t: &mut Tracker) -> Result<(), Refusal> {
     if let Some(limit) = &route.in_flight {
         match limit.try_acquire() {
             Some(p) => t.admission = Some(p),
             None => {
                 t.stage = Stage::Admission;
-                return Some(ProxyError::gateway(Stage::Admission, ErrorKind::Overloaded).into());
+                return Err(ProxyError::gateway(Stage::Admission, ErrorKind::Overloaded).into());
             }
         }
     }
-    None
+    Ok(())
 }
 
 /// How long an HTTP/2 connection told to go away for abuse may take to finish its streams
@@ -408,6 +477,7 @@ mod tests {
             requests,
             per: Duration::from_secs(per_secs),
             burst,
+            queue: 0,
             key: None,
         })
     }
@@ -419,6 +489,7 @@ mod tests {
             requests: 1,
             per: Duration::from_secs(1),
             burst: 0,
+            queue: 0,
             key: Some(HashKey::Header("x-api-key".into())),
         };
         let l = RateLimiter::new(&limit);
@@ -454,6 +525,30 @@ mod tests {
             assert!(l.check(7, later).is_ok());
         }
         assert!(l.check(7, later).is_err());
+    }
+
+    #[test]
+    fn a_queue_takes_the_next_slots_and_a_slot_given_back_is_free_again() {
+        // 2 a second (500 ms apart), one at once beyond the rate, two more waiting their turn.
+        let l = RateLimiter::new(&RateLimit {
+            requests: 2,
+            per: Duration::from_secs(1),
+            burst: 1,
+            queue: 2,
+            key: None,
+        });
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(l.check(7, t0), Ok(Duration::ZERO));
+        assert_eq!(l.check(7, t0), Ok(Duration::ZERO));
+        assert_eq!(l.check(7, t0), Ok(ms(500)));
+        assert_eq!(l.check(7, t0 + ms(100)), Ok(ms(900)));
+        // The queue is full: refused, told when a place in it comes free.
+        assert_eq!(l.check(7, t0 + ms(100)), Err(ms(400)));
+        // A waiting request's client left: its slot goes to the next request.
+        l.give_back(7);
+        assert_eq!(l.check(7, t0 + ms(100)), Ok(ms(900)));
+        assert!(l.check(7, t0 + ms(100)).is_err());
     }
 
     #[test]

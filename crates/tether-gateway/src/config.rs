@@ -740,6 +740,9 @@ pub struct RateLimit {
     pub per: Duration,
     /// Requests allowed at once beyond the steady rate.
     pub burst: u32,
+    /// Requests beyond `burst` that wait for their turn at the steady rate instead of being
+    /// refused (nginx's `limit_req` `burst` without `nodelay`). 0: none wait.
+    pub queue: u32,
     /// What the requests are counted by, when not the client's address: an API key's header, a
     /// session cookie, the path. A request without it is counted by its client's address.
     pub key: Option<HashKey>,
@@ -1340,6 +1343,12 @@ fn validate_rate_limit(key: &str, rl: &RateLimit) -> Result<(), ConfigError> {
     if rl.burst > 1_000_000 {
         return Err(ConfigError::new(
             format!("{key}.burst"),
+            "must be at most 1000000",
+        ));
+    }
+    if rl.queue > 1_000_000 {
+        return Err(ConfigError::new(
+            format!("{key}.queue"),
             "must be at most 1000000",
         ));
     }

@@ -902,6 +902,7 @@ mod tests {
                 requests,
                 per: Duration::from_secs(3600),
                 burst: 0,
+                queue: 0,
                 key: None,
             })
         };

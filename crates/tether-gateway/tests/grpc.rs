@@ -170,6 +170,7 @@ async fn refusals_and_failures_reach_the_client_as_grpc_statuses() {
                     requests: 1,
                     per: Duration::from_secs(60),
                     burst: 0,
+                    queue: 0,
                     key: None,
                 });
                 let mut served = base;

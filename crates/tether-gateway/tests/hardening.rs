@@ -597,6 +597,7 @@ async fn a_client_over_its_rate_gets_429_with_its_own_wait_and_other_clients_do_
                 requests: 1,
                 per: Duration::from_secs(3600),
                 burst: 2,
+                queue: 0,
                 key: None,
             });
             c.admin = Some(AdminConfig {
@@ -707,6 +708,7 @@ async fn a_reload_that_keeps_a_rate_limit_keeps_what_clients_have_used() {
                 requests: 1,
                 per: Duration::from_secs(3600),
                 burst: 0,
+                queue: 0,
                 key: None,
             });
         },
@@ -742,6 +744,7 @@ async fn a_rate_limit_by_key_counts_each_key_apart_and_keyless_requests_by_addre
                 requests: 1,
                 per: Duration::from_secs(3600),
                 burst: 0,
+                queue: 0,
                 key: Some(HashKey::Header("x-api-key".into())),
             });
         },
@@ -778,6 +781,7 @@ async fn an_untrusted_client_cannot_escape_its_rate_limit_by_claiming_to_forward
                 requests: 1,
                 per: Duration::from_secs(3600),
                 burst: 1,
+                queue: 0,
                 key: None,
             });
         },
@@ -787,5 +791,167 @@ async fn an_untrusted_client_cannot_escape_its_rate_limit_by_claiming_to_forward
     assert_eq!(get_as(&mut c, "192.0.2.1").await.0, 200);
     assert_eq!(get_as(&mut c, "192.0.2.2").await.0, 200);
     assert_eq!(get_as(&mut c, "192.0.2.3").await.0, 429);
+    env.stop().await;
+}
+
+/// Waits until the counter `line` (name and labels) reads `n`.
+async fn wait_counter(env: &Env, line: &str, n: f64) {
+    bounded(BOUND, async {
+        while common::metric(&env.metrics_text().unwrap(), line) != Some(n) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+const DELAYED: &str = "tether_rate_delayed_total{route=\"up\"}";
+
+/// Sends `GET path` on a connection of its own, as the client `xff` names.
+async fn send_as(env: &Env, path: &str, xff: &str) -> H1Client {
+    let mut c = H1Client::connect(env.addr).await.unwrap();
+    c.send_request("GET", path, &[("x-forwarded-for", xff)], None, b"")
+        .await
+        .unwrap();
+    c
+}
+
+/// With `queue`, requests over the rate wait for their turn instead of being refused (nginx's
+/// `limit_req` without `nodelay`): the upstream sees them one interval apart, and a request
+/// beyond the queue gets 429.
+#[tokio::test]
+async fn requests_over_the_rate_wait_their_turn_up_to_the_queue() {
+    let env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(
+            ["/a", "/b", "/c", "/d"]
+                .map(|p| (p, Behavior::ok("hi")))
+                .to_vec(),
+        ),
+        |c| {
+            let l = &mut c.listeners[0];
+            l.trusted_peers = vec!["127.0.0.1".parse().unwrap()];
+            // 5 a second: one every 200 ms, and two more waiting.
+            l.routes[0].rate_limit = Some(RateLimit {
+                requests: 5,
+                per: Duration::from_secs(1),
+                burst: 0,
+                queue: 2,
+                key: None,
+            });
+            c.admin = Some(AdminConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+            });
+        },
+    )
+    .await;
+    let mut a = send_as(&env, "/a", "192.0.2.1").await;
+    let head = bounded(BOUND, a.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    let mut b = send_as(&env, "/b", "192.0.2.1").await;
+    wait_counter(&env, DELAYED, 1.0).await;
+    let mut c = send_as(&env, "/c", "192.0.2.1").await;
+    wait_counter(&env, DELAYED, 2.0).await;
+    // The queue is full: the next one is refused at once.
+    let mut d = send_as(&env, "/d", "192.0.2.1").await;
+    let head = bounded(BOUND, d.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 429);
+    // A place in the queue comes free within the second.
+    assert_eq!(head.header("retry-after"), Some("1"));
+    // Another client is not held back by this one's queue.
+    let mut other = send_as(&env, "/d", "192.0.2.2").await;
+    let head = bounded(BOUND, other.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 200);
+    for w in [&mut b, &mut c] {
+        let head = bounded(BOUND, w.read_final_head()).await.unwrap();
+        assert_eq!(head.status, 200);
+    }
+    let started = |path: &str| {
+        let ev = env.log().events();
+        ev.iter()
+            .find(|e| e.path == path && matches!(e.kind, EventKind::RequestStarted { .. }))
+            .map(|e| e.at)
+            .unwrap()
+    };
+    // Each reached the upstream at its slot, 200 ms after the one before (less a little: the
+    // first slot ran from the first request's arrival, a moment before the upstream saw it).
+    let (ta, tb, tc) = (started("/a"), started("/b"), started("/c"));
+    assert!(tb - ta >= Duration::from_millis(150), "{:?}", tb - ta);
+    assert!(tc - tb >= Duration::from_millis(150), "{:?}", tc - tb);
+    let waited = env.record("/c").await.queued.unwrap();
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert_eq!(env.record("/a").await.queued, None);
+    let metrics = env.metrics_text().unwrap();
+    assert_eq!(
+        common::metric(&metrics, "tether_rate_limited_total{route=\"up\"}"),
+        Some(1.0)
+    );
+    env.stop().await;
+}
+
+/// A request waiting its turn ends when its client leaves: logged 499 at stage `admission`,
+/// nothing sent upstream, and its slot given back to the client's next request. One whose
+/// deadline would pass before its slot is refused at once.
+#[tokio::test]
+async fn a_client_leaving_the_rate_queue_gives_its_slot_back() {
+    let mut env = Env::with(
+        Down::H1,
+        Up::H1,
+        routes(
+            ["/a", "/b", "/c", "/d"]
+                .map(|p| (p, Behavior::ok("hi")))
+                .to_vec(),
+        ),
+        |c| {
+            c.listeners[0].routes[0].rate_limit = Some(RateLimit {
+                requests: 1,
+                per: Duration::from_secs(60),
+                burst: 0,
+                queue: 1,
+                key: None,
+            });
+            c.admin = Some(AdminConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+            });
+        },
+    )
+    .await;
+    let mut a = send_as(&env, "/a", "-").await;
+    assert_eq!(
+        bounded(BOUND, a.read_final_head()).await.unwrap().status,
+        200
+    );
+    // Waits a minute for its slot; its client leaves.
+    let b = send_as(&env, "/b", "-").await;
+    wait_counter(&env, DELAYED, 1.0).await;
+    drop(b);
+    let rec = env.record("/b").await;
+    assert_eq!(
+        (rec.status, rec.stage, rec.abort_reason),
+        (
+            499,
+            Some("admission"),
+            Some(tether::CancelReason::ClientClosed)
+        )
+    );
+    assert!(rec.queued.is_some());
+    // The slot is free again: the next request waits for it rather than being refused (the
+    // queue holds one).
+    let c = send_as(&env, "/c", "-").await;
+    wait_counter(&env, DELAYED, 2.0).await;
+    drop(c);
+    assert_eq!(env.record("/c").await.status, 499);
+    // With a 2 s deadline, a minute's wait is pointless: 429 at once, the slot given back.
+    env.reload(|c| c.listeners[0].routes[0].timeouts.total = Some(Duration::from_secs(2)));
+    let mut d = send_as(&env, "/d", "-").await;
+    let head = bounded(BOUND, d.read_final_head()).await.unwrap();
+    assert_eq!(head.status, 429);
+    assert_eq!(head.header("retry-after"), Some("60"));
+    for path in ["/b", "/c", "/d"] {
+        assert!(
+            env.log().requests(path).is_empty(),
+            "{path} reached the upstream"
+        );
+    }
     env.stop().await;
 }

@@ -532,11 +532,14 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
             requests: 100,
             per: Duration::from_secs(1),
             burst: 0,
+            queue: 0,
             key: None,
         })
     );
     let rl = limit("requests = 5, per = \"1m\", burst = 10").unwrap();
     assert_eq!((rl.per, rl.burst), (Duration::from_secs(60), 10));
+    let rl = limit("requests = 5, burst = 1, queue = 20").unwrap();
+    assert_eq!((rl.burst, rl.queue), (1, 20));
     let rl = limit("requests = 5, key = \"header:X-Api-Key\"").unwrap();
     assert_eq!(rl.key, Some(HashKey::Header("x-api-key".into())));
     for (bad, key, why) in [
@@ -551,6 +554,12 @@ fn rate_limits_convert_with_defaults_and_bad_ones_name_their_key() {
             "not a header name",
         ),
         ("requests = 0", "rate_limit.requests", "at least 1"),
+        (
+            "requests = 1, queue = 1000001",
+            "rate_limit.queue",
+            "at most",
+        ),
+        ("requests = 1, queue = -1", "rate_limit.queue", ""),
         (
             "requests = 1, per = \"0s\"",
             "rate_limit.per",

@@ -152,6 +152,8 @@ pub struct Metrics {
     tunnel_bytes: Family<TunnelLabels, Counter>,
     header_timeouts: Counter,
     rate_limited: Family<RouteLabels, Counter>,
+    /// Requests over their client's rate that waited for their turn (`rate_limit.queue`).
+    rate_delayed: Family<RouteLabels, Counter>,
     /// Requests answered 403 by a route's client rules, by route.
     client_denied: Family<RouteLabels, Counter>,
     /// Requests that matched no route, counted under the empty route name.
@@ -305,6 +307,12 @@ impl Metrics {
             "Requests answered 429 because their client was over the route's rate_limit, by route",
             rate_limited.clone(),
         );
+        let rate_delayed = Family::default();
+        registry.register(
+            "rate_delayed",
+            "Requests over their client's rate that waited for their turn (rate_limit.queue) instead of being answered 429, by route",
+            rate_delayed.clone(),
+        );
         let client_denied = Family::default();
         registry.register(
             "client_denied",
@@ -341,6 +349,7 @@ impl Metrics {
             tunnel_bytes,
             header_timeouts,
             rate_limited,
+            rate_delayed,
             client_denied,
             unrouted: RouteMetrics::named(""),
         }
@@ -469,6 +478,15 @@ impl Metrics {
     /// A request of `route` was over its client's rate limit.
     pub fn rate_limited(&self, route: &str) {
         self.rate_limited
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A request of `route` over its client's rate waits for its turn.
+    pub fn rate_delayed(&self, route: &str) {
+        self.rate_delayed
             .get_or_create(&RouteLabels {
                 route: route.to_owned(),
             })

@@ -218,17 +218,12 @@ fn proxy<'a>(
         t.rec.route = Some(route.name.clone());
         t.route_metrics = Some(route.metrics(&worker.observer.metrics));
         t.access_log = route.access_log;
-        if let Some(refusal) =
-            crate::admission::admit(route, listener, &req, conn.client.ip(), trusted, &mut t)
-        {
-            return refuse(t, refusal);
-        }
-        if let Some(redirect) = &route.redirect {
-            return redirected(t, route, redirect, host, req.uri());
-        }
-        if let Some(fixed) = &route.respond {
-            return responded(t, route, fixed);
-        }
+        let turn =
+            match crate::admission::admit(route, listener, &req, conn.client.ip(), trusted, &mut t)
+            {
+                Ok(turn) => turn,
+                Err(refusal) => return refuse(t, refusal),
+            };
         conn.cancel.begin_h1_request(&t.ctx, route.half_close);
         let budget_header = route.budget_header.as_ref();
         // Whether the client sent the route's budget header (stamping replaces or removes it).
@@ -247,6 +242,19 @@ fn proxy<'a>(
             grpc,
         ) {
             t.ctx = t.ctx.child_with_deadline(d);
+        }
+        if let Some(turn) = turn {
+            match wait_turn(&mut t, route, turn).await {
+                Ok(()) => {}
+                Err(Stopped::Refused(refusal)) => return refuse(t, refusal),
+                Err(Stopped::Cancelled(reason)) => return cancelled(t, reason),
+            }
+        }
+        if let Some(redirect) = &route.redirect {
+            return redirected(t, route, redirect, host, req.uri());
+        }
+        if let Some(fixed) = &route.respond {
+            return responded(t, route, fixed);
         }
         let upstream: &Arc<Upstream> = &worker.upstreams[route.next_upstream(|key| {
             key.of(
@@ -1108,6 +1116,41 @@ fn responded(
     t.rec.bytes_sent = fixed.body.len() as u64;
     t.finish_ok();
     resp
+}
+
+/// Why a request waiting for its turn does not go on.
+enum Stopped {
+    Refused(crate::admission::Refusal),
+    Cancelled(tether::CancelReason),
+}
+
+/// Waits for the slot a request over its client's rate took (`rate_limit.queue`), then takes
+/// its place under the route's in-flight limit. Stops instead when its client leaves or its
+/// deadline passes (the slot is given back), when the deadline would pass before the slot
+/// (429 at once), or when the route is full (503).
+async fn wait_turn(
+    t: &mut Tracker,
+    route: &Route,
+    turn: crate::admission::Turn,
+) -> Result<(), Stopped> {
+    t.stage = Stage::Admission;
+    if t.ctx.remaining().is_some_and(|left| left < turn.wait) {
+        return Err(Stopped::Refused(turn.refuse(t, route)));
+    }
+    t.metrics().rate_delayed(&route.name);
+    let since = Instant::now();
+    // Boxed: only a waiting request pays for the timer.
+    let waited = tokio::select! {
+        biased;
+        reason = t.ctx.cancelled() => Err(reason),
+        () = Box::pin(tokio::time::sleep(turn.wait)) => Ok(()),
+    };
+    t.rec.queued = Some(since.elapsed());
+    if let Err(reason) = waited {
+        turn.give_back();
+        return Err(Stopped::Cancelled(reason));
+    }
+    crate::admission::admit_in_flight(route, t).map_err(Stopped::Refused)
 }
 
 /// The answer to a request admission refused; a rate-limited client is told its own wait.
