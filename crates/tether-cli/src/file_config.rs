@@ -329,6 +329,10 @@ pub struct FileUpstream {
     pub max_streams_per_connection: Option<u32>,
     /// How long an idle pooled connection is kept.
     pub idle_timeout: Option<String>,
+    /// Requests (HTTP/2: streams) one connection carries before it is closed.
+    pub max_requests_per_connection: Option<u32>,
+    /// Longest a connection is used from its opening.
+    pub max_connection_age: Option<String>,
     /// Failed connection attempts in a row before an endpoint is skipped; 0 never skips.
     pub max_fails: Option<u32>,
     /// How long an endpoint is skipped after `max_fails` failed attempts.
@@ -1482,6 +1486,18 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
             ));
         }
         cfg.idle_timeout = d;
+    }
+    if let Some(n) = u.max_requests_per_connection {
+        cfg.max_requests_per_connection = Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
+            KeyError::new(
+                format!("{key}.max_requests_per_connection"),
+                "must be at least 1; omit it for no limit",
+            )
+        })?);
+    }
+    if let Some(s) = &u.max_connection_age {
+        let akey = format!("{key}.max_connection_age");
+        cfg.max_connection_age = Some(parse_duration(s).map_err(|e| KeyError::new(&akey, e))?);
     }
     if let Some(n) = u.max_fails {
         cfg.max_fails = n;

@@ -642,6 +642,15 @@ pub struct UpstreamConfig {
     pub max_idle_per_endpoint: usize,
     /// How long an idle HTTP/1 connection is kept. Default 4 s, below Node's 5 s keep-alive.
     pub idle_timeout: Duration,
+    /// Requests one connection carries before it is closed (nginx's `keepalive_requests`,
+    /// Envoy's `max_requests_per_connection`; HTTP/2: streams started on it), so that
+    /// long-lived connections do not pin an endpoint's traffic to one of the servers behind it.
+    /// None by default.
+    pub max_requests_per_connection: Option<std::num::NonZeroU32>,
+    /// Longest a connection is used from its opening (nginx's `keepalive_time`, Envoy's
+    /// `max_connection_duration`): an HTTP/1 connection past it is closed rather than pooled,
+    /// an HTTP/2 one takes no new streams and closes once its last one ends. None by default.
+    pub max_connection_age: Option<Duration>,
     /// Failed connection attempts in a row (DNS, connect or TLS: the endpoint never got the
     /// request) after which an endpoint is skipped for [`fail_timeout`](Self::fail_timeout).
     /// 0 never skips. Default 1. An upstream with one address never skips it.
@@ -958,6 +967,8 @@ impl UpstreamConfig {
             queue_timeout: Duration::from_secs(5),
             max_streams_per_connection: DEFAULT_H2_STREAMS_PER_CONNECTION,
             idle_timeout: Duration::from_secs(4),
+            max_requests_per_connection: None,
+            max_connection_age: None,
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
             fail_statuses: Vec::new(),
@@ -1088,6 +1099,12 @@ impl Config {
             }
             if let Balance::Hash(k) = &u.balance {
                 validate_hash_key(&format!("{key}.hash_key"), k)?;
+            }
+            if u.max_connection_age.is_some_and(|a| a.is_zero()) {
+                return Err(ConfigError::new(
+                    format!("{key}.max_connection_age"),
+                    "must be greater than zero; omit it to keep connections as long as they work",
+                ));
             }
             if let Some(j) = u
                 .fail_statuses

@@ -576,3 +576,119 @@ async fn streams_past_the_per_connection_limit_open_another_h2_connection() {
     .await
     .expect("bounded");
 }
+
+/// The upstream connection each request of `paths` arrived on, in order.
+fn conns_of(log: &test_support::EventLog, paths: &[String]) -> Vec<u64> {
+    let events = log.events();
+    paths
+        .iter()
+        .map(|p| {
+            events
+                .iter()
+                .find(|e| &e.path == p && matches!(e.kind, EventKind::RequestStarted { .. }))
+                .map(|e| e.conn)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `max_requests_per_connection`: an HTTP/1 upstream connection carries that many requests,
+/// then is closed and the next request opens another (nginx's `keepalive_requests`).
+#[tokio::test]
+async fn an_h1_connection_is_closed_after_its_share_of_requests() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let up = UpstreamH1::start(script(|_| Behavior::ok("ok")))
+            .await
+            .unwrap();
+        let (gw, addr, _admin, access) =
+            gateway_to(up.addr(), 1, 8, Duration::from_secs(60), |u| {
+                u.max_requests_per_connection = std::num::NonZeroU32::new(3);
+            });
+        let mut c = H1Client::connect(addr).await.unwrap();
+        let paths: Vec<String> = (0..7).map(|i| format!("/r{i}")).collect();
+        for p in &paths {
+            assert_eq!(c.get(p).await.unwrap().0.status, 200);
+        }
+        assert_eq!(conns_of(up.log(), &paths), [1, 1, 1, 2, 2, 2, 3]);
+        // The spent connections were closed, not left idle.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstream_open(&up) != 1 {
+            assert!(Instant::now() < deadline, "{} open", upstream_open(&up));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let reused: Vec<_> = access
+            .records()
+            .iter()
+            .map(|r| r.upstream_reused == Some(true))
+            .collect();
+        assert_eq!(reused, [false, true, true, false, true, true, false]);
+        drop(gw);
+    })
+    .await
+    .expect("bounded");
+}
+
+/// `max_connection_age`: a connection older than that is not used again, idle or returning.
+#[tokio::test]
+async fn an_h1_connection_past_its_age_is_not_used_again() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let up = UpstreamH1::start(script(|_| Behavior::ok("ok")))
+            .await
+            .unwrap();
+        let (gw, addr, _admin, _) = gateway_to(up.addr(), 1, 8, Duration::from_secs(60), |u| {
+            u.max_connection_age = Some(Duration::from_millis(1500));
+        });
+        let mut c = H1Client::connect(addr).await.unwrap();
+        let paths: Vec<String> = (0..3).map(|i| format!("/r{i}")).collect();
+        assert_eq!(c.get(&paths[0]).await.unwrap().0.status, 200);
+        assert_eq!(c.get(&paths[1]).await.unwrap().0.status, 200);
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        assert_eq!(c.get(&paths[2]).await.unwrap().0.status, 200);
+        assert_eq!(conns_of(up.log(), &paths), [1, 1, 2]);
+        // The old one was closed when its age came, not kept idle until the idle timeout.
+        assert_eq!(upstream_open(&up), 1);
+        drop(gw);
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Over HTTP/2 the limit counts streams: a connection that started its share takes no more
+/// and closes once its last stream has ended, while new streams go to a new connection.
+#[tokio::test]
+async fn an_h2_connection_takes_no_new_streams_after_its_share_and_then_closes() {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        let up = test_support::UpstreamH2::start(script(|_| Behavior::ok("ok")))
+            .await
+            .unwrap();
+        let (gw, addr, _admin, _) = gateway_to(up.addr(), 1, 8, Duration::from_secs(60), |u| {
+            u.protocol = UpstreamProtocol::H2c;
+            u.max_requests_per_connection = std::num::NonZeroU32::new(2);
+        });
+        let mut c = H1Client::connect(addr).await.unwrap();
+        let paths: Vec<String> = (0..5).map(|i| format!("/r{i}")).collect();
+        for p in &paths {
+            assert_eq!(c.get(p).await.unwrap().0.status, 200);
+        }
+        assert_eq!(conns_of(up.log(), &paths), [1, 1, 2, 2, 3]);
+        let closed = |up: &test_support::UpstreamH2| {
+            let mut conns: Vec<u64> = up
+                .log()
+                .events()
+                .iter()
+                .filter(|e| e.kind == EventKind::ConnectionClosed)
+                .map(|e| e.conn)
+                .collect();
+            conns.sort_unstable();
+            conns
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while closed(&up) != [1, 2] {
+            assert!(Instant::now() < deadline, "closed: {:?}", closed(&up));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(gw);
+    })
+    .await
+    .expect("bounded");
+}

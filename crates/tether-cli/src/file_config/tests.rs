@@ -970,6 +970,56 @@ fn fail_statuses_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn connection_lifetimes_convert_and_bad_ones_name_their_key() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "idle_timeout = \"2s\"\n",
+            &format!("idle_timeout = \"2s\"\n{v}\n"),
+        )
+    };
+    let u = &parse(GOOD, Path::new(".")).unwrap().config.upstreams[0];
+    assert_eq!(
+        (u.max_requests_per_connection, u.max_connection_age),
+        (None, None)
+    );
+    let cfg = parse(
+        &with("max_requests_per_connection = 1000\nmax_connection_age = \"10m\""),
+        Path::new("."),
+    )
+    .unwrap();
+    let u = &cfg.config.upstreams[0];
+    assert_eq!(
+        (u.max_requests_per_connection, u.max_connection_age),
+        (
+            std::num::NonZeroU32::new(1000),
+            Some(Duration::from_secs(600))
+        )
+    );
+    for (bad, key, why) in [
+        (
+            "max_requests_per_connection = 0",
+            "max_requests_per_connection",
+            "at least 1",
+        ),
+        (
+            "max_requests_per_connection = -3",
+            "max_requests_per_connection",
+            "",
+        ),
+        (
+            "max_connection_age = \"0s\"",
+            "max_connection_age",
+            "greater than zero",
+        ),
+        ("max_connection_age = \"soon\"", "max_connection_age", ""),
+    ] {
+        let e = err(&with(bad));
+        assert_eq!(e.key, format!("upstreams[0].{key}"), "{e:?}");
+        assert!(e.message.contains(why), "{e:?}");
+    }
+}
+
+#[test]
 fn proxy_protocol_is_off_unless_asked_for() {
     let cfg = parse(GOOD, Path::new(".")).unwrap();
     assert!(!cfg.config.listeners[0].proxy_protocol);

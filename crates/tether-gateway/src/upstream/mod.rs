@@ -142,6 +142,10 @@ impl Upstream {
                     pool: EndpointPool::new(
                         config.max_idle_per_endpoint,
                         config.idle_timeout,
+                        pool::Lifetime {
+                            max_requests: config.max_requests_per_connection,
+                            max_age: config.max_connection_age,
+                        },
                         counts.clone(),
                     ),
                     health: EndpointHealth::default(),
@@ -485,7 +489,10 @@ impl Upstream {
         reuse: bool,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         let mut slot = ep.pool.h2_slot().lock().await;
-        if reuse && let Some((c, place)) = slot.take(self.max_streams, ep.pool.idle_timeout()) {
+        if reuse
+            && let Some((c, place)) =
+                slot.take(self.max_streams, ep.pool.idle_timeout(), ep.pool.lifetime())
+        {
             let local = c.local;
             return Ok((
                 Checkout::H2(c, place),
@@ -550,6 +557,7 @@ impl Upstream {
             peer,
             local,
             tls_failed,
+            born: Instant::now(),
         })
     }
 

@@ -14,12 +14,17 @@
 //! request that takes it checks that the upstream has not closed it (a non-blocking read of the
 //! socket) and starts a new task on the same transport: the same connection for the upstream,
 //! with no new handshake.
+//!
+//! An upstream's [`Lifetime`] ends a connection after so many requests or so long from its
+//! opening: an HTTP/1 one is closed instead of pooled, an HTTP/2 one leaves the pool (its
+//! streams in flight finish on it, then hyper closes it).
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -44,6 +49,42 @@ pub const REST_AFTER: Duration = Duration::from_secs(1);
 /// How long closing a connection may wait for its shutdown (a TLS peer that reads nothing
 /// cannot hold the task).
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(1);
+
+/// How much and how long one upstream connection is used (nginx's `keepalive_requests` and
+/// `keepalive_time`): connections that live forever pin an endpoint's traffic to whichever
+/// server behind it (a Kubernetes Service, an L4 balancer) they reached first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    /// Requests (HTTP/2: streams) one connection carries.
+    pub max_requests: Option<NonZeroU32>,
+    /// Longest a connection is used from its opening.
+    pub max_age: Option<Duration>,
+}
+
+impl Lifetime {
+    /// Whether a connection opened at `born` that carried `requests` has done its share.
+    fn spent(&self, requests: u32, born: Instant) -> bool {
+        self.max_requests.is_some_and(|m| requests >= m.get())
+            || self.max_age.is_some_and(|a| born.elapsed() >= a)
+    }
+}
+
+/// A connection's use so far.
+#[derive(Debug, Clone, Copy)]
+struct Wear {
+    born: Instant,
+    /// Exchanges that ended cleanly.
+    served: u32,
+}
+
+impl Wear {
+    fn new() -> Wear {
+        Wear {
+            born: Instant::now(),
+            served: 0,
+        }
+    }
+}
 
 /// When the connection behind `closed` was closed, waiting at most `limit` for it.
 pub async fn closed_at(
@@ -86,6 +127,7 @@ pub struct H1Conn {
     /// tether's end of the connection.
     pub local: Option<SocketAddr>,
     handoff: Arc<Handoff>,
+    wear: Wear,
 }
 
 impl H1Conn {
@@ -126,6 +168,17 @@ pub fn start_h1(
     local: Option<SocketAddr>,
     open: OpenConn,
     upgradable: bool,
+) -> Result<H1Conn, ProxyError> {
+    drive_h1(io, peer, local, open, upgradable, Wear::new())
+}
+
+fn drive_h1(
+    io: UpstreamIo,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    open: OpenConn,
+    upgradable: bool,
+    wear: Wear,
 ) -> Result<H1Conn, ProxyError> {
     let failed = || ProxyError::upstream(Stage::Connect, ErrorKind::Protocol).with_target(peer);
     // hyper's handshake only builds the connection's state: it is ready at the first poll.
@@ -181,6 +234,7 @@ pub fn start_h1(
         peer,
         local,
         handoff,
+        wear,
     })
 }
 
@@ -236,6 +290,7 @@ struct Resting {
     handoff: Arc<Handoff>,
     peer: SocketAddr,
     local: Option<SocketAddr>,
+    wear: Wear,
 }
 
 impl Resting {
@@ -256,7 +311,7 @@ impl Resting {
         if !r.alive() {
             return None;
         }
-        start_h1(r.io, self.peer, self.local, r.open, false).ok()
+        drive_h1(r.io, self.peer, self.local, r.open, false, self.wear).ok()
     }
 }
 
@@ -299,6 +354,7 @@ impl IdleH1 {
             handoff: c.handoff.clone(),
             peer: c.peer,
             local: c.local,
+            wear: c.wear,
         };
         // Dropping the sender ends the task, which hands the socket back.
         self.conn = IdleConn::Resting(resting);
@@ -320,16 +376,26 @@ pub struct H2Conn {
     /// Set when TLS ended the connection after the handshake (a client certificate the
     /// upstream refused): its streams see only that the connection ended.
     pub tls_failed: Arc<std::sync::atomic::AtomicBool>,
+    /// When it was opened.
+    pub born: Instant,
 }
 
-/// The streams open on one HTTP/2 connection.
+/// The streams of one HTTP/2 connection.
 #[derive(Debug, Default)]
-pub struct Streams(AtomicUsize);
+pub struct Streams {
+    open: AtomicUsize,
+    started: AtomicU32,
+}
 
 impl Streams {
     /// How many are open.
     pub fn open(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// How many were started on it.
+    fn started(&self) -> u32 {
+        self.started.load(Ordering::Relaxed)
     }
 }
 
@@ -340,14 +406,15 @@ pub struct StreamPlace(Arc<Streams>);
 
 impl Drop for StreamPlace {
     fn drop(&mut self) {
-        self.0.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl H2Conn {
     /// A place for one more stream, whatever the count.
     pub fn place(&self) -> StreamPlace {
-        self.streams.0.fetch_add(1, Ordering::Relaxed);
+        self.streams.open.fetch_add(1, Ordering::Relaxed);
+        self.streams.started.fetch_add(1, Ordering::Relaxed);
         StreamPlace(self.streams.clone())
     }
 }
@@ -371,20 +438,27 @@ struct PooledH2 {
 
 impl H2Conns {
     /// A place on the first open connection with fewer than `max` streams, or `None` when every
-    /// connection is full (or there is none). Drops closed connections, and those beyond the
-    /// first idle for longer than `idle_timeout`. Places are taken only under the endpoint's
-    /// lock, so no two requests both take the last one.
-    pub fn take(&mut self, max: usize, idle_timeout: Duration) -> Option<(H2Conn, StreamPlace)> {
+    /// connection is full (or there is none). Drops closed connections, those whose `life` is
+    /// spent (their streams in flight go on), and those beyond the first idle for longer than
+    /// `idle_timeout`. Places are taken only under the endpoint's lock, so no two requests both
+    /// take the last one.
+    pub fn take(
+        &mut self,
+        max: usize,
+        idle_timeout: Duration,
+        life: Lifetime,
+    ) -> Option<(H2Conn, StreamPlace)> {
+        let usable = |c: &H2Conn| !c.sender.is_closed() && !life.spent(c.streams.started(), c.born);
         // The common case: one connection, with room.
         if let [only] = self.conns.as_slice()
             && only.conn.streams.open() < max
-            && !only.conn.sender.is_closed()
+            && usable(&only.conn)
         {
             let c = only.conn.clone();
             let place = c.place();
             return Some((c, place));
         }
-        self.conns.retain(|p| !p.conn.sender.is_closed());
+        self.conns.retain(|p| usable(&p.conn));
         let now = Instant::now();
         let mut chosen = None;
         for (i, p) in self.conns.iter_mut().enumerate() {
@@ -434,6 +508,7 @@ pub struct EndpointPool {
     h2: tokio::sync::Mutex<H2Conns>,
     max_idle: usize,
     idle_timeout: Duration,
+    life: Lifetime,
     counts: Arc<ConnCounts>,
 }
 
@@ -448,12 +523,18 @@ impl std::fmt::Debug for EndpointPool {
 
 impl EndpointPool {
     /// An empty pool.
-    pub fn new(max_idle: usize, idle_timeout: Duration, counts: Arc<ConnCounts>) -> EndpointPool {
+    pub fn new(
+        max_idle: usize,
+        idle_timeout: Duration,
+        life: Lifetime,
+        counts: Arc<ConnCounts>,
+    ) -> EndpointPool {
         EndpointPool {
             idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(H2Conns::default()),
             max_idle,
             idle_timeout,
+            life,
             counts,
         }
     }
@@ -535,9 +616,14 @@ impl EndpointPool {
 
     /// Returns a connection whose response ended cleanly. `upstream_keep_alive` is the idle
     /// timeout the upstream announced (`Keep-Alive: timeout=N`); the connection is kept for less
-    /// than that, so tether never sends on a connection the upstream is about to close.
-    pub fn put_h1(&self, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
-        if conn.sender.is_closed() || self.max_idle == 0 {
+    /// than that, so tether never sends on a connection the upstream is about to close. One
+    /// that has done its [`Lifetime`]'s share is closed instead.
+    pub fn put_h1(&self, mut conn: H1Conn, upstream_keep_alive: Option<Duration>) {
+        conn.wear.served = conn.wear.served.saturating_add(1);
+        if conn.sender.is_closed()
+            || self.max_idle == 0
+            || self.life.spent(conn.wear.served, conn.wear.born)
+        {
             return;
         }
         let mut idle = lock(&self.idle);
@@ -555,10 +641,14 @@ impl EndpointPool {
         }
         self.counts.idle.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
+        let mut expires = now + keep;
+        if let Some(age) = self.life.max_age {
+            expires = expires.min(conn.wear.born + age);
+        }
         idle.push(IdleH1 {
             conn: IdleConn::Live(conn),
             since: now,
-            expires: now + keep,
+            expires,
         });
     }
 
@@ -571,6 +661,11 @@ impl EndpointPool {
     /// How long a pooled connection may stay idle.
     pub fn idle_timeout(&self) -> Duration {
         self.idle_timeout
+    }
+
+    /// How much and how long a connection is used.
+    pub fn lifetime(&self) -> Lifetime {
+        self.life
     }
 }
 
