@@ -333,6 +333,8 @@ pub struct FileUpstream {
     pub max_requests_per_connection: Option<u32>,
     /// Longest a connection is used from its opening.
     pub max_connection_age: Option<String>,
+    /// `v1` or `v2`: start each connection with a PROXY protocol header naming the client.
+    pub proxy_protocol: Option<FileProxyProtocol>,
     /// Failed connection attempts in a row before an endpoint is skipped; 0 never skips.
     pub max_fails: Option<u32>,
     /// How long an endpoint is skipped after `max_fails` failed attempts.
@@ -542,6 +544,16 @@ impl fmt::Display for FileStatus {
             FileStatus::Class(c) => write!(f, "{c:?}"),
         }
     }
+}
+
+/// `proxy_protocol` values of an upstream.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileProxyProtocol {
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 /// `protocol` values of an upstream.
@@ -1495,6 +1507,10 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
             )
         })?);
     }
+    cfg.proxy_protocol = u.proxy_protocol.map(|v| match v {
+        FileProxyProtocol::V1 => tether_gateway::config::ProxyProtocolVersion::V1,
+        FileProxyProtocol::V2 => tether_gateway::config::ProxyProtocolVersion::V2,
+    });
     if let Some(s) = &u.max_connection_age {
         let akey = format!("{key}.max_connection_age");
         cfg.max_connection_age = Some(parse_duration(s).map_err(|e| KeyError::new(&akey, e))?);

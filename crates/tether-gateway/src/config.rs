@@ -558,6 +558,15 @@ impl Default for RouteTimeouts {
     }
 }
 
+/// A version of the PROXY protocol tether sends to an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocolVersion {
+    /// The text header.
+    V1,
+    /// The binary header.
+    V2,
+}
+
 /// The protocol spoken to an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamProtocol {
@@ -651,6 +660,11 @@ pub struct UpstreamConfig {
     /// `max_connection_duration`): an HTTP/1 connection past it is closed rather than pooled,
     /// an HTTP/2 one takes no new streams and closes once its last one ends. None by default.
     pub max_connection_age: Option<Duration>,
+    /// Start every connection with a PROXY protocol header naming the client (HAProxy's
+    /// `send-proxy`), for upstreams that learn the client's address from it. Such a connection
+    /// carries only that client's requests: it is kept with the client's connection, not
+    /// pooled, and closes with it. HTTP/1 only. None by default.
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
     /// Failed connection attempts in a row (DNS, connect or TLS: the endpoint never got the
     /// request) after which an endpoint is skipped for [`fail_timeout`](Self::fail_timeout).
     /// 0 never skips. Default 1. An upstream with one address never skips it.
@@ -969,6 +983,7 @@ impl UpstreamConfig {
             idle_timeout: Duration::from_secs(4),
             max_requests_per_connection: None,
             max_connection_age: None,
+            proxy_protocol: None,
             max_fails: 1,
             fail_timeout: Duration::from_secs(10),
             fail_statuses: Vec::new(),
@@ -1099,6 +1114,12 @@ impl Config {
             }
             if let Balance::Hash(k) = &u.balance {
                 validate_hash_key(&format!("{key}.hash_key"), k)?;
+            }
+            if u.proxy_protocol.is_some() && u.protocol.is_h2() {
+                return Err(ConfigError::new(
+                    format!("{key}.proxy_protocol"),
+                    "only with protocol = \"http1\": an HTTP/2 connection carries many clients' requests, and a PROXY header names one",
+                ));
             }
             if u.max_connection_age.is_some_and(|a| a.is_zero()) {
                 return Err(ConfigError::new(

@@ -1020,6 +1020,36 @@ fn connection_lifetimes_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn an_upstreams_proxy_protocol_converts_and_is_for_http1_only() {
+    use tether_gateway::config::ProxyProtocolVersion;
+    let with = |protocol: &str, v: &str| {
+        GOOD.replace(
+            "protocol = \"h2c\"\n",
+            &format!("protocol = \"{protocol}\"\nproxy_protocol = \"{v}\"\n"),
+        )
+    };
+    assert_eq!(
+        parse(GOOD, Path::new(".")).unwrap().config.upstreams[0].proxy_protocol,
+        None
+    );
+    for (v, version) in [
+        ("v1", ProxyProtocolVersion::V1),
+        ("v2", ProxyProtocolVersion::V2),
+    ] {
+        let cfg = parse(&with("http1", v), Path::new(".")).unwrap();
+        assert_eq!(cfg.config.upstreams[0].proxy_protocol, Some(version));
+    }
+    let e = err(&with("http1", "v3"));
+    assert_eq!(e.key, "upstreams[0].proxy_protocol", "{e:?}");
+    let e = err(&with("h2c", "v2"));
+    assert_eq!(e.key, "upstreams[0].proxy_protocol", "{e:?}");
+    assert!(
+        e.message.contains("only with protocol = \"http1\""),
+        "{e:?}"
+    );
+}
+
+#[test]
 fn proxy_protocol_is_off_unless_asked_for() {
     let cfg = parse(GOOD, Path::new(".")).unwrap();
     assert!(!cfg.config.listeners[0].proxy_protocol);

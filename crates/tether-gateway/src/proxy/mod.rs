@@ -63,6 +63,9 @@ pub struct Conn {
     upgrade: std::sync::Mutex<Vec<(usize, hyper::upgrade::OnUpgrade)>>,
     /// Ends when the tunnel the connection was handed to (an upgrade) ends.
     tunnel: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// Its own upstream connection, for upstreams whose connections name their client
+    /// (`proxy_protocol`); made on first use.
+    private: OnceLock<Arc<crate::upstream::Private>>,
 }
 
 impl Conn {
@@ -77,7 +80,14 @@ impl Conn {
             forwarding: OnceLock::new(),
             upgrade: std::sync::Mutex::new(Vec::new()),
             tunnel: std::sync::Mutex::new(None),
+            private: OnceLock::new(),
         }
+    }
+
+    /// Where the connection keeps its own upstream connection (see
+    /// [`crate::upstream::Private`]).
+    fn private(&self) -> &Arc<crate::upstream::Private> {
+        self.private.get_or_init(Arc::default)
     }
 
     /// Notes that the connection becomes a tunnel; it is over when the returned sender drops.
@@ -415,7 +425,10 @@ fn proxy<'a>(
             // A pooled connection ready now needs no wait, so nothing to race. (The lookup is the
             // match's own operand, so it holds no place in the request's state.)
             let (checkout, info) = match (!fresh_only && !upgrading && !t.ctx.is_cancelled())
-                .then(|| upstream.take_ready(ep))
+                .then(|| match upstream.proxy_protocol {
+                    None => upstream.take_ready(ep),
+                    Some(_) => upstream.take_private(ep_idx, conn.private()),
+                })
                 .flatten()
             {
                 Some(c) => c,
@@ -425,7 +438,12 @@ fn proxy<'a>(
                         // becoming ready.
                         biased;
                         reason = t.ctx.cancelled() => return cancelled(t, reason),
-                        r = upstream.checkout(ep, route.timeouts.connect, want(upgrading, fresh_only)) => r,
+                        r = upstream.checkout(
+                            ep,
+                            route.timeouts.connect,
+                            want(upgrading, fresh_only),
+                            upstream.proxy_protocol.map(|_| (conn.client, conn.local)),
+                        ) => r,
                     };
                     match r {
                         Ok(c) => {
@@ -657,11 +675,12 @@ fn proxy<'a>(
             route.response_headers.apply(&mut parts.headers);
         }
         // A connection made for an upgrade is not kept: it closes after this response.
-        let pool = pool.filter(|_| !upgrading).map(|conn| PoolReturn {
+        let pool = pool.filter(|_| !upgrading).map(|c| PoolReturn {
             upstream: upstream.clone(),
             endpoint: ep_idx,
-            conn,
+            conn: c,
             keep_alive,
+            private: upstream.proxy_protocol.map(|_| conn.private().clone()),
         });
         // A gRPC response cut between messages can still end with a status: in trailers for
         // gRPC over HTTP/2, in a last body frame for binary gRPC-Web (unless a Content-Length

@@ -52,6 +52,8 @@ pub struct PoolReturn {
     pub conn: H1Conn,
     /// The upstream's announced keep-alive timeout.
     pub keep_alive: Option<Duration>,
+    /// Where the client's connection keeps it instead of the pool (`proxy_protocol`).
+    pub private: Option<Arc<crate::upstream::Private>>,
 }
 
 /// See [`ProxyBody::Stream`].
@@ -140,7 +142,12 @@ impl Streaming {
     fn complete(&mut self) {
         self.inner = None;
         if let Some(p) = self.pool.take() {
-            p.upstream.release(p.endpoint, p.conn, p.keep_alive);
+            match &p.private {
+                None => p.upstream.release(p.endpoint, p.conn, p.keep_alive),
+                Some(kept) => p
+                    .upstream
+                    .keep_private(p.endpoint, p.conn, p.keep_alive, kept),
+            }
         }
         if let Some(t) = self.tracker.take() {
             t.finish_ok();

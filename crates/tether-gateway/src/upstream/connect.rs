@@ -12,7 +12,7 @@ use std::time::Duration;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -458,9 +458,10 @@ impl Connector {
         &self,
         addr: &UpstreamAddress,
         timeout: Duration,
+        preface: Option<&[u8]>,
     ) -> Result<Connected, ProxyError> {
         let start = Instant::now();
-        match tokio::time::timeout(timeout, self.connect_inner(addr, start)).await {
+        match tokio::time::timeout(timeout, self.connect_inner(addr, start, preface)).await {
             Ok(r) => r,
             Err(_) => {
                 Err(ProxyError::upstream(Stage::Connect, ErrorKind::Timeout).with_target(addr))
@@ -472,6 +473,7 @@ impl Connector {
         &self,
         addr: &UpstreamAddress,
         start: Instant,
+        preface: Option<&[u8]>,
     ) -> Result<Connected, ProxyError> {
         let mut candidates = self.resolve(addr).await?;
         let dns = start.elapsed();
@@ -481,9 +483,17 @@ impl Connector {
             candidates = crate::lock(&self.spread).order(candidates, racing);
         }
         let report = race(candidates, HAPPY_EYEBALLS_STAGGER).await;
-        let Some((tcp, peer)) = report.winner else {
+        let Some((mut tcp, peer)) = report.winner else {
             return Err(race_error(addr, report.failures));
         };
+        if let Some(bytes) = preface {
+            // A PROXY protocol header: the first bytes of the connection, before TLS.
+            tcp.write_all(bytes).await.map_err(|e| {
+                ProxyError::upstream(Stage::Connect, ErrorKind::Reset)
+                    .with_target(peer)
+                    .with_source(e)
+            })?;
+        }
         let connect = racing.elapsed();
         if several {
             let losers = report.failures.iter().map(|(a, _)| *a);

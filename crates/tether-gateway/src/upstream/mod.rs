@@ -6,6 +6,7 @@ pub mod dns;
 pub mod health;
 pub mod health_check;
 pub mod pool;
+pub mod proxy_header;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -15,7 +16,9 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::time::Instant;
 
-use crate::config::{Balance, UpstreamAddress, UpstreamConfig, UpstreamProtocol};
+use crate::config::{
+    Balance, ProxyProtocolVersion, UpstreamAddress, UpstreamConfig, UpstreamProtocol,
+};
 use crate::error::{ErrorKind, ProxyError, Stage};
 use crate::observe::metrics::ConnCounts;
 use balance::{Affinity, InFlight, Load};
@@ -57,6 +60,27 @@ pub struct Upstream {
     born: Instant,
     /// Which endpoints the active health checks took out of rotation, when the upstream has them.
     active: Option<Arc<ActiveHealth>>,
+    /// Connections start with a PROXY protocol header naming their client, and are
+    /// [`Private`] to it.
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
+}
+
+/// The upstream connection a downstream connection keeps for itself, for an upstream whose
+/// connections name their client in a PROXY protocol header: such a connection may carry no
+/// one else's requests, so it is kept with its client's connection instead of in the pool (one
+/// at a time; others close when their response ends) and closes with it.
+#[derive(Debug, Default)]
+pub struct Private(std::sync::Mutex<Option<Kept>>);
+
+#[derive(Debug)]
+struct Kept {
+    /// Which upstream (of which configuration) it belongs to: held weakly, so that the
+    /// address is not reused by another while kept.
+    upstream: std::sync::Weak<Upstream>,
+    endpoint: usize,
+    conn: H1Conn,
+    /// Past this the upstream may close it (its idle timeout): never reused.
+    expires: Instant,
 }
 
 /// One address of an upstream, with its pool.
@@ -177,6 +201,7 @@ impl Upstream {
             fail_statuses: config.fail_statuses.clone().into_boxed_slice(),
             born: Instant::now(),
             active,
+            proxy_protocol: config.proxy_protocol,
         })
     }
 
@@ -417,17 +442,30 @@ impl Upstream {
         ep.pool.take_h1_ready().map(pooled_h1)
     }
 
-    /// A connection to `ep`: pooled if one is usable and `want` allows it, otherwise new.
+    /// A connection to `ep`: pooled if one is usable and `want` allows it, otherwise new. For an
+    /// upstream with `proxy_protocol`, always new, its header naming `client` (the client's and
+    /// tether's ends of the downstream connection).
     pub async fn checkout(
         &self,
         ep: &Endpoint,
         connect_timeout: Duration,
         want: Want,
+        client: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         if self.protocol.is_h2() {
             return self
                 .checkout_h2(ep, connect_timeout, want == Want::Pooled)
                 .await;
+        }
+        if let (Some(version), Some((from, to))) = (self.proxy_protocol, client) {
+            let header = proxy_header::for_client(version, from, to);
+            return Box::pin(self.connect_h1(
+                ep,
+                connect_timeout,
+                want == Want::Upgradable,
+                Some(&header),
+            ))
+            .await;
         }
         if want == Want::Pooled
             && let Some(mut c) = ep.pool.take_h1()
@@ -439,7 +477,44 @@ impl Upstream {
         }
         // Boxed: the connect path (DNS, address racing, TLS) is a large future, and inline it would
         // make every request's future as large, pooled or not.
-        Box::pin(self.connect_h1(ep, connect_timeout, want == Want::Upgradable)).await
+        Box::pin(self.connect_h1(ep, connect_timeout, want == Want::Upgradable, None)).await
+    }
+
+    /// The connection `private` kept for endpoint `idx` of this upstream, if it can take a
+    /// request now.
+    pub fn take_private(
+        self: &Arc<Self>,
+        idx: usize,
+        private: &Private,
+    ) -> Option<(Checkout, CheckoutInfo)> {
+        let kept = crate::lock(&private.0).take()?;
+        let ours = std::ptr::eq(kept.upstream.as_ptr(), Arc::as_ptr(self)) && kept.endpoint == idx;
+        // Anything else is dropped, which closes it.
+        (ours && Instant::now() < kept.expires && kept.conn.sender.is_ready())
+            .then(|| pooled_h1(kept.conn))
+    }
+
+    /// Keeps `conn`, whose exchange with endpoint `idx` ended cleanly, in `private` (see
+    /// [`Private`]), as the pool would keep it; it replaces (closes) one kept before.
+    pub fn keep_private(
+        self: &Arc<Self>,
+        idx: usize,
+        conn: H1Conn,
+        upstream_keep_alive: Option<Duration>,
+        private: &Private,
+    ) {
+        let Some(ep) = self.endpoints.get(idx) else {
+            return;
+        };
+        let Some((conn, expires)) = ep.pool.keepable(conn, upstream_keep_alive) else {
+            return;
+        };
+        *crate::lock(&private.0) = Some(Kept {
+            upstream: Arc::downgrade(self),
+            endpoint: idx,
+            conn,
+            expires,
+        });
     }
 
     /// A new HTTP/1 connection to `ep`; `upgradable`: one that can switch protocols (101).
@@ -448,9 +523,10 @@ impl Upstream {
         ep: &Endpoint,
         connect_timeout: Duration,
         upgradable: bool,
+        preface: Option<&[u8]>,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         let started = Instant::now();
-        let connected = self.connect(ep, connect_timeout).await?;
+        let connected = self.connect(ep, connect_timeout, preface).await?;
         let (peer, local, timings) = (connected.peer, connected.local, connected.timings);
         let open = OpenConn::new(self.counts.clone());
         let conn = pool::start_h1(connected.io, peer, local, open, upgradable)?;
@@ -469,6 +545,7 @@ impl Upstream {
         &self,
         ep: &Endpoint,
         timeout: Duration,
+        preface: Option<&[u8]>,
     ) -> Result<connect::Connected, ProxyError> {
         // A guard, not a decrement after the await: a cancelled request drops this future mid-connect.
         struct Connecting<'a>(&'a AtomicI64);
@@ -479,7 +556,7 @@ impl Upstream {
         }
         self.counts.connecting.fetch_add(1, Ordering::Relaxed);
         let _connecting = Connecting(&self.counts.connecting);
-        self.connector.connect(&ep.address, timeout).await
+        self.connector.connect(&ep.address, timeout, preface).await
     }
 
     async fn checkout_h2(
@@ -505,7 +582,7 @@ impl Upstream {
             ));
         }
         let started = Instant::now();
-        let connected = Box::pin(self.connect(ep, connect_timeout)).await?;
+        let connected = Box::pin(self.connect(ep, connect_timeout, None)).await?;
         let timings = connected.timings;
         let c = self.start_h2(connected).await?;
         let local = c.local;
@@ -570,12 +647,15 @@ impl Upstream {
             .get(i)
             .ok_or_else(|| ProxyError::upstream(Stage::Connect, ErrorKind::Refused))?;
         if self.protocol.is_h2() {
-            let connected = self.connect(ep, timeout).await?;
+            let connected = self.connect(ep, timeout, None).await?;
             let c = self.start_h2(connected).await?;
             let place = c.place();
             return Ok(Checkout::H2(c, place));
         }
-        let (checkout, _) = Box::pin(self.connect_h1(ep, timeout, false)).await?;
+        // A check is tether's own connection: its header names no client.
+        let header = self.proxy_protocol.map(proxy_header::own);
+        let (checkout, _) =
+            Box::pin(self.connect_h1(ep, timeout, false, header.as_deref())).await?;
         Ok(checkout)
     }
 }

@@ -618,18 +618,36 @@ impl EndpointPool {
     /// timeout the upstream announced (`Keep-Alive: timeout=N`); the connection is kept for less
     /// than that, so tether never sends on a connection the upstream is about to close. One
     /// that has done its [`Lifetime`]'s share is closed instead.
-    pub fn put_h1(&self, mut conn: H1Conn, upstream_keep_alive: Option<Duration>) {
+    pub fn put_h1(&self, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
+        let Some((conn, expires)) = self.keepable(conn, upstream_keep_alive) else {
+            return;
+        };
+        let mut idle = lock(&self.idle);
+        if idle.len() >= self.max_idle {
+            // Drop the oldest; its task closes the socket.
+            self.uncount(&idle.remove(0));
+        }
+        self.counts.idle.fetch_add(1, Ordering::Relaxed);
+        idle.push(IdleH1 {
+            conn: IdleConn::Live(conn),
+            since: Instant::now(),
+            expires,
+        });
+    }
+
+    /// `conn`, whose exchange ended cleanly, and until when it may be used again; `None` when
+    /// it may not be kept at all (closed, spent, or the pool keeps nothing).
+    pub fn keepable(
+        &self,
+        mut conn: H1Conn,
+        upstream_keep_alive: Option<Duration>,
+    ) -> Option<(H1Conn, Instant)> {
         conn.wear.served = conn.wear.served.saturating_add(1);
         if conn.sender.is_closed()
             || self.max_idle == 0
             || self.life.spent(conn.wear.served, conn.wear.born)
         {
-            return;
-        }
-        let mut idle = lock(&self.idle);
-        if idle.len() >= self.max_idle {
-            // Drop the oldest; its task closes the socket.
-            self.uncount(&idle.remove(0));
+            return None;
         }
         let mut keep = self.idle_timeout;
         if let Some(theirs) = upstream_keep_alive {
@@ -637,19 +655,13 @@ impl EndpointPool {
             keep = keep.min(theirs.saturating_sub(Duration::from_secs(1)));
         }
         if keep.is_zero() {
-            return;
+            return None;
         }
-        self.counts.idle.fetch_add(1, Ordering::Relaxed);
-        let now = Instant::now();
-        let mut expires = now + keep;
+        let mut expires = Instant::now() + keep;
         if let Some(age) = self.life.max_age {
             expires = expires.min(conn.wear.born + age);
         }
-        idle.push(IdleH1 {
-            conn: IdleConn::Live(conn),
-            since: now,
-            expires,
-        });
+        Some((conn, expires))
     }
 
     /// The shared HTTP/2 connections; hold the guard while connecting so that concurrent
