@@ -1,6 +1,7 @@
-//! The bench clients: each iteration sends `GET /slow/<id>` through the gateway, waits until the
-//! upstream has started the job, takes `t0`, aborts, and waits for the upstream to report what it
-//! saw and when.
+//! The bench clients: each iteration sends `GET /slow/<id>` (or `/stream/<id>`) through the
+//! gateway, waits until the upstream has started the job (and, for a stream, until the response
+//! head and first chunk have arrived), takes `t0`, aborts, and waits for the upstream to report
+//! what it saw and when.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -17,7 +18,36 @@ use tokio::time::timeout_at;
 use tokio_rustls::TlsConnector;
 
 use crate::tls;
-use crate::upstream::{Event, Seen};
+use crate::upstream::{Event, FIRST_CHUNK, Seen};
+
+/// Where the request is when the client gives up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    /// Waiting for the response head (`/slow/<id>`).
+    FirstByte,
+    /// Reading a response that has started (`/stream/<id>`): head and first chunk received.
+    Body,
+}
+
+impl Phase {
+    /// Every phase, in report order.
+    pub const ALL: [Phase; 2] = [Phase::FirstByte, Phase::Body];
+
+    /// The label used in the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::FirstByte => "first byte",
+            Phase::Body => "body",
+        }
+    }
+
+    fn path(self, id: u64) -> String {
+        match self {
+            Phase::FirstByte => format!("/slow/{id}"),
+            Phase::Body => format!("/stream/{id}"),
+        }
+    }
+}
 
 /// How the client talks to the gateway and how it gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +149,7 @@ pub async fn h1_iteration(
     gateway: SocketAddr,
     id: u64,
     rst: bool,
+    phase: Phase,
     events: &mut Events,
     deadline: tokio::time::Instant,
 ) -> Result<Sample, Failure> {
@@ -133,8 +164,19 @@ pub async fn h1_iteration(
             .set_linger(Some(Duration::ZERO))
             .map_err(client_err)?;
     }
-    let req = format!("GET /slow/{id} HTTP/1.1\r\nhost: bench\r\n\r\n");
+    let req = format!("GET {} HTTP/1.1\r\nhost: bench\r\n\r\n", phase.path(id));
     tcp.write_all(req.as_bytes()).await.map_err(client_err)?;
+    if phase == Phase::Body {
+        events.started(id, deadline).await?;
+        first_chunk_h1(&mut tcp, deadline).await?;
+        let t0 = Instant::now();
+        drop(tcp);
+        let (seen, at) = events.done(id, deadline).await?;
+        return Ok(Sample {
+            seen,
+            latency: at.saturating_duration_since(t0),
+        });
+    }
     let mut first = [0u8; 64];
     tokio::select! {
         biased;
@@ -156,6 +198,24 @@ pub async fn h1_iteration(
         seen,
         latency: at.saturating_duration_since(t0),
     })
+}
+
+/// Reads until the response head and the stream's first chunk have arrived.
+async fn first_chunk_h1(
+    tcp: &mut TcpStream,
+    deadline: tokio::time::Instant,
+) -> Result<(), Failure> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.windows(FIRST_CHUNK.len()).any(|w| w == FIRST_CHUNK) {
+        match timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            Ok(Ok(_)) => return Err(Failure::GatewayAnswered("connection closed".to_string())),
+            Ok(Err(e)) => return Err(client_err(e)),
+            Err(_) => return Err(client_err("no first chunk")),
+        }
+    }
+    Ok(())
 }
 
 /// A long-lived HTTP/2 connection to the gateway; one stream per iteration.
@@ -214,6 +274,7 @@ impl H2Client {
     pub async fn iteration(
         &mut self,
         id: u64,
+        phase: Phase,
         events: &mut Events,
         deadline: tokio::time::Instant,
     ) -> Result<Sample, Failure> {
@@ -221,10 +282,31 @@ impl H2Client {
             .await
             .map_err(|_| client_err("connection not ready"))?
             .map_err(client_err)?;
-        let req = http::Request::get(format!("{}/slow/{id}", self.base))
+        let req = http::Request::get(format!("{}{}", self.base, phase.path(id)))
             .body(())
             .map_err(client_err)?;
         let (response, mut stream) = send.send_request(req, true).map_err(client_err)?;
+        if phase == Phase::Body {
+            events.started(id, deadline).await?;
+            let head = timeout_at(deadline, response)
+                .await
+                .map_err(|_| client_err("no response head"))?
+                .map_err(client_err)?;
+            let mut body = head.into_body();
+            match timeout_at(deadline, body.data()).await {
+                Ok(Some(Ok(_))) => {}
+                _ => return Err(client_err("no first chunk")),
+            }
+            let t0 = Instant::now();
+            stream.send_reset(h2::Reason::CANCEL);
+            drop(stream);
+            drop(body);
+            let (seen, at) = events.done(id, deadline).await?;
+            return Ok(Sample {
+                seen,
+                latency: at.saturating_duration_since(t0),
+            });
+        }
         // Boxed so that it can be dropped right after the reset.
         let mut response = Box::pin(response);
         tokio::select! {

@@ -3,10 +3,12 @@
 //! Run with: `bench/propagation.sh [--quick]` (or `cargo run --release -p tether-bench --bin
 //! propagation -- --help`).
 //!
-//! For every pair downstream {h1 FIN, h1 RST, h2c, h2+TLS} × upstream {h1, h2c, h2+TLS}, a fresh
-//! upstream and a fresh in-process gateway are started. Each iteration sends `GET /slow/<id>`,
-//! waits until the upstream has the request, aborts on the client side and measures the time
-//! until the upstream observes the abort. One process, one monotonic clock for both ends.
+//! For every pair downstream {h1 FIN, h1 RST, h2c, h2+TLS} × upstream {h1, h2c, h2+TLS}, and
+//! each phase the client gives up in (waiting for the first byte, reading a response that has
+//! started), a fresh upstream and a fresh in-process gateway are started. Each iteration sends
+//! `GET /slow/<id>` (or `/stream/<id>`), waits until the upstream has the request (and the client
+//! the first chunk), aborts on the client side and measures the time until the upstream
+//! observes the abort. One process, one monotonic clock for both ends.
 
 mod downstream;
 mod report;
@@ -28,7 +30,7 @@ use tether_gateway::observe::access::NoAccessLog;
 use tether_gateway::{Gateway, RunningGateway};
 use tokio::sync::mpsc;
 
-use crate::downstream::{Events, Failure, H2Client, Sample};
+use crate::downstream::{Events, Failure, H2Client, Phase, Sample};
 use crate::report::{Machine, PairResult};
 use crate::tls::Material;
 
@@ -160,18 +162,21 @@ fn main() -> ExitCode {
 async fn run(opts: &Options) -> Result<Vec<PairResult>, BoxError> {
     let material = Material::generate()?;
     let mut results = Vec::new();
-    for down in downstream::Kind::ALL {
-        for up in upstream::Kind::ALL {
-            let r = run_pair(down, up, opts, &material).await?;
-            eprintln!(
-                "{} -> {}: {} samples, p99 {:?}, {} problem(s)",
-                down.label(),
-                up.label(),
-                r.latencies.len(),
-                r.percentile(99.0),
-                r.problems()
-            );
-            results.push(r);
+    for phase in Phase::ALL {
+        for down in downstream::Kind::ALL {
+            for up in upstream::Kind::ALL {
+                let r = run_pair(phase, down, up, opts, &material).await?;
+                eprintln!(
+                    "{} {} -> {}: {} samples, p99 {:?}, {} problem(s)",
+                    phase.label(),
+                    down.label(),
+                    up.label(),
+                    r.latencies.len(),
+                    r.percentile(99.0),
+                    r.problems()
+                );
+                results.push(r);
+            }
         }
     }
     Ok(results)
@@ -226,6 +231,7 @@ fn gateway_config(
 }
 
 async fn run_pair(
+    phase: Phase,
     down: downstream::Kind,
     up: upstream::Kind,
     opts: &Options,
@@ -251,6 +257,7 @@ async fn run_pair(
     };
     let mut h2: Option<H2Client> = None;
     let mut result = PairResult {
+        phase,
         down,
         up,
         latencies: Vec::with_capacity(opts.iterations),
@@ -268,7 +275,7 @@ async fn run_pair(
             downstream::Kind::H1Fin | downstream::Kind::H1Rst => {
                 result.downstream_conns += 1;
                 let rst = down == downstream::Kind::H1Rst;
-                downstream::h1_iteration(gateway_addr, id, rst, &mut events, deadline).await
+                downstream::h1_iteration(gateway_addr, id, rst, phase, &mut events, deadline).await
             }
             downstream::Kind::H2c | downstream::Kind::H2Tls => {
                 if h2.as_ref().is_none_or(H2Client::is_closed) {
@@ -278,7 +285,7 @@ async fn run_pair(
                         .ok();
                 }
                 match h2.as_mut() {
-                    Some(client) => client.iteration(id, &mut events, deadline).await,
+                    Some(client) => client.iteration(id, phase, &mut events, deadline).await,
                     None => Err(Failure::Client("cannot connect over h2".to_string())),
                 }
             }

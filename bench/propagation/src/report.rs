@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::Options;
-use crate::downstream::{self, Failure};
+use crate::downstream::{self, Failure, Phase};
 use crate::upstream::{self, Seen};
 
 /// The target the results are checked against.
@@ -14,6 +14,8 @@ pub const TARGET_P99: Duration = Duration::from_millis(1);
 /// Everything measured for one downstream × upstream pair.
 #[derive(Debug)]
 pub struct PairResult {
+    /// Where the request was when the client gave up.
+    pub phase: Phase,
     /// Client side.
     pub down: downstream::Kind,
     /// Origin side.
@@ -93,7 +95,8 @@ pub fn table(results: &[PairResult]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<10} {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>6}  upstream saw / failures",
+        "{:<10} {:<10} {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>6}  upstream saw / failures",
+        "phase",
         "downstream",
         "upstream",
         "n",
@@ -109,7 +112,8 @@ pub fn table(results: &[PairResult]) -> String {
     for r in results {
         let _ = writeln!(
             out,
-            "{:<10} {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>6}  {}; failures: {}",
+            "{:<10} {:<10} {:<8} {:>6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>6} {:>6}  {}; failures: {}",
+            r.phase.label(),
             r.down.label(),
             r.up.label(),
             r.latencies.len(),
@@ -255,7 +259,13 @@ pub fn markdown(results: &[PairResult], opts: &Options, machine: &Machine) -> St
         out,
         "- Latency: the instant the upstream observed the abort (h1: `read()` returned EOF or an \
          error; h2: `poll_reset` yielded) minus the instant the client aborted (h1: socket \
-         dropped; h2: `send_reset(CANCEL)`), in microseconds\n"
+         dropped; h2: `send_reset(CANCEL)`), in microseconds"
+    );
+    let _ = writeln!(
+        out,
+        "- Phase: `first byte`, the client gives up while the upstream works on `/slow/<id>` \
+         before answering; `body`, while it streams `/stream/<id>` (head and first chunk \
+         received by the client, the rest held back until the job ends)\n"
     );
 
     let all_ok = results.iter().all(|r| r.problems() == 0);
@@ -290,14 +300,18 @@ pub fn markdown(results: &[PairResult], opts: &Options, machine: &Machine) -> St
 
     let _ = writeln!(
         out,
-        "| downstream | upstream | p50 µs | p95 µs | p99 µs | max µs | completed anyway | \
+        "| phase | downstream | upstream | p50 µs | p95 µs | p99 µs | max µs | completed anyway | \
          upstream conns accepted | downstream conns | upstream saw | failures |"
     );
-    let _ = writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    );
     for r in results {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.phase.label(),
             r.down.label(),
             r.up.label(),
             us(r.percentile(50.0)),
@@ -316,9 +330,11 @@ pub fn markdown(results: &[PairResult], opts: &Options, machine: &Machine) -> St
         "\nPercentiles cover the measured iterations; the counts (completed, connections, \
          upstream saw, failures) cover warm-up and measured iterations together. An h1 upstream \
          connection is closed by every abort, so it accepts one connection per iteration; an h2 \
-         upstream connection should stay open, one per gateway worker. An h2 client keeps one \
-         connection for all iterations, so every stream reset also shows that the other streams \
-         and the connection survive."
+         upstream connection should stay open, one per gateway worker. An h2 client keeps its \
+         connection across iterations, so every stream reset also shows that the other streams \
+         and the connection survive; past about 200 resets in quick succession (the listener's \
+         default `h2_reset_burst`) tether takes them for a reset flood and sends GOAWAY, and \
+         the client reconnects once (2 downstream connections)."
     );
     out
 }
@@ -329,6 +345,7 @@ mod tests {
 
     fn result(latencies_us: &[u64]) -> PairResult {
         PairResult {
+            phase: Phase::FirstByte,
             down: downstream::Kind::H2c,
             up: upstream::Kind::H1,
             latencies: latencies_us

@@ -1,7 +1,12 @@
 //! The upstreams the gateway forwards to. A request for `/slow/<id>` is a long job: the upstream
 //! reports [`Event::Started`], then watches for the abort and reports what it saw and when in
 //! [`Event::Done`]. If the job runs its full length it answers and counts as completed: a
-//! cancellation that did not arrive.
+//! cancellation that did not arrive. `/stream/<id>` is the same job behind a response that has
+//! started: the head and a first chunk ([`FIRST_CHUNK`]) go out before it reports started, the
+//! rest only at the job's end.
+
+/// The first body chunk of a `/stream/<id>` response.
+pub const FIRST_CHUNK: &[u8] = b"data: first\n\n";
 
 use std::fmt;
 use std::future::poll_fn;
@@ -184,9 +189,13 @@ async fn accept_loop(listener: TcpListener, kind: Kind, tls: Option<TlsAcceptor>
     }
 }
 
-/// The iteration id in `/slow/<id>`, or `None` for any other path.
-fn slow_id(path: &str) -> Option<u64> {
-    path.strip_prefix("/slow/")?.parse().ok()
+/// The iteration id in `/slow/<id>` or `/stream/<id>` and whether the response streams, or
+/// `None` for any other path.
+fn job_of(path: &str) -> Option<(u64, bool)> {
+    if let Some(id) = path.strip_prefix("/stream/") {
+        return Some((id.parse().ok()?, true));
+    }
+    Some((path.strip_prefix("/slow/")?.parse().ok()?, false))
 }
 
 async fn serve_h1(mut tcp: TcpStream, shared: Shared) {
@@ -196,20 +205,32 @@ async fn serve_h1(mut tcp: TcpStream, shared: Shared) {
             return;
         };
         let path = head.split(' ').nth(1).unwrap_or("");
-        let Some(id) = slow_id(path) else {
+        let Some((id, streaming)) = job_of(path) else {
             let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
             if tcp.write_all(ok).await.is_err() {
                 return;
             }
             continue;
         };
+        if streaming {
+            let mut start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            start.extend_from_slice(format!("{:x}\r\n", FIRST_CHUNK.len()).as_bytes());
+            start.extend_from_slice(FIRST_CHUNK);
+            start.extend_from_slice(b"\r\n");
+            if tcp.write_all(&start).await.is_err() {
+                return;
+            }
+        }
         let _ = shared.events.send(Event::Started { id });
         let (seen, at) = watch_h1(&mut tcp, shared.job).await;
         if seen == Seen::Completed {
             shared.counters.completed.fetch_add(1, Ordering::Relaxed);
-            let _ = tcp
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone")
-                .await;
+            let end: &[u8] = if streaming {
+                b"4\r\ndone\r\n0\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\ndone"
+            };
+            let _ = tcp.write_all(end).await;
         }
         let _ = shared.events.send(Event::Done { id, at, seen });
         // A cancelled connection is dead; a completed one is closed too, to keep counting simple.
@@ -280,7 +301,7 @@ async fn serve_h2_stream(
     mut respond: SendResponse<Bytes>,
     shared: Shared,
 ) {
-    let Some(id) = slow_id(req.uri().path()) else {
+    let Some((id, streaming)) = job_of(req.uri().path()) else {
         if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
             let _ = body.send_data(Bytes::from_static(b"ok"), true);
         }
@@ -288,9 +309,26 @@ async fn serve_h2_stream(
     };
     // Hold the receiving half for the whole job so the stream stays open on our side.
     let _body = req.into_body();
+    let mut sending = None;
+    if streaming {
+        let Ok(mut body) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        if body
+            .send_data(Bytes::from_static(FIRST_CHUNK), false)
+            .is_err()
+        {
+            return;
+        }
+        sending = Some(body);
+    }
     let _ = shared.events.send(Event::Started { id });
     let (seen, at) = {
-        let reset = poll_fn(|cx| respond.poll_reset(cx));
+        // Once the response has started, its body's handle is the one told of a reset.
+        let reset = poll_fn(|cx| match sending.as_mut() {
+            Some(body) => body.poll_reset(cx),
+            None => respond.poll_reset(cx),
+        });
         tokio::select! {
             biased;
             r = reset => {
@@ -305,8 +343,15 @@ async fn serve_h2_stream(
     };
     if seen == Seen::Completed {
         shared.counters.completed.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
-            let _ = body.send_data(Bytes::from_static(b"done"), true);
+        match sending.as_mut() {
+            Some(body) => {
+                let _ = body.send_data(Bytes::from_static(b"done"), true);
+            }
+            None => {
+                if let Ok(mut body) = respond.send_response(http::Response::new(()), false) {
+                    let _ = body.send_data(Bytes::from_static(b"done"), true);
+                }
+            }
         }
     }
     let _ = shared.events.send(Event::Done { id, at, seen });
