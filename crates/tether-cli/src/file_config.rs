@@ -138,6 +138,10 @@ pub struct FileLimits {
     pub h2_reset_burst: Option<u32>,
     /// Client resets of accepted HTTP/2 streams allowed per second after the burst.
     pub h2_reset_per_second: Option<u32>,
+    /// Requests one client connection carries before it is closed.
+    pub max_requests_per_connection: Option<u32>,
+    /// Longest a client connection is used.
+    pub max_connection_age: Option<String>,
 }
 
 /// A certificate and its key: `{ cert, key }`.
@@ -911,6 +915,17 @@ fn limits(key: &str, l: &FileLimits) -> Result<ListenerLimits, KeyError> {
     }
     if let Some(n) = l.h2_max_local_error_resets {
         cfg.h2_max_local_error_resets = n;
+    }
+    if let Some(n) = l.max_requests_per_connection {
+        cfg.max_requests_per_connection = Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
+            KeyError::new(
+                format!("{key}.max_requests_per_connection"),
+                "must be at least 1; omit it for no limit",
+            )
+        })?);
+    }
+    if let Some(s) = &l.max_connection_age {
+        cfg.max_connection_age = Some(duration_key(&format!("{key}.max_connection_age"), s)?);
     }
     if l.h2_reset_burst == Some(0) {
         cfg.h2_reset_budget = None;

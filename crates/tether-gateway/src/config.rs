@@ -156,6 +156,15 @@ pub struct ListenerLimits {
     /// at a rate per second. Beyond it the connection is told to go away (GOAWAY) and its
     /// streams are cancelled. Default 200 and 50/s; `None` disables.
     pub h2_reset_budget: Option<ResetBudget>,
+    /// Requests one client connection carries (nginx's `keepalive_requests`): the last one's
+    /// response closes it (HTTP/1: `Connection: close`; HTTP/2: GOAWAY, streams in flight
+    /// finishing), so that clients behind an L4 balancer spread over tethers again. Default:
+    /// none.
+    pub max_requests_per_connection: Option<std::num::NonZeroU32>,
+    /// Longest a client connection is used (nginx's `keepalive_time`): the first response
+    /// after it closes the connection (HTTP/1), or GOAWAY is sent when it passes (HTTP/2).
+    /// Default: none.
+    pub max_connection_age: Option<Duration>,
 }
 
 /// The shortest `park_idle_after`: a connection with a request in flight looks at its idleness
@@ -187,6 +196,8 @@ impl Default for ListenerLimits {
                 burst: 200,
                 per_second: 50,
             }),
+            max_requests_per_connection: None,
+            max_connection_age: None,
         }
     }
 }
@@ -1490,6 +1501,12 @@ fn validate_listener_limits(key: &str, l: &ListenerConfig) -> Result<(), ConfigE
         return Err(ConfigError::new(
             format!("{lkey}.park_idle_after"),
             "must be at least 100ms; write \"off\" to never park",
+        ));
+    }
+    if lim.max_connection_age.is_some_and(|a| a.is_zero()) {
+        return Err(ConfigError::new(
+            format!("{lkey}.max_connection_age"),
+            "must be greater than zero; omit it to keep connections as long as clients do",
         ));
     }
     if lim.h2_max_concurrent_streams == 0 {

@@ -329,3 +329,82 @@ async fn many_parked_connections_come_back_at_once_and_resets_close_them() {
     }
     env.stop().await;
 }
+
+/// `max_requests_per_connection` on HTTP/1: the last request's response says `Connection:
+/// close` and the connection ends after it; the count holds across parks.
+#[tokio::test]
+async fn an_h1_client_connection_closes_after_its_share_of_requests_parks_included() {
+    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.max_requests_per_connection = std::num::NonZeroU32::new(3);
+    })
+    .await;
+    let mut c = parked_client(&env).await;
+    let (head, _) = bounded(BOUND, c.get("/b")).await.unwrap();
+    assert_eq!(head.header("connection"), None);
+    env.wait_parked(1).await;
+    let (head, body) = bounded(BOUND, c.get("/c")).await.unwrap();
+    assert_eq!((head.status, &body[..]), (200, &b"hi"[..]));
+    assert_eq!(head.header("connection"), Some("close"));
+    assert_eq!(c.wait_closed(BOUND).await, Closed::Eof);
+    // A new connection starts its count afresh.
+    let mut c = env.h1().await;
+    let (head, _) = bounded(BOUND, c.get("/d")).await.unwrap();
+    assert_eq!(head.header("connection"), None);
+    env.stop().await;
+}
+
+/// `max_connection_age` on HTTP/1: the first response after it closes the connection, even one
+/// that was parked meanwhile.
+#[tokio::test]
+async fn an_h1_client_connection_past_its_age_closes_after_its_next_response() {
+    let env = Env::with(Down::H1, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.max_connection_age = Some(Duration::from_millis(800));
+    })
+    .await;
+    let mut c = parked_client(&env).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let (head, _) = bounded(BOUND, c.get("/b")).await.unwrap();
+    assert_eq!(
+        (head.status, head.header("connection")),
+        (200, Some("close"))
+    );
+    assert_eq!(c.wait_closed(BOUND).await, Closed::Eof);
+    env.stop().await;
+}
+
+/// On HTTP/2 the connection's last stream, or its age, sends GOAWAY: the streams in flight
+/// finish and the connection ends.
+#[tokio::test]
+async fn an_h2_client_connection_is_sent_goaway_after_its_share_or_its_age() {
+    let env = Env::with(Down::H2c, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.max_requests_per_connection = std::num::NonZeroU32::new(2);
+    })
+    .await;
+    let mut c = env.h2().await;
+    for path in ["/a", "/b"] {
+        let (parts, body) = bounded(BOUND, c.get(path)).await.unwrap();
+        assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"hi"[..]));
+    }
+    bounded(BOUND, async {
+        while !c.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    env.stop().await;
+
+    let env = Env::with(Down::H2c, Up::H1, script(|_| Behavior::ok("hi")), |c| {
+        c.listeners[0].limits.max_connection_age = Some(Duration::from_millis(300));
+    })
+    .await;
+    let mut c = env.h2().await;
+    let (parts, _) = bounded(BOUND, c.get("/a")).await.unwrap();
+    assert_eq!(parts.status, 200);
+    bounded(BOUND, async {
+        while !c.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    env.stop().await;
+}

@@ -292,6 +292,58 @@ fn park_idle_after_off_default_and_too_short() {
 }
 
 #[test]
+fn client_connection_lifetimes_convert_and_bad_ones_name_their_key() {
+    let with = |v: &str| {
+        HARDENED.replace(
+            "  h2_reset_burst = 0\n",
+            &format!("  h2_reset_burst = 0\n  {v}\n"),
+        )
+    };
+    let l = parse(HARDENED, Path::new(".")).unwrap();
+    let limits = l.config.listeners[0].limits;
+    assert_eq!(
+        (
+            limits.max_requests_per_connection,
+            limits.max_connection_age
+        ),
+        (None, None)
+    );
+    let l = parse(
+        &with("max_requests_per_connection = 1000\n  max_connection_age = \"1h\""),
+        Path::new("."),
+    )
+    .unwrap();
+    let limits = l.config.listeners[0].limits;
+    assert_eq!(
+        (
+            limits.max_requests_per_connection,
+            limits.max_connection_age
+        ),
+        (
+            std::num::NonZeroU32::new(1000),
+            Some(Duration::from_secs(3600))
+        )
+    );
+    for (bad, key, why) in [
+        (
+            "max_requests_per_connection = 0",
+            "max_requests_per_connection",
+            "at least 1",
+        ),
+        (
+            "max_connection_age = \"0s\"",
+            "max_connection_age",
+            "greater than zero",
+        ),
+        ("max_connection_age = \"a while\"", "max_connection_age", ""),
+    ] {
+        let e = err(&with(bad));
+        assert_eq!(e.key, format!("listeners[0].limits.{key}"), "{e:?}");
+        assert!(e.message.contains(why), "{e:?}");
+    }
+}
+
+#[test]
 fn sub_second_keepalive_is_refused_with_its_key() {
     let src = HARDENED.replace("keepalive_idle = \"2s\"", "keepalive_idle = \"500ms\"");
     let e = err(&src);

@@ -85,7 +85,16 @@ pub async fn serve<I>(
         peer: &peer,
         stop: &stop,
     };
-    let _ = session(down, io, watcher, Activity::new(), None, None).await;
+    let _ = session(
+        down,
+        io,
+        watcher,
+        Activity::new(),
+        None,
+        None,
+        super::Worn::new(),
+    )
+    .await;
 }
 
 /// An accepted plain-TCP HTTP/1 connection's parts: what it keeps while parked.
@@ -103,11 +112,13 @@ pub struct TcpConn {
     pub stop: CancellationToken,
     /// Held to the connection's end.
     pub permit: ConnPermit,
+    /// Its use so far.
+    pub worn: super::Worn,
 }
 
 /// Serves a plain-TCP HTTP/1 connection until it ends or parks. `head_by` is when the first
 /// request head is due, for a connection coming back from being parked.
-pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<Instant>) {
+pub async fn serve_tcp(mut conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<Instant>) {
     let mut replay = Bytes::new();
     loop {
         let park_after = conn.listener.limits.park_idle_after;
@@ -125,9 +136,12 @@ pub async fn serve_tcp(conn: TcpConn, mut tcp: TcpStream, mut head_by: Option<In
             replay,
             activity: activity.clone(),
         });
-        let Some(parked) = session(down, io, watcher, activity, park_after, head_by).await else {
+        let Some(parked) =
+            session(down, io, watcher, activity, park_after, head_by, conn.worn).await
+        else {
             return;
         };
+        conn.worn.served = parked.served;
         let deadline = parked.idle_since + conn.listener.limits.header_read_timeout;
         let (socket, read_ahead) = parked.take_back();
         head_by = Some(deadline);
@@ -147,6 +161,8 @@ struct Parked<I> {
     io: I,
     read_ahead: Bytes,
     idle_since: Instant,
+    /// Requests the connection has carried, this session's included.
+    served: u32,
 }
 
 impl Parked<TokioIo<SessionIo>> {
@@ -178,7 +194,8 @@ struct Idle {
 }
 
 /// One hyper connection over `io`, to the connection's end or, with `park_after`, until it is
-/// idle that long and is parked. `head_by`: when the first request head is due, after a park.
+/// idle that long and is parked. `head_by`: when the first request head is due, after a park;
+/// `worn`: the connection's use before this session.
 async fn session<I>(
     down: Downstream<'_>,
     io: I,
@@ -186,6 +203,7 @@ async fn session<I>(
     activity: Arc<Activity>,
     park_after: Option<Duration>,
     head_by: Option<Instant>,
+    worn: super::Worn,
 ) -> Option<Parked<I>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -212,12 +230,24 @@ where
         let activity = activity.clone();
         service_fn(move |req| {
             let guard = activity.begin();
+            // The connection's last request (`max_requests_per_connection`, `max_connection_age`)
+            // is answered with `Connection: close`, and hyper closes it after the response.
+            let last = worn.is_last(
+                u64::from(worn.served) + activity.started(),
+                &accepted.1.limits,
+            );
             // A reload since the connection opened applies to this request; the request keeps
             // what it starts with.
             let (worker, listener) = source.current().unwrap_or_else(|| accepted.clone());
             let handled = proxy::handle(worker, listener, conn.clone(), req);
             async move {
-                let resp = handled.await?;
+                let mut resp = handled.await?;
+                if last && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                    resp.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, std::convert::Infallible>(resp.map(|b| GuardedBody::new(b, guard)))
             }
         })
@@ -368,6 +398,9 @@ where
                 io: parts.io.into_inner(),
                 read_ahead: parts.read_buf,
                 idle_since: i.since,
+                served: worn
+                    .served
+                    .saturating_add(u32::try_from(started).unwrap_or(u32::MAX)),
             });
         }
     }

@@ -42,10 +42,19 @@ pub async fn serve<I>(
     let conn = peer.conn(cancel.clone());
     let activity = Activity::new();
     let probe_activity = activity.clone();
+    let worn = super::Worn::new();
+    // Cancelled by the connection's last stream (`max_requests_per_connection`): GOAWAY.
+    let retire = CancellationToken::new();
     let svc = {
         let accepted = (worker.clone(), listener.clone());
+        let retire = retire.clone();
         service_fn(move |req| {
             let guard = activity.begin();
+            if limits.max_requests_per_connection.is_some()
+                && worn.is_last(activity.started(), &limits)
+            {
+                retire.cancel();
+            }
             // A reload since the connection opened applies to this stream; the stream keeps what
             // it starts with.
             let (worker, listener) = source.current().unwrap_or_else(|| accepted.clone());
@@ -85,6 +94,13 @@ pub async fn serve<I>(
     let mut stop_fut = pin!(stop_fut);
     let exhausted = cancel.reset_budget_exhausted();
     let mut exhausted = pin!(exhausted);
+    let retired = retire.cancelled();
+    let mut retired = pin!(retired);
+    // `max_connection_age`: GOAWAY when it passes.
+    let aged = limits
+        .max_connection_age
+        .map(|a| Box::pin(tokio::time::sleep_until(worn.born + a)));
+    let mut aged = aged;
     // Only hyper's connection is polled on every turn; the other branches when one of them woke.
     let (gate, gated) = Gate::new();
     let result = loop {
@@ -101,6 +117,14 @@ pub async fn serve<I>(
             if !stopping && stop_fut.as_mut().poll(&mut cx).is_ready() {
                 return Poll::Ready(Turn::Stop);
             }
+            if !stopping
+                && (retired.as_mut().poll(&mut cx).is_ready()
+                    || aged
+                        .as_mut()
+                        .is_some_and(|a| a.as_mut().poll(&mut cx).is_ready()))
+            {
+                return Poll::Ready(Turn::Retire);
+            }
             if !calming && exhausted.as_mut().poll(&mut cx).is_ready() {
                 return Poll::Ready(Turn::Calm);
             }
@@ -114,8 +138,9 @@ pub async fn serve<I>(
         gate.reopen();
         match turn {
             Turn::Done(r) => break r,
-            // Shutdown: GOAWAY, let the streams in flight finish.
-            Turn::Stop => {
+            // Shutdown, or the connection has done its share: GOAWAY, let the streams in
+            // flight finish.
+            Turn::Stop | Turn::Retire => {
                 stopping = true;
                 connection.as_mut().graceful_shutdown();
             }
@@ -143,6 +168,7 @@ pub async fn serve<I>(
 enum Turn<R> {
     Done(R),
     Stop,
+    Retire,
     Calm,
     CalmOver,
 }

@@ -67,6 +67,8 @@ struct Lot {
     generation: u32,
     /// After shutdown, nothing parks any more.
     closed: bool,
+    /// The use so far of parked connections whose listener limits it, by key.
+    worn: std::collections::HashMap<usize, super::Worn>,
 }
 
 /// Only what serving the connection again needs: the worker, listener settings and local
@@ -81,6 +83,14 @@ struct Entry {
 }
 
 impl Lot {
+    /// The use kept for the connection parked under `key`, which leaves.
+    fn forget_worn(&mut self, key: usize) -> Option<super::Worn> {
+        if self.worn.is_empty() {
+            return None;
+        }
+        self.worn.remove(&key)
+    }
+
     /// Whether `token` is a connection parked now (not one that came back, or a reused slot).
     fn is_parked(&self, token: u64) -> bool {
         let key = key_of(token);
@@ -184,6 +194,12 @@ impl Parking {
             source: conn.source,
             permit: conn.permit,
         });
+        // Only a listener that limits its connections' use needs their use kept; the entry
+        // itself stays as small as it is.
+        let limits = &conn.listener.limits;
+        if limits.max_requests_per_connection.is_some() || limits.max_connection_age.is_some() {
+            lot.worn.insert(key_of(token), conn.worn);
+        }
         lot.deadlines.push(Reverse((deadline, token)));
         drop(lot);
         if earliest.is_none_or(|at| deadline < at) {
@@ -286,6 +302,7 @@ impl Parking {
                 Err(_) => false,
             };
         let entry = lot.conns.remove(key);
+        let worn = lot.forget_worn(key);
         lot.leave_deadline_behind();
         drop(lot);
         if !resume {
@@ -327,6 +344,7 @@ impl Parking {
             peer,
             stop: self.stop.clone(),
             permit,
+            worn: worn.unwrap_or_default(),
         };
         tokio::spawn(h1::serve_tcp(conn, tcp, Some(deadline)));
     }
@@ -342,6 +360,7 @@ impl Parking {
             lot.deadlines.pop();
             if lot.is_parked(token) {
                 closed.push(lot.conns.remove(key_of(token)));
+                lot.forget_worn(key_of(token));
             } else {
                 lot.stale = lot.stale.saturating_sub(1);
             }
@@ -357,6 +376,7 @@ impl Parking {
         let mut lot = lock(&self.lot);
         lot.closed = true;
         let conns = std::mem::take(&mut lot.conns);
+        lot.worn.clear();
         lot.deadlines.clear();
         lot.stale = 0;
         drop(lot);
