@@ -880,15 +880,18 @@ fn dead_peer(key: &str, d: &FileDeadPeer) -> Result<DeadPeerConfig, KeyError> {
     Ok(cfg)
 }
 
+/// A limit that must be at least 1, as `NonZero*::new` made it.
+fn nonzero<N>(key: String, made: Option<N>) -> Result<N, KeyError> {
+    made.ok_or_else(|| KeyError::new(key, "must be at least 1; omit it for no limit"))
+}
+
 fn limits(key: &str, l: &FileLimits) -> Result<ListenerLimits, KeyError> {
     let mut cfg = ListenerLimits::default();
     if let Some(n) = l.max_connections {
-        cfg.max_connections = Some(NonZeroUsize::new(n).ok_or_else(|| {
-            KeyError::new(
-                format!("{key}.max_connections"),
-                "must be at least 1; omit it for no limit",
-            )
-        })?);
+        cfg.max_connections = Some(nonzero(
+            format!("{key}.max_connections"),
+            NonZeroUsize::new(n),
+        )?);
     }
     if let Some(n) = l.backlog {
         cfg.backlog = n;
@@ -917,12 +920,10 @@ fn limits(key: &str, l: &FileLimits) -> Result<ListenerLimits, KeyError> {
         cfg.h2_max_local_error_resets = n;
     }
     if let Some(n) = l.max_requests_per_connection {
-        cfg.max_requests_per_connection = Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
-            KeyError::new(
-                format!("{key}.max_requests_per_connection"),
-                "must be at least 1; omit it for no limit",
-            )
-        })?);
+        cfg.max_requests_per_connection = Some(nonzero(
+            format!("{key}.max_requests_per_connection"),
+            std::num::NonZeroU32::new(n),
+        )?);
     }
     if let Some(s) = &l.max_connection_age {
         cfg.max_connection_age = Some(duration_key(&format!("{key}.max_connection_age"), s)?);
@@ -1263,12 +1264,10 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
     cfg.response_headers = r.response_headers.rules();
     cfg.max_body_bytes = r.max_body_bytes;
     if let Some(n) = r.max_in_flight {
-        cfg.max_in_flight = Some(NonZeroUsize::new(n).ok_or_else(|| {
-            KeyError::new(
-                format!("{key}.max_in_flight"),
-                "must be at least 1; omit it for no limit",
-            )
-        })?);
+        cfg.max_in_flight = Some(nonzero(
+            format!("{key}.max_in_flight"),
+            NonZeroUsize::new(n),
+        )?);
     }
     if let Some(rl) = &r.rate_limit {
         let per = match &rl.per {
@@ -1474,12 +1473,10 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         cfg.max_idle_per_endpoint = n;
     }
     if let Some(n) = u.max_in_flight_per_endpoint {
-        cfg.max_in_flight_per_endpoint = Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
-            KeyError::new(
-                format!("{key}.max_in_flight_per_endpoint"),
-                "must be at least 1; omit it for no limit",
-            )
-        })?);
+        cfg.max_in_flight_per_endpoint = Some(nonzero(
+            format!("{key}.max_in_flight_per_endpoint"),
+            std::num::NonZeroU32::new(n),
+        )?);
     }
     if let Some(s) = &u.queue_timeout {
         let qkey = format!("{key}.queue_timeout");
@@ -1515,12 +1512,10 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         cfg.idle_timeout = d;
     }
     if let Some(n) = u.max_requests_per_connection {
-        cfg.max_requests_per_connection = Some(std::num::NonZeroU32::new(n).ok_or_else(|| {
-            KeyError::new(
-                format!("{key}.max_requests_per_connection"),
-                "must be at least 1; omit it for no limit",
-            )
-        })?);
+        cfg.max_requests_per_connection = Some(nonzero(
+            format!("{key}.max_requests_per_connection"),
+            std::num::NonZeroU32::new(n),
+        )?);
     }
     cfg.proxy_protocol = u.proxy_protocol.map(|v| match v {
         FileProxyProtocol::V1 => tether_gateway::config::ProxyProtocolVersion::V1,

@@ -1132,12 +1132,7 @@ impl Config {
                     "only with protocol = \"http1\": an HTTP/2 connection carries many clients' requests, and a PROXY header names one",
                 ));
             }
-            if u.max_connection_age.is_some_and(|a| a.is_zero()) {
-                return Err(ConfigError::new(
-                    format!("{key}.max_connection_age"),
-                    "must be greater than zero; omit it to keep connections as long as they work",
-                ));
-            }
+            validate_age(&key, u.max_connection_age)?;
             if let Some(j) = u
                 .fail_statuses
                 .iter()
@@ -1370,6 +1365,17 @@ fn validate_compression(key: &str, c: &Compression) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A connection's `max_connection_age` (upstream or client side) must be above zero.
+fn validate_age(key: &str, age: Option<Duration>) -> Result<(), ConfigError> {
+    if age.is_some_and(|a| a.is_zero()) {
+        return Err(ConfigError::new(
+            format!("{key}.max_connection_age"),
+            "must be greater than zero; omit it to keep connections as long as they work",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_rate_limit(key: &str, rl: &RateLimit) -> Result<(), ConfigError> {
     if rl.requests == 0 {
         return Err(ConfigError::new(
@@ -1503,12 +1509,7 @@ fn validate_listener_limits(key: &str, l: &ListenerConfig) -> Result<(), ConfigE
             "must be at least 100ms; write \"off\" to never park",
         ));
     }
-    if lim.max_connection_age.is_some_and(|a| a.is_zero()) {
-        return Err(ConfigError::new(
-            format!("{lkey}.max_connection_age"),
-            "must be greater than zero; omit it to keep connections as long as clients do",
-        ));
-    }
+    validate_age(&lkey, lim.max_connection_age)?;
     if lim.h2_max_concurrent_streams == 0 {
         return Err(ConfigError::new(
             format!("{lkey}.h2_max_concurrent_streams"),
