@@ -365,13 +365,13 @@ pub struct Turn {
 
 impl Turn {
     /// The request will not use its slot (its client left, or its deadline comes first).
-    pub fn give_back(self) {
+    pub fn give_back(&self) {
         self.limiter.give_back(self.client);
     }
 
     /// The request cannot wait for its slot: its deadline comes first. The slot is given back
     /// and the client answered 429, told to come back once its wait is over.
-    pub fn refuse(self, t: &mut Tracker, route: &Route) -> Refusal {
+    pub fn refuse(&self, t: &mut Tracker, route: &Route) -> Refusal {
         let wait = self.wait;
         self.give_back();
         rate_limited(t, route, wait)
@@ -402,7 +402,7 @@ pub fn admit(
     peer: IpAddr,
     trusted: bool,
     t: &mut Tracker,
-) -> Result<Option<Turn>, Refusal> {
+) -> Result<Option<Box<Turn>>, Refusal> {
     // Who the client is, looked for (an `X-Forwarded-For` walk) once, and only when a rule
     // asks.
     let client = (route.access.is_some() || route.rate_limit.is_some())
@@ -428,11 +428,11 @@ pub fn admit(
             Err(wait) => return Err(rate_limited(t, route, wait)),
             Ok(wait) if !wait.is_zero() => {
                 // The route's in-flight limit is for requests being worked on, not waiting.
-                return Ok(Some(Turn {
+                return Ok(Some(Box::new(Turn {
                     limiter: Arc::clone(limiter),
                     client: counted,
                     wait,
-                }));
+                })));
             }
             Ok(_) => {}
         }

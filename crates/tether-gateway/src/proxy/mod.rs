@@ -254,7 +254,8 @@ fn proxy<'a>(
             t.ctx = t.ctx.child_with_deadline(d);
         }
         if let Some(turn) = turn {
-            match wait_turn(&mut t, route, turn).await {
+            // Boxed: only a request that waits pays for the wait's state.
+            match Box::pin(wait_turn(&mut t, route, turn)).await {
                 Ok(()) => {}
                 Err(Stopped::Refused(refusal)) => return refuse(t, refusal),
                 Err(Stopped::Cancelled(reason)) => return cancelled(t, reason),
@@ -442,7 +443,7 @@ fn proxy<'a>(
                             ep,
                             route.timeouts.connect,
                             want(upgrading, fresh_only),
-                            upstream.proxy_protocol.map(|_| (conn.client, conn.local)),
+                            upstream.proxy_protocol.map(|_| (&conn.client, &conn.local)),
                         ) => r,
                     };
                     match r {
@@ -1150,7 +1151,7 @@ enum Stopped {
 async fn wait_turn(
     t: &mut Tracker,
     route: &Route,
-    turn: crate::admission::Turn,
+    turn: Box<crate::admission::Turn>,
 ) -> Result<(), Stopped> {
     t.stage = Stage::Admission;
     if t.ctx.remaining().is_some_and(|left| left < turn.wait) {

@@ -450,7 +450,7 @@ impl Upstream {
         ep: &Endpoint,
         connect_timeout: Duration,
         want: Want,
-        client: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+        client: Option<(&std::net::SocketAddr, &std::net::SocketAddr)>,
     ) -> Result<(Checkout, CheckoutInfo), ProxyError> {
         if self.protocol.is_h2() {
             return self
@@ -458,7 +458,7 @@ impl Upstream {
                 .await;
         }
         if let (Some(version), Some((from, to))) = (self.proxy_protocol, client) {
-            let header = proxy_header::for_client(version, from, to);
+            let header = proxy_header::for_client(version, *from, *to);
             return Box::pin(self.connect_h1(
                 ep,
                 connect_timeout,
@@ -506,7 +506,10 @@ impl Upstream {
         let Some(ep) = self.endpoints.get(idx) else {
             return;
         };
-        let Some((conn, expires)) = ep.pool.keepable(conn, upstream_keep_alive) else {
+        let Some(expires) = ep
+            .pool
+            .keep_until(&conn, upstream_keep_alive, Instant::now())
+        else {
             return;
         };
         *crate::lock(&private.0) = Some(Kept {

@@ -127,7 +127,6 @@ pub struct H1Conn {
     /// tether's end of the connection.
     pub local: Option<SocketAddr>,
     handoff: Arc<Handoff>,
-    wear: Wear,
 }
 
 impl H1Conn {
@@ -194,6 +193,8 @@ fn drive_h1(
         rest: AtomicBool::new(false),
         upgradable,
         state: Mutex::new(HandoffState::Driving),
+        born: wear.born,
+        served: AtomicU32::new(wear.served),
     });
     let theirs = handoff.clone();
     tokio::spawn(async move {
@@ -234,7 +235,6 @@ fn drive_h1(
         peer,
         local,
         handoff,
-        wear,
     })
 }
 
@@ -255,6 +255,11 @@ struct Handoff {
     /// Made for an upgrade: the transport is kept for the tunnel when the task ends.
     upgradable: bool,
     state: Mutex<HandoffState>,
+    /// When the connection was opened (kept here, with the connection's other shared state,
+    /// rather than in every move of its handle).
+    born: Instant,
+    /// Exchanges it finished cleanly.
+    served: AtomicU32,
 }
 
 #[derive(Debug)]
@@ -290,7 +295,6 @@ struct Resting {
     handoff: Arc<Handoff>,
     peer: SocketAddr,
     local: Option<SocketAddr>,
-    wear: Wear,
 }
 
 impl Resting {
@@ -311,7 +315,11 @@ impl Resting {
         if !r.alive() {
             return None;
         }
-        drive_h1(r.io, self.peer, self.local, r.open, false, self.wear).ok()
+        let wear = Wear {
+            born: self.handoff.born,
+            served: self.handoff.served.load(Ordering::Relaxed),
+        };
+        drive_h1(r.io, self.peer, self.local, r.open, false, wear).ok()
     }
 }
 
@@ -354,7 +362,6 @@ impl IdleH1 {
             handoff: c.handoff.clone(),
             peer: c.peer,
             local: c.local,
-            wear: c.wear,
         };
         // Dropping the sender ends the task, which hands the socket back.
         self.conn = IdleConn::Resting(resting);
@@ -619,7 +626,8 @@ impl EndpointPool {
     /// than that, so tether never sends on a connection the upstream is about to close. One
     /// that has done its [`Lifetime`]'s share is closed instead.
     pub fn put_h1(&self, conn: H1Conn, upstream_keep_alive: Option<Duration>) {
-        let Some((conn, expires)) = self.keepable(conn, upstream_keep_alive) else {
+        let now = Instant::now();
+        let Some(expires) = self.keep_until(&conn, upstream_keep_alive, now) else {
             return;
         };
         let mut idle = lock(&self.idle);
@@ -630,23 +638,22 @@ impl EndpointPool {
         self.counts.idle.fetch_add(1, Ordering::Relaxed);
         idle.push(IdleH1 {
             conn: IdleConn::Live(conn),
-            since: Instant::now(),
+            since: now,
             expires,
         });
     }
 
-    /// `conn`, whose exchange ended cleanly, and until when it may be used again; `None` when
-    /// it may not be kept at all (closed, spent, or the pool keeps nothing).
-    pub fn keepable(
+    /// Counts the exchange `conn` just finished cleanly; until when it may be used again, or
+    /// `None` when it may not be kept at all (closed, spent, or the pool keeps nothing).
+    pub fn keep_until(
         &self,
-        mut conn: H1Conn,
+        conn: &H1Conn,
         upstream_keep_alive: Option<Duration>,
-    ) -> Option<(H1Conn, Instant)> {
-        conn.wear.served = conn.wear.served.saturating_add(1);
-        if conn.sender.is_closed()
-            || self.max_idle == 0
-            || self.life.spent(conn.wear.served, conn.wear.born)
-        {
+        now: Instant,
+    ) -> Option<Instant> {
+        let h = &conn.handoff;
+        let served = h.served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        if conn.sender.is_closed() || self.max_idle == 0 || self.life.spent(served, h.born) {
             return None;
         }
         let mut keep = self.idle_timeout;
@@ -657,11 +664,11 @@ impl EndpointPool {
         if keep.is_zero() {
             return None;
         }
-        let mut expires = Instant::now() + keep;
+        let mut expires = now + keep;
         if let Some(age) = self.life.max_age {
-            expires = expires.min(conn.wear.born + age);
+            expires = expires.min(h.born + age);
         }
-        Some((conn, expires))
+        Some(expires)
     }
 
     /// The shared HTTP/2 connections; hold the guard while connecting so that concurrent
