@@ -180,6 +180,16 @@ pub struct ResetBudget {
     pub per_second: u32,
 }
 
+impl ListenerLimits {
+    /// The limits on a client connection's use.
+    pub fn lifetime(&self) -> crate::lifetime::Lifetime {
+        crate::lifetime::Lifetime {
+            max_requests: self.max_requests_per_connection,
+            max_age: self.max_connection_age,
+        }
+    }
+}
+
 impl Default for ListenerLimits {
     fn default() -> Self {
         ListenerLimits {
@@ -971,6 +981,14 @@ pub const DEFAULT_H2_STREAMS_PER_CONNECTION: std::num::NonZeroU32 =
     };
 
 impl UpstreamConfig {
+    /// The limits on an upstream connection's use.
+    pub fn lifetime(&self) -> crate::lifetime::Lifetime {
+        crate::lifetime::Lifetime {
+            max_requests: self.max_requests_per_connection,
+            max_age: self.max_connection_age,
+        }
+    }
+
     /// Whether requests in flight to each endpoint are counted (for `least_requests`, or a cap).
     pub fn counts_in_flight(&self) -> bool {
         self.balance == Balance::LeastRequests || self.max_in_flight_per_endpoint.is_some()

@@ -16,6 +16,7 @@ pub mod deadline;
 pub mod downstream;
 pub mod error;
 pub mod grpc;
+pub mod lifetime;
 pub mod listen;
 pub mod observe;
 pub mod proxy;

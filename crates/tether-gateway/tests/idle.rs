@@ -372,6 +372,16 @@ async fn an_h1_client_connection_past_its_age_closes_after_its_next_response() {
     env.stop().await;
 }
 
+/// Waits until the server has ended `c`'s connection.
+async fn h2_closed(c: &test_support::client::H2Client) {
+    bounded(BOUND, async {
+        while !c.is_closed() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
 /// On HTTP/2 the connection's last stream, or its age, sends GOAWAY: the streams in flight
 /// finish and the connection ends.
 #[tokio::test]
@@ -385,12 +395,7 @@ async fn an_h2_client_connection_is_sent_goaway_after_its_share_or_its_age() {
         let (parts, body) = bounded(BOUND, c.get(path)).await.unwrap();
         assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"hi"[..]));
     }
-    bounded(BOUND, async {
-        while !c.is_closed() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    h2_closed(&c).await;
     env.stop().await;
 
     let env = Env::with(Down::H2c, Up::H1, script(|_| Behavior::ok("hi")), |c| {
@@ -400,11 +405,6 @@ async fn an_h2_client_connection_is_sent_goaway_after_its_share_or_its_age() {
     let mut c = env.h2().await;
     let (parts, _) = bounded(BOUND, c.get("/a")).await.unwrap();
     assert_eq!(parts.status, 200);
-    bounded(BOUND, async {
-        while !c.is_closed() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    h2_closed(&c).await;
     env.stop().await;
 }

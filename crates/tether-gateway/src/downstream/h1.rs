@@ -92,7 +92,7 @@ pub async fn serve<I>(
         Activity::new(),
         None,
         None,
-        super::Worn::new(),
+        crate::lifetime::Wear::new(),
     )
     .await;
 }
@@ -113,7 +113,7 @@ pub struct TcpConn {
     /// Held to the connection's end.
     pub permit: ConnPermit,
     /// Its use so far.
-    pub worn: super::Worn,
+    pub worn: crate::lifetime::Wear,
 }
 
 /// Serves a plain-TCP HTTP/1 connection until it ends or parks. `head_by` is when the first
@@ -203,7 +203,7 @@ async fn session<I>(
     activity: Arc<Activity>,
     park_after: Option<Duration>,
     head_by: Option<Instant>,
-    worn: super::Worn,
+    worn: crate::lifetime::Wear,
 ) -> Option<Parked<I>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -232,10 +232,11 @@ where
             let guard = activity.begin();
             // The connection's last request (`max_requests_per_connection`, `max_connection_age`)
             // is answered with `Connection: close`, and hyper closes it after the response.
-            let last = worn.is_last(
-                u64::from(worn.served) + activity.started(),
-                &accepted.1.limits,
-            );
+            let last = accepted
+                .1
+                .limits
+                .lifetime()
+                .spent(u64::from(worn.served) + activity.started(), worn.born);
             // A reload since the connection opened applies to this request; the request keeps
             // what it starts with.
             let (worker, listener) = source.current().unwrap_or_else(|| accepted.clone());

@@ -42,17 +42,17 @@ pub async fn serve<I>(
     let conn = peer.conn(cancel.clone());
     let activity = Activity::new();
     let probe_activity = activity.clone();
-    let worn = super::Worn::new();
-    // Cancelled by the connection's last stream (`max_requests_per_connection`): GOAWAY.
+    let born = tokio::time::Instant::now();
+    // Cancelled by the connection's last stream (`max_requests_per_connection`): GOAWAY. (Its
+    // age has a timer below.)
     let retire = CancellationToken::new();
+    let by_count = limits.lifetime().by_count();
     let svc = {
         let accepted = (worker.clone(), listener.clone());
         let retire = retire.clone();
         service_fn(move |req| {
             let guard = activity.begin();
-            if limits.max_requests_per_connection.is_some()
-                && worn.is_last(activity.started(), &limits)
-            {
+            if by_count.spent(activity.started(), born) {
                 retire.cancel();
             }
             // A reload since the connection opened applies to this stream; the stream keeps what
@@ -99,7 +99,7 @@ pub async fn serve<I>(
     // `max_connection_age`: GOAWAY when it passes.
     let aged = limits
         .max_connection_age
-        .map(|a| Box::pin(tokio::time::sleep_until(worn.born + a)));
+        .map(|a| Box::pin(tokio::time::sleep_until(born + a)));
     let mut aged = aged;
     // Only hyper's connection is polled on every turn; the other branches when one of them woke.
     let (gate, gated) = Gate::new();

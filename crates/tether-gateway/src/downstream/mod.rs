@@ -38,42 +38,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// A client connection's use so far, against its listener's `max_requests_per_connection` and
-/// `max_connection_age`; kept while an HTTP/1 connection is parked.
-#[derive(Debug, Clone, Copy)]
-pub struct Worn {
-    /// When the connection was accepted.
-    pub born: tokio::time::Instant,
-    /// Requests it carried before its current session (HTTP/1: before it last parked).
-    pub served: u32,
-}
-
-impl Worn {
-    /// A connection accepted now.
-    pub fn new() -> Worn {
-        Worn {
-            born: tokio::time::Instant::now(),
-            served: 0,
-        }
-    }
-
-    /// Whether the connection's request number `nth` (from 1), starting now, is its last.
-    pub fn is_last(&self, nth: u64, limits: &crate::config::ListenerLimits) -> bool {
-        limits
-            .max_requests_per_connection
-            .is_some_and(|m| nth >= u64::from(m.get()))
-            || limits
-                .max_connection_age
-                .is_some_and(|a| self.born.elapsed() >= a)
-    }
-}
-
-impl Default for Worn {
-    fn default() -> Self {
-        Worn::new()
-    }
-}
-
 /// Where a connection came from.
 #[derive(Debug, Clone)]
 pub struct Peer {
@@ -184,7 +148,7 @@ pub async fn serve(
             peer,
             stop,
             permit,
-            worn: Worn::new(),
+            worn: crate::lifetime::Wear::new(),
         };
         tokio::spawn(h1::serve_tcp(conn, tcp, None));
     }

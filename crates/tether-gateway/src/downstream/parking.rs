@@ -68,7 +68,7 @@ struct Lot {
     /// After shutdown, nothing parks any more.
     closed: bool,
     /// The use so far of parked connections whose listener limits it, by key.
-    worn: std::collections::HashMap<usize, super::Worn>,
+    worn: std::collections::HashMap<usize, crate::lifetime::Wear>,
 }
 
 /// Only what serving the connection again needs: the worker, listener settings and local
@@ -84,7 +84,7 @@ struct Entry {
 
 impl Lot {
     /// The use kept for the connection parked under `key`, which leaves.
-    fn forget_worn(&mut self, key: usize) -> Option<super::Worn> {
+    fn forget_worn(&mut self, key: usize) -> Option<crate::lifetime::Wear> {
         if self.worn.is_empty() {
             return None;
         }
@@ -196,8 +196,7 @@ impl Parking {
         });
         // Only a listener that limits its connections' use needs their use kept; the entry
         // itself stays as small as it is.
-        let limits = &conn.listener.limits;
-        if limits.max_requests_per_connection.is_some() || limits.max_connection_age.is_some() {
+        if conn.listener.limits.lifetime().is_limited() {
             lot.worn.insert(key_of(token), conn.worn);
         }
         lot.deadlines.push(Reverse((deadline, token)));

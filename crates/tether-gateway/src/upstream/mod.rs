@@ -166,10 +166,7 @@ impl Upstream {
                     pool: EndpointPool::new(
                         config.max_idle_per_endpoint,
                         config.idle_timeout,
-                        pool::Lifetime {
-                            max_requests: config.max_requests_per_connection,
-                            max_age: config.max_connection_age,
-                        },
+                        config.lifetime(),
                         counts.clone(),
                     ),
                     health: EndpointHealth::default(),

@@ -22,7 +22,6 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +36,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{ErrorKind, ProxyError, Stage};
+use crate::lifetime::{Lifetime, Wear};
 use crate::lock;
 use crate::observe::metrics::ConnCounts;
 use crate::proxy::request_body::RequestBody;
@@ -49,42 +49,6 @@ pub const REST_AFTER: Duration = Duration::from_secs(1);
 /// How long closing a connection may wait for its shutdown (a TLS peer that reads nothing
 /// cannot hold the task).
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(1);
-
-/// How much and how long one upstream connection is used (nginx's `keepalive_requests` and
-/// `keepalive_time`): connections that live forever pin an endpoint's traffic to whichever
-/// server behind it (a Kubernetes Service, an L4 balancer) they reached first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Lifetime {
-    /// Requests (HTTP/2: streams) one connection carries.
-    pub max_requests: Option<NonZeroU32>,
-    /// Longest a connection is used from its opening.
-    pub max_age: Option<Duration>,
-}
-
-impl Lifetime {
-    /// Whether a connection opened at `born` that carried `requests` has done its share.
-    fn spent(&self, requests: u32, born: Instant) -> bool {
-        self.max_requests.is_some_and(|m| requests >= m.get())
-            || self.max_age.is_some_and(|a| born.elapsed() >= a)
-    }
-}
-
-/// A connection's use so far.
-#[derive(Debug, Clone, Copy)]
-struct Wear {
-    born: Instant,
-    /// Exchanges that ended cleanly.
-    served: u32,
-}
-
-impl Wear {
-    fn new() -> Wear {
-        Wear {
-            born: Instant::now(),
-            served: 0,
-        }
-    }
-}
 
 /// When the connection behind `closed` was closed, waiting at most `limit` for it.
 pub async fn closed_at(
@@ -455,7 +419,9 @@ impl H2Conns {
         idle_timeout: Duration,
         life: Lifetime,
     ) -> Option<(H2Conn, StreamPlace)> {
-        let usable = |c: &H2Conn| !c.sender.is_closed() && !life.spent(c.streams.started(), c.born);
+        let usable = |c: &H2Conn| {
+            !c.sender.is_closed() && !life.spent(u64::from(c.streams.started()), c.born)
+        };
         // The common case: one connection, with room.
         if let [only] = self.conns.as_slice()
             && only.conn.streams.open() < max
@@ -653,7 +619,10 @@ impl EndpointPool {
     ) -> Option<Instant> {
         let h = &conn.handoff;
         let served = h.served.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        if conn.sender.is_closed() || self.max_idle == 0 || self.life.spent(served, h.born) {
+        if conn.sender.is_closed()
+            || self.max_idle == 0
+            || self.life.spent(u64::from(served), h.born)
+        {
             return None;
         }
         let mut keep = self.idle_timeout;
