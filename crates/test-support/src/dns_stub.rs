@@ -33,6 +33,7 @@ pub struct Query {
 #[derive(Debug)]
 pub struct DnsStub {
     addr: SocketAddr,
+    table: Arc<Mutex<HashMap<String, Vec<IpAddr>>>>,
     queries: Arc<Mutex<Vec<Query>>>,
     task: JoinHandle<()>,
 }
@@ -50,17 +51,26 @@ impl DnsStub {
             .iter()
             .map(|(n, a)| (n.trim_end_matches('.').to_ascii_lowercase(), a.clone()))
             .collect();
+        let table = Arc::new(Mutex::new(table));
         let sock = UdpSocket::bind("127.0.0.1:0").await?;
         let addr = sock.local_addr()?;
         let queries = Arc::new(Mutex::new(Vec::new()));
         let log = queries.clone();
+        let records = table.clone();
         let task = tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             loop {
                 let Ok((n, from)) = sock.recv_from(&mut buf).await else {
                     continue;
                 };
-                let Some(reply) = answer(&buf[..n], &table, &log) else {
+                let reply = {
+                    let table = match records.lock() {
+                        Ok(t) => t,
+                        Err(p) => p.into_inner(),
+                    };
+                    answer(&buf[..n], &table, &log)
+                };
+                let Some(reply) = reply else {
                     continue;
                 };
                 let _ = sock.send_to(&reply, from).await;
@@ -68,6 +78,7 @@ impl DnsStub {
         });
         Ok(DnsStub {
             addr,
+            table,
             queries,
             task,
         })
@@ -76,6 +87,19 @@ impl DnsStub {
     /// The address to configure as the resolver's nameserver.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Answers `name` with `addresses` from now on; `None` removes it (NXDOMAIN).
+    pub fn set(&self, name: &str, addresses: Option<Vec<IpAddr>>) {
+        let mut table = match self.table.lock() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        match addresses {
+            Some(a) => table.insert(name, a),
+            None => table.remove(&name),
+        };
     }
 
     /// Every query received so far.

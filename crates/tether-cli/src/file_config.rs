@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
     AccessLogMode, AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding,
-    DeadPeerConfig, HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig,
+    DeadPeerConfig, Discovery, HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig,
     ListenerLimits, ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, Respond, RouteConfig,
     RouteTimeouts, ServerTls, SplitTarget, TcpKeepalive, TraceContext, UpstreamAddress,
     UpstreamConfig, UpstreamProtocol, UpstreamTls,
@@ -347,7 +347,22 @@ pub struct FileUpstream {
     pub fail_statuses: Option<Vec<u16>>,
     /// Active health checks.
     pub health_check: Option<FileHealthCheck>,
+    /// `dns`: each address a name resolves to is an endpoint of its own.
+    pub discovery: Option<FileDiscovery>,
+    /// How often discovered names are looked up again; default 5s.
+    pub discovery_interval: Option<String>,
 }
+
+/// `discovery` values of an upstream.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileDiscovery {
+    /// Looked up in DNS, periodically.
+    Dns,
+}
+
+/// How often discovered names are looked up again by default.
+const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// An entry of an upstream's `addresses`: `"host:port"`, or
 /// `{ address = "host:port", weight = 3 }`.
@@ -1390,10 +1405,7 @@ fn upstream_address(key: &str, s: &str) -> Result<UpstreamAddress, KeyError> {
     if port == 0 {
         return Err(bad("has port 0"));
     }
-    Ok(UpstreamAddress {
-        host: host.to_owned(),
-        port,
-    })
+    Ok(UpstreamAddress::new(host, port))
 }
 
 fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, KeyError> {
@@ -1525,6 +1537,17 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         let akey = format!("{key}.max_connection_age");
         cfg.max_connection_age = Some(parse_duration(s).map_err(|e| KeyError::new(&akey, e))?);
     }
+    let dkey = format!("{key}.discovery_interval");
+    cfg.discovery = match (u.discovery, &u.discovery_interval) {
+        (None, None) => None,
+        (None, Some(_)) => return Err(KeyError::new(dkey, "only used with discovery = \"dns\"")),
+        (Some(FileDiscovery::Dns), interval) => Some(Discovery {
+            interval: match interval {
+                Some(s) => parse_duration(s).map_err(|e| KeyError::new(&dkey, e))?,
+                None => DEFAULT_DISCOVERY_INTERVAL,
+            },
+        }),
+    };
     if let Some(n) = u.max_fails {
         cfg.max_fails = n;
     }

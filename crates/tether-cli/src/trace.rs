@@ -517,10 +517,7 @@ async fn run_stages(
 
     // tls
     let s = Instant::now();
-    let addr = UpstreamAddress {
-        host: target.host.clone(),
-        port: target.port,
-    };
+    let addr = UpstreamAddress::new(target.host.clone(), target.port);
     let io = match tokio::time::timeout_at(deadline, connector.handshake(tcp, peer, &addr)).await {
         Err(_) => {
             return t.fail(

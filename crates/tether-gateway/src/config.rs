@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -338,6 +338,14 @@ pub struct ServerTls {
     pub key: PrivateKeyDer<'static>,
 }
 
+impl PartialEq for ServerTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.cert_chain == other.cert_chain && self.key.secret_der() == other.key.secret_der()
+    }
+}
+
+impl Eq for ServerTls {}
+
 impl Clone for ServerTls {
     fn clone(&self) -> Self {
         ServerTls {
@@ -622,29 +630,68 @@ pub struct UpstreamAddress {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// The one address of the name this endpoint stands for, when [`UpstreamConfig::discovery`]
+    /// made each of the name's addresses an endpoint of its own: connections go there without
+    /// a lookup, and TLS still names `host`. None for a configured address.
+    pub pinned: Option<IpAddr>,
+}
+
+impl UpstreamAddress {
+    /// `host:port`, resolved when connecting.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        UpstreamAddress {
+            host: host.into(),
+            port,
+            pinned: None,
+        }
+    }
+
+    /// `host:port` as a `Host` header writes it (IPv6 in brackets), without the pinned address.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Whether the host is a name (not an IP literal).
+    pub fn is_name(&self) -> bool {
+        self.host.parse::<IpAddr>().is_err()
+    }
 }
 
 impl fmt::Display for UpstreamAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
+        if let Some(ip) = self.pinned {
+            // `name/ip:port`: one endpoint per address of the name.
+            return write!(f, "{}/{}", self.host, SocketAddr::new(ip, self.port));
         }
+        f.write_str(&self.authority())
     }
 }
 
 impl From<SocketAddr> for UpstreamAddress {
     fn from(a: SocketAddr) -> Self {
-        UpstreamAddress {
-            host: a.ip().to_string(),
-            port: a.port(),
-        }
+        UpstreamAddress::new(a.ip().to_string(), a.port())
     }
 }
 
+/// An upstream whose names stand for as many endpoints as they have addresses (Envoy's
+/// `STRICT_DNS`, HAProxy's `server-template`): each address is balanced, capped, counted and
+/// health-checked on its own, and the names are looked up again every `interval`, endpoints
+/// coming and going with the answers. A failed lookup keeps the addresses last found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Discovery {
+    /// How often the names are looked up again.
+    pub interval: Duration,
+}
+
+/// The shortest [`Discovery::interval`].
+pub const MIN_DISCOVERY_INTERVAL: Duration = Duration::from_millis(100);
+
 /// TLS towards an upstream.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UpstreamTls {
     /// SNI and the name the certificate must match; default: the address's host.
     pub server_name: Option<String>,
@@ -715,6 +762,10 @@ pub struct UpstreamConfig {
     /// the same endpoint. At or below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`: beyond
     /// it, requests would wait inside the connection.
     pub max_streams_per_connection: std::num::NonZeroU32,
+    /// Each address a name in [`addresses`](Self::addresses) resolves to is an endpoint of its
+    /// own, found again periodically. None by default: a name is one endpoint, its addresses
+    /// raced when connecting.
+    pub discovery: Option<Discovery>,
 }
 
 /// One upstream of a route's `split`, and its share of the requests.
@@ -989,6 +1040,19 @@ impl UpstreamConfig {
         }
     }
 
+    /// Whether connections made for `self` may serve `other` too: the same protocol, TLS and
+    /// PROXY protocol settings, and the same pool settings. A reload keeps an endpoint's pooled
+    /// connections when they may.
+    pub fn connects_like(&self, other: &UpstreamConfig) -> bool {
+        self.protocol == other.protocol
+            && self.tls == other.tls
+            && self.proxy_protocol == other.proxy_protocol
+            && self.max_idle_per_endpoint == other.max_idle_per_endpoint
+            && self.idle_timeout == other.idle_timeout
+            && self.max_requests_per_connection == other.max_requests_per_connection
+            && self.max_connection_age == other.max_connection_age
+    }
+
     /// Whether requests in flight to each endpoint are counted (for `least_requests`, or a cap).
     pub fn counts_in_flight(&self) -> bool {
         self.balance == Balance::LeastRequests || self.max_in_flight_per_endpoint.is_some()
@@ -1019,6 +1083,7 @@ impl UpstreamConfig {
             health_check: None,
             balance: Balance::RoundRobin,
             weights: Vec::new(),
+            discovery: None,
         }
     }
 }
@@ -1151,6 +1216,20 @@ impl Config {
                 ));
             }
             validate_age(&key, u.max_connection_age)?;
+            if u.discovery
+                .is_some_and(|d| d.interval < MIN_DISCOVERY_INTERVAL)
+            {
+                return Err(ConfigError::new(
+                    format!("{key}.discovery_interval"),
+                    "must be at least 100ms",
+                ));
+            }
+            if u.discovery.is_some() && !u.addresses.iter().any(UpstreamAddress::is_name) {
+                return Err(ConfigError::new(
+                    format!("{key}.discovery"),
+                    "finds the addresses of names, and every address here is an IP address",
+                ));
+            }
             if let Some(j) = u
                 .fail_statuses
                 .iter()

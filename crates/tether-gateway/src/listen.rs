@@ -37,10 +37,10 @@ use crate::observe::access::AccessLog;
 use crate::observe::admin::{self, AdminState};
 use crate::observe::metrics::Metrics;
 use crate::route::Router;
-use crate::upstream::Upstream;
 use crate::upstream::connect::TlsSetupError;
 use crate::upstream::dns::{DnsError, Resolver};
 use crate::upstream::health_check::{self, ActiveHealth};
+use crate::upstream::{Upstream, discovery};
 
 /// Listen backlog of the admin listener.
 const ADMIN_BACKLOG: i32 = 128;
@@ -92,15 +92,69 @@ pub enum StartError {
 /// limits. Workers build their own upstreams (and pools) from `config`.
 #[derive(Debug)]
 struct Published {
+    /// The configuration as given; `config` is it with the discovered names expanded.
+    declared: Arc<Config>,
     config: Arc<Config>,
     listeners: Vec<Arc<ListenerShared>>,
     /// Per upstream (in configuration order), the state its active health checks keep.
     health: Vec<Option<Arc<ActiveHealth>>>,
 }
 
+/// Hands configurations to the workers: a reload's, and discovery's when a name's addresses
+/// change.
+#[derive(Debug)]
+struct Publisher {
+    tx: watch::Sender<Arc<Published>>,
+    /// One publication at a time: a reload and a discovery round must not undo one another.
+    turn: Mutex<()>,
+    /// What discovery found so far.
+    answers: Mutex<discovery::Answers>,
+    metrics: Arc<Metrics>,
+}
+
+impl Publisher {
+    /// Publishes `declared`, expanded with the answers found so far. With `reload`, checks that
+    /// listeners stay as they are.
+    fn publish(&self, declared: Arc<Config>, reload: bool) -> Result<(), StartError> {
+        let _turn = lock(&self.turn);
+        let previous = self.tx.borrow().clone();
+        if reload {
+            check_reloadable(&previous.declared, &declared)?;
+        }
+        let answers = lock(&self.answers).clone();
+        let next = Arc::new(prepare(declared, &answers, Some(&previous))?);
+        self.tx.send_replace(next.clone());
+        self.metrics.retain_endpoint_loads(&next.config);
+        self.metrics.set_endpoints(&next.config);
+        Ok(())
+    }
+
+    /// After a discovery round that changed `answers`: publishes the current configuration
+    /// expanded anew, unless it already shows exactly these endpoints.
+    fn rediscovered(&self) {
+        let current = self.tx.borrow().clone();
+        let answers = lock(&self.answers).clone();
+        let expanded = discovery::expand(&current.declared, &answers);
+        let same = expanded
+            .upstreams
+            .iter()
+            .zip(&current.config.upstreams)
+            .all(|(a, b)| a.addresses == b.addresses);
+        if same {
+            return;
+        }
+        if let Err(e) = self.publish(current.declared.clone(), false) {
+            // Validated when it was loaded; expansion keeps it valid.
+            tracing::error!(error = %e, "cannot apply discovered endpoints");
+        }
+    }
+}
+
 /// One worker's view of a configuration generation.
 #[derive(Debug)]
 struct Generation {
+    /// The configuration its upstreams were built from.
+    config: Arc<Config>,
     worker: Arc<Worker>,
     listeners: Vec<Arc<ListenerShared>>,
 }
@@ -287,10 +341,9 @@ pub struct RunningGateway {
     stop: CancellationToken,
     grace: Arc<Mutex<Duration>>,
     threads: Vec<JoinHandle<()>>,
-    published: watch::Sender<Arc<Published>>,
+    published: Arc<Publisher>,
     /// Every worker's parked connections.
     parked: Vec<Arc<Parking>>,
-    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
@@ -326,7 +379,8 @@ impl Gateway {
             }
         }
         let admin_config = config.admin.clone();
-        let published = Arc::new(prepare(config, None)?);
+        let declared = Arc::new(config);
+        let published = Arc::new(prepare(declared.clone(), &discovery::Answers::new(), None)?);
         let stop = CancellationToken::new();
         let (admin_addr, admin) = match &admin_config {
             Some(a) => {
@@ -335,10 +389,24 @@ impl Gateway {
             }
             None => (None, None),
         };
-        let (published, updates) = watch::channel(published);
+        let (tx, updates) = watch::channel(published);
+        let published = Arc::new(Publisher {
+            tx,
+            turn: Mutex::new(()),
+            answers: Mutex::new(discovery::Answers::new()),
+            metrics: observer.metrics.clone(),
+        });
+        published
+            .metrics
+            .set_endpoints(&published.tx.borrow().config);
+        // Until discovery's first round answers (at once, without delaying the start), a
+        // discovered name is one endpoint resolved when connecting.
+        let mut threads = vec![
+            spawn_discovery(published.clone(), updates.clone(), stop.clone())
+                .map_err(StartError::Thread)?,
+        ];
         let grace = Arc::new(Mutex::new(Duration::from_secs(10)));
         let mut parked = Vec::new();
-        let mut threads = Vec::new();
         for (n, listeners) in per_worker.into_iter().enumerate() {
             let (updates, observer, stop, grace) = (
                 updates.clone(),
@@ -373,15 +441,19 @@ impl Gateway {
             threads,
             published,
             parked,
-            metrics: observer.metrics,
         })
     }
 }
 
 /// Validates `config` and builds what the workers share. With `previous`, the listeners' connection
 /// limits are kept when unchanged, so connections of both generations count against one limit.
-fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, StartError> {
-    config.validate()?;
+fn prepare(
+    declared: Arc<Config>,
+    answers: &discovery::Answers,
+    previous: Option<&Published>,
+) -> Result<Published, StartError> {
+    declared.validate()?;
+    let config = discovery::expand(&declared, answers);
     // Fail on bad DNS or upstream TLS settings now, not on the first request.
     let resolver = Resolver::new(&config.dns).map_err(StartError::Dns)?;
     for (index, u) in config.upstreams.iter().enumerate() {
@@ -393,16 +465,19 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
         .iter()
         .map(|u| {
             let check = u.health_check.as_ref()?;
-            // An upstream with the same endpoints, checked on the same path, keeps what its
-            // checks found: a reload does not put a failing endpoint back in rotation.
+            // An endpoint kept by an upstream checked on the same path keeps what its checks
+            // found: a reload (or discovery) does not put a failing endpoint back in rotation.
             let kept = previous.and_then(|p| {
-                let (_, state) = p.config.upstreams.iter().zip(&p.health).find(|(old, _)| {
+                let (old, state) = p.config.upstreams.iter().zip(&p.health).find(|(old, _)| {
                     old.name == u.name
-                        && old.addresses == u.addresses
                         && old.protocol == u.protocol
                         && old.health_check.as_ref().map(|c| &c.path) == Some(&check.path)
                 })?;
-                state.clone()
+                Some(ActiveHealth::carried(
+                    state.as_ref()?,
+                    &old.addresses,
+                    &u.addresses,
+                ))
             });
             Some(kept.unwrap_or_else(|| ActiveHealth::new(u.addresses.len())))
         })
@@ -439,6 +514,7 @@ fn prepare(config: Config, previous: Option<&Published>) -> Result<Published, St
         }));
     }
     Ok(Published {
+        declared,
         config: Arc::new(config),
         listeners,
         health,
@@ -503,18 +579,14 @@ impl RunningGateway {
     /// changes. `workers` and `admin` take effect only on restart. Upstreams it adds get their
     /// connection gauges.
     pub fn reload(&self, config: Config) -> Result<(), StartError> {
-        let previous = self.published.borrow().clone();
-        check_reloadable(&previous.config, &config)?;
-        if config.workers != previous.config.workers
+        let previous = self.published.tx.borrow().declared.clone();
+        if config.workers != previous.workers
             || config.admin.as_ref().map(|a| a.address)
-                != previous.config.admin.as_ref().map(|a| a.address)
+                != previous.admin.as_ref().map(|a| a.address)
         {
             tracing::warn!("workers and admin settings take effect on restart only");
         }
-        let next = Arc::new(prepare(config, Some(&previous))?);
-        self.published.send_replace(next.clone());
-        self.metrics.retain_endpoint_loads(&next.config);
-        Ok(())
+        self.published.publish(Arc::new(config), true)
     }
 
     /// A token that, when cancelled, starts the shutdown (as [`shutdown`](Self::shutdown) does,
@@ -703,7 +775,7 @@ fn run_worker(
             parking: &parking,
         };
         let first = updates.borrow_and_update().clone();
-        let generation = match build_generation(&first, &observer, kept) {
+        let generation = match build_generation(&first, &observer, kept, None) {
             Ok(g) => g,
             // Checked in Gateway::start; unreachable in practice.
             Err(e) => return tracing::error!(error = %e, "cannot build worker"),
@@ -720,7 +792,8 @@ fn run_worker(
         let reloads = async {
             while updates.changed().await.is_ok() {
                 let next = updates.borrow_and_update().clone();
-                match build_generation(&next, &observer, kept) {
+                let previous = current(&slot);
+                match build_generation(&next, &observer, kept, Some(&previous)) {
                     Ok(g) => match slot.write() {
                         Ok(mut s) => *s = Arc::new(g),
                         Err(poisoned) => *poisoned.into_inner() = Arc::new(g),
@@ -806,6 +879,57 @@ fn spawn_health_checks(
     })
 }
 
+/// Looks the discovered names of the published configuration up every interval on a thread of
+/// its own, and publishes the configuration anew when their addresses change, until `stop`. A
+/// reload starts a round at once (its names may be new).
+fn spawn_discovery(
+    publisher: Arc<Publisher>,
+    mut updates: watch::Receiver<Arc<Published>>,
+    stop: CancellationToken,
+) -> io::Result<JoinHandle<()>> {
+    on_own_thread("tether-discovery", async move {
+        loop {
+            let p = updates.borrow_and_update().clone();
+            let every = match discovery::names(&p.declared) {
+                Some((names, every)) => {
+                    match Resolver::new(&p.declared.dns) {
+                        Ok(resolver) => {
+                            let found = tokio::select! {
+                                _ = stop.cancelled() => return,
+                                found = discovery::lookup(&resolver, &names) => found,
+                            };
+                            let failed = |name: &str| publisher.metrics.discovery_failed(name);
+                            if discovery::learn(&mut lock(&publisher.answers), found, failed) {
+                                publisher.rediscovered();
+                                // Its own publication is not a reload to answer at once.
+                                let _turn = lock(&publisher.turn);
+                                if Arc::ptr_eq(&updates.borrow().declared, &p.declared) {
+                                    updates.borrow_and_update();
+                                }
+                            }
+                        }
+                        // Checked when the configuration was loaded.
+                        Err(e) => tracing::error!(error = %e, "cannot run discovery"),
+                    }
+                    Some(every)
+                }
+                None => None,
+            };
+            let wait = async {
+                match every {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = wait => {}
+                r = updates.changed() => if r.is_err() { return },
+            }
+        }
+    })
+}
+
 /// Runs `work` on a thread of its own, named `name`, in a current-thread runtime.
 fn on_own_thread(
     name: &'static str,
@@ -834,11 +958,13 @@ struct Kept<'a> {
     parking: &'a Arc<Parking>,
 }
 
-/// Builds this worker's upstreams (with fresh pools) for a published configuration.
+/// Builds this worker's upstreams for a published configuration. An endpoint the `previous`
+/// generation has too, in an upstream of the same name that connects alike, keeps its pool.
 fn build_generation(
     p: &Published,
     observer: &Observer,
     kept: Kept<'_>,
+    previous: Option<&Generation>,
 ) -> Result<Generation, StartError> {
     let resolver = Resolver::new(&p.config.dns).map_err(StartError::Dns)?;
     let mut upstreams = Vec::new();
@@ -852,11 +978,23 @@ fn build_generation(
                 .map(|a| observer.metrics.endpoint_load(&u.name, &a.to_string()))
                 .collect()
         });
-        let up = Upstream::new(u, resolver.clone(), counts, active, loads)
+        let mut up = Upstream::new(u, resolver.clone(), counts, active, loads)
             .map_err(|source| StartError::UpstreamTls { index, source })?;
+        let before = previous.and_then(|g| {
+            let i = g
+                .config
+                .upstreams
+                .iter()
+                .position(|o| o.name == u.name && o.connects_like(u))?;
+            g.worker.upstreams.get(i)
+        });
+        if let Some(before) = before {
+            up.adopt_pools(before);
+        }
         upstreams.push(Arc::new(up));
     }
     Ok(Generation {
+        config: p.config.clone(),
         worker: Arc::new(Worker {
             upstreams,
             observer: observer.clone(),

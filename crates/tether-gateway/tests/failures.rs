@@ -114,10 +114,7 @@ async fn unknown_name_is_502_at_dns() {
         let env = Env::with(Down::H1, Up::H1, routes(vec![]), |c| {
             c.dns.nameservers = vec![stub.addr()];
             c.dns.timeout = Duration::from_secs(2);
-            c.upstreams[0].addresses = vec![UpstreamAddress {
-                host: "missing.test".into(),
-                port: 80,
-            }];
+            c.upstreams[0].addresses = vec![UpstreamAddress::new("missing.test", 80)];
             c.listeners[0].routes[0].max_retries = 0;
         })
         .await;

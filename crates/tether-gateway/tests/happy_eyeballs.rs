@@ -126,10 +126,7 @@ async fn a_names_addresses_take_turns_at_new_connections() {
         let env = Env::with(Down::H1, Up::H1, script.clone(), |c| {
             port = c.upstreams[0].addresses[0].port;
             c.dns.nameservers = vec![stub.addr()];
-            c.upstreams[0].addresses = vec![UpstreamAddress {
-                host: "pair.test".into(),
-                port,
-            }];
+            c.upstreams[0].addresses = vec![UpstreamAddress::new("pair.test", port)];
             // Every request on a connection of its own.
             c.upstreams[0].max_idle_per_endpoint = 0;
         })

@@ -228,10 +228,7 @@ async fn backoff_grows_between_connect_attempts() {
             .unwrap();
         let env = Env::with(Down::H1, Up::H1, routes(vec![]), |c| {
             c.dns.nameservers = vec![stub.addr()];
-            c.upstreams[0].addresses = vec![UpstreamAddress {
-                host: "refused.test".into(),
-                port: refused.port(),
-            }];
+            c.upstreams[0].addresses = vec![UpstreamAddress::new("refused.test", refused.port())];
             let r = &mut c.listeners[0].routes[0];
             r.max_retries = 3;
             r.retry_budget_min_per_second = 100;

@@ -1072,6 +1072,56 @@ fn connection_lifetimes_convert_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn discovery_converts_with_its_default_interval_and_bad_settings_name_their_key() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "idle_timeout = \"2s\"\n",
+            &format!("idle_timeout = \"2s\"\n{v}\n"),
+        )
+    };
+    let found = |src: &str| parse(src, Path::new(".")).unwrap().config.upstreams[0].discovery;
+    assert_eq!(found(GOOD), None);
+    assert_eq!(
+        found(&with("discovery = \"dns\"")),
+        Some(Discovery {
+            interval: Duration::from_secs(5)
+        })
+    );
+    assert_eq!(
+        found(&with("discovery = \"dns\"\ndiscovery_interval = \"30s\"")),
+        Some(Discovery {
+            interval: Duration::from_secs(30)
+        })
+    );
+    for (bad, key, why) in [
+        ("discovery = \"consul\"", "discovery", ""),
+        (
+            "discovery_interval = \"30s\"",
+            "discovery_interval",
+            "only used with discovery",
+        ),
+        (
+            "discovery = \"dns\"\ndiscovery_interval = \"10ms\"",
+            "discovery_interval",
+            "at least 100ms",
+        ),
+        (
+            "discovery = \"dns\"\ndiscovery_interval = \"often\"",
+            "discovery_interval",
+            "",
+        ),
+    ] {
+        refused(&with(bad), &format!("upstreams[0].{key}"), why);
+    }
+    let literals = with("discovery = \"dns\"").replace(", \"app.internal:80\"", "");
+    refused(
+        &literals,
+        "upstreams[0].discovery",
+        "every address here is an IP",
+    );
+}
+
+#[test]
 fn an_upstreams_proxy_protocol_converts_and_is_for_http1_only() {
     use tether_gateway::config::ProxyProtocolVersion;
     let with = |protocol: &str, v: &str| {

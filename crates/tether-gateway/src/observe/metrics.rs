@@ -89,6 +89,11 @@ struct UpstreamLabels {
     upstream: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NameLabels {
+    name: String,
+}
+
 /// Live counts of one upstream's connections on all workers, updated on the hot path with plain
 /// atomics and copied into gauges at scrape time.
 #[derive(Debug, Default)]
@@ -144,6 +149,8 @@ pub struct Metrics {
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     endpoint_in_flight: Family<EndpointLabels, Gauge>,
     upstream_queued: Family<UpstreamLabels, Gauge>,
+    upstream_endpoints: Family<UpstreamLabels, Gauge>,
+    discovery_failures: Family<NameLabels, Counter>,
     /// The series of `endpoint_in_flight`, so that a reload can drop those it removed.
     /// With the wake-up each series' waiters share.
     in_flight_series: Mutex<Vec<(EndpointLabels, Arc<crate::upstream::balance::Room>)>>,
@@ -277,6 +284,18 @@ impl Metrics {
             "Requests waiting for room at an upstream whose endpoints are all at max_in_flight_per_endpoint",
             upstream_queued.clone(),
         );
+        let upstream_endpoints = Family::default();
+        registry.register(
+            "upstream_endpoints",
+            "Endpoints of an upstream: its addresses, and with discovery each address its names resolved to",
+            upstream_endpoints.clone(),
+        );
+        let discovery_failures = Family::default();
+        registry.register(
+            "discovery_lookup_failures",
+            "Failed lookups of a discovered upstream name (the addresses found before are kept)",
+            discovery_failures.clone(),
+        );
         let health_checks = Family::default();
         registry.register(
             "upstream_health_checks",
@@ -343,6 +362,8 @@ impl Metrics {
             endpoint_healthy,
             endpoint_in_flight,
             upstream_queued,
+            upstream_endpoints,
+            discovery_failures,
             in_flight_series: Mutex::default(),
             health_checks,
             tunnels_open,
@@ -457,6 +478,28 @@ impl Metrics {
                 self.upstream_queued.remove(&UpstreamLabels { upstream });
             }
         }
+    }
+
+    /// Sets each upstream's endpoint count from the configuration the workers now run; upstreams
+    /// it no longer has leave no series behind.
+    pub fn set_endpoints(&self, config: &crate::config::Config) {
+        self.upstream_endpoints.clear();
+        for u in &config.upstreams {
+            self.upstream_endpoints
+                .get_or_create(&UpstreamLabels {
+                    upstream: u.name.clone(),
+                })
+                .set(i64::try_from(u.addresses.len()).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// A lookup of the discovered name `name` failed.
+    pub fn discovery_failed(&self, name: &str) {
+        self.discovery_failures
+            .get_or_create(&NameLabels {
+                name: name.to_owned(),
+            })
+            .inc();
     }
 
     /// Forgets every endpoint's health gauge: a new configuration's checks set theirs again, and
@@ -696,10 +739,7 @@ mod tests {
         assert_eq!(two.get(), 1);
         let mut up = UpstreamConfig::new(
             "app",
-            vec![crate::config::UpstreamAddress {
-                host: "a".into(),
-                port: 80,
-            }],
+            vec![crate::config::UpstreamAddress::new("a", 80)],
             crate::config::UpstreamProtocol::Http1,
         );
         up.balance = Balance::LeastRequests;

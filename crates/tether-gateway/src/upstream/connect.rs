@@ -582,8 +582,12 @@ fn race_error(addr: &UpstreamAddress, failures: Vec<(SocketAddr, io::Error)>) ->
 pub const HAPPY_EYEBALLS_STAGGER: Duration = Duration::from_millis(250);
 
 impl Connector {
-    /// Candidate socket addresses for `addr`, address families interleaved (RFC 8305 §4).
+    /// Candidate socket addresses for `addr` (its pinned one alone, without a lookup), address
+    /// families interleaved (RFC 8305 §4).
     pub async fn resolve(&self, addr: &UpstreamAddress) -> Result<Vec<SocketAddr>, ProxyError> {
+        if let Some(ip) = addr.pinned {
+            return Ok(vec![SocketAddr::new(ip, addr.port)]);
+        }
         match self.resolver.lookup(&addr.host, addr.port).await {
             Ok(found) => Ok(interleave(found)),
             Err(e) => {

@@ -18,7 +18,7 @@ use http_body_util::BodyExt;
 use tokio::task::JoinSet;
 
 use super::{Checkout, Upstream, dns};
-use crate::config::{HEALTH_BODY_LIMIT, HealthCheck, UpstreamConfig};
+use crate::config::{HEALTH_BODY_LIMIT, HealthCheck, UpstreamAddress, UpstreamConfig};
 use crate::observe::metrics::Metrics;
 use crate::proxy::headers::Rewrite;
 use crate::proxy::request_body::RequestBody;
@@ -34,6 +34,24 @@ impl ActiveHealth {
     pub fn new(endpoints: usize) -> Arc<ActiveHealth> {
         Arc::new(ActiveHealth {
             down: (0..endpoints).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    /// State for the endpoints `now`, each that was among `before` keeping what its checks
+    /// found in `state`; the others in rotation until their checks say otherwise.
+    pub fn carried(
+        state: &ActiveHealth,
+        before: &[UpstreamAddress],
+        now: &[UpstreamAddress],
+    ) -> Arc<ActiveHealth> {
+        Arc::new(ActiveHealth {
+            down: now
+                .iter()
+                .map(|a| {
+                    let was = before.iter().position(|b| b == a);
+                    AtomicBool::new(was.is_some_and(|i| state.is_down(i)))
+                })
+                .collect(),
         })
     }
 
@@ -212,7 +230,7 @@ fn request(
         config.tls.as_ref().and_then(|t| t.server_name.as_deref()),
     ) {
         (Some(host), _) | (None, Some(host)) => host.to_owned(),
-        (None, None) => address.to_string(),
+        (None, None) => address.authority(),
     };
     let uri: Uri = if upstream.protocol.is_h2() {
         let scheme = if upstream.is_tls() { "https" } else { "http" };
@@ -237,6 +255,21 @@ fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoint_kept_by_a_new_configuration_keeps_its_state() {
+        let a = |s: &str| UpstreamAddress::from(s.parse::<std::net::SocketAddr>().unwrap());
+        let before = [a("10.0.0.1:80"), a("10.0.0.2:80"), a("10.0.0.3:80")];
+        let state = ActiveHealth::new(3);
+        state.set_down(1, true);
+        state.set_down(2, true);
+        let now = [a("10.0.0.2:80"), a("10.0.0.4:80"), a("10.0.0.1:80")];
+        let carried = ActiveHealth::carried(&state, &before, &now);
+        assert_eq!(
+            (0..3).map(|i| carried.is_down(i)).collect::<Vec<_>>(),
+            [true, false, false]
+        );
+    }
 
     /// A body sent in the given chunks.
     struct Chunks(std::collections::VecDeque<&'static [u8]>);

@@ -2,6 +2,7 @@
 
 pub mod balance;
 pub mod connect;
+pub mod discovery;
 pub mod dns;
 pub mod health;
 pub mod health_check;
@@ -88,8 +89,9 @@ struct Kept {
 pub struct Endpoint {
     /// Where.
     pub address: UpstreamAddress,
-    /// Its connections.
-    pub pool: EndpointPool,
+    /// Its connections; shared with the same endpoint of the configuration before a reload,
+    /// when it connects alike.
+    pub pool: Arc<EndpointPool>,
     /// Failed connection attempts and whether it is skipped.
     pub health: EndpointHealth,
     /// Its share of the requests.
@@ -163,12 +165,12 @@ impl Upstream {
                     weight: weight(i),
                     seed: balance::stable_hash(a.to_string().as_bytes()),
                     address: a.clone(),
-                    pool: EndpointPool::new(
+                    pool: Arc::new(EndpointPool::new(
                         config.max_idle_per_endpoint,
                         config.idle_timeout,
                         config.lifetime(),
                         counts.clone(),
-                    ),
+                    )),
                     health: EndpointHealth::default(),
                 })
                 .collect(),
@@ -409,6 +411,18 @@ impl Upstream {
             return true;
         }
         false
+    }
+
+    /// Takes over the pools of `before`'s endpoints that `self` has too (the same address), so
+    /// that a reload, or endpoints found by discovery, do not cost the unchanged endpoints their
+    /// open connections. For an upstream that [connects alike](UpstreamConfig::connects_like)
+    /// on the same worker only.
+    pub fn adopt_pools(&mut self, before: &Upstream) {
+        for ep in &mut self.endpoints {
+            if let Some(old) = before.endpoints.iter().find(|o| o.address == ep.address) {
+                ep.pool = old.pool.clone();
+            }
+        }
     }
 
     /// The address of endpoint `idx`, as configured.

@@ -103,10 +103,7 @@ impl DeadFirst {
             let port = c.upstreams[0].addresses[0].port;
             hole = Some(BlackHole::bind(SocketAddr::new(dead, port)).unwrap());
             c.dns.nameservers = vec![stub.addr()];
-            c.upstreams[0].addresses = vec![UpstreamAddress {
-                host: name.into(),
-                port,
-            }];
+            c.upstreams[0].addresses = vec![UpstreamAddress::new(name, port)];
             tweak(c);
         })
         .await;
