@@ -7,8 +7,10 @@
 //! A response tether has to cut once it has started (its deadline passed, the upstream failed
 //! or went idle) ends with `grpc-status` trailers when it is cut between two messages, as
 //! [`Framing`] follows them; cut inside a message it is reset, as any other response. A
-//! gRPC-Web response (binary, without a `Content-Length`) ends the same way with the trailers
-//! frame gRPC-Web clients read from the body ([`web_trailers`]), over HTTP/1.1 as over HTTP/2.
+//! gRPC-Web response (without a `Content-Length`) ends the same way with the trailers frame
+//! gRPC-Web clients read from the body ([`web_trailers`]), over HTTP/1.1 as over HTTP/2; for
+//! gRPC-Web-text (base64, the JavaScript client's default mode) the body's base64 is followed
+//! too, and the frame is sent in base64 when the body stopped at the end of a base64 group.
 
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
@@ -120,6 +122,46 @@ pub struct Framing {
     web: bool,
     /// A gRPC-Web trailers frame (flag bit 0x80) has begun: the upstream sent its status.
     trailers_sent: bool,
+    /// gRPC-Web-text: the body is base64, followed through this.
+    text: Option<Text>,
+}
+
+/// Where a gRPC-Web-text body is in its base64: groups of four characters, each decoded alone
+/// (a group may end with padding: servers encode each chunk on its own).
+#[derive(Debug, Default, Clone)]
+struct Text {
+    /// The current group's characters, as far as they have arrived.
+    group: [u8; 4],
+    have: usize,
+    /// A character that is not base64 arrived: the body cannot be followed any more.
+    lost: bool,
+}
+
+/// Decodes one base64 group (with its padding) into `out`; the bytes decoded, or `None` for
+/// characters that are not base64.
+fn decode_group(group: &[u8; 4], out: &mut [u8; 3]) -> Option<usize> {
+    fn value(c: u8) -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    }
+    let pad = group.iter().rev().take_while(|c| **c == b'=').count();
+    if pad > 2 {
+        return None;
+    }
+    let mut bits = 0u32;
+    for c in &group[..4 - pad] {
+        bits = bits << 6 | value(*c)?;
+    }
+    bits <<= 6 * pad;
+    let [_, a, b, c] = bits.to_be_bytes();
+    *out = [a, b, c];
+    Some(3 - pad)
 }
 
 impl Framing {
@@ -131,13 +173,51 @@ impl Framing {
         }
     }
 
+    /// Follows a gRPC-Web-text body: gRPC-Web in base64.
+    pub fn web_text() -> Framing {
+        Framing {
+            text: Some(Text::default()),
+            ..Framing::web()
+        }
+    }
+
     /// Whether the body is gRPC-Web's.
     pub fn is_web(&self) -> bool {
         self.web
     }
 
+    /// Whether the body is gRPC-Web-text's (its end goes in base64).
+    pub fn is_text(&self) -> bool {
+        self.text.is_some()
+    }
+
     /// Follows `data`, the body's next bytes.
-    pub fn advance(&mut self, mut data: &[u8]) {
+    pub fn advance(&mut self, data: &[u8]) {
+        let Some(mut text) = self.text.take() else {
+            return self.advance_binary(data);
+        };
+        for &c in data {
+            if text.lost {
+                break;
+            }
+            if c.is_ascii_whitespace() {
+                continue;
+            }
+            text.group[text.have] = c;
+            text.have += 1;
+            if text.have == 4 {
+                text.have = 0;
+                let mut bytes = [0u8; 3];
+                match decode_group(&text.group, &mut bytes) {
+                    Some(n) => self.advance_binary(&bytes[..n]),
+                    None => text.lost = true,
+                }
+            }
+        }
+        self.text = Some(text);
+    }
+
+    fn advance_binary(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.left > 0 {
                 let n = data
@@ -163,7 +243,10 @@ impl Framing {
     /// Whether every message so far arrived whole, and none was the upstream's own gRPC-Web
     /// trailers: the body can end here with tether's status.
     pub fn between_messages(&self) -> bool {
-        self.have == 0 && self.left == 0 && !self.trailers_sent
+        self.have == 0
+            && self.left == 0
+            && !self.trailers_sent
+            && self.text.as_ref().is_none_or(|t| t.have == 0 && !t.lost)
     }
 }
 
@@ -181,6 +264,13 @@ pub fn web_trailers(code: Code, message: &str) -> bytes::Bytes {
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(block.as_bytes());
     bytes::Bytes::from(out)
+}
+
+/// [`web_trailers`] in base64, for a gRPC-Web-text body.
+pub fn web_text_trailers(code: Code, message: &str) -> bytes::Bytes {
+    use base64::Engine as _;
+    let frame = web_trailers(code, message);
+    bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(frame))
 }
 
 /// Trailers that end a gRPC response with `code` and `message`.
@@ -225,6 +315,62 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine as _;
+
+    fn b64(b: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    fn message(body: &[u8]) -> Vec<u8> {
+        let mut m = vec![0];
+        m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn web_text_is_followed_through_padded_chunks_split_anywhere() {
+        // Each message encoded alone (padding mid-body), the text cut at every offset.
+        let text = [
+            b64(&message(b"ticks")),
+            b64(&message(b"tock")),
+            b64(&message(b"t")),
+        ]
+        .concat()
+        .into_bytes();
+        assert!(text[..text.len() - 4].contains(&b'='));
+        for cut in 0..text.len() {
+            let mut f = Framing::web_text();
+            f.advance(&text[..cut]);
+            f.advance(&text[cut..]);
+            assert!(f.between_messages(), "cut at {cut}");
+        }
+        // Mid-group, or mid-message: not between messages.
+        let mut f = Framing::web_text();
+        f.advance(&text[..text.len() - 1]);
+        assert!(!f.between_messages());
+        let mut f = Framing::web_text();
+        f.advance(&b64(&message(b"ticks")).as_bytes()[..8]);
+        assert!(!f.between_messages());
+        // Not base64: lost for good.
+        let mut f = Framing::web_text();
+        f.advance(b"AA*A");
+        f.advance(b64(&message(b"x")).as_bytes());
+        assert!(!f.between_messages());
+        // The upstream's own trailers frame.
+        let mut f = Framing::web_text();
+        f.advance(&web_text_trailers(Code::Unknown, "x"));
+        assert!(!f.between_messages());
+    }
+
+    #[test]
+    fn web_text_trailers_are_the_binary_frame_in_base64() {
+        let text = web_text_trailers(Code::Unavailable, "gone");
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(&text[..])
+            .unwrap();
+        assert_eq!(decoded, web_trailers(Code::Unavailable, "gone"));
+    }
 
     fn flavor(ct: &'static str) -> Option<Flavor> {
         let mut h = HeaderMap::new();

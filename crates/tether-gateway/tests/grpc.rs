@@ -504,3 +504,130 @@ async fn a_grpc_web_stream_cut_between_messages_ends_with_a_trailers_frame() {
     })
     .await;
 }
+
+/// A gRPC-Web-text body as its client reads it: each group of four base64 characters decoded
+/// alone (servers encode each chunk on its own, padding included).
+fn from_text(text: &[u8]) -> Vec<u8> {
+    use base64::Engine as _;
+    assert_eq!(text.len() % 4, 0, "{:?}", String::from_utf8_lossy(text));
+    text.chunks(4)
+        .flat_map(|g| base64::engine::general_purpose::STANDARD.decode(g).unwrap())
+        .collect()
+}
+
+fn to_text(b: &[u8]) -> Bytes {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b).into()
+}
+
+/// gRPC-Web-text (base64, the JavaScript client's default mode), cut between two messages: the
+/// body ends with the trailers frame in base64, after upstream chunks that each carried their
+/// own padding; cut inside a base64 group or a message, it is cut as before.
+#[tokio::test]
+async fn a_grpc_web_text_stream_cut_between_messages_ends_with_a_base64_trailers_frame() {
+    bounded(Duration::from_secs(30), async {
+        // "ticks" frames are 10 bytes: 16 characters, two of them padding.
+        let tick = to_text(&frame(b"ticks"));
+        assert!(tick.ends_with(b"=="));
+        let two = [tick.clone(), tick.clone()].concat();
+        let broken = |sent: Vec<u8>| Behavior::Truncate {
+            content_length: None,
+            sent: sent.into(),
+            ending: Ending::Fin,
+        };
+        let text = "application/grpc-web-text+proto";
+        for down in [Down::H1, Down::H2c] {
+            let env = Env::with(
+                down,
+                Up::H1,
+                routes(vec![
+                    ("/test.Clock/Ticks", Behavior::stream(tick.clone(), 100, 50)),
+                    ("/test.Clock/Broken", broken(two.clone())),
+                    (
+                        "/test.Clock/MidGroup",
+                        broken(two[..two.len() - 2].to_vec()),
+                    ),
+                ]),
+                |c| {
+                    let r = &mut c.listeners[0].routes[0];
+                    r.timeouts.total = Some(Duration::from_millis(400));
+                    r.response_headers.set = vec![("content-type".into(), text.into())];
+                },
+            )
+            .await;
+            let mut c = env.http().await;
+            let call = |c: &HttpClient, path: &'static str| {
+                c.request(http::Method::POST, path)
+                    .header("content-type", text)
+                    .body(full(to_text(&frame(b""))))
+                    .unwrap()
+            };
+            let (parts, body, _) = {
+                let req = call(&c, "/test.Clock/Ticks");
+                c.fetch(req)
+            }
+            .await
+            .unwrap();
+            assert_eq!(parts.status, 200, "{down:?}");
+            let mut body = Bytes::from(from_text(&body));
+            let mut ticks = 0;
+            let trailers = loop {
+                assert!(body.len() >= 5, "{down:?}: no trailers frame");
+                let flags = body.get_u8();
+                let len = body.get_u32() as usize;
+                let message = body.split_to(len);
+                if flags & 0x80 != 0 {
+                    break message;
+                }
+                assert_eq!(&message[..], b"ticks", "{down:?}");
+                ticks += 1;
+            };
+            assert!(
+                body.is_empty(),
+                "{down:?}: {body:?} after the trailers frame"
+            );
+            assert!((2..20).contains(&ticks), "{down:?}: {ticks} messages");
+            assert_eq!(
+                &trailers[..],
+                b"grpc-status:4\r\ngrpc-message:tether: deadline at body\r\n",
+                "{down:?}"
+            );
+            let rec = env.record("/test.Clock/Ticks").await;
+            assert_eq!(
+                (rec.grpc_status, rec.stage),
+                (Some(4), Some("body")),
+                "{down:?}"
+            );
+
+            // The upstream failing between messages: UNAVAILABLE, in base64 after its chunks.
+            let (_, body, _) = {
+                let req = call(&c, "/test.Clock/Broken");
+                c.fetch(req)
+            }
+            .await
+            .unwrap();
+            let end = b"grpc-status:14\r\ngrpc-message:tether: upstream_body_failed at body\r\n";
+            let mut want = [frame(b"ticks"), frame(b"ticks")].concat();
+            want.push(0x80);
+            want.extend_from_slice(&(end.len() as u32).to_be_bytes());
+            want.extend_from_slice(end);
+            assert_eq!(from_text(&body), want, "{down:?}");
+            assert_eq!(env.record("/test.Clock/Broken").await.grpc_status, Some(14));
+
+            // Cut inside a base64 group: no frame could follow it, so the response is cut.
+            let mut c = env.http().await;
+            assert!(
+                {
+                    let req = call(&c, "/test.Clock/MidGroup");
+                    c.fetch(req)
+                }
+                .await
+                .is_err(),
+                "{down:?}"
+            );
+            assert_eq!(env.record("/test.Clock/MidGroup").await.grpc_status, None);
+            env.stop().await;
+        }
+    })
+    .await;
+}

@@ -684,21 +684,21 @@ fn proxy<'a>(
             private: upstream.proxy_protocol.map(|_| conn.private().clone()),
         });
         // A gRPC response cut between messages can still end with a status: in trailers for
-        // gRPC over HTTP/2, in a last body frame for binary gRPC-Web (unless a Content-Length
-        // leaves no room for one).
+        // gRPC over HTTP/2, in a last body frame for gRPC-Web (in base64 for gRPC-Web-text;
+        // unless a Content-Length leaves no room for one).
         let grpc_framing = match t.grpc {
             _ if compressing.is_some() => None,
             Some(Flavor::Grpc)
                 if conn.cancel.protocol() == crate::cancel::DownstreamProtocol::H2
                     && Flavor::of(&parts.headers) == Some(Flavor::Grpc) =>
             {
-                Some(false)
+                Some(Flavor::Grpc)
             }
-            Some(Flavor::Web)
-                if Flavor::of(&parts.headers) == Some(Flavor::Web)
+            Some(web @ (Flavor::Web | Flavor::WebText))
+                if Flavor::of(&parts.headers) == Some(web)
                     && !parts.headers.contains_key(http::header::CONTENT_LENGTH) =>
             {
-                Some(true)
+                Some(web)
             }
             _ => None,
         };
@@ -709,8 +709,8 @@ fn proxy<'a>(
             pool,
             compressing,
         ));
-        if let Some(web) = grpc_framing {
-            body.frame_grpc(web);
+        if let Some(flavor) = grpc_framing {
+            body.frame_grpc(flavor);
         }
         Response::from_parts(parts, ProxyBody::Stream(body))
     }

@@ -105,13 +105,13 @@ impl Streaming {
     }
 
     /// Follows the body's gRPC messages, so that a gRPC response cut between two ends with a
-    /// `grpc-status` instead of a reset: in HTTP trailers, or for gRPC-Web (`web`) in a
-    /// trailers frame of the body.
-    pub fn frame_grpc(&mut self, web: bool) {
-        self.grpc = Some(Box::new(if web {
-            crate::grpc::Framing::web()
-        } else {
-            crate::grpc::Framing::default()
+    /// `grpc-status` instead of a reset: in HTTP trailers, or for gRPC-Web in a trailers frame
+    /// of the body (in base64 for gRPC-Web-text).
+    pub fn frame_grpc(&mut self, flavor: crate::grpc::Flavor) {
+        self.grpc = Some(Box::new(match flavor {
+            crate::grpc::Flavor::Grpc => crate::grpc::Framing::default(),
+            crate::grpc::Flavor::Web => crate::grpc::Framing::web(),
+            crate::grpc::Flavor::WebText => crate::grpc::Framing::web_text(),
         }));
     }
 
@@ -124,7 +124,11 @@ impl Streaming {
         }
         let message = format!("tether: {what} at body");
         let end = if framing.is_web() {
-            let frame = crate::grpc::web_trailers(code, &message);
+            let frame = if framing.is_text() {
+                crate::grpc::web_text_trailers(code, &message)
+            } else {
+                crate::grpc::web_trailers(code, &message)
+            };
             if let Some(t) = self.tracker.as_mut() {
                 t.rec.bytes_sent += frame.len() as u64;
             }
