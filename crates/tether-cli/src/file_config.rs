@@ -489,8 +489,10 @@ pub enum FileBalance {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileHealthCheck {
-    /// Path requested. Required.
-    pub path: String,
+    /// Path requested; or `grpc_service`.
+    pub path: Option<String>,
+    /// A gRPC health check of this service (`""`: the whole server) instead of `GET path`.
+    pub grpc_service: Option<String>,
     /// Between checks; default 5 s.
     pub interval: Option<String>,
     /// Longest a check may take; default 2 s.
@@ -1564,8 +1566,23 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
     }
     cfg.fail_statuses = u.fail_statuses.clone().unwrap_or_default();
     if let Some(h) = &u.health_check {
-        let mut check = HealthCheck::new(h.path.clone());
         let hkey = format!("{key}.health_check");
+        let mut check = match (&h.path, &h.grpc_service) {
+            (Some(path), None) => HealthCheck::new(path.clone()),
+            (None, Some(service)) => HealthCheck::grpc(service.clone()),
+            (None, None) => {
+                return Err(KeyError::new(
+                    format!("{hkey}.path"),
+                    "required: the path to GET, or grpc_service for a gRPC health check",
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(KeyError::new(
+                    format!("{hkey}.grpc_service"),
+                    "a gRPC health check calls grpc.health.v1.Health/Check, not a path: give path or grpc_service",
+                ));
+            }
+        };
         if let Some(s) = &h.interval {
             let k = format!("{hkey}.interval");
             check.interval = parse_duration(s).map_err(|e| KeyError::new(k, e))?;

@@ -984,6 +984,9 @@ pub struct HealthCheck {
     /// Headers each check sends (name, value), replacing tether's own (`User-Agent`); `host`
     /// sets the `Host`, or `:authority` over HTTP/2.
     pub headers: Vec<(String, String)>,
+    /// A gRPC health check instead (`grpc.health.v1.Health/Check`, HTTP/2 upstreams): the
+    /// service asked about, `""` for the server as a whole. Passes when it is `SERVING`.
+    pub grpc: Option<String>,
 }
 
 /// How much of a health check's response body is searched for
@@ -1002,6 +1005,16 @@ impl HealthCheck {
             expect_status: Vec::new(),
             expect_body: None,
             headers: Vec::new(),
+            grpc: None,
+        }
+    }
+
+    /// A gRPC health check of `service` (`""`: the whole server), with the defaults of
+    /// [`new`](Self::new).
+    pub fn grpc(service: impl Into<String>) -> HealthCheck {
+        HealthCheck {
+            grpc: Some(service.into()),
+            ..HealthCheck::new(crate::grpc::HEALTH_CHECK_PATH)
         }
     }
 
@@ -1195,6 +1208,12 @@ impl Config {
             }
             if let Some(h) = &u.health_check {
                 validate_health_check(&format!("{key}.health_check"), h)?;
+                if h.grpc.is_some() && !u.protocol.is_h2() {
+                    return Err(ConfigError::new(
+                        format!("{key}.health_check.grpc_service"),
+                        "gRPC runs over HTTP/2: only with protocol = \"h2\" or \"h2c\"",
+                    ));
+                }
             }
             if !u.weights.is_empty() && u.weights.len() != u.addresses.len() {
                 return Err(ConfigError::new(
@@ -1529,6 +1548,20 @@ fn validate_hash_key(key: &str, k: &HashKey) -> Result<(), ConfigError> {
 }
 
 fn validate_health_check(key: &str, h: &HealthCheck) -> Result<(), ConfigError> {
+    if h.grpc.is_some() {
+        // A gRPC check passes on SERVING alone.
+        if !h.expect_status.is_empty() || h.expect_body.is_some() {
+            let which = if h.expect_body.is_some() {
+                "expect_body"
+            } else {
+                "expect_status"
+            };
+            return Err(ConfigError::new(
+                format!("{key}.{which}"),
+                "not used by a gRPC health check, which passes when the service is SERVING",
+            ));
+        }
+    }
     if !h.path.starts_with('/') || PathAndQuery::try_from(h.path.as_str()).is_err() {
         return Err(ConfigError::new(
             format!("{key}.path"),

@@ -273,6 +273,86 @@ pub fn web_text_trailers(code: Code, message: &str) -> bytes::Bytes {
     bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(frame))
 }
 
+/// The method of gRPC's health checking protocol (`grpc.health.v1`).
+pub const HEALTH_CHECK_PATH: &str = "/grpc.health.v1.Health/Check";
+
+/// `HealthCheckResponse.status` of a service that serves.
+pub const SERVING: u64 = 1;
+
+/// The body of a `Check` call about `service`: one message, a `HealthCheckRequest` whose
+/// field 1 is the service name (left out when empty, as protobuf leaves out defaults).
+pub fn health_request(service: &str) -> bytes::Bytes {
+    let mut message = Vec::with_capacity(service.len() + 6);
+    if !service.is_empty() {
+        message.push(0x0a);
+        put_varint(&mut message, service.len() as u64);
+        message.extend_from_slice(service.as_bytes());
+    }
+    let mut out = Vec::with_capacity(5 + message.len());
+    out.push(0);
+    out.extend_from_slice(
+        &u32::try_from(message.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    out.extend_from_slice(&message);
+    bytes::Bytes::from(out)
+}
+
+/// `HealthCheckResponse.status` (field 1) of one response body holding one message; 0
+/// (`UNKNOWN`) when the field is absent, `None` when the body is not one such message.
+pub fn health_status(body: &[u8]) -> Option<u64> {
+    let (&flags, rest) = body.split_first()?;
+    let len = usize::try_from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)).ok()?;
+    let mut message = rest.get(4..4 + len)?;
+    if flags != 0 || rest.len() != 4 + len {
+        return None;
+    }
+    let mut status = 0;
+    while !message.is_empty() {
+        let key = take_varint(&mut message)?;
+        let value = match key & 7 {
+            0 => take_varint(&mut message)?,
+            1 | 5 => {
+                let n = if key & 7 == 1 { 8 } else { 4 };
+                message = message.get(n..)?;
+                continue;
+            }
+            2 => {
+                let n = usize::try_from(take_varint(&mut message)?).ok()?;
+                message = message.get(n..)?;
+                continue;
+            }
+            _ => return None,
+        };
+        if key >> 3 == 1 {
+            status = value;
+        }
+    }
+    Some(status)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn take_varint(data: &mut &[u8]) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&b, rest) = data.split_first()?;
+        *data = rest;
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
 /// Trailers that end a gRPC response with `code` and `message`.
 pub fn trailers(code: Code, message: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
@@ -361,6 +441,39 @@ mod tests {
         let mut f = Framing::web_text();
         f.advance(&web_text_trailers(Code::Unknown, "x"));
         assert!(!f.between_messages());
+    }
+
+    #[test]
+    fn health_requests_and_responses_are_protobuf_in_one_message() {
+        assert_eq!(&health_request("")[..], [0, 0, 0, 0, 0]);
+        assert_eq!(&health_request("a.B")[..], b"\0\0\0\0\x05\x0a\x03a.B");
+        let long = "s".repeat(200);
+        let req = health_request(&long);
+        // A two-byte varint length.
+        assert_eq!(&req[5..8], [0x0a, 0xc8, 0x01]);
+        assert_eq!(req.len(), 5 + 3 + 200);
+
+        let one = |m: &[u8]| [&[0u8][..], &(m.len() as u32).to_be_bytes(), m].concat();
+        assert_eq!(health_status(&one(&[0x08, 0x01])), Some(SERVING));
+        assert_eq!(health_status(&one(&[0x08, 0x02])), Some(2));
+        // Absent: UNKNOWN; unknown fields of each wire type skipped.
+        assert_eq!(health_status(&one(&[])), Some(0));
+        let mixed = [
+            0x12, 0x02, b'h', b'i', 0x19, 0, 0, 0, 0, 0, 0, 0, 0, 0x25, 0, 0, 0, 0,
+        ];
+        let with_status = [&mixed[..], &[0x08, 0x01]].concat();
+        assert_eq!(health_status(&one(&with_status)), Some(SERVING));
+        // Not one whole message.
+        assert_eq!(health_status(&one(&[0x08])), None);
+        assert_eq!(health_status(&[0, 0, 0, 0, 5, 0x08]), None);
+        assert_eq!(
+            health_status(&[[1u8].as_slice(), &one(&[0x08, 1])[1..]].concat()),
+            None
+        );
+        assert_eq!(
+            health_status(&[one(&[0x08, 1]), one(&[0x08, 1])].concat()),
+            None
+        );
     }
 
     #[test]

@@ -6,10 +6,19 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::*;
+use http_body::Frame;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use test_support::behavior::{Behavior, script};
 use tether_gateway::config::{AdminConfig, HealthCheck, UpstreamAddress};
 use tokio::net::TcpListener;
@@ -216,6 +225,144 @@ async fn checks_can_expect_a_status_and_a_body_and_send_headers_of_their_own() {
             check.expect_body = Some("alt".into());
         });
         wait_health(&env, b.addr, true).await;
+        env.stop().await;
+    })
+    .await;
+}
+
+/// What a gRPC server's health service answers: `SERVING` (1), `NOT_SERVING` (2), or (0) no
+/// health service at all (`UNIMPLEMENTED`, trailers-only).
+struct GrpcBackend {
+    addr: std::net::SocketAddr,
+    status: Arc<AtomicU8>,
+    /// Each check's content-type, te and the service it asked about.
+    checks: Arc<Mutex<Vec<(String, String, String)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A body of the given frames, trailers included.
+struct Frames(VecDeque<Frame<Bytes>>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(Ok))
+    }
+}
+
+impl GrpcBackend {
+    /// An HTTP/2 server answering `name` to any request, and gRPC health checks.
+    async fn start(name: &'static str) -> GrpcBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = Arc::new(AtomicU8::new(1));
+        let checks = Arc::new(Mutex::new(Vec::new()));
+        let (st, seen) = (status.clone(), checks.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (st, seen) = (st.clone(), seen.clone());
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (st, seen) = (st.clone(), seen.clone());
+                    async move {
+                        let mut frames = VecDeque::new();
+                        if req.uri().path() != "/grpc.health.v1.Health/Check" {
+                            frames.push_back(Frame::data(Bytes::from_static(name.as_bytes())));
+                            return Ok::<_, std::convert::Infallible>(Response::new(Frames(
+                                frames,
+                            )));
+                        }
+                        let (ct, te) = (header_text(&req, "content-type"), header_text(&req, "te"));
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        // One message: field 1, the service name, short enough for a 1-byte length.
+                        let service = match &body[5..] {
+                            [0x0a, n, rest @ ..] if usize::from(*n) == rest.len() => {
+                                String::from_utf8(rest.to_vec()).unwrap()
+                            }
+                            other => format!("{other:?}"),
+                        };
+                        seen.lock().unwrap().push((ct, te, service));
+                        let resp = Response::builder()
+                            .status(200)
+                            .header("content-type", "application/grpc");
+                        let status = st.load(Ordering::Relaxed);
+                        if status == 0 {
+                            let resp = resp
+                                .header("grpc-status", "12")
+                                .header("grpc-message", "unknown service grpc.health.v1.Health");
+                            return Ok(resp.body(Frames(frames)).unwrap());
+                        }
+                        frames
+                            .push_back(Frame::data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status])));
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        frames.push_back(Frame::trailers(trailers));
+                        Ok(resp.body(Frames(frames)).unwrap())
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(sock), svc),
+                );
+            }
+        });
+        GrpcBackend {
+            addr,
+            status,
+            checks,
+            task,
+        }
+    }
+}
+
+/// gRPC's health checking protocol towards an HTTP/2 upstream: an endpoint whose service is
+/// NOT_SERVING, or that has no health service, leaves rotation; SERVING brings it back. Each
+/// check is a gRPC call (`application/grpc`, `te: trailers`) naming the configured service.
+#[tokio::test]
+async fn grpc_health_checks_follow_the_services_serving_status() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (GrpcBackend::start("a").await, GrpcBackend::start("b").await);
+        let mut env = gateway(Up::H2c, vec![a.addr.into(), b.addr.into()]).await;
+        env.reload(|c| {
+            let mut check = HealthCheck::grpc("app.Users");
+            check.interval = Duration::from_millis(50);
+            check.timeout = Duration::from_millis(500);
+            c.upstreams[0].health_check = Some(check);
+        });
+        wait_health(&env, b.addr, true).await;
+        let (bodies, _) = answers(&env, 10).await;
+        assert!(bodies.iter().any(|b| b == "b"), "{bodies:?}");
+
+        b.status.store(2, Ordering::Relaxed);
+        wait_health(&env, b.addr, false).await;
+        let (bodies, failed) = answers(&env, 10).await;
+        assert_eq!(failed, 0);
+        assert!(bodies.iter().all(|b| b == "a"), "{bodies:?}");
+
+        b.status.store(1, Ordering::Relaxed);
+        wait_health(&env, b.addr, true).await;
+        b.status.store(0, Ordering::Relaxed);
+        wait_health(&env, b.addr, false).await;
+        b.status.store(1, Ordering::Relaxed);
+        wait_health(&env, b.addr, true).await;
+
+        let seen = b.checks.lock().unwrap().clone();
+        assert!(seen.len() >= 4, "{seen:?}");
+        let want = (
+            "application/grpc".to_owned(),
+            "trailers".to_owned(),
+            "app.Users".to_owned(),
+        );
+        assert!(seen.iter().all(|s| *s == want), "{seen:?}");
         env.stop().await;
     })
     .await;

@@ -493,7 +493,22 @@ fn health_checks_convert_with_defaults_and_bad_ones_name_their_key() {
         (
             "interval = \"1s\"",
             "upstreams[0].health_check.path",
-            "missing field",
+            "required: the path to GET, or grpc_service",
+        ),
+        (
+            "path = \"/h\", grpc_service = \"\"",
+            "upstreams[0].health_check.grpc_service",
+            "give path or grpc_service",
+        ),
+        (
+            "grpc_service = \"\", expect_body = \"ok\"",
+            "upstreams[0].health_check.expect_body",
+            "not used by a gRPC health check",
+        ),
+        (
+            "grpc_service = \"\", expect_status = [200]",
+            "upstreams[0].health_check.expect_status",
+            "not used by a gRPC health check",
         ),
     ] {
         let src = GOOD.replace(
@@ -504,6 +519,33 @@ fn health_checks_convert_with_defaults_and_bad_ones_name_their_key() {
         assert_eq!(e.key, key, "{bad}: {e:?}");
         assert!(e.message.contains(why), "{bad}: {e:?}");
     }
+}
+
+#[test]
+fn a_grpc_health_check_converts_and_needs_http2() {
+    let with = |protocol: &str| {
+        GOOD.replace(
+            "protocol = \"h2c\"\nidle_timeout = \"2s\"\n",
+            &format!(
+                "protocol = \"{protocol}\"\nidle_timeout = \"2s\"\nhealth_check = {{ grpc_service = \"app.Users\", interval = \"1s\" }}\n"
+            ),
+        )
+    };
+    let h = parse(&with("h2c"), Path::new("."))
+        .unwrap()
+        .config
+        .upstreams[0]
+        .health_check
+        .clone()
+        .unwrap();
+    assert_eq!(h.grpc.as_deref(), Some("app.Users"));
+    assert_eq!(h.path, "/grpc.health.v1.Health/Check");
+    assert_eq!(h.interval, Duration::from_secs(1));
+    refused(
+        &with("http1"),
+        "upstreams[0].health_check.grpc_service",
+        "only with protocol = \"h2\" or \"h2c\"",
+    );
 }
 
 #[test]

@@ -106,6 +106,14 @@ impl RequestBody {
         }
     }
 
+    /// A body of these bytes.
+    pub fn from_bytes(data: Bytes) -> Self {
+        RequestBody::from_whole(Whole {
+            data,
+            trailers: None,
+        })
+    }
+
     /// A body read whole before: `whole` again.
     pub fn from_whole(whole: Whole) -> Self {
         RequestBody {

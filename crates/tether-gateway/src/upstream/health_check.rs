@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use http::header::{HOST, HeaderValue, USER_AGENT};
+use http::header::{CONTENT_TYPE, HOST, HeaderValue, TE, USER_AGENT};
 use http::{Method, Request, Uri};
 use http_body_util::BodyExt;
 use tokio::task::JoinSet;
@@ -156,7 +156,14 @@ async fn check(upstream: &Upstream, i: usize, t: &Target, rules: &Rewrite) -> Re
         let address = upstream
             .endpoint_address(i)
             .ok_or_else(|| "no such endpoint".to_owned())?;
-        let req = request(upstream, &t.config, address, &t.check.path, rules)?;
+        let mut req = request(upstream, &t.config, address, &t.check.path, rules)?;
+        if let Some(service) = &t.check.grpc {
+            *req.method_mut() = Method::POST;
+            *req.body_mut() = RequestBody::from_bytes(crate::grpc::health_request(service));
+            let h = req.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+            h.insert(TE, HeaderValue::from_static("trailers"));
+        }
         let checkout = upstream
             .connect_once(i, timeout)
             .await
@@ -168,6 +175,9 @@ async fn check(upstream: &Upstream, i: usize, t: &Target, rules: &Rewrite) -> Re
         }
         .map_err(|e| format!("no answer: {e}"))?;
         let status = resp.status().as_u16();
+        if t.check.grpc.is_some() {
+            return grpc_serving(resp).await;
+        }
         if !t.check.status_passes(status) {
             return Err(format!("status {status}"));
         }
@@ -181,6 +191,67 @@ async fn check(upstream: &Upstream, i: usize, t: &Target, rules: &Rewrite) -> Re
     match tokio::time::timeout(timeout, attempt).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {timeout:?}")),
+    }
+}
+
+/// Whether a gRPC health check's answer says `SERVING`: status 200, `grpc-status` 0, and one
+/// `HealthCheckResponse` whose status is `SERVING`.
+async fn grpc_serving<B>(resp: http::Response<B>) -> Result<(), String>
+where
+    B: http_body::Body + Unpin,
+    B::Data: bytes::Buf,
+    B::Error: std::fmt::Display,
+{
+    let status = resp.status().as_u16();
+    if status != 200 {
+        return Err(format!("status {status}"));
+    }
+    let (parts, mut body) = resp.into_parts();
+    let mut data: Vec<u8> = Vec::new();
+    // A trailers-only answer has its status in the head.
+    let mut trailers = parts
+        .headers
+        .contains_key(crate::grpc::GRPC_STATUS)
+        .then_some(parts.headers);
+    while trailers.is_none() {
+        let Some(frame) = body.frame().await else {
+            break;
+        };
+        let frame = frame.map_err(|e| format!("body: {e}"))?;
+        match frame.into_data() {
+            Ok(mut d) => {
+                let len = bytes::Buf::remaining(&d);
+                if data.len() + len > HEALTH_BODY_LIMIT {
+                    return Err("answer too long".into());
+                }
+                data.extend_from_slice(&bytes::Buf::copy_to_bytes(&mut d, len));
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    let text = |name| {
+        trailers
+            .as_ref()
+            .and_then(|t| t.get(name))
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+    };
+    match text(crate::grpc::GRPC_STATUS) {
+        "0" => {}
+        "" => return Err("no grpc-status".into()),
+        code => {
+            return Err(format!(
+                "grpc-status {code} {}",
+                text(crate::grpc::GRPC_MESSAGE)
+            ));
+        }
+    }
+    match crate::grpc::health_status(&data) {
+        Some(crate::grpc::SERVING) => Ok(()),
+        Some(2) => Err("NOT_SERVING".into()),
+        Some(3) => Err("SERVICE_UNKNOWN".into()),
+        Some(s) => Err(format!("health status {s}")),
+        None => Err("not a HealthCheckResponse".into()),
     }
 }
 
