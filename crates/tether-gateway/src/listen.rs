@@ -959,7 +959,8 @@ struct Kept<'a> {
 }
 
 /// Builds this worker's upstreams for a published configuration. An endpoint the `previous`
-/// generation has too, in an upstream of the same name that connects alike, keeps its pool.
+/// generation has too, in an upstream of the same name, keeps its passive health, and its pool
+/// when the upstream connects alike.
 fn build_generation(
     p: &Published,
     observer: &Observer,
@@ -981,15 +982,12 @@ fn build_generation(
         let mut up = Upstream::new(u, resolver.clone(), counts, active, loads)
             .map_err(|source| StartError::UpstreamTls { index, source })?;
         let before = previous.and_then(|g| {
-            let i = g
-                .config
-                .upstreams
-                .iter()
-                .position(|o| o.name == u.name && o.connects_like(u))?;
-            g.worker.upstreams.get(i)
+            let i = g.config.upstreams.iter().position(|o| o.name == u.name)?;
+            let pools = g.config.upstreams.get(i)?.connects_like(u);
+            Some((g.worker.upstreams.get(i)?, pools))
         });
-        if let Some(before) = before {
-            up.adopt_pools(before);
+        if let Some((before, pools)) = before {
+            up.adopt(before, pools);
         }
         upstreams.push(Arc::new(up));
     }

@@ -159,3 +159,24 @@ async fn an_endpoint_answering_fail_statuses_is_skipped_after_max_fails_in_a_row
     })
     .await;
 }
+
+/// A reload keeps what the workers learned about an endpoint: one skipped for `fail_timeout`
+/// stays skipped, where starting afresh would send it requests again.
+#[tokio::test]
+async fn a_reload_keeps_a_skipped_endpoint_skipped() {
+    bounded(Duration::from_secs(20), async {
+        let mut env = env(1, Duration::from_secs(30)).await;
+        assert_eq!(failures(&env, 4).await, 1);
+        env.reload(|c| c.listeners[0].routes[0].timeouts.total = Some(Duration::from_secs(9)));
+        assert_eq!(
+            failures(&env, 10).await,
+            0,
+            "the skipped endpoint was tried again"
+        );
+        // Its pool settings changed: still the same endpoint, still skipped.
+        env.reload(|c| c.upstreams[0].idle_timeout = Duration::from_secs(3));
+        assert_eq!(failures(&env, 10).await, 0);
+        env.stop().await;
+    })
+    .await;
+}

@@ -53,6 +53,17 @@ impl EndpointHealth {
         true
     }
 
+    /// Takes over what `before` counted (measured from the same `born`): the same endpoint in
+    /// the configuration before a reload.
+    pub fn carry(&self, before: &EndpointHealth) {
+        self.skipped_until.store(
+            before.skipped_until.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        self.fails
+            .store(before.fails.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// A fresh connection to the endpoint worked, or it answered well.
     pub fn succeeded(&self) {
         if self.fails.load(Ordering::Relaxed) != 0 {

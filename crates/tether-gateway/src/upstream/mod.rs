@@ -413,14 +413,21 @@ impl Upstream {
         false
     }
 
-    /// Takes over the pools of `before`'s endpoints that `self` has too (the same address), so
-    /// that a reload, or endpoints found by discovery, do not cost the unchanged endpoints their
-    /// open connections. For an upstream that [connects alike](UpstreamConfig::connects_like)
-    /// on the same worker only.
-    pub fn adopt_pools(&mut self, before: &Upstream) {
+    /// Takes over from `before` (the same upstream in the configuration before a reload, on
+    /// this worker) what its endpoints that `self` has too (the same address) learned: their
+    /// passive health (a skipped endpoint stays skipped), and with `pools` their pools, so that
+    /// a reload, or endpoints found by discovery, do not cost the unchanged endpoints their open
+    /// connections. `pools` only for an upstream that
+    /// [connects alike](UpstreamConfig::connects_like).
+    pub fn adopt(&mut self, before: &Upstream, pools: bool) {
+        // Skip deadlines are counted from `born`.
+        self.born = before.born;
         for ep in &mut self.endpoints {
             if let Some(old) = before.endpoints.iter().find(|o| o.address == ep.address) {
-                ep.pool = old.pool.clone();
+                ep.health.carry(&old.health);
+                if pools {
+                    ep.pool = old.pool.clone();
+                }
             }
         }
     }
