@@ -759,8 +759,8 @@ pub struct UpstreamConfig {
     /// How long a request may wait for room at a full endpoint. Default 5 s.
     pub queue_timeout: Duration,
     /// HTTP/2 upstreams: streams one connection carries at once before tether opens another to
-    /// the same endpoint. At or below the upstream's `SETTINGS_MAX_CONCURRENT_STREAMS`: beyond
-    /// it, requests would wait inside the connection.
+    /// the same endpoint; the upstream's own `SETTINGS_MAX_CONCURRENT_STREAMS` counts too, once
+    /// the connection has heard it (beyond it, requests would wait inside the connection).
     pub max_streams_per_connection: std::num::NonZeroU32,
     /// Each address a name in [`addresses`](Self::addresses) resolves to is an endpoint of its
     /// own, found again periodically. None by default: a name is one endpoint, its addresses

@@ -490,6 +490,71 @@ async fn a_rested_connection_the_upstream_closed_is_not_used() {
     .expect("bounded");
 }
 
+/// An HTTP/2 upstream that allows 2 streams per connection (its SETTINGS_MAX_CONCURRENT_STREAMS)
+/// with `max_streams_per_connection` left at its default of 100: tether follows the upstream's
+/// own limit, and a third request at once opens a second connection instead of waiting inside
+/// the first for a stream to end.
+#[tokio::test]
+async fn an_h2_upstreams_own_stream_limit_opens_another_connection() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let up = test_support::UpstreamH2::start_limited(
+            script(|r| {
+                if r.path.starts_with("/hold") {
+                    Behavior::Never
+                } else {
+                    Behavior::ok("ok")
+                }
+            }),
+            2,
+        )
+        .await
+        .unwrap();
+        let (gw, addr, _admin, _) = gateway_to(up.addr(), 1, 8, Duration::from_millis(300), |u| {
+            u.protocol = UpstreamProtocol::H2c;
+        });
+        let mut c = H1Client::connect(addr).await.unwrap();
+        assert_eq!(c.get("/warm").await.unwrap().0.status, 200);
+        let started = |up: &test_support::UpstreamH2| {
+            up.log()
+                .events()
+                .iter()
+                .filter(|e| {
+                    e.path.starts_with("/hold")
+                        && matches!(e.kind, EventKind::RequestStarted { .. })
+                })
+                .count()
+        };
+        // One at a time, each once the one before reached the upstream: a connection learns
+        // its upstream's limit as its streams start (a burst on a connection too new to have
+        // heard it can pass the limit, up to max_streams_per_connection).
+        let mut holds = Vec::new();
+        for i in 0..5 {
+            holds.push(tokio::spawn(async move {
+                let mut c = H1Client::connect(addr).await.unwrap();
+                c.get(&format!("/hold/{i}")).await
+            }));
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while started(&up) < i + 1 {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} of {} requests reached the upstream over {} connections",
+                    started(&up),
+                    i + 1,
+                    up.log().accepted()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        assert_eq!(up.log().accepted(), 3);
+        for h in holds {
+            h.abort();
+        }
+        drop(gw);
+    })
+    .await
+    .expect("bounded");
+}
+
 /// An HTTP/2 upstream that allows 2 streams per connection, with `max_streams_per_connection`
 /// set to match: a third request at once opens a second connection and reaches the upstream at
 /// once, rather than waiting inside the first connection for a stream to end (unseen by

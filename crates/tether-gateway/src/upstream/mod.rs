@@ -639,18 +639,28 @@ impl Upstream {
             })?;
         let open = OpenConn::new(self.counts.clone());
         let failed = tls_failed.clone();
+        let streams: Arc<pool::Streams> = Arc::default();
+        let seen = streams.clone();
         tokio::spawn(async move {
             let _open = open;
+            let mut conn = std::pin::pin!(conn);
+            // After each turn of the connection, the upstream's limit on streams at once as
+            // its SETTINGS last said, for the pool to open another connection at it.
+            let driven = std::future::poll_fn(|cx| {
+                let r = conn.as_mut().poll(cx);
+                seen.set_allowed(conn.current_max_send_streams());
+                r
+            });
             // A TLS failure after the handshake (a client certificate the upstream refused)
             // ends the connection, not one request.
-            if let Err(e) = conn.await
+            if let Err(e) = driven.await
                 && failed.load(std::sync::atomic::Ordering::Relaxed)
             {
                 tracing::warn!(%peer, error = %e, "upstream HTTP/2 connection failed in TLS");
             }
         });
         Ok(H2Conn {
-            streams: Arc::default(),
+            streams,
             sender,
             peer,
             local,

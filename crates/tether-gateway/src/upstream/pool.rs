@@ -352,16 +352,43 @@ pub struct H2Conn {
 }
 
 /// The streams of one HTTP/2 connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Streams {
     open: AtomicUsize,
     started: AtomicU32,
+    /// How many the upstream allows at once (its `SETTINGS_MAX_CONCURRENT_STREAMS`), as the
+    /// task driving the connection last saw it.
+    allowed: AtomicUsize,
+}
+
+impl Default for Streams {
+    fn default() -> Self {
+        Streams {
+            open: AtomicUsize::new(0),
+            started: AtomicU32::new(0),
+            allowed: AtomicUsize::new(usize::MAX),
+        }
+    }
 }
 
 impl Streams {
     /// How many are open.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Whether another may open, with at most `max` at once on a connection: neither `max` nor
+    /// the upstream's own limit reached. Beyond the upstream's limit a request would wait inside
+    /// the connection for another stream to end, unseen by timeouts, balancing and queues.
+    fn has_room(&self, max: usize) -> bool {
+        self.open() < max.min(self.allowed.load(Ordering::Relaxed))
+    }
+
+    /// The upstream's limit on streams at once changed (it sent `SETTINGS`).
+    pub fn set_allowed(&self, n: usize) {
+        if self.allowed.load(Ordering::Relaxed) != n {
+            self.allowed.store(n, Ordering::Relaxed);
+        }
     }
 
     /// How many were started on it.
@@ -424,7 +451,7 @@ impl H2Conns {
         };
         // The common case: one connection, with room.
         if let [only] = self.conns.as_slice()
-            && only.conn.streams.open() < max
+            && only.conn.streams.has_room(max)
             && usable(&only.conn)
         {
             let c = only.conn.clone();
@@ -436,7 +463,7 @@ impl H2Conns {
         let mut chosen = None;
         for (i, p) in self.conns.iter_mut().enumerate() {
             let open = p.conn.streams.open();
-            if chosen.is_none() && open < max {
+            if chosen.is_none() && p.conn.streams.has_room(max) {
                 chosen = Some(i);
                 p.idle_since = None;
             } else if open == 0 {
