@@ -302,3 +302,81 @@ async fn h2_upstream_refusing_or_going_away_on_a_pooled_connection_is_resent() {
         .await;
     }
 }
+
+/// An HTTP/2 upstream going away with a last stream id below the request's (RFC 9113 §6.8: the
+/// stream was not processed, and may be retried on another connection), on a fresh connection
+/// (so not a stale keep-alive one): the request is sent again on a new connection and
+/// succeeds. The first connection is a raw peer that answers the first request's HEADERS with
+/// GOAWAY(last_stream_id 0, NO_ERROR); later ones are served by hyper.
+#[tokio::test]
+async fn a_stream_an_h2_upstream_went_away_before_is_resent() {
+    use hyper::body::Incoming;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    bounded(Duration::from_secs(10), async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (acc, srv) = (accepted.clone(), served.clone());
+        let server = tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                if acc.fetch_add(1, Ordering::SeqCst) == 0 {
+                    tokio::spawn(async move {
+                        let mut preface = [0u8; 24];
+                        sock.read_exact(&mut preface).await.unwrap();
+                        // Frames until the first HEADERS (type 1).
+                        loop {
+                            let mut head = [0u8; 9];
+                            sock.read_exact(&mut head).await.unwrap();
+                            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+                            let mut payload = vec![0u8; len as usize];
+                            sock.read_exact(&mut payload).await.unwrap();
+                            if head[3] == 1 {
+                                break;
+                            }
+                        }
+                        // SETTINGS (empty), then GOAWAY: last stream 0, NO_ERROR.
+                        sock.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+                        let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                        sock.write_all(&goaway).await.unwrap();
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    });
+                    continue;
+                }
+                let srv = srv.clone();
+                let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
+                    srv.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"fresh")),
+                        ))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(sock), svc),
+                );
+            }
+        });
+        let env = Env::with(Down::H1, Up::H2c, script(|_| Behavior::ok("unused")), |c| {
+            c.upstreams[0].addresses = vec![addr.into()];
+        })
+        .await;
+        let mut client = env.http().await;
+        let (p, body) = client.get("/order").await.unwrap();
+        assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(&body[..], b"fresh");
+        let rec = env.record("/order").await;
+        assert_eq!(rec.retries, 1, "{rec:?}");
+        assert_eq!(
+            (
+                accepted.load(Ordering::SeqCst),
+                served.load(Ordering::SeqCst)
+            ),
+            (2, 1)
+        );
+        env.stop().await;
+        server.abort();
+    })
+    .await;
+}

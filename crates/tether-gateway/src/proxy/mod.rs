@@ -472,9 +472,11 @@ fn proxy<'a>(
             };
             // Once written, the request is gone: a resend needs a copy, made before the first
             // write that may need one. Only a reused connection can turn out stale after the write
-            // (a request never written comes back without one), and only a route with retryable
-            // statuses resends after an answer.
-            if replay.is_none() && resendable && (info.reused || route.retry.retries_statuses()) {
+            // (a request never written comes back without one), or an HTTP/2 one go away with
+            // the stream unprocessed (a new one too), and only a route with retryable statuses
+            // resends after an answer.
+            let may_go_stale = info.reused || upstream.protocol.is_h2();
+            if replay.is_none() && resendable && (may_go_stale || route.retry.retries_statuses()) {
                 replay = Replay::of(&up_req);
             }
             t.rec.upstream_reused = Some(info.reused);
@@ -581,14 +583,15 @@ fn proxy<'a>(
                         && replay.is_some()
                         && idempotent
                         && err.kind == ErrorKind::Reset;
+                    // Written but provably not processed (HTTP/2 refused the stream, or went away
+                    // below it): sent again from the copy.
+                    let unprocessed = err.stage == Stage::Send && replay.is_some();
+                    let again = unsent_retry || stale || unprocessed;
                     // A pooled connection found dead is the pool's miss, not an upstream failure:
                     // one resend on a fresh connection, outside the attempt limit and the retry
                     // budget. Only one: from then on every attempt connects afresh.
-                    let pool_miss = info.reused && (unsent_retry || stale);
-                    if pool_miss
-                        || ((unsent_retry || stale)
-                            && route.retry.may_retry(&err, attempt, unsent_retry || stale))
-                    {
+                    let pool_miss = info.reused && again;
+                    if pool_miss || (again && route.retry.may_retry(&err, attempt, again)) {
                         tracing::debug!(stage = %err.stage, error = %err, attempt, reused = info.reused, "upstream attempt failed before the response, retrying on a fresh connection");
                         if pool_miss {
                             resent += 1;
@@ -820,8 +823,12 @@ fn classify_send_error(e: hyper::Error, unsent: bool) -> ProxyError {
     } else {
         ErrorKind::Reset
     };
-    // Nothing written (the connection closed first, or HTTP/2 REFUSED_STREAM) is a send failure.
-    let refused = h2_reason(&e) == Some(h2::Reason::REFUSED_STREAM);
+    // Nothing written (the connection closed first), or nothing processed (HTTP/2
+    // REFUSED_STREAM, or a GOAWAY whose last stream id is below this stream's: RFC 9113 §6.8)
+    // is a send failure, safe to send again.
+    let refused = h2_error(&e).is_some_and(|h| {
+        h.reason() == Some(h2::Reason::REFUSED_STREAM) || (h.is_go_away() && h.is_remote())
+    });
     let stage = if unsent || e.is_canceled() || refused {
         Stage::Send
     } else {
@@ -830,11 +837,14 @@ fn classify_send_error(e: hyper::Error, unsent: bool) -> ProxyError {
     ProxyError::upstream(stage, kind).with_source(e)
 }
 
-fn h2_reason(e: &hyper::Error) -> Option<h2::Reason> {
+/// The HTTP/2 error under a hyper error. A remote GOAWAY reaches a stream only when it was not
+/// processed: opened after it, or above its last stream id (streams below it that the
+/// connection's end cuts see a broken pipe instead).
+fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
     while let Some(s) = src {
         if let Some(h) = s.downcast_ref::<h2::Error>() {
-            return h.reason();
+            return Some(h);
         }
         src = s.source();
     }
