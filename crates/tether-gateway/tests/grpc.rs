@@ -400,6 +400,36 @@ async fn a_stream_cut_between_messages_ends_with_a_grpc_status() {
     .await;
 }
 
+/// Checks a gRPC-Web body cut by its deadline: a few `tick` messages, then a trailers frame
+/// with DEADLINE_EXCEEDED, then nothing.
+fn deadline_after_ticks(mut body: Bytes, tick: &[u8], down: Down) {
+    let mut ticks = 0;
+    let trailers = loop {
+        assert!(
+            body.len() >= 5,
+            "{down:?}: the body ended without a trailers frame"
+        );
+        let flags = body.get_u8();
+        let len = body.get_u32() as usize;
+        let message = body.split_to(len);
+        if flags & 0x80 != 0 {
+            break message;
+        }
+        assert_eq!(&message[..], tick, "{down:?}");
+        ticks += 1;
+    };
+    assert!(
+        body.is_empty(),
+        "{down:?}: {body:?} after the trailers frame"
+    );
+    assert!((2..20).contains(&ticks), "{down:?}: {ticks} messages");
+    assert_eq!(
+        &trailers[..],
+        b"grpc-status:4\r\ngrpc-message:tether: deadline at body\r\n",
+        "{down:?}"
+    );
+}
+
 /// A gRPC-Web server stream whose deadline passes mid-stream, cut between two messages: the
 /// body ends cleanly with a trailers frame carrying DEADLINE_EXCEEDED (what gRPC-Web clients
 /// read their status from), over HTTP/1.1 and HTTP/2. A response with a `Content-Length` has no
@@ -439,33 +469,9 @@ async fn a_grpc_web_stream_cut_between_messages_ends_with_a_trailers_frame() {
                 .header("content-type", "application/grpc-web+proto")
                 .body(full(frame(b"")))
                 .unwrap();
-            let (parts, mut body, _) = c.fetch(req).await.unwrap();
+            let (parts, body, _) = c.fetch(req).await.unwrap();
             assert_eq!(parts.status, 200, "{down:?}");
-            let mut ticks = 0;
-            let trailers = loop {
-                assert!(
-                    body.len() >= 5,
-                    "{down:?}: the body ended without a trailers frame"
-                );
-                let flags = body.get_u8();
-                let len = body.get_u32() as usize;
-                let message = body.split_to(len);
-                if flags & 0x80 != 0 {
-                    break message;
-                }
-                assert_eq!(&message[..], b"tick", "{down:?}");
-                ticks += 1;
-            };
-            assert!(
-                body.is_empty(),
-                "{down:?}: {body:?} after the trailers frame"
-            );
-            assert!((2..20).contains(&ticks), "{down:?}: {ticks} messages");
-            assert_eq!(
-                &trailers[..],
-                b"grpc-status:4\r\ngrpc-message:tether: deadline at body\r\n",
-                "{down:?}"
-            );
+            deadline_after_ticks(body, b"tick", down);
             let rec = env.record("/test.Clock/Ticks").await;
             assert_eq!(
                 (rec.outcome, rec.grpc_status, rec.stage),
@@ -569,29 +575,7 @@ async fn a_grpc_web_text_stream_cut_between_messages_ends_with_a_base64_trailers
             .await
             .unwrap();
             assert_eq!(parts.status, 200, "{down:?}");
-            let mut body = Bytes::from(from_text(&body));
-            let mut ticks = 0;
-            let trailers = loop {
-                assert!(body.len() >= 5, "{down:?}: no trailers frame");
-                let flags = body.get_u8();
-                let len = body.get_u32() as usize;
-                let message = body.split_to(len);
-                if flags & 0x80 != 0 {
-                    break message;
-                }
-                assert_eq!(&message[..], b"ticks", "{down:?}");
-                ticks += 1;
-            };
-            assert!(
-                body.is_empty(),
-                "{down:?}: {body:?} after the trailers frame"
-            );
-            assert!((2..20).contains(&ticks), "{down:?}: {ticks} messages");
-            assert_eq!(
-                &trailers[..],
-                b"grpc-status:4\r\ngrpc-message:tether: deadline at body\r\n",
-                "{down:?}"
-            );
+            deadline_after_ticks(Bytes::from(from_text(&body)), b"ticks", down);
             let rec = env.record("/test.Clock/Ticks").await;
             assert_eq!(
                 (rec.grpc_status, rec.stage),

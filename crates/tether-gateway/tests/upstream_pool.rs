@@ -490,6 +490,34 @@ async fn a_rested_connection_the_upstream_closed_is_not_used() {
     .expect("bounded");
 }
 
+/// An HTTP/2 upstream allowing `streams` streams per connection, holding `/hold...` requests
+/// for ever and answering others.
+async fn holding_h2_upstream(streams: u32) -> test_support::UpstreamH2 {
+    test_support::UpstreamH2::start_limited(
+        script(|r| {
+            if r.path.starts_with("/hold") {
+                Behavior::Never
+            } else {
+                Behavior::ok("ok")
+            }
+        }),
+        streams,
+    )
+    .await
+    .unwrap()
+}
+
+/// `/hold...` requests that reached `up`.
+fn holds_started(up: &test_support::UpstreamH2) -> usize {
+    up.log()
+        .events()
+        .iter()
+        .filter(|e| {
+            e.path.starts_with("/hold") && matches!(e.kind, EventKind::RequestStarted { .. })
+        })
+        .count()
+}
+
 /// An HTTP/2 upstream that allows 2 streams per connection (its SETTINGS_MAX_CONCURRENT_STREAMS)
 /// with `max_streams_per_connection` left at its default of 100: tether follows the upstream's
 /// own limit, and a third request at once opens a second connection instead of waiting inside
@@ -497,33 +525,12 @@ async fn a_rested_connection_the_upstream_closed_is_not_used() {
 #[tokio::test]
 async fn an_h2_upstreams_own_stream_limit_opens_another_connection() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let up = test_support::UpstreamH2::start_limited(
-            script(|r| {
-                if r.path.starts_with("/hold") {
-                    Behavior::Never
-                } else {
-                    Behavior::ok("ok")
-                }
-            }),
-            2,
-        )
-        .await
-        .unwrap();
+        let up = holding_h2_upstream(2).await;
         let (gw, addr, _admin, _) = gateway_to(up.addr(), 1, 8, Duration::from_millis(300), |u| {
             u.protocol = UpstreamProtocol::H2c;
         });
         let mut c = H1Client::connect(addr).await.unwrap();
         assert_eq!(c.get("/warm").await.unwrap().0.status, 200);
-        let started = |up: &test_support::UpstreamH2| {
-            up.log()
-                .events()
-                .iter()
-                .filter(|e| {
-                    e.path.starts_with("/hold")
-                        && matches!(e.kind, EventKind::RequestStarted { .. })
-                })
-                .count()
-        };
         // One at a time, each once the one before reached the upstream: a connection learns
         // its upstream's limit as its streams start (a burst on a connection too new to have
         // heard it can pass the limit, up to max_streams_per_connection).
@@ -534,11 +541,11 @@ async fn an_h2_upstreams_own_stream_limit_opens_another_connection() {
                 c.get(&format!("/hold/{i}")).await
             }));
             let deadline = Instant::now() + Duration::from_secs(5);
-            while started(&up) < i + 1 {
+            while holds_started(&up) < i + 1 {
                 assert!(
                     Instant::now() < deadline,
                     "{} of {} requests reached the upstream over {} connections",
-                    started(&up),
+                    holds_started(&up),
                     i + 1,
                     up.log().accepted()
                 );
@@ -563,32 +570,11 @@ async fn an_h2_upstreams_own_stream_limit_opens_another_connection() {
 #[tokio::test]
 async fn streams_past_the_per_connection_limit_open_another_h2_connection() {
     tokio::time::timeout(Duration::from_secs(30), async {
-        let up = test_support::UpstreamH2::start_limited(
-            script(|r| {
-                if r.path.starts_with("/hold") {
-                    Behavior::Never
-                } else {
-                    Behavior::ok("ok")
-                }
-            }),
-            2,
-        )
-        .await
-        .unwrap();
+        let up = holding_h2_upstream(2).await;
         let (gw, addr, _admin, _) = gateway_to(up.addr(), 1, 8, Duration::from_millis(300), |u| {
             u.protocol = UpstreamProtocol::H2c;
             u.max_streams_per_connection = std::num::NonZeroU32::new(2).unwrap();
         });
-        let started = |up: &test_support::UpstreamH2| {
-            up.log()
-                .events()
-                .iter()
-                .filter(|e| {
-                    e.path.starts_with("/hold")
-                        && matches!(e.kind, EventKind::RequestStarted { .. })
-                })
-                .count()
-        };
         let mut holds = Vec::new();
         for i in 0..3 {
             holds.push(tokio::spawn(async move {
@@ -599,11 +585,11 @@ async fn streams_past_the_per_connection_limit_open_another_h2_connection() {
         // Bounded well below the test's limit: queued inside a connection, the third request
         // would never start, as the holds never end.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while started(&up) < 3 {
+        while holds_started(&up) < 3 {
             assert!(
                 Instant::now() < deadline,
                 "{} of 3 requests reached the upstream over {} connections",
-                started(&up),
+                holds_started(&up),
                 up.log().accepted()
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
