@@ -367,3 +367,35 @@ async fn grpc_health_checks_follow_the_services_serving_status() {
     })
     .await;
 }
+
+/// Checks start again with each reload; an endpoint's failures in a row go on counting across
+/// them. Reloaded faster than its checks run, a failing endpoint still leaves rotation after
+/// `unhealthy_after` failures (were the count to start again, it never would).
+#[tokio::test]
+async fn failures_in_a_row_count_across_reloads() {
+    bounded(Duration::from_secs(30), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
+        wait_health(&env, b.addr, true).await;
+        env.reload(|c| {
+            let check = c.upstreams[0].health_check.as_mut().unwrap();
+            check.interval = Duration::from_secs(1);
+            check.unhealthy_after = 3;
+        });
+        b.health.store(503, Ordering::Relaxed);
+        let out = format!(
+            "tether_upstream_endpoint_healthy{{upstream=\"up\",endpoint=\"{}\"}} 0",
+            b.addr
+        );
+        // Each reload starts b's checks again, at once; none lasts long enough for a second.
+        let mut reloads = 0;
+        while !env.metrics_text().unwrap().lines().any(|l| l == out) {
+            assert!(reloads < 40, "still in rotation after {reloads} reloads");
+            reloads += 1;
+            env.reload(|c| c.listeners[0].routes[0].max_retries = reloads % 2);
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        env.stop().await;
+    })
+    .await;
+}

@@ -9,7 +9,7 @@
 //! they found.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, TE, USER_AGENT};
@@ -23,33 +23,53 @@ use crate::observe::metrics::Metrics;
 use crate::proxy::headers::Rewrite;
 use crate::proxy::request_body::RequestBody;
 
-/// Which endpoints of one upstream the checks took out of rotation, shared by every worker.
+/// Which endpoints of one upstream the checks took out of rotation, shared by every worker, and
+/// each one's run of results.
 #[derive(Debug)]
 pub struct ActiveHealth {
-    down: Vec<AtomicBool>,
+    endpoints: Vec<Checked>,
+}
+
+/// One endpoint's checks: whether they took it out, and its results in a row. Kept here rather
+/// than in the task checking it, so that checks started again (a reload, a discovery change)
+/// go on counting.
+#[derive(Debug, Default)]
+struct Checked {
+    down: AtomicBool,
+    fails: AtomicU32,
+    passes: AtomicU32,
 }
 
 impl ActiveHealth {
     /// State for `endpoints` endpoints, all in rotation.
     pub fn new(endpoints: usize) -> Arc<ActiveHealth> {
         Arc::new(ActiveHealth {
-            down: (0..endpoints).map(|_| AtomicBool::new(false)).collect(),
+            endpoints: (0..endpoints).map(|_| Checked::default()).collect(),
         })
     }
 
     /// State for the endpoints `now`, each that was among `before` keeping what its checks
-    /// found in `state`; the others in rotation until their checks say otherwise.
+    /// found in `state` (in or out of rotation, and its results in a row); the others in
+    /// rotation until their checks say otherwise.
     pub fn carried(
         state: &ActiveHealth,
         before: &[UpstreamAddress],
         now: &[UpstreamAddress],
     ) -> Arc<ActiveHealth> {
+        let load = |a: &AtomicU32| a.load(Ordering::Relaxed);
         Arc::new(ActiveHealth {
-            down: now
+            endpoints: now
                 .iter()
                 .map(|a| {
                     let was = before.iter().position(|b| b == a);
-                    AtomicBool::new(was.is_some_and(|i| state.is_down(i)))
+                    match was.and_then(|i| state.endpoints.get(i)) {
+                        Some(c) => Checked {
+                            down: AtomicBool::new(c.down.load(Ordering::Relaxed)),
+                            fails: AtomicU32::new(load(&c.fails)),
+                            passes: AtomicU32::new(load(&c.passes)),
+                        },
+                        None => Checked::default(),
+                    }
                 })
                 .collect(),
         })
@@ -57,13 +77,29 @@ impl ActiveHealth {
 
     /// Whether endpoint `i` failed its checks and is out of rotation.
     pub fn is_down(&self, i: usize) -> bool {
-        self.down.get(i).is_some_and(|d| d.load(Ordering::Relaxed))
+        self.endpoints
+            .get(i)
+            .is_some_and(|c| c.down.load(Ordering::Relaxed))
     }
 
     fn set_down(&self, i: usize, down: bool) {
-        if let Some(d) = self.down.get(i) {
-            d.store(down, Ordering::Relaxed);
+        if let Some(c) = self.endpoints.get(i) {
+            c.down.store(down, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a check of endpoint `i`; its results in a row of that kind so far.
+    fn record(&self, i: usize, passed: bool) -> u32 {
+        let Some(c) = self.endpoints.get(i) else {
+            return 0;
+        };
+        let (run, other) = if passed {
+            (&c.passes, &c.fails)
+        } else {
+            (&c.fails, &c.passes)
+        };
+        other.store(0, Ordering::Relaxed);
+        run.fetch_add(1, Ordering::Relaxed).saturating_add(1)
     }
 }
 
@@ -119,25 +155,21 @@ async fn endpoint(
     };
     let endpoint = address.to_string();
     metrics.endpoint_health(&upstream.name, &endpoint, !t.state.is_down(i));
-    let (mut fails, mut passes) = (0u32, 0u32);
     loop {
         let result = check(&upstream, i, &t, &rules).await;
         metrics.health_check(&upstream.name, result.is_ok());
         let down = t.state.is_down(i);
+        let run = t.state.record(i, result.is_ok());
         match result {
             Ok(()) => {
-                fails = 0;
-                passes = passes.saturating_add(1);
-                if down && passes >= t.check.healthy_after {
+                if down && run >= t.check.healthy_after {
                     t.state.set_down(i, false);
                     metrics.endpoint_health(&upstream.name, &endpoint, true);
                     tracing::info!(upstream = %upstream.name, endpoint, "endpoint passed its health checks and is back in rotation");
                 }
             }
             Err(reason) => {
-                passes = 0;
-                fails = fails.saturating_add(1);
-                if !down && fails >= t.check.unhealthy_after {
+                if !down && run >= t.check.unhealthy_after {
                     t.state.set_down(i, true);
                     metrics.endpoint_health(&upstream.name, &endpoint, false);
                     tracing::warn!(upstream = %upstream.name, endpoint, reason, "endpoint failed its health checks and is out of rotation");
@@ -334,11 +366,20 @@ mod tests {
         let state = ActiveHealth::new(3);
         state.set_down(1, true);
         state.set_down(2, true);
+        assert_eq!(state.record(0, false), 1);
         let now = [a("10.0.0.2:80"), a("10.0.0.4:80"), a("10.0.0.1:80")];
         let carried = ActiveHealth::carried(&state, &before, &now);
         assert_eq!(
             (0..3).map(|i| carried.is_down(i)).collect::<Vec<_>>(),
             [true, false, false]
+        );
+        // Runs of results go on: 10.0.0.1 had one failure, the new one none.
+        assert_eq!(carried.record(2, false), 2);
+        assert_eq!(carried.record(1, false), 1);
+        assert_eq!(
+            carried.record(2, true),
+            1,
+            "a pass ends the run of failures"
         );
     }
 
