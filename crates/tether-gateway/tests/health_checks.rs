@@ -41,6 +41,19 @@ async fn gateway(up: Up, addresses: Vec<UpstreamAddress>) -> Env {
     .await
 }
 
+/// Backends `a` and `b` behind a [`gateway`], once `b` is seen in rotation.
+async fn checked_pair(up: Up) -> (Backend, Backend, Env) {
+    let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+    let env = gateway(up, vec![a.addr.into(), b.addr.into()]).await;
+    wait_health(&env, b.addr, true).await;
+    (a, b, env)
+}
+
+/// Reloads `env` with its upstream's health check changed by `f`.
+fn reload_check(env: &mut Env, f: impl FnOnce(&mut HealthCheck)) {
+    env.reload(|c| f(c.upstreams[0].health_check.as_mut().unwrap()));
+}
+
 /// Sends `n` requests one after another: the bodies of those answered 200, and how many were
 /// answered 502.
 async fn answers(env: &Env, n: usize) -> (Vec<String>, usize) {
@@ -61,9 +74,7 @@ async fn answers(env: &Env, n: usize) -> (Vec<String>, usize) {
 async fn an_endpoint_failing_its_checks_leaves_rotation_and_comes_back_when_they_pass() {
     bounded(Duration::from_secs(40), async {
         for up in [Up::H1, Up::H2c] {
-            let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-            let env = gateway(up, vec![a.addr.into(), b.addr.into()]).await;
-            wait_health(&env, b.addr, true).await;
+            let (_a, b, env) = checked_pair(up).await;
             let (bodies, _) = answers(&env, 10).await;
             assert!(bodies.iter().any(|b| b == "b"), "{up:?}: {bodies:?}");
 
@@ -172,9 +183,7 @@ async fn a_reload_that_keeps_the_upstream_keeps_an_endpoint_out_of_rotation() {
 #[tokio::test]
 async fn an_endpoint_a_reload_removes_leaves_no_health_series() {
     bounded(Duration::from_secs(20), async {
-        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
-        wait_health(&env, b.addr, true).await;
+        let (a, b, mut env) = checked_pair(Up::H1).await;
         let only_a: UpstreamAddress = a.addr.into();
         env.reload(move |c| c.upstreams[0].addresses = vec![only_a]);
         let gone = format!("endpoint=\"{}\"", b.addr);
@@ -193,13 +202,10 @@ async fn an_endpoint_a_reload_removes_leaves_no_health_series() {
 #[tokio::test]
 async fn checks_can_expect_a_status_and_a_body_and_send_headers_of_their_own() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
-        wait_health(&env, b.addr, true).await;
+        let (_a, b, mut env) = checked_pair(Up::H1).await;
 
         // Only 204 passes now: b's 200 takes it out, and its 204 brings it back.
-        env.reload(|c| {
-            let check = c.upstreams[0].health_check.as_mut().unwrap();
+        reload_check(&mut env, |check| {
             check.expect_status = vec![204..=204];
             check.headers = vec![
                 ("host".into(), "health.internal".into()),
@@ -214,14 +220,12 @@ async fn checks_can_expect_a_status_and_a_body_and_send_headers_of_their_own() {
 
         // The body ("health"; a 204 has none) must contain the text.
         b.health.store(200, Ordering::Relaxed);
-        env.reload(|c| {
-            let check = c.upstreams[0].health_check.as_mut().unwrap();
+        reload_check(&mut env, |check| {
             check.expect_status.clear();
             check.expect_body = Some("ready".into());
         });
         wait_health(&env, b.addr, false).await;
-        env.reload(|c| {
-            let check = c.upstreams[0].health_check.as_mut().unwrap();
+        reload_check(&mut env, |check| {
             check.expect_body = Some("alt".into());
         });
         wait_health(&env, b.addr, true).await;
@@ -374,11 +378,8 @@ async fn grpc_health_checks_follow_the_services_serving_status() {
 #[tokio::test]
 async fn failures_in_a_row_count_across_reloads() {
     bounded(Duration::from_secs(30), async {
-        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
-        let mut env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()]).await;
-        wait_health(&env, b.addr, true).await;
-        env.reload(|c| {
-            let check = c.upstreams[0].health_check.as_mut().unwrap();
+        let (_a, b, mut env) = checked_pair(Up::H1).await;
+        reload_check(&mut env, |check| {
             check.interval = Duration::from_secs(1);
             check.unhealthy_after = 3;
         });
