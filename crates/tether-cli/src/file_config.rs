@@ -1536,8 +1536,7 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         FileProxyProtocol::V2 => tether_gateway::config::ProxyProtocolVersion::V2,
     });
     if let Some(s) = &u.max_connection_age {
-        let akey = format!("{key}.max_connection_age");
-        cfg.max_connection_age = Some(parse_duration(s).map_err(|e| KeyError::new(&akey, e))?);
+        cfg.max_connection_age = Some(duration_key(&format!("{key}.max_connection_age"), s)?);
     }
     let dkey = format!("{key}.discovery_interval");
     cfg.discovery = match (u.discovery, &u.discovery_interval) {
@@ -1545,7 +1544,7 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         (None, Some(_)) => return Err(KeyError::new(dkey, "only used with discovery = \"dns\"")),
         (Some(FileDiscovery::Dns), interval) => Some(Discovery {
             interval: match interval {
-                Some(s) => parse_duration(s).map_err(|e| KeyError::new(&dkey, e))?,
+                Some(s) => duration_key(&dkey, s)?,
                 None => DEFAULT_DISCOVERY_INTERVAL,
             },
         }),
