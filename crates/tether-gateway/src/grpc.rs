@@ -12,6 +12,7 @@
 //! gRPC-Web-text (base64, the JavaScript client's default mode) the body's base64 is followed
 //! too, and the frame is sent in base64 when the body stopped at the end of a base64 group.
 
+use base64::Engine as _;
 use http::HeaderMap;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 
@@ -137,33 +138,6 @@ struct Text {
     lost: bool,
 }
 
-/// Decodes one base64 group (with its padding) into `out`; the bytes decoded, or `None` for
-/// characters that are not base64.
-fn decode_group(group: &[u8; 4], out: &mut [u8; 3]) -> Option<usize> {
-    fn value(c: u8) -> Option<u32> {
-        Some(u32::from(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        }))
-    }
-    let pad = group.iter().rev().take_while(|c| **c == b'=').count();
-    if pad > 2 {
-        return None;
-    }
-    let mut bits = 0u32;
-    for c in &group[..4 - pad] {
-        bits = bits << 6 | value(*c)?;
-    }
-    bits <<= 6 * pad;
-    let [_, a, b, c] = bits.to_be_bytes();
-    *out = [a, b, c];
-    Some(3 - pad)
-}
-
 impl Framing {
     /// Follows a gRPC-Web body, which ends with a trailers frame rather than HTTP trailers.
     pub fn web() -> Framing {
@@ -208,9 +182,11 @@ impl Framing {
             if text.have == 4 {
                 text.have = 0;
                 let mut bytes = [0u8; 3];
-                match decode_group(&text.group, &mut bytes) {
-                    Some(n) => self.advance_binary(&bytes[..n]),
-                    None => text.lost = true,
+                // Each group decoded alone, its padding included.
+                match base64::engine::general_purpose::STANDARD.decode_slice(text.group, &mut bytes)
+                {
+                    Ok(n) => self.advance_binary(&bytes[..n]),
+                    Err(_) => text.lost = true,
                 }
             }
         }
@@ -268,7 +244,6 @@ pub fn web_trailers(code: Code, message: &str) -> bytes::Bytes {
 
 /// [`web_trailers`] in base64, for a gRPC-Web-text body.
 pub fn web_text_trailers(code: Code, message: &str) -> bytes::Bytes {
-    use base64::Engine as _;
     let frame = web_trailers(code, message);
     bytes::Bytes::from(base64::engine::general_purpose::STANDARD.encode(frame))
 }
@@ -311,22 +286,21 @@ pub fn health_status(body: &[u8]) -> Option<u64> {
     let mut status = 0;
     while !message.is_empty() {
         let key = take_varint(&mut message)?;
-        let value = match key & 7 {
-            0 => take_varint(&mut message)?,
-            1 | 5 => {
-                let n = if key & 7 == 1 { 8 } else { 4 };
-                message = message.get(n..)?;
-                continue;
+        // By wire type: the status's varint is kept, any other field skipped.
+        match key & 7 {
+            0 => {
+                let value = take_varint(&mut message)?;
+                if key >> 3 == 1 {
+                    status = value;
+                }
             }
+            1 => message = message.get(8..)?,
             2 => {
                 let n = usize::try_from(take_varint(&mut message)?).ok()?;
                 message = message.get(n..)?;
-                continue;
             }
+            5 => message = message.get(4..)?,
             _ => return None,
-        };
-        if key >> 3 == 1 {
-            status = value;
         }
     }
     Some(status)
@@ -395,7 +369,6 @@ fn percent_encode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use base64::Engine as _;
 
     fn b64(b: &[u8]) -> String {
         base64::engine::general_purpose::STANDARD.encode(b)
