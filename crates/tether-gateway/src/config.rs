@@ -481,9 +481,10 @@ pub struct RouteConfig {
     pub retry_statuses: Vec<u16>,
     /// An idempotent request (PUT, DELETE, ...) declaring a body of at most this many bytes is
     /// read whole before it is sent, so that it can be sent again: after a stale keep-alive
-    /// connection, or on a `retry_statuses` answer. Larger bodies, bodies without a declared
-    /// length and `Expect: 100-continue` requests stream and are not sent twice. Default 64 KiB;
-    /// 0 streams every body.
+    /// connection, or on a `retry_statuses` answer. Towards an HTTP/2 upstream any request's
+    /// (a POST's too), so that a stream the upstream did not process is sent again. Larger
+    /// bodies, bodies without a declared length and `Expect: 100-continue` requests stream and
+    /// are not sent twice. Default 64 KiB; 0 streams every body.
     pub retry_body_bytes: u64,
     /// Retries allowed as a fraction of requests (the retry budget). Default 0.2.
     pub retry_budget_ratio: f64,

@@ -261,122 +261,166 @@ async fn backoff_grows_between_connect_attempts() {
 
 /// An HTTP/2 upstream that stops taking streams on a pooled connection, by refusing the stream
 /// (RST_STREAM REFUSED_STREAM: not processed) or by going away (GOAWAY, then close): a GET sent
-/// there is resent and succeeds; the client never sees the failure.
+/// there is resent and succeeds; the client never sees the failure. After a refusal a POST is
+/// resent too, bodiless or with a small body read whole first (the upstream did not process
+/// it); after a GOAWAY whose last stream id includes its stream (it may have been processed), a
+/// POST is not, and the client gets a 502.
 #[tokio::test]
 async fn h2_upstream_refusing_or_going_away_on_a_pooled_connection_is_resent() {
     for ending in [
         Ending::StreamReset(h2::Reason::REFUSED_STREAM),
         Ending::GoAway(h2::Reason::NO_ERROR),
     ] {
-        bounded(Duration::from_secs(10), async {
-            let first = Arc::new(AtomicUsize::new(0));
-            let seen = first.clone();
-            let env = Env::new(
-                Down::H1,
-                Up::H2c,
-                script(move |req| match req.path.as_str() {
-                    "/warm" => Behavior::ok("warm"),
-                    // Only the first attempt is turned away.
-                    "/stale" if seen.fetch_add(1, Ordering::SeqCst) == 0 => {
-                        Behavior::CloseBeforeHeaders(ending)
-                    }
-                    _ => Behavior::ok("fresh"),
-                }),
-            )
+        for (method, body) in [
+            (Method::GET, ""),
+            (Method::POST, ""),
+            (Method::POST, "order=7"),
+        ] {
+            bounded(Duration::from_secs(10), async {
+                let first = Arc::new(AtomicUsize::new(0));
+                let seen = first.clone();
+                let env = Env::new(
+                    Down::H1,
+                    Up::H2c,
+                    script(move |req| match req.path.as_str() {
+                        "/warm" => Behavior::ok("warm"),
+                        // Only the first attempt is turned away.
+                        "/stale" if seen.fetch_add(1, Ordering::SeqCst) == 0 => {
+                            Behavior::CloseBeforeHeaders(ending)
+                        }
+                        _ => Behavior::ok("fresh"),
+                    }),
+                )
+                .await;
+                let case = format!("{ending:?} {method} {body:?}");
+                let mut client = env.http().await;
+                let (p, _) = client.get("/warm").await.unwrap();
+                assert_eq!(p.status, 200);
+                let req = client
+                    .request(method.clone(), "/stale")
+                    .body(full(body))
+                    .unwrap();
+                let (p, answer, _) = client.fetch(req).await.unwrap();
+                if matches!(ending, Ending::GoAway(_)) && method == Method::POST {
+                    assert_eq!(p.status, 502, "{case}");
+                    assert_eq!(env.record("/stale").await.retries, 0, "{case}");
+                    assert_eq!(env.log().requests("/stale").len(), 1, "{case}");
+                    env.stop().await;
+                    return;
+                }
+                assert_eq!(p.status, 200, "{case}");
+                assert_eq!(&answer[..], b"fresh", "{case}");
+                let rec = env.record("/stale").await;
+                assert_eq!(rec.retries, 1, "{case}: {rec:?}");
+                assert_eq!(first.load(Ordering::SeqCst), 2, "{case}");
+                // The resend carried the whole body.
+                if !body.is_empty() {
+                    let log = env.log();
+                    let complete = log.body_lengths();
+                    assert!(
+                        complete.contains(&(body.len() as u64)),
+                        "{case}: {complete:?}"
+                    );
+                }
+                // After GOAWAY the resend needs a fresh connection.
+                if matches!(ending, Ending::GoAway(_)) {
+                    assert_eq!(env.log().accepted(), 2, "{case}");
+                }
+                env.stop().await;
+            })
             .await;
-            let mut client = env.http().await;
-            let (p, _) = client.get("/warm").await.unwrap();
-            assert_eq!(p.status, 200);
-            let (p, body) = client.get("/stale").await.unwrap();
-            assert_eq!(p.status, 200, "{ending:?}");
-            assert_eq!(&body[..], b"fresh", "{ending:?}");
-            let rec = env.record("/stale").await;
-            assert_eq!(rec.retries, 1, "{ending:?}: {rec:?}");
-            assert_eq!(first.load(Ordering::SeqCst), 2, "{ending:?}");
-            // After GOAWAY the resend needs a fresh connection.
-            if matches!(ending, Ending::GoAway(_)) {
-                assert_eq!(env.log().accepted(), 2, "{ending:?}");
-            }
-            env.stop().await;
-        })
-        .await;
+        }
     }
 }
 
 /// An HTTP/2 upstream going away with a last stream id below the request's (RFC 9113 §6.8: the
 /// stream was not processed, and may be retried on another connection), on a fresh connection
 /// (so not a stale keep-alive one): the request is sent again on a new connection and
-/// succeeds. The first connection is a raw peer that answers the first request's HEADERS with
+/// succeeds, a GET as well as a POST (its small body read whole first, and sent whole again).
+/// The first connection is a raw peer that answers the first request's HEADERS with
 /// GOAWAY(last_stream_id 0, NO_ERROR); later ones are served by hyper.
 #[tokio::test]
 async fn a_stream_an_h2_upstream_went_away_before_is_resent() {
     use hyper::body::Incoming;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    bounded(Duration::from_secs(10), async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (accepted, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (acc, srv) = (accepted.clone(), served.clone());
-        let server = tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
-                if acc.fetch_add(1, Ordering::SeqCst) == 0 {
-                    tokio::spawn(async move {
-                        let mut preface = [0u8; 24];
-                        sock.read_exact(&mut preface).await.unwrap();
-                        // Frames until the first HEADERS (type 1).
-                        loop {
-                            let mut head = [0u8; 9];
-                            sock.read_exact(&mut head).await.unwrap();
-                            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
-                            let mut payload = vec![0u8; len as usize];
-                            sock.read_exact(&mut payload).await.unwrap();
-                            if head[3] == 1 {
-                                break;
+    for (method, body) in [(Method::GET, ""), (Method::POST, "card=1")] {
+        bounded(Duration::from_secs(10), async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (accepted, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let (acc, srv) = (accepted.clone(), served.clone());
+            let server = tokio::spawn(async move {
+                while let Ok((mut sock, _)) = listener.accept().await {
+                    if acc.fetch_add(1, Ordering::SeqCst) == 0 {
+                        tokio::spawn(async move {
+                            let mut preface = [0u8; 24];
+                            sock.read_exact(&mut preface).await.unwrap();
+                            // Frames until the first HEADERS (type 1).
+                            loop {
+                                let mut head = [0u8; 9];
+                                sock.read_exact(&mut head).await.unwrap();
+                                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]);
+                                let mut payload = vec![0u8; len as usize];
+                                sock.read_exact(&mut payload).await.unwrap();
+                                if head[3] == 1 {
+                                    break;
+                                }
                             }
-                        }
-                        // SETTINGS (empty), then GOAWAY: last stream 0, NO_ERROR.
-                        sock.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-                        let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-                        sock.write_all(&goaway).await.unwrap();
-                        tokio::time::sleep(Duration::from_secs(2)).await;
-                    });
-                    continue;
-                }
-                let srv = srv.clone();
-                let svc = hyper::service::service_fn(move |_req: http::Request<Incoming>| {
-                    srv.fetch_add(1, Ordering::SeqCst);
-                    async {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from_static(b"fresh")),
-                        ))
+                            // SETTINGS (empty), then GOAWAY: last stream 0, NO_ERROR.
+                            sock.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+                            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                            sock.write_all(&goaway).await.unwrap();
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        });
+                        continue;
                     }
-                });
-                tokio::spawn(
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    let srv = srv.clone();
+                    // Answers `fresh` and the body it received.
+                    let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        srv.fetch_add(1, Ordering::SeqCst);
+                        async {
+                            use http_body_util::BodyExt;
+                            let got = req.into_body().collect().await?.to_bytes();
+                            let answer = [&b"fresh "[..], &got[..]].concat();
+                            Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(answer),
+                            )))
+                        }
+                    });
+                    tokio::spawn(
+                        hyper::server::conn::http2::Builder::new(
+                            hyper_util::rt::TokioExecutor::new(),
+                        )
                         .serve_connection(hyper_util::rt::TokioIo::new(sock), svc),
-                );
-            }
-        });
-        let env = Env::with(Down::H1, Up::H2c, script(|_| Behavior::ok("unused")), |c| {
-            c.upstreams[0].addresses = vec![addr.into()];
+                    );
+                }
+            });
+            let env = Env::with(Down::H1, Up::H2c, script(|_| Behavior::ok("unused")), |c| {
+                c.upstreams[0].addresses = vec![addr.into()];
+            })
+            .await;
+            let mut client = env.http().await;
+            let req = client
+                .request(method.clone(), "/order")
+                .body(full(body))
+                .unwrap();
+            let (p, answer, _) = client.fetch(req).await.unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert_eq!(p.status, 200, "{method}: {answer}");
+            assert_eq!(answer, format!("fresh {body}"));
+            let rec = env.record("/order").await;
+            assert_eq!(rec.retries, 1, "{rec:?}");
+            assert_eq!(
+                (
+                    accepted.load(Ordering::SeqCst),
+                    served.load(Ordering::SeqCst)
+                ),
+                (2, 1)
+            );
+            env.stop().await;
+            server.abort();
         })
         .await;
-        let mut client = env.http().await;
-        let (p, body) = client.get("/order").await.unwrap();
-        assert_eq!(p.status, 200, "{}", String::from_utf8_lossy(&body));
-        assert_eq!(&body[..], b"fresh");
-        let rec = env.record("/order").await;
-        assert_eq!(rec.retries, 1, "{rec:?}");
-        assert_eq!(
-            (
-                accepted.load(Ordering::SeqCst),
-                served.load(Ordering::SeqCst)
-            ),
-            (2, 1)
-        );
-        env.stop().await;
-        server.abort();
-    })
-    .await;
+    }
 }

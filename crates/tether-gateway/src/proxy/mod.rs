@@ -326,11 +326,15 @@ fn proxy<'a>(
             if !route.request_headers.is_empty() {
                 route.request_headers.apply(up_req.headers_mut());
             }
+            // Any request an HTTP/2 upstream turns away unprocessed (REFUSED_STREAM, or a
+            // GOAWAY below its stream) may go again, a POST too: kept when it can be.
             let idempotent = retry::is_idempotent(method_of(&t));
-            let mut resendable = idempotent && http_body::Body::is_end_stream(up_req.body());
-            // A small body of an idempotent request is read whole before the send, so that a
-            // stale connection or a retryable status can have it sent again.
-            if idempotent && !resendable && protocols.is_none() && reads_whole(route, &up_req) {
+            let keep = idempotent || upstream.protocol.is_h2();
+            let mut resendable = keep && http_body::Body::is_end_stream(up_req.body());
+            // A small body is read whole before the send, so that a stale connection (idempotent
+            // requests), a retryable status (idempotent too) or an unprocessed HTTP/2 stream (any
+            // request) can have it sent again.
+            if keep && !resendable && protocols.is_none() && reads_whole(route, &up_req) {
                 t.stage = Stage::RequestBody;
                 let read = tokio::select! {
                     biased;
@@ -851,7 +855,7 @@ fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     None
 }
 
-/// What is needed to send a bodiless request again.
+/// What is needed to send a request again: its head, and its body when it was read whole.
 struct Replay {
     method: http::Method,
     uri: Uri,

@@ -1,7 +1,7 @@
 //! When a failed upstream attempt may be sent again, and how long to wait first.
 //!
 //! Retried only when the request provably did not reach the upstream's handler (connect failed,
-//! nothing was written, HTTP/2 REFUSED_STREAM), or when a reused keep-alive connection turned out
+//! nothing was written, HTTP/2 REFUSED_STREAM or a GOAWAY below the stream: any method), or when a reused keep-alive connection turned out
 //! to be closed before any response byte and the request is idempotent and bodiless (the stale
 //! connection race). Never after the client left: the caller checks the context first.
 
