@@ -365,13 +365,15 @@ pub enum FileDiscovery {
 const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// An entry of an upstream's `addresses`: `"host:port"`, or
-/// `{ address = "host:port", weight = 3 }`.
+/// `{ address = "host:port", weight = 3, backup = true }`.
 #[derive(Debug)]
 pub struct FileAddress {
     /// `host:port`.
     pub address: String,
     /// Its share of the requests; default 1.
     pub weight: Option<u32>,
+    /// Taken only while no other endpoint can be; default false.
+    pub backup: bool,
 }
 
 impl<'de> Deserialize<'de> for FileAddress {
@@ -381,17 +383,22 @@ impl<'de> Deserialize<'de> for FileAddress {
         struct Table {
             address: String,
             weight: Option<u32>,
+            #[serde(default)]
+            backup: bool,
         }
         struct Entry;
         impl<'de> serde::de::Visitor<'de> for Entry {
             type Value = FileAddress;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("\"host:port\" or { address = \"host:port\", weight = N }")
+                f.write_str(
+                    "\"host:port\" or { address = \"host:port\", weight = N, backup = true }",
+                )
             }
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<FileAddress, E> {
                 Ok(FileAddress {
                     address: s.to_owned(),
                     weight: None,
+                    backup: false,
                 })
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(
@@ -402,6 +409,7 @@ impl<'de> Deserialize<'de> for FileAddress {
                 Ok(FileAddress {
                     address: t.address,
                     weight: t.weight,
+                    backup: t.backup,
                 })
             }
         }
@@ -1472,6 +1480,9 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
     let mut cfg = UpstreamConfig::new(u.name.clone(), addresses, protocol);
     cfg.tls = tls;
     cfg.weights = weights;
+    if u.addresses.iter().any(|a| a.backup) {
+        cfg.backups = u.addresses.iter().map(|a| a.backup).collect();
+    }
     let hkey = format!("{key}.hash_key");
     cfg.balance = match (u.balance, &u.hash_key) {
         (Some(FileBalance::Hash), k) => {

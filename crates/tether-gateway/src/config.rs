@@ -752,6 +752,11 @@ pub struct UpstreamConfig {
     /// [`addresses`](Self::addresses); empty: every address weighs 1. Each from 1 to
     /// [`MAX_WEIGHT`].
     pub weights: Vec<u32>,
+    /// Which of [`addresses`](Self::addresses) are backups (nginx's and HAProxy's `backup`),
+    /// in their order; empty: none. A backup takes requests only while no other endpoint can:
+    /// every one is skipped (`max_fails`), out of rotation (`health_check`) or full
+    /// (`max_in_flight_per_endpoint`). Not with `hash` balancing.
+    pub backups: Vec<bool>,
     /// Requests in flight to each endpoint at once, all workers together (HAProxy's `maxconn`,
     /// nginx's `max_conns`). A full endpoint is passed over for one with room; when every one is
     /// full, a request waits its turn for up to [`queue_timeout`](Self::queue_timeout), then
@@ -1067,6 +1072,11 @@ impl UpstreamConfig {
             && self.max_connection_age == other.max_connection_age
     }
 
+    /// Whether any address is a backup.
+    pub fn has_backups(&self) -> bool {
+        self.backups.iter().any(|&b| b)
+    }
+
     /// Whether requests in flight to each endpoint are counted (for `least_requests`, or a cap).
     pub fn counts_in_flight(&self) -> bool {
         self.balance == Balance::LeastRequests || self.max_in_flight_per_endpoint.is_some()
@@ -1097,6 +1107,7 @@ impl UpstreamConfig {
             health_check: None,
             balance: Balance::RoundRobin,
             weights: Vec::new(),
+            backups: Vec::new(),
             discovery: None,
         }
     }
@@ -1228,6 +1239,30 @@ impl Config {
             }
             if let Balance::Hash(k) = &u.balance {
                 validate_hash_key(&format!("{key}.hash_key"), k)?;
+            }
+            if !u.backups.is_empty() && u.backups.len() != u.addresses.len() {
+                return Err(ConfigError::new(
+                    format!("{key}.backups"),
+                    format!(
+                        "{} backup flags for {} addresses: give one per address, or none",
+                        u.backups.len(),
+                        u.addresses.len()
+                    ),
+                ));
+            }
+            if u.has_backups() {
+                if u.backups.iter().all(|&b| b) {
+                    return Err(ConfigError::new(
+                        format!("{key}.addresses"),
+                        "every address is a backup: at least one must not be",
+                    ));
+                }
+                if matches!(u.balance, Balance::Hash(_)) {
+                    return Err(ConfigError::new(
+                        format!("{key}.balance"),
+                        "\"hash\" keeps each key on its endpoint and has no use for backups: use \"round_robin\" or \"least_requests\", or no backup",
+                    ));
+                }
             }
             if u.proxy_protocol.is_some() && u.protocol.is_h2() {
                 return Err(ConfigError::new(
@@ -1870,5 +1905,31 @@ mod tests {
             c.upstreams[0].weights = vec![bad];
             assert_eq!(c.validate().unwrap_err().key, "upstreams[0].weights[0]");
         }
+    }
+
+    #[test]
+    fn backups_need_one_flag_per_address_another_endpoint_and_no_hash() {
+        let mut c = base();
+        let second = c.upstreams[0].addresses[0].clone();
+        c.upstreams[0].addresses.push(second);
+        c.upstreams[0].backups = vec![false, true];
+        c.validate().unwrap();
+        c.upstreams[0].backups = vec![true];
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "upstreams[0].backups");
+        assert!(
+            e.message.contains("1 backup flags for 2 addresses"),
+            "{e:?}"
+        );
+        c.upstreams[0].backups = vec![true, true];
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "upstreams[0].addresses");
+        assert!(e.message.contains("every address is a backup"), "{e:?}");
+        c.upstreams[0].backups = vec![false, true];
+        c.upstreams[0].balance = Balance::Hash(HashKey::ClientIp);
+        assert_eq!(c.validate().unwrap_err().key, "upstreams[0].balance");
+        // No backup among the flags: nothing to refuse.
+        c.upstreams[0].backups = vec![false, false];
+        c.validate().unwrap();
     }
 }

@@ -516,6 +516,111 @@ async fn a_full_endpoint_is_passed_over_and_when_all_are_full_requests_wait_thei
 }
 
 /// A `/hold` request sent on a connection of its own, held until the task is aborted.
+/// A backup endpoint takes no request while another endpoint can take it: with active health
+/// checks, it serves only while both others fail theirs, and the first to pass again takes the
+/// traffic back.
+#[tokio::test]
+async fn a_backup_serves_only_while_no_other_endpoint_is_in_rotation() {
+    bounded(Duration::from_secs(40), async {
+        let (a, b, c) = (
+            Backend::start("a").await,
+            Backend::start("b").await,
+            Backend::start("c").await,
+        );
+        // The backup between the two others: the one in turn after `a` is `c`, passed over.
+        let addresses = vec![a.addr.into(), c.addr.into(), b.addr.into()];
+        let env = gateway(Up::H1, addresses, |cfg| {
+            let u = &mut cfg.upstreams[0];
+            u.backups = vec![false, true, false];
+            let mut check = HealthCheck::new("/healthz");
+            check.interval = Duration::from_millis(50);
+            check.timeout = Duration::from_millis(500);
+            u.health_check = Some(check);
+        })
+        .await;
+        for e in [&a, &b, &c] {
+            wait_health(&env, e.addr, true).await;
+        }
+        let got = bodies(&env, 12).await;
+        assert!(got.iter().all(|n| n == "a" || n == "b"), "{got:?}");
+        assert!(got.iter().any(|n| n == "a") && got.iter().any(|n| n == "b"));
+
+        // One of the two out: the other takes everything, the backup still nothing.
+        a.health.store(503, Ordering::Relaxed);
+        wait_health(&env, a.addr, false).await;
+        let got = bodies(&env, 8).await;
+        assert!(got.iter().all(|n| n == "b"), "{got:?}");
+
+        // Both out: the backup serves, and no request fails.
+        b.health.store(503, Ordering::Relaxed);
+        wait_health(&env, b.addr, false).await;
+        let got = bodies(&env, 8).await;
+        assert!(got.iter().all(|n| n == "c"), "{got:?}");
+
+        // One back: it takes the traffic back from the backup.
+        b.health.store(200, Ordering::Relaxed);
+        wait_health(&env, b.addr, true).await;
+        let got = bodies(&env, 8).await;
+        assert!(got.iter().all(|n| n == "b"), "{got:?}");
+        env.stop().await;
+    })
+    .await;
+}
+
+/// With passive health and retries, an endpoint refusing connections sends its requests to the
+/// backup after its first failure, and the client never sees it; with
+/// `max_in_flight_per_endpoint`, a request finding every other endpoint full goes to the backup
+/// rather than waiting for room, under `least_requests` as in turn.
+#[tokio::test]
+async fn a_backup_takes_requests_that_no_other_endpoint_can() {
+    bounded(Duration::from_secs(40), async {
+        let backup = Backend::start("backup").await;
+        let env = gateway(
+            Up::H1,
+            vec![refused_addr().into(), backup.addr.into()],
+            |cfg| {
+                cfg.upstreams[0].backups = vec![false, true];
+                cfg.upstreams[0].max_fails = 1;
+                cfg.listeners[0].routes[0].max_retries = 1;
+            },
+        )
+        .await;
+        let got = bodies(&env, 6).await;
+        assert!(got.iter().all(|n| n == "backup"), "{got:?}");
+        env.stop().await;
+
+        for balance in [Balance::RoundRobin, Balance::LeastRequests] {
+            let (a, backup) = (Backend::start("a").await, Backend::start("backup").await);
+            let env = gateway(Up::H1, vec![a.addr.into(), backup.addr.into()], |cfg| {
+                let u = &mut cfg.upstreams[0];
+                u.backups = vec![false, true];
+                u.balance = balance.clone();
+                u.max_in_flight_per_endpoint = std::num::NonZeroU32::new(1);
+                u.queue_timeout = Duration::from_secs(10);
+            })
+            .await;
+            let got = bodies(&env, 4).await;
+            assert!(got.iter().all(|n| n == "a"), "{balance:?}: {got:?}");
+            let held = hold(&env).await;
+            a.wait_held(1).await;
+            let got = bodies(&env, 4).await;
+            assert!(got.iter().all(|n| n == "backup"), "{balance:?}: {got:?}");
+            // Room again at `a`: the backup is left alone.
+            held.abort();
+            bounded(Duration::from_secs(10), async {
+                while in_flight(&env, &a) != Some(0.0) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            let got = bodies(&env, 4).await;
+            assert!(got.iter().all(|n| n == "a"), "{balance:?}: {got:?}");
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
 async fn hold(
     env: &Env,
 ) -> tokio::task::JoinHandle<Result<(http::response::Parts, bytes::Bytes), test_support::BoxError>>

@@ -549,6 +549,40 @@ fn a_grpc_health_check_converts_and_needs_http2() {
 }
 
 #[test]
+fn backup_addresses_convert_and_bad_ones_name_their_key() {
+    let cfg = parse(GOOD, Path::new(".")).unwrap();
+    assert!(cfg.config.upstreams[0].backups.is_empty());
+    let src = GOOD.replace(
+        "\"app.internal:80\"",
+        "{ address = \"app.internal:80\", backup = true }",
+    );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    let u = &cfg.config.upstreams[0];
+    assert_eq!(u.backups, [false, false, true]);
+    assert!(u.weights.is_empty(), "a backup alone sets no weight");
+
+    let e = err(&GOOD.replace(
+        "\"app.internal:80\"",
+        "{ address = \"app.internal:80\", backup = \"yes\" }",
+    ));
+    assert_eq!(e.key, "upstreams[0].addresses[2].backup", "{e:?}");
+    let every = GOOD.replace(
+        "[\"127.0.0.1:9000\", \"[::1]:9000\", \"app.internal:80\"]",
+        "[{ address = \"127.0.0.1:9000\", backup = true }]",
+    );
+    refused(
+        &every,
+        "upstreams[0].addresses",
+        "every address is a backup",
+    );
+    let hashed = src.replace(
+        "protocol = \"h2c\"\n",
+        "protocol = \"h2c\"\nbalance = \"hash\"\n",
+    );
+    refused(&hashed, "upstreams[0].balance", "no use for backups");
+}
+
+#[test]
 fn balance_and_weights_convert_and_bad_ones_name_their_key() {
     let cfg = parse(GOOD, Path::new(".")).unwrap();
     let u = &cfg.config.upstreams[0];

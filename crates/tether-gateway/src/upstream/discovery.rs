@@ -97,16 +97,17 @@ pub fn learn(
 }
 
 /// `config` with each discovered name replaced by one endpoint per address in `answers` (in
-/// address order, each with its name's weight). Names without an answer, IP literals and
+/// address order, each with its name's weight and backup flag). Names without an answer, IP literals and
 /// upstreams without discovery are left as written.
 pub fn expand(config: &Config, answers: &Answers) -> Config {
     let mut out = config.clone();
     for u in out.upstreams.iter_mut().filter(|u| u.discovery.is_some()) {
         // An address written twice is one endpoint; one address under two names is two (each
         // names itself in TLS).
-        let mut endpoints: Vec<(UpstreamAddress, u32)> = Vec::new();
+        let mut endpoints: Vec<(UpstreamAddress, (u32, bool))> = Vec::new();
         for (i, a) in u.addresses.iter().enumerate() {
             let weight = u.weights.get(i).copied().unwrap_or(1);
+            let backup = u.backups.get(i).copied().unwrap_or(false);
             let found = a
                 .is_name()
                 .then(|| answers.get(&a.host.to_ascii_lowercase()))
@@ -125,14 +126,16 @@ pub fn expand(config: &Config, answers: &Answers) -> Config {
             };
             for e in expanded {
                 if !endpoints.iter().any(|(b, _)| *b == e) {
-                    endpoints.push((e, weight));
+                    endpoints.push((e, (weight, backup)));
                 }
             }
         }
-        let had_weights = !u.weights.is_empty();
-        let (addresses, weights): (Vec<_>, Vec<_>) = endpoints.into_iter().unzip();
+        let (had_weights, had_backups) = (!u.weights.is_empty(), !u.backups.is_empty());
+        let (addresses, marks): (Vec<_>, Vec<_>) = endpoints.into_iter().unzip();
+        let (weights, backups): (Vec<_>, Vec<_>) = marks.into_iter().unzip();
         u.addresses = addresses;
         u.weights = if had_weights { weights } else { Vec::new() };
+        u.backups = if had_backups { backups } else { Vec::new() };
     }
     out
 }
@@ -170,8 +173,9 @@ mod tests {
     }
 
     #[test]
-    fn each_address_of_a_name_becomes_a_pinned_endpoint_with_its_weight() {
-        let c = upstream(&["App.test:80", "10.0.0.9:81", "db.test:82"], vec![3, 1, 2]);
+    fn each_address_of_a_name_becomes_a_pinned_endpoint_with_its_weight_and_backup_flag() {
+        let mut c = upstream(&["App.test:80", "10.0.0.9:81", "db.test:82"], vec![3, 1, 2]);
+        c.upstreams[0].backups = vec![false, false, true];
         let answers: Answers = [
             ("app.test".to_owned(), ips(&["10.0.0.1", "10.0.0.2"])),
             ("db.test".to_owned(), Vec::new()),
@@ -191,6 +195,7 @@ mod tests {
             ]
         );
         assert_eq!(u.weights, [3, 3, 1, 2]);
+        assert_eq!(u.backups, [false, false, false, true]);
         assert_eq!(u.addresses[0].host, "App.test", "TLS still names the host");
         assert!(out.validate().is_ok(), "{:?}", out.validate());
     }
@@ -205,7 +210,7 @@ mod tests {
         .into();
         let u = &expand(&c, &answers).upstreams[0];
         assert_eq!(u.addresses.len(), 3, "{:?}", u.addresses);
-        assert!(u.weights.is_empty());
+        assert!(u.weights.is_empty() && u.backups.is_empty());
     }
 
     #[test]

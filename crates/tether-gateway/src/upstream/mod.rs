@@ -37,8 +37,11 @@ pub struct Upstream {
     pub protocol: UpstreamProtocol,
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
-    /// The weighted turns (endpoint indexes); `None` when every weight is 1.
+    /// The weighted turns (endpoint indexes; backups have none); `None` when every weight is 1
+    /// and no endpoint is a backup.
     schedule: Option<Box<[u32]>>,
+    /// The backups' endpoint indexes, taken in turn only when no other endpoint can be.
+    backups: Box<[u32]>,
     /// With `least_requests` or a cap: the endpoints' requests in flight over every worker.
     loads: Option<Box<[Load]>>,
     /// Balancing by `least_requests` (the loads are compared).
@@ -98,6 +101,8 @@ pub struct Endpoint {
     pub weight: u32,
     /// Its address's stable hash, for `hash` balancing.
     seed: u64,
+    /// Taken only while no other endpoint can be (see [`UpstreamConfig::backups`]).
+    pub backup: bool,
 }
 
 /// An endpoint at its `max_in_flight_per_endpoint`.
@@ -154,6 +159,7 @@ impl Upstream {
             loads.filter(|l| config.counts_in_flight() && l.len() == config.addresses.len());
         let counted = loads.is_some();
         let weight = |i: usize| config.weights.get(i).copied().unwrap_or(1).max(1);
+        let backup = |i: usize| config.backups.get(i).copied().unwrap_or(false);
         Ok(Upstream {
             name: Arc::from(config.name.as_str()),
             protocol: config.protocol,
@@ -163,6 +169,7 @@ impl Upstream {
                 .enumerate()
                 .map(|(i, a)| Endpoint {
                     weight: weight(i),
+                    backup: backup(i),
                     seed: balance::stable_hash(a.to_string().as_bytes()),
                     address: a.clone(),
                     pool: Arc::new(EndpointPool::new(
@@ -175,11 +182,26 @@ impl Upstream {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            schedule: if config.weights.is_empty() {
+            schedule: if config.has_backups() {
+                // Turns for the others only, named by their endpoint indexes.
+                let others: Vec<u32> = (0..config.addresses.len())
+                    .filter(|&i| !backup(i))
+                    .filter_map(|i| u32::try_from(i).ok())
+                    .collect();
+                let weights: Vec<u32> = others.iter().map(|&i| weight(i as usize)).collect();
+                Some(match balance::schedule(&weights) {
+                    Some(turns) => turns.iter().map(|&t| others[t as usize]).collect(),
+                    None => others.into_boxed_slice(),
+                })
+            } else if config.weights.is_empty() {
                 None
             } else {
                 balance::schedule(&config.weights)
             },
+            backups: (0..config.addresses.len())
+                .filter(|&i| backup(i))
+                .filter_map(|i| u32::try_from(i).ok())
+                .collect(),
             loads,
             least: counted && config.balance == Balance::LeastRequests,
             cap: config
@@ -214,10 +236,11 @@ impl Upstream {
     /// otherwise the next in turn (weighted round robin), or with `least_requests` the one with
     /// the fewest requests in flight for its weight (ties go in turn). Endpoints skipped after
     /// failed connection attempts, or taken out of rotation by the health checks, are passed
-    /// over; if every endpoint is, the one in turn (or the key's) is tried anyway (the request
-    /// fails only if it fails). `attempt` counts the request's retries: a hashed request's retry
-    /// goes to the key's next endpoint, so that one endpoint failing does not fail all its keys'
-    /// retries too.
+    /// over; when every endpoint but the backups is, a backup is chosen the same way; when
+    /// every one is, the one in turn (or the key's) is tried anyway (the request fails only if
+    /// it fails). `attempt` counts the request's retries: a hashed request's retry goes to the
+    /// key's next endpoint, so that one endpoint failing does not fail all its keys' retries
+    /// too.
     #[inline]
     pub fn pick(&self, key: Option<u64>, attempt: u32) -> (usize, &Endpoint) {
         if let Some(key) = key {
@@ -232,35 +255,49 @@ impl Upstream {
         };
         if len > 1 && (self.max_fails > 0 || self.active.is_some() || self.loads.is_some()) {
             let now = Instant::now();
-            let mut best: Option<(usize, u64)> = None;
-            for i in 0..len {
-                let n = (first + i) % len;
-                let ep = &self.endpoints[n];
-                if !self.in_rotation(n, ep, now) {
-                    continue;
-                }
-                let Some(loads) = &self.loads else {
-                    return (n, ep);
-                };
-                let load = loads[n].get();
-                // A full endpoint is passed over like one out of rotation.
-                if self.cap.is_some_and(|cap| load >= cap) {
-                    continue;
-                }
-                if !self.least {
-                    return (n, ep);
-                }
-                if best.is_none_or(|(b, b_load)| {
-                    balance::lighter(load, ep.weight, b_load, self.endpoints[b].weight)
-                }) {
-                    best = Some((n, load));
-                }
-            }
-            if let Some((n, _)) = best {
+            if let Some(n) = self.usable(first, false, now) {
                 return (n, &self.endpoints[n]);
+            }
+            if !self.backups.is_empty() {
+                let first = self.backups[turn % self.backups.len()] as usize;
+                if let Some(n) = self.usable(first, true, now) {
+                    return (n, &self.endpoints[n]);
+                }
             }
         }
         (first, &self.endpoints[first])
+    }
+
+    /// From `first` on, the first endpoint in rotation with room (with `least_requests`, the
+    /// lightest), among the backups or among the others.
+    #[inline]
+    fn usable(&self, first: usize, backups: bool, now: Instant) -> Option<usize> {
+        let len = self.endpoints.len();
+        let mut best: Option<(usize, u64)> = None;
+        for i in 0..len {
+            let n = (first + i) % len;
+            let ep = &self.endpoints[n];
+            if ep.backup != backups || !self.in_rotation(n, ep, now) {
+                continue;
+            }
+            let Some(loads) = &self.loads else {
+                return Some(n);
+            };
+            let load = loads[n].get();
+            // A full endpoint is passed over like one out of rotation.
+            if self.cap.is_some_and(|cap| load >= cap) {
+                continue;
+            }
+            if !self.least {
+                return Some(n);
+            }
+            if best.is_none_or(|(b, b_load)| {
+                balance::lighter(load, ep.weight, b_load, self.endpoints[b].weight)
+            }) {
+                best = Some((n, load));
+            }
+        }
+        best.map(|(n, _)| n)
     }
 
     /// Whether endpoint `n` (`ep`) may be chosen: not skipped after failures (`max_fails`), nor
