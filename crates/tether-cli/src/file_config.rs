@@ -343,6 +343,8 @@ pub struct FileUpstream {
     pub max_fails: Option<u32>,
     /// How long an endpoint is skipped after `max_fails` failed attempts.
     pub fail_timeout: Option<String>,
+    /// How long an endpoint coming back or joining takes to get its whole share.
+    pub slow_start: Option<String>,
     /// Response statuses that count as failures toward `max_fails`.
     pub fail_statuses: Option<Vec<u16>>,
     /// Active health checks.
@@ -1575,6 +1577,9 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         cfg.fail_timeout = d;
     }
     cfg.fail_statuses = u.fail_statuses.clone().unwrap_or_default();
+    if let Some(s) = &u.slow_start {
+        cfg.slow_start = Some(duration_key(&format!("{key}.slow_start"), s)?);
+    }
     if let Some(h) = &u.health_check {
         let hkey = format!("{key}.health_check");
         let mut check = match (&h.path, &h.grpc_service) {

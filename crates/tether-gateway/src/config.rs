@@ -453,6 +453,9 @@ fn sample_point(id: &str) -> u64 {
     crate::upstream::balance::stable_hash(id.as_bytes()) % 1_000_000
 }
 
+/// The longest [`UpstreamConfig::slow_start`].
+pub const MAX_SLOW_START: Duration = Duration::from_secs(3600);
+
 /// The default [`RouteConfig::retry_body_bytes`].
 pub const DEFAULT_RETRY_BODY_BYTES: u64 = 64 * 1024;
 
@@ -757,6 +760,12 @@ pub struct UpstreamConfig {
     /// every one is skipped (`max_fails`), out of rotation (`health_check`) or full
     /// (`max_in_flight_per_endpoint`). Not with `hash` balancing.
     pub backups: Vec<bool>,
+    /// An endpoint coming back (its health checks pass again, its `fail_timeout` skip ends) or
+    /// new (added by a reload or by discovery) gets its share of requests gradually over this
+    /// long, from a tenth of it to all of it (nginx's `slow_start`, HAProxy's `slowstart`), so
+    /// that a cold server (empty caches, a JIT not warmed up) is not swamped. None by default.
+    /// Not with `hash` balancing.
+    pub slow_start: Option<Duration>,
     /// Requests in flight to each endpoint at once, all workers together (HAProxy's `maxconn`,
     /// nginx's `max_conns`). A full endpoint is passed over for one with room; when every one is
     /// full, a request waits its turn for up to [`queue_timeout`](Self::queue_timeout), then
@@ -1108,6 +1117,7 @@ impl UpstreamConfig {
             balance: Balance::RoundRobin,
             weights: Vec::new(),
             backups: Vec::new(),
+            slow_start: None,
             discovery: None,
         }
     }
@@ -1239,6 +1249,20 @@ impl Config {
             }
             if let Balance::Hash(k) = &u.balance {
                 validate_hash_key(&format!("{key}.hash_key"), k)?;
+            }
+            if let Some(d) = u.slow_start {
+                if d.is_zero() || d > MAX_SLOW_START {
+                    return Err(ConfigError::new(
+                        format!("{key}.slow_start"),
+                        "must be from 1ms to 1h",
+                    ));
+                }
+                if matches!(u.balance, Balance::Hash(_)) {
+                    return Err(ConfigError::new(
+                        format!("{key}.slow_start"),
+                        "\"hash\" keeps each key on its endpoint, and ramping one up would move keys: use \"round_robin\" or \"least_requests\", or no slow start",
+                    ));
+                }
             }
             if !u.backups.is_empty() && u.backups.len() != u.addresses.len() {
                 return Err(ConfigError::new(
@@ -1931,5 +1955,21 @@ mod tests {
         // No backup among the flags: nothing to refuse.
         c.upstreams[0].backups = vec![false, false];
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn slow_start_is_bounded_and_not_with_hash() {
+        let mut c = base();
+        c.upstreams[0].slow_start = Some(Duration::from_secs(30));
+        c.validate().unwrap();
+        for bad in [Duration::ZERO, MAX_SLOW_START + Duration::from_millis(1)] {
+            c.upstreams[0].slow_start = Some(bad);
+            assert_eq!(c.validate().unwrap_err().key, "upstreams[0].slow_start");
+        }
+        c.upstreams[0].slow_start = Some(Duration::from_secs(30));
+        c.upstreams[0].balance = Balance::Hash(HashKey::ClientIp);
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "upstreams[0].slow_start");
+        assert!(e.message.contains("would move keys"), "{e:?}");
     }
 }

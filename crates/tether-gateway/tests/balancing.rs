@@ -621,6 +621,76 @@ async fn a_backup_takes_requests_that_no_other_endpoint_can() {
     .await;
 }
 
+/// How many of `n` requests endpoint `name` answered.
+async fn share(env: &Env, name: &str, n: usize) -> usize {
+    bodies(env, n).await.iter().filter(|b| *b == name).count()
+}
+
+/// With `slow_start`, an endpoint whose health checks put it back in rotation gets a small
+/// share of the requests at first (a tenth, growing over the window) where its peer keeps the
+/// rest; endpoints there from the start are not ramped.
+#[tokio::test]
+async fn an_endpoint_back_in_rotation_gets_its_share_gradually() {
+    bounded(Duration::from_secs(40), async {
+        let (a, b) = (Backend::start("a").await, Backend::start("b").await);
+        let env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()], |cfg| {
+            let u = &mut cfg.upstreams[0];
+            u.slow_start = Some(Duration::from_secs(60));
+            let mut check = HealthCheck::new("/healthz");
+            check.interval = Duration::from_millis(50);
+            check.timeout = Duration::from_millis(500);
+            u.health_check = Some(check);
+        })
+        .await;
+        wait_health(&env, b.addr, true).await;
+        // In turn: half each.
+        assert_eq!(share(&env, "b", 60).await, 30);
+
+        b.health.store(503, Ordering::Relaxed);
+        wait_health(&env, b.addr, false).await;
+        b.health.store(200, Ordering::Relaxed);
+        wait_health(&env, b.addr, true).await;
+        // Seconds into a minute's start: about a tenth of its turns, 3 of 60 (30 without).
+        let got = share(&env, "b", 60).await;
+        assert!(
+            got <= 15,
+            "b answered {got} of 60 at the start of its slow start"
+        );
+        env.stop().await;
+    })
+    .await;
+}
+
+/// An endpoint a reload adds beside others is cold: with `slow_start` it gets few requests at
+/// first, and its whole share once the window has passed.
+#[tokio::test]
+async fn an_endpoint_a_reload_adds_starts_slowly_then_gets_its_share() {
+    bounded(Duration::from_secs(40), async {
+        let (a, c) = (Backend::start("a").await, Backend::start("c").await);
+        let mut env = gateway(Up::H1, vec![a.addr.into()], |cfg| {
+            cfg.upstreams[0].slow_start = Some(Duration::from_secs(60));
+        })
+        .await;
+        assert_eq!(share(&env, "a", 10).await, 10);
+        let added: UpstreamAddress = c.addr.into();
+        env.reload(|cfg| cfg.upstreams[0].addresses.push(added.clone()));
+        let got = share(&env, "c", 60).await;
+        assert!(
+            got <= 15,
+            "c answered {got} of 60 at the start of its slow start"
+        );
+        assert!(got < 30);
+
+        // A short window, over by the time the requests come: half each, in turn. (A reload
+        // that changes only the window keeps the time `c` joined.)
+        env.reload(|cfg| cfg.upstreams[0].slow_start = Some(Duration::from_millis(100)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(share(&env, "c", 60).await, 30);
+        env.stop().await;
+    })
+    .await;
+}
+
 async fn hold(
     env: &Env,
 ) -> tokio::task::JoinHandle<Result<(http::response::Parts, bytes::Bytes), test_support::BoxError>>

@@ -549,6 +549,28 @@ fn a_grpc_health_check_converts_and_needs_http2() {
 }
 
 #[test]
+fn slow_start_converts_and_bad_ones_name_their_key() {
+    let with = |v: &str| {
+        GOOD.replace(
+            "protocol = \"h2c\"\n",
+            &format!("protocol = \"h2c\"\nslow_start = {v}\n"),
+        )
+    };
+    let cfg = parse(&with("\"30s\""), Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.upstreams[0].slow_start,
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(
+        parse(GOOD, Path::new(".")).unwrap().config.upstreams[0].slow_start,
+        None
+    );
+    refused(&with("\"0s\""), "upstreams[0].slow_start", "from 1ms to 1h");
+    refused(&with("\"2h\""), "upstreams[0].slow_start", "from 1ms to 1h");
+    refused(&with("\"soon\""), "upstreams[0].slow_start", "");
+}
+
+#[test]
 fn backup_addresses_convert_and_bad_ones_name_their_key() {
     let cfg = parse(GOOD, Path::new(".")).unwrap();
     assert!(cfg.config.upstreams[0].backups.is_empty());

@@ -17,6 +17,9 @@ pub struct EndpointHealth {
     fails: AtomicU32,
     /// Milliseconds after the upstream's `born` until which the endpoint is skipped; 0: never.
     skipped_until: AtomicU64,
+    /// Milliseconds after `born` when it last came back (a skip ended) or joined the upstream,
+    /// for slow start; 0: never.
+    back_at: AtomicU64,
 }
 
 /// Whether an error says the endpoint could not be reached at all.
@@ -56,12 +59,30 @@ impl EndpointHealth {
     /// Takes over what `before` counted (measured from the same `born`): the same endpoint in
     /// the configuration before a reload.
     pub fn carry(&self, before: &EndpointHealth) {
-        self.skipped_until.store(
-            before.skipped_until.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+        for (to, from) in [
+            (&self.skipped_until, &before.skipped_until),
+            (&self.back_at, &before.back_at),
+        ] {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         self.fails
             .store(before.fails.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Notes that the endpoint joined its upstream at `now` (a reload or discovery added it).
+    pub fn joined(&self, born: Instant, now: Instant) {
+        self.back_at
+            .store(millis_since(born, now), Ordering::Relaxed);
+    }
+
+    /// When the endpoint last came back or joined, if it did: the end of its skip (past or to
+    /// come), or the time noted by [`joined`](Self::joined).
+    pub fn back_since(&self, born: Instant) -> Option<Instant> {
+        let at = match self.skipped_until.load(Ordering::Relaxed) {
+            0 => self.back_at.load(Ordering::Relaxed),
+            until => until,
+        };
+        (at != 0).then(|| born + Duration::from_millis(at))
     }
 
     /// A fresh connection to the endpoint worked, or it answered well.
@@ -69,7 +90,10 @@ impl EndpointHealth {
         if self.fails.load(Ordering::Relaxed) != 0 {
             self.fails.store(0, Ordering::Relaxed);
         }
-        if self.skipped_until.load(Ordering::Relaxed) != 0 {
+        let until = self.skipped_until.load(Ordering::Relaxed);
+        if until != 0 {
+            // Its skip is over: it came back then.
+            self.back_at.store(until, Ordering::Relaxed);
             self.skipped_until.store(0, Ordering::Relaxed);
         }
     }
@@ -101,6 +125,30 @@ mod tests {
         h.succeeded();
         assert!(!h.failed(born, 2, t), "the count started again");
         assert!(h.available(born, Instant::now()));
+    }
+
+    #[test]
+    fn an_endpoint_came_back_when_its_skip_ended_or_when_it_joined() {
+        let born = Instant::now();
+        let h = EndpointHealth::default();
+        assert_eq!(h.back_since(born), None, "never away");
+        let t = Duration::from_secs(10);
+        let before = Instant::now();
+        assert!(h.failed(born, 1, t));
+        let back = h.back_since(born).unwrap();
+        assert!(
+            back >= before + t - Duration::from_millis(1),
+            "when the skip ends"
+        );
+        // A success after the skip keeps the time it came back.
+        h.succeeded();
+        assert_eq!(h.back_since(born), Some(back));
+        let moved = EndpointHealth::default();
+        moved.carry(&h);
+        assert_eq!(moved.back_since(born), Some(back));
+        let later = born + Duration::from_secs(30);
+        h.joined(born, later);
+        assert_eq!(h.back_since(born), Some(later));
     }
 
     #[test]

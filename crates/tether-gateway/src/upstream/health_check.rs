@@ -9,7 +9,7 @@
 //! they found.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::header::{CONTENT_TYPE, HOST, HeaderValue, TE, USER_AGENT};
@@ -28,6 +28,8 @@ use crate::proxy::request_body::RequestBody;
 #[derive(Debug)]
 pub struct ActiveHealth {
     endpoints: Vec<Checked>,
+    /// What the endpoints' `up_at` count from.
+    epoch: tokio::time::Instant,
 }
 
 /// One endpoint's checks: whether they took it out, and its results in a row. Kept here rather
@@ -38,6 +40,8 @@ struct Checked {
     down: AtomicBool,
     fails: AtomicU32,
     passes: AtomicU32,
+    /// Milliseconds after the epoch when its checks last put it back in rotation; 0: never.
+    up_at: AtomicU64,
 }
 
 impl ActiveHealth {
@@ -45,6 +49,7 @@ impl ActiveHealth {
     pub fn new(endpoints: usize) -> Arc<ActiveHealth> {
         Arc::new(ActiveHealth {
             endpoints: (0..endpoints).map(|_| Checked::default()).collect(),
+            epoch: tokio::time::Instant::now(),
         })
     }
 
@@ -58,6 +63,7 @@ impl ActiveHealth {
     ) -> Arc<ActiveHealth> {
         let load = |a: &AtomicU32| a.load(Ordering::Relaxed);
         Arc::new(ActiveHealth {
+            epoch: state.epoch,
             endpoints: now
                 .iter()
                 .map(|a| {
@@ -67,6 +73,7 @@ impl ActiveHealth {
                             down: AtomicBool::new(c.down.load(Ordering::Relaxed)),
                             fails: AtomicU32::new(load(&c.fails)),
                             passes: AtomicU32::new(load(&c.passes)),
+                            up_at: AtomicU64::new(c.up_at.load(Ordering::Relaxed)),
                         },
                         None => Checked::default(),
                     }
@@ -82,8 +89,21 @@ impl ActiveHealth {
             .is_some_and(|c| c.down.load(Ordering::Relaxed))
     }
 
+    /// When the checks last put endpoint `i` back in rotation, if they ever did.
+    pub fn up_since(&self, i: usize) -> Option<tokio::time::Instant> {
+        let at = self.endpoints.get(i)?.up_at.load(Ordering::Relaxed);
+        (at != 0).then(|| self.epoch + Duration::from_millis(at))
+    }
+
     fn set_down(&self, i: usize, down: bool) {
         if let Some(c) = self.endpoints.get(i) {
+            if !down && c.down.load(Ordering::Relaxed) {
+                let ms = self.epoch.elapsed().as_millis();
+                c.up_at.store(
+                    u64::try_from(ms).unwrap_or(u64::MAX).max(1),
+                    Ordering::Relaxed,
+                );
+            }
             c.down.store(down, Ordering::Relaxed);
         }
     }
@@ -438,5 +458,19 @@ mod tests {
         assert!(!s.is_down(0) && s.is_down(1));
         s.set_down(7, true);
         assert!(!s.is_down(7));
+        // Back in rotation: noted for slow start, and carried over.
+        assert_eq!(s.up_since(1), None);
+        s.set_down(1, false);
+        let up = s.up_since(1).unwrap();
+        // Noted to the millisecond, at least 1 ms after the epoch.
+        assert!(up <= tokio::time::Instant::now() + Duration::from_millis(1));
+        s.set_down(0, false);
+        assert_eq!(s.up_since(0), None, "never out, so never back");
+        let a = |s: &str| UpstreamAddress::from(s.parse::<std::net::SocketAddr>().unwrap());
+        let addrs = [a("10.0.0.1:80"), a("10.0.0.2:80")];
+        assert_eq!(
+            ActiveHealth::carried(&s, &addrs, &addrs).up_since(1),
+            Some(up)
+        );
     }
 }

@@ -42,6 +42,8 @@ pub struct Upstream {
     schedule: Option<Box<[u32]>>,
     /// The backups' endpoint indexes, taken in turn only when no other endpoint can be.
     backups: Box<[u32]>,
+    /// How long an endpoint coming back or joining takes to get its whole share.
+    slow_start: Option<Duration>,
     /// With `least_requests` or a cap: the endpoints' requests in flight over every worker.
     loads: Option<Box<[Load]>>,
     /// Balancing by `least_requests` (the loads are compared).
@@ -103,6 +105,14 @@ pub struct Endpoint {
     seed: u64,
     /// Taken only while no other endpoint can be (see [`UpstreamConfig::backups`]).
     pub backup: bool,
+}
+
+/// The share of its requests an endpoint gets as its slow start begins.
+const MIN_SLOW_START_SHARE: f64 = 0.1;
+
+/// A number in [0, 1), random enough to spread requests.
+fn random_unit() -> f64 {
+    (crate::observe::trace_context::random_nonzero() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// An endpoint at its `max_in_flight_per_endpoint`.
@@ -202,6 +212,7 @@ impl Upstream {
                 .filter(|&i| backup(i))
                 .filter_map(|i| u32::try_from(i).ok())
                 .collect(),
+            slow_start: config.slow_start,
             loads,
             least: counted && config.balance == Balance::LeastRequests,
             cap: config
@@ -253,7 +264,12 @@ impl Upstream {
             Some(order) => order[turn % order.len()] as usize % len,
             None => turn % len,
         };
-        if len > 1 && (self.max_fails > 0 || self.active.is_some() || self.loads.is_some()) {
+        if len > 1
+            && (self.max_fails > 0
+                || self.active.is_some()
+                || self.loads.is_some()
+                || self.slow_start.is_some())
+        {
             let now = Instant::now();
             if let Some(n) = self.usable(first, false, now) {
                 return (n, &self.endpoints[n]);
@@ -269,15 +285,24 @@ impl Upstream {
     }
 
     /// From `first` on, the first endpoint in rotation with room (with `least_requests`, the
-    /// lightest), among the backups or among the others.
+    /// lightest), among the backups or among the others. One in its slow start is passed over
+    /// at random, less often as its start goes on; when every one is, the first of them.
     #[inline]
     fn usable(&self, first: usize, backups: bool, now: Instant) -> Option<usize> {
         let len = self.endpoints.len();
         let mut best: Option<(usize, u64)> = None;
+        let mut ramping: Option<usize> = None;
         for i in 0..len {
             let n = (first + i) % len;
             let ep = &self.endpoints[n];
             if ep.backup != backups || !self.in_rotation(n, ep, now) {
+                continue;
+            }
+            if let Some(window) = self.slow_start
+                && let Some(share) = self.ramp(n, ep, now, window)
+                && random_unit() >= share
+            {
+                ramping.get_or_insert(n);
                 continue;
             }
             let Some(loads) = &self.loads else {
@@ -297,7 +322,20 @@ impl Upstream {
                 best = Some((n, load));
             }
         }
-        best.map(|(n, _)| n)
+        best.map(|(n, _)| n).or(ramping)
+    }
+
+    /// The share of its requests endpoint `n` gets at `now` when it is in its slow start of
+    /// `window` (from [`MIN_SLOW_START_SHARE`] to 1); `None` when it is not.
+    #[cold]
+    fn ramp(&self, n: usize, ep: &Endpoint, now: Instant, window: Duration) -> Option<f64> {
+        let passive = ep.health.back_since(self.born);
+        let active = self.active.as_ref().and_then(|a| a.up_since(n));
+        let since = passive.max(active)?;
+        // Times are noted to the millisecond: one a little ahead is now.
+        let elapsed = now.saturating_duration_since(since);
+        (elapsed < window)
+            .then(|| (elapsed.as_secs_f64() / window.as_secs_f64()).max(MIN_SLOW_START_SHARE))
     }
 
     /// Whether endpoint `n` (`ep`) may be chosen: not skipped after failures (`max_fails`), nor
@@ -459,12 +497,16 @@ impl Upstream {
     pub fn adopt(&mut self, before: &Upstream, pools: bool) {
         // Skip deadlines are counted from `born`.
         self.born = before.born;
+        let now = Instant::now();
         for ep in &mut self.endpoints {
             if let Some(old) = before.endpoints.iter().find(|o| o.address == ep.address) {
                 ep.health.carry(&old.health);
                 if pools {
                     ep.pool = old.pool.clone();
                 }
+            } else {
+                // New beside the others: a cold server, for slow start.
+                ep.health.joined(self.born, now);
             }
         }
     }
