@@ -180,6 +180,12 @@ pub struct FileRoute {
     pub host: Option<String>,
     /// Path prefix on whole segments; default `/`.
     pub path_prefix: Option<String>,
+    /// The one path matched, in place of a prefix.
+    pub path: Option<String>,
+    /// A regular expression the whole path must match, in place of a prefix.
+    pub path_regex: Option<String>,
+    /// With `path` or `path_regex`: the path sent upstream instead (`$1`, `${name}`: groups).
+    pub rewrite_path: Option<String>,
     /// Upstream name; required unless the route redirects or responds.
     pub upstream: Option<String>,
     /// `{ to, status }`: answer with a redirect instead of proxying.
@@ -1287,6 +1293,15 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
         cfg.max_retries = n;
     }
     cfg.rewrite_prefix = r.rewrite_prefix.clone();
+    if r.path_prefix.is_some() && (r.path.is_some() || r.path_regex.is_some()) {
+        return Err(KeyError::new(
+            format!("{key}.path_prefix"),
+            "a route matches its path by path_prefix, path or path_regex: one of them",
+        ));
+    }
+    cfg.path_exact = r.path.clone();
+    cfg.path_regex = r.path_regex.clone();
+    cfg.rewrite_path = r.rewrite_path.clone();
     cfg.request_headers = r.request_headers.rules();
     cfg.response_headers = r.response_headers.rules();
     cfg.max_body_bytes = r.max_body_bytes;

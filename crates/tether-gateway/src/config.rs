@@ -453,6 +453,67 @@ fn sample_point(id: &str) -> u64 {
     crate::upstream::balance::stable_hash(id.as_bytes()) % 1_000_000
 }
 
+/// Whether `p` is a path starting with `/`, without a query or fragment.
+fn is_plain_path(p: &str) -> bool {
+    p.starts_with('/') && !p.contains(['?', '#']) && PathAndQuery::try_from(p).is_ok()
+}
+
+/// A route's `path_exact`, `path_regex` and `rewrite_path`: one way of matching the path, and a
+/// rewrite that fits it.
+fn validate_path_rule(rkey: &str, r: &RouteConfig) -> Result<(), ConfigError> {
+    let other = "a route matches its path by path_prefix, path or path_regex: one of them";
+    if r.path_exact.is_some() && r.path_regex.is_some() {
+        return Err(ConfigError::new(format!("{rkey}.path_regex"), other));
+    }
+    let rule = r.path_exact.is_some() || r.path_regex.is_some();
+    if rule && r.path_prefix != "/" {
+        return Err(ConfigError::new(format!("{rkey}.path_prefix"), other));
+    }
+    if rule && r.rewrite_prefix.is_some() {
+        return Err(ConfigError::new(
+            format!("{rkey}.rewrite_prefix"),
+            "replaces a path_prefix: with path or path_regex, use rewrite_path",
+        ));
+    }
+    if let Some(p) = &r.path_exact
+        && !is_plain_path(p)
+    {
+        return Err(ConfigError::new(
+            format!("{rkey}.path"),
+            format!("{p:?} must be a path starting with '/', without a query"),
+        ));
+    }
+    let regex = match &r.path_regex {
+        Some(re) => Some(
+            crate::route::PathRule::regex(re)
+                .map_err(|e| ConfigError::new(format!("{rkey}.path_regex"), e))?,
+        ),
+        None => None,
+    };
+    if let Some(to) = &r.rewrite_path {
+        let key = format!("{rkey}.rewrite_path");
+        if !rule {
+            return Err(ConfigError::new(
+                key,
+                "only with path or path_regex (with path_prefix, use rewrite_prefix)",
+            ));
+        }
+        let literal = crate::route::template_text(to);
+        if !is_plain_path(&literal) {
+            return Err(ConfigError::new(
+                key,
+                format!("{to:?} must be a path starting with '/', without a query"),
+            ));
+        }
+        if let Some(regex) = regex {
+            regex
+                .check_template(to)
+                .map_err(|e| ConfigError::new(key, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// The longest [`UpstreamConfig::slow_start`].
 pub const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 
@@ -546,6 +607,16 @@ pub struct RouteConfig {
     /// Replaces the matched `path_prefix` in the path sent upstream (`"/"` strips it). Default:
     /// none, the path goes as it came.
     pub rewrite_prefix: Option<String>,
+    /// The one path the route matches (the query aside), in place of `path_prefix`. Default:
+    /// none.
+    pub path_exact: Option<String>,
+    /// A regular expression the whole path must match (the query aside), in place of
+    /// `path_prefix`: `^/users/[0-9]+$` is implied by `/users/[0-9]+`. Linear-time matching
+    /// (no backtracking), so no path can make it slow. Default: none.
+    pub path_regex: Option<String>,
+    /// With `path_exact` or `path_regex`: the path sent upstream instead, the query kept; with
+    /// `path_regex`, `$1` or `${name}` stand for what a group matched. Default: none.
+    pub rewrite_path: Option<String>,
 }
 
 /// Header changes a route makes: `remove` first, then `set`, then `add`. Names are
@@ -1157,6 +1228,9 @@ impl RouteConfig {
             request_headers: HeaderRules::default(),
             response_headers: HeaderRules::default(),
             rewrite_prefix: None,
+            path_exact: None,
+            path_regex: None,
+            rewrite_path: None,
         }
     }
 }
@@ -1448,15 +1522,14 @@ impl Config {
                     ));
                 }
                 if let Some(p) = &r.rewrite_prefix
-                    && (!p.starts_with('/')
-                        || p.contains(['?', '#'])
-                        || PathAndQuery::try_from(p.as_str()).is_err())
+                    && !is_plain_path(p)
                 {
                     return Err(ConfigError::new(
                         format!("{rkey}.rewrite_prefix"),
                         format!("{p:?} must be a path starting with '/', without a query"),
                     ));
                 }
+                validate_path_rule(&rkey, r)?;
                 if r.retry_body_bytes > MAX_RETRY_BODY_BYTES {
                     return Err(ConfigError::new(
                         format!("{rkey}.retry_body_bytes"),
@@ -1955,6 +2028,67 @@ mod tests {
         // No backup among the flags: nothing to refuse.
         c.upstreams[0].backups = vec![false, false];
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn path_rules_are_one_way_of_matching_with_a_rewrite_that_fits() {
+        let key = |f: &dyn Fn(&mut RouteConfig)| {
+            let mut c = base();
+            f(&mut c.listeners[0].routes[0]);
+            c.validate().err().map(|e| (e.key, e.message))
+        };
+        assert_eq!(
+            key(&|r| {
+                r.path_regex = Some("/u/([0-9]+)".into());
+                r.rewrite_path = Some("/users/$1".into());
+            }),
+            None
+        );
+        let at = |f: &dyn Fn(&mut RouteConfig)| key(f).map(|(k, _)| k).unwrap_or_default();
+        let route = "listeners[0].routes[0]";
+        assert_eq!(
+            at(&|r| r.path_exact = Some("status".into())),
+            format!("{route}.path")
+        );
+        assert_eq!(
+            at(&|r| {
+                r.path_exact = Some("/a".into());
+                r.path_regex = Some("/b".into());
+            }),
+            format!("{route}.path_regex")
+        );
+        assert_eq!(
+            at(&|r| {
+                r.path_prefix = "/api".into();
+                r.path_exact = Some("/a".into());
+            }),
+            format!("{route}.path_prefix")
+        );
+        assert_eq!(
+            at(&|r| {
+                r.path_exact = Some("/a".into());
+                r.rewrite_prefix = Some("/b".into());
+            }),
+            format!("{route}.rewrite_prefix")
+        );
+        assert_eq!(
+            at(&|r| r.path_regex = Some("/(".into())),
+            format!("{route}.path_regex")
+        );
+        assert_eq!(
+            at(&|r| r.rewrite_path = Some("/b".into())),
+            format!("{route}.rewrite_path")
+        );
+        for bad in ["/users/$2", "users/$1", "/u?x=$1"] {
+            assert_eq!(
+                at(&|r| {
+                    r.path_regex = Some("/u/([0-9]+)".into());
+                    r.rewrite_path = Some(bad.into());
+                }),
+                format!("{route}.rewrite_path"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Host + path → route. First match wins, in configuration order.
+//! Host + path → route. First match wins, in configuration order. A route matches its path by
+//! prefix (whole segments), exactly, or by a regular expression.
 
 use std::sync::{Arc, OnceLock};
 
@@ -16,6 +17,10 @@ pub struct Route {
     pub name: Arc<str>,
     host: Option<String>,
     prefix: String,
+    /// The path exactly, or a regular expression, in place of `prefix`.
+    path: Option<Box<PathRule>>,
+    /// With `path`: what the path sent upstream becomes.
+    rewrite_path: Option<String>,
     /// Index into the worker's upstream list.
     pub upstream: usize,
     /// Timeouts.
@@ -189,12 +194,32 @@ impl Route {
         }
     }
 
-    /// The path and query to send upstream when the route rewrites its prefix: `path` (which
-    /// the route matched) with the matched prefix replaced. `None`: sent as it came.
+    /// The path and query to send upstream when the route rewrites its path: `path` (which the
+    /// route matched) with the matched prefix replaced, or (with a path rule) the path given,
+    /// its groups filled in, and the query kept. `None`: sent as it came.
     pub fn upstream_path(&self, path: &PathAndQuery) -> Option<PathAndQuery> {
-        let to = self.rewrite_prefix.as_deref()?;
-        let moved = move_prefix(path.as_str(), &self.prefix, to)?;
+        let moved = match (&self.rewrite_prefix, &self.rewrite_path, &self.path) {
+            (Some(to), _, _) => move_prefix(path.as_str(), &self.prefix, to)?,
+            (None, Some(to), Some(rule)) => {
+                let mut out = rule.rewrite(path.path(), to);
+                if let Some(q) = path.query() {
+                    out.push('?');
+                    out.push_str(q);
+                }
+                out
+            }
+            _ => return None,
+        };
         PathAndQuery::from_maybe_shared(bytes::Bytes::from(moved)).ok()
+    }
+
+    /// Whether the route matches `path`.
+    #[inline]
+    fn matches_path(&self, path: &str) -> bool {
+        match &self.path {
+            None => prefix_matches(&self.prefix, path),
+            Some(rule) => rule.matches(path),
+        }
     }
 
     /// This route's metric handles in `metrics`.
@@ -364,6 +389,11 @@ impl Router {
             .filter_map(|r| {
                 let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
                 let prefix = r.path_prefix.trim_end_matches('/').to_owned();
+                let path = match (&r.path_exact, &r.path_regex) {
+                    (Some(p), _) => Some(Box::new(PathRule::Exact(p.clone()))),
+                    (None, Some(re)) => Some(Box::new(PathRule::regex(re).ok()?)),
+                    (None, None) => None,
+                };
                 let condition = Condition::new(&r.methods, &r.match_headers)
                     .ok()?
                     .map(Box::new);
@@ -373,6 +403,7 @@ impl Router {
                         *o.name == *r.name
                             && o.host == host
                             && o.prefix == prefix
+                            && o.path == path
                             && o.condition == condition
                     })
                 });
@@ -380,6 +411,8 @@ impl Router {
                     name: Arc::from(r.name.as_str()),
                     host,
                     prefix,
+                    path,
+                    rewrite_path: r.rewrite_path.clone(),
                     // A route that splits, redirects or responds has no upstream of its own;
                     // its index is never read.
                     upstream: if r.redirect.is_some() || r.respond.is_some() || !r.split.is_empty()
@@ -477,10 +510,132 @@ impl Router {
                 (Some(_), None) => false,
             };
             host_ok
-                && prefix_matches(&r.prefix, path)
+                && r.matches_path(path)
                 && r.condition.as_ref().is_none_or(|c| c.matches(request))
         })
     }
+}
+
+/// How a route matches a path other than by prefix.
+#[derive(Debug)]
+pub enum PathRule {
+    /// This path, exactly.
+    Exact(String),
+    /// A regular expression the whole path matches (anchored at both ends).
+    Regex(regex::Regex),
+}
+
+impl PartialEq for PathRule {
+    fn eq(&self, other: &PathRule) -> bool {
+        match (self, other) {
+            (PathRule::Exact(a), PathRule::Exact(b)) => a == b,
+            (PathRule::Regex(a), PathRule::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl PathRule {
+    /// `pattern` as a rule the whole path must match; `Err` says why it is not a regular
+    /// expression.
+    pub fn regex(pattern: &str) -> Result<PathRule, String> {
+        regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+            .size_limit(1 << 20)
+            .build()
+            .map(PathRule::Regex)
+            .map_err(|e| match e {
+                regex::Error::Syntax(s) => format!("not a regular expression: {s}"),
+                regex::Error::CompiledTooBig(_) => "too large a regular expression".to_owned(),
+                e => e.to_string(),
+            })
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathRule::Exact(p) => p == path,
+            PathRule::Regex(re) => re.is_match(path),
+        }
+    }
+
+    /// `to` with its group references filled in from `path` (which the rule matched).
+    fn rewrite(&self, path: &str, to: &str) -> String {
+        let mut out = String::new();
+        match self {
+            PathRule::Regex(re) => match re.captures(path) {
+                Some(caps) => caps.expand(to, &mut out),
+                None => out.push_str(&template_text(to)),
+            },
+            PathRule::Exact(_) => out.push_str(&template_text(to)),
+        }
+        out
+    }
+
+    /// Whether every group `to` refers to is one of the rule's: `Err` names one that is not.
+    pub fn check_template(&self, to: &str) -> Result<(), String> {
+        for group in template_refs(to) {
+            let known = match (self, group.parse::<usize>()) {
+                (PathRule::Regex(re), Ok(i)) => i < re.captures_len(),
+                (PathRule::Regex(re), Err(_)) => re.capture_names().flatten().any(|n| n == group),
+                (PathRule::Exact(_), _) => false,
+            };
+            if !known {
+                return Err(format!("${group}: the path rule has no such group"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The group references in rewrite template `to`: `$1`, `$name` or `${name}` (`$$` is a `$`).
+fn template_refs(to: &str) -> Vec<&str> {
+    let mut refs = Vec::new();
+    let mut rest = to;
+    while let Some(i) = rest.find('$') {
+        rest = &rest[i + 1..];
+        if let Some(after) = rest.strip_prefix('$') {
+            rest = after;
+        } else if let Some(braced) = rest.strip_prefix('{') {
+            let end = braced.find('}').unwrap_or(braced.len());
+            refs.push(&braced[..end]);
+            rest = braced.get(end + 1..).unwrap_or("");
+        } else {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            if end > 0 {
+                refs.push(&rest[..end]);
+            }
+            rest = &rest[end..];
+        }
+    }
+    refs
+}
+
+/// Rewrite template `to` with its group references left out and `$$` as `$`: its literal text.
+pub fn template_text(to: &str) -> String {
+    let mut out = String::with_capacity(to.len());
+    let mut rest = to;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i + 1..];
+        if let Some(after) = rest.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(braced) = rest.strip_prefix('{') {
+            let end = braced.find('}').map_or(braced.len(), |e| e + 1);
+            rest = braced.get(end..).unwrap_or("");
+        } else {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            if end == 0 {
+                out.push('$');
+            }
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// What else a route asks of a request: one of its methods, and every header it names (with
@@ -665,6 +820,61 @@ mod tests {
             "web" => Some(1),
             _ => None,
         })
+    }
+
+    #[test]
+    fn exact_and_regex_paths_match_whole_paths_and_rewrite_from_groups() {
+        let mut exact = RouteConfig::new("/", "web");
+        exact.path_exact = Some("/status".into());
+        exact.rewrite_path = Some("/health".into());
+        let mut re = RouteConfig::new("/", "web");
+        re.path_regex = Some("/u/(?<id>[0-9]+)(/.*)?".into());
+        re.rewrite_path = Some("/users/${id}$2".into());
+        let r = Router::new(&[exact, re, RouteConfig::new("/", "api")], |n| {
+            ["web", "api"].iter().position(|u| *u == n)
+        });
+        let upstream = |path: &str| r.select(None, path).map(|r| r.upstream);
+        assert_eq!(upstream("/status"), Some(0));
+        assert_eq!(upstream("/status/x"), Some(1), "exact, not a prefix");
+        assert_eq!(upstream("/u/7"), Some(0));
+        assert_eq!(upstream("/u/7/orders"), Some(0));
+        assert_eq!(upstream("/u/me"), Some(1));
+        assert_eq!(upstream("/x/u/7"), Some(1), "anchored at the start");
+        assert_eq!(upstream("/u/7x"), Some(1), "and at the end");
+        let sent = |path: &'static str| {
+            let route = r.select(None, path.split('?').next().unwrap()).unwrap();
+            route
+                .upstream_path(&PathAndQuery::from_static(path))
+                .map(|p| p.as_str().to_owned())
+        };
+        assert_eq!(sent("/status?v=1").as_deref(), Some("/health?v=1"));
+        assert_eq!(
+            sent("/u/7/orders?p=2").as_deref(),
+            Some("/users/7/orders?p=2")
+        );
+        assert_eq!(sent("/u/7").as_deref(), Some("/users/7"));
+        assert_eq!(sent("/other"), None);
+    }
+
+    #[test]
+    fn rewrite_templates_name_groups_the_rule_has() {
+        let rule = PathRule::regex("/(?<a>x)(y)").unwrap();
+        assert!(rule.check_template("/$1/${a}/$2/$$/$a").is_ok());
+        assert!(rule.check_template("/$3").unwrap_err().contains("$3"));
+        assert!(rule.check_template("/${b}").unwrap_err().contains("$b"));
+        // `$1a` is the group named `1a`, as the regex crate reads it.
+        assert!(rule.check_template("/$1a").is_err());
+        assert!(PathRule::Exact("/s".into()).check_template("/$1").is_err());
+        assert_eq!(template_text("/a/$1/${x}b/$$/$"), "/a//b/$/$");
+        assert!(
+            PathRule::regex("/(")
+                .unwrap_err()
+                .contains("not a regular expression")
+        );
+        assert_eq!(
+            PathRule::regex("/a").unwrap(),
+            PathRule::regex("/a").unwrap()
+        );
     }
 
     #[test]

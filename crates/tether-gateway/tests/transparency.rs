@@ -569,6 +569,64 @@ async fn a_route_with_rewrite_prefix_sends_the_path_with_its_prefix_replaced_and
     .await
 }
 
+/// Routes matching a path exactly or by a regular expression, in file order with a prefix
+/// route after them: each request reaches the route it matches, with the path rewritten from
+/// the regular expression's groups and the query kept; a path the expression matches only in
+/// part goes on to the next route.
+#[tokio::test]
+async fn routes_match_exact_paths_and_regular_expressions_and_rewrite_from_their_groups() {
+    bounded(Duration::from_secs(30), async {
+        for up in ALL_UP {
+            // The upstream answers with the request target it saw.
+            let s = script(|r| Behavior::Respond(Reply::ok(r.target.clone())));
+            let env = Env::with(Down::H1, up, s, |c| {
+                let routes = &mut c.listeners[0].routes;
+                let mut exact = RouteConfig::new("/", "up");
+                exact.name = "exact".into();
+                exact.path_exact = Some("/status".into());
+                exact.rewrite_path = Some("/internal/health".into());
+                let mut users = RouteConfig::new("/", "up");
+                users.name = "users".into();
+                users.path_regex = Some("/users/(?<id>[0-9]+)(/.*)?".into());
+                users.rewrite_path = Some("/v2/accounts/${id}$2".into());
+                // Matched, not rewritten.
+                let mut images = RouteConfig::new("/", "up");
+                images.name = "images".into();
+                images.path_regex = Some(r"/.*\.(png|jpg)".into());
+                routes.insert(0, images);
+                routes.insert(0, users);
+                routes.insert(0, exact);
+            })
+            .await;
+            let mut c = env.http().await;
+            for (asked, seen, route) in [
+                ("/status", "/internal/health", "exact"),
+                ("/status?verbose=1", "/internal/health?verbose=1", "exact"),
+                ("/status/more", "/status/more", "up"),
+                ("/users/42", "/v2/accounts/42", "users"),
+                (
+                    "/users/42/orders?page=2",
+                    "/v2/accounts/42/orders?page=2",
+                    "users",
+                ),
+                ("/users/me", "/users/me", "up"),
+                ("/a/b/logo.png", "/a/b/logo.png", "images"),
+                ("/logo.png.txt", "/logo.png.txt", "up"),
+            ] {
+                let req = c.request(Method::GET, asked).body(empty()).unwrap();
+                let (p, body, _) = c.fetch(req).await.unwrap();
+                assert_eq!(p.status, 200, "{up:?} {asked}");
+                assert_eq!(&body[..], seen.as_bytes(), "{up:?} {asked}");
+                let path = asked.split('?').next().unwrap();
+                let rec = env.record(path).await;
+                assert_eq!(rec.route.as_deref(), Some(route), "{up:?} {asked}");
+            }
+            env.stop().await;
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_redirect_route_answers_itself_and_the_upstream_never_hears_of_it() {
     bounded(Duration::from_secs(30), async {

@@ -414,6 +414,50 @@ fn rewrite_prefix_converts_and_a_bad_one_names_its_key() {
 }
 
 #[test]
+fn path_and_path_regex_convert_and_bad_ones_name_their_key() {
+    let with = |keys: &str| GOOD.replace("  path_prefix = \"/api\"\n", keys);
+    let cfg = parse(
+        &with("  path_regex = '/u/([0-9]+)'\n  rewrite_path = '/users/$1'\n"),
+        Path::new("."),
+    )
+    .unwrap();
+    let r = &cfg.config.listeners[0].routes[0];
+    assert_eq!(r.path_regex.as_deref(), Some("/u/([0-9]+)"));
+    assert_eq!(r.rewrite_path.as_deref(), Some("/users/$1"));
+    assert_eq!(r.path_prefix, "/");
+    let cfg = parse(&with("  path = \"/status\"\n"), Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[0].path_exact.as_deref(),
+        Some("/status")
+    );
+    let route = "listeners[0].routes[0]";
+    for (keys, key, why) in [
+        (
+            "  path_prefix = \"/api\"\n  path = \"/status\"\n",
+            "path_prefix",
+            "one of them",
+        ),
+        (
+            "  path_regex = '/('\n",
+            "path_regex",
+            "not a regular expression",
+        ),
+        (
+            "  path_regex = '/u/([0-9]+)'\n  rewrite_path = '/users/$2'\n",
+            "rewrite_path",
+            "no such group",
+        ),
+        (
+            "  path_prefix = \"/api\"\n  rewrite_path = \"/v2\"\n",
+            "rewrite_path",
+            "use rewrite_prefix",
+        ),
+    ] {
+        refused(&with(keys), &format!("{route}.{key}"), why);
+    }
+}
+
+#[test]
 fn health_checks_convert_with_defaults_and_bad_ones_name_their_key() {
     let src = GOOD.replace(
         "idle_timeout = \"2s\"\n",
