@@ -97,3 +97,25 @@ pub fn pattern(len: usize) -> bytes::Bytes {
 
 #[cfg(test)]
 mod tests;
+
+/// A loopback address nothing listens on: connections to it are refused. The port is bound,
+/// never listening, and held until the process ends, so that no other test's listener (nor a
+/// connection's source port) can take it, as one could a port that was only freed.
+pub fn refused_addr() -> std::net::SocketAddr {
+    static HELD: std::sync::Mutex<Vec<socket2::Socket>> = std::sync::Mutex::new(Vec::new());
+    let bound = (|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        let any = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        s.bind(&any.into())?;
+        let addr = s.local_addr()?.as_socket();
+        Ok::<_, std::io::Error>((s, addr))
+    })();
+    match bound {
+        Ok((s, Some(addr))) => {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+            addr
+        }
+        Ok((_, None)) => panic!("a loopback socket has an IP address"),
+        Err(e) => panic!("cannot bind a loopback socket: {e}"),
+    }
+}

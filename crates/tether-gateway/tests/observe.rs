@@ -28,10 +28,9 @@ async fn bounded<F: std::future::Future>(f: F) -> F::Output {
     }
 }
 
-/// A port nothing listens on (bound, then released).
+/// A port nothing listens on.
 fn refused_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    test_support::refused_addr()
 }
 
 fn route(prefix: &str, name: &str, upstream: &str) -> RouteConfig {

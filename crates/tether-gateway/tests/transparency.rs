@@ -19,15 +19,6 @@ use tether_gateway::config::{HeaderRules, Redirect, Respond, RouteConfig};
 use tether_gateway::observe::access::Outcome;
 use tokio::time::Instant;
 
-/// The values of header `n` among `headers` (as the upstream recorded them), in order.
-fn values<'a>(headers: &'a [(String, String)], n: &str) -> Vec<&'a str> {
-    headers
-        .iter()
-        .filter(|(k, _)| k == n)
-        .map(|(_, v)| v.as_str())
-        .collect()
-}
-
 fn pairs() -> impl Iterator<Item = (Down, Up)> {
     ALL_DOWN
         .into_iter()

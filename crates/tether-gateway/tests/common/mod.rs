@@ -313,11 +313,9 @@ impl Env {
     }
 }
 
-/// A loopback address nothing listens on (bound, then released): connections to it are
-/// refused.
+/// A loopback address nothing listens on: connections to it are refused.
 pub fn refused_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    test_support::refused_addr()
 }
 
 /// Runs `f` bounded by `limit`; a hang is a test failure with a clear message.
@@ -507,4 +505,13 @@ pub fn header_text<B>(req: &http::Request<B>, name: &str) -> String {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned()
+}
+
+/// The values of header `n` among `headers` (as the upstream recorded them), in order.
+pub fn values<'a>(headers: &'a [(String, String)], n: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == n)
+        .map(|(_, v)| v.as_str())
+        .collect()
 }
