@@ -219,6 +219,8 @@ pub struct FileRoute {
     pub retry_statuses: Option<Vec<u16>>,
     /// An idempotent request's declared body up to this size is read whole, to be sent again.
     pub retry_body_bytes: Option<u64>,
+    /// Request bodies read ahead up to this size before an upstream connection is taken.
+    pub request_buffer_bytes: Option<u64>,
     /// Retries as a fraction of requests.
     pub retry_budget: Option<f64>,
     /// Retries always allowed per second.
@@ -1279,6 +1281,9 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
     }
     if let Some(n) = r.retry_body_bytes {
         cfg.retry_body_bytes = n;
+    }
+    if let Some(n) = r.request_buffer_bytes {
+        cfg.request_buffer_bytes = n;
     }
     if let Some(v) = &r.retry_statuses {
         cfg.retry_statuses = v.clone();

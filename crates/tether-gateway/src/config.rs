@@ -520,7 +520,8 @@ pub const MAX_SLOW_START: Duration = Duration::from_secs(3600);
 /// The default [`RouteConfig::retry_body_bytes`].
 pub const DEFAULT_RETRY_BODY_BYTES: u64 = 64 * 1024;
 
-/// The largest [`RouteConfig::retry_body_bytes`]: a body read whole is held in memory.
+/// The largest [`RouteConfig::retry_body_bytes`] and [`RouteConfig::request_buffer_bytes`]: a
+/// body read ahead is held in memory.
 pub const MAX_RETRY_BODY_BYTES: u64 = 16 * 1024 * 1024;
 
 /// One route: which requests go to which upstream, and under which limits.
@@ -550,6 +551,13 @@ pub struct RouteConfig {
     /// bodies, bodies without a declared length and `Expect: 100-continue` requests stream and
     /// are not sent twice. Default 64 KiB; 0 streams every body.
     pub retry_body_bytes: u64,
+    /// Request bodies are read ahead, up to this many bytes, before an upstream connection is
+    /// taken (nginx's `proxy_request_buffering`): a body that ends within it goes upstream whole,
+    /// with a `Content-Length`, so a slow client's upload never holds an upstream connection or
+    /// a backend worker, and a client that leaves mid-upload costs the upstream nothing; a
+    /// longer body goes with what was read first and streams the rest. gRPC requests and
+    /// upgrades always stream. Default 0: bodies stream from the first byte.
+    pub request_buffer_bytes: u64,
     /// Retries allowed as a fraction of requests (the retry budget). Default 0.2.
     pub retry_budget_ratio: f64,
     /// Retries always allowed per second, whatever the ratio says. Default 10.
@@ -1208,6 +1216,7 @@ impl RouteConfig {
             max_retries: 2,
             retry_statuses: Vec::new(),
             retry_body_bytes: DEFAULT_RETRY_BODY_BYTES,
+            request_buffer_bytes: 0,
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
@@ -1530,6 +1539,14 @@ impl Config {
                     ));
                 }
                 validate_path_rule(&rkey, r)?;
+                if r.request_buffer_bytes > MAX_RETRY_BODY_BYTES {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.request_buffer_bytes"),
+                        format!(
+                            "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory"
+                        ),
+                    ));
+                }
                 if r.retry_body_bytes > MAX_RETRY_BODY_BYTES {
                     return Err(ConfigError::new(
                         format!("{rkey}.retry_body_bytes"),
@@ -2089,6 +2106,17 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn request_buffering_is_held_to_what_memory_allows() {
+        let mut c = base();
+        c.listeners[0].routes[0].request_buffer_bytes = MAX_RETRY_BODY_BYTES;
+        c.validate().unwrap();
+        c.listeners[0].routes[0].request_buffer_bytes = MAX_RETRY_BODY_BYTES + 1;
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "listeners[0].routes[0].request_buffer_bytes");
+        assert!(e.message.contains("16 MiB"), "{e:?}");
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct Route {
     pub max_body_bytes: Option<u64>,
     /// An idempotent request's declared body up to this size is read whole before it is sent.
     pub retry_body_bytes: u64,
+    /// Request bodies are read ahead up to this size before an upstream connection is taken.
+    pub request_buffer_bytes: u64,
     /// Which requests get an access-log line.
     pub access_log: crate::config::AccessLogMode,
     /// When set, every request is answered with this redirect (and `upstream` is not used).
@@ -453,6 +455,7 @@ impl Router {
                     trace_context: r.trace_context,
                     max_body_bytes: r.max_body_bytes,
                     retry_body_bytes: r.retry_body_bytes,
+                    request_buffer_bytes: r.request_buffer_bytes,
                     access_log: r.access_log,
                     in_flight: r.max_in_flight.map(|n| {
                         match old.and_then(|o| o.in_flight.clone()) {

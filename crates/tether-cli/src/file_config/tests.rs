@@ -414,6 +414,25 @@ fn rewrite_prefix_converts_and_a_bad_one_names_its_key() {
 }
 
 #[test]
+fn request_buffer_bytes_converts() {
+    let src = GOOD.replace(
+        "  path_prefix = \"/api\"\n",
+        "  path_prefix = \"/api\"\n  request_buffer_bytes = 1048576\n",
+    );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[0].request_buffer_bytes,
+        1 << 20
+    );
+    assert_eq!(cfg.config.listeners[0].routes[1].request_buffer_bytes, 0);
+    refused(
+        &src.replace("1048576", "16777217"),
+        "listeners[0].routes[0].request_buffer_bytes",
+        "16 MiB",
+    );
+}
+
+#[test]
 fn path_and_path_regex_convert_and_bad_ones_name_their_key() {
     let with = |keys: &str| GOOD.replace("  path_prefix = \"/api\"\n", keys);
     let cfg = parse(

@@ -330,16 +330,27 @@ fn proxy<'a>(
             // GOAWAY below its stream) may go again, a POST too: kept when it can be.
             let idempotent = retry::is_idempotent(method_of(&t));
             let keep = idempotent || upstream.protocol.is_h2();
-            let mut resendable = keep && http_body::Body::is_end_stream(up_req.body());
+            let bodiless = http_body::Body::is_end_stream(up_req.body());
+            let mut resendable = keep && bodiless;
             // A small body is read whole before the send, so that a stale connection (idempotent
             // requests), a retryable status (idempotent too) or an unprocessed HTTP/2 stream (any
-            // request) can have it sent again.
-            if keep && !resendable && protocols.is_none() && reads_whole(route, &up_req) {
+            // request) can have it sent again. With request buffering, any body is read ahead,
+            // whole or in part, before an upstream connection is taken (a gRPC call or a tunnel
+            // may need answers before its body ends: those stream).
+            let whole = keep && !bodiless && protocols.is_none() && reads_whole(route, &up_req);
+            let buffered =
+                route.request_buffer_bytes > 0 && !bodiless && protocols.is_none() && !grpc;
+            if whole || buffered {
                 t.stage = Stage::RequestBody;
+                let limit = match (whole, buffered) {
+                    (true, true) => route.retry_body_bytes.max(route.request_buffer_bytes),
+                    (true, false) => route.retry_body_bytes,
+                    _ => route.request_buffer_bytes,
+                };
                 let read = tokio::select! {
                     biased;
                     reason = t.ctx.cancelled() => return cancelled(t, reason),
-                    read = up_req.body_mut().read_whole() => read,
+                    read = up_req.body_mut().read_ahead(limit) => read,
                 };
                 if read.is_err() {
                     if t.upload
@@ -356,7 +367,9 @@ fn proxy<'a>(
                     };
                     return cancelled(t, reason);
                 }
-                resendable = true;
+                // The client sent its body without waiting: the upstream has nothing to allow.
+                up_req.headers_mut().remove(http::header::EXPECT);
+                resendable = keep && read.is_ok_and(|ended| ended);
             }
             (Some(up_req), id_value, resendable, protocols.is_some())
         };

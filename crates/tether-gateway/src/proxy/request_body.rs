@@ -1,5 +1,5 @@
-//! The request body sent upstream: the client's body, streamed, with a failure turned into
-//! cancellation.
+//! The request body sent upstream: the client's body, streamed (or read ahead, whole or in
+//! part, before the send), with a failure turned into cancellation.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -56,6 +56,8 @@ pub struct RequestBody {
     /// A body read whole before it is sent (so that it can be sent again), and what of it is
     /// still to send.
     whole: Option<Box<(Whole, WholeLeft)>>,
+    /// The start of a body read ahead but not whole: sent first, then the rest streams.
+    ahead: Option<Bytes>,
 }
 
 /// A request body read whole: its bytes and trailers. Cloning shares the bytes.
@@ -91,6 +93,7 @@ impl RequestBody {
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             limit,
             whole: None,
+            ahead: None,
         }
     }
 
@@ -103,6 +106,7 @@ impl RequestBody {
             idle: None,
             limit: None,
             whole: None,
+            ahead: None,
         }
     }
 
@@ -122,20 +126,32 @@ impl RequestBody {
         }
     }
 
-    /// Reads the client's body to its end (its idle timeout, size limit and the client leaving
-    /// apply as when it streams) and keeps it, to be sent and sent again. `Err` when the body
-    /// failed: the request's context says why.
-    pub async fn read_whole(&mut self) -> Result<Whole, BoxError> {
+    /// Reads the client's body ahead of the send (its idle timeout, size limit and the client
+    /// leaving apply as when it streams), to its end or until more than `limit` bytes came.
+    /// `Ok(true)`: it ended, and is kept whole, to be sent and sent again; `Ok(false)`: what
+    /// came is sent first and the rest streams. `Err` when the body failed: the request's
+    /// context says why.
+    pub async fn read_ahead(&mut self, limit: u64) -> Result<bool, BoxError> {
         use http_body_util::BodyExt;
-        let streaming = std::mem::replace(self, RequestBody::empty());
-        let collected = streaming.collect().await?;
-        let trailers = collected.trailers().cloned();
-        let whole = Whole {
-            data: collected.to_bytes(),
+        let mut data = bytes::BytesMut::new();
+        let mut trailers = None;
+        while let Some(frame) = self.frame().await {
+            match frame?.into_data() {
+                Ok(chunk) => {
+                    data.extend_from_slice(&chunk);
+                    if data.len() as u64 > limit {
+                        self.ahead = Some(data.freeze());
+                        return Ok(false);
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        *self = RequestBody::from_whole(Whole {
+            data: data.freeze(),
             trailers,
-        };
-        *self = RequestBody::from_whole(whole.clone());
-        Ok(whole)
+        });
+        Ok(true)
     }
 
     /// The body, when it was read whole.
@@ -166,6 +182,9 @@ impl Body for RequestBody {
                 }
                 WholeLeft::Nothing => None,
             });
+        }
+        if let Some(ahead) = this.ahead.take() {
+            return Poll::Ready(Some(Ok(Frame::data(ahead))));
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -234,7 +253,7 @@ impl Body for RequestBody {
                 WholeLeft::Trailers => w.trailers.is_none(),
                 WholeLeft::Nothing => true,
             },
-            None => self.inner.as_ref().is_none_or(|b| b.is_end_stream()),
+            None => self.ahead.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream()),
         }
     }
 
@@ -242,8 +261,18 @@ impl Body for RequestBody {
         match (self.whole.as_deref(), &self.inner) {
             (Some((w, WholeLeft::Data)), _) => SizeHint::with_exact(w.data.len() as u64),
             (Some(_), _) => SizeHint::with_exact(0),
-            (None, Some(b)) => b.size_hint(),
-            (None, None) => SizeHint::with_exact(0),
+            (None, Some(b)) => {
+                // What was read ahead, and what is still to come.
+                let ahead = self.ahead.as_ref().map_or(0, |a| a.len() as u64);
+                let rest = b.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + ahead);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + ahead);
+                }
+                hint
+            }
+            (None, None) => SizeHint::with_exact(self.ahead.as_ref().map_or(0, |a| a.len() as u64)),
         }
     }
 }

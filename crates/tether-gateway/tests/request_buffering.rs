@@ -1,0 +1,163 @@
+//! Request buffering (`request_buffer_bytes`): a body is read ahead before an upstream
+//! connection is taken, so a slow upload holds no upstream connection and reaches the upstream
+//! whole, with a `Content-Length`; a client leaving mid-upload costs the upstream nothing; a
+//! longer body goes with its start and streams the rest; gRPC streams as always. A raw HTTP/1.1
+//! client sends the bodies in pieces, and the upstream records what it saw and when.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use test_support::Checksum;
+use test_support::behavior::{Behavior, routes};
+use tether_gateway::observe::access::Outcome;
+
+/// A gateway in front of an upstream answering every request with its body's summary, reading
+/// request bodies ahead up to `buffer` bytes.
+async fn gateway(up: Up, buffer: u64) -> Env {
+    Env::with(
+        Down::H1,
+        up,
+        routes(vec![("/up", Behavior::Summary)]),
+        |c| {
+            c.listeners[0].routes[0].request_buffer_bytes = buffer;
+        },
+    )
+    .await
+}
+
+/// The upstream's summary of `body`: its length and checksum.
+fn summary(body: &[u8]) -> String {
+    let mut sum = Checksum::new();
+    sum.update(body);
+    format!("{} {}", sum.len(), sum.value())
+}
+
+/// One chunk of a chunked body.
+fn chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// A chunked upload sent in two pieces with a pause between: nothing reaches the upstream, not
+/// even a connection, until the body has ended; then the request goes whole, its length
+/// declared (a backend that cannot read chunked bodies gets one it can).
+#[tokio::test]
+async fn a_slow_chunked_upload_reaches_the_upstream_whole_with_its_length() {
+    bounded(Duration::from_secs(20), async {
+        for up in [Up::H1, Up::H2c] {
+            let env = gateway(up, 64 * 1024).await;
+            let mut c = env.h1().await;
+            let head = [("transfer-encoding", "chunked")];
+            c.send_request("POST", "/up", &head, None, &chunk(b"hello "))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(env.log().accepted(), 0, "{up:?}: connected mid-upload");
+            assert!(env.log().requests("/up").is_empty(), "{up:?}");
+
+            let mut rest = chunk(b"world");
+            rest.extend_from_slice(b"0\r\n\r\n");
+            c.send_raw(&rest).await.unwrap();
+            let head = c.read_final_head().await.unwrap();
+            let body = c.read_body("POST", &head).await.unwrap();
+            assert_eq!(head.status, 200, "{up:?}");
+            assert_eq!(body, summary(b"hello world").as_bytes(), "{up:?}");
+            let (_, headers) = env.log().requests("/up").remove(0);
+            let get = |n: &str| values(&headers, n);
+            assert_eq!(get("content-length"), ["11"], "{up:?}: {headers:?}");
+            assert!(get("transfer-encoding").is_empty(), "{up:?}: {headers:?}");
+            let rec = env.record("/up").await;
+            assert_eq!((rec.status, rec.bytes_received), (200, 11), "{rec:?}");
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+/// A client that leaves mid-upload: the upstream saw nothing at all, and the abort is logged at
+/// stage `request_body`.
+#[tokio::test]
+async fn a_client_leaving_mid_upload_costs_the_upstream_nothing() {
+    bounded(Duration::from_secs(10), async {
+        let env = gateway(Up::H1, 64 * 1024).await;
+        let mut c = env.h1().await;
+        c.send_request("POST", "/up", &[], Some(5000), &[b'x'; 1000])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.rst().unwrap();
+        let rec = env.record("/up").await;
+        assert_eq!(
+            (rec.outcome, rec.stage, rec.bytes_received),
+            (Outcome::ClientAbort, Some("request_body"), 1000),
+            "{rec:?}"
+        );
+        assert!(env.log().events().is_empty(), "{:?}", env.log().events());
+        env.stop().await;
+    })
+    .await;
+}
+
+/// A body longer than the buffer: what was read ahead goes with the request, at once, and the
+/// rest streams after it; the upstream gets every byte. (Longer than `retry_body_bytes` too,
+/// which an HTTP/2 upstream's small bodies are read whole for.)
+#[tokio::test]
+async fn a_body_longer_than_the_buffer_goes_with_its_start_and_streams_the_rest() {
+    bounded(Duration::from_secs(20), async {
+        for up in [Up::H1, Up::H2c] {
+            let env = gateway(up, 1024).await;
+            let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            let mut c = env.h1().await;
+            c.send_request("POST", "/up", &[], Some(100_000), &body[..1500])
+                .await
+                .unwrap();
+            // Past the buffer: the request starts before the rest of the body is sent.
+            bounded(Duration::from_secs(10), async {
+                while env.log().requests("/up").is_empty() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            c.send_raw(&body[1500..]).await.unwrap();
+            let head = c.read_final_head().await.unwrap();
+            let answer = c.read_body("POST", &head).await.unwrap();
+            assert_eq!(head.status, 200, "{up:?}");
+            assert_eq!(answer, summary(&body).as_bytes(), "{up:?}");
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+/// A gRPC call streams on a buffering route: its messages may need answers before its body
+/// ends, so the upstream gets the request at once.
+#[tokio::test]
+async fn a_grpc_call_streams_on_a_buffering_route() {
+    bounded(Duration::from_secs(10), async {
+        let env = gateway(Up::H1, 64 * 1024).await;
+        let mut c = env.h1().await;
+        let head = [
+            ("transfer-encoding", "chunked"),
+            ("content-type", "application/grpc-web+proto"),
+        ];
+        c.send_request("POST", "/up", &head, None, &chunk(&[0, 0, 0, 0, 1, 7]))
+            .await
+            .unwrap();
+        bounded(Duration::from_secs(5), async {
+            while env.log().requests("/up").is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        c.send_raw(b"0\r\n\r\n").await.unwrap();
+        let head = c.read_final_head().await.unwrap();
+        assert_eq!(head.status, 200);
+        env.stop().await;
+    })
+    .await;
+}
