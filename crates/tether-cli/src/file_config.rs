@@ -16,10 +16,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
     AccessLogMode, AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding,
-    DeadPeerConfig, Discovery, HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig,
-    ListenerLimits, ListenerTls, MAX_WEIGHT, Protocols, RateLimit, Redirect, Respond, RouteConfig,
-    RouteTimeouts, ServerTls, SplitTarget, TcpKeepalive, TraceContext, UpstreamAddress,
-    UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    DEFAULT_MIRROR_IN_FLIGHT, DeadPeerConfig, Discovery, HalfClose, HashKey, HeaderRules,
+    HealthCheck, IpNet, ListenerConfig, ListenerLimits, ListenerTls, MAX_WEIGHT, Mirror, Protocols,
+    RateLimit, Redirect, Respond, RouteConfig, RouteTimeouts, ServerTls, SplitTarget, TcpKeepalive,
+    TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -221,6 +221,8 @@ pub struct FileRoute {
     pub retry_body_bytes: Option<u64>,
     /// Request bodies read ahead up to this size before an upstream connection is taken.
     pub request_buffer_bytes: Option<u64>,
+    /// `{ upstream, share, max_in_flight }`: copies of the requests sent to another upstream.
+    pub mirror: Option<FileMirror>,
     /// Retries as a fraction of requests.
     pub retry_budget: Option<f64>,
     /// Retries always allowed per second.
@@ -425,6 +427,18 @@ impl<'de> Deserialize<'de> for FileAddress {
         }
         d.deserialize_any(Entry)
     }
+}
+
+/// `mirror = { upstream, share, max_in_flight }` of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMirror {
+    /// The upstream the copies go to. Required.
+    pub upstream: String,
+    /// The share of requests copied, from 0.000001 to 1; default 1.
+    pub share: Option<f64>,
+    /// Copies in flight at once; default 100.
+    pub max_in_flight: Option<u32>,
 }
 
 /// `redirect = { to, status }` of a route.
@@ -1270,6 +1284,27 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
             ));
         }
     };
+    if let Some(m) = &r.mirror {
+        let per_million = match m.share {
+            None => 1_000_000,
+            Some(share) => {
+                let skey = format!("{key}.mirror.share");
+                if !(share > 0.0 && share <= 1.0) {
+                    return Err(KeyError::new(
+                        skey,
+                        format!("{share} is not a share of requests: from 0.000001 to 1"),
+                    ));
+                }
+                // In [0, 1e6] once checked; 0 (a share too small) is refused by validation.
+                (share * 1_000_000.0).round() as u32
+            }
+        };
+        cfg.mirror = Some(Mirror {
+            upstream: m.upstream.clone(),
+            per_million,
+            max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MIRROR_IN_FLIGHT),
+        });
+    }
     cfg.trace_context = match r.trace_context {
         None | Some(FileTraceContext::Passthrough) => TraceContext::Passthrough,
         Some(FileTraceContext::Span) => TraceContext::Span,

@@ -449,7 +449,7 @@ impl AccessLogMode {
 
 /// Where request id `id` falls in 0..1 000 000, by the stable hash that keys balancing: the same
 /// in every tether.
-fn sample_point(id: &str) -> u64 {
+pub(crate) fn sample_point(id: &str) -> u64 {
     crate::upstream::balance::stable_hash(id.as_bytes()) % 1_000_000
 }
 
@@ -625,7 +625,25 @@ pub struct RouteConfig {
     /// With `path_exact` or `path_regex`: the path sent upstream instead, the query kept; with
     /// `path_regex`, `$1` or `${name}` stand for what a group matched. Default: none.
     pub rewrite_path: Option<String>,
+    /// A copy of the route's requests (or of a share of them) sent to another upstream too, its
+    /// answer read and dropped (shadow traffic). Default: none.
+    pub mirror: Option<Mirror>,
 }
+
+/// Where a route's requests are mirrored: see [`RouteConfig::mirror`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// The upstream the copies go to.
+    pub upstream: String,
+    /// Requests mirrored in a million (chosen by request id, as `access_log_sample` chooses).
+    pub per_million: u32,
+    /// Copies in flight at once on the route, all workers together; beyond it requests are not
+    /// mirrored, so a slow shadow cannot pile work up in tether.
+    pub max_in_flight: u32,
+}
+
+/// The default [`Mirror::max_in_flight`].
+pub const DEFAULT_MIRROR_IN_FLIGHT: u32 = 100;
 
 /// Header changes a route makes: `remove` first, then `set`, then `add`. Names are
 /// case-insensitive; values are sent as written.
@@ -1240,6 +1258,7 @@ impl RouteConfig {
             path_exact: None,
             path_regex: None,
             rewrite_path: None,
+            mirror: None,
         }
     }
 }
@@ -1539,6 +1558,39 @@ impl Config {
                     ));
                 }
                 validate_path_rule(&rkey, r)?;
+                if let Some(m) = &r.mirror {
+                    let mkey = format!("{rkey}.mirror");
+                    if r.redirect.is_some() || r.respond.is_some() {
+                        return Err(ConfigError::new(
+                            mkey,
+                            "only a route that proxies has requests to mirror",
+                        ));
+                    }
+                    let Some(u) = self.upstreams.iter().find(|u| u.name == m.upstream) else {
+                        return Err(ConfigError::new(
+                            format!("{mkey}.upstream"),
+                            format!("no upstream named {:?}", m.upstream),
+                        ));
+                    };
+                    if u.proxy_protocol.is_some() {
+                        return Err(ConfigError::new(
+                            format!("{mkey}.upstream"),
+                            "its connections name a client (proxy_protocol): mirror to another",
+                        ));
+                    }
+                    if !(1..=1_000_000).contains(&m.per_million) {
+                        return Err(ConfigError::new(
+                            format!("{mkey}.share"),
+                            "must be above 0 and at most 1",
+                        ));
+                    }
+                    if m.max_in_flight == 0 {
+                        return Err(ConfigError::new(
+                            format!("{mkey}.max_in_flight"),
+                            "must be at least 1",
+                        ));
+                    }
+                }
                 if r.request_buffer_bytes > MAX_RETRY_BODY_BYTES {
                     return Err(ConfigError::new(
                         format!("{rkey}.request_buffer_bytes"),
@@ -2106,6 +2158,31 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_mirror_names_an_upstream_without_proxy_protocol_and_a_share() {
+        let mut c = base();
+        let mirror = |upstream: &str, per_million, max_in_flight| Mirror {
+            upstream: upstream.into(),
+            per_million,
+            max_in_flight,
+        };
+        let up = c.upstreams[0].name.clone();
+        c.listeners[0].routes[0].mirror = Some(mirror(&up, 1_000_000, 1));
+        c.validate().unwrap();
+        let route = "listeners[0].routes[0].mirror";
+        for (m, key) in [
+            (mirror("nowhere", 1, 1), format!("{route}.upstream")),
+            (mirror(&up, 0, 1), format!("{route}.share")),
+            (mirror(&up, 1, 0), format!("{route}.max_in_flight")),
+        ] {
+            c.listeners[0].routes[0].mirror = Some(m);
+            assert_eq!(c.validate().unwrap_err().key, key);
+        }
+        c.listeners[0].routes[0].mirror = Some(mirror(&up, 1, 1));
+        c.upstreams[0].proxy_protocol = Some(ProxyProtocolVersion::V2);
+        assert_eq!(c.validate().unwrap_err().key, format!("{route}.upstream"));
     }
 
     #[test]

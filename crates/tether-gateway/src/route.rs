@@ -41,6 +41,8 @@ pub struct Route {
     pub retry_body_bytes: u64,
     /// Request bodies are read ahead up to this size before an upstream connection is taken.
     pub request_buffer_bytes: u64,
+    /// Where copies of the route's requests go, when it mirrors them.
+    pub mirror: Option<Box<crate::proxy::mirror::MirrorTarget>>,
     /// Which requests get an access-log line.
     pub access_log: crate::config::AccessLogMode,
     /// When set, every request is answered with this redirect (and `upstream` is not used).
@@ -456,6 +458,23 @@ impl Router {
                     max_body_bytes: r.max_body_bytes,
                     retry_body_bytes: r.retry_body_bytes,
                     request_buffer_bytes: r.request_buffer_bytes,
+                    mirror: match &r.mirror {
+                        Some(m) => Some(Box::new(crate::proxy::mirror::MirrorTarget {
+                            upstream: upstream_index(&m.upstream)?,
+                            per_million: m.per_million,
+                            in_flight: {
+                                let max = m.max_in_flight as usize;
+                                match old.and_then(|o| o.mirror.as_ref()) {
+                                    Some(kept) => {
+                                        kept.in_flight.set_max(max);
+                                        kept.in_flight.clone()
+                                    }
+                                    None => crate::admission::Limit::new(max),
+                                }
+                            },
+                        })),
+                        None => None,
+                    },
                     access_log: r.access_log,
                     in_flight: r.max_in_flight.map(|n| {
                         match old.and_then(|o| o.in_flight.clone()) {

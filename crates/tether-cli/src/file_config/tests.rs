@@ -414,6 +414,45 @@ fn rewrite_prefix_converts_and_a_bad_one_names_its_key() {
 }
 
 #[test]
+fn mirror_converts_with_defaults_and_bad_ones_name_their_key() {
+    let with = |m: &str| {
+        GOOD.replace(
+            "  path_prefix = \"/api\"\n",
+            &format!("  path_prefix = \"/api\"\n  mirror = {m}\n"),
+        )
+    };
+    let cfg = parse(&with("{ upstream = \"app\" }"), Path::new(".")).unwrap();
+    let m = cfg.config.listeners[0].routes[0].mirror.clone().unwrap();
+    assert_eq!(
+        (m.upstream.as_str(), m.per_million, m.max_in_flight),
+        ("app", 1_000_000, 100)
+    );
+    let cfg = parse(
+        &with("{ upstream = \"app\", share = 0.25, max_in_flight = 7 }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let m = cfg.config.listeners[0].routes[0].mirror.clone().unwrap();
+    assert_eq!((m.per_million, m.max_in_flight), (250_000, 7));
+    let route = "listeners[0].routes[0].mirror";
+    refused(
+        &with("{ upstream = \"nope\" }"),
+        &format!("{route}.upstream"),
+        "no upstream named",
+    );
+    refused(
+        &with("{ upstream = \"app\", share = 2.0 }"),
+        &format!("{route}.share"),
+        "not a share",
+    );
+    refused(
+        &with("{ upstream = \"app\", shar = 1 }"),
+        &format!("{route}.shar"),
+        "unknown field",
+    );
+}
+
+#[test]
 fn request_buffer_bytes_converts() {
     let src = GOOD.replace(
         "  path_prefix = \"/api\"\n",

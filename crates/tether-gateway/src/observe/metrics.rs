@@ -52,6 +52,12 @@ impl EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorLabels {
+    route: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TunnelLabels {
     route: String,
     direction: &'static str,
@@ -155,6 +161,7 @@ pub struct Metrics {
     /// With the wake-up each series' waiters share.
     in_flight_series: Mutex<Vec<(EndpointLabels, Arc<crate::upstream::balance::Room>)>>,
     health_checks: Family<HealthCheckLabels, Counter>,
+    mirrors: Family<MirrorLabels, Counter>,
     tunnels_open: Gauge,
     tunnel_bytes: Family<TunnelLabels, Counter>,
     header_timeouts: Counter,
@@ -302,6 +309,12 @@ impl Metrics {
             "Active health checks by upstream and result (pass, fail)",
             health_checks.clone(),
         );
+        let mirrors = Family::default();
+        registry.register(
+            "mirror_requests",
+            "Copies of requests for a route's mirror, by outcome: ok (answered, whatever the status), failed, cancelled (the client left or the deadline passed), skipped (a streamed body, or max_in_flight reached)",
+            mirrors.clone(),
+        );
         let tunnels_open = Gauge::default();
         registry.register(
             "tunnels_open",
@@ -366,6 +379,7 @@ impl Metrics {
             discovery_failures,
             in_flight_series: Mutex::default(),
             health_checks,
+            mirrors,
             tunnels_open,
             tunnel_bytes,
             header_timeouts,
@@ -514,6 +528,16 @@ impl Metrics {
             .get_or_create(&HealthCheckLabels {
                 upstream: upstream.to_owned(),
                 result: if passed { "pass" } else { "fail" },
+            })
+            .inc();
+    }
+
+    /// A copy of one of `route`'s requests for its mirror ended with `outcome`.
+    pub fn mirrored(&self, route: &str, outcome: &'static str) {
+        self.mirrors
+            .get_or_create(&MirrorLabels {
+                route: route.to_owned(),
+                outcome,
             })
             .inc();
     }

@@ -4,6 +4,7 @@
 
 pub mod compress;
 pub mod headers;
+pub mod mirror;
 pub mod request_body;
 pub mod response_body;
 pub mod retry;
@@ -370,6 +371,20 @@ fn proxy<'a>(
                 // The client sent its body without waiting: the upstream has nothing to allow.
                 up_req.headers_mut().remove(http::header::EXPECT);
                 resendable = keep && read.is_ok_and(|ended| ended);
+            }
+            if let Some(target) = &route.mirror
+                && protocols.is_none()
+            {
+                mirror::start(
+                    target,
+                    &worker.upstreams[target.upstream],
+                    &up_req,
+                    &t.rec.request_id,
+                    &t.ctx,
+                    route.timeouts.connect,
+                    &worker.observer.metrics,
+                    &route.name,
+                );
             }
             (Some(up_req), id_value, resendable, protocols.is_some())
         };
