@@ -628,13 +628,20 @@ async fn share(env: &Env, name: &str, n: usize) -> usize {
 
 /// With `slow_start`, an endpoint whose health checks put it back in rotation gets a small
 /// share of the requests at first (a tenth, growing over the window) where its peer keeps the
-/// rest; endpoints there from the start are not ramped.
+/// rest, in turn as by `least_requests`; endpoints there from the start are not ramped.
 #[tokio::test]
 async fn an_endpoint_back_in_rotation_gets_its_share_gradually() {
+    for balance in [Balance::RoundRobin, Balance::LeastRequests] {
+        back_in_rotation(balance).await;
+    }
+}
+
+async fn back_in_rotation(balance: Balance) {
     bounded(Duration::from_secs(40), async {
         let (a, b) = (Backend::start("a").await, Backend::start("b").await);
         let env = gateway(Up::H1, vec![a.addr.into(), b.addr.into()], |cfg| {
             let u = &mut cfg.upstreams[0];
+            u.balance = balance.clone();
             u.slow_start = Some(Duration::from_secs(60));
             let mut check = HealthCheck::new("/healthz");
             check.interval = Duration::from_millis(50);
@@ -643,8 +650,8 @@ async fn an_endpoint_back_in_rotation_gets_its_share_gradually() {
         })
         .await;
         wait_health(&env, b.addr, true).await;
-        // In turn: half each.
-        assert_eq!(share(&env, "b", 60).await, 30);
+        // In turn (idle endpoints tie, and ties go in turn): half each.
+        assert_eq!(share(&env, "b", 60).await, 30, "{balance:?}");
 
         b.health.store(503, Ordering::Relaxed);
         wait_health(&env, b.addr, false).await;
@@ -654,7 +661,7 @@ async fn an_endpoint_back_in_rotation_gets_its_share_gradually() {
         let got = share(&env, "b", 60).await;
         assert!(
             got <= 15,
-            "b answered {got} of 60 at the start of its slow start"
+            "{balance:?}: b answered {got} of 60 at the start of its slow start"
         );
         env.stop().await;
     })

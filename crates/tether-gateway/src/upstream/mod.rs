@@ -286,43 +286,48 @@ impl Upstream {
 
     /// From `first` on, the first endpoint in rotation with room (with `least_requests`, the
     /// lightest), among the backups or among the others. One in its slow start is passed over
-    /// at random, less often as its start goes on; when every one is, the first of them.
+    /// at random, less often as its start goes on; when every one is, the first (or lightest)
+    /// of them.
     #[inline]
     fn usable(&self, first: usize, backups: bool, now: Instant) -> Option<usize> {
         let len = self.endpoints.len();
         let mut best: Option<(usize, u64)> = None;
-        let mut ramping: Option<usize> = None;
+        let mut ramping: Option<(usize, u64)> = None;
         for i in 0..len {
             let n = (first + i) % len;
             let ep = &self.endpoints[n];
             if ep.backup != backups || !self.in_rotation(n, ep, now) {
                 continue;
             }
-            if let Some(window) = self.slow_start
-                && let Some(share) = self.ramp(n, ep, now, window)
-                && random_unit() >= share
-            {
-                ramping.get_or_insert(n);
-                continue;
-            }
-            let Some(loads) = &self.loads else {
-                return Some(n);
+            let load = match &self.loads {
+                Some(loads) => {
+                    let load = loads[n].get();
+                    // A full endpoint is passed over like one out of rotation.
+                    if self.cap.is_some_and(|cap| load >= cap) {
+                        continue;
+                    }
+                    load
+                }
+                None => 0,
             };
-            let load = loads[n].get();
-            // A full endpoint is passed over like one out of rotation.
-            if self.cap.is_some_and(|cap| load >= cap) {
-                continue;
-            }
-            if !self.least {
-                return Some(n);
-            }
-            if best.is_none_or(|(b, b_load)| {
-                balance::lighter(load, ep.weight, b_load, self.endpoints[b].weight)
+            let kept = match self.slow_start {
+                Some(window)
+                    if self
+                        .ramp(n, ep, now, window)
+                        .is_some_and(|share| random_unit() >= share) =>
+                {
+                    &mut ramping
+                }
+                _ if !self.least => return Some(n),
+                _ => &mut best,
+            };
+            if kept.is_none_or(|(b, b_load)| {
+                self.least && balance::lighter(load, ep.weight, b_load, self.endpoints[b].weight)
             }) {
-                best = Some((n, load));
+                *kept = Some((n, load));
             }
         }
-        best.map(|(n, _)| n).or(ramping)
+        best.or(ramping).map(|(n, _)| n)
     }
 
     /// The share of its requests endpoint `n` gets at `now` when it is in its slow start of
