@@ -453,6 +453,18 @@ pub(crate) fn sample_point(id: &str) -> u64 {
     crate::upstream::balance::stable_hash(id.as_bytes()) % 1_000_000
 }
 
+/// An upstream's list `name` given per address (`n` entries for `addresses` addresses): one
+/// each, or none at all.
+fn one_per_address(key: &str, name: &str, n: usize, addresses: usize) -> Result<(), ConfigError> {
+    if n == 0 || n == addresses {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        format!("{key}.{name}"),
+        format!("{n} {name} for {addresses} addresses: give one per address, or none"),
+    ))
+}
+
 /// Whether `p` is a path starting with `/`, without a query or fragment.
 fn is_plain_path(p: &str) -> bool {
     p.starts_with('/') && !p.contains(['?', '#']) && PathAndQuery::try_from(p).is_ok()
@@ -1339,16 +1351,7 @@ impl Config {
                     ));
                 }
             }
-            if !u.weights.is_empty() && u.weights.len() != u.addresses.len() {
-                return Err(ConfigError::new(
-                    format!("{key}.weights"),
-                    format!(
-                        "{} weights for {} addresses: give one per address, or none",
-                        u.weights.len(),
-                        u.addresses.len()
-                    ),
-                ));
-            }
+            one_per_address(&key, "weights", u.weights.len(), u.addresses.len())?;
             if let Balance::Hash(k) = &u.balance {
                 validate_hash_key(&format!("{key}.hash_key"), k)?;
             }
@@ -1366,16 +1369,7 @@ impl Config {
                     ));
                 }
             }
-            if !u.backups.is_empty() && u.backups.len() != u.addresses.len() {
-                return Err(ConfigError::new(
-                    format!("{key}.backups"),
-                    format!(
-                        "{} backup flags for {} addresses: give one per address, or none",
-                        u.backups.len(),
-                        u.addresses.len()
-                    ),
-                ));
-            }
+            one_per_address(&key, "backups", u.backups.len(), u.addresses.len())?;
             if u.has_backups() {
                 if u.backups.iter().all(|&b| b) {
                     return Err(ConfigError::new(
@@ -1591,21 +1585,18 @@ impl Config {
                         ));
                     }
                 }
-                if r.request_buffer_bytes > MAX_RETRY_BODY_BYTES {
-                    return Err(ConfigError::new(
-                        format!("{rkey}.request_buffer_bytes"),
-                        format!(
-                            "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory"
-                        ),
-                    ));
-                }
-                if r.retry_body_bytes > MAX_RETRY_BODY_BYTES {
-                    return Err(ConfigError::new(
-                        format!("{rkey}.retry_body_bytes"),
-                        format!(
-                            "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory"
-                        ),
-                    ));
+                for (name, bytes) in [
+                    ("retry_body_bytes", r.retry_body_bytes),
+                    ("request_buffer_bytes", r.request_buffer_bytes),
+                ] {
+                    if bytes > MAX_RETRY_BODY_BYTES {
+                        return Err(ConfigError::new(
+                            format!("{rkey}.{name}"),
+                            format!(
+                                "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory"
+                            ),
+                        ));
+                    }
                 }
                 if let AccessLogMode::Sampled { per_million } = r.access_log
                     && !(1..=1_000_000).contains(&per_million)
@@ -2083,10 +2074,7 @@ mod tests {
         c.upstreams[0].backups = vec![true];
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "upstreams[0].backups");
-        assert!(
-            e.message.contains("1 backup flags for 2 addresses"),
-            "{e:?}"
-        );
+        assert!(e.message.contains("1 backups for 2 addresses"), "{e:?}");
         c.upstreams[0].backups = vec![true, true];
         let e = c.validate().unwrap_err();
         assert_eq!(e.key, "upstreams[0].addresses");
