@@ -53,11 +53,10 @@ pub struct RequestBody {
     progress: Arc<UploadProgress>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     limit: Option<u64>,
-    /// A body read whole before it is sent (so that it can be sent again), and what of it is
-    /// still to send.
+    /// A body read ahead before it is sent (whole, so that it can be sent again; or its start,
+    /// sent first, then the rest streams), and what of it is still to send. Boxed: every
+    /// request's state holds a body or two, and few read ahead.
     whole: Option<Box<(Whole, WholeLeft)>>,
-    /// The start of a body read ahead but not whole: sent first, then the rest streams.
-    ahead: Option<Bytes>,
 }
 
 /// A request body read whole: its bytes and trailers. Cloning shares the bytes.
@@ -70,6 +69,8 @@ pub struct Whole {
 /// What of a [`Whole`] body is still to be sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum WholeLeft {
+    /// Not whole: its start, to send before the rest streams.
+    Start,
     Data,
     Trailers,
     Nothing,
@@ -93,7 +94,6 @@ impl RequestBody {
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             limit,
             whole: None,
-            ahead: None,
         }
     }
 
@@ -106,7 +106,6 @@ impl RequestBody {
             idle: None,
             limit: None,
             whole: None,
-            ahead: None,
         }
     }
 
@@ -140,7 +139,11 @@ impl RequestBody {
                 Ok(chunk) => {
                     data.extend_from_slice(&chunk);
                     if data.len() as u64 > limit {
-                        self.ahead = Some(data.freeze());
+                        let start = Whole {
+                            data: data.freeze(),
+                            trailers: None,
+                        };
+                        self.whole = Some(Box::new((start, WholeLeft::Start)));
                         return Ok(false);
                     }
                 }
@@ -156,7 +159,10 @@ impl RequestBody {
 
     /// The body, when it was read whole.
     pub fn whole(&self) -> Option<&Whole> {
-        self.whole.as_deref().map(|(w, _)| w)
+        match self.whole.as_deref() {
+            Some((w, left)) if *left != WholeLeft::Start => Some(w),
+            _ => None,
+        }
     }
 }
 
@@ -169,6 +175,14 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if this
+            .whole
+            .as_deref()
+            .is_some_and(|(_, left)| *left == WholeLeft::Start)
+            && let Some(start) = this.whole.take()
+        {
+            return Poll::Ready(Some(Ok(Frame::data(start.0.data))));
+        }
         if let Some(whole) = this.whole.as_deref_mut() {
             let (body, left) = whole;
             return Poll::Ready(match *left {
@@ -180,11 +194,8 @@ impl Body for RequestBody {
                     *left = WholeLeft::Nothing;
                     body.trailers.clone().map(|t| Ok(Frame::trailers(t)))
                 }
-                WholeLeft::Nothing => None,
+                WholeLeft::Nothing | WholeLeft::Start => None,
             });
-        }
-        if let Some(ahead) = this.ahead.take() {
-            return Poll::Ready(Some(Ok(Frame::data(ahead))));
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -249,21 +260,20 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self.whole.as_deref() {
             Some((w, left)) => match left {
+                WholeLeft::Start => false,
                 WholeLeft::Data => w.data.is_empty() && w.trailers.is_none(),
                 WholeLeft::Trailers => w.trailers.is_none(),
                 WholeLeft::Nothing => true,
             },
-            None => self.ahead.is_none() && self.inner.as_ref().is_none_or(|b| b.is_end_stream()),
+            None => self.inner.as_ref().is_none_or(|b| b.is_end_stream()),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match (self.whole.as_deref(), &self.inner) {
-            (Some((w, WholeLeft::Data)), _) => SizeHint::with_exact(w.data.len() as u64),
-            (Some(_), _) => SizeHint::with_exact(0),
-            (None, Some(b)) => {
+            (Some((start, WholeLeft::Start)), Some(b)) => {
                 // What was read ahead, and what is still to come.
-                let ahead = self.ahead.as_ref().map_or(0, |a| a.len() as u64);
+                let ahead = start.data.len() as u64;
                 let rest = b.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(rest.lower() + ahead);
@@ -272,7 +282,12 @@ impl Body for RequestBody {
                 }
                 hint
             }
-            (None, None) => SizeHint::with_exact(self.ahead.as_ref().map_or(0, |a| a.len() as u64)),
+            (Some((w, WholeLeft::Data | WholeLeft::Start)), _) => {
+                SizeHint::with_exact(w.data.len() as u64)
+            }
+            (Some(_), _) => SizeHint::with_exact(0),
+            (None, Some(b)) => b.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
         }
     }
 }
