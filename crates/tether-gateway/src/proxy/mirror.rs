@@ -155,15 +155,14 @@ async fn exchange(
             r?
         }
     };
-    let failed = |e: hyper::client::conn::TrySendError<Request<RequestBody>>| {
-        let unsent = e.message().is_some();
-        super::classify_send_error(e.into_error(), unsent)
-    };
+    // `send_request`, as the health checks send theirs: a copy is never sent again, so it need
+    // not come back unsent (and the requests' own `try_send_request` keeps its one caller).
+    let failed = |e: hyper::Error| super::classify_send_error(e, false);
     let body_failed =
         |e: hyper::Error| ProxyError::upstream(Stage::Body, ErrorKind::Reset).with_source(e);
     match checkout {
         Checkout::H1(mut c) => {
-            let resp = c.sender.try_send_request(req).await.map_err(failed)?;
+            let resp = c.sender.send_request(req).await.map_err(failed)?;
             let status = resp.status().as_u16();
             let keep_alive = crate::upstream::pool::keep_alive_timeout(resp.headers());
             drain(resp.into_body()).await.map_err(body_failed)?;
@@ -172,7 +171,7 @@ async fn exchange(
             Ok(status)
         }
         Checkout::H2(mut c, _place) => {
-            let resp = c.sender.try_send_request(req).await.map_err(failed)?;
+            let resp = c.sender.send_request(req).await.map_err(failed)?;
             let status = resp.status().as_u16();
             drain(resp.into_body()).await.map_err(body_failed)?;
             Ok(status)
