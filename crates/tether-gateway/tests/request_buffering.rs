@@ -12,19 +12,20 @@ use std::time::Duration;
 use common::*;
 use test_support::Checksum;
 use test_support::behavior::{Behavior, routes};
+use test_support::client::full;
 use tether_gateway::observe::access::Outcome;
 
 /// A gateway in front of an upstream answering every request with its body's summary, reading
 /// request bodies ahead up to `buffer` bytes.
 async fn gateway(up: Up, buffer: u64) -> Env {
-    Env::with(
-        Down::H1,
-        up,
-        routes(vec![("/up", Behavior::Summary)]),
-        |c| {
-            c.listeners[0].routes[0].request_buffer_bytes = buffer;
-        },
-    )
+    gateway_for(Down::H1, up, buffer).await
+}
+
+/// [`gateway`] for clients of protocol `down`.
+async fn gateway_for(down: Down, up: Up, buffer: u64) -> Env {
+    Env::with(down, up, routes(vec![("/up", Behavior::Summary)]), |c| {
+        c.listeners[0].routes[0].request_buffer_bytes = buffer;
+    })
     .await
 }
 
@@ -158,6 +159,31 @@ async fn a_grpc_call_streams_on_a_buffering_route() {
         let head = c.read_final_head().await.unwrap();
         assert_eq!(head.status, 200);
         env.stop().await;
+    })
+    .await;
+}
+
+/// An HTTP/2 client's body larger than the stream's initial flow-control window (64 KiB): tether
+/// opens the window as it reads ahead, so the whole body arrives before the send and goes
+/// upstream with its length.
+#[tokio::test]
+async fn an_http2_body_past_the_flow_control_window_is_read_ahead_whole() {
+    bounded(Duration::from_secs(20), async {
+        for down in [Down::H2c, Down::H2Tls] {
+            let env = gateway_for(down, Up::H1, 1 << 20).await;
+            let body: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+            let mut c = env.http().await;
+            let req = c
+                .request(http::Method::POST, "/up")
+                .body(full(body.clone()))
+                .unwrap();
+            let (p, answer, _) = c.fetch(req).await.unwrap();
+            assert_eq!(p.status, 200, "{down:?}");
+            assert_eq!(answer, summary(&body).as_bytes(), "{down:?}");
+            let (_, headers) = env.log().requests("/up").remove(0);
+            assert_eq!(values(&headers, "content-length"), ["200000"], "{down:?}");
+            env.stop().await;
+        }
     })
     .await;
 }
