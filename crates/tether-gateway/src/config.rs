@@ -510,8 +510,9 @@ fn validate_path_rule(rkey: &str, r: &RouteConfig) -> Result<(), ConfigError> {
                 "only with path or path_regex (with path_prefix, use rewrite_prefix)",
             ));
         }
+        // The path starts with `/` whatever the groups hold: the template itself does.
         let literal = crate::route::template_text(to);
-        if !is_plain_path(&literal) {
+        if !to.starts_with('/') || !is_plain_path(&literal) {
             return Err(ConfigError::new(
                 key,
                 format!("{to:?} must be a path starting with '/', without a query"),
@@ -2136,7 +2137,7 @@ mod tests {
             at(&|r| r.rewrite_path = Some("/b".into())),
             format!("{route}.rewrite_path")
         );
-        for bad in ["/users/$2", "users/$1", "/u?x=$1"] {
+        for bad in ["/users/$2", "users/$1", "/u?x=$1", "$1/x", "${1}"] {
             assert_eq!(
                 at(&|r| {
                     r.path_regex = Some("/u/([0-9]+)".into());
