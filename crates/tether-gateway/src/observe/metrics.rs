@@ -312,7 +312,7 @@ impl Metrics {
         let mirrors = Family::default();
         registry.register(
             "mirror_requests",
-            "Copies of requests for a route's mirror, by outcome: ok (answered, whatever the status), failed, cancelled (the client left or the deadline passed), skipped (a streamed body, or max_in_flight reached)",
+            "Copies of requests for a route's mirror, by outcome: the class of the mirror's status (2xx, 3xx, 4xx, 5xx), failed (no answer), cancelled (the client left or the deadline passed), skipped (a streamed body, or max_in_flight reached)",
             mirrors.clone(),
         );
         let tunnels_open = Gauge::default();

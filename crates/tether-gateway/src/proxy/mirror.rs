@@ -72,7 +72,15 @@ pub fn start(
             biased;
             _ = ctx.cancelled() => "cancelled",
             r = exchange(&upstream, copy, connect_timeout) => match r {
-                Ok(_) => "ok",
+                // By class: a mirror answering 5xx where the route's upstream does not is what
+                // shadow traffic is there to show.
+                Ok(status) => match status {
+                    100..=199 => "1xx",
+                    200..=299 => "2xx",
+                    300..=399 => "3xx",
+                    400..=499 => "4xx",
+                    _ => "5xx",
+                },
                 Err(e) => {
                     tracing::debug!(route = %route, upstream = %upstream.name, stage = %e.stage, error = %e, "mirrored request failed");
                     "failed"
