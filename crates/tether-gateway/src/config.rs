@@ -441,15 +441,21 @@ impl AccessLogMode {
             AccessLogMode::Errors => status >= 400 || !ok,
             AccessLogMode::Off => false,
             AccessLogMode::Sampled { per_million } => {
-                status >= 400 || !ok || sample_point(id) < u64::from(per_million)
+                status >= 400 || !ok || sampled(id, per_million)
             }
         }
     }
 }
 
-/// Where request id `id` falls in 0..1 000 000, by the stable hash that keys balancing: the same
-/// in every tether.
-pub(crate) fn sample_point(id: &str) -> u64 {
+/// Whether request id `id` is among `per_million` in a million, chosen by the stable hash that
+/// keys balancing: the same requests in every tether.
+#[inline]
+pub(crate) fn sampled(id: &str, per_million: u32) -> bool {
+    per_million >= 1_000_000 || sample_point(id) < u64::from(per_million)
+}
+
+/// Where request id `id` falls in 0..1 000 000.
+fn sample_point(id: &str) -> u64 {
     crate::upstream::balance::stable_hash(id.as_bytes()) % 1_000_000
 }
 

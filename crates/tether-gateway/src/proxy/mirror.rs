@@ -16,6 +16,7 @@ use http::{HeaderValue, Request, Uri, Version};
 use http_body_util::BodyExt;
 use tether::RequestContext;
 
+use super::Replay;
 use super::request_body::RequestBody;
 use crate::admission::Limit;
 use crate::error::{ErrorKind, ProxyError, Stage};
@@ -49,9 +50,7 @@ pub fn start(
     metrics: &Arc<Metrics>,
     route: &Arc<str>,
 ) {
-    if target.per_million < 1_000_000
-        && crate::config::sample_point(id) >= u64::from(target.per_million)
-    {
+    if !crate::config::sampled(id, target.per_million) {
         return;
     }
     let skipped = || metrics.mirrored(route, "skipped");
@@ -95,25 +94,26 @@ pub fn start(
 /// A copy of `req` for `upstream`, in the form its protocol takes (HTTP/2: an absolute URI;
 /// HTTP/1.1: a path and a `Host`); `None` when the body streams, so cannot be copied.
 fn copy_for(req: &Request<RequestBody>, upstream: &Upstream) -> Option<Request<RequestBody>> {
-    let body = match req.body().whole() {
-        Some(whole) => RequestBody::from_whole(whole.clone()),
-        None if http_body::Body::is_end_stream(req.body()) => RequestBody::empty(),
-        None => return None,
-    };
-    let path = req
-        .uri()
+    // What a resend would copy: the head, and the body when it is whole.
+    let Replay {
+        method,
+        uri,
+        mut headers,
+        body,
+        ..
+    } = Replay::of(req)?;
+    let path = uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut headers = req.headers().clone();
-    let authority = match req.uri().authority() {
+    let authority = match uri.authority() {
         Some(a) => Some(a.clone()),
         None => headers
             .get(HOST)
             .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
     };
-    let mut copy = Request::new(body);
-    *copy.method_mut() = req.method().clone();
+    let mut copy = Request::new(body.map_or_else(RequestBody::empty, RequestBody::from_whole));
+    *copy.method_mut() = method;
     if upstream.protocol.is_h2() {
         let scheme = if upstream.is_tls() {
             Scheme::HTTPS
