@@ -866,6 +866,19 @@ fn listener(key: &str, l: &FileListener, base: &Path) -> Result<ListenerConfig, 
     Ok(cfg)
 }
 
+/// A share of requests (above 0, at most 1) as requests in a million, rounded (0 for a share
+/// below half a millionth).
+fn per_million(key: &str, share: f64) -> Result<u32, KeyError> {
+    if !(share > 0.0 && share <= 1.0) {
+        return Err(KeyError::new(
+            key,
+            format!("{share} is not a share of requests: from 0.000001 to 1"),
+        ));
+    }
+    // In [0, 1e6] once checked: no truncation can surprise.
+    Ok((share * 1_000_000.0).round() as u32)
+}
+
 fn duration_key(key: &str, s: &str) -> Result<Duration, KeyError> {
     parse_duration(s).map_err(|e| KeyError::new(key, e))
 }
@@ -1261,14 +1274,7 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
         (Some(FileAccessLog::Off), None) => AccessLogMode::Off,
         (None | Some(FileAccessLog::All), Some(share)) => {
             let key = format!("{key}.access_log_sample");
-            if !(share > 0.0 && share <= 1.0) {
-                return Err(KeyError::new(
-                    key,
-                    format!("{share} is not a share of requests: from 0.000001 to 1"),
-                ));
-            }
-            // In [1, 1e6] once checked: no truncation can surprise.
-            let per_million = (share * 1_000_000.0).round() as u32;
+            let per_million = per_million(&key, share)?;
             if per_million == 0 {
                 return Err(KeyError::new(
                     key,
@@ -1285,19 +1291,10 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
         }
     };
     if let Some(m) = &r.mirror {
+        // A share too small to round to one in a million is refused by validation.
         let per_million = match m.share {
             None => 1_000_000,
-            Some(share) => {
-                let skey = format!("{key}.mirror.share");
-                if !(share > 0.0 && share <= 1.0) {
-                    return Err(KeyError::new(
-                        skey,
-                        format!("{share} is not a share of requests: from 0.000001 to 1"),
-                    ));
-                }
-                // In [0, 1e6] once checked; 0 (a share too small) is refused by validation.
-                (share * 1_000_000.0).round() as u32
-            }
+            Some(share) => per_million(&format!("{key}.mirror.share"), share)?,
         };
         cfg.mirror = Some(Mirror {
             upstream: m.upstream.clone(),
