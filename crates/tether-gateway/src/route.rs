@@ -608,56 +608,64 @@ impl PathRule {
     }
 }
 
-/// The group references in rewrite template `to`: `$1`, `$name` or `${name}` (`$$` is a `$`).
-fn template_refs(to: &str) -> Vec<&str> {
-    let mut refs = Vec::new();
+/// A piece of a rewrite template: literal text, or a reference to a group (`$1`, `$name` or
+/// `${name}`; `$$` is a literal `$`, as is a `$` that names nothing), as the regex crate's
+/// `Captures::expand` reads them.
+enum Piece<'a> {
+    Text(&'a str),
+    Group(&'a str),
+}
+
+/// Rewrite template `to`, piece by piece.
+fn template_pieces(to: &str) -> Vec<Piece<'_>> {
+    let mut pieces = Vec::new();
     let mut rest = to;
     while let Some(i) = rest.find('$') {
+        pieces.push(Piece::Text(&rest[..i]));
         rest = &rest[i + 1..];
         if let Some(after) = rest.strip_prefix('$') {
+            pieces.push(Piece::Text("$"));
             rest = after;
         } else if let Some(braced) = rest.strip_prefix('{') {
             let end = braced.find('}').unwrap_or(braced.len());
-            refs.push(&braced[..end]);
+            pieces.push(Piece::Group(&braced[..end]));
             rest = braced.get(end + 1..).unwrap_or("");
         } else {
             let end = rest
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(rest.len());
-            if end > 0 {
-                refs.push(&rest[..end]);
-            }
+            pieces.push(if end == 0 {
+                Piece::Text("$")
+            } else {
+                Piece::Group(&rest[..end])
+            });
             rest = &rest[end..];
         }
     }
-    refs
+    pieces.push(Piece::Text(rest));
+    pieces
 }
 
-/// Rewrite template `to` with its group references left out and `$$` as `$`: its literal text.
+/// The group references in rewrite template `to`.
+fn template_refs(to: &str) -> Vec<&str> {
+    template_pieces(to)
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Group(g) => Some(g),
+            Piece::Text(_) => None,
+        })
+        .collect()
+}
+
+/// Rewrite template `to` with its group references left out: its literal text.
 pub fn template_text(to: &str) -> String {
-    let mut out = String::with_capacity(to.len());
-    let mut rest = to;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        rest = &rest[i + 1..];
-        if let Some(after) = rest.strip_prefix('$') {
-            out.push('$');
-            rest = after;
-        } else if let Some(braced) = rest.strip_prefix('{') {
-            let end = braced.find('}').map_or(braced.len(), |e| e + 1);
-            rest = braced.get(end..).unwrap_or("");
-        } else {
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            if end == 0 {
-                out.push('$');
-            }
-            rest = &rest[end..];
-        }
-    }
-    out.push_str(rest);
-    out
+    template_pieces(to)
+        .into_iter()
+        .filter_map(|p| match p {
+            Piece::Text(t) => Some(t),
+            Piece::Group(_) => None,
+        })
+        .collect()
 }
 
 /// What else a route asks of a request: one of its methods, and every header it names (with
