@@ -170,6 +170,10 @@ impl Upstream {
         let counted = loads.is_some();
         let weight = |i: usize| config.weights.get(i).copied().unwrap_or(1).max(1);
         let backup = |i: usize| config.backups.get(i).copied().unwrap_or(false);
+        // Endpoint indexes: the backups, and the others, which take turns.
+        let (backups, others): (Vec<u32>, Vec<u32>) = (0..config.addresses.len())
+            .filter_map(|i| u32::try_from(i).ok())
+            .partition(|&i| backup(i as usize));
         Ok(Upstream {
             name: Arc::from(config.name.as_str()),
             protocol: config.protocol,
@@ -192,12 +196,8 @@ impl Upstream {
                 })
                 .collect(),
             next: AtomicUsize::new(0),
-            schedule: if config.has_backups() {
+            schedule: if !backups.is_empty() {
                 // Turns for the others only, named by their endpoint indexes.
-                let others: Vec<u32> = (0..config.addresses.len())
-                    .filter(|&i| !backup(i))
-                    .filter_map(|i| u32::try_from(i).ok())
-                    .collect();
                 let weights: Vec<u32> = others.iter().map(|&i| weight(i as usize)).collect();
                 Some(match balance::schedule(&weights) {
                     Some(turns) => turns.iter().map(|&t| others[t as usize]).collect(),
@@ -208,10 +208,7 @@ impl Upstream {
             } else {
                 balance::schedule(&config.weights)
             },
-            backups: (0..config.addresses.len())
-                .filter(|&i| backup(i))
-                .filter_map(|i| u32::try_from(i).ok())
-                .collect(),
+            backups: backups.into_boxed_slice(),
             slow_start: config.slow_start,
             loads,
             least: counted && config.balance == Balance::LeastRequests,
