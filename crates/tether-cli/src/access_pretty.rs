@@ -149,6 +149,7 @@ mod tests {
             stage: Some("first_byte"),
             upstream_connect: None,
             queued: None,
+            auth: None,
             grpc_status: None,
             tls: None,
             upstream_first_byte: None,

@@ -16,10 +16,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Deserialize;
 use tether_gateway::config::{
     AccessLogMode, AdminConfig, Balance, ClientAuth, Compression, Config, ContentCoding,
-    DEFAULT_MIRROR_IN_FLIGHT, DeadPeerConfig, Discovery, HalfClose, HashKey, HeaderRules,
-    HealthCheck, IpNet, ListenerConfig, ListenerLimits, ListenerTls, MAX_WEIGHT, Mirror, Protocols,
-    RateLimit, Redirect, Respond, RouteConfig, RouteTimeouts, ServerTls, SplitTarget, TcpKeepalive,
-    TraceContext, UpstreamAddress, UpstreamConfig, UpstreamProtocol, UpstreamTls,
+    DEFAULT_AUTH_TIMEOUT, DEFAULT_MIRROR_IN_FLIGHT, DeadPeerConfig, Discovery, ForwardAuth,
+    HalfClose, HashKey, HeaderRules, HealthCheck, IpNet, ListenerConfig, ListenerLimits,
+    ListenerTls, MAX_WEIGHT, Mirror, Protocols, RateLimit, Redirect, Respond, RouteConfig,
+    RouteTimeouts, ServerTls, SplitTarget, TcpKeepalive, TraceContext, UpstreamAddress,
+    UpstreamConfig, UpstreamProtocol, UpstreamTls,
 };
 
 use crate::duration::parse_duration;
@@ -223,6 +224,9 @@ pub struct FileRoute {
     pub request_buffer_bytes: Option<u64>,
     /// `{ upstream, share, max_in_flight }`: copies of the requests sent to another upstream.
     pub mirror: Option<FileMirror>,
+    /// `{ upstream, path, copy_headers, timeout }`: an auth service that checks each request
+    /// first.
+    pub auth: Option<FileAuth>,
     /// Retries as a fraction of requests.
     pub retry_budget: Option<f64>,
     /// Retries always allowed per second.
@@ -439,6 +443,20 @@ pub struct FileMirror {
     pub share: Option<f64>,
     /// Copies in flight at once; default 100.
     pub max_in_flight: Option<u32>,
+}
+
+/// `auth = { upstream, path, copy_headers, timeout }` of a route.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    /// The upstream that answers the checks. Required.
+    pub upstream: String,
+    /// The path each check asks for. Required.
+    pub path: String,
+    /// Headers of an allowing answer that go on with the request; default none.
+    pub copy_headers: Option<Vec<String>>,
+    /// Longest a check may take; default 5 s.
+    pub timeout: Option<String>,
 }
 
 /// `redirect = { to, status }` of a route.
@@ -1300,6 +1318,17 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
             upstream: m.upstream.clone(),
             per_million,
             max_in_flight: m.max_in_flight.unwrap_or(DEFAULT_MIRROR_IN_FLIGHT),
+        });
+    }
+    if let Some(a) = &r.auth {
+        cfg.auth = Some(ForwardAuth {
+            upstream: a.upstream.clone(),
+            path: a.path.clone(),
+            copy_headers: a.copy_headers.clone().unwrap_or_default(),
+            timeout: match &a.timeout {
+                Some(s) => duration_key(&format!("{key}.auth.timeout"), s)?,
+                None => DEFAULT_AUTH_TIMEOUT,
+            },
         });
     }
     cfg.trace_context = match r.trace_context {

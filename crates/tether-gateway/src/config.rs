@@ -647,7 +647,45 @@ pub struct RouteConfig {
     /// A copy of the route's requests (or of a share of them) sent to another upstream too, its
     /// answer read and dropped (shadow traffic). Default: none.
     pub mirror: Option<Mirror>,
+    /// Each request is first put to an auth service, and goes on only when it answers 2xx
+    /// (nginx's `auth_request`, Caddy's `forward_auth`, Envoy's HTTP `ext_authz`). Default:
+    /// none.
+    pub auth: Option<ForwardAuth>,
 }
+
+/// A route's auth service: see [`RouteConfig::auth`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardAuth {
+    /// The upstream that answers.
+    pub upstream: String,
+    /// The path (and query) each check asks for.
+    pub path: String,
+    /// Headers of a 2xx answer that go on to the route's upstream (an authenticated user's id,
+    /// say), in place of any the client sent of the same name, which never reach it.
+    pub copy_headers: Vec<String>,
+    /// Longest a check may take, connection included.
+    pub timeout: Duration,
+}
+
+/// Headers an auth service's answer cannot pass on: they describe the message or its
+/// connection.
+const FRAMING_HEADERS: [&str; 12] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+    "host",
+    "expect",
+    "content-type",
+];
+
+/// The default [`ForwardAuth::timeout`].
+pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where a route's requests are mirrored: see [`RouteConfig::mirror`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1278,6 +1316,7 @@ impl RouteConfig {
             path_regex: None,
             rewrite_path: None,
             mirror: None,
+            auth: None,
         }
     }
 }
@@ -1592,6 +1631,9 @@ impl Config {
                         ));
                     }
                 }
+                if let Some(a) = &r.auth {
+                    self.validate_auth(&rkey, r, a)?;
+                }
                 for (name, bytes) in [
                     ("retry_body_bytes", r.retry_body_bytes),
                     ("request_buffer_bytes", r.request_buffer_bytes),
@@ -1649,6 +1691,69 @@ impl Config {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A route's `auth`: an upstream tether can name no client to, a path, header names a
+    /// request may carry, a timeout.
+    fn validate_auth(
+        &self,
+        rkey: &str,
+        r: &RouteConfig,
+        a: &ForwardAuth,
+    ) -> Result<(), ConfigError> {
+        let akey = format!("{rkey}.auth");
+        if r.redirect.is_some() || r.respond.is_some() {
+            return Err(ConfigError::new(
+                akey,
+                "only a route that proxies has requests to check",
+            ));
+        }
+        let Some(u) = self.upstreams.iter().find(|u| u.name == a.upstream) else {
+            return Err(ConfigError::new(
+                format!("{akey}.upstream"),
+                format!("no upstream named {:?}", a.upstream),
+            ));
+        };
+        if u.proxy_protocol.is_some() {
+            return Err(ConfigError::new(
+                format!("{akey}.upstream"),
+                "its connections name a client (proxy_protocol): check with another",
+            ));
+        }
+        if !a.path.starts_with('/')
+            || a.path.contains('#')
+            || PathAndQuery::try_from(a.path.as_str()).is_err()
+        {
+            return Err(ConfigError::new(
+                format!("{akey}.path"),
+                format!(
+                    "{:?} must be a path starting with '/' (a query may follow)",
+                    a.path
+                ),
+            ));
+        }
+        for h in &a.copy_headers {
+            let Ok(name) = http::header::HeaderName::from_bytes(h.as_bytes()) else {
+                return Err(ConfigError::new(
+                    format!("{akey}.copy_headers"),
+                    format!("{h:?} is not a valid header name"),
+                ));
+            };
+            // Headers about the message or the connection are tether's to set.
+            if FRAMING_HEADERS.contains(&name.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{akey}.copy_headers"),
+                    format!("{h:?} describes the message or its connection, not the client"),
+                ));
+            }
+        }
+        if a.timeout.is_zero() {
+            return Err(ConfigError::new(
+                format!("{akey}.timeout"),
+                "must be above zero",
+            ));
         }
         Ok(())
     }
@@ -2176,6 +2281,51 @@ mod tests {
             assert_eq!(c.validate().unwrap_err().key, key);
         }
         c.listeners[0].routes[0].mirror = Some(mirror(&up, 1, 1));
+        c.upstreams[0].proxy_protocol = Some(ProxyProtocolVersion::V2);
+        assert_eq!(c.validate().unwrap_err().key, format!("{route}.upstream"));
+    }
+
+    #[test]
+    fn an_auth_service_names_an_upstream_a_path_headers_and_a_timeout() {
+        let mut c = base();
+        let up = c.upstreams[0].name.clone();
+        let auth = |upstream: &str, path: &str, header: &str, timeout| ForwardAuth {
+            upstream: upstream.into(),
+            path: path.into(),
+            copy_headers: vec![header.into()],
+            timeout,
+        };
+        let second = Duration::from_secs(1);
+        c.listeners[0].routes[0].auth = Some(auth(&up, "/verify?x=1", "X-User", second));
+        c.validate().unwrap();
+        let route = "listeners[0].routes[0].auth";
+        for (a, key) in [
+            (
+                auth("nowhere", "/v", "x-user", second),
+                format!("{route}.upstream"),
+            ),
+            (
+                auth(&up, "verify", "x-user", second),
+                format!("{route}.path"),
+            ),
+            (auth(&up, "/v#f", "x-user", second), format!("{route}.path")),
+            (
+                auth(&up, "/v", "x user", second),
+                format!("{route}.copy_headers"),
+            ),
+            (
+                auth(&up, "/v", "Content-Length", second),
+                format!("{route}.copy_headers"),
+            ),
+            (
+                auth(&up, "/v", "x-user", Duration::ZERO),
+                format!("{route}.timeout"),
+            ),
+        ] {
+            c.listeners[0].routes[0].auth = Some(a);
+            assert_eq!(c.validate().unwrap_err().key, key);
+        }
+        c.listeners[0].routes[0].auth = Some(auth(&up, "/v", "x-user", second));
         c.upstreams[0].proxy_protocol = Some(ProxyProtocolVersion::V2);
         assert_eq!(c.validate().unwrap_err().key, format!("{route}.upstream"));
     }

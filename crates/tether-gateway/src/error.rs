@@ -16,6 +16,8 @@ pub enum Stage {
     Route,
     /// Admission: capacity, healthy endpoints.
     Admission,
+    /// Asking the route's auth service whether the request may go on (`auth`).
+    Auth,
     /// Resolving the upstream name.
     Dns,
     /// TCP connect to the upstream.
@@ -41,6 +43,7 @@ impl Stage {
             Stage::RequestHead => "request_head",
             Stage::Route => "route",
             Stage::Admission => "admission",
+            Stage::Auth => "auth",
             Stage::Dns => "dns",
             Stage::Connect => "connect",
             Stage::Tls => "tls",
@@ -248,6 +251,8 @@ impl ProxyError {
                 c(403, "forbidden", "http_request_denied", Retry::Never)
             }
             (S::Admission, _) => c(503, "no_capacity", "connection_limit_reached", Retry::Never),
+            (S::Auth, K::Timeout) => c(504, "auth_timeout", "http_response_timeout", Retry::Never),
+            (S::Auth, _) => c(502, "auth_failed", "destination_unavailable", Retry::Never),
             (S::RequestHead | S::RequestBody, K::TooLarge) => {
                 c(413, "request_too_large", "http_request_error", Retry::Never)
             }
@@ -377,6 +382,14 @@ mod tests {
         assert_eq!(
             row(Stage::Admission, ErrorKind::Forbidden),
             (403, "forbidden", Retry::Never)
+        );
+        assert_eq!(
+            row(Stage::Auth, ErrorKind::Refused),
+            (502, "auth_failed", Retry::Never)
+        );
+        assert_eq!(
+            row(Stage::Auth, ErrorKind::Timeout),
+            (504, "auth_timeout", Retry::Never)
         );
         assert_eq!(
             row(Stage::RequestBody, ErrorKind::TooLarge),

@@ -43,6 +43,8 @@ pub struct Route {
     pub request_buffer_bytes: u64,
     /// Where copies of the route's requests go, when it mirrors them.
     pub mirror: Option<Box<crate::proxy::mirror::MirrorTarget>>,
+    /// The auth service that checks each request first, when the route has one.
+    pub auth: Option<Box<crate::proxy::auth::AuthTarget>>,
     /// Which requests get an access-log line.
     pub access_log: crate::config::AccessLogMode,
     /// When set, every request is answered with this redirect (and `upstream` is not used).
@@ -472,6 +474,19 @@ impl Router {
                                     None => crate::admission::Limit::new(max),
                                 }
                             },
+                        })),
+                        None => None,
+                    },
+                    auth: match &r.auth {
+                        Some(a) => Some(Box::new(crate::proxy::auth::AuthTarget {
+                            upstream: upstream_index(&a.upstream)?,
+                            path: http::uri::PathAndQuery::try_from(a.path.as_str()).ok()?,
+                            copy_headers: a
+                                .copy_headers
+                                .iter()
+                                .map(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok())
+                                .collect::<Option<_>>()?,
+                            timeout: a.timeout,
                         })),
                         None => None,
                     },

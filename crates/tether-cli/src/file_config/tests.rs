@@ -453,6 +453,53 @@ fn mirror_converts_with_defaults_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn auth_converts_with_defaults_and_bad_ones_name_their_key() {
+    let with = |a: &str| {
+        GOOD.replace(
+            "  path_prefix = \"/api\"\n",
+            &format!("  path_prefix = \"/api\"\n  auth = {a}\n"),
+        )
+    };
+    let cfg = parse(
+        &with("{ upstream = \"app\", path = \"/verify\" }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let a = cfg.config.listeners[0].routes[0].auth.clone().unwrap();
+    assert_eq!(
+        (a.upstream.as_str(), a.path.as_str(), a.timeout),
+        ("app", "/verify", Duration::from_secs(5))
+    );
+    assert!(a.copy_headers.is_empty());
+    let cfg = parse(
+        &with("{ upstream = \"app\", path = \"/v\", copy_headers = [\"x-user\"], timeout = \"250ms\" }"),
+        Path::new("."),
+    )
+    .unwrap();
+    let a = cfg.config.listeners[0].routes[0].auth.clone().unwrap();
+    assert_eq!(
+        (a.copy_headers, a.timeout),
+        (vec!["x-user".to_owned()], Duration::from_millis(250))
+    );
+    let route = "listeners[0].routes[0].auth";
+    refused(
+        &with("{ upstream = \"app\" }"),
+        &format!("{route}.path"),
+        "missing field `path`",
+    );
+    refused(
+        &with("{ upstream = \"app\", path = \"/v\", timeout = \"soon\" }"),
+        &format!("{route}.timeout"),
+        "",
+    );
+    refused(
+        &with("{ upstream = \"app\", path = \"/v\", copy_headers = [\"host\"] }"),
+        &format!("{route}.copy_headers"),
+        "describes the message",
+    );
+}
+
+#[test]
 fn request_buffer_bytes_converts() {
     let src = GOOD.replace(
         "  path_prefix = \"/api\"\n",

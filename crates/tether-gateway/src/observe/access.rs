@@ -101,6 +101,8 @@ pub struct RequestRecord {
     /// Time spent waiting for room at an upstream whose endpoints were all full; `None` when
     /// the request did not wait.
     pub queued: Option<Duration>,
+    /// Time the route's auth service took to check the request; `None` without one.
+    pub auth: Option<Duration>,
     /// From sending the request upstream to its response head.
     pub upstream_first_byte: Option<Duration>,
     /// Time the upstream spent on this request (first attempt start to end or abort).
@@ -154,6 +156,14 @@ impl RequestText {
         match uri.path_and_query() {
             Some(p) => RequestText(TextRepr::Path(p.clone())),
             None => RequestText::from(uri.path()),
+        }
+    }
+
+    /// The text; for a path, with its query.
+    pub fn target(&self) -> &str {
+        match &self.0 {
+            TextRepr::Path(p) => p.as_str(),
+            _ => self.as_str(),
         }
     }
 
@@ -259,6 +269,7 @@ impl RequestRecord {
             stage: None,
             upstream_connect: None,
             queued: None,
+            auth: None,
             grpc_status: None,
             tls: None,
             upstream_first_byte: None,
@@ -332,6 +343,9 @@ impl RequestRecord {
         // Only requests that waited have it: most never do.
         if let Some(q) = self.queued {
             o.num(k!("queue_us"), Some(micros(q)));
+        }
+        if let Some(a) = self.auth {
+            o.num(k!("auth_us"), Some(micros(a)));
         }
         o.num(
             k!("upstream_first_byte_us"),
@@ -825,6 +839,7 @@ mod tests {
             stage: Some("body"),
             upstream_connect: None,
             queued: None,
+            auth: None,
             grpc_status: None,
             tls: None,
             upstream_first_byte: Some(Duration::from_micros(42)),

@@ -52,7 +52,7 @@ impl EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct MirrorLabels {
+struct RouteOutcomeLabels {
     route: String,
     outcome: &'static str,
 }
@@ -161,7 +161,8 @@ pub struct Metrics {
     /// With the wake-up each series' waiters share.
     in_flight_series: Mutex<Vec<(EndpointLabels, Arc<crate::upstream::balance::Room>)>>,
     health_checks: Family<HealthCheckLabels, Counter>,
-    mirrors: Family<MirrorLabels, Counter>,
+    mirrors: Family<RouteOutcomeLabels, Counter>,
+    auth_checks: Family<RouteOutcomeLabels, Counter>,
     tunnels_open: Gauge,
     tunnel_bytes: Family<TunnelLabels, Counter>,
     header_timeouts: Counter,
@@ -315,6 +316,12 @@ impl Metrics {
             "Copies of requests for a route's mirror, by outcome: the class of the mirror's status (2xx, 3xx, 4xx, 5xx), failed (no answer), cancelled (the client left or the deadline passed), skipped (a streamed body, or max_in_flight reached)",
             mirrors.clone(),
         );
+        let auth_checks = Family::default();
+        registry.register(
+            "auth_checks",
+            "Checks of requests by a route's auth service, by outcome: allowed (it answered 2xx), denied (its other answers, passed to the client), failed (no usable answer: the request was answered 502 or 504), cancelled (the client left or the deadline passed)",
+            auth_checks.clone(),
+        );
         let tunnels_open = Gauge::default();
         registry.register(
             "tunnels_open",
@@ -380,6 +387,7 @@ impl Metrics {
             in_flight_series: Mutex::default(),
             health_checks,
             mirrors,
+            auth_checks,
             tunnels_open,
             tunnel_bytes,
             header_timeouts,
@@ -535,7 +543,17 @@ impl Metrics {
     /// A copy of one of `route`'s requests for its mirror ended with `outcome`.
     pub fn mirrored(&self, route: &str, outcome: &'static str) {
         self.mirrors
-            .get_or_create(&MirrorLabels {
+            .get_or_create(&RouteOutcomeLabels {
+                route: route.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// One of `route`'s requests was checked by its auth service, with `outcome`.
+    pub fn auth_checked(&self, route: &str, outcome: &'static str) {
+        self.auth_checks
+            .get_or_create(&RouteOutcomeLabels {
                 route: route.to_owned(),
                 outcome,
             })

@@ -2,12 +2,14 @@
 //! for the head, stream the body back. Every wait is raced against the request's context, so a
 //! client that leaves (or a deadline that passes) stops the upstream work at once.
 
+pub mod auth;
 pub mod compress;
 pub mod headers;
 pub mod mirror;
 pub mod request_body;
 pub mod response_body;
 pub mod retry;
+pub mod subrequest;
 pub mod tracker;
 pub mod tunnel;
 
@@ -268,6 +270,31 @@ fn proxy<'a>(
         if let Some(fixed) = &route.respond {
             return responded(t, route, fixed);
         }
+        // Before any of the body is read: a request turned away uploads nothing.
+        let granted = match &route.auth {
+            None => None,
+            Some(target) => {
+                let question =
+                    auth::question(target, &req, &t, conn.client.ip(), conn.tls, trusted);
+                // Boxed: only a route with an auth service pays for the check's state.
+                let checked = Box::pin(auth::check(
+                    target,
+                    &worker.upstreams[target.upstream],
+                    question,
+                    &mut t,
+                    route.timeouts.connect,
+                ))
+                .await;
+                match checked {
+                    Ok(granted) => Some(granted),
+                    Err(auth::Refused::Denied(head, body)) => {
+                        return auth::denied(t, route, head, body);
+                    }
+                    Err(auth::Refused::Failed(e)) => return fail(t, e),
+                    Err(auth::Refused::Cancelled(reason)) => return cancelled(t, reason),
+                }
+            }
+        };
         let upstream: &Arc<Upstream> = &worker.upstreams[route.next_upstream(|key| {
             key.of(
                 req.headers(),
@@ -323,7 +350,11 @@ fn proxy<'a>(
                 trace_context::apply(up_req.headers_mut(), route.trace_context, found.traceparent);
             t.rec.trace_id = ids.trace_id;
             t.rec.span_id = ids.span_id;
-            // The route's own changes come last, so that they win over tether's.
+            // What the auth service passed on, then the route's own changes last, so that
+            // they win over tether's.
+            if let (Some(target), Some(granted)) = (&route.auth, granted) {
+                auth::grant(target, granted, up_req.headers_mut());
+            }
             if !route.request_headers.is_empty() {
                 route.request_headers.apply(up_req.headers_mut());
             }

@@ -117,6 +117,15 @@ impl Tracker {
         self.close(None);
     }
 
+    /// The request was refused at `stage` with an answer of `status` that is not tether's own
+    /// (its auth service's).
+    pub fn finish_refused(mut self, stage: Stage, status: u16) {
+        self.rec.status = status;
+        self.rec.stage = Some(stage.as_str());
+        self.rec.outcome = Outcome::Rejected;
+        self.close(None);
+    }
+
     /// The request failed with `err`, answered with `status` (or cut mid-body).
     pub fn finish_error(mut self, err: &ProxyError, status: Option<u16>) {
         if let Some(s) = status {
