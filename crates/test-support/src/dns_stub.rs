@@ -1,6 +1,7 @@
 //! A stub DNS server on `127.0.0.1:0` (UDP) answering from a fixed table, for pointing a resolver
-//! at names whose addresses the test chooses. Names not in the table get NXDOMAIN; a known name
-//! asked for a type it has no address of gets an empty NOERROR answer. Answers carry TTL 0 so a
+//! at names whose addresses (A, AAAA) and services (SRV) the test chooses. Names not in the
+//! table get NXDOMAIN; a known name asked for a type it has no record of gets an empty NOERROR
+//! answer. Answers carry TTL 0 so a
 //! resolver asks again each time, and every query is logged with its arrival time.
 
 use std::collections::HashMap;
@@ -15,6 +16,7 @@ use crate::BoxError;
 
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
+const TYPE_SRV: u16 = 33;
 const RCODE_NXDOMAIN: u8 = 3;
 const RCODE_FORMERR: u8 = 1;
 
@@ -23,17 +25,27 @@ const RCODE_FORMERR: u8 = 1;
 pub struct Query {
     /// The name asked for, lowercase, without the trailing dot.
     pub name: String,
-    /// Query type (1 = A, 28 = AAAA).
+    /// Query type (1 = A, 28 = AAAA, 33 = SRV).
     pub qtype: u16,
     /// When it arrived.
     pub at: Instant,
+}
+
+/// One SRV record: priority, weight, port, target.
+pub type Srv = (u16, u16, u16, String);
+
+/// What the stub answers: each name's addresses, and its SRV records.
+#[derive(Debug, Default)]
+struct Table {
+    addresses: HashMap<String, Vec<IpAddr>>,
+    services: HashMap<String, Vec<Srv>>,
 }
 
 /// A running stub DNS server; stops when dropped.
 #[derive(Debug)]
 pub struct DnsStub {
     addr: SocketAddr,
-    table: Arc<Mutex<HashMap<String, Vec<IpAddr>>>>,
+    table: Arc<Mutex<Table>>,
     queries: Arc<Mutex<Vec<Query>>>,
     task: JoinHandle<()>,
 }
@@ -47,11 +59,12 @@ impl Drop for DnsStub {
 impl DnsStub {
     /// Starts a stub answering `records` (name → addresses, in answer order).
     pub async fn start(records: &[(&str, Vec<IpAddr>)]) -> Result<DnsStub, BoxError> {
-        let table: HashMap<String, Vec<IpAddr>> = records
-            .iter()
-            .map(|(n, a)| (n.trim_end_matches('.').to_ascii_lowercase(), a.clone()))
-            .collect();
-        let table = Arc::new(Mutex::new(table));
+        let addresses: HashMap<String, Vec<IpAddr>> =
+            records.iter().map(|(n, a)| (key(n), a.clone())).collect();
+        let table = Arc::new(Mutex::new(Table {
+            addresses,
+            services: HashMap::new(),
+        }));
         let sock = UdpSocket::bind("127.0.0.1:0").await?;
         let addr = sock.local_addr()?;
         let queries = Arc::new(Mutex::new(Vec::new()));
@@ -95,10 +108,21 @@ impl DnsStub {
             Ok(t) => t,
             Err(p) => p.into_inner(),
         };
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
         match addresses {
-            Some(a) => table.insert(name, a),
-            None => table.remove(&name),
+            Some(a) => table.addresses.insert(key(name), a),
+            None => table.addresses.remove(&key(name)),
+        };
+    }
+
+    /// Answers `name`'s SRV queries with `records` from now on; `None` removes them.
+    pub fn set_services(&self, name: &str, records: Option<Vec<Srv>>) {
+        let mut table = match self.table.lock() {
+            Ok(t) => t,
+            Err(p) => p.into_inner(),
+        };
+        match records {
+            Some(r) => table.services.insert(key(name), r),
+            None => table.services.remove(&key(name)),
         };
     }
 
@@ -111,12 +135,13 @@ impl DnsStub {
     }
 }
 
+/// A table key: lowercase, without the trailing dot.
+fn key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// The reply to one query message, or `None` for something that is not a query at all.
-fn answer(
-    msg: &[u8],
-    table: &HashMap<String, Vec<IpAddr>>,
-    log: &Mutex<Vec<Query>>,
-) -> Option<Vec<u8>> {
+fn answer(msg: &[u8], table: &Table, log: &Mutex<Vec<Query>>) -> Option<Vec<u8>> {
     if msg.len() < 12 || msg[2] & 0x80 != 0 {
         return None;
     }
@@ -141,32 +166,48 @@ fn answer(
             qtype,
             at: Instant::now(),
         });
-        table.get(&name)
+        (
+            table.addresses.get(&name),
+            table.services.get(&name).filter(|_| qtype == TYPE_SRV),
+        )
     };
-    let answers: Vec<IpAddr> = entry
+    let known = entry.0.is_some() || table.services.contains_key(&name);
+    let mut answers: Vec<(u16, Vec<u8>)> = entry
+        .0
         .map(|ips| {
             ips.iter()
-                .copied()
-                .filter(|ip| match qtype {
-                    TYPE_A => ip.is_ipv4(),
-                    TYPE_AAAA => ip.is_ipv6(),
-                    _ => false,
+                .filter_map(|ip| match (qtype, ip) {
+                    (TYPE_A, IpAddr::V4(v4)) => Some((TYPE_A, v4.octets().to_vec())),
+                    (TYPE_AAAA, IpAddr::V6(v6)) => Some((TYPE_AAAA, v6.octets().to_vec())),
+                    _ => None,
                 })
                 .collect()
         })
         .unwrap_or_default();
-    out.push(0x80 | if entry.is_none() { RCODE_NXDOMAIN } else { 0 });
+    for (priority, weight, port, target) in entry.1.into_iter().flatten() {
+        let mut data = Vec::new();
+        for v in [priority, weight, port] {
+            data.extend_from_slice(&v.to_be_bytes());
+        }
+        for label in target
+            .trim_end_matches('.')
+            .split('.')
+            .filter(|l| !l.is_empty())
+        {
+            data.push(label.len() as u8);
+            data.extend_from_slice(label.as_bytes());
+        }
+        data.push(0);
+        answers.push((TYPE_SRV, data));
+    }
+    out.push(0x80 | if known { 0 } else { RCODE_NXDOMAIN });
     out.extend_from_slice(&1u16.to_be_bytes());
     out.extend_from_slice(&(answers.len() as u16).to_be_bytes());
     out.extend_from_slice(&[0, 0, 0, 0]);
     out.extend_from_slice(&msg[12..qend]);
-    for ip in answers {
+    for (t, data) in answers {
         // A pointer to the question's name, at offset 12.
         out.extend_from_slice(&[0xc0, 0x0c]);
-        let (t, data) = match ip {
-            IpAddr::V4(v4) => (TYPE_A, v4.octets().to_vec()),
-            IpAddr::V6(v6) => (TYPE_AAAA, v6.octets().to_vec()),
-        };
         out.extend_from_slice(&t.to_be_bytes());
         out.extend_from_slice(&1u16.to_be_bytes());
         out.extend_from_slice(&0u32.to_be_bytes());

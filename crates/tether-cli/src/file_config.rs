@@ -373,8 +373,10 @@ pub struct FileUpstream {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FileDiscovery {
-    /// Looked up in DNS, periodically.
+    /// A and AAAA records looked up in DNS, periodically.
     Dns,
+    /// SRV records looked up in DNS, periodically; the names are written without ports.
+    Srv,
 }
 
 /// How often discovered names are looked up again by default.
@@ -1465,6 +1467,26 @@ fn hash_key(s: Option<&str>) -> Result<HashKey, String> {
     }
 }
 
+/// An SRV name such as `_http._tcp.api.service.consul`, with no port.
+fn service_name(key: &str, s: &str) -> Result<UpstreamAddress, KeyError> {
+    let name = s.trim_end_matches('.');
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(KeyError::new(
+            key,
+            format!(
+                "{s:?} is not a DNS name; an SRV name reads like \"_http._tcp.api.service.consul\""
+            ),
+        ));
+    }
+    Ok(UpstreamAddress::new(name, 0))
+}
+
 /// Parses `host:port` or `[v6]:port`.
 fn upstream_address(key: &str, s: &str) -> Result<UpstreamAddress, KeyError> {
     let bad = |why: &str| {
@@ -1506,7 +1528,17 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
         .addresses
         .iter()
         .enumerate()
-        .map(|(j, a)| upstream_address(&format!("{key}.addresses[{j}]"), &a.address))
+        .map(|(j, a)| {
+            let akey = format!("{key}.addresses[{j}]");
+            // An SRV name's records give the ports.
+            if matches!(u.discovery, Some(FileDiscovery::Srv))
+                && !a.address.contains(':')
+                && a.address.parse::<std::net::IpAddr>().is_err()
+            {
+                return service_name(&akey, &a.address);
+            }
+            upstream_address(&akey, &a.address)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let mut weights = Vec::new();
     if u.addresses.iter().any(|a| a.weight.is_some()) {
@@ -1635,12 +1667,18 @@ fn upstream(key: &str, u: &FileUpstream, base: &Path) -> Result<UpstreamConfig, 
     let dkey = format!("{key}.discovery_interval");
     cfg.discovery = match (u.discovery, &u.discovery_interval) {
         (None, None) => None,
-        (None, Some(_)) => return Err(KeyError::new(dkey, "only used with discovery = \"dns\"")),
-        (Some(FileDiscovery::Dns), interval) => Some(Discovery {
+        (None, Some(_)) => {
+            return Err(KeyError::new(
+                dkey,
+                "only used with discovery = \"dns\" or \"srv\"",
+            ));
+        }
+        (Some(kind), interval) => Some(Discovery {
             interval: match interval {
                 Some(s) => duration_key(&dkey, s)?,
                 None => DEFAULT_DISCOVERY_INTERVAL,
             },
+            srv: matches!(kind, FileDiscovery::Srv),
         }),
     };
     if let Some(n) = u.max_fails {

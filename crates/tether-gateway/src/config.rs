@@ -471,6 +471,38 @@ fn one_per_address(key: &str, name: &str, n: usize, addresses: usize) -> Result<
     ))
 }
 
+/// An upstream's addresses: each has a host and a port, but for an SRV name (whose records give
+/// the ports), which takes no port and no weight of its own.
+fn validate_ports(key: &str, u: &UpstreamConfig) -> Result<(), ConfigError> {
+    let srv = u.discovery.is_some_and(|d| d.srv);
+    for (j, a) in u.addresses.iter().enumerate() {
+        // An endpoint discovery found has its port.
+        let service = srv && a.is_name() && a.pinned.is_none();
+        if service && a.port != 0 {
+            return Err(ConfigError::new(
+                format!("{key}.addresses[{j}]"),
+                format!(
+                    "{:?} is an SRV name, whose records give the ports: write it without one",
+                    a.authority()
+                ),
+            ));
+        }
+        if a.host.is_empty() || (!service && a.port == 0) {
+            return Err(ConfigError::new(
+                format!("{key}.addresses[{j}]"),
+                format!("{a} is not a usable host:port"),
+            ));
+        }
+        if service && u.weights.get(j).is_some_and(|&w| w != 1) {
+            return Err(ConfigError::new(
+                format!("{key}.addresses[{j}].weight"),
+                "an SRV name's records give the weights",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Whether `p` is a path starting with `/`, without a query or fragment.
 fn is_plain_path(p: &str) -> bool {
     p.starts_with('/') && !p.contains(['?', '#']) && PathAndQuery::try_from(p).is_ok()
@@ -843,6 +875,11 @@ impl From<SocketAddr> for UpstreamAddress {
 pub struct Discovery {
     /// How often the names are looked up again.
     pub interval: Duration,
+    /// The names are SRV names (`_http._tcp.api.service.consul`), written without a port: each
+    /// of their records names a host and port, its addresses the endpoints, the records'
+    /// priorities and weights their order and shares. Otherwise their A and AAAA records are
+    /// looked up, with the port written.
+    pub srv: bool,
 }
 
 /// The shortest [`Discovery::interval`].
@@ -1368,14 +1405,7 @@ impl Config {
                     "at least one address is required",
                 ));
             }
-            for (j, a) in u.addresses.iter().enumerate() {
-                if a.host.is_empty() || a.port == 0 {
-                    return Err(ConfigError::new(
-                        format!("{key}.addresses[{j}]"),
-                        format!("{a} is not a usable host:port"),
-                    ));
-                }
-            }
+            validate_ports(&key, u)?;
             if u.protocol == UpstreamProtocol::H2 && u.tls.is_none() {
                 return Err(ConfigError::new(
                     format!("{key}.protocol"),
@@ -2283,6 +2313,38 @@ mod tests {
         c.listeners[0].routes[0].mirror = Some(mirror(&up, 1, 1));
         c.upstreams[0].proxy_protocol = Some(ProxyProtocolVersion::V2);
         assert_eq!(c.validate().unwrap_err().key, format!("{route}.upstream"));
+    }
+
+    #[test]
+    fn an_srv_name_takes_no_port_nor_weight_and_other_addresses_need_ports() {
+        let mut c = base();
+        let u = &mut c.upstreams[0];
+        u.addresses = vec![
+            UpstreamAddress::new("_http._tcp.app.test", 0),
+            UpstreamAddress::new("10.0.0.1", 80),
+        ];
+        u.discovery = Some(Discovery {
+            interval: Duration::from_secs(1),
+            srv: true,
+        });
+        c.validate().unwrap();
+        c.upstreams[0].weights = vec![2, 1];
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "upstreams[0].addresses[0].weight"
+        );
+        c.upstreams[0].weights = vec![1, 2];
+        c.validate().unwrap();
+        c.upstreams[0].addresses[0].port = 80;
+        assert_eq!(c.validate().unwrap_err().key, "upstreams[0].addresses[0]");
+        c.upstreams[0].addresses[0].port = 0;
+        c.upstreams[0].discovery = Some(Discovery {
+            interval: Duration::from_secs(1),
+            srv: false,
+        });
+        let e = c.validate().unwrap_err();
+        assert_eq!(e.key, "upstreams[0].addresses[0]");
+        assert!(e.message.contains("not a usable host:port"), "{e:?}");
     }
 
     #[test]

@@ -87,7 +87,10 @@ async fn each_address_of_a_name_is_an_endpoint_and_endpoints_follow_the_answers(
             port = c.upstreams[0].addresses[0].port;
             c.dns.nameservers = vec![stub.addr()];
             c.upstreams[0].addresses = vec![UpstreamAddress::new("svc.test", port)];
-            c.upstreams[0].discovery = Some(Discovery { interval: INTERVAL });
+            c.upstreams[0].discovery = Some(Discovery {
+                interval: INTERVAL,
+                srv: false,
+            });
             c.admin = Some(AdminConfig {
                 address: "127.0.0.1:0".parse().unwrap(),
             });
@@ -186,6 +189,79 @@ async fn a_reload_keeps_the_connections_of_an_upstream_that_connects_alike() {
         let rec = env.record("/d2").await;
         assert_eq!(rec.upstream_reused, Some(false), "{rec:?}");
         assert_eq!(accepted(env.log()), 2);
+        env.stop().await;
+    })
+    .await;
+}
+
+/// An SRV name: its records' targets (each resolved to a loopback address) become the
+/// endpoints, at the records' port; the heavier record takes more requests; the later
+/// priority's target takes none while the first priority's serve, and takes them when those
+/// cannot (here: the first priority's one target refuses connections).
+#[tokio::test]
+async fn an_srv_name_gives_the_endpoints_their_ports_weights_and_priorities() {
+    bounded(Duration::from_secs(20), async {
+        let stub = DnsStub::start(&[
+            ("a.test", vec![ip(2)]),
+            ("b.test", vec![ip(3)]),
+            ("c.test", vec![ip(1)]),
+            ("gone.test", vec![ip(4)]),
+        ])
+        .await
+        .unwrap();
+        let ok = script(|_| Behavior::ok("ok"));
+        let mut port = 0;
+        let env = Env::with(Down::H1, Up::H1, ok.clone(), |c| {
+            port = c.upstreams[0].addresses[0].port;
+            c.dns.nameservers = vec![stub.addr()];
+            c.upstreams[0].addresses = vec![UpstreamAddress::new("_http._tcp.svc.test", 0)];
+            c.upstreams[0].discovery = Some(Discovery {
+                interval: INTERVAL,
+                srv: true,
+            });
+            c.admin = Some(AdminConfig {
+                address: "127.0.0.1:0".parse().unwrap(),
+            });
+        })
+        .await;
+        stub.set_services(
+            "_http._tcp.svc.test",
+            Some(vec![
+                (10, 25, port, "a.test".into()),
+                (10, 100, port, "b.test".into()),
+                (20, 1, port, "c.test".into()),
+            ]),
+        );
+        let _two = UpstreamH1::start_on(SocketAddr::new(ip(2), port), ok.clone())
+            .await
+            .unwrap();
+        let _three = UpstreamH1::start_on(SocketAddr::new(ip(3), port), ok)
+            .await
+            .unwrap();
+        let n = AtomicUsize::new(0);
+        let mut client = env.http().await;
+        wait_endpoints(&env, 3.0).await;
+        let mut turns = Vec::new();
+        for _ in 0..20 {
+            turns.push(served_by(&env, &mut client, &n).await);
+        }
+        let count = |a: IpAddr| turns.iter().filter(|t| **t == a).count();
+        assert_eq!(count(ip(1)), 0, "the backup served: {turns:?}");
+        assert!(count(ip(2)) >= 2 && count(ip(2)) <= 6, "{turns:?}");
+        assert_eq!(count(ip(2)) + count(ip(3)), 20, "{turns:?}");
+
+        // The first priority down to one target where nothing listens: the backup serves.
+        stub.set_services(
+            "_http._tcp.svc.test",
+            Some(vec![
+                (10, 1, port, "gone.test".into()),
+                (20, 1, port, "c.test".into()),
+            ]),
+        );
+        wait_endpoints(&env, 2.0).await;
+        for _ in 0..4 {
+            assert_eq!(served_by(&env, &mut client, &n).await, ip(1));
+        }
         env.stop().await;
     })
     .await;

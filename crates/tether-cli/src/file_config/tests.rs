@@ -1331,14 +1331,34 @@ fn discovery_converts_with_its_default_interval_and_bad_settings_name_their_key(
     assert_eq!(
         found(&with("discovery = \"dns\"")),
         Some(Discovery {
-            interval: Duration::from_secs(5)
+            interval: Duration::from_secs(5),
+            srv: false,
         })
     );
     assert_eq!(
         found(&with("discovery = \"dns\"\ndiscovery_interval = \"30s\"")),
         Some(Discovery {
-            interval: Duration::from_secs(30)
+            interval: Duration::from_secs(30),
+            srv: false,
         })
+    );
+    // SRV names are written without ports; IP addresses keep theirs.
+    let srv =
+        with("discovery = \"srv\"").replace("\"app.internal:80\"", "\"_http._tcp.app.internal.\"");
+    let cfg = parse(&srv, Path::new(".")).unwrap().config;
+    assert!(cfg.upstreams[0].discovery.is_some_and(|d| d.srv));
+    let a = &cfg.upstreams[0].addresses[2];
+    assert_eq!((a.host.as_str(), a.port), ("_http._tcp.app.internal", 0));
+    assert_eq!(cfg.upstreams[0].addresses[0].port, 9000);
+    refused(
+        &with("discovery = \"srv\""),
+        "upstreams[0].addresses[2]",
+        "write it without one",
+    );
+    refused(
+        &srv.replace("_http._tcp.app.internal.", "_http._tcp.app..internal"),
+        "upstreams[0].addresses[2]",
+        "not a DNS name",
     );
     for (bad, key, why) in [
         ("discovery = \"consul\"", "discovery", ""),

@@ -1,7 +1,8 @@
 //! Name resolution for upstream addresses, with its own timeout and typed failures.
 //!
 //! By default the system resolver (`getaddrinfo`, so `/etc/hosts` and nsswitch apply) runs on
-//! Tokio's blocking pool. With nameservers configured, tether queries them itself (UDP then TCP)
+//! Tokio's blocking pool; SRV records, which it does not know, are asked of the nameservers in
+//! `/etc/resolv.conf`. With nameservers configured, tether queries them itself (UDP then TCP)
 //! and does not read the system configuration: that is how tests point it at a stub DNS server on
 //! loopback, and how deployments pin a resolver.
 
@@ -14,6 +15,7 @@ use hickory_resolver::config::{
     ConnectionConfig, NameServerConfig, ProtocolConfig, ResolverConfig, ResolverOpts,
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
 
 /// How names are resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,13 +129,8 @@ impl Resolver {
                     .iter()
                     .map(|ip| SocketAddr::new(ip, port))
                     .collect::<Vec<_>>(),
-                Ok(Err(e)) if e.is_nx_domain() || e.is_no_records_found() => {
-                    return Err(DnsError::NotFound(Some(Box::new(e))));
-                }
-                Ok(Err(hickory_resolver::net::NetError::Timeout)) | Err(_) => {
-                    return Err(DnsError::Timeout);
-                }
-                Ok(Err(e)) => return Err(DnsError::Failed(Box::new(e))),
+                Ok(Err(e)) => return Err(hickory_error(e)),
+                Err(_) => return Err(DnsError::Timeout),
             },
             None => match tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, port)))
                 .await
@@ -147,6 +144,78 @@ impl Resolver {
             return Err(DnsError::NotFound(None));
         }
         Ok(found)
+    }
+
+    /// The SRV records of `name`, sorted (by priority first). A record whose target is `.` (the
+    /// service is not offered there, RFC 2782) is left out. Without nameservers configured, the
+    /// system's (`/etc/resolv.conf`) are queried: `getaddrinfo` knows no SRV records.
+    pub async fn services(&self, name: &str) -> Result<Vec<ServiceRecord>, DnsError> {
+        let system;
+        let resolver = match &self.hickory {
+            Some(r) => r,
+            None => {
+                let mut opts = ResolverOpts::default();
+                opts.timeout = self.timeout;
+                system = TokioResolver::builder_tokio()
+                    .map_err(|e| DnsError::Failed(Box::new(e)))?
+                    .with_options(opts)
+                    .build()
+                    .map_err(|e| DnsError::Failed(Box::new(e)))?;
+                &system
+            }
+        };
+        let lookup = match tokio::time::timeout(self.timeout, resolver.srv_lookup(name)).await {
+            Ok(Ok(lookup)) => lookup,
+            Ok(Err(e)) => return Err(hickory_error(e)),
+            Err(_) => return Err(DnsError::Timeout),
+        };
+        let mut found: Vec<ServiceRecord> = lookup
+            .answers()
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::SRV(srv) if !srv.target.is_root() => Some(ServiceRecord {
+                    priority: srv.priority,
+                    weight: srv.weight,
+                    port: srv.port,
+                    target: srv
+                        .target
+                        .to_utf8()
+                        .trim_end_matches('.')
+                        .to_ascii_lowercase(),
+                }),
+                _ => None,
+            })
+            .collect();
+        found.sort_unstable();
+        found.dedup();
+        if found.is_empty() {
+            return Err(DnsError::NotFound(None));
+        }
+        Ok(found)
+    }
+}
+
+/// One SRV record: where an instance of a service is, and its place among the others.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRecord {
+    /// Lower first: targets of a higher priority only when none of a lower one can serve.
+    pub priority: u16,
+    /// A target's share among those of its priority.
+    pub weight: u16,
+    /// The port the service listens on there.
+    pub port: u16,
+    /// The host, lowercase, without the trailing dot.
+    pub target: String,
+}
+
+/// A hickory failure as one of tether's.
+fn hickory_error(e: hickory_resolver::net::NetError) -> DnsError {
+    if e.is_nx_domain() || e.is_no_records_found() {
+        DnsError::NotFound(Some(Box::new(e)))
+    } else if matches!(e, hickory_resolver::net::NetError::Timeout) {
+        DnsError::Timeout
+    } else {
+        DnsError::Failed(Box::new(e))
     }
 }
 
