@@ -222,6 +222,8 @@ pub struct FileRoute {
     pub retry_body_bytes: Option<u64>,
     /// Request bodies read ahead up to this size before an upstream connection is taken.
     pub request_buffer_bytes: Option<u64>,
+    /// Where bodies read ahead go past their first MiB.
+    pub request_buffer_dir: Option<String>,
     /// `{ upstream, share, max_in_flight }`: copies of the requests sent to another upstream.
     pub mirror: Option<FileMirror>,
     /// `{ upstream, path, copy_headers, timeout }`: an auth service that checks each request
@@ -1347,6 +1349,16 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
     }
     if let Some(n) = r.request_buffer_bytes {
         cfg.request_buffer_bytes = n;
+    }
+    if let Some(d) = &r.request_buffer_dir {
+        let dir = resolve(base, d);
+        if !dir.is_dir() {
+            return Err(KeyError::new(
+                format!("{key}.request_buffer_dir"),
+                format!("{} is not a directory", dir.display()),
+            ));
+        }
+        cfg.request_buffer_dir = Some(dir);
     }
     if let Some(v) = &r.retry_statuses {
         cfg.retry_statuses = v.clone();

@@ -575,6 +575,9 @@ pub const DEFAULT_RETRY_BODY_BYTES: u64 = 64 * 1024;
 /// body read ahead is held in memory.
 pub const MAX_RETRY_BODY_BYTES: u64 = 16 * 1024 * 1024;
 
+/// The largest [`RouteConfig::request_buffer_bytes`] with a [`RouteConfig::request_buffer_dir`].
+pub const MAX_SPILLED_BODY_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+
 /// One route: which requests go to which upstream, and under which limits.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
@@ -609,6 +612,11 @@ pub struct RouteConfig {
     /// longer body goes with what was read first and streams the rest. gRPC requests and
     /// upgrades always stream. Default 0: bodies stream from the first byte.
     pub request_buffer_bytes: u64,
+    /// Where a body read ahead goes past its first MiB (nginx's `client_body_temp_path`): a
+    /// file there, unlinked as soon as made, so that `request_buffer_bytes` can reach
+    /// [`MAX_SPILLED_BODY_BYTES`] while each upload holds little memory. Default none: bodies
+    /// read ahead are held in memory.
+    pub request_buffer_dir: Option<std::path::PathBuf>,
     /// Retries allowed as a fraction of requests (the retry budget). Default 0.2.
     pub retry_budget_ratio: f64,
     /// Retries always allowed per second, whatever the ratio says. Default 10.
@@ -1329,6 +1337,7 @@ impl RouteConfig {
             retry_statuses: Vec::new(),
             retry_body_bytes: DEFAULT_RETRY_BODY_BYTES,
             request_buffer_bytes: 0,
+            request_buffer_dir: None,
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
@@ -1664,18 +1673,31 @@ impl Config {
                 if let Some(a) = &r.auth {
                     self.validate_auth(&rkey, r, a)?;
                 }
-                for (name, bytes) in [
-                    ("retry_body_bytes", r.retry_body_bytes),
-                    ("request_buffer_bytes", r.request_buffer_bytes),
+                let spills = r.request_buffer_dir.is_some();
+                for (name, bytes, spills) in [
+                    ("retry_body_bytes", r.retry_body_bytes, false),
+                    ("request_buffer_bytes", r.request_buffer_bytes, spills),
                 ] {
-                    if bytes > MAX_RETRY_BODY_BYTES {
+                    if spills && bytes > MAX_SPILLED_BODY_BYTES {
+                        return Err(ConfigError::new(
+                            format!("{rkey}.{name}"),
+                            format!("must be at most {MAX_SPILLED_BODY_BYTES} (4 GiB)"),
+                        ));
+                    }
+                    if !spills && bytes > MAX_RETRY_BODY_BYTES {
                         return Err(ConfigError::new(
                             format!("{rkey}.{name}"),
                             format!(
-                                "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory"
+                                "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory (a request_buffer_dir takes bodies past their first MiB)"
                             ),
                         ));
                     }
+                }
+                if spills && r.request_buffer_bytes == 0 {
+                    return Err(ConfigError::new(
+                        format!("{rkey}.request_buffer_dir"),
+                        "holds bodies read ahead, and request_buffer_bytes reads none",
+                    ));
                 }
                 if let AccessLogMode::Sampled { per_million } = r.access_log
                     && !(1..=1_000_000).contains(&per_million)

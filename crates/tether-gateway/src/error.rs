@@ -253,6 +253,12 @@ impl ProxyError {
             (S::Admission, _) => c(503, "no_capacity", "connection_limit_reached", Retry::Never),
             (S::Auth, K::Timeout) => c(504, "auth_timeout", "http_response_timeout", Retry::Never),
             (S::Auth, _) => c(502, "auth_failed", "destination_unavailable", Retry::Never),
+            (S::RequestBody, K::Overloaded) => c(
+                503,
+                "request_buffer_failed",
+                "proxy_internal_error",
+                Retry::Never,
+            ),
             (S::RequestHead | S::RequestBody, K::TooLarge) => {
                 c(413, "request_too_large", "http_request_error", Retry::Never)
             }
@@ -390,6 +396,10 @@ mod tests {
         assert_eq!(
             row(Stage::Auth, ErrorKind::Timeout),
             (504, "auth_timeout", Retry::Never)
+        );
+        assert_eq!(
+            row(Stage::RequestBody, ErrorKind::Overloaded),
+            (503, "request_buffer_failed", Retry::Never)
         );
         assert_eq!(
             row(Stage::RequestBody, ErrorKind::TooLarge),

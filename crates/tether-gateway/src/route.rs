@@ -41,6 +41,8 @@ pub struct Route {
     pub retry_body_bytes: u64,
     /// Request bodies are read ahead up to this size before an upstream connection is taken.
     pub request_buffer_bytes: u64,
+    /// Where a body read ahead goes past its first MiB, if anywhere.
+    pub request_buffer_dir: Option<Arc<std::path::Path>>,
     /// Where copies of the route's requests go, when it mirrors them.
     pub mirror: Option<Box<crate::proxy::mirror::MirrorTarget>>,
     /// The auth service that checks each request first, when the route has one.
@@ -460,6 +462,7 @@ impl Router {
                     max_body_bytes: r.max_body_bytes,
                     retry_body_bytes: r.retry_body_bytes,
                     request_buffer_bytes: r.request_buffer_bytes,
+                    request_buffer_dir: r.request_buffer_dir.as_deref().map(Arc::from),
                     mirror: match &r.mirror {
                         Some(m) => Some(Box::new(crate::proxy::mirror::MirrorTarget {
                             upstream: upstream_index(&m.upstream)?,

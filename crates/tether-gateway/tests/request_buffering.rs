@@ -187,3 +187,136 @@ async fn an_http2_body_past_the_flow_control_window_is_read_ahead_whole() {
     })
     .await;
 }
+
+/// With a `request_buffer_dir`, a chunked upload past the first MiB goes on into a file there
+/// (unlinked as soon as made: the directory stays empty) while nothing reaches the upstream;
+/// then the body goes whole from the file, with its length. One longer than the buffer goes
+/// with the file's part first and streams the rest. Every byte arrives, in order.
+#[tokio::test]
+async fn a_body_past_memory_is_read_ahead_into_a_file_and_sent_from_it() {
+    bounded(Duration::from_secs(60), async {
+        for up in [Up::H1, Up::H2c] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().to_owned();
+            let env = Env::with(
+                Down::H1,
+                up,
+                routes(vec![("/up", Behavior::Summary)]),
+                |c| {
+                    let route = &mut c.listeners[0].routes[0];
+                    route.request_buffer_bytes = 4 * 1024 * 1024;
+                    route.request_buffer_dir = Some(path);
+                },
+            )
+            .await;
+            let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+            let mut c = env.h1().await;
+            let head = [("transfer-encoding", "chunked")];
+            let mut first = Vec::new();
+            for piece in body[..2_000_000].chunks(100_000) {
+                first.extend_from_slice(&chunk(piece));
+            }
+            c.send_request("POST", "/up", &head, None, &first)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(env.log().accepted(), 0, "{up:?}: connected mid-upload");
+            // The file is open, and already unlinked.
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+            assert_eq!(open_files_in(dir.path()), 1, "{up:?}");
+            let mut rest = Vec::new();
+            for piece in body[2_000_000..].chunks(100_000) {
+                rest.extend_from_slice(&chunk(piece));
+            }
+            rest.extend_from_slice(b"0\r\n\r\n");
+            c.send_raw(&rest).await.unwrap();
+            let head = c.read_final_head().await.unwrap();
+            let answer = c.read_body("POST", &head).await.unwrap();
+            assert_eq!(head.status, 200, "{up:?}");
+            assert_eq!(answer, summary(&body).as_bytes(), "{up:?}");
+            let (_, headers) = env.log().requests("/up").remove(0);
+            assert_eq!(
+                values(&headers, "content-length"),
+                ["3000000"],
+                "{up:?}: {headers:?}"
+            );
+            // Closed once sent.
+            bounded(Duration::from_secs(10), async {
+                while open_files_in(dir.path()) > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+
+            // Longer than the buffer (5 MB past 4 MiB): the request starts once the buffer is
+            // full, and the rest follows the file's part.
+            let long: Vec<u8> = (0..5_000_000u32).map(|i| (i % 241) as u8).collect();
+            let mut c = env.h1().await;
+            c.send_request("POST", "/up", &[], Some(5_000_000), &long[..4_500_000])
+                .await
+                .unwrap();
+            bounded(Duration::from_secs(20), async {
+                while env.log().requests("/up").len() < 2 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+            c.send_raw(&long[4_500_000..]).await.unwrap();
+            let head = c.read_final_head().await.unwrap();
+            let answer = c.read_body("POST", &head).await.unwrap();
+            assert_eq!(head.status, 200, "{up:?}");
+            assert_eq!(answer, summary(&long).as_bytes(), "{up:?}");
+            env.stop().await;
+        }
+    })
+    .await;
+}
+
+/// Files this process has open under `dir` (unlinked ones included).
+fn open_files_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.starts_with(dir))
+        .count()
+}
+
+/// A `request_buffer_dir` that is gone when a body needs it: the body streams after its first
+/// MiB (the request reaches the upstream before the body ends), and is served all the same.
+#[tokio::test]
+async fn a_body_that_cannot_go_to_a_file_streams() {
+    bounded(Duration::from_secs(30), async {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let env = Env::with(
+            Down::H1,
+            Up::H1,
+            routes(vec![("/up", Behavior::Summary)]),
+            |c| {
+                let route = &mut c.listeners[0].routes[0];
+                route.request_buffer_bytes = 4 * 1024 * 1024;
+                route.request_buffer_dir = Some(path);
+            },
+        )
+        .await;
+        drop(dir);
+        let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 239) as u8).collect();
+        let mut c = env.h1().await;
+        c.send_request("POST", "/up", &[], Some(2_000_000), &body[..1_500_000])
+            .await
+            .unwrap();
+        bounded(Duration::from_secs(10), async {
+            while env.log().requests("/up").is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        c.send_raw(&body[1_500_000..]).await.unwrap();
+        let head = c.read_final_head().await.unwrap();
+        let answer = c.read_body("POST", &head).await.unwrap();
+        assert_eq!(head.status, 200);
+        assert_eq!(answer, summary(&body).as_bytes());
+        env.stop().await;
+    })
+    .await;
+}

@@ -500,6 +500,59 @@ fn auth_converts_with_defaults_and_bad_ones_name_their_key() {
 }
 
 #[test]
+fn request_buffer_dir_is_a_directory_and_lets_bodies_past_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let with = |v: &str| {
+        GOOD.replace(
+            "  path_prefix = \"/api\"\n",
+            &format!("  path_prefix = \"/api\"\n{v}\n"),
+        )
+    };
+    let src = with(&format!(
+        "  request_buffer_bytes = 1073741824\n  request_buffer_dir = {:?}",
+        dir.path().display().to_string()
+    ));
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    let r = &cfg.config.listeners[0].routes[0];
+    assert_eq!(r.request_buffer_bytes, 1 << 30);
+    assert_eq!(r.request_buffer_dir.as_deref(), Some(dir.path()));
+    // Relative to the configuration's directory.
+    let cfg = parse(
+        &with("  request_buffer_bytes = 1073741824\n  request_buffer_dir = \".\""),
+        dir.path(),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[0]
+            .request_buffer_dir
+            .as_deref(),
+        Some(dir.path().join(".").as_path())
+    );
+    refused(
+        &with(
+            "  request_buffer_bytes = 1073741824\n  request_buffer_dir = \"/nonexistent/bodies\"",
+        ),
+        "listeners[0].routes[0].request_buffer_dir",
+        "is not a directory",
+    );
+    refused(
+        &with("  request_buffer_bytes = 1073741824"),
+        "listeners[0].routes[0].request_buffer_bytes",
+        "request_buffer_dir",
+    );
+    refused(
+        &src.replace("1073741824", "5000000000"),
+        "listeners[0].routes[0].request_buffer_bytes",
+        "4 GiB",
+    );
+    refused(
+        &src.replace("request_buffer_bytes = 1073741824\n", ""),
+        "listeners[0].routes[0].request_buffer_dir",
+        "reads none",
+    );
+}
+
+#[test]
 fn request_buffer_bytes_converts() {
     let src = GOOD.replace(
         "  path_prefix = \"/api\"\n",

@@ -382,8 +382,20 @@ fn proxy<'a>(
                 let read = tokio::select! {
                     biased;
                     reason = t.ctx.cancelled() => return cancelled(t, reason),
-                    read = up_req.body_mut().read_ahead(limit) => read,
+                    read = up_req.body_mut().read_ahead(
+                        limit,
+                        route.request_buffer_dir.as_ref().filter(|_| buffered),
+                    ) => read,
                 };
+                if let Err(e) = &read
+                    && e.is::<request_body::SpillFailed>()
+                {
+                    tracing::warn!(error = %e, "a request body read ahead could not be written");
+                    return fail(
+                        t,
+                        ProxyError::gateway(Stage::RequestBody, ErrorKind::Overloaded),
+                    );
+                }
                 if read.is_err() {
                     if t.upload
                         .too_large

@@ -1,5 +1,6 @@
 //! The request body sent upstream: the client's body, streamed (or read ahead, whole or in
-//! part, before the send), with a failure turned into cancellation.
+//! part, before the send: in memory, or past its first MiB in a file), with a failure turned
+//! into cancellation.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -57,6 +58,23 @@ pub struct RequestBody {
     /// sent first, then the rest streams), and what of it is still to send. Boxed: every
     /// request's state holds a body or two, and few read ahead.
     whole: Option<Box<(Whole, WholeLeft)>>,
+    /// A body read ahead into a file: sent from it, then (if the client's body had not ended)
+    /// the rest streams.
+    spilled: Option<Box<Spilled>>,
+}
+
+/// How much of a body read ahead is held in memory when it may go to a file past that.
+pub const MEMORY_PART_BYTES: usize = 1024 * 1024;
+
+/// A body read ahead into an unlinked file: gone with the body, whatever happens.
+#[derive(Debug)]
+struct Spilled {
+    file: tokio::fs::File,
+    /// Bytes of it still to send.
+    left: u64,
+    buf: bytes::BytesMut,
+    /// The client's body had ended, with these trailers; else the rest streams after the file.
+    ended: Option<Option<http::HeaderMap>>,
 }
 
 /// A request body read whole: its bytes and trailers. Cloning shares the bytes.
@@ -94,6 +112,7 @@ impl RequestBody {
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             limit,
             whole: None,
+            spilled: None,
         }
     }
 
@@ -106,6 +125,7 @@ impl RequestBody {
             idle: None,
             limit: None,
             whole: None,
+            spilled: None,
         }
     }
 
@@ -126,18 +146,33 @@ impl RequestBody {
     }
 
     /// Reads the client's body ahead of the send (its idle timeout, size limit and the client
-    /// leaving apply as when it streams), to its end or until more than `limit` bytes came.
-    /// `Ok(true)`: it ended, and is kept whole, to be sent and sent again; `Ok(false)`: what
-    /// came is sent first and the rest streams. `Err` when the body failed: the request's
-    /// context says why.
-    pub async fn read_ahead(&mut self, limit: u64) -> Result<bool, BoxError> {
+    /// leaving apply as when it streams), to its end or until more than `limit` bytes came;
+    /// with a `spill` directory, past [`MEMORY_PART_BYTES`] into a file there.
+    /// `Ok(true)`: it ended, and is kept whole in memory, to be sent and sent again;
+    /// `Ok(false)`: what came is sent first (from memory or the file) and the rest, if any,
+    /// streams. `Err` when the body failed (the request's context says why) or the file could
+    /// not be written ([`SpillFailed`]).
+    pub async fn read_ahead(
+        &mut self,
+        limit: u64,
+        // A thin pointer: this future is part of every request's state.
+        spill: Option<&Arc<std::path::Path>>,
+    ) -> Result<bool, BoxError> {
         use http_body_util::BodyExt;
         let mut data = bytes::BytesMut::new();
         let mut trailers = None;
+        let mut to_file = false;
         while let Some(frame) = self.frame().await {
             match frame?.into_data() {
                 Ok(chunk) => {
                     data.extend_from_slice(&chunk);
+                    if spill.is_some()
+                        && data.len() > MEMORY_PART_BYTES
+                        && limit > MEMORY_PART_BYTES as u64
+                    {
+                        to_file = true;
+                        break;
+                    }
                     if data.len() as u64 > limit {
                         let start = Whole {
                             data: data.freeze(),
@@ -150,11 +185,80 @@ impl RequestBody {
                 Err(frame) => trailers = frame.into_trailers().ok(),
             }
         }
+        // Awaited out of the loop, so that none of the loop's state is kept across it.
+        if to_file && let Some(dir) = spill {
+            // Boxed: only a body that goes to a file pays for the file's state.
+            return Box::pin(self.spill(dir.clone(), data.freeze(), limit)).await;
+        }
         *self = RequestBody::from_whole(Whole {
             data: data.freeze(),
             trailers,
         });
         Ok(true)
+    }
+
+    /// Goes on reading ahead into a file in `dir`, `start` first; see [`Self::read_ahead`]. A
+    /// file that cannot be made leaves the body to stream after `start`.
+    #[cold]
+    async fn spill(
+        &mut self,
+        dir: Arc<std::path::Path>,
+        start: Bytes,
+        limit: u64,
+    ) -> Result<bool, BoxError> {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+        let made = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let mut file = match made {
+            Ok(f) => tokio::fs::File::from_std(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a file for a request body read ahead; it streams");
+                self.whole = Some(Box::new((
+                    Whole {
+                        data: start,
+                        trailers: None,
+                    },
+                    WholeLeft::Start,
+                )));
+                return Ok(false);
+            }
+        };
+        let failed = |e: std::io::Error| -> BoxError { Box::new(SpillFailed(e)) };
+        file.write_all(&start).await.map_err(failed)?;
+        let mut len = start.len() as u64;
+        let mut ended = Some(None);
+        while len <= limit {
+            match self.frame().await {
+                None => break,
+                Some(frame) => match frame?.into_data() {
+                    Ok(chunk) => {
+                        file.write_all(&chunk).await.map_err(failed)?;
+                        len += chunk.len() as u64;
+                    }
+                    Err(frame) => ended = Some(frame.into_trailers().ok()),
+                },
+            }
+        }
+        if len > limit {
+            ended = None;
+        }
+        file.flush().await.map_err(failed)?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(failed)?;
+        if ended.is_some() {
+            // Nothing more comes from the client.
+            self.inner = None;
+        }
+        self.spilled = Some(Box::new(Spilled {
+            file,
+            left: len,
+            buf: bytes::BytesMut::new(),
+            ended,
+        }));
+        Ok(false)
     }
 
     /// The body, when it was read whole.
@@ -196,6 +300,12 @@ impl Body for RequestBody {
                 }
                 WholeLeft::Nothing | WholeLeft::Start => None,
             });
+        }
+        if let Some(spilled) = this.spilled.as_deref_mut() {
+            match spilled.poll_frame(cx) {
+                Poll::Ready(None) if spilled.ended.is_none() => this.spilled = None,
+                polled => return polled,
+            }
         }
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -258,6 +368,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        if let Some(s) = self.spilled.as_deref() {
+            return s.left == 0
+                && s.ended.as_ref().is_some_and(Option::is_none)
+                && self.inner.is_none();
+        }
         match self.whole.as_deref() {
             Some((w, left)) => match left {
                 WholeLeft::Start => false,
@@ -270,6 +385,21 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        if let Some(s) = self.spilled.as_deref() {
+            // What is left of the file, and what is still to come.
+            return match &self.inner {
+                Some(b) => {
+                    let rest = b.size_hint();
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(rest.lower() + s.left);
+                    if let Some(upper) = rest.upper() {
+                        hint.set_upper(upper + s.left);
+                    }
+                    hint
+                }
+                None => SizeHint::with_exact(s.left),
+            };
+        }
         match (self.whole.as_deref(), &self.inner) {
             (Some((start, WholeLeft::Start)), Some(b)) => {
                 // What was read ahead, and what is still to come.
@@ -291,3 +421,40 @@ impl Body for RequestBody {
         }
     }
 }
+
+impl Spilled {
+    /// The file's next chunk; once it is sent, the trailers (if the client's body ended with
+    /// some) and the end.
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.left == 0 {
+            return Poll::Ready(match &mut self.ended {
+                Some(trailers) => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => None,
+            });
+        }
+        use bytes::BufMut;
+        const CHUNK: u64 = 64 * 1024;
+        let want = self.left.min(CHUNK) as usize;
+        self.buf.reserve(want);
+        let polled = {
+            let mut chunk = (&mut self.buf).limit(want);
+            tokio_util::io::poll_read_buf(Pin::new(&mut self.file), cx, &mut chunk)
+        };
+        match polled {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(SpillFailed(e))))),
+            Poll::Ready(Ok(0)) => Poll::Ready(Some(Err(Box::new(SpillFailed(
+                std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+            ))))),
+            Poll::Ready(Ok(n)) => {
+                self.left -= n as u64;
+                Poll::Ready(Some(Ok(Frame::data(self.buf.split().freeze()))))
+            }
+        }
+    }
+}
+
+/// A body read ahead into a file could not be written or read back (the disk is full, say).
+#[derive(Debug, thiserror::Error)]
+#[error("request body file: {0}")]
+pub struct SpillFailed(#[source] pub std::io::Error);
