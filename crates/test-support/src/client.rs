@@ -80,6 +80,20 @@ impl H1Client {
         Self::connect_inner(addr, None).await
     }
 
+    /// Connects over cleartext TCP with a receive buffer of `bytes` (fixed: the kernel does not
+    /// grow it), for a client whose slowness the sockets between it and an upstream do not hide.
+    pub async fn connect_with_window(addr: SocketAddr, bytes: u32) -> Result<H1Client, BoxError> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_recv_buffer_size(bytes)?;
+        let tcp = socket.connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let handle = net::SocketHandle::of(&tcp)?;
+        Ok(Self::over(Box::new(tcp), handle))
+    }
+
     /// Connects over TLS (verifying `localhost` against the config's roots).
     pub async fn connect_tls(
         addr: SocketAddr,

@@ -224,6 +224,8 @@ pub struct FileRoute {
     pub request_buffer_bytes: Option<u64>,
     /// Where bodies read ahead go past their first MiB.
     pub request_buffer_dir: Option<String>,
+    /// Response bodies read ahead of the client up to this size.
+    pub response_buffer_bytes: Option<u64>,
     /// `{ upstream, share, max_in_flight }`: copies of the requests sent to another upstream.
     pub mirror: Option<FileMirror>,
     /// `{ upstream, path, copy_headers, timeout }`: an auth service that checks each request
@@ -1349,6 +1351,9 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
     }
     if let Some(n) = r.request_buffer_bytes {
         cfg.request_buffer_bytes = n;
+    }
+    if let Some(n) = r.response_buffer_bytes {
+        cfg.response_buffer_bytes = n;
     }
     if let Some(d) = &r.request_buffer_dir {
         let dir = resolve(base, d);

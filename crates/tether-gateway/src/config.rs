@@ -617,6 +617,13 @@ pub struct RouteConfig {
     /// [`MAX_SPILLED_BODY_BYTES`] while each upload holds little memory. Default none: bodies
     /// read ahead are held in memory.
     pub request_buffer_dir: Option<std::path::PathBuf>,
+    /// Response bodies are read ahead of the client, up to this many bytes, by a task of their
+    /// own (nginx's `proxy_buffering`): a response that fits is read from the upstream at the
+    /// upstream's pace, not a slow client's, so the backend worker that wrote it is free at
+    /// once and its HTTP/1.1 connection goes back to the pool. Frames are passed on as they
+    /// come (server-sent events are not held back). Default 0: the upstream is read at the
+    /// client's pace. At most [`MAX_RETRY_BODY_BYTES`]: it is memory.
+    pub response_buffer_bytes: u64,
     /// Retries allowed as a fraction of requests (the retry budget). Default 0.2.
     pub retry_budget_ratio: f64,
     /// Retries always allowed per second, whatever the ratio says. Default 10.
@@ -1338,6 +1345,7 @@ impl RouteConfig {
             retry_body_bytes: DEFAULT_RETRY_BODY_BYTES,
             request_buffer_bytes: 0,
             request_buffer_dir: None,
+            response_buffer_bytes: 0,
             retry_budget_ratio: 0.2,
             retry_budget_min_per_second: 10,
             budget_header: Some(tether::budget::DEFAULT_BUDGET_HEADER.to_owned()),
@@ -1677,6 +1685,7 @@ impl Config {
                 for (name, bytes, spills) in [
                     ("retry_body_bytes", r.retry_body_bytes, false),
                     ("request_buffer_bytes", r.request_buffer_bytes, spills),
+                    ("response_buffer_bytes", r.response_buffer_bytes, false),
                 ] {
                     if spills && bytes > MAX_SPILLED_BODY_BYTES {
                         return Err(ConfigError::new(
@@ -1685,10 +1694,15 @@ impl Config {
                         ));
                     }
                     if !spills && bytes > MAX_RETRY_BODY_BYTES {
+                        let dir = if name == "request_buffer_bytes" {
+                            " (a request_buffer_dir takes bodies past their first MiB)"
+                        } else {
+                            ""
+                        };
                         return Err(ConfigError::new(
                             format!("{rkey}.{name}"),
                             format!(
-                                "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory (a request_buffer_dir takes bodies past their first MiB)"
+                                "must be at most {MAX_RETRY_BODY_BYTES} (16 MiB): it is held in memory{dir}"
                             ),
                         ));
                     }

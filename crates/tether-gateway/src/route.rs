@@ -43,6 +43,8 @@ pub struct Route {
     pub request_buffer_bytes: u64,
     /// Where a body read ahead goes past its first MiB, if anywhere.
     pub request_buffer_dir: Option<Arc<std::path::Path>>,
+    /// How far response bodies are read ahead of the client; 0: not at all.
+    pub response_buffer_bytes: usize,
     /// Where copies of the route's requests go, when it mirrors them.
     pub mirror: Option<Box<crate::proxy::mirror::MirrorTarget>>,
     /// The auth service that checks each request first, when the route has one.
@@ -463,6 +465,7 @@ impl Router {
                     retry_body_bytes: r.retry_body_bytes,
                     request_buffer_bytes: r.request_buffer_bytes,
                     request_buffer_dir: r.request_buffer_dir.as_deref().map(Arc::from),
+                    response_buffer_bytes: usize::try_from(r.response_buffer_bytes).ok()?,
                     mirror: match &r.mirror {
                         Some(m) => Some(Box::new(crate::proxy::mirror::MirrorTarget {
                             upstream: upstream_index(&m.upstream)?,

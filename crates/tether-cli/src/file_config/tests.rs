@@ -553,6 +553,25 @@ fn request_buffer_dir_is_a_directory_and_lets_bodies_past_memory() {
 }
 
 #[test]
+fn response_buffer_bytes_converts_and_is_held_to_memory() {
+    let src = GOOD.replace(
+        "  path_prefix = \"/api\"\n",
+        "  path_prefix = \"/api\"\n  response_buffer_bytes = 262144\n",
+    );
+    let cfg = parse(&src, Path::new(".")).unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[0].response_buffer_bytes,
+        256 * 1024
+    );
+    assert_eq!(cfg.config.listeners[0].routes[1].response_buffer_bytes, 0);
+    refused(
+        &src.replace("262144", "16777217"),
+        "listeners[0].routes[0].response_buffer_bytes",
+        "held in memory",
+    );
+}
+
+#[test]
 fn request_buffer_bytes_converts() {
     let src = GOOD.replace(
         "  path_prefix = \"/api\"\n",

@@ -8,6 +8,7 @@ pub mod headers;
 pub mod mirror;
 pub mod request_body;
 pub mod response_body;
+pub mod response_buffer;
 pub mod retry;
 pub mod subrequest;
 pub mod tracker;
@@ -38,7 +39,7 @@ use crate::respond::{self, REQUEST_ID};
 use crate::route::Route;
 use crate::upstream::{Checkout, Upstream, Want};
 use request_body::RequestBody;
-use response_body::{PoolReturn, ProxyBody, Streaming};
+use response_body::{PoolReturn, ProxyBody, Source, Streaming};
 use tracker::{Teardown, Tracker};
 
 /// The budget header every route reads unless configured otherwise: the header scan looks for it.
@@ -780,8 +781,16 @@ fn proxy<'a>(
             }
             _ => None,
         };
+        // Read ahead of the client, the connection is given back by the reading task.
+        let (source, pool) =
+            if route.response_buffer_bytes > 0 && !http_body::Body::is_end_stream(&body) {
+                let ahead = response_buffer::start(body, route.response_buffer_bytes, pool);
+                (Source::Ahead(Box::new(ahead)), None)
+            } else {
+                (Source::Upstream(body), pool)
+            };
         let mut body = Box::new(Streaming::new(
-            body,
+            source,
             t,
             route.timeouts.idle,
             pool,

@@ -1,6 +1,7 @@
 //! The response body sent downstream: the upstream's body streamed frame by frame (never
-//! buffered whole), cut at once when the request is cancelled, and ended abnormally when the
-//! upstream fails mid-body.
+//! buffered whole; read ahead of the client, with `response_buffer_bytes`, by
+//! [`response_buffer`](super::response_buffer)), cut at once when the request is cancelled, and
+//! ended abnormally when the upstream fails mid-body.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,13 +57,80 @@ pub struct PoolReturn {
     pub private: Option<Arc<crate::upstream::Private>>,
 }
 
+impl PoolReturn {
+    /// The body was read to its end: the connection can serve another request.
+    pub fn give_back(self) {
+        match &self.private {
+            None => self
+                .upstream
+                .release(self.endpoint, self.conn, self.keep_alive),
+            Some(kept) => {
+                self.upstream
+                    .keep_private(self.endpoint, self.conn, self.keep_alive, kept)
+            }
+        }
+    }
+}
+
+/// Where a streamed response's body comes from.
+#[derive(Debug)]
+pub enum Source {
+    /// The upstream's body, read as the client takes it.
+    Upstream(Incoming),
+    /// The upstream's body read ahead of the client (`response_buffer_bytes`).
+    Ahead(Box<super::response_buffer::Ahead>),
+}
+
+impl Source {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self {
+            Source::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Source::Ahead(a) => a.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Source::Upstream(b) => b.is_end_stream(),
+            Source::Ahead(a) => a.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Source::Upstream(b) => b.size_hint(),
+            Source::Ahead(a) => a.size_hint(),
+        }
+    }
+
+    /// When the upstream's part of this body ended, if it did before the client's (read
+    /// ahead to its end).
+    fn upstream_done(&self) -> Option<Instant> {
+        match self {
+            Source::Upstream(_) => None,
+            Source::Ahead(a) => a.upstream_done(),
+        }
+    }
+
+    /// A body read ahead to its end left nothing upstream to tear down, and the upstream's
+    /// time ended then.
+    fn mark_finished(&self, tracker: Option<&mut Tracker>) {
+        if let (Some(at), Some(t)) = (self.upstream_done(), tracker) {
+            t.teardown = super::tracker::Teardown::Finished(at);
+        }
+    }
+}
+
 /// See [`ProxyBody::Stream`].
 ///
 /// The cancellation future and the idle timer are made only when the upstream body is not
 /// ready: a small response that arrived with its head is forwarded without either (its context
 /// is still checked before every frame).
 pub struct Streaming {
-    inner: Option<Incoming>,
+    inner: Option<Source>,
     tracker: Option<Tracker>,
     cancelled: Option<Pin<Box<dyn Future<Output = CancelReason> + Send>>>,
     idle_timeout: Option<Duration>,
@@ -86,7 +154,7 @@ impl std::fmt::Debug for Streaming {
 impl Streaming {
     /// Streams `inner` for the request tracked by `tracker`.
     pub fn new(
-        inner: Incoming,
+        inner: Source,
         tracker: Tracker,
         idle_timeout: Option<Duration>,
         pool: Option<PoolReturn>,
@@ -144,14 +212,12 @@ impl Streaming {
 
     /// The upstream body ended cleanly: the connection goes back to the pool, the request is done.
     fn complete(&mut self) {
+        if let Some(inner) = &self.inner {
+            inner.mark_finished(self.tracker.as_mut());
+        }
         self.inner = None;
         if let Some(p) = self.pool.take() {
-            match &p.private {
-                None => p.upstream.release(p.endpoint, p.conn, p.keep_alive),
-                Some(kept) => p
-                    .upstream
-                    .keep_private(p.endpoint, p.conn, p.keep_alive, kept),
-            }
+            p.give_back();
         }
         if let Some(t) = self.tracker.take() {
             t.finish_ok();
@@ -159,8 +225,11 @@ impl Streaming {
     }
 
     /// Drops the upstream side first (closing an HTTP/1 connection, resetting an HTTP/2 stream),
-    /// then records the end.
+    /// then records the end. A body read ahead to its end left nothing upstream to tear down.
     fn teardown(&mut self) {
+        if let Some(inner) = &self.inner {
+            inner.mark_finished(self.tracker.as_mut());
+        }
         self.inner = None;
         self.pool = None;
     }
@@ -246,7 +315,7 @@ impl Body for Streaming {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        match inner.poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = match this.compressing.as_mut() {
                     None => frame,

@@ -28,6 +28,9 @@ pub enum Teardown {
     /// An HTTP/2 stream: propagation ends when its handles were dropped (RST_STREAM queued).
     /// Holds the stream's place on its connection until the exchange ends.
     H2(crate::upstream::pool::StreamPlace),
+    /// The upstream's part ended, at this instant, before the request did (its body read ahead
+    /// to the end): nothing upstream to cancel, so no propagation.
+    Finished(Instant),
 }
 
 /// See the [module docs](self).
@@ -203,7 +206,11 @@ impl Tracker {
         self.rec.duration = now - self.start;
         self.rec.bytes_received = self.upload.bytes.load(Ordering::Relaxed);
         if let Some(s) = self.upstream_started {
-            self.rec.upstream_time = Some(now - s);
+            let end = match self.teardown {
+                Teardown::Finished(at) => at,
+                _ => now,
+            };
+            self.rec.upstream_time = Some(end.saturating_duration_since(s));
         }
         self.fill_exchange_timings(now);
         let teardown = std::mem::replace(&mut self.teardown, Teardown::None);
