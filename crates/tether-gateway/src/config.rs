@@ -510,6 +510,27 @@ fn is_plain_path(p: &str) -> bool {
 
 /// A route's `path_exact`, `path_regex` and `rewrite_path`: one way of matching the path, and a
 /// rewrite that fits it.
+/// A route's `host`: a name, or `*.` and a name (every name under it).
+fn validate_host(rkey: &str, host: &str) -> Result<(), ConfigError> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    // An IPv6 literal, bracketed or not, matches as written.
+    let literal = host.parse::<IpAddr>().is_ok() || host.starts_with('[');
+    if !literal && !name.split('.').all(label_ok) {
+        return Err(ConfigError::new(
+            format!("{rkey}.host"),
+            format!(
+                "{host:?} is not a host name: write \"api.example.com\", or \"*.example.com\" for every name under example.com"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn validate_path_rule(rkey: &str, r: &RouteConfig) -> Result<(), ConfigError> {
     let other = "a route matches its path by path_prefix, path or path_regex: one of them";
     if r.path_exact.is_some() && r.path_regex.is_some() {
@@ -1645,6 +1666,9 @@ impl Config {
                     ));
                 }
                 validate_path_rule(&rkey, r)?;
+                if let Some(h) = &r.host {
+                    validate_host(&rkey, h)?;
+                }
                 if let Some(m) = &r.mirror {
                     let mkey = format!("{rkey}.mirror");
                     if r.redirect.is_some() || r.respond.is_some() {
@@ -2349,6 +2373,33 @@ mod tests {
         c.listeners[0].routes[0].mirror = Some(mirror(&up, 1, 1));
         c.upstreams[0].proxy_protocol = Some(ProxyProtocolVersion::V2);
         assert_eq!(c.validate().unwrap_err().key, format!("{route}.upstream"));
+    }
+
+    #[test]
+    fn a_route_host_is_a_name_or_a_wildcard_over_one() {
+        let mut c = base();
+        for good in [
+            "api.example.com",
+            "*.example.com",
+            "localhost",
+            "127.0.0.1",
+            "::1",
+        ] {
+            c.listeners[0].routes[0].host = Some(good.into());
+            assert!(c.validate().is_ok(), "{good}: {:?}", c.validate());
+        }
+        for bad in [
+            "api.example.com:8080",
+            "a.*.com",
+            "*example.com",
+            "*.",
+            "",
+            "a b",
+        ] {
+            c.listeners[0].routes[0].host = Some(bad.into());
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.key, "listeners[0].routes[0].host", "{bad}");
+        }
     }
 
     #[test]

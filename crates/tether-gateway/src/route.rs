@@ -549,13 +549,25 @@ impl Router {
         self.routes.iter().find(|r| {
             let host_ok = match (&r.host, host) {
                 (None, _) => true,
-                (Some(want), Some(have)) => want.as_bytes().eq_ignore_ascii_case(have),
+                (Some(want), Some(have)) => host_matches(want, have),
                 (Some(_), None) => false,
             };
             host_ok
                 && r.matches_path(path)
                 && r.condition.as_ref().is_none_or(|c| c.matches(request))
         })
+    }
+}
+
+/// Whether a request's `host` (port stripped) is the route's `want`: that name, or with
+/// `*.example.com` any name under `example.com` (not `example.com` itself), case aside.
+fn host_matches(want: &str, host: &[u8]) -> bool {
+    match want.strip_prefix('*') {
+        Some(suffix) => {
+            host.len() > suffix.len()
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+        }
+        None => want.as_bytes().eq_ignore_ascii_case(host),
     }
 }
 
@@ -871,6 +883,21 @@ mod tests {
             "web" => Some(1),
             _ => None,
         })
+    }
+
+    #[test]
+    fn a_wildcard_host_matches_every_name_under_it_and_not_itself() {
+        let mut tenants = RouteConfig::new("/", "tenants");
+        tenants.host = Some("*.App.example.com".into());
+        let r = Router::new(&[tenants, RouteConfig::new("/", "web")], |n| {
+            ["tenants", "web"].iter().position(|u| *u == n)
+        });
+        let upstream = |host: &str| r.select(Some(host), "/").map(|r| r.upstream);
+        assert_eq!(upstream("acme.app.example.com"), Some(0));
+        assert_eq!(upstream("a.b.APP.example.com:8443"), Some(0));
+        assert_eq!(upstream("app.example.com"), Some(1));
+        assert_eq!(upstream("xapp.example.com"), Some(1));
+        assert_eq!(upstream(".app.example.com"), Some(1));
     }
 
     #[test]
