@@ -781,10 +781,23 @@ fn proxy<'a>(
             }
             _ => None,
         };
-        // Read ahead of the client, the connection is given back by the reading task.
+        // Read ahead of the client, what the upstream's part holds (its connection, its
+        // stream's place, its endpoint's count) is given back by the reading task.
         let (source, pool) =
             if route.response_buffer_bytes > 0 && !http_body::Body::is_end_stream(&body) {
-                let ahead = response_buffer::start(body, route.response_buffer_bytes, pool);
+                let place = match std::mem::replace(&mut t.teardown, Teardown::None) {
+                    Teardown::H2(place) => Some(place),
+                    other => {
+                        t.teardown = other;
+                        None
+                    }
+                };
+                let held = response_buffer::Held {
+                    pool,
+                    place,
+                    load: t.endpoint_load.take(),
+                };
+                let ahead = response_buffer::start(body, route.response_buffer_bytes, held);
                 (Source::Ahead(Box::new(ahead)), None)
             } else {
                 (Source::Upstream(body), pool)

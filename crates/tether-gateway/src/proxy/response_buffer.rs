@@ -37,9 +37,23 @@ pub struct Ahead {
     hint: SizeHint,
 }
 
-/// Reads `body` ahead of the client, up to `cap` bytes, in a task of its own; `pool` is where
-/// its HTTP/1.1 connection goes once the body has been read to its end.
-pub fn start(body: Incoming, cap: usize, pool: Option<PoolReturn>) -> Ahead {
+/// What the upstream side of a response holds until its body has been read: its HTTP/1.1
+/// connection (given back to the pool at the end), its HTTP/2 stream's place on the connection,
+/// and its count in the endpoint's load. Released when the upstream's part is over, not when
+/// a slow client's is.
+#[derive(Debug)]
+pub struct Held {
+    /// Where the HTTP/1.1 connection goes back to.
+    pub pool: Option<PoolReturn>,
+    /// The HTTP/2 stream's place among its connection's streams.
+    pub place: Option<crate::upstream::pool::StreamPlace>,
+    /// The request counted in its endpoint's load (`least_requests`).
+    pub load: Option<crate::upstream::balance::InFlight>,
+}
+
+/// Reads `body` ahead of the client, up to `cap` bytes, in a task of its own, holding `held`
+/// until the body has been read to its end (or failed, or the client's side is gone).
+pub fn start(body: Incoming, cap: usize, held: Held) -> Ahead {
     let hint = body.size_hint();
     let (tx, rx) = mpsc::unbounded_channel();
     let room = Arc::new(Semaphore::new(cap));
@@ -49,7 +63,7 @@ pub fn start(body: Incoming, cap: usize, pool: Option<PoolReturn>) -> Ahead {
         tx,
         room.clone(),
         cap,
-        pool,
+        held,
         upstream_done.clone(),
     ));
     Ahead {
@@ -63,16 +77,19 @@ pub fn start(body: Incoming, cap: usize, pool: Option<PoolReturn>) -> Ahead {
 }
 
 /// The task: frames from `body` into `tx` while there is room, until the body ends (its
-/// connection then goes to `pool`), fails, or the client's side is gone (the connection is
-/// then dropped, which closes it).
+/// connection then goes back to the pool), fails, or the client's side is gone (the connection
+/// is then dropped, which closes it; an HTTP/2 stream is reset).
 async fn read(
     mut body: Incoming,
     tx: mpsc::UnboundedSender<Item>,
     room: Arc<Semaphore>,
     cap: usize,
-    pool: Option<PoolReturn>,
+    held: Held,
     done: Arc<OnceLock<Instant>>,
 ) {
+    let Held { pool, place, load } = held;
+    // Released when the task ends, however it ends.
+    let _upstream = (place, load);
     loop {
         let frame = tokio::select! {
             biased;
