@@ -39,7 +39,7 @@ use crate::respond::{self, REQUEST_ID};
 use crate::route::Route;
 use crate::upstream::{Checkout, Upstream, Want};
 use request_body::RequestBody;
-use response_body::{PoolReturn, ProxyBody, Source, Streaming};
+use response_body::{PoolReturn, ProxyBody, Streaming};
 use tracker::{Teardown, Tracker};
 
 /// The budget header every route reads unless configured otherwise: the header scan looks for it.
@@ -781,29 +781,8 @@ fn proxy<'a>(
             }
             _ => None,
         };
-        // Read ahead of the client, what the upstream's part holds (its connection, its
-        // stream's place, its endpoint's count) is given back by the reading task.
-        let (source, pool) =
-            if route.response_buffer_bytes > 0 && !http_body::Body::is_end_stream(&body) {
-                let place = match std::mem::replace(&mut t.teardown, Teardown::None) {
-                    Teardown::H2(place) => Some(place),
-                    other => {
-                        t.teardown = other;
-                        None
-                    }
-                };
-                let held = response_buffer::Held {
-                    pool,
-                    place,
-                    load: t.endpoint_load.take(),
-                };
-                let ahead = response_buffer::start(body, route.response_buffer_bytes, held);
-                (Source::Ahead(Box::new(ahead)), None)
-            } else {
-                (Source::Upstream(body), pool)
-            };
         let mut body = Box::new(Streaming::new(
-            source,
+            body,
             t,
             route.timeouts.idle,
             pool,
@@ -811,6 +790,9 @@ fn proxy<'a>(
         ));
         if let Some(flavor) = grpc_framing {
             body.frame_grpc(flavor);
+        }
+        if route.response_buffer_bytes > 0 {
+            body.read_ahead(route.response_buffer_bytes);
         }
         Response::from_parts(parts, ProxyBody::Stream(body))
     }

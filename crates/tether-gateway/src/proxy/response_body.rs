@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::error::{BoxError, ErrorKind, ProxyError, Stage};
 use crate::proxy::compress::Compressing;
-use crate::proxy::tracker::Tracker;
+use crate::proxy::tracker::{Teardown, Tracker};
 use crate::upstream::Upstream;
 use crate::upstream::pool::H1Conn;
 
@@ -59,6 +59,8 @@ pub struct PoolReturn {
 
 impl PoolReturn {
     /// The body was read to its end: the connection can serve another request.
+    // Inlined: on every request's path, and moving `self` into a call copies it.
+    #[inline(always)]
     pub fn give_back(self) {
         match &self.private {
             None => self
@@ -72,65 +74,16 @@ impl PoolReturn {
     }
 }
 
-/// Where a streamed response's body comes from.
-#[derive(Debug)]
-pub enum Source {
-    /// The upstream's body, read as the client takes it.
-    Upstream(Incoming),
-    /// The upstream's body read ahead of the client (`response_buffer_bytes`).
-    Ahead(Box<super::response_buffer::Ahead>),
-}
-
-impl Source {
-    fn poll_frame(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self {
-            Source::Upstream(b) => Pin::new(b).poll_frame(cx),
-            Source::Ahead(a) => a.poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Source::Upstream(b) => b.is_end_stream(),
-            Source::Ahead(a) => a.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Source::Upstream(b) => b.size_hint(),
-            Source::Ahead(a) => a.size_hint(),
-        }
-    }
-
-    /// When the upstream's part of this body ended, if it did before the client's (read
-    /// ahead to its end).
-    fn upstream_done(&self) -> Option<Instant> {
-        match self {
-            Source::Upstream(_) => None,
-            Source::Ahead(a) => a.upstream_done(),
-        }
-    }
-
-    /// A body read ahead to its end left nothing upstream to tear down, and the upstream's
-    /// time ended then.
-    fn mark_finished(&self, tracker: Option<&mut Tracker>) {
-        if let (Some(at), Some(t)) = (self.upstream_done(), tracker) {
-            t.teardown = super::tracker::Teardown::Finished(at);
-        }
-    }
-}
-
 /// See [`ProxyBody::Stream`].
 ///
 /// The cancellation future and the idle timer are made only when the upstream body is not
 /// ready: a small response that arrived with its head is forwarded without either (its context
 /// is still checked before every frame).
 pub struct Streaming {
-    inner: Option<Source>,
+    inner: Option<Incoming>,
+    /// In place of `inner`, the upstream's body read ahead of the client by a task of its
+    /// own (`response_buffer_bytes`).
+    ahead: Option<Box<super::response_buffer::Ahead>>,
     tracker: Option<Tracker>,
     cancelled: Option<Pin<Box<dyn Future<Output = CancelReason> + Send>>>,
     idle_timeout: Option<Duration>,
@@ -146,7 +99,7 @@ pub struct Streaming {
 impl std::fmt::Debug for Streaming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Streaming")
-            .field("done", &self.inner.is_none())
+            .field("done", &!self.has_source())
             .finish()
     }
 }
@@ -154,7 +107,7 @@ impl std::fmt::Debug for Streaming {
 impl Streaming {
     /// Streams `inner` for the request tracked by `tracker`.
     pub fn new(
-        inner: Source,
+        inner: Incoming,
         tracker: Tracker,
         idle_timeout: Option<Duration>,
         pool: Option<PoolReturn>,
@@ -162,6 +115,7 @@ impl Streaming {
     ) -> Streaming {
         Streaming {
             inner: Some(inner),
+            ahead: None,
             tracker: Some(tracker),
             cancelled: None,
             idle_timeout,
@@ -210,10 +164,68 @@ impl Streaming {
         Some(end)
     }
 
+    /// Reads the upstream's body ahead of the client, up to `cap` bytes, in a task of its own
+    /// ([`response_buffer`](super::response_buffer)), which holds the upstream's part (the
+    /// connection, the HTTP/2 stream's place, the endpoint's count) until that body has been
+    /// read.
+    #[cold]
+    pub fn read_ahead(&mut self, cap: usize) {
+        if self.inner.as_ref().is_none_or(Body::is_end_stream) {
+            return;
+        }
+        let Some(body) = self.inner.take() else {
+            return;
+        };
+        let (place, load) = match self.tracker.as_mut() {
+            Some(t) => {
+                let place = match std::mem::replace(&mut t.teardown, Teardown::None) {
+                    Teardown::H2(place) => Some(place),
+                    other => {
+                        t.teardown = other;
+                        None
+                    }
+                };
+                (place, t.endpoint_load.take())
+            }
+            None => (None, None),
+        };
+        let held = super::response_buffer::Held {
+            pool: self.pool.take(),
+            place,
+            load,
+        };
+        self.ahead = Some(Box::new(super::response_buffer::start(body, cap, held)));
+    }
+
+    /// Whether there is an upstream body still to take from.
+    fn has_source(&self) -> bool {
+        self.inner.is_some() || self.ahead.is_some()
+    }
+
+    /// Whether the upstream body has given its last frame.
+    fn source_ended(&self) -> bool {
+        match (&self.inner, &self.ahead) {
+            (Some(b), _) => b.is_end_stream(),
+            (None, Some(a)) => a.is_end_stream(),
+            (None, None) => false,
+        }
+    }
+
+    /// A body read ahead to its end left nothing upstream to tear down, and the upstream's
+    /// time ended then.
+    fn mark_finished(&mut self) {
+        if let Some(at) = self.ahead.as_ref().and_then(|a| a.upstream_done())
+            && let Some(t) = self.tracker.as_mut()
+        {
+            t.teardown = Teardown::Finished(at);
+        }
+    }
+
     /// The upstream body ended cleanly: the connection goes back to the pool, the request is done.
     fn complete(&mut self) {
-        if let Some(inner) = &self.inner {
-            inner.mark_finished(self.tracker.as_mut());
+        if self.ahead.is_some() {
+            self.mark_finished();
+            self.ahead = None;
         }
         self.inner = None;
         if let Some(p) = self.pool.take() {
@@ -227,8 +239,9 @@ impl Streaming {
     /// Drops the upstream side first (closing an HTTP/1 connection, resetting an HTTP/2 stream),
     /// then records the end. A body read ahead to its end left nothing upstream to tear down.
     fn teardown(&mut self) {
-        if let Some(inner) = &self.inner {
-            inner.mark_finished(self.tracker.as_mut());
+        if self.ahead.is_some() {
+            self.mark_finished();
+            self.ahead = None;
         }
         self.inner = None;
         self.pool = None;
@@ -298,7 +311,7 @@ impl Body for Streaming {
         {
             return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
         }
-        if this.inner.is_none() {
+        if !this.has_source() {
             return Poll::Ready(None);
         }
         // Cancellation is checked first so that a cancelled request never forwards another byte.
@@ -312,15 +325,18 @@ impl Body for Streaming {
         {
             return this.idle_expired();
         }
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
+        let polled = match (this.inner.as_mut(), this.ahead.as_mut()) {
+            (Some(inner), _) => Pin::new(inner).poll_frame(cx),
+            (None, Some(ahead)) => ahead.poll_frame(cx),
+            (None, None) => return Poll::Ready(None),
         };
-        match inner.poll_frame(cx) {
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
+                // Whether this is the body's last frame, asked only when compressing.
+                let last = this.compressing.is_some() && this.source_ended();
                 let frame = match this.compressing.as_mut() {
                     None => frame,
                     Some(c) => {
-                        let last = this.inner.as_ref().is_some_and(|b| b.is_end_stream());
                         match c.frame(frame, last) {
                             // Nothing to send yet: asked for the next frame at once.
                             Ok(f) if f.data_ref().is_some_and(|d| d.is_empty()) && !last => {
@@ -345,7 +361,7 @@ impl Body for Streaming {
                 }
                 // hyper stops polling a body once it has sent as many bytes as Content-Length
                 // says; finish now rather than wait for an end that is never asked for.
-                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                if this.source_ended() {
                     this.complete();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -415,24 +431,29 @@ impl Body for Streaming {
     fn is_end_stream(&self) -> bool {
         match &self.compressing {
             // The upstream's end is not the compressed body's: that comes after it.
-            Some(c) => self.inner.is_none() && !c.has_trailers(),
-            None => self.inner.as_ref().is_none_or(|b| b.is_end_stream()),
+            Some(c) => !self.has_source() && !c.has_trailers(),
+            None => match (&self.inner, &self.ahead) {
+                (Some(b), _) => b.is_end_stream(),
+                (None, Some(a)) => a.is_end_stream(),
+                (None, None) => true,
+            },
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
+        match (&self.inner, &self.ahead) {
             // A compressed body's size is known only at its end.
             _ if self.compressing.is_some() => SizeHint::default(),
-            Some(b) => b.size_hint(),
-            None => SizeHint::with_exact(0),
+            (Some(b), _) => b.size_hint(),
+            (None, Some(a)) => a.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
         }
     }
 }
 
 impl Drop for Streaming {
     fn drop(&mut self) {
-        if self.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+        if self.source_ended() {
             self.complete();
         }
         // Dropped before the end: the downstream is gone (or hyper gave up on it).
@@ -442,7 +463,7 @@ impl Drop for Streaming {
                 t.stage = Stage::Body;
                 drop(t);
             }
-        } else if self.inner.is_some() {
+        } else if self.has_source() {
             self.teardown();
         }
     }
