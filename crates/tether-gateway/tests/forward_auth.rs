@@ -11,41 +11,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use test_support::EventKind;
 use test_support::behavior::{Behavior, Reply, Script, routes, script};
 use test_support::client::full;
-use test_support::{EventKind, EventLog, UpstreamH1, UpstreamH2};
 use tether_gateway::config::{AdminConfig, ForwardAuth, UpstreamConfig, UpstreamProtocol};
-
-/// The auth service: an upstream of its own, of either protocol.
-enum Service {
-    H1(UpstreamH1),
-    H2(UpstreamH2),
-}
-
-impl Service {
-    async fn start(h2: bool, script: Script) -> Service {
-        if h2 {
-            Service::H2(UpstreamH2::start(script).await.unwrap())
-        } else {
-            Service::H1(UpstreamH1::start(script).await.unwrap())
-        }
-    }
-
-    fn log(&self) -> &EventLog {
-        match self {
-            Service::H1(u) => u.log(),
-            Service::H2(u) => u.log(),
-        }
-    }
-
-    fn config(&self) -> UpstreamConfig {
-        let (addr, protocol) = match self {
-            Service::H1(u) => (u.addr(), UpstreamProtocol::Http1),
-            Service::H2(u) => (u.addr(), UpstreamProtocol::H2c),
-        };
-        UpstreamConfig::new("auth", vec![addr.into()], protocol)
-    }
-}
 
 /// Allows a request carrying `authorization: Bearer good` as user alice (her id in two headers,
 /// one of them twice); sends a request without one to log in; answers any other 401.
@@ -101,11 +70,11 @@ fn checks(env: &Env, outcome: &str) -> Option<f64> {
 async fn the_auth_service_decides_which_requests_go_on_and_who_they_are_from() {
     bounded(Duration::from_secs(60), async {
         for (down, h2) in [(Down::H1, false), (Down::H2c, true), (Down::H1, true)] {
-            let service = Service::start(h2, verifier()).await;
+            let service = Upstream::start(h2, verifier()).await;
             let env = gateway(
                 down,
                 script(|_| Behavior::ok("from the app")),
-                service.config(),
+                service.config("auth"),
                 Duration::from_secs(5),
             )
             .await;
@@ -225,11 +194,11 @@ async fn a_failing_or_slow_auth_service_is_answered_at_stage_auth() {
         assert_eq!(checks(&env, "failed"), Some(1.0));
         env.stop().await;
 
-        let slow = Service::start(false, routes(vec![("/verify", Behavior::Never)])).await;
+        let slow = Upstream::start(false, routes(vec![("/verify", Behavior::Never)])).await;
         let env = gateway(
             Down::H1,
             script(|_| Behavior::ok("app")),
-            slow.config(),
+            slow.config("auth"),
             Duration::from_millis(300),
         )
         .await;
@@ -261,11 +230,11 @@ async fn a_failing_or_slow_auth_service_is_answered_at_stage_auth() {
 async fn a_client_leaving_during_the_check_cancels_it() {
     bounded(Duration::from_secs(30), async {
         for h2 in [false, true] {
-            let service = Service::start(h2, routes(vec![("/verify", Behavior::Never)])).await;
+            let service = Upstream::start(h2, routes(vec![("/verify", Behavior::Never)])).await;
             let env = gateway(
                 Down::H1,
                 script(|_| Behavior::ok("app")),
-                service.config(),
+                service.config("auth"),
                 Duration::from_secs(20),
             )
             .await;

@@ -10,46 +10,15 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use test_support::EventKind;
 use test_support::behavior::{Behavior, Reply, Script, routes, script};
 use test_support::client::full;
-use test_support::{EventKind, EventLog, UpstreamH1, UpstreamH2};
-use tether_gateway::config::{AdminConfig, Mirror, UpstreamConfig, UpstreamProtocol};
-
-/// The mirror: an upstream of its own, of either protocol.
-enum Shadow {
-    H1(UpstreamH1),
-    H2(UpstreamH2),
-}
-
-impl Shadow {
-    async fn start(h2: bool, script: Script) -> Shadow {
-        if h2 {
-            Shadow::H2(UpstreamH2::start(script).await.unwrap())
-        } else {
-            Shadow::H1(UpstreamH1::start(script).await.unwrap())
-        }
-    }
-
-    fn log(&self) -> &EventLog {
-        match self {
-            Shadow::H1(u) => u.log(),
-            Shadow::H2(u) => u.log(),
-        }
-    }
-
-    fn config(&self) -> UpstreamConfig {
-        let (addr, protocol) = match self {
-            Shadow::H1(u) => (u.addr(), UpstreamProtocol::Http1),
-            Shadow::H2(u) => (u.addr(), UpstreamProtocol::H2c),
-        };
-        UpstreamConfig::new("shadow", vec![addr.into()], protocol)
-    }
-}
+use tether_gateway::config::{AdminConfig, Mirror};
 
 /// A gateway whose route mirrors every request to `shadow`, at most `max_in_flight` at once,
 /// reading bodies ahead (so that they can be copied) when `buffer`.
-async fn gateway(main: Script, shadow: &Shadow, max_in_flight: u32, buffer: bool) -> Env {
-    let shadow = shadow.config();
+async fn gateway(main: Script, shadow: &Upstream, max_in_flight: u32, buffer: bool) -> Env {
+    let shadow = shadow.config("shadow");
     Env::with(Down::H1, Up::H1, main, move |c| {
         c.upstreams.push(shadow);
         let route = &mut c.listeners[0].routes[0];
@@ -87,7 +56,7 @@ async fn every_request_is_copied_to_the_mirror_and_only_the_routes_upstream_answ
     bounded(Duration::from_secs(30), async {
         for h2 in [false, true] {
             let shadow =
-                Shadow::start(h2, script(|_| Behavior::Respond(Reply::new(500, "shadow")))).await;
+                Upstream::start(h2, script(|_| Behavior::Respond(Reply::new(500, "shadow")))).await;
             let env = gateway(script(|_| Behavior::Summary), &shadow, 100, true).await;
             let mut c = env.http().await;
             let (p, body) = c.get("/m?x=1").await.unwrap();
@@ -128,7 +97,7 @@ async fn every_request_is_copied_to_the_mirror_and_only_the_routes_upstream_answ
 #[tokio::test]
 async fn a_slow_mirror_never_delays_the_answer_and_copies_beyond_its_limit_are_skipped() {
     bounded(Duration::from_secs(30), async {
-        let shadow = Shadow::start(false, routes(vec![("/m", Behavior::Never)])).await;
+        let shadow = Upstream::start(false, routes(vec![("/m", Behavior::Never)])).await;
         let env = gateway(script(|_| Behavior::ok("main")), &shadow, 1, false).await;
         let mut c = env.http().await;
         for _ in 0..2 {
@@ -153,7 +122,7 @@ async fn a_slow_mirror_never_delays_the_answer_and_copies_beyond_its_limit_are_s
 #[tokio::test]
 async fn the_copy_is_cancelled_when_the_client_leaves() {
     bounded(Duration::from_secs(30), async {
-        let shadow = Shadow::start(false, routes(vec![("/m", Behavior::Never)])).await;
+        let shadow = Upstream::start(false, routes(vec![("/m", Behavior::Never)])).await;
         let env = gateway(routes(vec![("/m", Behavior::Never)]), &shadow, 100, false).await;
         let mut c = env.h1().await;
         c.send_request("GET", "/m", &[], None, b"").await.unwrap();

@@ -36,6 +36,28 @@ fn summary(body: &[u8]) -> String {
     format!("{} {}", sum.len(), sum.value())
 }
 
+/// POSTs `body` (its length declared) over a new connection, its first `first` bytes at once and
+/// the rest only once the upstream has the request (its `nth` to `/up`): the request must start
+/// before the body ends. Asserts that the upstream got every byte.
+async fn upload_started_early(env: &Env, body: &[u8], first: usize, nth: usize) {
+    let mut c = env.h1().await;
+    let len = body.len() as u64;
+    c.send_request("POST", "/up", &[], Some(len), &body[..first])
+        .await
+        .unwrap();
+    bounded(Duration::from_secs(20), async {
+        while env.log().requests("/up").len() < nth {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    c.send_raw(&body[first..]).await.unwrap();
+    let head = c.read_final_head().await.unwrap();
+    let answer = c.read_body("POST", &head).await.unwrap();
+    assert_eq!(head.status, 200);
+    assert_eq!(answer, summary(body).as_bytes());
+}
+
 /// One chunk of a chunked body.
 fn chunk(data: &[u8]) -> Vec<u8> {
     let mut out = format!("{:x}\r\n", data.len()).into_bytes();
@@ -113,22 +135,8 @@ async fn a_body_longer_than_the_buffer_goes_with_its_start_and_streams_the_rest(
         for up in [Up::H1, Up::H2c] {
             let env = gateway(up, 1024).await;
             let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-            let mut c = env.h1().await;
-            c.send_request("POST", "/up", &[], Some(100_000), &body[..1500])
-                .await
-                .unwrap();
             // Past the buffer: the request starts before the rest of the body is sent.
-            bounded(Duration::from_secs(10), async {
-                while env.log().requests("/up").is_empty() {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await;
-            c.send_raw(&body[1500..]).await.unwrap();
-            let head = c.read_final_head().await.unwrap();
-            let answer = c.read_body("POST", &head).await.unwrap();
-            assert_eq!(head.status, 200, "{up:?}");
-            assert_eq!(answer, summary(&body).as_bytes(), "{up:?}");
+            upload_started_early(&env, &body, 1500, 1).await;
             env.stop().await;
         }
     })
@@ -251,21 +259,7 @@ async fn a_body_past_memory_is_read_ahead_into_a_file_and_sent_from_it() {
             // Longer than the buffer (5 MB past 4 MiB): the request starts once the buffer is
             // full, and the rest follows the file's part.
             let long: Vec<u8> = (0..5_000_000u32).map(|i| (i % 241) as u8).collect();
-            let mut c = env.h1().await;
-            c.send_request("POST", "/up", &[], Some(5_000_000), &long[..4_500_000])
-                .await
-                .unwrap();
-            bounded(Duration::from_secs(20), async {
-                while env.log().requests("/up").len() < 2 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await;
-            c.send_raw(&long[4_500_000..]).await.unwrap();
-            let head = c.read_final_head().await.unwrap();
-            let answer = c.read_body("POST", &head).await.unwrap();
-            assert_eq!(head.status, 200, "{up:?}");
-            assert_eq!(answer, summary(&long).as_bytes(), "{up:?}");
+            upload_started_early(&env, &long, 4_500_000, 2).await;
             env.stop().await;
         }
     })
@@ -301,21 +295,7 @@ async fn a_body_that_cannot_go_to_a_file_streams() {
         .await;
         drop(dir);
         let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 239) as u8).collect();
-        let mut c = env.h1().await;
-        c.send_request("POST", "/up", &[], Some(2_000_000), &body[..1_500_000])
-            .await
-            .unwrap();
-        bounded(Duration::from_secs(10), async {
-            while env.log().requests("/up").is_empty() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        c.send_raw(&body[1_500_000..]).await.unwrap();
-        let head = c.read_final_head().await.unwrap();
-        let answer = c.read_body("POST", &head).await.unwrap();
-        assert_eq!(head.status, 200);
-        assert_eq!(answer, summary(&body).as_bytes());
+        upload_started_early(&env, &body, 1_500_000, 1).await;
         env.stop().await;
     })
     .await;

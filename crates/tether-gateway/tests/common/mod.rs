@@ -49,6 +49,25 @@ pub enum Upstream {
 }
 
 impl Upstream {
+    /// An upstream of its own beside the gateway's (a mirror, an auth service): h2c with
+    /// `h2`, else HTTP/1.1, answering `script`.
+    pub async fn start(h2: bool, script: Script) -> Upstream {
+        if h2 {
+            Upstream::H2(UpstreamH2::start(script).await.unwrap())
+        } else {
+            Upstream::H1(UpstreamH1::start(script).await.unwrap())
+        }
+    }
+
+    /// Its configuration as the gateway's upstream `name`.
+    pub fn config(&self, name: &str) -> UpstreamConfig {
+        let protocol = match self {
+            Upstream::H1(_) => UpstreamProtocol::Http1,
+            Upstream::H2(_) => UpstreamProtocol::H2c,
+        };
+        UpstreamConfig::new(name, vec![self.addr().into()], protocol)
+    }
+
     pub fn log(&self) -> &EventLog {
         match self {
             Upstream::H1(u) => u.log(),
