@@ -177,8 +177,8 @@ pub struct FileListenerTls {
 pub struct FileRoute {
     /// Name for logs and metrics; default: the upstream name.
     pub name: Option<String>,
-    /// Exact host; absent matches any.
-    pub host: Option<String>,
+    /// A host, or a list of them; absent matches any.
+    pub host: Option<FileHosts>,
     /// Path prefix on whole segments; default `/`.
     pub path_prefix: Option<String>,
     /// The one path matched, in place of a prefix.
@@ -449,6 +449,16 @@ pub struct FileMirror {
     pub share: Option<f64>,
     /// Copies in flight at once; default 100.
     pub max_in_flight: Option<u32>,
+}
+
+/// A route's `host`: one, or a list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum FileHosts {
+    /// `host = "api.example.com"`.
+    One(String),
+    /// `host = ["example.com", "www.example.com"]`.
+    Many(Vec<String>),
 }
 
 /// `auth = { upstream, path, copy_headers, timeout }` of a route.
@@ -1205,9 +1215,12 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
         Some(FileHalfClose::Abort) => HalfClose::Abort,
         Some(FileHalfClose::Continue) => HalfClose::Continue,
     };
-    if let Some(h) = &r.host
-        && h.is_empty()
-    {
+    let hosts = match &r.host {
+        None => Vec::new(),
+        Some(FileHosts::One(h)) => vec![h.clone()],
+        Some(FileHosts::Many(hs)) => hs.clone(),
+    };
+    if r.host.is_some() && hosts.iter().all(String::is_empty) {
         return Err(KeyError::new(
             format!("{key}.host"),
             "must not be empty; omit it to match any host",
@@ -1289,7 +1302,7 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
     if let Some(n) = &r.name {
         cfg.name = n.clone();
     }
-    cfg.host = r.host.clone();
+    cfg.hosts = hosts;
     cfg.timeouts = timeouts;
     cfg.client_half_close = client_half_close;
     cfg.access_log = match (r.access_log, r.access_log_sample) {

@@ -604,8 +604,9 @@ pub const MAX_SPILLED_BODY_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 pub struct RouteConfig {
     /// A name for logs and metrics; defaults to the upstream name with the route index.
     pub name: String,
-    /// Exact host (the port, if any, is ignored); `None` matches any.
-    pub host: Option<String>,
+    /// The hosts the route is for (the request's port ignored): names, or `*.example.com` for
+    /// every name under `example.com`. Empty: any host.
+    pub hosts: Vec<String>,
     /// Path prefix, matched on whole segments (`/api` matches `/api` and `/api/x`, not `/apix`).
     pub path_prefix: String,
     /// Name of an entry in [`Config::upstreams`].
@@ -1356,7 +1357,7 @@ impl RouteConfig {
         let upstream = upstream.into();
         RouteConfig {
             name: upstream.clone(),
-            host: None,
+            hosts: Vec::new(),
             path_prefix: path_prefix.into(),
             upstream,
             timeouts: RouteTimeouts::default(),
@@ -1666,7 +1667,7 @@ impl Config {
                     ));
                 }
                 validate_path_rule(&rkey, r)?;
-                if let Some(h) = &r.host {
+                for h in &r.hosts {
                     validate_host(&rkey, h)?;
                 }
                 if let Some(m) = &r.mirror {
@@ -2385,7 +2386,7 @@ mod tests {
             "127.0.0.1",
             "::1",
         ] {
-            c.listeners[0].routes[0].host = Some(good.into());
+            c.listeners[0].routes[0].hosts = vec![good.into()];
             assert!(c.validate().is_ok(), "{good}: {:?}", c.validate());
         }
         for bad in [
@@ -2396,7 +2397,7 @@ mod tests {
             "",
             "a b",
         ] {
-            c.listeners[0].routes[0].host = Some(bad.into());
+            c.listeners[0].routes[0].hosts = vec!["ok.example.com".into(), bad.into()];
             let e = c.validate().unwrap_err();
             assert_eq!(e.key, "listeners[0].routes[0].host", "{bad}");
         }

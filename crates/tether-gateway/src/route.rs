@@ -15,7 +15,8 @@ use crate::proxy::headers::Rewrite;
 pub struct Route {
     /// Name for logs and metrics.
     pub name: Arc<str>,
-    host: Option<String>,
+    /// Lowercase; empty: any host.
+    hosts: Box<[String]>,
     prefix: String,
     /// The path exactly, or a regular expression, in place of `prefix`.
     path: Option<Box<PathRule>>,
@@ -397,7 +398,7 @@ impl Router {
         let routes = routes
             .iter()
             .filter_map(|r| {
-                let host = r.host.as_ref().map(|h| h.to_ascii_lowercase());
+                let hosts: Box<[String]> = r.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
                 let prefix = r.path_prefix.trim_end_matches('/').to_owned();
                 let path = match (&r.path_exact, &r.path_regex) {
                     (Some(p), _) => Some(Box::new(PathRule::Exact(p.clone()))),
@@ -411,7 +412,7 @@ impl Router {
                 let old = previous.and_then(|p| {
                     p.routes.iter().find(|o| {
                         *o.name == *r.name
-                            && o.host == host
+                            && o.hosts == hosts
                             && o.prefix == prefix
                             && o.path == path
                             && o.condition == condition
@@ -419,7 +420,7 @@ impl Router {
                 });
                 Some(Route {
                     name: Arc::from(r.name.as_str()),
-                    host,
+                    hosts,
                     prefix,
                     path,
                     rewrite_path: r.rewrite_path.clone(),
@@ -547,11 +548,8 @@ impl Router {
     ) -> Option<&Route> {
         let host = host.map(strip_port);
         self.routes.iter().find(|r| {
-            let host_ok = match (&r.host, host) {
-                (None, _) => true,
-                (Some(want), Some(have)) => host_matches(want, have),
-                (Some(_), None) => false,
-            };
+            let host_ok = r.hosts.is_empty()
+                || host.is_some_and(|have| r.hosts.iter().any(|want| host_matches(want, have)));
             host_ok
                 && r.matches_path(path)
                 && r.condition.as_ref().is_none_or(|c| c.matches(request))
@@ -876,7 +874,7 @@ mod tests {
 
     fn router() -> Router {
         let mut api = RouteConfig::new("/api", "api");
-        api.host = Some("API.example.com".into());
+        api.hosts = vec!["API.example.com".into()];
         let rest = RouteConfig::new("/", "web");
         Router::new(&[api, rest], |n| match n {
             "api" => Some(0),
@@ -886,9 +884,9 @@ mod tests {
     }
 
     #[test]
-    fn a_wildcard_host_matches_every_name_under_it_and_not_itself() {
+    fn a_route_matches_any_of_its_hosts_a_wildcard_every_name_under_it_and_not_itself() {
         let mut tenants = RouteConfig::new("/", "tenants");
-        tenants.host = Some("*.App.example.com".into());
+        tenants.hosts = vec!["*.App.example.com".into(), "app.example.org".into()];
         let r = Router::new(&[tenants, RouteConfig::new("/", "web")], |n| {
             ["tenants", "web"].iter().position(|u| *u == n)
         });
@@ -898,6 +896,9 @@ mod tests {
         assert_eq!(upstream("app.example.com"), Some(1));
         assert_eq!(upstream("xapp.example.com"), Some(1));
         assert_eq!(upstream(".app.example.com"), Some(1));
+        // Any of the route's hosts.
+        assert_eq!(upstream("APP.example.org"), Some(0));
+        assert_eq!(upstream("www.app.example.org"), Some(1));
     }
 
     #[test]
@@ -1240,7 +1241,7 @@ mod tests {
     #[test]
     fn no_match_is_none() {
         let mut only = RouteConfig::new("/only", "web");
-        only.host = Some("a".into());
+        only.hosts = vec!["a".into()];
         let r = Router::new(&[only], |_| Some(0));
         assert!(r.select(Some("a"), "/other").is_none());
         assert!(r.select(Some("[::1]:80"), "/only").is_none());

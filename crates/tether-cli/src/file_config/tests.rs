@@ -57,6 +57,8 @@ fn good_config_converts() {
     assert_eq!(r[0].timeouts.first_byte, None);
     assert_eq!(r[0].client_half_close, HalfClose::Continue);
     assert_eq!(r[0].name, "app");
+    assert_eq!(r[0].hosts, ["api.example.com"]);
+    assert!(r[1].hosts.is_empty());
     assert_eq!(r[1].name, "fallback");
     assert_eq!(r[1].path_prefix, "/");
     assert_eq!(r[0].max_retries, 2);
@@ -568,6 +570,35 @@ fn response_buffer_bytes_converts_and_is_held_to_memory() {
         &src.replace("262144", "16777217"),
         "listeners[0].routes[0].response_buffer_bytes",
         "held in memory",
+    );
+}
+
+#[test]
+fn a_route_host_is_one_or_a_list_and_each_is_checked() {
+    let with = |h: &str| GOOD.replace("  host = \"api.example.com\"", &format!("  host = {h}"));
+    let cfg = parse(
+        &with("[\"example.com\", \"*.example.com\"]"),
+        Path::new("."),
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.config.listeners[0].routes[0].hosts,
+        ["example.com", "*.example.com"]
+    );
+    refused(
+        &with("\"\""),
+        "listeners[0].routes[0].host",
+        "must not be empty",
+    );
+    refused(
+        &with("[]"),
+        "listeners[0].routes[0].host",
+        "must not be empty",
+    );
+    refused(
+        &with("[\"example.com\", \"a:80\"]"),
+        "listeners[0].routes[0].host",
+        "not a host name",
     );
 }
 
