@@ -1672,24 +1672,7 @@ impl Config {
                 }
                 if let Some(m) = &r.mirror {
                     let mkey = format!("{rkey}.mirror");
-                    if r.redirect.is_some() || r.respond.is_some() {
-                        return Err(ConfigError::new(
-                            mkey,
-                            "only a route that proxies has requests to mirror",
-                        ));
-                    }
-                    let Some(u) = self.upstreams.iter().find(|u| u.name == m.upstream) else {
-                        return Err(ConfigError::new(
-                            format!("{mkey}.upstream"),
-                            format!("no upstream named {:?}", m.upstream),
-                        ));
-                    };
-                    if u.proxy_protocol.is_some() {
-                        return Err(ConfigError::new(
-                            format!("{mkey}.upstream"),
-                            "its connections name a client (proxy_protocol): mirror to another",
-                        ));
-                    }
+                    self.validate_side_upstream(&mkey, r, &m.upstream, "mirror")?;
                     if !(1..=1_000_000).contains(&m.per_million) {
                         return Err(ConfigError::new(
                             format!("{mkey}.share"),
@@ -1786,6 +1769,37 @@ impl Config {
         Ok(())
     }
 
+    /// The upstream `name` that route `r` sends requests of tether's own to (to `what` them: a
+    /// mirror's copies, an auth service's checks): the route proxies, the upstream exists, and
+    /// its connections name no client (they carry no one client's requests).
+    fn validate_side_upstream(
+        &self,
+        key: &str,
+        r: &RouteConfig,
+        name: &str,
+        what: &str,
+    ) -> Result<(), ConfigError> {
+        if r.redirect.is_some() || r.respond.is_some() {
+            return Err(ConfigError::new(
+                key,
+                format!("only a route that proxies has requests to {what}"),
+            ));
+        }
+        let Some(u) = self.upstreams.iter().find(|u| u.name == name) else {
+            return Err(ConfigError::new(
+                format!("{key}.upstream"),
+                format!("no upstream named {name:?}"),
+            ));
+        };
+        if u.proxy_protocol.is_some() {
+            return Err(ConfigError::new(
+                format!("{key}.upstream"),
+                format!("its connections name a client (proxy_protocol): {what} with another"),
+            ));
+        }
+        Ok(())
+    }
+
     /// A route's `auth`: an upstream tether can name no client to, a path, header names a
     /// request may carry, a timeout.
     fn validate_auth(
@@ -1795,24 +1809,7 @@ impl Config {
         a: &ForwardAuth,
     ) -> Result<(), ConfigError> {
         let akey = format!("{rkey}.auth");
-        if r.redirect.is_some() || r.respond.is_some() {
-            return Err(ConfigError::new(
-                akey,
-                "only a route that proxies has requests to check",
-            ));
-        }
-        let Some(u) = self.upstreams.iter().find(|u| u.name == a.upstream) else {
-            return Err(ConfigError::new(
-                format!("{akey}.upstream"),
-                format!("no upstream named {:?}", a.upstream),
-            ));
-        };
-        if u.proxy_protocol.is_some() {
-            return Err(ConfigError::new(
-                format!("{akey}.upstream"),
-                "its connections name a client (proxy_protocol): check with another",
-            ));
-        }
+        self.validate_side_upstream(&akey, r, &a.upstream, "check")?;
         if !a.path.starts_with('/')
             || a.path.contains('#')
             || PathAndQuery::try_from(a.path.as_str()).is_err()

@@ -11,7 +11,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use test_support::EventKind;
 use test_support::behavior::{Behavior, Reply, Script, routes, script};
 use test_support::client::full;
 use tether_gateway::config::{AdminConfig, ForwardAuth, UpstreamConfig, UpstreamProtocol};
@@ -209,15 +208,7 @@ async fn a_failing_or_slow_auth_service_is_answered_at_stage_auth() {
         assert_eq!(v["error"].as_str(), Some("auth_timeout"));
         assert!(env.log().requests("/dead").is_empty() && env.log().requests("/slow").is_empty());
         // The check given up is closed at the service.
-        bounded(Duration::from_secs(10), async {
-            while !slow
-                .log()
-                .any(|e| matches!(e.kind, EventKind::Eof | EventKind::Reset))
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        wait_cancelled_at(slow.log()).await;
         env.stop().await;
     })
     .await;
@@ -249,17 +240,7 @@ async fn a_client_leaving_during_the_check_cancels_it() {
             })
             .await;
             c.rst().unwrap();
-            bounded(Duration::from_secs(10), async {
-                while !service.log().any(|e| {
-                    matches!(
-                        e.kind,
-                        EventKind::Eof | EventKind::Reset | EventKind::StreamReset { .. }
-                    )
-                }) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await;
+            wait_cancelled_at(service.log()).await;
             let rec = env.record("/gone").await;
             assert_eq!((rec.status, rec.stage), (499, Some("auth")), "h2 {h2}");
             assert!(env.log().requests("/gone").is_empty(), "h2 {h2}");

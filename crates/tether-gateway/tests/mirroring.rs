@@ -10,7 +10,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use test_support::EventKind;
 use test_support::behavior::{Behavior, Reply, Script, routes, script};
 use test_support::client::full;
 use tether_gateway::config::{AdminConfig, Mirror};
@@ -134,15 +133,7 @@ async fn the_copy_is_cancelled_when_the_client_leaves() {
         .await;
         c.rst().unwrap();
         wait_mirrored(&env, "cancelled", 1.0).await;
-        bounded(Duration::from_secs(10), async {
-            while !shadow
-                .log()
-                .any(|e| matches!(e.kind, EventKind::Eof | EventKind::Reset))
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        wait_cancelled_at(shadow.log()).await;
         env.stop().await;
     })
     .await;

@@ -332,6 +332,24 @@ impl Env {
     }
 }
 
+/// Waits until an upstream saw a connection of its close (HTTP/1.1: EOF or RST) or a stream of
+/// its reset (HTTP/2): how a cancelled exchange looks from the other end.
+pub async fn wait_cancelled_at(log: &EventLog) {
+    bounded(Duration::from_secs(10), async {
+        while !log.any(|e| {
+            matches!(
+                e.kind,
+                test_support::EventKind::Eof
+                    | test_support::EventKind::Reset
+                    | test_support::EventKind::StreamReset { .. }
+            )
+        }) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
 /// A loopback address nothing listens on: connections to it are refused.
 pub fn refused_addr() -> SocketAddr {
     test_support::refused_addr()
