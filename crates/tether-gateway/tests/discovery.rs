@@ -38,6 +38,20 @@ async fn served_by(env: &Env, client: &mut HttpClient, n: &AtomicUsize) -> IpAdd
     env.record(&path).await.upstream_addr.unwrap().ip()
 }
 
+/// Sends `count` requests one after the other; the backend address that served each.
+async fn served_in_turn(
+    env: &Env,
+    client: &mut HttpClient,
+    n: &AtomicUsize,
+    count: usize,
+) -> Vec<IpAddr> {
+    let mut turns = Vec::with_capacity(count);
+    for _ in 0..count {
+        turns.push(served_by(env, client, n).await);
+    }
+    turns
+}
+
 /// Sends requests until `done` holds for the last `window` backends seen; bounded by the test.
 async fn until(
     env: &Env,
@@ -109,10 +123,7 @@ async fn each_address_of_a_name_is_an_endpoint_and_endpoints_follow_the_answers(
         // Two addresses, two endpoints taking turns, each with its pooled connection (a name
         // raced at connect would keep reusing one connection to one of them).
         wait_endpoints(&env, 2.0).await;
-        let mut turns = Vec::new();
-        for _ in 0..6 {
-            turns.push(served_by(&env, &mut client, &n).await);
-        }
+        let turns = served_in_turn(&env, &mut client, &n, 6).await;
         assert_eq!(
             turns.iter().filter(|a| **a == ip(1)).count(),
             3,
@@ -129,10 +140,7 @@ async fn each_address_of_a_name_is_an_endpoint_and_endpoints_follow_the_answers(
         // the second keeps its connection through the change.
         stub.set("svc.test", Some(vec![ip(2), ip(3)]));
         until(&env, &mut client, &n, 1, |s| s[0] == ip(3)).await;
-        let mut turns = Vec::new();
-        for _ in 0..6 {
-            turns.push(served_by(&env, &mut client, &n).await);
-        }
+        let turns = served_in_turn(&env, &mut client, &n, 6).await;
         assert!(!turns.contains(&ip(1)), "{turns:?}");
         assert_eq!(
             turns.iter().filter(|a| **a == ip(3)).count(),
@@ -241,10 +249,7 @@ async fn an_srv_name_gives_the_endpoints_their_ports_weights_and_priorities() {
         let n = AtomicUsize::new(0);
         let mut client = env.http().await;
         wait_endpoints(&env, 3.0).await;
-        let mut turns = Vec::new();
-        for _ in 0..20 {
-            turns.push(served_by(&env, &mut client, &n).await);
-        }
+        let turns = served_in_turn(&env, &mut client, &n, 20).await;
         let count = |a: IpAddr| turns.iter().filter(|t| **t == a).count();
         assert_eq!(count(ip(1)), 0, "the backup served: {turns:?}");
         assert!(count(ip(2)) >= 2 && count(ip(2)) <= 6, "{turns:?}");

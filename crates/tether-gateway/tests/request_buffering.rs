@@ -205,18 +205,7 @@ async fn a_body_past_memory_is_read_ahead_into_a_file_and_sent_from_it() {
     bounded(Duration::from_secs(60), async {
         for up in [Up::H1, Up::H2c] {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().to_owned();
-            let env = Env::with(
-                Down::H1,
-                up,
-                routes(vec![("/up", Behavior::Summary)]),
-                |c| {
-                    let route = &mut c.listeners[0].routes[0];
-                    route.request_buffer_bytes = 4 * 1024 * 1024;
-                    route.request_buffer_dir = Some(path);
-                },
-            )
-            .await;
+            let env = spilling_gateway(up, dir.path()).await;
             let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
             let mut c = env.h1().await;
             let head = [("transfer-encoding", "chunked")];
@@ -266,6 +255,22 @@ async fn a_body_past_memory_is_read_ahead_into_a_file_and_sent_from_it() {
     .await;
 }
 
+/// [`gateway`] with a 4 MiB buffer whose bodies go past their first MiB into files in `dir`.
+async fn spilling_gateway(up: Up, dir: &std::path::Path) -> Env {
+    let dir = dir.to_owned();
+    Env::with(
+        Down::H1,
+        up,
+        routes(vec![("/up", Behavior::Summary)]),
+        |c| {
+            let route = &mut c.listeners[0].routes[0];
+            route.request_buffer_bytes = 4 * 1024 * 1024;
+            route.request_buffer_dir = Some(dir);
+        },
+    )
+    .await
+}
+
 /// Files this process has open under `dir` (unlinked ones included).
 fn open_files_in(dir: &std::path::Path) -> usize {
     std::fs::read_dir("/proc/self/fd")
@@ -281,18 +286,7 @@ fn open_files_in(dir: &std::path::Path) -> usize {
 async fn a_body_that_cannot_go_to_a_file_streams() {
     bounded(Duration::from_secs(30), async {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_owned();
-        let env = Env::with(
-            Down::H1,
-            Up::H1,
-            routes(vec![("/up", Behavior::Summary)]),
-            |c| {
-                let route = &mut c.listeners[0].routes[0];
-                route.request_buffer_bytes = 4 * 1024 * 1024;
-                route.request_buffer_dir = Some(path);
-            },
-        )
-        .await;
+        let env = spilling_gateway(Up::H1, dir.path()).await;
         drop(dir);
         let body: Vec<u8> = (0..2_000_000u32).map(|i| (i % 239) as u8).collect();
         upload_started_early(&env, &body, 1_500_000, 1).await;
