@@ -1,7 +1,9 @@
 //! Abort storm: thousands of requests across protocol pairs, each either completed or given up at a
 //! random phase (during the upload, before the first response byte, mid-stream). Afterwards nothing
 //! is in flight, the only upstream connections left are idle pooled ones, the process's open fds
-//! are back at their baseline, and every completed request got its body intact.
+//! are back at their baseline, and every completed request got its body intact. Two of the pairs
+//! read responses ahead of their clients (`response_buffer_bytes`), so the reading tasks are put
+//! through the same storm.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -267,6 +269,15 @@ fn gauges(env: &Env) -> (f64, f64, f64, f64) {
     )
 }
 
+/// The downstream protocol matching `up`: the pairs that cross protocols read ahead.
+fn up_down(up: Up) -> Down {
+    match up {
+        Up::H1 => Down::H1,
+        Up::H2c => Down::H2c,
+        Up::H2Tls => Down::H2Tls,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abort_storm_leaves_nothing_behind() {
     bounded(Duration::from_secs(60), async {
@@ -282,6 +293,9 @@ async fn abort_storm_leaves_nothing_behind() {
                 // No idle HTTP/1 upstream connection outlives its request, so the fd count
                 // returns to the baseline exactly; HTTP/2 keeps its one shared connection.
                 c.upstreams[0].max_idle_per_endpoint = 0;
+                if down != up_down(up) {
+                    c.listeners[0].routes[0].response_buffer_bytes = 64 * 1024;
+                }
                 c.admin = Some(AdminConfig {
                     address: "127.0.0.1:0".parse().unwrap(),
                 });
