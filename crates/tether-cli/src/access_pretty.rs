@@ -150,6 +150,7 @@ mod tests {
             upstream_connect: None,
             queued: None,
             auth: None,
+            auth_to_client: None,
             grpc_status: None,
             tls: None,
             upstream_first_byte: None,

@@ -471,6 +471,8 @@ pub struct FileAuth {
     pub path: String,
     /// Headers of an allowing answer that go on with the request; default none.
     pub copy_headers: Option<Vec<String>>,
+    /// Headers of an allowing answer added to the client's response; default none.
+    pub client_headers: Option<Vec<String>>,
     /// Longest a check may take; default 5 s.
     pub timeout: Option<String>,
 }
@@ -1344,6 +1346,7 @@ fn route(key: &str, r: &FileRoute, base: &Path) -> Result<RouteConfig, KeyError>
             upstream: a.upstream.clone(),
             path: a.path.clone(),
             copy_headers: a.copy_headers.clone().unwrap_or_default(),
+            client_headers: a.client_headers.clone().unwrap_or_default(),
             timeout: match &a.timeout {
                 Some(s) => duration_key(&format!("{key}.auth.timeout"), s)?,
                 None => DEFAULT_AUTH_TIMEOUT,

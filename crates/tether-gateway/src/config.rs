@@ -732,6 +732,9 @@ pub struct ForwardAuth {
     /// Headers of a 2xx answer that go on to the route's upstream (an authenticated user's id,
     /// say), in place of any the client sent of the same name, which never reach it.
     pub copy_headers: Vec<String>,
+    /// Headers of a 2xx answer added to the client's response (a refreshed session cookie:
+    /// `Set-Cookie`, what nginx passes with `auth_request_set`).
+    pub client_headers: Vec<String>,
     /// Longest a check may take, connection included.
     pub timeout: Duration,
 }
@@ -1822,19 +1825,24 @@ impl Config {
                 ),
             ));
         }
-        for h in &a.copy_headers {
-            let Ok(name) = http::header::HeaderName::from_bytes(h.as_bytes()) else {
-                return Err(ConfigError::new(
-                    format!("{akey}.copy_headers"),
-                    format!("{h:?} is not a valid header name"),
-                ));
-            };
-            // Headers about the message or the connection are tether's to set.
-            if FRAMING_HEADERS.contains(&name.as_str()) {
-                return Err(ConfigError::new(
-                    format!("{akey}.copy_headers"),
-                    format!("{h:?} describes the message or its connection, not the client"),
-                ));
+        for (list, names) in [
+            ("copy_headers", &a.copy_headers),
+            ("client_headers", &a.client_headers),
+        ] {
+            for h in names {
+                let Ok(name) = http::header::HeaderName::from_bytes(h.as_bytes()) else {
+                    return Err(ConfigError::new(
+                        format!("{akey}.{list}"),
+                        format!("{h:?} is not a valid header name"),
+                    ));
+                };
+                // Headers about the message or the connection are tether's to set.
+                if FRAMING_HEADERS.contains(&name.as_str()) {
+                    return Err(ConfigError::new(
+                        format!("{akey}.{list}"),
+                        format!("{h:?} describes the message or its connection, not the client"),
+                    ));
+                }
             }
         }
         if a.timeout.is_zero() {
@@ -2440,6 +2448,7 @@ mod tests {
             upstream: upstream.into(),
             path: path.into(),
             copy_headers: vec![header.into()],
+            client_headers: vec!["set-cookie".into()],
             timeout,
         };
         let second = Duration::from_secs(1);
@@ -2463,6 +2472,13 @@ mod tests {
             (
                 auth(&up, "/v", "Content-Length", second),
                 format!("{route}.copy_headers"),
+            ),
+            (
+                ForwardAuth {
+                    client_headers: vec!["transfer-encoding".into()],
+                    ..auth(&up, "/v", "x-user", second)
+                },
+                format!("{route}.client_headers"),
             ),
             (
                 auth(&up, "/v", "x-user", Duration::ZERO),

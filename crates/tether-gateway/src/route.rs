@@ -493,6 +493,11 @@ impl Router {
                                 .iter()
                                 .map(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok())
                                 .collect::<Option<_>>()?,
+                            client_headers: a
+                                .client_headers
+                                .iter()
+                                .map(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok())
+                                .collect::<Option<_>>()?,
                             timeout: a.timeout,
                         })),
                         None => None,

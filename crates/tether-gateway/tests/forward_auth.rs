@@ -24,7 +24,8 @@ fn verifier() -> Script {
                 .header("x-auth-user", "alice")
                 .header("x-auth-groups", "admin")
                 .header("x-auth-groups", "ops")
-                .header("x-not-copied", "1"),
+                .header("x-not-copied", "1")
+                .header("set-cookie", "session=refreshed"),
         ),
         None => Behavior::Respond(
             Reply::new(302, "")
@@ -47,6 +48,7 @@ async fn gateway(down: Down, main: Script, service: UpstreamConfig, timeout: Dur
             upstream: "auth".into(),
             path: "/verify?from=tether".into(),
             copy_headers: vec!["X-Auth-User".into(), "x-auth-groups".into()],
+            client_headers: vec!["Set-Cookie".into()],
             timeout,
         });
         c.admin = Some(AdminConfig {
@@ -72,7 +74,9 @@ async fn the_auth_service_decides_which_requests_go_on_and_who_they_are_from() {
             let service = Upstream::start(h2, verifier()).await;
             let env = gateway(
                 down,
-                script(|_| Behavior::ok("from the app")),
+                script(|_| {
+                    Behavior::Respond(Reply::ok("from the app").header("set-cookie", "app=1"))
+                }),
                 service.config("auth"),
                 Duration::from_secs(5),
             )
@@ -93,6 +97,9 @@ async fn the_auth_service_decides_which_requests_go_on_and_who_they_are_from() {
                 (200, &b"from the app"[..]),
                 "{case}"
             );
+            // The service's refreshed session cookie reaches the client beside the app's own.
+            let cookies: Vec<_> = p.headers.get_all("set-cookie").iter().collect();
+            assert_eq!(cookies, ["app=1", "session=refreshed"], "{case}");
             let seen = env.log().requests("/a");
             assert_eq!(seen.len(), 1, "{case}");
             let h = &seen[0].1;
@@ -103,6 +110,7 @@ async fn the_auth_service_decides_which_requests_go_on_and_who_they_are_from() {
                 "{case}: {h:?}"
             );
             assert!(values(h, "x-not-copied").is_empty(), "{case}: {h:?}");
+            assert!(values(h, "set-cookie").is_empty(), "{case}: {h:?}");
             assert_eq!(values(h, "cookie"), ["session=1"], "{case}");
 
             // What the service was asked: its path, the client's headers, where it was going.

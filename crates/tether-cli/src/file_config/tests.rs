@@ -474,14 +474,18 @@ fn auth_converts_with_defaults_and_bad_ones_name_their_key() {
     );
     assert!(a.copy_headers.is_empty());
     let cfg = parse(
-        &with("{ upstream = \"app\", path = \"/v\", copy_headers = [\"x-user\"], timeout = \"250ms\" }"),
+        &with("{ upstream = \"app\", path = \"/v\", copy_headers = [\"x-user\"], client_headers = [\"Set-Cookie\"], timeout = \"250ms\" }"),
         Path::new("."),
     )
     .unwrap();
     let a = cfg.config.listeners[0].routes[0].auth.clone().unwrap();
     assert_eq!(
-        (a.copy_headers, a.timeout),
-        (vec!["x-user".to_owned()], Duration::from_millis(250))
+        (a.copy_headers, a.client_headers, a.timeout),
+        (
+            vec!["x-user".to_owned()],
+            vec!["Set-Cookie".to_owned()],
+            Duration::from_millis(250)
+        )
     );
     let route = "listeners[0].routes[0].auth";
     refused(

@@ -103,6 +103,10 @@ pub struct RequestRecord {
     pub queued: Option<Duration>,
     /// Time the route's auth service took to check the request; `None` without one.
     pub auth: Option<Duration>,
+    /// Headers the route's auth service passed on for the client's response (its
+    /// `client_headers`, a refreshed session cookie): held here until the response head. Not
+    /// logged.
+    pub auth_to_client: Option<Box<Vec<(http::HeaderName, http::HeaderValue)>>>,
     /// From sending the request upstream to its response head.
     pub upstream_first_byte: Option<Duration>,
     /// Time the upstream spent on this request (first attempt start to end or abort).
@@ -270,6 +274,7 @@ impl RequestRecord {
             upstream_connect: None,
             queued: None,
             auth: None,
+            auth_to_client: None,
             grpc_status: None,
             tls: None,
             upstream_first_byte: None,
@@ -840,6 +845,7 @@ mod tests {
             upstream_connect: None,
             queued: None,
             auth: None,
+            auth_to_client: None,
             grpc_status: None,
             tls: None,
             upstream_first_byte: Some(Duration::from_micros(42)),

@@ -46,6 +46,8 @@ pub struct AuthTarget {
     pub path: PathAndQuery,
     /// Headers of an allowing answer that go on with the request, in place of the client's own.
     pub copy_headers: Box<[HeaderName]>,
+    /// Headers of an allowing answer added to the client's response.
+    pub client_headers: Box<[HeaderName]>,
     /// Longest a check may take.
     pub timeout: Duration,
 }
@@ -116,16 +118,13 @@ pub(super) async fn check(
                             .with_target(&upstream.name),
                     )),
                     Ok(Err(e)) => Err(Refused::Failed(failed(e))),
-                    Ok(Ok((head, _))) if head.status.is_success() => Ok(target
-                        .copy_headers
-                        .iter()
-                        .flat_map(|name| {
-                            head.headers
-                                .get_all(name)
-                                .iter()
-                                .map(|v| (name.clone(), v.clone()))
-                        })
-                        .collect()),
+                    Ok(Ok((head, _))) if head.status.is_success() => {
+                        let to_client = picked(&target.client_headers, &head.headers);
+                        if !to_client.is_empty() {
+                            t.rec.auth_to_client = Some(Box::new(to_client));
+                        }
+                        Ok(picked(&target.copy_headers, &head.headers))
+                    }
                     Ok(Ok((head, body))) => Err(Refused::Denied(head, body)),
                 },
             }
@@ -148,6 +147,19 @@ pub(super) async fn check(
         t.metrics().auth_checked(route, outcome);
     }
     verdict
+}
+
+/// The values of `names` in `headers`, each name's in order.
+fn picked(names: &[HeaderName], headers: &HeaderMap) -> Granted {
+    names
+        .iter()
+        .flat_map(|name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|v| (name.clone(), v.clone()))
+        })
+        .collect()
 }
 
 /// `headers` of an allowed request as it goes on: the client's own values of the route's

@@ -751,6 +751,12 @@ fn proxy<'a>(
             }
             _ => None,
         };
+        // What the auth service passed on for the client (a refreshed session cookie).
+        if let Some(added) = t.rec.auth_to_client.take() {
+            for (name, value) in *added {
+                parts.headers.append(name, value);
+            }
+        }
         if !route.response_headers.is_empty() {
             route.response_headers.apply(&mut parts.headers);
         }
