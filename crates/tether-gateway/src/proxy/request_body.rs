@@ -54,13 +54,19 @@ pub struct RequestBody {
     progress: Arc<UploadProgress>,
     idle: Option<(Duration, Pin<Box<Sleep>>)>,
     limit: Option<u64>,
-    /// A body read ahead before it is sent (whole, so that it can be sent again; or its start,
-    /// sent first, then the rest streams), and what of it is still to send. Boxed: every
+    /// A body read ahead before it is sent, and what of it is still to send. Boxed: every
     /// request's state holds a body or two, and few read ahead.
-    whole: Option<Box<(Whole, WholeLeft)>>,
-    /// A body read ahead into a file: sent from it, then (if the client's body had not ended)
-    /// the rest streams.
-    spilled: Option<Box<Spilled>>,
+    ahead: Option<Box<Ahead>>,
+}
+
+/// A body read ahead.
+#[derive(Debug)]
+enum Ahead {
+    /// In memory: whole, so that it can be sent again; or its start, sent first, then the rest
+    /// streams.
+    Memory(Whole, WholeLeft),
+    /// In a file: sent from it, then (if the client's body had not ended) the rest streams.
+    File(Spilled),
 }
 
 /// How much of a body read ahead is held in memory when it may go to a file past that.
@@ -111,8 +117,7 @@ impl RequestBody {
             progress,
             idle: idle.map(|d| (d, Box::pin(tokio::time::sleep(d)))),
             limit,
-            whole: None,
-            spilled: None,
+            ahead: None,
         }
     }
 
@@ -124,8 +129,7 @@ impl RequestBody {
             progress: Arc::default(),
             idle: None,
             limit: None,
-            whole: None,
-            spilled: None,
+            ahead: None,
         }
     }
 
@@ -140,7 +144,7 @@ impl RequestBody {
     /// A body read whole before: `whole` again.
     pub fn from_whole(whole: Whole) -> Self {
         RequestBody {
-            whole: Some(Box::new((whole, WholeLeft::Data))),
+            ahead: Some(Box::new(Ahead::Memory(whole, WholeLeft::Data))),
             ..RequestBody::empty()
         }
     }
@@ -178,7 +182,7 @@ impl RequestBody {
                             data: data.freeze(),
                             trailers: None,
                         };
-                        self.whole = Some(Box::new((start, WholeLeft::Start)));
+                        self.ahead = Some(Box::new(Ahead::Memory(start, WholeLeft::Start)));
                         return Ok(false);
                     }
                 }
@@ -215,7 +219,7 @@ impl RequestBody {
             Ok(f) => tokio::fs::File::from_std(f),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot make a file for a request body read ahead; it streams");
-                self.whole = Some(Box::new((
+                self.ahead = Some(Box::new(Ahead::Memory(
                     Whole {
                         data: start,
                         trailers: None,
@@ -252,19 +256,19 @@ impl RequestBody {
             // Nothing more comes from the client.
             self.inner = None;
         }
-        self.spilled = Some(Box::new(Spilled {
+        self.ahead = Some(Box::new(Ahead::File(Spilled {
             file,
             left: len,
             buf: bytes::BytesMut::new(),
             ended,
-        }));
+        })));
         Ok(false)
     }
 
     /// The body, when it was read whole.
     pub fn whole(&self) -> Option<&Whole> {
-        match self.whole.as_deref() {
-            Some((w, left)) if *left != WholeLeft::Start => Some(w),
+        match self.ahead.as_deref() {
+            Some(Ahead::Memory(w, left)) if *left != WholeLeft::Start => Some(w),
             _ => None,
         }
     }
@@ -279,32 +283,33 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        if this
-            .whole
-            .as_deref()
-            .is_some_and(|(_, left)| *left == WholeLeft::Start)
-            && let Some(start) = this.whole.take()
-        {
-            return Poll::Ready(Some(Ok(Frame::data(start.0.data))));
-        }
-        if let Some(whole) = this.whole.as_deref_mut() {
-            let (body, left) = whole;
-            return Poll::Ready(match *left {
-                WholeLeft::Data => {
-                    *left = WholeLeft::Trailers;
-                    Some(Ok(Frame::data(body.data.clone())))
+        if let Some(ahead) = this.ahead.as_deref_mut() {
+            match ahead {
+                Ahead::Memory(_, WholeLeft::Start) => {
+                    if let Some(start) = this.ahead.take()
+                        && let Ahead::Memory(start, _) = *start
+                    {
+                        return Poll::Ready(Some(Ok(Frame::data(start.data))));
+                    }
                 }
-                WholeLeft::Trailers => {
-                    *left = WholeLeft::Nothing;
-                    body.trailers.clone().map(|t| Ok(Frame::trailers(t)))
+                Ahead::Memory(body, left) => {
+                    return Poll::Ready(match *left {
+                        WholeLeft::Data => {
+                            *left = WholeLeft::Trailers;
+                            Some(Ok(Frame::data(body.data.clone())))
+                        }
+                        WholeLeft::Trailers => {
+                            *left = WholeLeft::Nothing;
+                            body.trailers.clone().map(|t| Ok(Frame::trailers(t)))
+                        }
+                        WholeLeft::Nothing | WholeLeft::Start => None,
+                    });
                 }
-                WholeLeft::Nothing | WholeLeft::Start => None,
-            });
-        }
-        if let Some(spilled) = this.spilled.as_deref_mut() {
-            match spilled.poll_frame(cx) {
-                Poll::Ready(None) if spilled.ended.is_none() => this.spilled = None,
-                polled => return polled,
+                Ahead::File(spilled) => match spilled.poll_frame(cx) {
+                    // Its part sent: the rest streams.
+                    Poll::Ready(None) if spilled.ended.is_none() => this.ahead = None,
+                    polled => return polled,
+                },
             }
         }
         let Some(inner) = this.inner.as_mut() else {
@@ -368,13 +373,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        if let Some(s) = self.spilled.as_deref() {
-            return s.left == 0
-                && s.ended.as_ref().is_some_and(Option::is_none)
-                && self.inner.is_none();
-        }
-        match self.whole.as_deref() {
-            Some((w, left)) => match left {
+        match self.ahead.as_deref() {
+            Some(Ahead::File(s)) => {
+                s.left == 0 && s.ended.as_ref().is_some_and(Option::is_none) && self.inner.is_none()
+            }
+            Some(Ahead::Memory(w, left)) => match left {
                 WholeLeft::Start => false,
                 WholeLeft::Data => w.data.is_empty() && w.trailers.is_none(),
                 WholeLeft::Trailers => w.trailers.is_none(),
@@ -385,37 +388,26 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if let Some(s) = self.spilled.as_deref() {
-            // What is left of the file, and what is still to come.
-            return match &self.inner {
-                Some(b) => {
-                    let rest = b.size_hint();
-                    let mut hint = SizeHint::new();
-                    hint.set_lower(rest.lower() + s.left);
-                    if let Some(upper) = rest.upper() {
-                        hint.set_upper(upper + s.left);
-                    }
-                    hint
-                }
-                None => SizeHint::with_exact(s.left),
-            };
-        }
-        match (self.whole.as_deref(), &self.inner) {
-            (Some((start, WholeLeft::Start)), Some(b)) => {
-                // What was read ahead, and what is still to come.
-                let ahead = start.data.len() as u64;
-                let rest = b.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(rest.lower() + ahead);
-                if let Some(upper) = rest.upper() {
-                    hint.set_upper(upper + ahead);
-                }
-                hint
+        // What was read ahead and is still to send, and what is still to come.
+        let plus = |ahead: u64, rest: &Incoming| {
+            let rest = rest.size_hint();
+            let mut hint = SizeHint::new();
+            hint.set_lower(rest.lower() + ahead);
+            if let Some(upper) = rest.upper() {
+                hint.set_upper(upper + ahead);
             }
-            (Some((w, WholeLeft::Data | WholeLeft::Start)), _) => {
+            hint
+        };
+        match (self.ahead.as_deref(), &self.inner) {
+            (Some(Ahead::File(s)), Some(b)) => plus(s.left, b),
+            (Some(Ahead::File(s)), None) => SizeHint::with_exact(s.left),
+            (Some(Ahead::Memory(start, WholeLeft::Start)), Some(b)) => {
+                plus(start.data.len() as u64, b)
+            }
+            (Some(Ahead::Memory(w, WholeLeft::Data | WholeLeft::Start)), _) => {
                 SizeHint::with_exact(w.data.len() as u64)
             }
-            (Some(_), _) => SizeHint::with_exact(0),
+            (Some(Ahead::Memory(..)), _) => SizeHint::with_exact(0),
             (None, Some(b)) => b.size_hint(),
             (None, None) => SizeHint::with_exact(0),
         }
