@@ -1032,14 +1032,13 @@ fn build_upstream_request(
         ProxyError::downstream(Stage::RequestHead, ErrorKind::BadRequest).with_source(e)
     };
     if upstream.protocol.is_h2() {
-        let scheme = if upstream.is_tls() { "https" } else { "http" };
         let authority: &[u8] = match host_rule {
             Some(h) => h.as_bytes(),
             None if host.is_empty() => b"localhost",
             None => host,
         };
         parts.uri = Uri::builder()
-            .scheme(scheme)
+            .scheme(upstream.scheme())
             .authority(authority)
             .path_and_query(path)
             .build()

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::header::HOST;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, Uri, Version};
 use http_body_util::BodyExt;
 
@@ -34,12 +34,9 @@ pub(super) fn addressed(mut head: Replay, upstream: &Upstream) -> Option<Replay>
             .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
     };
     if upstream.protocol.is_h2() {
-        let scheme = if upstream.is_tls() {
-            Scheme::HTTPS
-        } else {
-            Scheme::HTTP
-        };
-        let mut uri = Uri::builder().scheme(scheme).path_and_query(path);
+        let mut uri = Uri::builder()
+            .scheme(upstream.scheme())
+            .path_and_query(path);
         if let Some(a) = authority {
             uri = uri.authority(a);
         }

@@ -356,8 +356,7 @@ fn request(
         (None, None) => address.authority(),
     };
     let uri: Uri = if upstream.protocol.is_h2() {
-        let scheme = if upstream.is_tls() { "https" } else { "http" };
-        format!("{scheme}://{host}{path}").parse()
+        format!("{}://{host}{path}", upstream.scheme()).parse()
     } else {
         path.parse()
     }

@@ -239,6 +239,15 @@ impl Upstream {
         self.connector.is_tls()
     }
 
+    /// The scheme of its requests' URIs (HTTP/2 sends it as `:scheme`).
+    pub fn scheme(&self) -> http::uri::Scheme {
+        if self.is_tls() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        }
+    }
+
     /// The endpoint for the next request, with its index: with `hash` and a request `key`
     /// (see [`Upstream::affinity`]), the endpoint the key hashes to among those available;
     /// otherwise the next in turn (weighted round robin), or with `least_requests` the one with
