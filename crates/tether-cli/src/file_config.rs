@@ -1503,12 +1503,7 @@ fn hash_key(s: Option<&str>) -> Result<HashKey, String> {
 /// An SRV name such as `_http._tcp.api.service.consul`, with no port.
 fn service_name(key: &str, s: &str) -> Result<UpstreamAddress, KeyError> {
     let name = s.trim_end_matches('.');
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.len() <= 63
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
+    let label_ok = |l: &str| l.len() <= 63 && tether_gateway::config::is_dns_label(l);
     if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
         return Err(KeyError::new(
             key,

@@ -508,19 +508,21 @@ fn is_plain_path(p: &str) -> bool {
     p.starts_with('/') && !p.contains(['?', '#']) && PathAndQuery::try_from(p).is_ok()
 }
 
-/// A route's `path_exact`, `path_regex` and `rewrite_path`: one way of matching the path, and a
-/// rewrite that fits it.
+/// Whether `label` is one label of a DNS name as tether takes them: letters, digits, `-` and `_`
+/// (SRV names' `_http._tcp`), at least one.
+pub fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A route's `host`: a name, or `*.` and a name (every name under it).
 fn validate_host(rkey: &str, host: &str) -> Result<(), ConfigError> {
     let name = host.strip_prefix("*.").unwrap_or(host);
-    let label_ok = |l: &str| {
-        !l.is_empty()
-            && l.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
     // An IPv6 literal, bracketed or not, matches as written.
     let literal = host.parse::<IpAddr>().is_ok() || host.starts_with('[');
-    if !literal && !name.split('.').all(label_ok) {
+    if !literal && !name.split('.').all(is_dns_label) {
         return Err(ConfigError::new(
             format!("{rkey}.host"),
             format!(
@@ -531,6 +533,8 @@ fn validate_host(rkey: &str, host: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// A route's `path_exact`, `path_regex` and `rewrite_path`: one way of matching the path, and a
+/// rewrite that fits it.
 fn validate_path_rule(rkey: &str, r: &RouteConfig) -> Result<(), ConfigError> {
     let other = "a route matches its path by path_prefix, path or path_regex: one of them";
     if r.path_exact.is_some() && r.path_regex.is_some() {
@@ -739,21 +743,13 @@ pub struct ForwardAuth {
     pub timeout: Duration,
 }
 
-/// Headers an auth service's answer cannot pass on: they describe the message or its
-/// connection.
-const FRAMING_HEADERS: [&str; 12] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "content-length",
-    "content-encoding",
-    "host",
-    "expect",
-    "content-type",
+/// Headers an auth service's answer cannot pass on besides those no header rule may touch
+/// ([`is_framing`](crate::proxy::headers::is_framing)): they describe the answer's own message.
+const AUTH_ANSWER_ONLY: [http::HeaderName; 4] = [
+    http::header::CONTENT_ENCODING,
+    http::header::HOST,
+    http::header::EXPECT,
+    http::header::CONTENT_TYPE,
 ];
 
 /// The default [`ForwardAuth::timeout`].
@@ -1830,14 +1826,10 @@ impl Config {
             ("client_headers", &a.client_headers),
         ] {
             for h in names {
-                let Ok(name) = http::header::HeaderName::from_bytes(h.as_bytes()) else {
-                    return Err(ConfigError::new(
-                        format!("{akey}.{list}"),
-                        format!("{h:?} is not a valid header name"),
-                    ));
-                };
+                let name = crate::proxy::headers::header_name(h)
+                    .map_err(|why| ConfigError::new(format!("{akey}.{list}"), why))?;
                 // Headers about the message or the connection are tether's to set.
-                if FRAMING_HEADERS.contains(&name.as_str()) {
+                if crate::proxy::headers::is_framing(&name) || AUTH_ANSWER_ONLY.contains(&name) {
                     return Err(ConfigError::new(
                         format!("{akey}.{list}"),
                         format!("{h:?} describes the message or its connection, not the client"),

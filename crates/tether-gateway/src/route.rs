@@ -485,21 +485,22 @@ impl Router {
                         None => None,
                     },
                     auth: match &r.auth {
-                        Some(a) => Some(Box::new(crate::proxy::auth::AuthTarget {
-                            upstream: upstream_index(&a.upstream)?,
-                            path: http::uri::PathAndQuery::try_from(a.path.as_str()).ok()?,
-                            copy_headers: a
-                                .copy_headers
-                                .iter()
-                                .map(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok())
-                                .collect::<Option<_>>()?,
-                            client_headers: a
-                                .client_headers
-                                .iter()
-                                .map(|h| http::header::HeaderName::from_bytes(h.as_bytes()).ok())
-                                .collect::<Option<_>>()?,
-                            timeout: a.timeout,
-                        })),
+                        Some(a) => {
+                            let names = |list: &[String]| {
+                                list.iter()
+                                    .map(|h| {
+                                        http::header::HeaderName::from_bytes(h.as_bytes()).ok()
+                                    })
+                                    .collect::<Option<_>>()
+                            };
+                            Some(Box::new(crate::proxy::auth::AuthTarget {
+                                upstream: upstream_index(&a.upstream)?,
+                                path: http::uri::PathAndQuery::try_from(a.path.as_str()).ok()?,
+                                copy_headers: names(&a.copy_headers)?,
+                                client_headers: names(&a.client_headers)?,
+                                timeout: a.timeout,
+                            }))
+                        }
                         None => None,
                     },
                     access_log: r.access_log,

@@ -323,7 +323,7 @@ pub const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwa
 /// Whether a configured rule may not touch `name`: it frames the message or describes the
 /// connection, and tether (with hyper) sets it itself. (`Proxy-Authorization`, dropped from
 /// requests as hop-by-hop, may be set for the upstream.)
-fn is_framing(name: &HeaderName) -> bool {
+pub(crate) fn is_framing(name: &HeaderName) -> bool {
     *name == header::CONTENT_LENGTH
         || (*name != header::PROXY_AUTHORIZATION && HOP_BY_HOP.contains(name))
 }
